@@ -1,0 +1,179 @@
+//! A Flight SQL client for the coordinator: run a statement, print the answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow_flight::error::FlightError;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use confer_protocol::metadata;
+use confer_protocol::release::ResultInfo;
+use futures::TryStreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::QueryArgs;
+
+/// How `confer query` prints results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// An aligned table with a footer on privacy cost.
+    Table,
+    /// CSV with a header line.
+    Csv,
+    /// One JSON object per row.
+    Json,
+}
+
+/// A connection to a coordinator.
+pub struct Client {
+    inner: FlightSqlServiceClient<Channel>,
+}
+
+/// A statement's answer.
+pub struct Answer {
+    /// Result schema (with confer metadata).
+    pub schema: SchemaRef,
+    /// The rows.
+    pub batches: Vec<RecordBatch>,
+}
+
+impl Client {
+    /// Connects to a coordinator URL such as `http://127.0.0.1:50050`.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+        let channel = Endpoint::from_shared(url.clone())
+            .with_context(|| format!("{url} is not a valid coordinator URL"))?
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {url}"))?;
+        let inner = FlightSqlServiceClient::new_from_inner(
+            arrow_flight::flight_service_client::FlightServiceClient::new(channel)
+                .max_decoding_message_size(64 * 1024 * 1024),
+        );
+        Ok(Self { inner })
+    }
+
+    /// Runs one statement under `study`.
+    pub async fn run(&mut self, sql: &str, study: &str) -> anyhow::Result<Answer> {
+        self.inner.set_header(confer_coordinator::service::STUDY_HEADER, study);
+        let info = self.inner.execute(sql.to_string(), None).await.map_err(explain)?;
+        let schema = Arc::new(
+            info.clone()
+                .try_decode_schema()
+                .map_err(|e| anyhow!("the coordinator sent an unreadable schema: {e}"))?,
+        );
+        let mut batches = Vec::new();
+        for endpoint in info.endpoint {
+            let ticket = endpoint
+                .ticket
+                .ok_or_else(|| anyhow!("the coordinator sent an endpoint without a ticket"))?;
+            let stream = self.inner.do_get(ticket).await.map_err(explain)?;
+            let got: Vec<RecordBatch> = stream.try_collect().await.map_err(explain)?;
+            batches.extend(got);
+        }
+        let schema = batches.first().map(|b| b.schema()).unwrap_or(schema);
+        Ok(Answer { schema, batches })
+    }
+}
+
+/// Turns a Flight error into the message the server meant for the user.
+fn explain(err: FlightError) -> anyhow::Error {
+    match err {
+        FlightError::Tonic(status) => anyhow!("{}", status.message()),
+        other => anyhow!(other),
+    }
+}
+
+/// `confer query`.
+pub async fn query_command(args: QueryArgs) -> anyhow::Result<()> {
+    let mut client = Client::connect(&args.coordinator).await?;
+    let answer = client.run(&args.sql, &args.study).await?;
+    print!("{}", render(&answer, args.format)?);
+    Ok(())
+}
+
+/// Renders an answer for a terminal or a file.
+pub fn render(answer: &Answer, format: OutputFormat) -> anyhow::Result<String> {
+    match format {
+        OutputFormat::Table => {
+            let display: Vec<RecordBatch> = answer
+                .batches
+                .iter()
+                .map(rounded_for_display)
+                .collect::<anyhow::Result<_>>()?;
+            let mut out = if display.is_empty() {
+                String::from("(no rows)\n")
+            } else {
+                format!("{}\n", arrow::util::pretty::pretty_format_batches(&display)?)
+            };
+            if let Some(footer) = footer(&answer.schema) {
+                out.push_str(&footer);
+                out.push('\n');
+            }
+            Ok(out)
+        }
+        OutputFormat::Csv => {
+            let mut buf = Vec::new();
+            {
+                let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut buf);
+                for b in &answer.batches {
+                    w.write(b)?;
+                }
+            }
+            Ok(String::from_utf8(buf)?)
+        }
+        OutputFormat::Json => {
+            let mut buf = Vec::new();
+            {
+                let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
+                for b in &answer.batches {
+                    w.write(b)?;
+                }
+                w.finish()?;
+            }
+            Ok(String::from_utf8(buf)?)
+        }
+    }
+}
+
+/// Floats shown with one decimal (interval ends), everything else as is.
+fn rounded_for_display(batch: &RecordBatch) -> anyhow::Result<RecordBatch> {
+    let mut fields = Vec::new();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for (field, col) in batch.schema().fields().iter().zip(batch.columns()) {
+        if field.data_type() == &DataType::Float64 {
+            let floats = col
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .ok_or_else(|| anyhow!("column {} is not Float64", field.name()))?;
+            let text: StringArray = (0..floats.len())
+                .map(|i| floats.is_valid(i).then(|| format!("{:.1}", floats.value(i))))
+                .collect();
+            fields.push(Field::new(field.name(), DataType::Utf8, true));
+            columns.push(Arc::new(text));
+        } else {
+            fields.push(field.as_ref().clone());
+            columns.push(col.clone());
+        }
+    }
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+}
+
+/// A line on what the answer cost and where it came from.
+pub fn footer(schema: &Schema) -> Option<String> {
+    let info: ResultInfo = serde_json::from_str(schema.metadata().get(metadata::RESULT)?).ok()?;
+    let c = info.cost_per_site;
+    let cost = if c.delta > 0.0 {
+        format!("epsilon = {:.4}, delta = {:e} (rho = {:.4} zCDP)", c.epsilon, c.delta, c.rho)
+    } else {
+        format!("epsilon = {:.4} (pure DP)", c.epsilon)
+    };
+    Some(format!(
+        "{:.0}% confidence intervals. Cost at each site: {cost}. Sites: {}.",
+        info.confidence * 100.0,
+        info.sites.join(", ")
+    ))
+}

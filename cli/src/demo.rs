@@ -1,0 +1,255 @@
+//! `confer demo`: a local federation over the GiBleed OMOP data.
+//!
+//! Splits GiBleed by person into sites, starts one node per site and a
+//! coordinator as child processes on loopback ports, runs example DP queries
+//! and prints their answers with confidence intervals. With `--serve` the
+//! federation stays up for your own queries until Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+
+use crate::DemoArgs;
+use crate::children::ServerChild;
+use crate::client::{Client, OutputFormat, render};
+use crate::gibleed;
+
+/// A scripted query: what it shows, the statement, and whether confer must refuse it.
+pub struct DemoQuery {
+    /// What the query shows.
+    pub title: &'static str,
+    /// The statement.
+    pub sql: &'static str,
+    /// Whether the coordinator must refuse it (the demo shows the message).
+    pub refused: bool,
+}
+
+const fn q(title: &'static str, sql: &'static str) -> DemoQuery {
+    DemoQuery { title, sql, refused: false }
+}
+
+/// The scripted queries.
+pub const QUERIES: &[DemoQuery] = &[
+    q(
+        "Persons by sex (public domain {8507 male, 8532 female}; one row per person)",
+        "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1.0, delta = 1e-6)
+  gender_concept_id, COUNT(*) AS persons
+FROM person
+GROUP BY gender_concept_id
+ORDER BY gender_concept_id",
+    ),
+    q(
+        "Patients with gastrointestinal bleeding (concept 192671), per site",
+        "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1.0, delta = 1e-6)
+  site, COUNT(DISTINCT person_id) AS patients
+FROM condition_occurrence
+WHERE condition_concept_id = 192671
+GROUP BY site
+ORDER BY site",
+    ),
+    q(
+        "Most frequent conditions of a public concept set; each person counts in at most 3 of them, with at most 2 diagnoses each",
+        "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 2.0, delta = 1e-6,
+    max_groups_contributed = 3, max_rows_contributed = 2)
+  condition_concept_id, COUNT(DISTINCT person_id) AS patients, COUNT(*) AS diagnoses
+FROM condition_occurrence
+GROUP BY condition_concept_id
+ORDER BY patients DESC
+LIMIT 5",
+    ),
+    q(
+        "Visits by type under pure DP (Laplace): empty public groups are released too, with noise",
+        "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1.0, mechanism = 'laplace', max_rows_contributed = 3)
+  visit_concept_id, COUNT(*) AS visits
+FROM visit_occurrence
+GROUP BY visit_concept_id",
+    ),
+    q(
+        "What a query would cost and how accurate it would be, without spending anything",
+        "EXPLAIN PRIVACY SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5, delta = 1e-6,
+    max_groups_contributed = 2)
+  drug_concept_id, COUNT(DISTINCT person_id) AS patients
+FROM drug_exposure
+GROUP BY drug_concept_id",
+    ),
+    DemoQuery {
+        title: "A query that would release person-level values is refused before any node is asked",
+        sql: "SELECT person_id, year_of_birth FROM person",
+        refused: true,
+    },
+];
+
+/// A running demo federation.
+pub struct Federation {
+    /// Node children.
+    pub nodes: Vec<ServerChild>,
+    /// The coordinator child.
+    pub coordinator: ServerChild,
+    /// Where configs, split data and ledgers live.
+    pub work_dir: PathBuf,
+}
+
+impl Federation {
+    /// The coordinator's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.coordinator.addr)
+    }
+
+    /// Stops every child (coordinator first).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let grace = Duration::from_secs(10);
+        let mut errors = Vec::new();
+        if let Err(e) = self.coordinator.stop(grace).await {
+            errors.push(e.to_string());
+        }
+        for n in self.nodes {
+            if let Err(e) = n.stop(grace).await {
+                errors.push(e.to_string());
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { bail!("{}", errors.join("; ")) }
+    }
+}
+
+/// Splits the data, writes configs and starts the servers.
+pub async fn start_federation(
+    program: &Path,
+    data: &Path,
+    work_dir: &Path,
+    sites: usize,
+    coordinator_port: u16,
+    log_level: &str,
+) -> anyhow::Result<Federation> {
+    let split_dir = work_dir.join("data");
+    let dirs = gibleed::split(data, &split_dir, sites, gibleed::PERSON_TABLES)?;
+    let mut configs = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let name = format!("site-{}", gibleed::site_letter(i));
+        let config = work_dir.join(format!("{name}.toml"));
+        gibleed::write_node_config(&config, &name, dir, data, &work_dir.join("state").join(&name))?;
+        configs.push((name, config));
+    }
+    let labels: Vec<String> = configs.iter().map(|(name, _)| format!("node {name}")).collect();
+    let starts = configs
+        .iter()
+        .zip(&labels)
+        .map(|((_, config), label)| ServerChild::start(program, "node", label, config, log_level));
+    let nodes: Vec<ServerChild> = futures::future::try_join_all(starts).await?;
+
+    let mut text = format!(
+        "# Written by `confer demo`.\n[coordinator]\nlisten = \"127.0.0.1:{coordinator_port}\"\nnode_timeout_secs = 60\n"
+    );
+    for (n, (name, _)) in nodes.iter().zip(&configs) {
+        text.push_str(&format!("\n[[nodes]]\nname = \"{name}\"\nurl = \"http://{}\"\n", n.addr));
+    }
+    let coordinator_config = work_dir.join("coordinator.toml");
+    std::fs::write(&coordinator_config, text)
+        .with_context(|| format!("cannot write {}", coordinator_config.display()))?;
+    let coordinator =
+        ServerChild::start(program, "coordinator", "coordinator", &coordinator_config, log_level).await?;
+    Ok(Federation {
+        nodes,
+        coordinator,
+        work_dir: work_dir.to_path_buf(),
+    })
+}
+
+/// `confer demo`.
+pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
+    let data = match args.data {
+        Some(d) => d,
+        None => gibleed::default_data_dir().ok_or_else(|| {
+            anyhow!("cannot find the GiBleed CSVs at ../shared/data/eunomia_gibleed/csv: pass --data DIR")
+        })?,
+    };
+    if !data.join("PERSON.csv").is_file() {
+        bail!("{} holds no PERSON.csv: --data must be the GiBleed csv directory", data.display());
+    }
+    let data = data
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", data.display()))?;
+    let temp;
+    let work_dir = match &args.work_dir {
+        Some(d) => {
+            if d.exists() && std::fs::read_dir(d)?.next().is_some() {
+                bail!("--work-dir {} is not empty: choose an empty or new directory", d.display());
+            }
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new().prefix("confer-demo-").tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let program = std::env::current_exe().context("cannot find the confer executable")?;
+    let log_level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+
+    println!(
+        "confer demo: splitting the OHDSI GiBleed OMOP data ({}) into {} sites by person_id,\n\
+         then starting {} nodes and a coordinator on loopback ports...",
+        data.display(),
+        args.sites,
+        args.sites
+    );
+    let federation = tokio::select! {
+        f = start_federation(&program, &data, &work_dir, args.sites, args.port, log_level) => f?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted during start-up"),
+    };
+    println!(
+        "federation up: coordinator at {}, nodes {}\n",
+        federation.url(),
+        federation
+            .nodes
+            .iter()
+            .map(|n| format!("{} ({})", n.label.trim_start_matches("node "), n.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let url = federation.url();
+    let outcome = tokio::select! {
+        r = scripted_queries(&url) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    };
+    if outcome.is_ok() && args.serve {
+        println!(
+            "The federation keeps running. Coordinator: {url} (plaintext, loopback; no credential needed)\n\
+             Try, in another terminal:\n  confer query --coordinator {url} \"SELECT WITH DIFFERENTIAL_PRIVACY \
+             OPTIONS (epsilon = 1, delta = 1e-6) year_of_birth, COUNT(*) AS persons FROM person \
+             GROUP BY year_of_birth ORDER BY year_of_birth\"\n\
+             or from Python: adbc_driver_flightsql.dbapi.connect(\"grpc://{addr}\")\n\
+             Configs, split data and ledgers: {work}\nPress Ctrl-C to stop.",
+            url = federation.url(),
+            addr = federation.coordinator.addr,
+            work = federation.work_dir.display()
+        );
+        let _ = tokio::signal::ctrl_c().await;
+        println!("\nstopping...");
+    }
+    let stopped = federation.stop().await;
+    outcome?;
+    stopped?;
+    println!("federation stopped cleanly.");
+    Ok(())
+}
+
+async fn scripted_queries(url: &str) -> anyhow::Result<()> {
+    let mut client = Client::connect(url).await?;
+    for (i, query) in QUERIES.iter().enumerate() {
+        println!("── {}. {}\n{}\n", i + 1, query.title, query.sql);
+        match (client.run(query.sql, "demo").await, query.refused) {
+            (Ok(answer), false) => print!("{}", render(&answer, OutputFormat::Table)?),
+            (Err(e), true) => println!("refused: {e:#}"),
+            (Ok(_), true) => bail!("demo query {} should have been refused", i + 1),
+            (Err(e), false) => return Err(e.context(format!("demo query {} failed", i + 1))),
+        }
+        println!();
+    }
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! `confer node` and `confer coordinator`: start, announce, wait, stop.
+
+use std::io::Write as _;
+
+use anyhow::{Context, bail};
+use tokio::io::AsyncReadExt;
+
+use crate::ServerArgs;
+
+const PLAINTEXT_HINT: &str = "mutual TLS is not available in this version: pass --insecure-loopback \
+     to serve plaintext gRPC on a loopback address (127.0.0.1), as the demo and tests do";
+
+pub(crate) async fn node(args: ServerArgs) -> anyhow::Result<()> {
+    let config = confer_node::NodeConfig::load(&args.config)?;
+    if !args.insecure_loopback {
+        bail!("{PLAINTEXT_HINT}");
+    }
+    let node = confer_node::start(config, confer_node::Transport::InsecureLoopback)
+        .await
+        .with_context(|| format!("node from {} did not start", args.config.display()))?;
+    announce(&format!("confer node {} listening on {}", node.name, node.addr))?;
+    wait_for_stop(args.stop_on_stdin_eof).await;
+    node.shutdown().await?;
+    Ok(())
+}
+
+pub(crate) async fn coordinator(args: ServerArgs) -> anyhow::Result<()> {
+    let config = confer_coordinator::CoordinatorConfig::load(&args.config)?;
+    if !args.insecure_loopback {
+        bail!("{PLAINTEXT_HINT}");
+    }
+    let coordinator = confer_coordinator::start(config, confer_coordinator::Transport::InsecureLoopback)
+        .await
+        .with_context(|| format!("coordinator from {} did not start", args.config.display()))?;
+    announce(&format!("confer coordinator listening on {}", coordinator.addr))?;
+    wait_for_stop(args.stop_on_stdin_eof).await;
+    coordinator.shutdown().await?;
+    Ok(())
+}
+
+fn announce(line: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Waits for Ctrl-C, SIGTERM, or (when asked) the end of standard input.
+async fn wait_for_stop(stop_on_stdin_eof: bool) {
+    let stdin_closed = async {
+        if stop_on_stdin_eof {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = [0u8; 64];
+            while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+        _ = stdin_closed => {}
+    }
+}

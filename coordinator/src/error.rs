@@ -1,0 +1,40 @@
+//! Coordinator errors and their gRPC statuses.
+
+use confer_protocol::ProtocolError;
+use confer_query::QueryError;
+
+/// What can go wrong at the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The config file is unreadable or invalid; the message names the field.
+    #[error("config: {0}")]
+    Config(String),
+    /// Listening or serving failed.
+    #[error("network: {0}")]
+    Network(String),
+    /// A query cannot be compiled or combined.
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    /// A request failed, here or at a node, for a reason the client must see.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// Convenience alias.
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
+
+impl From<CoordinatorError> for ProtocolError {
+    fn from(err: CoordinatorError) -> Self {
+        match err {
+            CoordinatorError::Protocol(p) => p,
+            CoordinatorError::Query(q) => q.into(),
+            other => ProtocolError::internal(other.to_string()),
+        }
+    }
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(err: CoordinatorError) -> Self {
+        ProtocolError::from(err).into()
+    }
+}

@@ -1,0 +1,320 @@
+//! Loading the node's tables into DataFusion and describing them as a
+//! public [`CatalogInfo`].
+//!
+//! Column names are normalised to lower case (GiBleed's CSVs have upper-case
+//! headers, Synthea's lower-case). CSV columns get their declared type: the
+//! config's `type`, else the OMOP CDM's, else text. A source that lacks a
+//! declared or required column, or cannot be read, stops the node with a
+//! message naming the file and the column.
+
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::{DataType, Field, Schema};
+use confer_protocol::catalog::{CatalogInfo, ColumnInfo, ColumnType, Domain, DomainValue, TableInfo};
+use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+
+use crate::config::{ColumnConfig, DomainConfig, Format, NodeConfig, TableConfig};
+use crate::error::{NodeError, Result};
+use crate::omop;
+
+/// Registers every configured table in `ctx` and returns the public catalog.
+pub async fn load(config: &NodeConfig, ctx: &SessionContext) -> Result<CatalogInfo> {
+    let mut tables = Vec::new();
+    for (name, table) in &config.tables {
+        tables.push(load_table(ctx, name, table).await?);
+    }
+    tables.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(CatalogInfo {
+        node: config.node.name.clone(),
+        tables,
+    })
+}
+
+async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Result<TableInfo> {
+    let source_err = |path: &Path, message: String| NodeError::Source {
+        table: name.to_string(),
+        path: path.display().to_string(),
+        message,
+    };
+    let format = table.format(name)?;
+    let files = source_files(&table.path, format).map_err(|m| source_err(&table.path, m))?;
+    let first = files
+        .first()
+        .ok_or_else(|| source_err(&table.path, "the directory holds no files of this format".into()))?;
+
+    let schema = match format {
+        Format::Csv => {
+            let header = read_csv_header(first, table.delimiter).map_err(|m| source_err(first, m))?;
+            let schema = csv_schema(name, &header, table).map_err(|m| source_err(first, m))?;
+            let ext = extension_of(&table.path, first);
+            let options = CsvReadOptions::new()
+                .has_header(true)
+                .delimiter(table.delimiter as u8)
+                .schema(&schema)
+                .file_extension(&ext);
+            ctx.register_csv(name, &path_str(&table.path), options)
+                .await
+                .map_err(|e| source_err(&table.path, format!("cannot register: {e}")))?;
+            schema
+        }
+        Format::Parquet => {
+            let ext = extension_of(&table.path, first);
+            let options = ParquetReadOptions::default().file_extension(&ext);
+            ctx.register_parquet(name, &path_str(&table.path), options)
+                .await
+                .map_err(|e| source_err(&table.path, format!("cannot read Parquet: {e}")))?;
+            let provider = ctx
+                .table_provider(name)
+                .await
+                .map_err(|e| source_err(&table.path, e.to_string()))?;
+            let schema = provider.schema().as_ref().clone();
+            check_parquet_schema(name, &schema, table).map_err(|m| source_err(&table.path, m))?;
+            schema
+        }
+    };
+
+    // Read a first batch so that a type mismatch fails now, not mid-query.
+    let probe = ctx
+        .sql(&format!("SELECT * FROM {name} LIMIT 1000"))
+        .await
+        .map_err(|e| source_err(&table.path, e.to_string()))?;
+    probe.collect().await.map_err(|e| {
+        source_err(
+            &table.path,
+            format!(
+                "values do not match the declared types ({}); fix the data or declare the column's type in node.toml",
+                datafusion::error::DataFusionError::find_root(&e)
+            ),
+        )
+    })?;
+
+    let mut columns = Vec::new();
+    for field in schema.fields() {
+        let column_type = column_type_of(field.data_type()).ok_or_else(|| {
+            source_err(
+                &table.path,
+                format!("column {} has type {}, which confer does not support", field.name(), field.data_type()),
+            )
+        })?;
+        let decl = table.columns.get(field.name()).cloned().unwrap_or_default();
+        columns.push(column_info(name, field.name(), column_type, &decl)?);
+    }
+    if let Some(unit) = &table.privacy_unit
+        && !columns.iter().any(|c| &c.name == unit)
+    {
+        return Err(NodeError::Config(format!(
+            "tables.{name}.privacy_unit = {unit:?}: the source has no such column"
+        )));
+    }
+    Ok(TableInfo {
+        name: name.to_string(),
+        privacy_unit: table.privacy_unit.clone(),
+        columns,
+    })
+}
+
+fn path_str(p: &Path) -> String {
+    let s = p.display().to_string();
+    if p.is_dir() && !s.ends_with('/') {
+        format!("{s}/")
+    } else {
+        s
+    }
+}
+
+/// The extension DataFusion should list: the file's own when the source is
+/// one file (so `processed.cleveland.data` loads), else the format's.
+fn extension_of(source: &Path, first: &Path) -> String {
+    if source.is_file() {
+        first
+            .extension()
+            .map(|e| format!(".{}", e.to_string_lossy()))
+            .unwrap_or_default()
+    } else {
+        first
+            .extension()
+            .map(|e| format!(".{}", e.to_string_lossy()))
+            .unwrap_or_else(|| ".csv".into())
+    }
+}
+
+fn source_files(path: &Path, format: Format) -> std::result::Result<Vec<PathBuf>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot open: {e}"))?;
+    if meta.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let want = match format {
+        Format::Csv => "csv",
+        Format::Parquet => "parquet",
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| format!("cannot list: {e}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case(want)))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn read_csv_header(path: &Path, delimiter: char) -> std::result::Result<Vec<String>, String> {
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter as u8)
+        .has_headers(true)
+        .from_path(path)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let header = reader.headers().map_err(|e| format!("cannot read the header line: {e}"))?;
+    let names: Vec<String> = header.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+    if names.is_empty() || names.iter().all(String::is_empty) {
+        return Err("the file is empty or has no header line".into());
+    }
+    for (i, n) in names.iter().enumerate() {
+        if n.is_empty() {
+            return Err(format!("header column {} has no name", i + 1));
+        }
+        if names[..i].contains(n) {
+            return Err(format!("header names column {n} twice"));
+        }
+    }
+    Ok(names)
+}
+
+/// The schema of a CSV source: header order, declared types.
+fn csv_schema(table: &str, header: &[String], config: &TableConfig) -> std::result::Result<Schema, String> {
+    let omop = omop::table(table);
+    if let Some(cols) = &omop {
+        let missing: Vec<&str> = cols
+            .iter()
+            .filter(|c| c.required && !header.iter().any(|h| h == c.name))
+            .map(|c| c.name)
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "the header lacks the OMOP CDM column(s) {} that table {table} requires; found: {}",
+                missing.join(", "),
+                header.join(", ")
+            ));
+        }
+    }
+    for declared in config.columns.keys() {
+        if !header.iter().any(|h| h == declared) {
+            return Err(format!(
+                "tables.{table}.columns.{declared} is declared but the header has no such column; found: {}",
+                header.join(", ")
+            ));
+        }
+    }
+    let mut fields = Vec::with_capacity(header.len());
+    for name in header {
+        let declared = config.columns.get(name).and_then(|c| c.column_type.as_deref());
+        let ty = match declared {
+            Some(t) => ColumnType::parse(t).ok_or_else(|| {
+                format!(
+                    "tables.{table}.columns.{name}.type = {t:?} is not a type: use int64, float64, utf8, date, timestamp or boolean"
+                )
+            })?,
+            None => omop
+                .as_ref()
+                .and_then(|cols| cols.iter().find(|c| c.name == name))
+                .map(|c| c.column_type)
+                .unwrap_or(ColumnType::Utf8),
+        };
+        fields.push(Field::new(name, ty.arrow_type(), true));
+    }
+    Ok(Schema::new(fields))
+}
+
+fn check_parquet_schema(table: &str, schema: &Schema, config: &TableConfig) -> std::result::Result<(), String> {
+    for f in schema.fields() {
+        if f.name() != &f.name().to_ascii_lowercase() {
+            return Err(format!(
+                "column {} is not lower case: write Parquet columns in lower case",
+                f.name()
+            ));
+        }
+    }
+    for declared in config.columns.keys() {
+        if schema.field_with_name(declared).is_err() {
+            return Err(format!("tables.{table}.columns.{declared} is declared but the file has no such column"));
+        }
+    }
+    if let Some(cols) = omop::table(table) {
+        let missing: Vec<&str> = cols
+            .iter()
+            .filter(|c| c.required && schema.field_with_name(c.name).is_err())
+            .map(|c| c.name)
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "the file lacks the OMOP CDM column(s) {} that table {table} requires",
+                missing.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn column_type_of(ty: &DataType) -> Option<ColumnType> {
+    Some(match ty {
+        DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64
+        | DataType::UInt8
+        | DataType::UInt16
+        | DataType::UInt32 => ColumnType::Int64,
+        DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::Decimal128(_, _) => {
+            ColumnType::Float64
+        }
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => ColumnType::Utf8,
+        DataType::Date32 | DataType::Date64 => ColumnType::Date,
+        DataType::Timestamp(_, _) => ColumnType::Timestamp,
+        DataType::Boolean => ColumnType::Boolean,
+        _ => return None,
+    })
+}
+
+fn column_info(table: &str, name: &str, column_type: ColumnType, decl: &ColumnConfig) -> Result<ColumnInfo> {
+    let field = format!("tables.{table}.columns.{name}");
+    if decl.bounds.is_some() && !column_type.is_numeric() {
+        return Err(NodeError::Config(format!(
+            "{field}.bounds: bounds need a numeric column, and {name} is {column_type}"
+        )));
+    }
+    let domain = match &decl.domain {
+        None => None,
+        Some(DomainConfig::Range { from, to }) => {
+            if column_type != ColumnType::Int64 {
+                return Err(NodeError::Config(format!(
+                    "{field}.domain: a from/to range needs an integer column, and {name} is {column_type}"
+                )));
+            }
+            Some(Domain::Range { lo: *from, hi: *to })
+        }
+        Some(DomainConfig::Values(values)) => {
+            for v in values {
+                let fits = matches!(
+                    (column_type, v),
+                    (ColumnType::Int64, DomainValue::Int(_)) | (ColumnType::Utf8, DomainValue::Text(_))
+                );
+                if !fits {
+                    return Err(NodeError::Config(format!(
+                        "{field}.domain: value {v} does not match the column type {column_type}"
+                    )));
+                }
+            }
+            let mut sorted = values.clone();
+            sorted.sort();
+            sorted.dedup();
+            if sorted.len() != values.len() {
+                return Err(NodeError::Config(format!("{field}.domain lists a value twice")));
+            }
+            Some(Domain::Values { values: values.clone() })
+        }
+    };
+    Ok(ColumnInfo {
+        name: name.to_string(),
+        column_type,
+        bounds: decl.bounds.map(|[lo, hi]| (lo, hi)),
+        domain,
+    })
+}

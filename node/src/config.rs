@@ -1,0 +1,269 @@
+//! `node.toml`: who the node is, where it listens, and which tables it serves.
+//!
+//! ```toml
+//! [node]
+//! name = "site-a"                 # the site name researchers see
+//! listen = "127.0.0.1:50051"      # host:port (port 0 picks a free port)
+//! state_dir = "state/site-a"      # privacy ledger (SQLite)
+//!
+//! [tables.person]
+//! path = "data/site-a/PERSON.csv" # a file or a directory of files
+//! format = "csv"                  # csv | parquet (default: from the extension)
+//! privacy_unit = "person_id"      # omit for public tables (vocabularies)
+//! [tables.person.columns]
+//! gender_concept_id = { domain = [8507, 8532] }
+//! year_of_birth = { bounds = [1900, 2030], domain = { from = 1900, to = 2030 } }
+//! ```
+//!
+//! Relative paths are resolved against the directory of the config file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use confer_protocol::catalog::DomainValue;
+use serde::Deserialize;
+
+use crate::error::{NodeError, Result};
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Identity and network.
+    pub node: NodeSection,
+    /// Tables, by the name queries use.
+    #[serde(default)]
+    pub tables: BTreeMap<String, TableConfig>,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Site name; appears in results and in `GROUP BY site`.
+    pub name: String,
+    /// Address to listen on.
+    pub listen: String,
+    /// Directory for the node's durable state (privacy ledger).
+    pub state_dir: PathBuf,
+}
+
+/// The file format of a table source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Comma-separated values with a header line.
+    Csv,
+    /// Apache Parquet.
+    Parquet,
+}
+
+/// `[tables.<name>]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// A file, or a directory whose files (of the format) form the table.
+    pub path: PathBuf,
+    /// File format; defaults from the extension of `path`.
+    #[serde(default)]
+    pub format: Option<Format>,
+    /// The column that identifies a person; absent for public tables.
+    #[serde(default)]
+    pub privacy_unit: Option<String>,
+    /// CSV field delimiter (one character).
+    #[serde(default = "default_delimiter")]
+    pub delimiter: char,
+    /// Per-column declarations.
+    #[serde(default)]
+    pub columns: BTreeMap<String, ColumnConfig>,
+}
+
+fn default_delimiter() -> char {
+    ','
+}
+
+/// `[tables.<name>.columns.<column>]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnConfig {
+    /// Column type (`int64`, `float64`, `utf8`, `date`, `timestamp`,
+    /// `boolean`); OMOP tables default to the CDM's types, others to utf8.
+    #[serde(default, rename = "type")]
+    pub column_type: Option<String>,
+    /// Value bounds `[lo, hi]` used when a query gives none.
+    #[serde(default)]
+    pub bounds: Option<[f64; 2]>,
+    /// Public domain: a list of values, or `{ from = a, to = b }`.
+    #[serde(default)]
+    pub domain: Option<DomainConfig>,
+}
+
+/// A declared domain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DomainConfig {
+    /// An explicit list.
+    Values(Vec<DomainValue>),
+    /// An integer range, both ends included.
+    Range {
+        /// First value.
+        from: i64,
+        /// Last value.
+        to: i64,
+    },
+}
+
+impl NodeConfig {
+    /// Reads and validates a config file; relative paths are resolved
+    /// against its directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            NodeError::Config(format!("cannot read {}: {e}", path.display()))
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            NodeError::Config(msg) => NodeError::Config(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self> {
+        let mut config: NodeConfig =
+            toml::from_str(text).map_err(|e| NodeError::Config(e.to_string()))?;
+        config.resolve(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        if self.node.state_dir.is_relative() {
+            self.node.state_dir = base.join(&self.node.state_dir);
+        }
+        for table in self.tables.values_mut() {
+            if table.path.is_relative() {
+                table.path = base.join(&table.path);
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let name = &self.node.name;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(NodeError::Config(format!(
+                "node.name = {name:?}: use letters, digits, '-', '_' or '.'"
+            )));
+        }
+        self.listen_addr()?;
+        for (table, t) in &self.tables {
+            if table.is_empty() || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(NodeError::Config(format!(
+                    "tables.{table}: table names use letters, digits and '_'"
+                )));
+            }
+            for (column, c) in &t.columns {
+                if let Some([lo, hi]) = c.bounds
+                    && !(lo <= hi)
+                {
+                    return Err(NodeError::Config(format!(
+                        "tables.{table}.columns.{column}.bounds = [{lo}, {hi}]: the lower bound must not exceed the upper"
+                    )));
+                }
+                if let Some(DomainConfig::Range { from, to }) = &c.domain
+                    && from > to
+                {
+                    return Err(NodeError::Config(format!(
+                        "tables.{table}.columns.{column}.domain: from = {from} is after to = {to}"
+                    )));
+                }
+                if let Some(DomainConfig::Values(v)) = &c.domain
+                    && v.is_empty()
+                {
+                    return Err(NodeError::Config(format!(
+                        "tables.{table}.columns.{column}.domain is empty: list at least one value"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr> {
+        self.node.listen.parse().map_err(|e| {
+            NodeError::Config(format!(
+                "node.listen = {:?} is not host:port ({e}); for example \"127.0.0.1:50051\"",
+                self.node.listen
+            ))
+        })
+    }
+}
+
+impl TableConfig {
+    /// The format, declared or from the extension.
+    pub fn format(&self, table: &str) -> Result<Format> {
+        if let Some(f) = self.format {
+            return Ok(f);
+        }
+        match self.path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase) {
+            Some(e) if e == "csv" => Ok(Format::Csv),
+            Some(e) if e == "parquet" => Ok(Format::Parquet),
+            _ => Err(NodeError::Config(format!(
+                "tables.{table}: cannot tell the format of {} from its name: add format = \"csv\" or \"parquet\"",
+                self.path.display()
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+name = "site-a"
+listen = "127.0.0.1:0"
+state_dir = "state"
+
+[tables.person]
+path = "PERSON.csv"
+privacy_unit = "person_id"
+[tables.person.columns]
+gender_concept_id = { domain = [8507, 8532] }
+year_of_birth = { bounds = [1900, 2030], domain = { from = 1900, to = 2030 } }
+"#;
+
+    #[test]
+    fn parses_and_resolves_paths() {
+        let c = NodeConfig::parse(GOOD, Path::new("/etc/confer")).expect("valid");
+        assert_eq!(c.node.state_dir, PathBuf::from("/etc/confer/state"));
+        let p = &c.tables["person"];
+        assert_eq!(p.path, PathBuf::from("/etc/confer/PERSON.csv"));
+        assert_eq!(p.format("person").expect("format"), Format::Csv);
+        assert!(matches!(
+            p.columns["year_of_birth"].domain,
+            Some(DomainConfig::Range { from: 1900, to: 2030 })
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (GOOD.replace("127.0.0.1:0", "nowhere"), "node.listen"),
+            (GOOD.replace("[1900, 2030]", "[2030, 1900]"), "year_of_birth.bounds"),
+            (GOOD.replace("from = 1900, to = 2030", "from = 2030, to = 1900"), "year_of_birth.domain"),
+            (GOOD.replace("site-a", "site a"), "node.name"),
+            (GOOD.replace("privacy_unit", "privacy_units"), "privacy_units"),
+        ];
+        for (text, want) in cases {
+            let err = NodeConfig::parse(&text, Path::new(".")).expect_err("invalid").to_string();
+            assert!(err.contains(want), "{err} should mention {want}");
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! A confer node: serves one institution's records to the network, releasing
+//! only differentially private aggregates.
+//!
+//! ```text
+//! node.toml ──▶ catalog::load ──▶ DataFusion SessionContext (CSV / Parquet)
+//!                                         │
+//!   coordinator ──DoGet(task)──▶ service ─┤ compile (own catalog) ─▶ local bounded SQL
+//!                                         │ release (OpenDP noise)
+//!                                         │ ledger: debit + result, fsync'd
+//!   coordinator ◀── noisy partials ───────┘
+//! ```
+//!
+//! The node compiles every query itself with its own catalog, so sensitivity,
+//! noise and cost never depend on what the coordinator claims. Nothing is
+//! sent before its debit is committed to the ledger.
+
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod ledger;
+pub mod omop;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_flight::flight_service_server::FlightServiceServer;
+use datafusion::prelude::SessionContext;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+pub use config::NodeConfig;
+pub use error::{NodeError, Result};
+
+use crate::ledger::Ledger;
+use crate::service::{NodeService, NodeState};
+
+/// Largest gRPC message a node accepts or sends.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// How the node's transport is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plaintext, allowed only on a loopback address (demos and tests).
+    InsecureLoopback,
+}
+
+/// A node that is serving.
+pub struct RunningNode {
+    /// The address it listens on (with the real port when 0 was asked).
+    pub addr: SocketAddr,
+    /// The site name.
+    pub name: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+}
+
+impl RunningNode {
+    /// Stops accepting requests, finishes the ones in flight, and returns.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.wait().await
+    }
+
+    /// Waits until the server stops.
+    pub async fn wait(self) -> Result<()> {
+        match self.handle.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(NodeError::Network(e.to_string())),
+            Err(e) => Err(NodeError::Network(format!("server task failed: {e}"))),
+        }
+    }
+}
+
+/// Loads the tables, opens the ledger and starts serving.
+pub async fn start(config: NodeConfig, transport: Transport) -> Result<RunningNode> {
+    let addr = config.listen_addr()?;
+    match transport {
+        Transport::InsecureLoopback if !addr.ip().is_loopback() => {
+            return Err(NodeError::Config(format!(
+                "node.listen = {addr}: plaintext is allowed only on a loopback address \
+                 (127.0.0.1 or ::1); mutual TLS for other addresses is configured in the \
+                 coordinator issue's [tls] section and is not available in this version"
+            )));
+        }
+        Transport::InsecureLoopback => {}
+    }
+    let ctx = SessionContext::new();
+    let catalog = catalog::load(&config, &ctx).await?;
+    let ledger = Arc::new(Ledger::open(&config.node.state_dir)?);
+    let state = Arc::new(NodeState {
+        name: config.node.name.clone(),
+        query_catalog: confer_query::Catalog::for_node(&catalog),
+        catalog,
+        ctx,
+        ledger,
+        started: Instant::now(),
+    });
+
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| NodeError::Network(format!("cannot listen on {addr} (node.listen): {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| NodeError::Network(e.to_string()))?;
+    let service = FlightServiceServer::new(NodeService::new(state))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (tx, rx) = oneshot::channel::<()>();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let handle = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            }),
+    );
+    info!(node = %config.node.name, %addr, tables = config.tables.len(), "node serving");
+    Ok(RunningNode {
+        addr,
+        name: config.node.name,
+        shutdown: Some(tx),
+        handle,
+    })
+}

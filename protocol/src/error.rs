@@ -1,0 +1,187 @@
+//! Errors that cross a service boundary.
+//!
+//! A [`ProtocolError`] carries a [`ErrorKind`] that decides its gRPC code and
+//! whether retrying can help. The mapping to [`tonic::Status`] is explicit,
+//! in both directions, so a node's refusal reaches the researcher with its
+//! message intact and the coordinator can tell a retryable failure (a node
+//! restarting) from a final one (a bad query, an exhausted budget).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use tonic::{Code, Status};
+
+/// gRPC metadata key that marks a status as worth retrying.
+pub const RETRYABLE_KEY: &str = "confer-retryable";
+
+/// What went wrong, coarsely: decides the gRPC code and the default retry policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is malformed or asks for something unsupported (fix the query).
+    InvalidArgument,
+    /// The caller is not known (no or bad credentials).
+    Unauthenticated,
+    /// Policy says no: unapproved study, unknown researcher, forbidden table.
+    PermissionDenied,
+    /// Not enough privacy budget left, or over a per-query cap.
+    ResourceExhausted,
+    /// Something named does not exist (table, study, task).
+    NotFound,
+    /// The request conflicts with state (a task id seen before, a study pending approval).
+    FailedPrecondition,
+    /// A peer could not be reached or is shutting down.
+    Unavailable,
+    /// A peer did not answer in time.
+    DeadlineExceeded,
+    /// A broken invariant: a bug in confer.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The gRPC status code for this kind.
+    pub fn code(self) -> Code {
+        match self {
+            ErrorKind::InvalidArgument => Code::InvalidArgument,
+            ErrorKind::Unauthenticated => Code::Unauthenticated,
+            ErrorKind::PermissionDenied => Code::PermissionDenied,
+            ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+            ErrorKind::NotFound => Code::NotFound,
+            ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+            ErrorKind::Unavailable => Code::Unavailable,
+            ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+            ErrorKind::Internal => Code::Internal,
+        }
+    }
+
+    /// The kind for a gRPC status code (unknown codes count as internal).
+    pub fn from_code(code: Code) -> Self {
+        match code {
+            Code::InvalidArgument | Code::OutOfRange => ErrorKind::InvalidArgument,
+            Code::Unauthenticated => ErrorKind::Unauthenticated,
+            Code::PermissionDenied => ErrorKind::PermissionDenied,
+            Code::ResourceExhausted => ErrorKind::ResourceExhausted,
+            Code::NotFound => ErrorKind::NotFound,
+            Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => {
+                ErrorKind::FailedPrecondition
+            }
+            Code::Unavailable | Code::Cancelled => ErrorKind::Unavailable,
+            Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            _ => ErrorKind::Internal,
+        }
+    }
+
+    /// Whether an error of this kind is worth retrying when nothing else is known.
+    pub fn retryable_by_default(self) -> bool {
+        matches!(self, ErrorKind::Unavailable | ErrorKind::DeadlineExceeded)
+    }
+}
+
+/// An error with a user-facing message, a kind and a retry hint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtocolError {
+    /// What went wrong, coarsely.
+    pub kind: ErrorKind,
+    /// What went wrong and what to change, for the person who sent the request.
+    pub message: String,
+    /// Whether the same request may succeed if sent again unchanged.
+    pub retryable: bool,
+}
+
+impl ProtocolError {
+    /// An error of `kind` with the kind's default retry policy.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            retryable: kind.retryable_by_default(),
+        }
+    }
+
+    /// A malformed or unsupported request.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, message)
+    }
+
+    /// A broken invariant.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+
+    /// Overrides the retry hint.
+    pub fn with_retryable(mut self, retryable: bool) -> Self {
+        self.retryable = retryable;
+        self
+    }
+
+    /// Prefixes the message with context (for example the node that failed).
+    pub fn context(mut self, context: impl fmt::Display) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
+    /// Reads an error back from a status received over gRPC.
+    pub fn from_status(status: &Status) -> Self {
+        let kind = ErrorKind::from_code(status.code());
+        let retryable = match status.metadata().get(RETRYABLE_KEY) {
+            Some(value) => value.as_bytes() == b"true",
+            None => kind.retryable_by_default(),
+        };
+        let message = if status.message().is_empty() {
+            format!("{:?}", status.code())
+        } else {
+            status.message().to_string()
+        };
+        Self {
+            kind,
+            message,
+            retryable,
+        }
+    }
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+impl From<ProtocolError> for Status {
+    fn from(err: ProtocolError) -> Self {
+        let mut status = Status::new(err.kind.code(), err.message);
+        let flag = if err.retryable { "true" } else { "false" };
+        status
+            .metadata_mut()
+            .insert(RETRYABLE_KEY, tonic::metadata::MetadataValue::from_static(flag));
+        status
+    }
+}
+
+/// Convenience alias.
+pub type Result<T, E = ProtocolError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trip_keeps_kind_message_and_retry_hint() {
+        let err = ProtocolError::new(ErrorKind::ResourceExhausted, "budget spent")
+            .with_retryable(false);
+        let status: Status = err.clone().into();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(ProtocolError::from_status(&status), err);
+
+        let err = ProtocolError::new(ErrorKind::Internal, "restarting").with_retryable(true);
+        let back = ProtocolError::from_status(&Status::from(err));
+        assert!(back.retryable);
+    }
+
+    #[test]
+    fn plain_statuses_use_default_retry_policy() {
+        assert!(ProtocolError::from_status(&Status::unavailable("down")).retryable);
+        assert!(!ProtocolError::from_status(&Status::invalid_argument("bad")).retryable);
+    }
+}

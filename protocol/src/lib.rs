@@ -1,0 +1,54 @@
+//! Wire types shared by the confer coordinator, its nodes and clients.
+//!
+//! Everything that crosses a process boundary is defined here, so that the
+//! coordinator, the node and the command-line client agree on one vocabulary:
+//!
+//! ```text
+//!  client ──Flight SQL──▶ coordinator ──Flight DoGet(Ticket = Envelope<Task>)──▶ node
+//!                                     ◀──── Arrow batch of noisy partials ──────
+//!                                     ──Flight DoAction("confer.catalog")──────▶ node
+//!                                     ◀──── CatalogInfo (JSON) ────────────────
+//! ```
+//!
+//! * [`task`]: the work a coordinator asks a node to do ([`task::Task`]), in a
+//!   signable [`task::Envelope`].
+//! * [`catalog`]: what a node publishes about its tables: schema, privacy
+//!   unit, public group domains and value bounds, never rows or counts.
+//! * [`release`]: the metadata a node attaches to the partials it releases
+//!   (noise scales, cost), which the coordinator needs to combine them.
+//! * [`error`]: an error type that knows its gRPC code and whether a retry
+//!   can help, with the mapping to and from [`tonic::Status`].
+//!
+//! Control messages are JSON (so Python clients can speak them); data is
+//! Arrow IPC inside Flight.
+
+pub mod catalog;
+pub mod error;
+pub mod release;
+pub mod task;
+
+pub use error::{ErrorKind, ProtocolError};
+
+/// Names of the Flight actions a node serves.
+pub mod actions {
+    /// Returns the node's [`crate::catalog::CatalogInfo`] as JSON.
+    pub const CATALOG: &str = "confer.catalog";
+    /// Returns the node's [`crate::catalog::Health`] as JSON.
+    pub const HEALTH: &str = "confer.health";
+}
+
+/// Arrow schema-metadata keys used on released results.
+pub mod metadata {
+    /// On a node's partial batch: the [`crate::release::ReleaseInfo`] as JSON.
+    pub const RELEASE: &str = "confer.release";
+    /// On a coordinator result: the [`crate::release::ResultInfo`] as JSON.
+    pub const RESULT: &str = "confer.result";
+    /// On a DP value column: the standard deviation of its noise.
+    pub const NOISE_STDDEV: &str = "confer.noise_stddev";
+    /// On a DP value column: the mechanism that produced it.
+    pub const MECHANISM: &str = "confer.mechanism";
+    /// On a DP value column: the confidence level of its interval columns.
+    pub const CONFIDENCE: &str = "confer.confidence";
+    /// On a DP value column: the names of its interval columns.
+    pub const INTERVAL: &str = "confer.interval";
+}

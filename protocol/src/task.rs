@@ -1,0 +1,142 @@
+//! The work a coordinator sends to a node, and the envelope it travels in.
+//!
+//! A task names *what* to compute (the DP query exactly as the researcher
+//! wrote it), never *how*: the node compiles the query itself with its own
+//! catalog and derives sensitivity, noise and cost itself, so a dishonest
+//! coordinator cannot make a node release an unbounded plan.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{ProtocolError, Result};
+
+/// Study used when a client names none.
+pub const DEFAULT_STUDY: &str = "default";
+
+/// A unit of work for one or more nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Unique id. A node never charges the same task id twice.
+    pub id: Uuid,
+    /// The study the work runs under; its budget pays.
+    pub study: String,
+    /// The person who asked.
+    pub researcher: String,
+    /// When the coordinator issued the task, seconds since the Unix epoch.
+    pub issued_at: u64,
+    /// After this (seconds since the Unix epoch) a node refuses the task.
+    pub expires_at: u64,
+    /// What to do.
+    pub kind: TaskKind,
+}
+
+/// The kinds of task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Run a DP SQL query and release noisy partial aggregates.
+    Query(QueryTask),
+}
+
+/// A DP SQL query to release partials for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryTask {
+    /// The statement, in the confer DP dialect, as the researcher wrote it.
+    pub sql: String,
+}
+
+impl Task {
+    /// A new query task with a fresh id, valid for `ttl`.
+    pub fn query(study: &str, researcher: &str, sql: &str, ttl: Duration) -> Self {
+        let now = unix_now();
+        Self {
+            id: Uuid::new_v4(),
+            study: study.to_string(),
+            researcher: researcher.to_string(),
+            issued_at: now,
+            expires_at: now.saturating_add(ttl.as_secs().max(1)),
+            kind: TaskKind::Query(QueryTask {
+                sql: sql.to_string(),
+            }),
+        }
+    }
+
+    /// Whether the task has expired at `now` (seconds since the epoch).
+    pub fn is_expired_at(&self, now: u64) -> bool {
+        now > self.expires_at
+    }
+}
+
+/// A task as it travels: the exact JSON bytes that are (or will be) signed,
+/// with the signature beside them. Keeping the payload as a string means the
+/// verifier checks the bytes the signer signed, not a re-serialisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// JSON of a [`Task`].
+    pub payload: String,
+    /// Signature over `payload`, hex, when the sender signs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl Envelope {
+    /// Wraps a task (unsigned).
+    pub fn new(task: &Task) -> Result<Self> {
+        let payload = serde_json::to_string(task)
+            .map_err(|e| ProtocolError::internal(format!("cannot encode task: {e}")))?;
+        Ok(Self {
+            payload,
+            signature: None,
+        })
+    }
+
+    /// The envelope as the bytes of a Flight ticket.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self)
+            .map_err(|e| ProtocolError::internal(format!("cannot encode envelope: {e}")))
+    }
+
+    /// Reads an envelope from ticket bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            ProtocolError::invalid(format!("the ticket is not a confer task envelope: {e}"))
+        })
+    }
+
+    /// The task inside (not verified).
+    pub fn task(&self) -> Result<Task> {
+        serde_json::from_str(&self.payload)
+            .map_err(|e| ProtocolError::invalid(format!("the envelope holds no valid task: {e}")))
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips() {
+        let task = Task::query("s", "r", "SELECT 1", Duration::from_secs(60));
+        let env = Envelope::new(&task).expect("encode");
+        let back = Envelope::from_bytes(&env.to_bytes().expect("bytes")).expect("decode");
+        assert_eq!(back.task().expect("task"), task);
+        assert!(!task.is_expired_at(task.issued_at + 60));
+        assert!(task.is_expired_at(task.issued_at + 61));
+    }
+
+    #[test]
+    fn garbage_tickets_are_refused_clearly() {
+        let err = Envelope::from_bytes(b"\x00garbage").expect_err("must fail");
+        assert!(err.message.contains("not a confer task envelope"));
+    }
+}

@@ -1,0 +1,49 @@
+//! Errors of the dialect: each says what to change.
+
+use confer_protocol::{ErrorKind, ProtocolError};
+
+/// Why a statement cannot be compiled or combined.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum QueryError {
+    /// The text is not SQL of the dialect.
+    #[error("syntax error: {0}")]
+    Syntax(String),
+    /// Valid SQL that the DP dialect refuses (with what to change).
+    #[error("{0}")]
+    Rejected(String),
+    /// Names a table or column that does not exist, or types that do not fit.
+    #[error("{0}")]
+    Plan(String),
+    /// A broken invariant: a bug in confer.
+    #[error("internal error (a bug in confer, please report it): {0}")]
+    Internal(String),
+}
+
+/// Convenience alias.
+pub type Result<T, E = QueryError> = std::result::Result<T, E>;
+
+impl From<QueryError> for ProtocolError {
+    fn from(err: QueryError) -> Self {
+        let kind = match err {
+            QueryError::Internal(_) => ErrorKind::Internal,
+            _ => ErrorKind::InvalidArgument,
+        };
+        ProtocolError::new(kind, err.to_string())
+    }
+}
+
+impl From<datafusion::error::DataFusionError> for QueryError {
+    fn from(err: datafusion::error::DataFusionError) -> Self {
+        // DataFusion's messages for planning errors are precise ("table
+        // 'x' not found", "No field named y. Valid fields are ..."); strip
+        // its context prefixes so the researcher sees the point.
+        let root = err.find_root();
+        QueryError::Plan(root.strip_backtrace())
+    }
+}
+
+impl From<arrow::error::ArrowError> for QueryError {
+    fn from(err: arrow::error::ArrowError) -> Self {
+        QueryError::Internal(format!("arrow: {err}"))
+    }
+}

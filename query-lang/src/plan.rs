@@ -1,0 +1,255 @@
+//! The federated plan: what each node runs, how it releases, how the
+//! coordinator combines.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use confer_privacy::Noise;
+use confer_protocol::catalog::{ColumnType, DomainValue};
+use confer_protocol::metadata;
+use confer_protocol::release::Cost;
+use datafusion::scalar::ScalarValue;
+use serde::Serialize;
+
+use crate::error::{QueryError, Result};
+use crate::options::{DpOptions, Mechanism};
+
+/// A compiled DP query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FederatedPlan {
+    /// The validated options.
+    pub options: DpOptions,
+    /// The local bounded query each node runs (DataFusion SQL). It returns
+    /// one row per non-empty group: columns `__g0..` (the keys) and the
+    /// exact partials named in [`PartialSpec::column`].
+    pub local_sql: String,
+    /// Group keys, in GROUP BY order.
+    pub groups: Vec<GroupSpec>,
+    /// DP aggregates, in SELECT order.
+    pub aggregates: Vec<AggregateSpec>,
+    /// Noisy partials the aggregates are computed from.
+    pub partials: Vec<PartialSpec>,
+    /// The SELECT list.
+    pub select: Vec<OutputItem>,
+    /// HAVING / ORDER BY / LIMIT, applied to released values.
+    pub post: PostProcess,
+    /// The cost at each node.
+    pub cost: PlanCost,
+    /// Effective groups per person (the option, capped by the number of groups).
+    pub max_groups: usize,
+    /// Rows per person per group.
+    pub max_rows: usize,
+}
+
+/// A group key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GroupSpec {
+    /// Output column name.
+    pub name: String,
+    /// Its type.
+    pub column_type: ColumnType,
+    /// Its public domain: every value is released, empty groups included.
+    pub domain: Vec<DomainValue>,
+}
+
+/// The DP aggregates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AggregateKind {
+    /// `COUNT(*)`: rows, at most `max_rows_contributed` per person per group.
+    CountStar,
+    /// `COUNT(DISTINCT unit)`: persons.
+    CountDistinctUnit,
+}
+
+/// One DP aggregate of the SELECT list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AggregateSpec {
+    /// Output column name.
+    pub name: String,
+    /// What it computes.
+    pub kind: AggregateKind,
+    /// The expression as written.
+    pub expr: String,
+    /// Indices into [`FederatedPlan::partials`].
+    pub partials: Vec<usize>,
+}
+
+/// One noisy partial: a vector over groups with a known sensitivity.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PartialSpec {
+    /// Column name in the local query and the released batch.
+    pub column: String,
+    /// The aggregate it belongs to.
+    pub aggregate: usize,
+    /// Whether values are integers (counts) or floats (sums).
+    pub integer: bool,
+    /// Most one person can change one group's value by.
+    pub per_group_bound: f64,
+    /// L1 sensitivity over all groups.
+    pub l1: f64,
+    /// L2 sensitivity over all groups.
+    pub l2: f64,
+}
+
+/// An item of the SELECT list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputItem {
+    /// The i-th group key.
+    Group(usize),
+    /// The i-th aggregate.
+    Aggregate(usize),
+}
+
+/// Post-processing over the released table, as SQL fragments that refer to
+/// released column names.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PostProcess {
+    /// HAVING, as a filter.
+    pub having: Option<String>,
+    /// ORDER BY items.
+    pub order_by: Vec<String>,
+    /// LIMIT.
+    pub limit: Option<String>,
+    /// OFFSET.
+    pub offset: Option<String>,
+}
+
+impl PostProcess {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.having.is_none() && self.order_by.is_empty() && self.limit.is_none() && self.offset.is_none()
+    }
+}
+
+/// What the query costs at each node, and its share per partial.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PlanCost {
+    /// zCDP rho charged to the ledger.
+    pub rho: f64,
+    /// The epsilon that is reported (pure epsilon for Laplace).
+    pub epsilon: f64,
+    /// The delta that is reported.
+    pub delta: f64,
+    /// Budget of each partial: rho (Gaussian) or epsilon (Laplace).
+    pub per_partial: f64,
+}
+
+impl PlanCost {
+    /// As the wire type.
+    pub fn to_cost(self) -> Cost {
+        Cost {
+            rho: self.rho,
+            epsilon: self.epsilon,
+            delta: self.delta,
+        }
+    }
+}
+
+/// Suffixes of the interval columns next to every DP value.
+pub const CI_LOW_SUFFIX: &str = "_ci_low";
+/// See [`CI_LOW_SUFFIX`].
+pub const CI_HIGH_SUFFIX: &str = "_ci_high";
+
+impl FederatedPlan {
+    /// The calibrated noise of partial `index`.
+    pub fn noise(&self, index: usize) -> Result<Noise> {
+        let p = &self.partials[index];
+        let result = match self.options.mechanism {
+            Mechanism::Gaussian => Noise::gaussian(p.l2, self.cost.per_partial),
+            Mechanism::Laplace => Noise::laplace(p.l1, self.cost.per_partial),
+        };
+        result.map_err(|e| QueryError::Rejected(format!("cannot calibrate noise: {e}")))
+    }
+
+    /// Every group key, in release order: the product of the public domains.
+    pub fn group_keys(&self) -> Result<Vec<Vec<ScalarValue>>> {
+        let mut keys: Vec<Vec<ScalarValue>> = vec![Vec::new()];
+        for g in &self.groups {
+            let values: Vec<ScalarValue> = g
+                .domain
+                .iter()
+                .map(|v| domain_scalar(v, g.column_type))
+                .collect::<Result<_>>()?;
+            let mut next = Vec::with_capacity(keys.len() * values.len());
+            for k in &keys {
+                for v in &values {
+                    let mut key = k.clone();
+                    key.push(v.clone());
+                    next.push(key);
+                }
+            }
+            keys = next;
+        }
+        Ok(keys)
+    }
+
+    /// Index of every key in [`Self::group_keys`].
+    pub fn key_index(keys: &[Vec<ScalarValue>]) -> HashMap<Vec<ScalarValue>, usize> {
+        keys.iter().enumerate().map(|(i, k)| (k.clone(), i)).collect()
+    }
+
+    /// Schema of the batch a node releases: group columns, then partials.
+    pub fn partial_schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> = self
+            .groups
+            .iter()
+            .map(|g| Field::new(&g.name, g.column_type.arrow_type(), true))
+            .collect();
+        for p in &self.partials {
+            let ty = if p.integer { DataType::Int64 } else { DataType::Float64 };
+            fields.push(Field::new(&p.column, ty, false));
+        }
+        Arc::new(Schema::new(fields))
+    }
+
+    /// Schema of the combined result: the SELECT list, each DP value followed
+    /// by its interval columns.
+    pub fn output_schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> = Vec::new();
+        for item in &self.select {
+            match item {
+                OutputItem::Group(i) => {
+                    let g = &self.groups[*i];
+                    fields.push(Field::new(&g.name, g.column_type.arrow_type(), true));
+                }
+                OutputItem::Aggregate(i) => {
+                    let a = &self.aggregates[*i];
+                    let meta = HashMap::from([
+                        (metadata::MECHANISM.to_string(), self.options.mechanism.name().to_string()),
+                        (metadata::CONFIDENCE.to_string(), self.options.confidence.to_string()),
+                        (
+                            metadata::INTERVAL.to_string(),
+                            format!("{0}{CI_LOW_SUFFIX},{0}{CI_HIGH_SUFFIX}", a.name),
+                        ),
+                    ]);
+                    fields.push(Field::new(&a.name, a.kind.value_type(), true).with_metadata(meta));
+                    fields.push(Field::new(format!("{}{CI_LOW_SUFFIX}", a.name), DataType::Float64, true));
+                    fields.push(Field::new(format!("{}{CI_HIGH_SUFFIX}", a.name), DataType::Float64, true));
+                }
+            }
+        }
+        Arc::new(Schema::new(fields))
+    }
+}
+
+impl AggregateKind {
+    /// The Arrow type of released values.
+    pub fn value_type(self) -> DataType {
+        match self {
+            AggregateKind::CountStar | AggregateKind::CountDistinctUnit => DataType::Int64,
+        }
+    }
+}
+
+/// A domain value as a scalar of the column's type.
+pub fn domain_scalar(value: &DomainValue, ty: ColumnType) -> Result<ScalarValue> {
+    match (value, ty) {
+        (DomainValue::Int(v), ColumnType::Int64) => Ok(ScalarValue::Int64(Some(*v))),
+        (DomainValue::Text(v), ColumnType::Utf8) => Ok(ScalarValue::Utf8(Some(v.clone()))),
+        (v, ty) => Err(QueryError::Plan(format!(
+            "domain value {v} does not fit column type {ty}: fix the domain in node.toml"
+        ))),
+    }
+}
