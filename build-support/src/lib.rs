@@ -46,9 +46,16 @@ pub fn libtorch_lib_dir() -> Option<PathBuf> {
             return Some(dir);
         }
     }
-    let python = if std::env::var_os("VIRTUAL_ENV").is_some() { "python" } else { "python3" };
+    let python = if std::env::var_os("VIRTUAL_ENV").is_some() {
+        "python"
+    } else {
+        "python3"
+    };
     let from_python = Command::new(python)
-        .args(["-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])
+        .args([
+            "-c",
+            "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+        ])
         .output()
         .ok()
         .filter(|o| o.status.success())
@@ -60,8 +67,11 @@ pub fn libtorch_lib_dir() -> Option<PathBuf> {
     // Fall back to the workspace venv, relative to the package being built.
     let manifest = std::env::var_os("CARGO_MANIFEST_DIR")?;
     let venv_lib = Path::new(&manifest).parent()?.join(".venv").join("lib");
-    std::fs::read_dir(venv_lib).ok()?.filter_map(|e| e.ok()).find_map(|e| {
-        let dir = e.path().join("site-packages").join("torch").join("lib");
-        dir.is_dir().then_some(dir)
-    })
+    std::fs::read_dir(venv_lib)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find_map(|e| {
+            let dir = e.path().join("site-packages").join("torch").join("lib");
+            dir.is_dir().then_some(dir)
+        })
 }

@@ -66,7 +66,9 @@ impl ServerChild {
                     return Ok::<SocketAddr, anyhow::Error>(addr);
                 }
             }
-            Err(anyhow!("{label} exited during start-up (its error is printed above)"))
+            Err(anyhow!(
+                "{label} exited during start-up (its error is printed above)"
+            ))
         };
         let addr = match tokio::time::timeout(START_TIMEOUT, wait_ready).await {
             Ok(Ok(addr)) => addr,
@@ -74,7 +76,10 @@ impl ServerChild {
                 let status = child.wait().await.ok();
                 bail!("{e}; {}", status.map(|s| s.to_string()).unwrap_or_default());
             }
-            Err(_) => bail!("{label} did not start listening within {} s", START_TIMEOUT.as_secs()),
+            Err(_) => bail!(
+                "{label} did not start listening within {} s",
+                START_TIMEOUT.as_secs()
+            ),
         };
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -100,13 +105,20 @@ impl ServerChild {
             Ok(Err(e)) => Err(anyhow!("{}: {e}", self.label)),
             Err(_) => {
                 self.child.kill().await.ok();
-                bail!("{} did not stop within {} s and was killed", self.label, grace.as_secs())
+                bail!(
+                    "{} did not stop within {} s and was killed",
+                    self.label,
+                    grace.as_secs()
+                )
             }
         }
     }
 
     /// Kills the child at once (as a crash would).
     pub async fn kill(mut self) -> anyhow::Result<()> {
-        self.child.kill().await.with_context(|| format!("cannot kill {}", self.label))
+        self.child
+            .kill()
+            .await
+            .with_context(|| format!("cannot kill {}", self.label))
     }
 }

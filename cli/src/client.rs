@@ -32,6 +32,7 @@ pub struct Client {
 }
 
 /// A statement's answer.
+#[derive(Debug)]
 pub struct Answer {
     /// Result schema (with confer metadata).
     pub schema: SchemaRef,
@@ -42,7 +43,11 @@ pub struct Answer {
 impl Client {
     /// Connects to a coordinator URL such as `http://127.0.0.1:50050`.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+        let url = if url.contains("://") {
+            url.to_string()
+        } else {
+            format!("http://{url}")
+        };
         let channel = Endpoint::from_shared(url.clone())
             .with_context(|| format!("{url} is not a valid coordinator URL"))?
             .connect_timeout(Duration::from_secs(10))
@@ -58,8 +63,13 @@ impl Client {
 
     /// Runs one statement under `study`.
     pub async fn run(&mut self, sql: &str, study: &str) -> anyhow::Result<Answer> {
-        self.inner.set_header(confer_coordinator::service::STUDY_HEADER, study);
-        let info = self.inner.execute(sql.to_string(), None).await.map_err(explain)?;
+        self.inner
+            .set_header(confer_coordinator::service::STUDY_HEADER, study);
+        let info = self
+            .inner
+            .execute(sql.to_string(), None)
+            .await
+            .map_err(explain)?;
         let schema = Arc::new(
             info.clone()
                 .try_decode_schema()
@@ -98,6 +108,21 @@ pub async fn query_command(args: QueryArgs) -> anyhow::Result<()> {
 /// Renders an answer for a terminal or a file.
 pub fn render(answer: &Answer, format: OutputFormat) -> anyhow::Result<String> {
     match format {
+        OutputFormat::Table if answer.schema.metadata().contains_key(metadata::EXPLAIN) => {
+            let mut out = String::new();
+            for b in &answer.batches {
+                let items = b.column(0).as_any().downcast_ref::<StringArray>();
+                let values = b.column(1).as_any().downcast_ref::<StringArray>();
+                let (Some(items), Some(values)) = (items, values) else {
+                    return Err(anyhow!("EXPLAIN PRIVACY answer has unexpected columns"));
+                };
+                for (item, value) in items.iter().zip(values.iter()) {
+                    let value = value.unwrap_or("").replace('\n', &format!("\n{:21}", ""));
+                    out.push_str(&format!("{:<20} {value}\n", item.unwrap_or("")));
+                }
+            }
+            Ok(out)
+        }
         OutputFormat::Table => {
             let display: Vec<RecordBatch> = answer
                 .batches
@@ -107,7 +132,10 @@ pub fn render(answer: &Answer, format: OutputFormat) -> anyhow::Result<String> {
             let mut out = if display.is_empty() {
                 String::from("(no rows)\n")
             } else {
-                format!("{}\n", arrow::util::pretty::pretty_format_batches(&display)?)
+                format!(
+                    "{}\n",
+                    arrow::util::pretty::pretty_format_batches(&display)?
+                )
             };
             if let Some(footer) = footer(&answer.schema) {
                 out.push_str(&footer);
@@ -118,7 +146,9 @@ pub fn render(answer: &Answer, format: OutputFormat) -> anyhow::Result<String> {
         OutputFormat::Csv => {
             let mut buf = Vec::new();
             {
-                let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut buf);
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut buf);
                 for b in &answer.batches {
                     w.write(b)?;
                 }
@@ -150,7 +180,11 @@ fn rounded_for_display(batch: &RecordBatch) -> anyhow::Result<RecordBatch> {
                 .downcast_ref::<Float64Array>()
                 .ok_or_else(|| anyhow!("column {} is not Float64", field.name()))?;
             let text: StringArray = (0..floats.len())
-                .map(|i| floats.is_valid(i).then(|| format!("{:.1}", floats.value(i))))
+                .map(|i| {
+                    floats
+                        .is_valid(i)
+                        .then(|| format!("{:.1}", floats.value(i)))
+                })
                 .collect();
             fields.push(Field::new(field.name(), DataType::Utf8, true));
             columns.push(Arc::new(text));
@@ -159,7 +193,10 @@ fn rounded_for_display(batch: &RecordBatch) -> anyhow::Result<RecordBatch> {
             columns.push(col.clone());
         }
     }
-    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
 }
 
 /// A line on what the answer cost and where it came from.
@@ -167,7 +204,10 @@ pub fn footer(schema: &Schema) -> Option<String> {
     let info: ResultInfo = serde_json::from_str(schema.metadata().get(metadata::RESULT)?).ok()?;
     let c = info.cost_per_site;
     let cost = if c.delta > 0.0 {
-        format!("epsilon = {:.4}, delta = {:e} (rho = {:.4} zCDP)", c.epsilon, c.delta, c.rho)
+        format!(
+            "epsilon = {:.4}, delta = {:e} (rho = {:.4} zCDP)",
+            c.epsilon, c.delta, c.rho
+        )
     } else {
         format!("epsilon = {:.4} (pure DP)", c.epsilon)
     };

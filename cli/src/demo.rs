@@ -26,7 +26,11 @@ pub struct DemoQuery {
 }
 
 const fn q(title: &'static str, sql: &'static str) -> DemoQuery {
-    DemoQuery { title, sql, refused: false }
+    DemoQuery {
+        title,
+        sql,
+        refused: false,
+    }
 }
 
 /// The scripted queries.
@@ -108,7 +112,11 @@ impl Federation {
                 errors.push(e.to_string());
             }
         }
-        if errors.is_empty() { Ok(()) } else { bail!("{}", errors.join("; ")) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", errors.join("; "))
+        }
     }
 }
 
@@ -127,10 +135,19 @@ pub async fn start_federation(
     for (i, dir) in dirs.iter().enumerate() {
         let name = format!("site-{}", gibleed::site_letter(i));
         let config = work_dir.join(format!("{name}.toml"));
-        gibleed::write_node_config(&config, &name, dir, data, &work_dir.join("state").join(&name))?;
+        gibleed::write_node_config(
+            &config,
+            &name,
+            dir,
+            data,
+            &work_dir.join("state").join(&name),
+        )?;
         configs.push((name, config));
     }
-    let labels: Vec<String> = configs.iter().map(|(name, _)| format!("node {name}")).collect();
+    let labels: Vec<String> = configs
+        .iter()
+        .map(|(name, _)| format!("node {name}"))
+        .collect();
     let starts = configs
         .iter()
         .zip(&labels)
@@ -141,13 +158,22 @@ pub async fn start_federation(
         "# Written by `confer demo`.\n[coordinator]\nlisten = \"127.0.0.1:{coordinator_port}\"\nnode_timeout_secs = 60\n"
     );
     for (n, (name, _)) in nodes.iter().zip(&configs) {
-        text.push_str(&format!("\n[[nodes]]\nname = \"{name}\"\nurl = \"http://{}\"\n", n.addr));
+        text.push_str(&format!(
+            "\n[[nodes]]\nname = \"{name}\"\nurl = \"http://{}\"\n",
+            n.addr
+        ));
     }
     let coordinator_config = work_dir.join("coordinator.toml");
     std::fs::write(&coordinator_config, text)
         .with_context(|| format!("cannot write {}", coordinator_config.display()))?;
-    let coordinator =
-        ServerChild::start(program, "coordinator", "coordinator", &coordinator_config, log_level).await?;
+    let coordinator = ServerChild::start(
+        program,
+        "coordinator",
+        "coordinator",
+        &coordinator_config,
+        log_level,
+    )
+    .await?;
     Ok(Federation {
         nodes,
         coordinator,
@@ -164,7 +190,10 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
         })?,
     };
     if !data.join("PERSON.csv").is_file() {
-        bail!("{} holds no PERSON.csv: --data must be the GiBleed csv directory", data.display());
+        bail!(
+            "{} holds no PERSON.csv: --data must be the GiBleed csv directory",
+            data.display()
+        );
     }
     let data = data
         .canonicalize()
@@ -173,7 +202,10 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
     let work_dir = match &args.work_dir {
         Some(d) => {
             if d.exists() && std::fs::read_dir(d)?.next().is_some() {
-                bail!("--work-dir {} is not empty: choose an empty or new directory", d.display());
+                bail!(
+                    "--work-dir {} is not empty: choose an empty or new directory",
+                    d.display()
+                );
             }
             std::fs::create_dir_all(d)?;
             d.clone()

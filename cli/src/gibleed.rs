@@ -33,25 +33,40 @@ pub fn default_data_dir() -> Option<PathBuf> {
     let rel = Path::new("shared/data/eunomia_gibleed/csv");
     let candidates = [
         Path::new("..").join(rel),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(rel),
     ];
-    candidates.into_iter().find(|p| p.join("PERSON.csv").is_file())
+    candidates
+        .into_iter()
+        .find(|p| p.join("PERSON.csv").is_file())
 }
 
 /// Splits `tables` of `src` into `out/site-<i>/<TABLE>.csv` for `sites` sites.
 /// Returns the site directories.
-pub fn split(src: &Path, out: &Path, sites: usize, tables: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
+pub fn split(
+    src: &Path,
+    out: &Path,
+    sites: usize,
+    tables: &[&str],
+) -> anyhow::Result<Vec<PathBuf>> {
     if sites == 0 {
         bail!("--sites must be at least 1");
     }
-    let dirs: Vec<PathBuf> = (0..sites).map(|i| out.join(format!("site-{}", site_letter(i)))).collect();
+    let dirs: Vec<PathBuf> = (0..sites)
+        .map(|i| out.join(format!("site-{}", site_letter(i))))
+        .collect();
     for d in &dirs {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     for table in tables {
         let path = src.join(format!("{table}.csv"));
-        let mut reader = csv::Reader::from_path(&path)
-            .with_context(|| format!("cannot read {} (is --data the GiBleed csv directory?)", path.display()))?;
+        let mut reader = csv::Reader::from_path(&path).with_context(|| {
+            format!(
+                "cannot read {} (is --data the GiBleed csv directory?)",
+                path.display()
+            )
+        })?;
         let headers = reader.headers()?.clone();
         let pid = headers
             .iter()
@@ -61,7 +76,9 @@ pub fn split(src: &Path, out: &Path, sites: usize, tables: &[&str]) -> anyhow::R
             .iter()
             .map(|d| {
                 let p = d.join(format!("{table}.csv"));
-                let w = csv::Writer::from_writer(File::create(&p).with_context(|| format!("cannot write {}", p.display()))?);
+                let w = csv::Writer::from_writer(
+                    File::create(&p).with_context(|| format!("cannot write {}", p.display()))?,
+                );
                 Ok(w)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -73,7 +90,13 @@ pub fn split(src: &Path, out: &Path, sites: usize, tables: &[&str]) -> anyhow::R
             let person: u64 = record
                 .get(pid)
                 .and_then(|v| v.trim().parse().ok())
-                .ok_or_else(|| anyhow!("{} line {}: PERSON_ID is not a whole number", path.display(), line + 2))?;
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{} line {}: PERSON_ID is not a whole number",
+                        path.display(),
+                        line + 2
+                    )
+                })?;
             writers[(person % sites as u64) as usize].write_record(&record)?;
         }
         for mut w in writers {
@@ -100,10 +123,16 @@ pub fn demo_columns() -> BTreeMap<&'static str, Vec<(&'static str, &'static str)
             vec![
                 ("gender_concept_id", "{ domain = [8507, 8532] }"),
                 ("race_concept_id", "{ domain = [0, 8515, 8516, 8527] }"),
-                ("year_of_birth", "{ bounds = [1900, 2025], domain = { from = 1900, to = 1999 } }"),
+                (
+                    "year_of_birth",
+                    "{ bounds = [1900, 2025], domain = { from = 1900, to = 1999 } }",
+                ),
             ],
         ),
-        ("visit_occurrence", vec![("visit_concept_id", "{ domain = [9201, 9202, 9203] }")]),
+        (
+            "visit_occurrence",
+            vec![("visit_concept_id", "{ domain = [9201, 9202, 9203] }")],
+        ),
         (
             "condition_occurrence",
             // A public concept set: GI bleeding and the most frequent conditions.
@@ -112,7 +141,13 @@ pub fn demo_columns() -> BTreeMap<&'static str, Vec<(&'static str, &'static str)
                 "{ domain = [192671, 40481087, 4112343, 260139, 372328, 80180, 28060, 81151, 378001, 4283893] }",
             )],
         ),
-        ("drug_exposure", vec![("drug_concept_id", "{ domain = [1118084, 1124300, 1127433, 19059056, 1713671] }")]),
+        (
+            "drug_exposure",
+            vec![(
+                "drug_concept_id",
+                "{ domain = [1118084, 1124300, 1127433, 19059056, 1713671] }",
+            )],
+        ),
     ])
 }
 

@@ -97,7 +97,10 @@ pub struct DemoArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -136,19 +139,32 @@ fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
 
 fn doctor() -> anyhow::Result<()> {
     println!("confer {}", env!("CARGO_PKG_VERSION"));
-    let rt = confer_models::runtime().map_err(|e| anyhow::anyhow!("libtorch does not work: {e}"))?;
-    println!("libtorch {} loaded; training device: {}", rt.libtorch_version, rt.device);
+    let rt =
+        confer_models::runtime().map_err(|e| anyhow::anyhow!("libtorch does not work: {e}"))?;
+    println!(
+        "libtorch {} loaded; training device: {}",
+        rt.libtorch_version, rt.device
+    );
     println!(
         "CUDA: {} ({} device(s)), cuDNN: {}",
-        if rt.cuda_available { "available" } else { "not available" },
+        if rt.cuda_available {
+            "available"
+        } else {
+            "not available"
+        },
         rt.cuda_devices,
-        if rt.cudnn_available { "available" } else { "not available" }
+        if rt.cudnn_available {
+            "available"
+        } else {
+            "not available"
+        }
     );
     Ok(())
 }

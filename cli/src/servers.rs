@@ -18,7 +18,10 @@ pub(crate) async fn node(args: ServerArgs) -> anyhow::Result<()> {
     let node = confer_node::start(config, confer_node::Transport::InsecureLoopback)
         .await
         .with_context(|| format!("node from {} did not start", args.config.display()))?;
-    announce(&format!("confer node {} listening on {}", node.name, node.addr))?;
+    announce(&format!(
+        "confer node {} listening on {}",
+        node.name, node.addr
+    ))?;
     wait_for_stop(args.stop_on_stdin_eof).await;
     node.shutdown().await?;
     Ok(())
@@ -29,10 +32,14 @@ pub(crate) async fn coordinator(args: ServerArgs) -> anyhow::Result<()> {
     if !args.insecure_loopback {
         bail!("{PLAINTEXT_HINT}");
     }
-    let coordinator = confer_coordinator::start(config, confer_coordinator::Transport::InsecureLoopback)
-        .await
-        .with_context(|| format!("coordinator from {} did not start", args.config.display()))?;
-    announce(&format!("confer coordinator listening on {}", coordinator.addr))?;
+    let coordinator =
+        confer_coordinator::start(config, confer_coordinator::Transport::InsecureLoopback)
+            .await
+            .with_context(|| format!("coordinator from {} did not start", args.config.display()))?;
+    announce(&format!(
+        "confer coordinator listening on {}",
+        coordinator.addr
+    ))?;
     wait_for_stop(args.stop_on_stdin_eof).await;
     coordinator.shutdown().await?;
     Ok(())

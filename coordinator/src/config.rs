@@ -65,10 +65,13 @@ pub struct NodeEntry {
 impl CoordinatorConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| CoordinatorError::Config(format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            CoordinatorError::Config(format!("cannot read {}: {e}", path.display()))
+        })?;
         Self::parse(&text).map_err(|e| match e {
-            CoordinatorError::Config(m) => CoordinatorError::Config(format!("{}: {m}", path.display())),
+            CoordinatorError::Config(m) => {
+                CoordinatorError::Config(format!("{}: {m}", path.display()))
+            }
             other => other,
         })
     }
@@ -153,11 +156,19 @@ url = "http://127.0.0.1:1"
     fn errors_name_the_field() {
         for (text, want) in [
             (GOOD.replace("127.0.0.1:0", "x"), "coordinator.listen"),
-            (GOOD.replace("http://127.0.0.1:1", "ftp://x"), "nodes[0].url"),
-            (format!("{GOOD}\n[[nodes]]\nname = \"a\"\nurl = \"http://x:1\"\n"), "listed twice"),
+            (
+                GOOD.replace("http://127.0.0.1:1", "ftp://x"),
+                "nodes[0].url",
+            ),
+            (
+                format!("{GOOD}\n[[nodes]]\nname = \"a\"\nurl = \"http://x:1\"\n"),
+                "listed twice",
+            ),
             (GOOD.replace("listen", "listn"), "listn"),
         ] {
-            let err = CoordinatorConfig::parse(&text).expect_err("invalid").to_string();
+            let err = CoordinatorConfig::parse(&text)
+                .expect_err("invalid")
+                .to_string();
             assert!(err.contains(want), "{err} should mention {want}");
         }
     }

@@ -32,7 +32,9 @@ impl NodeHandle {
     /// Prepares a channel; nothing connects until the first call.
     pub fn new(entry: &NodeEntry) -> Result<Self> {
         let channel = Endpoint::from_shared(entry.url.clone())
-            .map_err(|e| CoordinatorError::Config(format!("node {} url {}: {e}", entry.name, entry.url)))?
+            .map_err(|e| {
+                CoordinatorError::Config(format!("node {} url {}: {e}", entry.name, entry.url))
+            })?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .connect_lazy();
@@ -58,7 +60,10 @@ impl NodeHandle {
                 if e.kind == ErrorKind::Unavailable && e.message.contains("connect") {
                     ProtocolError::new(
                         ErrorKind::Unavailable,
-                        format!("node {} ({}) is unreachable: {}", self.name, self.url, e.message),
+                        format!(
+                            "node {} ({}) is unreachable: {}",
+                            self.name, self.url, e.message
+                        ),
                     )
                 } else {
                     e.context(format!("node {}", self.name))
@@ -74,12 +79,19 @@ impl NodeHandle {
     fn timed_out(&self, timeout: Duration) -> ProtocolError {
         ProtocolError::new(
             ErrorKind::DeadlineExceeded,
-            format!("node {} did not answer within {} s", self.name, timeout.as_secs_f64()),
+            format!(
+                "node {} did not answer within {} s",
+                self.name,
+                timeout.as_secs_f64()
+            ),
         )
     }
 
     /// The node's published catalog.
-    pub async fn catalog(&self, timeout: Duration) -> std::result::Result<CatalogInfo, ProtocolError> {
+    pub async fn catalog(
+        &self,
+        timeout: Duration,
+    ) -> std::result::Result<CatalogInfo, ProtocolError> {
         let call = async {
             let mut client = self.client();
             let bodies: Vec<_> = client
@@ -93,7 +105,10 @@ impl NodeHandle {
                 ProtocolError::internal(format!("node {} returned no catalog", self.name))
             })?;
             let info: CatalogInfo = serde_json::from_slice(body).map_err(|e| {
-                ProtocolError::internal(format!("node {} returned an unreadable catalog: {e}", self.name))
+                ProtocolError::internal(format!(
+                    "node {} returned an unreadable catalog: {e}",
+                    self.name
+                ))
             })?;
             if info.node != self.name {
                 return Err(ProtocolError::new(
@@ -113,7 +128,11 @@ impl NodeHandle {
 
     /// Sends a task and returns the node's release.
     #[instrument(skip_all, fields(node = %self.name))]
-    pub async fn run(&self, envelope: &Envelope, timeout: Duration) -> std::result::Result<SitePartial, ProtocolError> {
+    pub async fn run(
+        &self,
+        envelope: &Envelope,
+        timeout: Duration,
+    ) -> std::result::Result<SitePartial, ProtocolError> {
         let ticket = Ticket::new(envelope.to_bytes()?);
         let call = async {
             let mut client = self.client();
@@ -146,7 +165,10 @@ impl NodeHandle {
 }
 
 /// Calls every node concurrently; fails naming every node that failed.
-pub async fn all<T, F, Fut>(nodes: &[NodeHandle], f: F) -> std::result::Result<Vec<T>, ProtocolError>
+pub async fn all<T, F, Fut>(
+    nodes: &[NodeHandle],
+    f: F,
+) -> std::result::Result<Vec<T>, ProtocolError>
 where
     F: Fn(NodeHandle) -> Fut,
     Fut: Future<Output = std::result::Result<T, ProtocolError>>,
@@ -169,7 +191,11 @@ where
         _ => {
             let kind = failures[0].kind;
             let retryable = failures.iter().all(|f| f.retryable);
-            let message = failures.iter().map(|f| f.message.as_str()).collect::<Vec<_>>().join("; ");
+            let message = failures
+                .iter()
+                .map(|f| f.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
             Err(ProtocolError::new(kind, message).with_retryable(retryable))
         }
     }

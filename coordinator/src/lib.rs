@@ -63,7 +63,9 @@ impl RunningCoordinator {
         match self.handle.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(CoordinatorError::Network(e.to_string())),
-            Err(e) => Err(CoordinatorError::Network(format!("server task failed: {e}"))),
+            Err(e) => Err(CoordinatorError::Network(format!(
+                "server task failed: {e}"
+            ))),
         }
     }
 }
@@ -100,9 +102,9 @@ pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<Ru
         }
     }
     let state = Arc::new(CoordinatorState::new(config)?);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| CoordinatorError::Network(format!("cannot listen on {addr} (coordinator.listen): {e}")))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        CoordinatorError::Network(format!("cannot listen on {addr} (coordinator.listen): {e}"))
+    })?;
     let addr = listener
         .local_addr()
         .map_err(|e| CoordinatorError::Network(e.to_string()))?;

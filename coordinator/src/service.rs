@@ -71,7 +71,11 @@ pub struct CoordinatorState {
 impl CoordinatorState {
     /// State for a config (channels connect lazily).
     pub fn new(config: CoordinatorConfig) -> crate::Result<Self> {
-        let nodes = config.nodes.iter().map(NodeHandle::new).collect::<crate::Result<Vec<_>>>()?;
+        let nodes = config
+            .nodes
+            .iter()
+            .map(NodeHandle::new)
+            .collect::<crate::Result<Vec<_>>>()?;
         Ok(Self {
             config,
             nodes,
@@ -132,12 +136,18 @@ impl CoordinatorState {
 
     /// Compiles a statement; returns the result schema and a handle for DoGet.
     #[instrument(skip_all)]
-    pub async fn plan(&self, sql: &str, study: &str, researcher: &str) -> Result<(SchemaRef, Uuid), ProtocolError> {
+    pub async fn plan(
+        &self,
+        sql: &str,
+        study: &str,
+        researcher: &str,
+    ) -> Result<(SchemaRef, Uuid), ProtocolError> {
         let statement = confer_query::parse(sql).map_err(ProtocolError::from)?;
         match statement {
             Statement::Query(parsed) => {
                 let catalog = self.network_catalog().await?;
-                let plan = confer_query::compile(&parsed, &catalog, None).map_err(ProtocolError::from)?;
+                let plan =
+                    confer_query::compile(&parsed, &catalog, None).map_err(ProtocolError::from)?;
                 confer_query::engine::validate(&plan, &catalog)
                     .await
                     .map_err(ProtocolError::from)?;
@@ -159,7 +169,8 @@ impl CoordinatorState {
             }
             Statement::ExplainPrivacy(parsed) => {
                 let catalog = self.network_catalog().await?;
-                let plan = confer_query::compile(&parsed, &catalog, None).map_err(ProtocolError::from)?;
+                let plan =
+                    confer_query::compile(&parsed, &catalog, None).map_err(ProtocolError::from)?;
                 confer_query::engine::validate(&plan, &catalog)
                     .await
                     .map_err(ProtocolError::from)?;
@@ -177,7 +188,10 @@ impl CoordinatorState {
 
     /// Runs a planned statement and returns its result.
     #[instrument(skip_all)]
-    pub async fn execute(&self, handle: &[u8]) -> Result<(SchemaRef, Vec<RecordBatch>), ProtocolError> {
+    pub async fn execute(
+        &self,
+        handle: &[u8],
+    ) -> Result<(SchemaRef, Vec<RecordBatch>), ProtocolError> {
         let prepared = self.lookup(handle)?;
         match prepared.as_ref() {
             Prepared::Ready(batch) => Ok((batch.schema(), vec![batch.clone()])),
@@ -189,7 +203,11 @@ impl CoordinatorState {
                 let timeout = self.config.node_timeout();
                 let started = Instant::now();
                 let partials =
-                    fanout::all(&self.nodes, |n| async move { n.run(envelope, timeout).await }).await?;
+                    fanout::all(
+                        &self.nodes,
+                        |n| async move { n.run(envelope, timeout).await },
+                    )
+                    .await?;
                 let combined = combine(plan, &partials, *task_id).map_err(ProtocolError::from)?;
                 let schema = combined.schema();
                 let batches = confer_query::engine::post_process(plan, combined)
@@ -233,7 +251,11 @@ fn explain(plan: &FederatedPlan, sites: usize) -> Result<RecordBatch, ProtocolEr
         .collect();
     rows.push((
         "groups".into(),
-        if groups.is_empty() { "none (one global group)".into() } else { groups.join(", ") },
+        if groups.is_empty() {
+            "none (one global group)".into()
+        } else {
+            groups.join(", ")
+        },
     ));
     let z = confer_privacy::stats::z_for_confidence(o.confidence);
     for agg in &plan.aggregates {
@@ -259,15 +281,25 @@ fn explain(plan: &FederatedPlan, sites: usize) -> Result<RecordBatch, ProtocolEr
         }
     }
     rows.push(("local bounded query".into(), plan.local_sql.clone()));
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("item", DataType::Utf8, false),
-        Field::new("value", DataType::Utf8, false),
-    ]));
+    let schema = Arc::new(Schema::new_with_metadata(
+        vec![
+            Field::new("item", DataType::Utf8, false),
+            Field::new("value", DataType::Utf8, false),
+        ],
+        HashMap::from([(
+            confer_protocol::metadata::EXPLAIN.to_string(),
+            "true".to_string(),
+        )]),
+    ));
     RecordBatch::try_new(
         schema,
         vec![
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str()))),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1.as_str()))),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.0.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.1.as_str()),
+            )),
         ],
     )
     .map_err(|e| ProtocolError::internal(e.to_string()))
@@ -296,7 +328,8 @@ fn header<T>(request: &Request<T>, name: &str, default: &str) -> String {
         .to_string()
 }
 
-type DoGetStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send + 'static>>;
+type DoGetStream =
+    Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl FlightSqlService for CoordinatorService {
@@ -316,7 +349,9 @@ impl FlightSqlService for CoordinatorService {
         let info = FlightInfo::new()
             .try_with_schema(schema.as_ref())
             .map_err(|e| Status::internal(e.to_string()))?
-            .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec())))
+            .with_endpoint(
+                FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec())),
+            )
             .with_descriptor(request.into_inner());
         Ok(Response::new(info))
     }

@@ -32,7 +32,9 @@ pub fn runtime() -> Result<TorchRuntime, tch::TchError> {
     let x = Tensor::f_arange(4, (Kind::Float, device))?;
     let sum = x.f_sum(Kind::Float)?.f_double_value(&[])?;
     if (sum - 6.0).abs() > 1e-6 {
-        return Err(tch::TchError::Kind(format!("libtorch computed 0+1+2+3 = {sum}")));
+        return Err(tch::TchError::Kind(format!(
+            "libtorch computed 0+1+2+3 = {sum}"
+        )));
     }
     Ok(TorchRuntime {
         libtorch_version: LIBTORCH_VERSION,

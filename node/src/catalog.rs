@@ -10,7 +10,9 @@
 use std::path::{Path, PathBuf};
 
 use arrow::datatypes::{DataType, Field, Schema};
-use confer_protocol::catalog::{CatalogInfo, ColumnInfo, ColumnType, Domain, DomainValue, TableInfo};
+use confer_protocol::catalog::{
+    CatalogInfo, ColumnInfo, ColumnType, Domain, DomainValue, TableInfo,
+};
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
 
 use crate::config::{ColumnConfig, DomainConfig, Format, NodeConfig, TableConfig};
@@ -38,13 +40,17 @@ async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Re
     };
     let format = table.format(name)?;
     let files = source_files(&table.path, format).map_err(|m| source_err(&table.path, m))?;
-    let first = files
-        .first()
-        .ok_or_else(|| source_err(&table.path, "the directory holds no files of this format".into()))?;
+    let first = files.first().ok_or_else(|| {
+        source_err(
+            &table.path,
+            "the directory holds no files of this format".into(),
+        )
+    })?;
 
     let schema = match format {
         Format::Csv => {
-            let header = read_csv_header(first, table.delimiter).map_err(|m| source_err(first, m))?;
+            let header =
+                read_csv_header(first, table.delimiter).map_err(|m| source_err(first, m))?;
             let schema = csv_schema(name, &header, table).map_err(|m| source_err(first, m))?;
             let ext = extension_of(&table.path, first);
             let options = CsvReadOptions::new()
@@ -93,7 +99,11 @@ async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Re
         let column_type = column_type_of(field.data_type()).ok_or_else(|| {
             source_err(
                 &table.path,
-                format!("column {} has type {}, which confer does not support", field.name(), field.data_type()),
+                format!(
+                    "column {} has type {}, which confer does not support",
+                    field.name(),
+                    field.data_type()
+                ),
             )
         })?;
         let decl = table.columns.get(field.name()).cloned().unwrap_or_default();
@@ -162,8 +172,13 @@ fn read_csv_header(path: &Path, delimiter: char) -> std::result::Result<Vec<Stri
         .has_headers(true)
         .from_path(path)
         .map_err(|e| format!("cannot read: {e}"))?;
-    let header = reader.headers().map_err(|e| format!("cannot read the header line: {e}"))?;
-    let names: Vec<String> = header.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+    let header = reader
+        .headers()
+        .map_err(|e| format!("cannot read the header line: {e}"))?;
+    let names: Vec<String> = header
+        .iter()
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
     if names.is_empty() || names.iter().all(String::is_empty) {
         return Err("the file is empty or has no header line".into());
     }
@@ -179,7 +194,11 @@ fn read_csv_header(path: &Path, delimiter: char) -> std::result::Result<Vec<Stri
 }
 
 /// The schema of a CSV source: header order, declared types.
-fn csv_schema(table: &str, header: &[String], config: &TableConfig) -> std::result::Result<Schema, String> {
+fn csv_schema(
+    table: &str,
+    header: &[String],
+    config: &TableConfig,
+) -> std::result::Result<Schema, String> {
     let omop = omop::table(table);
     if let Some(cols) = &omop {
         let missing: Vec<&str> = cols
@@ -205,7 +224,10 @@ fn csv_schema(table: &str, header: &[String], config: &TableConfig) -> std::resu
     }
     let mut fields = Vec::with_capacity(header.len());
     for name in header {
-        let declared = config.columns.get(name).and_then(|c| c.column_type.as_deref());
+        let declared = config
+            .columns
+            .get(name)
+            .and_then(|c| c.column_type.as_deref());
         let ty = match declared {
             Some(t) => ColumnType::parse(t).ok_or_else(|| {
                 format!(
@@ -223,7 +245,11 @@ fn csv_schema(table: &str, header: &[String], config: &TableConfig) -> std::resu
     Ok(Schema::new(fields))
 }
 
-fn check_parquet_schema(table: &str, schema: &Schema, config: &TableConfig) -> std::result::Result<(), String> {
+fn check_parquet_schema(
+    table: &str,
+    schema: &Schema,
+    config: &TableConfig,
+) -> std::result::Result<(), String> {
     for f in schema.fields() {
         if f.name() != &f.name().to_ascii_lowercase() {
             return Err(format!(
@@ -234,7 +260,9 @@ fn check_parquet_schema(table: &str, schema: &Schema, config: &TableConfig) -> s
     }
     for declared in config.columns.keys() {
         if schema.field_with_name(declared).is_err() {
-            return Err(format!("tables.{table}.columns.{declared} is declared but the file has no such column"));
+            return Err(format!(
+                "tables.{table}.columns.{declared} is declared but the file has no such column"
+            ));
         }
     }
     if let Some(cols) = omop::table(table) {
@@ -273,7 +301,12 @@ fn column_type_of(ty: &DataType) -> Option<ColumnType> {
     })
 }
 
-fn column_info(table: &str, name: &str, column_type: ColumnType, decl: &ColumnConfig) -> Result<ColumnInfo> {
+fn column_info(
+    table: &str,
+    name: &str,
+    column_type: ColumnType,
+    decl: &ColumnConfig,
+) -> Result<ColumnInfo> {
     let field = format!("tables.{table}.columns.{name}");
     if decl.bounds.is_some() && !column_type.is_numeric() {
         return Err(NodeError::Config(format!(
@@ -294,7 +327,8 @@ fn column_info(table: &str, name: &str, column_type: ColumnType, decl: &ColumnCo
             for v in values {
                 let fits = matches!(
                     (column_type, v),
-                    (ColumnType::Int64, DomainValue::Int(_)) | (ColumnType::Utf8, DomainValue::Text(_))
+                    (ColumnType::Int64, DomainValue::Int(_))
+                        | (ColumnType::Utf8, DomainValue::Text(_))
                 );
                 if !fits {
                     return Err(NodeError::Config(format!(
@@ -306,9 +340,13 @@ fn column_info(table: &str, name: &str, column_type: ColumnType, decl: &ColumnCo
             sorted.sort();
             sorted.dedup();
             if sorted.len() != values.len() {
-                return Err(NodeError::Config(format!("{field}.domain lists a value twice")));
+                return Err(NodeError::Config(format!(
+                    "{field}.domain lists a value twice"
+                )));
             }
-            Some(Domain::Values { values: values.clone() })
+            Some(Domain::Values {
+                values: values.clone(),
+            })
         }
     };
     Ok(ColumnInfo {

@@ -118,9 +118,8 @@ impl NodeConfig {
     /// Reads and validates a config file; relative paths are resolved
     /// against its directory.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            NodeError::Config(format!("cannot read {}: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| NodeError::Config(format!("cannot read {}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, base).map_err(|e| match e {
             NodeError::Config(msg) => NodeError::Config(format!("{}: {msg}", path.display())),
@@ -168,7 +167,7 @@ impl NodeConfig {
             }
             for (column, c) in &t.columns {
                 if let Some([lo, hi]) = c.bounds
-                    && !(lo <= hi)
+                    && (lo.is_nan() || hi.is_nan() || lo > hi)
                 {
                     return Err(NodeError::Config(format!(
                         "tables.{table}.columns.{column}.bounds = [{lo}, {hi}]: the lower bound must not exceed the upper"
@@ -210,7 +209,12 @@ impl TableConfig {
         if let Some(f) = self.format {
             return Ok(f);
         }
-        match self.path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase) {
+        match self
+            .path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+        {
             Some(e) if e == "csv" => Ok(Format::Csv),
             Some(e) if e == "parquet" => Ok(Format::Parquet),
             _ => Err(NodeError::Config(format!(
@@ -248,7 +252,10 @@ year_of_birth = { bounds = [1900, 2030], domain = { from = 1900, to = 2030 } }
         assert_eq!(p.format("person").expect("format"), Format::Csv);
         assert!(matches!(
             p.columns["year_of_birth"].domain,
-            Some(DomainConfig::Range { from: 1900, to: 2030 })
+            Some(DomainConfig::Range {
+                from: 1900,
+                to: 2030
+            })
         ));
     }
 
@@ -256,13 +263,24 @@ year_of_birth = { bounds = [1900, 2030], domain = { from = 1900, to = 2030 } }
     fn errors_name_the_field() {
         let cases = [
             (GOOD.replace("127.0.0.1:0", "nowhere"), "node.listen"),
-            (GOOD.replace("[1900, 2030]", "[2030, 1900]"), "year_of_birth.bounds"),
-            (GOOD.replace("from = 1900, to = 2030", "from = 2030, to = 1900"), "year_of_birth.domain"),
+            (
+                GOOD.replace("[1900, 2030]", "[2030, 1900]"),
+                "year_of_birth.bounds",
+            ),
+            (
+                GOOD.replace("from = 1900, to = 2030", "from = 2030, to = 1900"),
+                "year_of_birth.domain",
+            ),
             (GOOD.replace("site-a", "site a"), "node.name"),
-            (GOOD.replace("privacy_unit", "privacy_units"), "privacy_units"),
+            (
+                GOOD.replace("privacy_unit", "privacy_units"),
+                "privacy_units",
+            ),
         ];
         for (text, want) in cases {
-            let err = NodeConfig::parse(&text, Path::new(".")).expect_err("invalid").to_string();
+            let err = NodeConfig::parse(&text, Path::new("."))
+                .expect_err("invalid")
+                .to_string();
             assert!(err.contains(want), "{err} should mention {want}");
         }
     }

@@ -54,7 +54,9 @@ impl From<NodeError> for ProtocolError {
             NodeError::Protocol(p) => p,
             NodeError::Query(q) => q.into(),
             // Ledger trouble (disk full, locked) may pass: worth a retry.
-            NodeError::Ledger(m) => ProtocolError::new(ErrorKind::Unavailable, format!("privacy ledger: {m}")),
+            NodeError::Ledger(m) => {
+                ProtocolError::new(ErrorKind::Unavailable, format!("privacy ledger: {m}"))
+            }
             other => ProtocolError::internal(other.to_string()),
         }
     }

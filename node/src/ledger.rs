@@ -177,10 +177,29 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let ledger = Ledger::open(dir.path()).expect("open");
         let id = Uuid::new_v4();
-        assert_eq!(ledger.record(&debit(id, 0.5), b"first".to_vec()).expect("record"), b"first");
-        assert_eq!(ledger.record(&debit(id, 0.5), b"second".to_vec()).expect("retry"), b"first");
-        assert_eq!(ledger.spent("s").expect("spent"), Spent { rho: 0.5, releases: 1 });
-        assert_eq!(ledger.stored_result(id).expect("stored"), Some(b"first".to_vec()));
+        assert_eq!(
+            ledger
+                .record(&debit(id, 0.5), b"first".to_vec())
+                .expect("record"),
+            b"first"
+        );
+        assert_eq!(
+            ledger
+                .record(&debit(id, 0.5), b"second".to_vec())
+                .expect("retry"),
+            b"first"
+        );
+        assert_eq!(
+            ledger.spent("s").expect("spent"),
+            Spent {
+                rho: 0.5,
+                releases: 1
+            }
+        );
+        assert_eq!(
+            ledger.stored_result(id).expect("stored"),
+            Some(b"first".to_vec())
+        );
     }
 
     #[test]
@@ -188,8 +207,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let ledger = Ledger::open(dir.path()).expect("open");
-            ledger.record(&debit(Uuid::new_v4(), 0.25), vec![1]).expect("record");
-            ledger.record(&debit(Uuid::new_v4(), 0.25), vec![2]).expect("record");
+            ledger
+                .record(&debit(Uuid::new_v4(), 0.25), vec![1])
+                .expect("record");
+            ledger
+                .record(&debit(Uuid::new_v4(), 0.25), vec![2])
+                .expect("record");
         }
         let ledger = Ledger::open(dir.path()).expect("reopen");
         assert_eq!(ledger.spent("s").expect("spent").rho, 0.5);

@@ -102,10 +102,19 @@ mod tests {
         assert_eq!(person[0].name, "person_id");
         assert!(person[0].required);
         assert_eq!(
-            person.iter().find(|c| c.name == "birth_datetime").map(|c| c.column_type),
+            person
+                .iter()
+                .find(|c| c.name == "birth_datetime")
+                .map(|c| c.column_type),
             Some(ColumnType::Timestamp)
         );
-        for t in ["condition_occurrence", "drug_exposure", "measurement", "concept", "cost"] {
+        for t in [
+            "condition_occurrence",
+            "drug_exposure",
+            "measurement",
+            "concept",
+            "cost",
+        ] {
             assert!(table(t).is_some_and(|c| c.len() > 3), "{t}");
         }
         assert!(is_person_table("visit_occurrence"));

@@ -13,8 +13,8 @@ use arrow::ipc::writer::StreamWriter;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
-    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo, HandshakeRequest,
-    HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use confer_protocol::catalog::{CatalogInfo, Health};
 use confer_protocol::task::{Envelope, Task, TaskKind, unix_now};
@@ -65,7 +65,10 @@ impl NodeService {
         if task.is_expired_at(unix_now()) {
             return Err(ProtocolError::new(
                 ErrorKind::FailedPrecondition,
-                format!("task {} expired before it reached node {}", task.id, self.state.name),
+                format!(
+                    "task {} expired before it reached node {}",
+                    task.id, self.state.name
+                ),
             )
             .into());
         }
@@ -88,7 +91,8 @@ impl NodeService {
                 .into());
             }
         };
-        let plan = confer_query::compile(&parsed, &self.state.query_catalog, Some(&self.state.name))?;
+        let plan =
+            confer_query::compile(&parsed, &self.state.query_catalog, Some(&self.state.name))?;
         let batches = self
             .state
             .ctx
@@ -102,7 +106,8 @@ impl NodeService {
         let name = self.state.name.clone();
         let release_plan = plan.clone();
         let batch = blocking(move || {
-            confer_query::release::release(&release_plan, &batches, &name, id).map_err(NodeError::from)
+            confer_query::release::release(&release_plan, &batches, &name, id)
+                .map_err(NodeError::from)
         })
         .await?;
         let bytes = encode_ipc(&batch)?;
@@ -142,19 +147,29 @@ fn encode_ipc(batch: &RecordBatch) -> Result<Vec<u8>> {
         w.write(batch)?;
         w.finish()
     };
-    encode(&mut buf).map_err(|e| NodeError::Protocol(ProtocolError::internal(format!("encode: {e}"))))?;
+    encode(&mut buf)
+        .map_err(|e| NodeError::Protocol(ProtocolError::internal(format!("encode: {e}"))))?;
     Ok(buf)
 }
 
 fn decode_ipc(bytes: &[u8]) -> Result<RecordBatch> {
-    let err = |e: String| NodeError::Protocol(ProtocolError::internal(format!("stored release unreadable: {e}")));
-    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None).map_err(|e| err(e.to_string()))?;
+    let err = |e: String| {
+        NodeError::Protocol(ProtocolError::internal(format!(
+            "stored release unreadable: {e}"
+        )))
+    };
+    let reader =
+        StreamReader::try_new(std::io::Cursor::new(bytes), None).map_err(|e| err(e.to_string()))?;
     let schema = reader.schema();
-    let batches: Vec<RecordBatch> = reader.collect::<std::result::Result<_, _>>().map_err(|e| err(e.to_string()))?;
+    let batches: Vec<RecordBatch> = reader
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
     arrow::compute::concat_batches(&schema, &batches).map_err(|e| err(e.to_string()))
 }
 
-fn json_result<T: serde::Serialize>(value: &T) -> std::result::Result<arrow_flight::Result, Status> {
+fn json_result<T: serde::Serialize>(
+    value: &T,
+) -> std::result::Result<arrow_flight::Result, Status> {
     let body = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
     Ok(arrow_flight::Result::new(body))
 }
@@ -180,7 +195,9 @@ impl FlightService for NodeService {
         &self,
         _request: Request<Criteria>,
     ) -> std::result::Result<Response<Self::ListFlightsStream>, Status> {
-        Err(Status::unimplemented("nodes list no flights: send a task with DoGet"))
+        Err(Status::unimplemented(
+            "nodes list no flights: send a task with DoGet",
+        ))
     }
 
     async fn get_flight_info(

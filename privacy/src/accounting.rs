@@ -11,7 +11,7 @@ use crate::{PrivacyError, Result};
 
 /// The epsilon that rho-zCDP implies at `delta` (OpenDP's conversion).
 pub fn epsilon_for_rho(rho: f64, delta: f64) -> Result<f64> {
-    if !(rho >= 0.0) {
+    if rho.is_nan() || rho < 0.0 {
         return Err(PrivacyError::InvalidParameter(format!(
             "rho must be non-negative, not {rho}"
         )));
@@ -93,7 +93,10 @@ mod tests {
             let rho = rho_for_epsilon_delta(eps, delta).expect("rho");
             let back = epsilon_for_rho(rho, delta).expect("epsilon");
             assert!(back <= eps, "eps {eps} -> rho {rho} -> {back}");
-            assert!(back >= eps * (1.0 - 1e-6), "eps {eps} -> rho {rho} -> {back}: too loose");
+            assert!(
+                back >= eps * (1.0 - 1e-6),
+                "eps {eps} -> rho {rho} -> {back}: too loose"
+            );
         }
     }
 
@@ -107,12 +110,25 @@ mod tests {
             s * s
         };
         let rho = rho_for_epsilon_delta(1.0, 1e-6).expect("rho");
-        assert!(rho > classic && rho < 2.0 * classic, "rho {rho} vs classic {classic}");
+        assert!(
+            rho > classic && rho < 2.0 * classic,
+            "rho {rho} vs classic {classic}"
+        );
     }
 
     #[test]
     fn bad_parameters_are_explained() {
-        assert!(rho_for_epsilon_delta(1.0, 0.0).unwrap_err().to_string().contains("delta"));
-        assert!(rho_for_epsilon_delta(-1.0, 1e-6).unwrap_err().to_string().contains("epsilon"));
+        assert!(
+            rho_for_epsilon_delta(1.0, 0.0)
+                .unwrap_err()
+                .to_string()
+                .contains("delta")
+        );
+        assert!(
+            rho_for_epsilon_delta(-1.0, 1e-6)
+                .unwrap_err()
+                .to_string()
+                .contains("epsilon")
+        );
     }
 }

@@ -240,7 +240,11 @@ mod tests {
         let n = 40_000;
         let sd = empirical_sd(&noise, n, false);
         let rel = (sd / noise.stddev() - 1.0).abs();
-        assert!(rel < tolerance(n, 3.0), "sd {sd} vs declared {}", noise.stddev());
+        assert!(
+            rel < tolerance(n, 3.0),
+            "sd {sd} vs declared {}",
+            noise.stddev()
+        );
         assert!(noise.cost_rho().expect("cost") <= rho * (1.0 + 1e-6));
     }
 
@@ -250,18 +254,32 @@ mod tests {
         let n = 40_000;
         let sd = empirical_sd(&noise, n, true);
         let rel = (sd / noise.stddev() - 1.0).abs();
-        assert!(rel < tolerance(n, 3.0), "sd {sd} vs declared {}", noise.stddev());
+        assert!(
+            rel < tolerance(n, 3.0),
+            "sd {sd} vs declared {}",
+            noise.stddev()
+        );
     }
 
     #[test]
     fn laplace_spread_matches_declared_scale() {
         let noise = Noise::laplace(1.0, 0.1).expect("calibrate");
-        assert_eq!(noise.cost_pure_epsilon().expect("cost").map(|e| e <= 0.1 * (1.0 + 1e-6)), Some(true));
+        assert_eq!(
+            noise
+                .cost_pure_epsilon()
+                .expect("cost")
+                .map(|e| e <= 0.1 * (1.0 + 1e-6)),
+            Some(true)
+        );
         let n = 40_000;
         let sd = empirical_sd(&noise, n, false);
         let rel = (sd / noise.stddev() - 1.0).abs();
         // Laplace kurtosis is 6.
-        assert!(rel < tolerance(n, 6.0), "sd {sd} vs declared {}", noise.stddev());
+        assert!(
+            rel < tolerance(n, 6.0),
+            "sd {sd} vs declared {}",
+            noise.stddev()
+        );
     }
 
     #[test]
@@ -269,7 +287,10 @@ mod tests {
         let noise = Noise::gaussian(1.0, 1e9).expect("calibrate");
         assert_eq!(noise.apply_i64(&[5, 0, -3]).expect("noise"), vec![5, 0, -3]);
         let out = noise.apply_f64(&[1.25, -2.5]).expect("noise");
-        assert!((out[0] - 1.25).abs() < 1e-3 && (out[1] + 2.5).abs() < 1e-3, "{out:?}");
+        assert!(
+            (out[0] - 1.25).abs() < 1e-3 && (out[1] + 2.5).abs() < 1e-3,
+            "{out:?}"
+        );
     }
 
     #[test]

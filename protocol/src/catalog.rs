@@ -187,7 +187,9 @@ pub struct CatalogInfo {
 impl CatalogInfo {
     /// The table called `name` (compared case-insensitively).
     pub fn table(&self, name: &str) -> Option<&TableInfo> {
-        self.tables.iter().find(|t| t.name.eq_ignore_ascii_case(name))
+        self.tables
+            .iter()
+            .find(|t| t.name.eq_ignore_ascii_case(name))
     }
 }
 
@@ -213,8 +215,8 @@ mod tests {
         let d = Domain::Range { lo: 2000, hi: 2002 };
         assert_eq!(d.len(), 3);
         assert_eq!(d.values()[2], DomainValue::Int(2002));
-        let d: Domain = serde_json::from_str(r#"{"kind":"values","values":[8507,"x"]}"#)
-            .expect("domain json");
+        let d: Domain =
+            serde_json::from_str(r#"{"kind":"values","values":[8507,"x"]}"#).expect("domain json");
         assert_eq!(
             d.values(),
             vec![DomainValue::Int(8507), DomainValue::Text("x".into())]

@@ -152,9 +152,10 @@ impl From<ProtocolError> for Status {
     fn from(err: ProtocolError) -> Self {
         let mut status = Status::new(err.kind.code(), err.message);
         let flag = if err.retryable { "true" } else { "false" };
-        status
-            .metadata_mut()
-            .insert(RETRYABLE_KEY, tonic::metadata::MetadataValue::from_static(flag));
+        status.metadata_mut().insert(
+            RETRYABLE_KEY,
+            tonic::metadata::MetadataValue::from_static(flag),
+        );
         status
     }
 }
@@ -168,8 +169,8 @@ mod tests {
 
     #[test]
     fn status_round_trip_keeps_kind_message_and_retry_hint() {
-        let err = ProtocolError::new(ErrorKind::ResourceExhausted, "budget spent")
-            .with_retryable(false);
+        let err =
+            ProtocolError::new(ErrorKind::ResourceExhausted, "budget spent").with_retryable(false);
         let status: Status = err.clone().into();
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert_eq!(ProtocolError::from_status(&status), err);

@@ -51,4 +51,6 @@ pub mod metadata {
     pub const CONFIDENCE: &str = "confer.confidence";
     /// On a DP value column: the names of its interval columns.
     pub const INTERVAL: &str = "confer.interval";
+    /// On an `EXPLAIN PRIVACY` answer (item, value rows): `"true"`.
+    pub const EXPLAIN: &str = "confer.explain";
 }

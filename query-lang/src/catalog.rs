@@ -145,6 +145,9 @@ mod tests {
         let err = Catalog::merge(&[info("a", ColumnType::Int64), info("b", ColumnType::Utf8)])
             .expect_err("conflict");
         let msg = err.to_string();
-        assert!(msg.contains("nodes a and b") && msg.contains("person_id"), "{msg}");
+        assert!(
+            msg.contains("nodes a and b") && msg.contains("person_id"),
+            "{msg}"
+        );
     }
 }

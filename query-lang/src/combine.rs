@@ -33,7 +33,11 @@ struct Totals {
 }
 
 /// Combines partials into the result table (before HAVING / ORDER BY / LIMIT).
-pub fn combine(plan: &FederatedPlan, partials: &[SitePartial], query_id: Uuid) -> Result<RecordBatch> {
+pub fn combine(
+    plan: &FederatedPlan,
+    partials: &[SitePartial],
+    query_id: Uuid,
+) -> Result<RecordBatch> {
     let keys = plan.group_keys()?;
     let index = FederatedPlan::key_index(&keys);
     let totals = totals(plan, partials, &index, keys.len())?;
@@ -103,7 +107,10 @@ pub fn combine(plan: &FederatedPlan, partials: &[SitePartial], query_id: Uuid) -
             field
         })
         .collect();
-    let schema = Arc::new(arrow::datatypes::Schema::new_with_metadata(fields, schema_meta));
+    let schema = Arc::new(arrow::datatypes::Schema::new_with_metadata(
+        fields,
+        schema_meta,
+    ));
     Ok(RecordBatch::try_new(schema, columns)?)
 }
 
@@ -119,7 +126,10 @@ fn totals(
     };
     for part in partials {
         let bad = |what: String| {
-            QueryError::Internal(format!("node {} released a malformed batch: {what}", part.site))
+            QueryError::Internal(format!(
+                "node {} released a malformed batch: {what}",
+                part.site
+            ))
         };
         let info: ReleaseInfo = part
             .batch
@@ -147,14 +157,23 @@ fn totals(
                 .batch
                 .column_by_name(&spec.column)
                 .ok_or_else(|| bad(format!("missing partial {}", spec.column)))?;
-            let col = cast(col, if spec.integer { &DataType::Int64 } else { &DataType::Float64 })?;
+            let col = cast(
+                col,
+                if spec.integer {
+                    &DataType::Int64
+                } else {
+                    &DataType::Float64
+                },
+            )?;
             for row in 0..part.batch.num_rows() {
                 let key: Vec<ScalarValue> = keys
                     .iter()
                     .map(|a| ScalarValue::try_from_array(a, row))
                     .collect::<datafusion::error::Result<_>>()?;
                 let slot = *index.get(&key).ok_or_else(|| {
-                    bad(format!("group {key:?} is outside the network's public domains"))
+                    bad(format!(
+                        "group {key:?} is outside the network's public domains"
+                    ))
                 })?;
                 if !col.is_valid(row) {
                     return Err(bad(format!("null value in {}", spec.column)));
@@ -167,7 +186,9 @@ fn totals(
                         .value(row);
                     t.int_values[p][slot] = t.int_values[p][slot].saturating_add(v);
                 } else {
-                    return Err(QueryError::Internal("float partials are not combined yet".into()));
+                    return Err(QueryError::Internal(
+                        "float partials are not combined yet".into(),
+                    ));
                 }
                 t.variances[p][slot] += variance;
             }

@@ -44,7 +44,11 @@ pub const MAX_PUBLIC_GROUPS: usize = 1_000_000;
 
 /// Compiles a parsed DP query. `site` is the node's name when a node
 /// compiles (it fills the `site` pseudo-column); `None` at the coordinator.
-pub fn compile(parsed: &ParsedQuery, catalog: &Catalog, site: Option<&str>) -> Result<FederatedPlan> {
+pub fn compile(
+    parsed: &ParsedQuery,
+    catalog: &Catalog,
+    site: Option<&str>,
+) -> Result<FederatedPlan> {
     let options = parsed.options.clone().ok_or_else(|| {
         QueryError::Rejected(
             "this query reads person-level data and needs the DP clause: write \
@@ -71,7 +75,8 @@ pub fn compile(parsed: &ParsedQuery, catalog: &Catalog, site: Option<&str>) -> R
         SetExpr::Select(select) => select.as_ref(),
         SetExpr::Query(_) => {
             return Err(QueryError::Rejected(
-                "put the DP clause on the outermost SELECT, not around a parenthesised query".into(),
+                "put the DP clause on the outermost SELECT, not around a parenthesised query"
+                    .into(),
             ));
         }
         _ => {
@@ -92,7 +97,9 @@ pub fn compile(parsed: &ParsedQuery, catalog: &Catalog, site: Option<&str>) -> R
     let group_exprs = match &select.group_by {
         GroupByExpr::Expressions(exprs, modifiers) => {
             if !modifiers.is_empty() {
-                return Err(unsupported("GROUP BY modifiers (ROLLUP, CUBE, GROUPING SETS)"));
+                return Err(unsupported(
+                    "GROUP BY modifiers (ROLLUP, CUBE, GROUPING SETS)",
+                ));
             }
             exprs.clone()
         }
@@ -110,15 +117,18 @@ pub fn compile(parsed: &ParsedQuery, catalog: &Catalog, site: Option<&str>) -> R
         groups.push(spec);
         group_sql.push(sql);
     }
-    let public_groups: usize = groups.iter().try_fold(1usize, |acc, g| {
-        acc.checked_mul(g.domain.len().max(1)).filter(|n| *n <= MAX_PUBLIC_GROUPS)
-    })
-    .ok_or_else(|| {
-        QueryError::Rejected(format!(
-            "the public group domains multiply to more than {MAX_PUBLIC_GROUPS} groups: \
+    let public_groups: usize = groups
+        .iter()
+        .try_fold(1usize, |acc, g| {
+            acc.checked_mul(g.domain.len().max(1))
+                .filter(|n| *n <= MAX_PUBLIC_GROUPS)
+        })
+        .ok_or_else(|| {
+            QueryError::Rejected(format!(
+                "the public group domains multiply to more than {MAX_PUBLIC_GROUPS} groups: \
              group by fewer or coarser columns"
-        ))
-    })?;
+            ))
+        })?;
 
     // Select list: group references and aggregates.
     let mut aggregates: Vec<AggregateSpec> = Vec::new();
@@ -136,7 +146,10 @@ pub fn compile(parsed: &ParsedQuery, catalog: &Catalog, site: Option<&str>) -> R
             }
         };
         if let Some(kind) = scope.aggregate(expr, &unit)? {
-            let name = unique_name(&mut names, alias.map(ident_name).unwrap_or_else(|| kind.default_name()));
+            let name = unique_name(
+                &mut names,
+                alias.map(ident_name).unwrap_or_else(|| kind.default_name()),
+            );
             select_items.push(OutputItem::Aggregate(aggregates.len()));
             aggregates.push(AggregateSpec {
                 name,
@@ -147,7 +160,9 @@ pub fn compile(parsed: &ParsedQuery, catalog: &Catalog, site: Option<&str>) -> R
         } else if let Some(index) = group_exprs.iter().position(|g| same_expr(g, expr)) {
             let name = unique_name(
                 &mut names,
-                alias.map(ident_name).unwrap_or_else(|| groups[index].name.clone()),
+                alias
+                    .map(ident_name)
+                    .unwrap_or_else(|| groups[index].name.clone()),
             );
             groups[index].name = name.clone();
             select_items.push(OutputItem::Group(index));
@@ -199,7 +214,8 @@ pub fn compile(parsed: &ParsedQuery, catalog: &Catalog, site: Option<&str>) -> R
     let cost = PlanCost::split(&options, &partials)?;
 
     let needs_row_sampling = aggregates.iter().any(|a| a.kind.depends_on_rows());
-    let needs_group_sampling = !groups.is_empty() && (options.max_groups_contributed as usize) < public_groups;
+    let needs_group_sampling =
+        !groups.is_empty() && (options.max_groups_contributed as usize) < public_groups;
     let local_sql = local_sql(LocalSql {
         from: &scope.from_sql,
         selection: select.selection.as_ref().map(|e| e.to_string()),
@@ -212,7 +228,14 @@ pub fn compile(parsed: &ParsedQuery, catalog: &Catalog, site: Option<&str>) -> R
         max_groups: needs_group_sampling.then_some(max_groups),
     });
 
-    let post = compile_post(query, select, &select_items, &aggregates, &groups, &group_exprs)?;
+    let post = compile_post(
+        query,
+        select,
+        &select_items,
+        &aggregates,
+        &groups,
+        &group_exprs,
+    )?;
 
     Ok(FederatedPlan {
         options,
@@ -263,9 +286,9 @@ fn reject_reserved_names(query: &Query) -> Result<()> {
         fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
             let hit = match expr {
                 Expr::Identifier(id) => id.value.to_ascii_lowercase().starts_with("__"),
-                Expr::CompoundIdentifier(ids) => {
-                    ids.iter().any(|id| id.value.to_ascii_lowercase().starts_with("__"))
-                }
+                Expr::CompoundIdentifier(ids) => ids
+                    .iter()
+                    .any(|id| id.value.to_ascii_lowercase().starts_with("__")),
                 _ => false,
             };
             if hit {
@@ -288,7 +311,8 @@ fn reject_reserved_names(query: &Query) -> Result<()> {
 fn check_select_shape(select: &Select) -> Result<()> {
     if select.distinct.is_some() {
         return Err(QueryError::Rejected(
-            "SELECT DISTINCT releases private keys: use GROUP BY with a DP aggregate instead".into(),
+            "SELECT DISTINCT releases private keys: use GROUP BY with a DP aggregate instead"
+                .into(),
         ));
     }
     if select.top.is_some() || select.into.is_some() {
@@ -301,7 +325,9 @@ fn check_select_shape(select: &Select) -> Result<()> {
         || !select.sort_by.is_empty()
         || !select.connect_by.is_empty()
     {
-        return Err(unsupported("LATERAL VIEW, PREWHERE, CLUSTER/DISTRIBUTE/SORT BY and CONNECT BY"));
+        return Err(unsupported(
+            "LATERAL VIEW, PREWHERE, CLUSTER/DISTRIBUTE/SORT BY and CONNECT BY",
+        ));
     }
     if !select.named_window.is_empty() || select.qualify.is_some() {
         return Err(QueryError::Rejected(
@@ -336,10 +362,35 @@ fn check_select_shape(select: &Select) -> Result<()> {
 
 /// Names of SQL aggregate functions that must not appear outside DP aggregates.
 const AGGREGATE_NAMES: &[&str] = &[
-    "count", "sum", "avg", "mean", "min", "max", "var_pop", "var_samp", "variance", "stddev",
-    "stddev_pop", "stddev_samp", "median", "percentile_cont", "approx_percentile_cont",
-    "approx_distinct", "approx_median", "array_agg", "string_agg", "first_value", "last_value",
-    "bit_and", "bit_or", "bit_xor", "bool_and", "bool_or", "corr", "covar_pop", "covar_samp",
+    "count",
+    "sum",
+    "avg",
+    "mean",
+    "min",
+    "max",
+    "var_pop",
+    "var_samp",
+    "variance",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "median",
+    "percentile_cont",
+    "approx_percentile_cont",
+    "approx_distinct",
+    "approx_median",
+    "array_agg",
+    "string_agg",
+    "first_value",
+    "last_value",
+    "bit_and",
+    "bit_or",
+    "bit_xor",
+    "bool_and",
+    "bool_or",
+    "corr",
+    "covar_pop",
+    "covar_samp",
 ];
 
 fn function_name(name: &ObjectName) -> String {
@@ -429,7 +480,9 @@ impl<'c> Scope<'c> {
                 json_path: None,
                 sample: None,
                 index_hints,
-            } if with_hints.is_empty() && partitions.is_empty() && index_hints.is_empty() => (name, alias),
+            } if with_hints.is_empty() && partitions.is_empty() && index_hints.is_empty() => {
+                (name, alias)
+            }
             TableFactor::Derived { .. } => return Err(unsupported("subqueries in FROM")),
             other => {
                 return Err(QueryError::Rejected(format!(
@@ -512,7 +565,12 @@ impl<'c> Scope<'c> {
     }
 
     /// A GROUP BY key: its spec and its SQL in the local query.
-    fn group(&self, expr: &Expr, catalog: &Catalog, site_literal: &str) -> Result<(GroupSpec, String)> {
+    fn group(
+        &self,
+        expr: &Expr,
+        catalog: &Catalog,
+        site_literal: &str,
+    ) -> Result<(GroupSpec, String)> {
         if let Some((table, column)) = self.column(expr) {
             let info = table.column(&column).ok_or_else(|| {
                 QueryError::Internal(format!("resolved column {column} vanished"))
@@ -571,10 +629,14 @@ impl<'c> Scope<'c> {
             return Ok(None);
         }
         if f.filter.is_some() || f.null_treatment.is_some() || !f.within_group.is_empty() {
-            return Err(unsupported("FILTER, WITHIN GROUP and null treatments on aggregates"));
+            return Err(unsupported(
+                "FILTER, WITHIN GROUP and null treatments on aggregates",
+            ));
         }
         let FunctionArguments::List(list) = &f.args else {
-            return Err(QueryError::Rejected(format!("{expr}: aggregates take an argument list")));
+            return Err(QueryError::Rejected(format!(
+                "{expr}: aggregates take an argument list"
+            )));
         };
         if !list.clauses.is_empty() {
             return Err(unsupported("ORDER BY / LIMIT inside aggregate arguments"));
@@ -586,7 +648,9 @@ impl<'c> Scope<'c> {
             }
             ("count", [FunctionArg::Unnamed(FunctionArgExpr::Expr(arg))], true) => {
                 match self.column(arg) {
-                    Some((_, column)) if column == unit.name => Ok(Some(AggregateKind::CountDistinctUnit)),
+                    Some((_, column)) if column == unit.name => {
+                        Ok(Some(AggregateKind::CountDistinctUnit))
+                    }
                     _ => Err(QueryError::Rejected(format!(
                         "COUNT(DISTINCT {arg}) is supported only for the privacy unit: write \
                          COUNT(DISTINCT {})",
@@ -652,7 +716,9 @@ fn local_sql(l: LocalSql<'_>) -> String {
     }
     let _ = write!(sql, " WHERE {})", conditions.join(" AND "));
 
-    let person_group: Vec<&str> = std::iter::once("__unit").chain(gcols.iter().map(String::as_str)).collect();
+    let person_group: Vec<&str> = std::iter::once("__unit")
+        .chain(gcols.iter().map(String::as_str))
+        .collect();
     let person_group = person_group.join(", ");
     // Random choices: each row gets a random number, and row_number() over
     // it keeps the first max_rows rows per person and group.
@@ -660,14 +726,14 @@ fn local_sql(l: LocalSql<'_>) -> String {
     if let Some(max_rows) = l.max_rows {
         let _ = write!(
             sql,
-            ", __confer_rows AS (SELECT * FROM (SELECT *, row_number() OVER \
+            ",\n__confer_rows AS (SELECT * FROM (SELECT *, row_number() OVER \
              (PARTITION BY {person_group} ORDER BY __r) AS __rn FROM \
              (SELECT *, random() AS __r FROM __confer_src) AS __t1) AS __t2 WHERE __rn <= {max_rows})"
         );
         rows_table = "__confer_rows";
     }
 
-    let _ = write!(sql, ", __confer_pg AS (SELECT {person_group}");
+    let _ = write!(sql, ",\n__confer_pg AS (SELECT {person_group}");
     for p in l.partials {
         if let Some(contrib) = l.aggregates[p.aggregate].kind.person_contribution() {
             let _ = write!(sql, ", {contrib} AS {}", p.column);
@@ -679,13 +745,13 @@ fn local_sql(l: LocalSql<'_>) -> String {
     if let Some(max_groups) = l.max_groups {
         let _ = write!(
             sql,
-            ", __confer_sel AS (SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY __unit ORDER BY __r) \
+            ",\n__confer_sel AS (SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY __unit ORDER BY __r) \
              AS __gn FROM (SELECT *, random() AS __r FROM __confer_pg) AS __t3) AS __t4 WHERE __gn <= {max_groups})"
         );
         pg_table = "__confer_sel";
     }
 
-    let _ = write!(sql, " SELECT ");
+    let _ = write!(sql, "\nSELECT ");
     let mut outs: Vec<String> = gcols.clone();
     for p in l.partials {
         outs.push(format!(
@@ -792,7 +858,9 @@ pub(crate) fn compile_post(
                 }
             }
             datafusion::sql::sqlparser::ast::OrderByKind::All(_) => {
-                return Err(QueryError::Rejected("ORDER BY ALL is not accepted: list the columns".into()));
+                return Err(QueryError::Rejected(
+                    "ORDER BY ALL is not accepted: list the columns".into(),
+                ));
             }
         }
     }
@@ -871,8 +939,11 @@ impl PlanCost {
         let privacy_err = |e: confer_privacy::PrivacyError| QueryError::Rejected(e.to_string());
         match options.mechanism {
             Mechanism::Gaussian => {
-                let rho = confer_privacy::accounting::rho_for_epsilon_delta(options.epsilon, options.delta)
-                    .map_err(privacy_err)?;
+                let rho = confer_privacy::accounting::rho_for_epsilon_delta(
+                    options.epsilon,
+                    options.delta,
+                )
+                .map_err(privacy_err)?;
                 let epsilon = confer_privacy::accounting::epsilon_for_rho(rho, options.delta)
                     .map_err(privacy_err)?;
                 Ok(Self {

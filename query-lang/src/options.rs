@@ -211,7 +211,12 @@ mod tests {
     use super::*;
 
     fn opts(pairs: &[(&str, OptionValue)]) -> Result<DpOptions> {
-        DpOptions::from_pairs(pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+        DpOptions::from_pairs(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -241,13 +246,25 @@ mod tests {
     fn bad_options_say_what_to_change() {
         let cases: Vec<(Vec<(&str, OptionValue)>, &str)> = vec![
             (vec![("delta", OptionValue::Number(1e-6))], "needs epsilon"),
-            (vec![("epsilon", OptionValue::Number(1.0))], "needs delta > 0"),
+            (
+                vec![("epsilon", OptionValue::Number(1.0))],
+                "needs delta > 0",
+            ),
             (vec![("epsilon", OptionValue::Number(-1.0))], "positive"),
             (
-                vec![("epsilon", OptionValue::Number(1.0)), ("delta", OptionValue::Number(1.5))],
+                vec![
+                    ("epsilon", OptionValue::Number(1.0)),
+                    ("delta", OptionValue::Number(1.5)),
+                ],
                 "below 1",
             ),
-            (vec![("epsilon", OptionValue::Number(1.0)), ("foo", OptionValue::Number(1.0))], "unknown option foo"),
+            (
+                vec![
+                    ("epsilon", OptionValue::Number(1.0)),
+                    ("foo", OptionValue::Number(1.0)),
+                ],
+                "unknown option foo",
+            ),
             (
                 vec![
                     ("epsilon", OptionValue::Number(1.0)),
@@ -256,7 +273,10 @@ mod tests {
                 "whole number",
             ),
             (
-                vec![("epsilon", OptionValue::Number(1.0)), ("epsilon", OptionValue::Number(2.0))],
+                vec![
+                    ("epsilon", OptionValue::Number(1.0)),
+                    ("epsilon", OptionValue::Number(2.0)),
+                ],
                 "twice",
             ),
             (

@@ -13,7 +13,9 @@
 //! Named aggregate arguments (`contribution_bounds_per_group => (0, 110)`)
 //! are already standard sqlparser syntax.
 
-use datafusion::sql::sqlparser::ast::{Expr, Query, Statement as SqlStatement, UnaryOperator, Value};
+use datafusion::sql::sqlparser::ast::{
+    Expr, Query, Statement as SqlStatement, UnaryOperator, Value,
+};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -139,7 +141,10 @@ fn parse_query_tokens(mut tokens: Vec<TokenWithSpan>) -> Result<ParsedQuery> {
                     let mut next = pos + 3;
                     if is_word(&tokens, &words, next, "OPTIONS") {
                         let open = next + 1;
-                        if !matches!(words.get(open).map(|&j| &tokens[j].token), Some(Token::LParen)) {
+                        if !matches!(
+                            words.get(open).map(|&j| &tokens[j].token),
+                            Some(Token::LParen)
+                        ) {
                             return Err(QueryError::Syntax(
                                 "expected '(' after WITH DIFFERENTIAL_PRIVACY OPTIONS".into(),
                             ));
@@ -160,7 +165,9 @@ fn parse_query_tokens(mut tokens: Vec<TokenWithSpan>) -> Result<ParsedQuery> {
                             }
                         }
                         let close = close.ok_or_else(|| {
-                            QueryError::Syntax("unclosed '(' in DIFFERENTIAL_PRIVACY OPTIONS".into())
+                            QueryError::Syntax(
+                                "unclosed '(' in DIFFERENTIAL_PRIVACY OPTIONS".into(),
+                            )
                         })?;
                         options_tokens = tokens[words[open] + 1..words[close]].to_vec();
                         end = words[close];
@@ -177,7 +184,8 @@ fn parse_query_tokens(mut tokens: Vec<TokenWithSpan>) -> Result<ParsedQuery> {
                 }
             }
             Token::Word(w)
-                if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("DIFFERENTIAL_PRIVACY") =>
+                if w.quote_style.is_none()
+                    && w.value.eq_ignore_ascii_case("DIFFERENTIAL_PRIVACY") =>
             {
                 return Err(QueryError::Syntax(
                     "DIFFERENTIAL_PRIVACY may only appear as SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (...)"
@@ -328,7 +336,11 @@ mod tests {
             "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS(epsilon=1, delta=1e-5) \
              AVG(2024 - year_of_birth, contribution_bounds_per_group => (0, 110)) FROM person",
         );
-        assert!(q.query.to_string().contains("contribution_bounds_per_group => (0, 110)"));
+        assert!(
+            q.query
+                .to_string()
+                .contains("contribution_bounds_per_group => (0, 110)")
+        );
     }
 
     #[test]
@@ -339,8 +351,13 @@ mod tests {
     #[test]
     fn explain_and_show() {
         assert!(matches!(
-            parse("EXPLAIN PRIVACY SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS(epsilon=1,delta=1e-5) COUNT(*) FROM person"),
-            Ok(Statement::ExplainPrivacy(ParsedQuery { options: Some(_), .. }))
+            parse(
+                "EXPLAIN PRIVACY SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS(epsilon=1,delta=1e-5) COUNT(*) FROM person"
+            ),
+            Ok(Statement::ExplainPrivacy(ParsedQuery {
+                options: Some(_),
+                ..
+            }))
         ));
         assert_eq!(
             parse("show privacy budget").expect("parses"),
@@ -362,7 +379,10 @@ mod tests {
         .expect_err("nested clause");
         assert!(err.to_string().contains("outermost SELECT"), "{err}");
         let err = parse("SELECT DIFFERENTIAL_PRIVACY COUNT(*) FROM person").expect_err("bad form");
-        assert!(err.to_string().contains("SELECT WITH DIFFERENTIAL_PRIVACY"), "{err}");
+        assert!(
+            err.to_string().contains("SELECT WITH DIFFERENTIAL_PRIVACY"),
+            "{err}"
+        );
         let err = parse("DELETE FROM person").expect_err("not a query");
         assert!(err.to_string().contains("only queries"), "{err}");
         let err = parse("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS(epsilon 1) COUNT(*) FROM person")

@@ -119,7 +119,10 @@ pub struct PostProcess {
 impl PostProcess {
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.having.is_none() && self.order_by.is_empty() && self.limit.is_none() && self.offset.is_none()
+        self.having.is_none()
+            && self.order_by.is_empty()
+            && self.limit.is_none()
+            && self.offset.is_none()
     }
 }
 
@@ -187,7 +190,10 @@ impl FederatedPlan {
 
     /// Index of every key in [`Self::group_keys`].
     pub fn key_index(keys: &[Vec<ScalarValue>]) -> HashMap<Vec<ScalarValue>, usize> {
-        keys.iter().enumerate().map(|(i, k)| (k.clone(), i)).collect()
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), i))
+            .collect()
     }
 
     /// Schema of the batch a node releases: group columns, then partials.
@@ -198,7 +204,11 @@ impl FederatedPlan {
             .map(|g| Field::new(&g.name, g.column_type.arrow_type(), true))
             .collect();
         for p in &self.partials {
-            let ty = if p.integer { DataType::Int64 } else { DataType::Float64 };
+            let ty = if p.integer {
+                DataType::Int64
+            } else {
+                DataType::Float64
+            };
             fields.push(Field::new(&p.column, ty, false));
         }
         Arc::new(Schema::new(fields))
@@ -217,16 +227,30 @@ impl FederatedPlan {
                 OutputItem::Aggregate(i) => {
                     let a = &self.aggregates[*i];
                     let meta = HashMap::from([
-                        (metadata::MECHANISM.to_string(), self.options.mechanism.name().to_string()),
-                        (metadata::CONFIDENCE.to_string(), self.options.confidence.to_string()),
+                        (
+                            metadata::MECHANISM.to_string(),
+                            self.options.mechanism.name().to_string(),
+                        ),
+                        (
+                            metadata::CONFIDENCE.to_string(),
+                            self.options.confidence.to_string(),
+                        ),
                         (
                             metadata::INTERVAL.to_string(),
                             format!("{0}{CI_LOW_SUFFIX},{0}{CI_HIGH_SUFFIX}", a.name),
                         ),
                     ]);
                     fields.push(Field::new(&a.name, a.kind.value_type(), true).with_metadata(meta));
-                    fields.push(Field::new(format!("{}{CI_LOW_SUFFIX}", a.name), DataType::Float64, true));
-                    fields.push(Field::new(format!("{}{CI_HIGH_SUFFIX}", a.name), DataType::Float64, true));
+                    fields.push(Field::new(
+                        format!("{}{CI_LOW_SUFFIX}", a.name),
+                        DataType::Float64,
+                        true,
+                    ));
+                    fields.push(Field::new(
+                        format!("{}{CI_HIGH_SUFFIX}", a.name),
+                        DataType::Float64,
+                        true,
+                    ));
                 }
             }
         }

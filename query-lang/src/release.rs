@@ -18,7 +18,12 @@ use crate::plan::FederatedPlan;
 /// one row for every group of the public domains (empty groups included,
 /// with noise), group columns first, then the noisy partials, with a
 /// [`ReleaseInfo`] in the schema metadata.
-pub fn release(plan: &FederatedPlan, batches: &[RecordBatch], site: &str, task_id: Uuid) -> Result<RecordBatch> {
+pub fn release(
+    plan: &FederatedPlan,
+    batches: &[RecordBatch],
+    site: &str,
+    task_id: Uuid,
+) -> Result<RecordBatch> {
     let keys = plan.group_keys()?;
     let index = FederatedPlan::key_index(&keys);
     let exact = exact_partials(plan, batches, &index, keys.len())?;

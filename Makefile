@@ -1,0 +1,53 @@
+# confer: `make demo` runs a local federation, `make test` runs every check.
+# Both install what they need first (deploy/bootstrap.sh, idempotent).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Build outside the clone so later runs on the same machine reuse it.
+CARGO_TARGET_DIR ?= $(HOME)/.cache/confer/target
+export CARGO_TARGET_DIR
+
+# tch finds libtorch through the venv's torch (see docs/development.md).
+VENV := $(CURDIR)/.venv
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+
+CONFER := $(CARGO_TARGET_DIR)/debug/confer
+
+.PHONY: help bootstrap build demo demo-serve test fmt lint test-rust test-python
+
+help:
+	@echo "make demo        start a local federation over GiBleed, run DP queries, stop"
+	@echo "make demo-serve  the same, then keep it running for your own queries"
+	@echo "make test        formatting, clippy, Rust tests, Python tests"
+
+bootstrap:
+	@deploy/bootstrap.sh
+
+build: bootstrap
+	cargo build --bin confer
+
+demo: build
+	$(CONFER) demo
+
+demo-serve: build
+	$(CONFER) demo --serve
+
+fmt: bootstrap
+	cargo fmt --all
+
+lint: bootstrap
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test-rust: bootstrap
+	cargo test --workspace
+
+test-python: bootstrap
+	@if ls tests/python/test_*.py >/dev/null 2>&1; then \
+		CONFER_BIN=$(CONFER) $(VENV)/bin/python -m pytest -q tests/python; \
+	fi
+
+test: lint build test-rust test-python

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs what confer needs beside the Rust toolchain, idempotently:
+#   * .venv: Python 3.11 with the pinned tools of deploy/requirements.txt,
+#     among them torch==2.13.0, whose libtorch the tch crate links against.
+# Quiet when everything is already in place. Called by every make target.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+req="$root/deploy/requirements.txt"
+stamp="$venv/.confer-requirements.sha256"
+
+say() { printf 'bootstrap: %s\n' "$*" >&2; }
+die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
+
+for tool in cargo rustc; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool not found: install the Rust toolchain (https://rustup.rs)"
+done
+for component in "cargo fmt" "cargo clippy"; do
+    $component --version >/dev/null 2>&1 || die "'$component' is missing: run 'rustup component add rustfmt clippy'"
+done
+
+python=""
+for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 \
+        && "$candidate" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null; then
+        python="$candidate"
+        break
+    fi
+done
+[ -n "$python" ] || die "Python 3.11 not found (torch 2.13 wheels for tch need it): install python3.11"
+
+want="$(sha256sum "$req" | cut -d' ' -f1)"
+if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+    say "creating $venv with $($python --version)"
+    "$python" -m venv "$venv"
+fi
+say "installing Python requirements (torch 2.13.0 for libtorch, pyarrow, ADBC, polars, pytest); this takes a few minutes the first time"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
+"$venv/bin/python" -c 'import torch; assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__' \
+    || die "torch in $venv is not 2.13.0; delete $venv and run again"
+echo "$want" > "$stamp"
+say "Python environment ready"

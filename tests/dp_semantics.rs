@@ -1,0 +1,149 @@
+//! At epsilon = 1e9 the noise vanishes, so a federated DP query must return
+//! exactly what the same bounded query returns in plain DataFusion over the
+//! unsplit data (issue 2's acceptance test).
+
+use crate::fixture::{federation, keyed, plain, plain_gibleed, single_i64};
+
+const HUGE: &str = "epsilon = 1e9, delta = 1e-6";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_counts_equal_plain_datafusion_over_unsplit_data() {
+    let fed = federation(3).await;
+    let mut client = fed.client().await;
+    let ctx = plain_gibleed().await;
+
+    // 1. One row per person: COUNT(*) and COUNT(DISTINCT person_id) per sex.
+    let dp = client
+        .run(
+            &format!(
+                "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS ({HUGE}) gender_concept_id, COUNT(*) AS n, \
+                 COUNT(DISTINCT person_id) AS persons FROM person GROUP BY gender_concept_id"
+            ),
+            "test",
+        )
+        .await
+        .expect("dp query");
+    let truth = plain(
+        &ctx,
+        "SELECT gender_concept_id, COUNT(*) AS n, COUNT(DISTINCT person_id) AS persons FROM person \
+         WHERE gender_concept_id IN (8507, 8532) GROUP BY gender_concept_id",
+    )
+    .await;
+    assert_eq!(
+        keyed(&dp.batches, 1, &["n", "persons"]),
+        keyed(&truth, 1, &["n", "persons"])
+    );
+    assert_eq!(keyed(&dp.batches, 1, &["n"]).len(), 2);
+
+    // 2. Many rows per person, a WHERE clause, and contribution bounds large
+    //    enough to keep every row and group (no GiBleed person has 1000
+    //    diagnoses of one condition; the sensitivity stays small enough for
+    //    the noise to vanish at this epsilon): the plain GROUP BY.
+    let dp = client
+        .run(
+            &format!(
+                "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS ({HUGE}, max_groups_contributed = 10, \
+                 max_rows_contributed = 1000) condition_concept_id, COUNT(*) AS n, \
+                 COUNT(DISTINCT person_id) AS persons FROM condition_occurrence \
+                 WHERE condition_start_date >= DATE '1990-01-01' GROUP BY condition_concept_id"
+            ),
+            "test",
+        )
+        .await
+        .expect("dp query");
+    let truth = plain(
+        &ctx,
+        "SELECT condition_concept_id, COUNT(*) AS n, COUNT(DISTINCT person_id) AS persons \
+         FROM condition_occurrence WHERE condition_start_date >= DATE '1990-01-01' \
+         AND condition_concept_id IN (192671, 40481087, 4112343, 260139, 372328, 80180, 28060, 81151, 378001, 4283893) \
+         GROUP BY condition_concept_id",
+    )
+    .await;
+    let dp_rows = keyed(&dp.batches, 1, &["n", "persons"]);
+    assert_eq!(dp_rows, keyed(&truth, 1, &["n", "persons"]));
+    assert_eq!(
+        dp_rows.len(),
+        10,
+        "every group of the public domain is released"
+    );
+
+    // 3. max_rows_contributed = 2: each person adds min(rows, 2) to a group.
+    //    (Which two rows are kept is random; the count is not.)
+    let dp = client
+        .run(
+            &format!(
+                "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS ({HUGE}, max_groups_contributed = 10, \
+                 max_rows_contributed = 2) condition_concept_id, COUNT(*) AS n FROM condition_occurrence \
+                 GROUP BY condition_concept_id"
+            ),
+            "test",
+        )
+        .await
+        .expect("dp query");
+    let truth = plain(
+        &ctx,
+        "SELECT condition_concept_id, CAST(SUM(LEAST(k, 2)) AS BIGINT) AS n FROM \
+         (SELECT person_id, condition_concept_id, COUNT(*) AS k FROM condition_occurrence \
+          WHERE condition_concept_id IN (192671, 40481087, 4112343, 260139, 372328, 80180, 28060, 81151, 378001, 4283893) \
+          GROUP BY person_id, condition_concept_id) GROUP BY condition_concept_id",
+    )
+    .await;
+    assert_eq!(keyed(&dp.batches, 1, &["n"]), keyed(&truth, 1, &["n"]));
+
+    // 4. max_groups_contributed = 1: every person with a condition in the
+    //    domain counts in exactly one (random) group, so the groups sum to
+    //    the number of such persons.
+    let dp = client
+        .run(
+            &format!(
+                "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS ({HUGE}) condition_concept_id, \
+                 COUNT(DISTINCT person_id) AS persons FROM condition_occurrence GROUP BY condition_concept_id"
+            ),
+            "test",
+        )
+        .await
+        .expect("dp query");
+    let total: f64 = keyed(&dp.batches, 1, &["persons"])
+        .values()
+        .map(|v| v[0])
+        .sum();
+    let truth = single_i64(
+        &plain(
+            &ctx,
+            "SELECT COUNT(DISTINCT person_id) FROM condition_occurrence WHERE condition_concept_id IN \
+             (192671, 40481087, 4112343, 260139, 372328, 80180, 28060, 81151, 378001, 4283893)",
+        )
+        .await,
+    );
+    assert_eq!(total, truth as f64);
+
+    // 5. Empty public groups are released (visit types absent from GiBleed),
+    //    and `site` splits per node: person_id mod 3 decides the site.
+    let dp = client
+        .run(
+            &format!(
+                "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS ({HUGE}) site, visit_concept_id, COUNT(*) AS n \
+                 FROM visit_occurrence GROUP BY site, visit_concept_id"
+            ),
+            "test",
+        )
+        .await
+        .expect("dp query");
+    let truth = plain(
+        &ctx,
+        "SELECT CASE s WHEN 0 THEN 'site-a' WHEN 1 THEN 'site-b' ELSE 'site-c' END AS site, \
+         visit_concept_id, COUNT(*) AS n FROM (SELECT DISTINCT person_id, person_id % 3 AS s, visit_concept_id \
+         FROM visit_occurrence) GROUP BY 1, 2",
+    )
+    .await;
+    let dp_rows = keyed(&dp.batches, 2, &["n"]);
+    let mut want = keyed(&truth, 2, &["n"]);
+    for site in ["site-a", "site-b", "site-c"] {
+        for v in ["9201", "9202", "9203"] {
+            want.entry(format!("{site}|{v}")).or_insert(vec![0.0]);
+        }
+    }
+    assert_eq!(dp_rows, want);
+
+    fed.federation.stop().await.expect("clean stop");
+}
