@@ -19,7 +19,7 @@ async fn federated_counts_equal_plain_datafusion_over_unsplit_data() {
                 "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS ({HUGE}) gender_concept_id, COUNT(*) AS n, \
                  COUNT(DISTINCT person_id) AS persons FROM person GROUP BY gender_concept_id"
             ),
-            "test",
+            Some("test"),
         )
         .await
         .expect("dp query");
@@ -47,7 +47,7 @@ async fn federated_counts_equal_plain_datafusion_over_unsplit_data() {
                  COUNT(DISTINCT person_id) AS persons FROM condition_occurrence \
                  WHERE condition_start_date >= DATE '1990-01-01' GROUP BY condition_concept_id"
             ),
-            "test",
+            Some("test"),
         )
         .await
         .expect("dp query");
@@ -76,7 +76,7 @@ async fn federated_counts_equal_plain_datafusion_over_unsplit_data() {
                  max_rows_contributed = 2) condition_concept_id, COUNT(*) AS n FROM condition_occurrence \
                  GROUP BY condition_concept_id"
             ),
-            "test",
+            Some("test"),
         )
         .await
         .expect("dp query");
@@ -99,7 +99,7 @@ async fn federated_counts_equal_plain_datafusion_over_unsplit_data() {
                 "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS ({HUGE}) condition_concept_id, \
                  COUNT(DISTINCT person_id) AS persons FROM condition_occurrence GROUP BY condition_concept_id"
             ),
-            "test",
+            Some("test"),
         )
         .await
         .expect("dp query");
@@ -125,7 +125,7 @@ async fn federated_counts_equal_plain_datafusion_over_unsplit_data() {
                 "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS ({HUGE}) site, visit_concept_id, COUNT(*) AS n \
                  FROM visit_occurrence GROUP BY site, visit_concept_id"
             ),
-            "test",
+            Some("test"),
         )
         .await
         .expect("dp query");

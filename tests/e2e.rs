@@ -1,7 +1,19 @@
 //! End-to-end tests: real `confer` coordinator and node processes on
 //! loopback ports, over the OHDSI GiBleed data split into sites by person.
-//!
-//! Modules:
-mod dp_semantics; // at epsilon = 1e9, DP answers equal the bounded query in plain DataFusion
+
+/// SIGKILL at random moments never loses a debit or charges twice.
+mod crash;
+/// At epsilon = 1e9, DP answers equal the bounded query in plain DataFusion.
+mod dp_semantics;
+/// Bad queries are refused before any task is sent; a node that is down is named.
 mod failures;
-mod fixture; // starting a federation of real processes; plain DataFusion over the unsplit data // bad queries are refused before any task is sent; a node that is down is named
+/// A node killed mid-query, one past its deadline, one answering garbage.
+mod faults;
+/// Starting a federation of real processes; plain DataFusion over the unsplit data.
+mod fixture;
+/// Budgets, policy, approval, signatures, replays and the audit log.
+mod governance;
+/// A slow link and a rogue node, for the fault tests.
+mod proxy;
+/// Mutual TLS, tokens, client certificates, roles, refused certificates.
+mod tls;

@@ -47,7 +47,11 @@ async fn bad_queries_are_refused_with_what_to_change() {
         ),
     ];
     for (sql, want) in cases {
-        let err = client.run(&sql, "test").await.expect_err(&sql).to_string();
+        let err = client
+            .run(&sql, Some("test"))
+            .await
+            .expect_err(&sql)
+            .to_string();
         assert!(err.contains(want), "{sql}\n  gave: {err}\n  want: {want}");
     }
     fed.federation.stop().await.expect("clean stop");
@@ -58,7 +62,7 @@ async fn a_node_that_is_down_is_named() {
     let mut fed = federation(2).await;
     let mut client = fed.client().await;
     let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) COUNT(*) AS n FROM person";
-    client.run(sql, "test").await.expect("both nodes up");
+    client.run(sql, Some("test")).await.expect("both nodes up");
 
     let down = fed.federation.nodes.pop().expect("a node");
     let name = down.label.trim_start_matches("node ").to_string();
@@ -66,7 +70,7 @@ async fn a_node_that_is_down_is_named() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let err = client
-        .run(sql, "test")
+        .run(sql, Some("test"))
         .await
         .expect_err("a node is down")
         .to_string();

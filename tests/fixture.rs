@@ -8,7 +8,7 @@ use arrow::array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use confer_cli::client::Client;
-use confer_cli::demo::{Federation, start_federation};
+use confer_cli::demo::{Federation, FederationOptions, start_federation};
 use datafusion::prelude::SessionContext;
 
 /// The GiBleed CSV directory.
@@ -26,24 +26,58 @@ pub struct Running {
 }
 
 impl Running {
+    /// A client connected as the `tester` researcher.
     pub async fn client(&self) -> Client {
-        Client::connect(&self.federation.url())
+        self.client_as("tester").await
+    }
+
+    /// A client connected as `user`.
+    pub async fn client_as(&self, user: &str) -> Client {
+        self.federation
+            .client(user)
             .await
             .expect("connect to coordinator")
     }
 }
 
-/// Starts `sites` nodes over GiBleed and a coordinator, as the demo does.
-pub async fn federation(sites: usize) -> Running {
+/// Researchers every test federation has (all members of every study).
+pub const USERS: &[&str] = &["tester", "alice", "mallory"];
+/// Studies every test federation has.
+pub const STUDIES: &[&str] = &["test", "small", "other", "s"];
+
+/// A policy for semantic tests: the `test` study may spend (almost) anything.
+pub const TEST_POLICY: &str = r#"[policy]
+approval = "auto"
+
+[policy.studies.test]
+budget = { rho = 1e15 }
+"#;
+
+/// Starts `sites` nodes over GiBleed and a coordinator, as the demo does,
+/// with the given node policy.
+pub async fn federation_with(sites: usize, policy: &str) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let program = Path::new(env!("CARGO_BIN_EXE_confer"));
-    let federation = start_federation(program, &gibleed(), dir.path(), sites, 0, "warn")
+    let options = FederationOptions {
+        sites,
+        coordinator_port: 0,
+        log_level: "warn",
+        policy,
+        users: USERS,
+        studies: STUDIES,
+    };
+    let federation = start_federation(program, &gibleed(), dir.path(), &options)
         .await
         .expect("federation starts");
     Running {
         federation,
         _dir: dir,
     }
+}
+
+/// Starts `sites` nodes with [`TEST_POLICY`].
+pub async fn federation(sites: usize) -> Running {
+    federation_with(sites, TEST_POLICY).await
 }
 
 /// A DataFusion session with the unsplit GiBleed tables, loaded through the
@@ -53,14 +87,17 @@ pub async fn plain_gibleed() -> SessionContext {
     let data = gibleed();
     let config_path = dir.path().join("plain.toml");
     // One "site" holding everything: the demo's config, pointed at the originals.
-    confer_cli::gibleed::write_node_config(
-        &config_path,
-        "plain",
-        &data,
-        &data,
-        &dir.path().join("state"),
-    )
-    .expect("config");
+    let key = confer_protocol::signing::Identity::generate()
+        .expect("key")
+        .public_hex();
+    let state = dir.path().join("state");
+    let setup = confer_cli::gibleed::NodeSetup {
+        name: "plain",
+        state_dir: &state,
+        coordinator_key: &key,
+        policy: "",
+    };
+    confer_cli::gibleed::write_node_config(&config_path, &setup, &data, &data).expect("config");
     let config = confer_node::NodeConfig::load(&config_path).expect("load config");
     let ctx = SessionContext::new();
     confer_node::catalog::load(&config, &ctx)
@@ -106,10 +143,12 @@ pub fn keyed(
             let v = vals
                 .iter()
                 .map(|a| {
-                    a.as_any()
-                        .downcast_ref::<Float64Array>()
-                        .expect("f64")
-                        .value(row)
+                    let a = a.as_any().downcast_ref::<Float64Array>().expect("f64");
+                    if a.is_null(row) {
+                        f64::NAN
+                    } else {
+                        a.value(row)
+                    }
                 })
                 .collect();
             out.insert(key, v);

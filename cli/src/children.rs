@@ -24,6 +24,25 @@ pub struct ServerChild {
     stdin: Option<ChildStdin>,
 }
 
+/// How to start a server child.
+#[derive(Debug, Clone, Copy)]
+pub struct Launch<'a> {
+    /// The confer executable.
+    pub program: &'a Path,
+    /// `node` or `coordinator`.
+    pub role: &'a str,
+    /// Name for messages.
+    pub label: &'a str,
+    /// Its config file.
+    pub config: &'a Path,
+    /// CONFER_LOG for the child.
+    pub log_level: &'a str,
+    /// Plaintext on loopback (else TLS from the config).
+    pub insecure_loopback: bool,
+    /// Write the child's log (standard error) here instead of inheriting it.
+    pub log_file: Option<&'a Path>,
+}
+
 /// How long a server may take to load its data and start listening.
 pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -37,16 +56,50 @@ impl ServerChild {
         config: &Path,
         log_level: &str,
     ) -> anyhow::Result<Self> {
-        let mut child = Command::new(program)
+        Self::launch(&Launch {
+            program,
+            role,
+            label,
+            config,
+            log_level,
+            insecure_loopback: true,
+            log_file: None,
+        })
+        .await
+    }
+
+    /// Starts a server as `launch` says and waits until it listens.
+    pub async fn launch(launch: &Launch<'_>) -> anyhow::Result<Self> {
+        let Launch {
+            program,
+            role,
+            label,
+            config,
+            log_level,
+            insecure_loopback,
+            log_file,
+        } = *launch;
+        let mut command = Command::new(program);
+        command
             .arg(role)
             .arg("--config")
             .arg(config)
-            .arg("--insecure-loopback")
-            .arg("--stop-on-stdin-eof")
+            .arg("--stop-on-stdin-eof");
+        if insecure_loopback {
+            command.arg("--insecure-loopback");
+        }
+        let stderr = match log_file {
+            Some(path) => Stdio::from(
+                std::fs::File::create(path)
+                    .with_context(|| format!("cannot create {}", path.display()))?,
+            ),
+            None => Stdio::inherit(),
+        };
+        let mut child = command
             .env("CONFER_LOG", log_level)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {label} ({})", program.display()))?;

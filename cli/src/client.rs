@@ -13,7 +13,7 @@ use confer_protocol::release::ResultInfo;
 use futures::TryStreamExt;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::QueryArgs;
+use crate::{ConnectArgs, QueryArgs};
 
 /// How `confer query` prints results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -29,6 +29,8 @@ pub enum OutputFormat {
 /// A connection to a coordinator.
 pub struct Client {
     inner: FlightSqlServiceClient<Channel>,
+    channel: Channel,
+    token: Option<String>,
 }
 
 /// A statement's answer.
@@ -41,30 +43,77 @@ pub struct Answer {
 }
 
 impl Client {
-    /// Connects to a coordinator URL such as `http://127.0.0.1:50050`.
-    pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        let url = if url.contains("://") {
-            url.to_string()
+    /// Connects as `ConnectArgs` say: plaintext for http URLs, TLS for
+    /// https (trusting `--ca`, presenting `--cert`/`--key` if given); the
+    /// token, if any, is sent with every request.
+    pub async fn connect_with(args: &ConnectArgs) -> anyhow::Result<Self> {
+        let url = if args.coordinator.contains("://") {
+            args.coordinator.clone()
         } else {
-            format!("http://{url}")
+            format!("http://{}", args.coordinator)
         };
-        let channel = Endpoint::from_shared(url.clone())
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .with_context(|| format!("{url} is not a valid coordinator URL"))?
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .with_context(|| format!("cannot reach the coordinator at {url}"))?;
-        let inner = FlightSqlServiceClient::new_from_inner(
-            arrow_flight::flight_service_client::FlightServiceClient::new(channel)
+            .connect_timeout(Duration::from_secs(10));
+        if url.starts_with("https://") {
+            let ca = args.ca.as_deref().ok_or_else(|| {
+                anyhow!("an https coordinator needs --ca <network CA certificate> (or CONFER_CA)")
+            })?;
+            let identity = args.cert.as_deref().zip(args.key.as_deref());
+            let tls = confer_transport::ClientTls::new(ca, identity)?;
+            let host = url
+                .parse::<tonic::codegen::http::Uri>()
+                .ok()
+                .and_then(|u| {
+                    u.host()
+                        .map(|h| h.trim_matches(|c| c == '[' || c == ']').to_string())
+                })
+                .ok_or_else(|| anyhow!("{url} has no host"))?;
+            endpoint = endpoint.tls_config(tls.for_host(&host))?;
+        }
+        let channel = endpoint.connect().await.map_err(|e| {
+            let detail = format!("{e:?}");
+            if detail.contains("certificate") {
+                anyhow!(
+                    "cannot reach the coordinator at {url}: {}",
+                    confer_transport::tls::explain_handshake_error(&std::io::Error::other(detail))
+                )
+            } else {
+                anyhow!("cannot reach the coordinator at {url}: {e}")
+            }
+        })?;
+        let mut inner = FlightSqlServiceClient::new_from_inner(
+            arrow_flight::flight_service_client::FlightServiceClient::new(channel.clone())
                 .max_decoding_message_size(64 * 1024 * 1024),
         );
-        Ok(Self { inner })
+        if let Some(t) = &args.token {
+            inner.set_token(t.clone());
+        }
+        Ok(Self {
+            inner,
+            channel,
+            token: args.token.clone(),
+        })
     }
 
-    /// Runs one statement under `study`.
-    pub async fn run(&mut self, sql: &str, study: &str) -> anyhow::Result<Answer> {
-        self.inner
-            .set_header(confer_coordinator::service::STUDY_HEADER, study);
+    /// Connects to a plaintext loopback coordinator with a token.
+    pub async fn connect(url: &str, token: Option<&str>) -> anyhow::Result<Self> {
+        Self::connect_with(&ConnectArgs {
+            coordinator: url.to_string(),
+            token: token.map(str::to_string),
+            ca: None,
+            cert: None,
+            key: None,
+        })
+        .await
+    }
+
+    /// Runs one statement, under `study` if given.
+    pub async fn run(&mut self, sql: &str, study: Option<&str>) -> anyhow::Result<Answer> {
+        if let Some(study) = study {
+            self.inner
+                .set_header(confer_coordinator::service::STUDY_HEADER, study);
+        }
         let info = self
             .inner
             .execute(sql.to_string(), None)
@@ -87,6 +136,27 @@ impl Client {
         let schema = batches.first().map(|b| b.schema()).unwrap_or(schema);
         Ok(Answer { schema, batches })
     }
+
+    /// Runs a custom coordinator action and returns its JSON body.
+    pub async fn action(&mut self, kind: &str, body: Vec<u8>) -> anyhow::Result<serde_json::Value> {
+        let mut client = arrow_flight::FlightClient::new(self.channel.clone());
+        if let Some(t) = &self.token {
+            client
+                .add_header("authorization", &format!("Bearer {t}"))
+                .map_err(|e| anyhow!("bad token: {e}"))?;
+        }
+        let bodies: Vec<bytes::Bytes> = client
+            .do_action(arrow_flight::Action::new(kind.to_string(), body))
+            .await
+            .map_err(explain)?
+            .try_collect()
+            .await
+            .map_err(explain)?;
+        let body = bodies
+            .first()
+            .ok_or_else(|| anyhow!("the coordinator returned nothing for {kind}"))?;
+        Ok(serde_json::from_slice(body)?)
+    }
 }
 
 /// Turns a Flight error into the message the server meant for the user.
@@ -99,8 +169,8 @@ fn explain(err: FlightError) -> anyhow::Error {
 
 /// `confer query`.
 pub async fn query_command(args: QueryArgs) -> anyhow::Result<()> {
-    let mut client = Client::connect(&args.coordinator).await?;
-    let answer = client.run(&args.sql, &args.study).await?;
+    let mut client = Client::connect_with(&args.connect).await?;
+    let answer = client.run(&args.sql, args.study.as_deref()).await?;
     print!("{}", render(&answer, args.format)?);
     Ok(())
 }

@@ -14,6 +14,7 @@ use crate::DemoArgs;
 use crate::children::ServerChild;
 use crate::client::{Client, OutputFormat, render};
 use crate::gibleed;
+use std::collections::BTreeMap;
 
 /// A scripted query: what it shows, the statement, and whether confer must refuse it.
 pub struct DemoQuery {
@@ -92,12 +93,30 @@ pub struct Federation {
     pub coordinator: ServerChild,
     /// Where configs, split data and ledgers live.
     pub work_dir: PathBuf,
+    /// Bearer tokens by user name (`admin` and the options' users).
+    pub tokens: BTreeMap<String, String>,
 }
 
 impl Federation {
     /// The coordinator's URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.coordinator.addr)
+    }
+
+    /// Takes a node out of the federation (to kill or stop it by hand).
+    pub fn take_node(&mut self, site: &str) -> Option<ServerChild> {
+        let label = format!("node {site}");
+        let i = self.nodes.iter().position(|n| n.label == label)?;
+        Some(self.nodes.remove(i))
+    }
+
+    /// A client connected as `user`.
+    pub async fn client(&self, user: &str) -> anyhow::Result<Client> {
+        let token = self
+            .tokens
+            .get(user)
+            .ok_or_else(|| anyhow!("the federation has no user {user}"))?;
+        Client::connect(&self.url(), Some(token)).await
     }
 
     /// Stops every child (coordinator first).
@@ -120,65 +139,177 @@ impl Federation {
     }
 }
 
-/// Splits the data, writes configs and starts the servers.
-pub async fn start_federation(
+/// The demo's node policy: studies approved automatically, a per-query
+/// cap, and a budget for the `demo` study.
+pub const DEMO_POLICY: &str = r#"[policy]
+approval = "auto"
+max_query_epsilon = 5.0
+min_group_size = 0
+
+[policy.studies.demo]
+budget = { epsilon = 50.0, delta = 1e-5 }
+"#;
+
+/// How to start a federation.
+pub struct FederationOptions<'a> {
+    /// Number of sites.
+    pub sites: usize,
+    /// Coordinator port (0: any free port).
+    pub coordinator_port: u16,
+    /// Log level for the children (CONFER_LOG).
+    pub log_level: &'a str,
+    /// The nodes' `[policy]` section.
+    pub policy: &'a str,
+    /// Researchers to create at the coordinator (besides `admin`).
+    pub users: &'a [&'a str],
+    /// Studies to create, each with every user as a member.
+    pub studies: &'a [&'a str],
+}
+
+/// Nodes started over split GiBleed data, before the coordinator.
+pub struct NodeSet {
+    /// The node children.
+    pub nodes: Vec<ServerChild>,
+    /// Site names, in order.
+    pub names: Vec<String>,
+}
+
+/// Splits the data, makes the coordinator's signing key, writes node
+/// configs and starts the nodes.
+pub async fn start_nodes(
     program: &Path,
     data: &Path,
     work_dir: &Path,
-    sites: usize,
-    coordinator_port: u16,
-    log_level: &str,
-) -> anyhow::Result<Federation> {
+    options: &FederationOptions<'_>,
+) -> anyhow::Result<NodeSet> {
     let split_dir = work_dir.join("data");
-    let dirs = gibleed::split(data, &split_dir, sites, gibleed::PERSON_TABLES)?;
+    let dirs = gibleed::split(data, &split_dir, options.sites, gibleed::PERSON_TABLES)?;
+    let key_path = work_dir.join("coordinator.key");
+    let identity = confer_protocol::signing::Identity::generate()?;
+    let public = identity.save(&key_path)?;
     let mut configs = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
         let name = format!("site-{}", gibleed::site_letter(i));
         let config = work_dir.join(format!("{name}.toml"));
-        gibleed::write_node_config(
-            &config,
-            &name,
-            dir,
-            data,
-            &work_dir.join("state").join(&name),
-        )?;
+        let state_dir = work_dir.join("state").join(&name);
+        let setup = gibleed::NodeSetup {
+            name: &name,
+            state_dir: &state_dir,
+            coordinator_key: &public,
+            policy: options.policy,
+        };
+        gibleed::write_node_config(&config, &setup, dir, data)?;
         configs.push((name, config));
     }
     let labels: Vec<String> = configs
         .iter()
         .map(|(name, _)| format!("node {name}"))
         .collect();
-    let starts = configs
-        .iter()
-        .zip(&labels)
-        .map(|((_, config), label)| ServerChild::start(program, "node", label, config, log_level));
+    let starts = configs.iter().zip(&labels).map(|((_, config), label)| {
+        ServerChild::start(program, "node", label, config, options.log_level)
+    });
     let nodes: Vec<ServerChild> = futures::future::try_join_all(starts).await?;
+    Ok(NodeSet {
+        nodes,
+        names: configs.into_iter().map(|(name, _)| name).collect(),
+    })
+}
 
+/// Writes coordinator.toml for `nodes` reached at `urls` (with `extra`
+/// lines in its `[coordinator]` section), registers the options' users and
+/// studies, and starts the coordinator.
+pub async fn start_coordinator(
+    program: &Path,
+    work_dir: &Path,
+    nodes: NodeSet,
+    urls: &[String],
+    extra: &str,
+    options: &FederationOptions<'_>,
+) -> anyhow::Result<Federation> {
     let mut text = format!(
-        "# Written by `confer demo`.\n[coordinator]\nlisten = \"127.0.0.1:{coordinator_port}\"\nnode_timeout_secs = 60\n"
+        "# Written by `confer demo`.\n[coordinator]\nlisten = \"127.0.0.1:{}\"\n\
+         signing_key = \"coordinator.key\"\nstate = \"state/coordinator.sqlite\"\n\
+         max_sites_per_person = 1\n{extra}\n",
+        options.coordinator_port
     );
-    for (n, (name, _)) in nodes.iter().zip(&configs) {
+    if !extra.contains("node_timeout_secs") {
+        text.push_str("node_timeout_secs = 60\n");
+    }
+    for (name, url) in nodes.names.iter().zip(urls) {
         text.push_str(&format!(
-            "\n[[nodes]]\nname = \"{name}\"\nurl = \"http://{}\"\n",
-            n.addr
+            "\n[[nodes]]\nname = \"{name}\"\nurl = \"{url}\"\n"
         ));
     }
     let coordinator_config = work_dir.join("coordinator.toml");
     std::fs::write(&coordinator_config, text)
         .with_context(|| format!("cannot write {}", coordinator_config.display()))?;
+    let tokens = register_people(&work_dir.join("state").join("coordinator.sqlite"), options)?;
     let coordinator = ServerChild::start(
         program,
         "coordinator",
         "coordinator",
         &coordinator_config,
-        log_level,
+        options.log_level,
     )
     .await?;
     Ok(Federation {
-        nodes,
+        nodes: nodes.nodes,
         coordinator,
         work_dir: work_dir.to_path_buf(),
+        tokens,
     })
+}
+
+/// Splits the data, makes a signing key, writes configs and starts the
+/// nodes and the coordinator (plaintext, loopback).
+pub async fn start_federation(
+    program: &Path,
+    data: &Path,
+    work_dir: &Path,
+    options: &FederationOptions<'_>,
+) -> anyhow::Result<Federation> {
+    let nodes = start_nodes(program, data, work_dir, options).await?;
+    let urls: Vec<String> = nodes
+        .nodes
+        .iter()
+        .map(|n| format!("http://{}", n.addr))
+        .collect();
+    start_coordinator(program, work_dir, nodes, &urls, "", options).await
+}
+
+/// Creates the users and studies of a federation in the coordinator's state.
+fn register_people(
+    state: &Path,
+    options: &FederationOptions<'_>,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    use confer_coordinator::store::{Role, SqliteStore, Store, Study, now_ms};
+    let store = SqliteStore::open(state)?;
+    let mut tokens = BTreeMap::new();
+    tokens.insert("admin".to_string(), store.add_user("admin", Role::Admin)?);
+    for user in options.users {
+        tokens.insert(user.to_string(), store.add_user(user, Role::Researcher)?);
+    }
+    for study in options.studies {
+        store.create_study(&Study {
+            name: study.to_string(),
+            title: format!("{study} (created by confer demo)"),
+            principal_investigator: options
+                .users
+                .first()
+                .copied()
+                .unwrap_or("admin")
+                .to_string(),
+            members: options.users.iter().map(|u| u.to_string()).collect(),
+            tables: Vec::new(),
+            requested_epsilon: 50.0,
+            requested_delta: 1e-5,
+            ethics_ref: "DEMO-0001".into(),
+            min_sites: None,
+            created_ms: now_ms(),
+            created_by: "admin".into(),
+        })?;
+    }
+    Ok(tokens)
 }
 
 /// `confer demo`.
@@ -229,8 +360,16 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
         args.sites,
         args.sites
     );
+    let options = FederationOptions {
+        sites: args.sites,
+        coordinator_port: args.port,
+        log_level,
+        policy: DEMO_POLICY,
+        users: &["researcher"],
+        studies: &["demo"],
+    };
     let federation = tokio::select! {
-        f = start_federation(&program, &data, &work_dir, args.sites, args.port, log_level) => f?,
+        f = start_federation(&program, &data, &work_dir, &options) => f?,
         _ = tokio::signal::ctrl_c() => bail!("interrupted during start-up"),
     };
     println!(
@@ -245,21 +384,30 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
     );
 
     let url = federation.url();
+    let token = federation
+        .tokens
+        .get("researcher")
+        .cloned()
+        .unwrap_or_default();
     let outcome = tokio::select! {
-        r = scripted_queries(&url) => r,
+        r = scripted_queries(&url, &token) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
     };
     if outcome.is_ok() && args.serve {
         println!(
-            "The federation keeps running. Coordinator: {url} (plaintext, loopback; no credential needed)\n\
-             Try, in another terminal:\n  confer query --coordinator {url} \"SELECT WITH DIFFERENTIAL_PRIVACY \
+            "The federation keeps running. Coordinator: {url} (plaintext, loopback)\n\
+             Researcher token (user `researcher`, study `demo`):\n  export CONFER_TOKEN={token}\n\
+             Try, in another terminal:\n  confer query --coordinator {url} --study demo \"SELECT WITH DIFFERENTIAL_PRIVACY \
              OPTIONS (epsilon = 1, delta = 1e-6) year_of_birth, COUNT(*) AS persons FROM person \
              GROUP BY year_of_birth ORDER BY year_of_birth\"\n\
-             or from Python: adbc_driver_flightsql.dbapi.connect(\"grpc://{addr}\")\n\
+             or from Python (ADBC Flight SQL):\n  adbc_driver_flightsql.dbapi.connect(\"grpc://{addr}\", \
+             db_kwargs={{\"username\": \"researcher\", \"password\": \"$CONFER_TOKEN\"}})\n\
+             Admin token (user `admin`): {admin}\n\
              Configs, split data and ledgers: {work}\nPress Ctrl-C to stop.",
             url = federation.url(),
             addr = federation.coordinator.addr,
-            work = federation.work_dir.display()
+            work = federation.work_dir.display(),
+            admin = federation.tokens.get("admin").cloned().unwrap_or_default(),
         );
         let _ = tokio::signal::ctrl_c().await;
         println!("\nstopping...");
@@ -271,11 +419,11 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn scripted_queries(url: &str) -> anyhow::Result<()> {
-    let mut client = Client::connect(url).await?;
+async fn scripted_queries(url: &str, token: &str) -> anyhow::Result<()> {
+    let mut client = Client::connect(url, Some(token)).await?;
     for (i, query) in QUERIES.iter().enumerate() {
         println!("── {}. {}\n{}\n", i + 1, query.title, query.sql);
-        match (client.run(query.sql, "demo").await, query.refused) {
+        match (client.run(query.sql, Some("demo")).await, query.refused) {
             (Ok(answer), false) => print!("{}", render(&answer, OutputFormat::Table)?),
             (Err(e), true) => println!("refused: {e:#}"),
             (Ok(_), true) => bail!("demo query {} should have been refused", i + 1),

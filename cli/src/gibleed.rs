@@ -151,18 +151,33 @@ pub fn demo_columns() -> BTreeMap<&'static str, Vec<(&'static str, &'static str)
     ])
 }
 
+/// What a demo node is told besides its data.
+pub struct NodeSetup<'a> {
+    /// Site name.
+    pub name: &'a str,
+    /// Where its ledger lives.
+    pub state_dir: &'a Path,
+    /// The coordinator's public key (hex).
+    pub coordinator_key: &'a str,
+    /// The `[policy]` section, as TOML.
+    pub policy: &'a str,
+}
+
 /// Writes a node.toml for one site.
 pub fn write_node_config(
     path: &Path,
-    name: &str,
+    setup: &NodeSetup<'_>,
     site_dir: &Path,
     src: &Path,
-    state_dir: &Path,
 ) -> anyhow::Result<()> {
     let columns = demo_columns();
     let mut text = format!(
-        "# Written by `confer demo`: one GiBleed site.\n[node]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = {state:?}\n",
-        state = state_dir.display().to_string()
+        "# Written by `confer demo`: one GiBleed site.\n[node]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n\
+         state_dir = {state:?}\ncoordinator_key = \"{key}\"\n\n{policy}\n",
+        name = setup.name,
+        state = setup.state_dir.display().to_string(),
+        key = setup.coordinator_key,
+        policy = setup.policy.trim_end(),
     );
     for table in PERSON_TABLES {
         let lower = table.to_ascii_lowercase();

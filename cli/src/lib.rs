@@ -1,14 +1,17 @@
 //! Every command a confer user types: `confer node`, `confer coordinator`,
-//! `confer query`, `confer demo`, `confer doctor`.
+//! `confer query`, `confer study`, `confer nodes`, `confer pki`,
+//! `confer audit`, `confer keygen`, `confer demo`, `confer doctor`.
 //!
 //! Servers print one line to standard output when they are ready,
 //! `confer <role> <name> listening on <addr>`, which the demo and the
 //! end-to-end tests wait for; logs go to standard error.
 
+pub mod admin;
 pub mod children;
 pub mod client;
 pub mod demo;
 pub mod gibleed;
+pub mod governance;
 mod servers;
 
 use std::path::PathBuf;
@@ -31,25 +34,39 @@ pub struct Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a node beside an institution's records.
-    Node(ServerArgs),
-    /// Run the coordinator that researchers connect to.
-    Coordinator(ServerArgs),
-    /// Run a DP query through a coordinator and print the result.
+    /// Run a node beside an institution's records, or manage its studies.
+    Node(NodeArgs),
+    /// Run the coordinator that researchers connect to, or manage its users.
+    Coordinator(CoordinatorArgs),
+    /// Run a DP statement through a coordinator and print the result.
     Query(QueryArgs),
+    /// Create, list or show studies (through a coordinator).
+    Study(admin::StudyArgs),
+    /// The nodes a coordinator knows, with their health.
+    Nodes(ConnectArgs),
+    /// A network certificate authority and certificates for mutual TLS.
+    Pki(admin::PkiArgs),
+    /// Check a node's audit log, or print or export it.
+    Audit(governance::AuditArgs),
+    /// Create an Ed25519 signing key for a coordinator.
+    Keygen {
+        /// Where to write the secret key (the public key goes to <out>.pub).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Start a local federation over the GiBleed OMOP data and run example queries.
     Demo(DemoArgs),
     /// Check this installation: libtorch, CUDA, versions.
     Doctor,
 }
 
-/// Arguments of `confer node` and `confer coordinator`.
-#[derive(Debug, clap::Args)]
-pub struct ServerArgs {
-    /// The config file (node.toml or coordinator.toml).
-    #[arg(long, short)]
-    pub config: PathBuf,
-    /// Serve plaintext gRPC; allowed only on loopback addresses (demos, tests).
+/// Options shared by servers: config, transport.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeOptions {
+    /// Serve plaintext gRPC instead of TLS; allowed only on loopback addresses (demos, tests).
     #[arg(long)]
     pub insecure_loopback: bool,
     /// Stop when standard input closes (used by `confer demo` for its children).
@@ -57,15 +74,65 @@ pub struct ServerArgs {
     pub stop_on_stdin_eof: bool,
 }
 
+/// Arguments of `confer node`: serve, or a steward action.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct NodeArgs {
+    /// Steward action; without one, the node serves.
+    #[command(subcommand)]
+    pub action: Option<governance::NodeAction>,
+    /// The node's config (node.toml).
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    /// How to serve.
+    #[command(flatten)]
+    pub serve: ServeOptions,
+}
+
+/// Arguments of `confer coordinator`: serve, or manage users.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct CoordinatorArgs {
+    /// Administration; without it, the coordinator serves.
+    #[command(subcommand)]
+    pub action: Option<admin::CoordinatorAction>,
+    /// The coordinator's config (coordinator.toml).
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    /// How to serve.
+    #[command(flatten)]
+    pub serve: ServeOptions,
+}
+
+/// How to reach a coordinator.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// The coordinator's URL: http://127.0.0.1:50050 (loopback) or https://host:port.
+    #[arg(long, env = "CONFER_COORDINATOR")]
+    pub coordinator: String,
+    /// Your bearer token (printed by `confer coordinator user add`).
+    #[arg(long, env = "CONFER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The network CA certificate, for https URLs.
+    #[arg(long, env = "CONFER_CA")]
+    pub ca: Option<PathBuf>,
+    /// Your client certificate (with --key), if you authenticate by certificate.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Your client key.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
 /// Arguments of `confer query`.
 #[derive(Debug, clap::Args)]
 pub struct QueryArgs {
-    /// The coordinator's URL, e.g. http://127.0.0.1:50050.
-    #[arg(long, env = "CONFER_COORDINATOR")]
-    pub coordinator: String,
-    /// The study the query runs under (its budget pays).
-    #[arg(long, env = "CONFER_STUDY", default_value = confer_protocol::task::DEFAULT_STUDY)]
-    pub study: String,
+    /// Where and who.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The study the statement runs under (its budget pays).
+    #[arg(long, env = "CONFER_STUDY")]
+    pub study: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = client::OutputFormat::Table)]
     pub format: client::OutputFormat,
@@ -118,10 +185,36 @@ pub fn main() -> ExitCode {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let required = |config: Option<PathBuf>, what: &str| {
+        config.ok_or_else(|| anyhow::anyhow!("--config <{what}> is required"))
+    };
     match cli.command {
-        Command::Node(args) => servers::node(args).await,
-        Command::Coordinator(args) => servers::coordinator(args).await,
+        Command::Node(NodeArgs {
+            action: Some(action),
+            config,
+            ..
+        }) => governance::node_action(config.as_deref(), action),
+        Command::Node(NodeArgs {
+            action: None,
+            config,
+            serve,
+        }) => servers::node(required(config, "node.toml")?, serve).await,
+        Command::Coordinator(CoordinatorArgs {
+            action: Some(action),
+            config,
+            ..
+        }) => admin::coordinator_action(&required(config, "coordinator.toml")?, action),
+        Command::Coordinator(CoordinatorArgs {
+            action: None,
+            config,
+            serve,
+        }) => servers::coordinator(required(config, "coordinator.toml")?, serve).await,
         Command::Query(args) => client::query_command(args).await,
+        Command::Study(args) => admin::study(args).await,
+        Command::Nodes(connect) => admin::nodes(connect).await,
+        Command::Pki(args) => admin::pki(args),
+        Command::Audit(args) => governance::audit(args),
+        Command::Keygen { out, force } => governance::keygen(&out, force),
         Command::Demo(args) => demo::run(args, cli.verbose).await,
         Command::Doctor => doctor(),
     }

@@ -2,45 +2,47 @@
 
 use std::io::Write as _;
 
-use anyhow::{Context, bail};
+use std::path::PathBuf;
+
+use anyhow::Context;
 use tokio::io::AsyncReadExt;
 
-use crate::ServerArgs;
+use crate::ServeOptions;
 
-const PLAINTEXT_HINT: &str = "mutual TLS is not available in this version: pass --insecure-loopback \
-     to serve plaintext gRPC on a loopback address (127.0.0.1), as the demo and tests do";
-
-pub(crate) async fn node(args: ServerArgs) -> anyhow::Result<()> {
-    let config = confer_node::NodeConfig::load(&args.config)?;
-    if !args.insecure_loopback {
-        bail!("{PLAINTEXT_HINT}");
-    }
-    let node = confer_node::start(config, confer_node::Transport::InsecureLoopback)
+pub(crate) async fn node(config_path: PathBuf, serve: ServeOptions) -> anyhow::Result<()> {
+    let config = confer_node::NodeConfig::load(&config_path)?;
+    let transport = if serve.insecure_loopback {
+        confer_node::Transport::InsecureLoopback
+    } else {
+        confer_node::Transport::Tls
+    };
+    let node = confer_node::start(config, transport)
         .await
-        .with_context(|| format!("node from {} did not start", args.config.display()))?;
+        .with_context(|| format!("node from {} did not start", config_path.display()))?;
     announce(&format!(
         "confer node {} listening on {}",
         node.name, node.addr
     ))?;
-    wait_for_stop(args.stop_on_stdin_eof).await;
+    wait_for_stop(serve.stop_on_stdin_eof).await;
     node.shutdown().await?;
     Ok(())
 }
 
-pub(crate) async fn coordinator(args: ServerArgs) -> anyhow::Result<()> {
-    let config = confer_coordinator::CoordinatorConfig::load(&args.config)?;
-    if !args.insecure_loopback {
-        bail!("{PLAINTEXT_HINT}");
-    }
-    let coordinator =
-        confer_coordinator::start(config, confer_coordinator::Transport::InsecureLoopback)
-            .await
-            .with_context(|| format!("coordinator from {} did not start", args.config.display()))?;
+pub(crate) async fn coordinator(config_path: PathBuf, serve: ServeOptions) -> anyhow::Result<()> {
+    let config = confer_coordinator::CoordinatorConfig::load(&config_path)?;
+    let transport = if serve.insecure_loopback {
+        confer_coordinator::Transport::InsecureLoopback
+    } else {
+        confer_coordinator::Transport::Tls
+    };
+    let coordinator = confer_coordinator::start(config, transport)
+        .await
+        .with_context(|| format!("coordinator from {} did not start", config_path.display()))?;
     announce(&format!(
         "confer coordinator listening on {}",
         coordinator.addr
     ))?;
-    wait_for_stop(args.stop_on_stdin_eof).await;
+    wait_for_stop(serve.stop_on_stdin_eof).await;
     coordinator.shutdown().await?;
     Ok(())
 }

@@ -3,8 +3,13 @@
 //! ```toml
 //! [coordinator]
 //! listen = "127.0.0.1:50050"
+//! signing_key = "coordinator.key"  # Ed25519 secret key (`confer keygen`); nodes hold its public key
 //! node_timeout_secs = 60     # per-node deadline for one task
 //! task_ttl_secs = 300        # nodes refuse tasks older than this
+//! max_sites_per_person = 1   # a resident may be seen at this many institutions
+//! state = "state/coordinator.sqlite"  # users, studies, results, node registry, audit log
+//! retries = 2                # further attempts after a retryable node failure (same task id)
+//! health_interval_secs = 30  # how often nodes are checked
 //!
 //! [[nodes]]
 //! name = "site-a"
@@ -12,7 +17,7 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -28,6 +33,10 @@ pub struct CoordinatorConfig {
     /// `[[nodes]]`.
     #[serde(default)]
     pub nodes: Vec<NodeEntry>,
+    /// TLS: the coordinator's certificate (presented to clients, and to
+    /// nodes as its client certificate), its key, and the network CA.
+    #[serde(default)]
+    pub tls: Option<confer_transport::TlsFiles>,
 }
 
 /// `[coordinator]`.
@@ -36,12 +45,44 @@ pub struct CoordinatorConfig {
 pub struct CoordinatorSection {
     /// Address for clients (Flight SQL).
     pub listen: String,
+    /// The Ed25519 secret key that signs every task (relative paths are
+    /// resolved against the config file's directory).
+    pub signing_key: PathBuf,
+    /// How many institutions one resident may appear at; the network-level
+    /// privacy loss is reported for this many sites.
+    #[serde(default = "default_max_sites")]
+    pub max_sites_per_person: usize,
+    /// The state database (relative to the config file's directory).
+    #[serde(default = "default_state")]
+    pub state: PathBuf,
+    /// Further attempts after a retryable node failure.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Seconds between node health checks.
+    #[serde(default = "default_health_interval")]
+    pub health_interval_secs: u64,
     /// Per-node deadline for one task, in seconds.
     #[serde(default = "default_node_timeout")]
     pub node_timeout_secs: u64,
     /// How long a task stays valid at the nodes, in seconds.
     #[serde(default = "default_task_ttl")]
     pub task_ttl_secs: u64,
+}
+
+fn default_state() -> PathBuf {
+    PathBuf::from("state/coordinator.sqlite")
+}
+
+fn default_retries() -> u32 {
+    2
+}
+
+fn default_health_interval() -> u64 {
+    30
+}
+
+fn default_max_sites() -> usize {
+    1
 }
 
 fn default_node_timeout() -> u64 {
@@ -68,12 +109,23 @@ impl CoordinatorConfig {
         let text = std::fs::read_to_string(path).map_err(|e| {
             CoordinatorError::Config(format!("cannot read {}: {e}", path.display()))
         })?;
-        Self::parse(&text).map_err(|e| match e {
+        let mut config = Self::parse(&text).map_err(|e| match e {
             CoordinatorError::Config(m) => {
                 CoordinatorError::Config(format!("{}: {m}", path.display()))
             }
             other => other,
-        })
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if config.coordinator.signing_key.is_relative() {
+            config.coordinator.signing_key = base.join(&config.coordinator.signing_key);
+        }
+        if config.coordinator.state.is_relative() {
+            config.coordinator.state = base.join(&config.coordinator.state);
+        }
+        if let Some(tls) = &mut config.tls {
+            tls.resolve(base);
+        }
+        Ok(config)
     }
 
     /// Parses and validates config text.
@@ -89,6 +141,16 @@ impl CoordinatorConfig {
         if self.nodes.is_empty() {
             return Err(CoordinatorError::Config(
                 "no [[nodes]]: list at least one node with name and url".into(),
+            ));
+        }
+        if self.coordinator.health_interval_secs == 0 {
+            return Err(CoordinatorError::Config(
+                "coordinator.health_interval_secs must be at least 1".into(),
+            ));
+        }
+        if self.coordinator.max_sites_per_person == 0 {
+            return Err(CoordinatorError::Config(
+                "coordinator.max_sites_per_person must be at least 1".into(),
             ));
         }
         if self.coordinator.node_timeout_secs == 0 || self.coordinator.task_ttl_secs == 0 {
@@ -139,6 +201,7 @@ mod tests {
     const GOOD: &str = r#"
 [coordinator]
 listen = "127.0.0.1:0"
+signing_key = "coordinator.key"
 
 [[nodes]]
 name = "a"

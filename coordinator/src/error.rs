@@ -12,6 +12,12 @@ pub enum CoordinatorError {
     /// Listening or serving failed.
     #[error("network: {0}")]
     Network(String),
+    /// The coordinator's state store failed.
+    #[error("coordinator state: {0}")]
+    State(String),
+    /// A request or command is invalid; the message says what to change.
+    #[error("{0}")]
+    Invalid(String),
     /// A query cannot be compiled or combined.
     #[error(transparent)]
     Query(#[from] QueryError),
@@ -28,6 +34,7 @@ impl From<CoordinatorError> for ProtocolError {
         match err {
             CoordinatorError::Protocol(p) => p,
             CoordinatorError::Query(q) => q.into(),
+            CoordinatorError::Invalid(m) => ProtocolError::invalid(m),
             other => ProtocolError::internal(other.to_string()),
         }
     }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow_flight::{Action, FlightClient, Ticket};
-use confer_protocol::catalog::CatalogInfo;
+use confer_protocol::catalog::{CatalogInfo, Health};
 use confer_protocol::task::Envelope;
 use confer_protocol::{ErrorKind, ProtocolError, actions};
 use confer_query::combine::SitePartial;
@@ -29,15 +29,30 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
-    /// Prepares a channel; nothing connects until the first call.
-    pub fn new(entry: &NodeEntry) -> Result<Self> {
-        let channel = Endpoint::from_shared(entry.url.clone())
-            .map_err(|e| {
-                CoordinatorError::Config(format!("node {} url {}: {e}", entry.name, entry.url))
-            })?
+    /// Prepares a channel (TLS when `tls` is given); nothing connects until the first call.
+    pub fn new(entry: &NodeEntry, tls: Option<&confer_transport::ClientTls>) -> Result<Self> {
+        let bad = |e: String| {
+            CoordinatorError::Config(format!("node {} url {}: {e}", entry.name, entry.url))
+        };
+        let mut endpoint = Endpoint::from_shared(entry.url.clone())
+            .map_err(|e| bad(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            let host = entry
+                .url
+                .parse::<tonic::codegen::http::Uri>()
+                .ok()
+                .and_then(|u| {
+                    u.host()
+                        .map(|h| h.trim_matches(|c| c == '[' || c == ']').to_string())
+                })
+                .ok_or_else(|| bad("no host in the URL".into()))?;
+            endpoint = endpoint
+                .tls_config(tls.for_host(&host))
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        let channel = endpoint.connect_lazy();
         Ok(Self {
             name: entry.name.clone(),
             url: entry.url.clone(),
@@ -57,7 +72,23 @@ impl NodeHandle {
         match err {
             arrow_flight::error::FlightError::Tonic(status) => {
                 let e = ProtocolError::from_status(&status);
-                if e.kind == ErrorKind::Unavailable && e.message.contains("connect") {
+                let detail = format!("{status:?}");
+                if detail.contains("invalid peer certificate")
+                    || detail.contains("certificate") && e.kind == ErrorKind::Unavailable
+                {
+                    ProtocolError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "node {} ({}): TLS refused: {}",
+                            self.name,
+                            self.url,
+                            confer_transport::tls::explain_handshake_error(&std::io::Error::other(
+                                detail
+                            ))
+                        ),
+                    )
+                    .with_retryable(false)
+                } else if e.kind == ErrorKind::Unavailable && e.message.contains("connect") {
                     ProtocolError::new(
                         ErrorKind::Unavailable,
                         format!(
@@ -66,7 +97,12 @@ impl NodeHandle {
                         ),
                     )
                 } else {
-                    e.context(format!("node {}", self.name))
+                    let prefix = format!("node {}", self.name);
+                    if e.message.starts_with(&prefix) {
+                        e
+                    } else {
+                        e.context(prefix)
+                    }
                 }
             }
             other => ProtocolError::new(
@@ -164,6 +200,102 @@ impl NodeHandle {
     }
 }
 
+/// Deadline and retries for one node call.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Deadline of each attempt.
+    pub timeout: Duration,
+    /// Further attempts after a retryable failure (same task id: nodes never charge twice).
+    pub retries: u32,
+}
+
+impl NodeHandle {
+    /// [`NodeHandle::run`], retried with backoff while the failure is
+    /// marked retryable (node unreachable, deadline, restarting).
+    pub async fn run_with_retries(
+        &self,
+        envelope: &Envelope,
+        policy: RetryPolicy,
+    ) -> std::result::Result<SitePartial, ProtocolError> {
+        let mut attempt = 0;
+        loop {
+            match self.run(envelope, policy.timeout).await {
+                Ok(p) => return Ok(p),
+                Err(e) if e.retryable && attempt < policy.retries => {
+                    attempt += 1;
+                    warn!(node = %self.name, attempt, "retrying after: {}", e.message);
+                    tokio::time::sleep(Duration::from_millis(200 << attempt.min(6))).await;
+                }
+                Err(e) if attempt > 0 => {
+                    return Err(ProtocolError {
+                        message: format!("{} (after {} attempts)", e.message, attempt + 1),
+                        ..e
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The node's health report.
+    pub async fn health(&self, timeout: Duration) -> std::result::Result<Health, ProtocolError> {
+        let call = async {
+            let mut client = self.client();
+            let bodies: Vec<_> = client
+                .do_action(Action::new(actions::HEALTH, ""))
+                .await
+                .map_err(|e| self.failure(e))?
+                .try_collect()
+                .await
+                .map_err(|e| self.failure(e))?;
+            let body = bodies.first().ok_or_else(|| {
+                ProtocolError::internal(format!("node {} returned no health report", self.name))
+            })?;
+            serde_json::from_slice::<Health>(body).map_err(|e| {
+                ProtocolError::internal(format!(
+                    "node {} returned an unreadable health report: {e}",
+                    self.name
+                ))
+            })
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| self.timed_out(timeout))?
+    }
+}
+
+/// Calls every node concurrently and returns each node's outcome, by name.
+pub async fn each<T, F, Fut>(
+    nodes: &[NodeHandle],
+    f: F,
+) -> Vec<(String, std::result::Result<T, ProtocolError>)>
+where
+    F: Fn(NodeHandle) -> Fut,
+    Fut: Future<Output = std::result::Result<T, ProtocolError>>,
+{
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let results = futures::future::join_all(nodes.iter().cloned().map(f)).await;
+    names.into_iter().zip(results).collect()
+}
+
+/// One error naming every failure (kind of the first; retryable if all are).
+pub fn joined(mut failures: Vec<ProtocolError>) -> ProtocolError {
+    match failures.len() {
+        0 => ProtocolError::internal("no node answered and none failed"),
+        1 => failures.remove(0),
+        _ => {
+            let kind = failures[0].kind;
+            let retryable = failures.iter().all(|f| f.retryable);
+            let message = failures
+                .iter()
+                .map(|f| f.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            ProtocolError::new(kind, message).with_retryable(retryable)
+        }
+    }
+}
+
 /// Calls every node concurrently; fails naming every node that failed.
 pub async fn all<T, F, Fut>(
     nodes: &[NodeHandle],
@@ -173,30 +305,20 @@ where
     F: Fn(NodeHandle) -> Fut,
     Fut: Future<Output = std::result::Result<T, ProtocolError>>,
 {
-    let results = futures::future::join_all(nodes.iter().cloned().map(f)).await;
-    let mut ok = Vec::with_capacity(results.len());
-    let mut failures: Vec<ProtocolError> = Vec::new();
-    for r in results {
+    let mut ok = Vec::with_capacity(nodes.len());
+    let mut failures = Vec::new();
+    for (name, r) in each(nodes, f).await {
         match r {
             Ok(v) => ok.push(v),
             Err(e) => {
-                warn!(kind = ?e.kind, "node call failed: {}", e.message);
+                warn!(node = %name, kind = ?e.kind, "node call failed: {}", e.message);
                 failures.push(e);
             }
         }
     }
-    match failures.len() {
-        0 => Ok(ok),
-        1 => Err(failures.remove(0)),
-        _ => {
-            let kind = failures[0].kind;
-            let retryable = failures.iter().all(|f| f.retryable);
-            let message = failures
-                .iter()
-                .map(|f| f.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; ");
-            Err(ProtocolError::new(kind, message).with_retryable(retryable))
-        }
+    if failures.is_empty() {
+        Ok(ok)
+    } else {
+        Err(joined(failures))
     }
 }

@@ -12,10 +12,14 @@
 //! The coordinator holds no records and adds no noise: nodes release, the
 //! coordinator only does post-processing.
 
+pub mod auth;
+pub mod budget;
+pub mod catalog_view;
 pub mod config;
 pub mod error;
 pub mod fanout;
 pub mod service;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,12 +37,15 @@ use crate::service::{CoordinatorService, CoordinatorState};
 /// Largest gRPC message the coordinator accepts or sends to clients.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// How the client-facing transport is secured.
+/// How the coordinator's connections are secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     /// Plaintext, only on loopback addresses (demos and tests), to clients
     /// and to nodes alike.
     InsecureLoopback,
+    /// TLS from the config's `[tls]` section: to clients (with optional or
+    /// required client certificates) and mutual TLS to the nodes.
+    Tls,
 }
 
 /// A coordinator that is serving.
@@ -70,56 +77,97 @@ impl RunningCoordinator {
     }
 }
 
+fn is_loopback_url(url: &str) -> bool {
+    let host = url
+        .parse::<tonic::codegen::http::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(str::to_string))
+        .unwrap_or_default();
+    host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Starts serving.
 pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<RunningCoordinator> {
     let addr = config.listen_addr()?;
-    match transport {
+    let (server_tls, client_tls) = match transport {
         Transport::InsecureLoopback => {
-            if !addr.ip().is_loopback() {
+            if !confer_transport::plaintext_allowed(&addr) {
                 return Err(CoordinatorError::Config(format!(
-                    "coordinator.listen = {addr}: plaintext is allowed only on a loopback address"
+                    "coordinator.listen = {addr}: plaintext is allowed only on a loopback address; \
+                     configure [tls] and start without --insecure-loopback"
                 )));
             }
             for n in &config.nodes {
-                let host = n
-                    .url
-                    .parse::<tonic::codegen::http::Uri>()
-                    .ok()
-                    .and_then(|u| u.host().map(str::to_string))
-                    .unwrap_or_default();
-                let loopback = host == "localhost"
-                    || host
-                        .trim_matches(|c| c == '[' || c == ']')
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback());
-                if !loopback || n.url.starts_with("https") {
+                if !n.url.starts_with("http://") || !is_loopback_url(&n.url) {
                     return Err(CoordinatorError::Config(format!(
                         "node {} at {}: plaintext is allowed only to loopback addresses (http://127.0.0.1:PORT)",
                         n.name, n.url
                     )));
                 }
             }
+            (None, None)
         }
-    }
-    let state = Arc::new(CoordinatorState::new(config)?);
+        Transport::Tls => {
+            let files = config.tls.as_ref().ok_or_else(|| {
+                CoordinatorError::Config(
+                    "no [tls] section: give cert, key and ca (see `confer pki`), or pass --insecure-loopback \
+                     to use plaintext on loopback addresses"
+                        .into(),
+                )
+            })?;
+            for n in &config.nodes {
+                if !n.url.starts_with("https://") {
+                    return Err(CoordinatorError::Config(format!(
+                        "node {} at {}: with TLS, node URLs start with https://",
+                        n.name, n.url
+                    )));
+                }
+            }
+            let server = confer_transport::ServerTls::new(files, None, "coordinator")
+                .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+            let client = confer_transport::ClientTls::from_files(files)
+                .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+            (Some(server), Some(client))
+        }
+    };
+    let store: Arc<dyn store::Store> =
+        Arc::new(store::SqliteStore::open(&config.coordinator.state)?);
+    let nodes = config
+        .nodes
+        .iter()
+        .map(|n| fanout::NodeHandle::new(n, client_tls.as_ref()))
+        .collect::<Result<Vec<_>>>()?;
+    let health_every = std::time::Duration::from_secs(config.coordinator.health_interval_secs);
+    let state = Arc::new(CoordinatorState::new(config, store, nodes)?);
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         CoordinatorError::Network(format!("cannot listen on {addr} (coordinator.listen): {e}"))
     })?;
     let addr = listener
         .local_addr()
         .map_err(|e| CoordinatorError::Network(e.to_string()))?;
-    let service = FlightServiceServer::new(CoordinatorService::new(state))
+    let service = FlightServiceServer::new(CoordinatorService::new(state.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = oneshot::channel::<()>();
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let handle = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = rx.await;
-            }),
-    );
+    let checker = state.clone();
+    let health = tokio::spawn(async move {
+        loop {
+            checker.check_health().await;
+            tokio::time::sleep(health_every).await;
+        }
+    });
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = rx.await;
+        health.abort();
+        let _ = stop_tx.send(());
+    });
+    let router = tonic::transport::Server::builder().add_service(service);
+    let handle = confer_transport::spawn(router, listener, server_tls, stop_rx);
     info!(%addr, "coordinator serving Flight SQL");
     Ok(RunningCoordinator {
         addr,

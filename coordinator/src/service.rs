@@ -1,42 +1,63 @@
 //! The coordinator's Flight SQL front door.
 //!
-//! `GetFlightInfo(CommandStatementQuery)` compiles and validates the
-//! statement against the network catalog (a bad query is refused here, and
-//! no task reaches any node) and returns the result schema with a ticket.
-//! `DoGet(ticket)` sends the task to every node, combines the releases and
-//! streams the answer. The ticket names a task id fixed at planning time,
-//! so a client that retries `DoGet` is answered from the nodes' stored
-//! releases and is never charged twice.
+//! * Statements: `GetFlightInfo(CommandStatementQuery)` authenticates the
+//!   caller, checks the study, compiles and validates the statement against
+//!   the network catalog (a bad query is refused here, and no task reaches
+//!   any node) and returns the result schema with a ticket. `DoGet(ticket)`
+//!   sends the signed task to the nodes, combines the releases and streams
+//!   the answer. The ticket names a task id fixed at planning time, so a
+//!   client that retries `DoGet` is answered from the nodes' stored releases
+//!   and is never charged twice.
+//! * Metadata: `GetSqlInfo`, `GetCatalogs`, `GetDbSchemas`, `GetTables`
+//!   (with Arrow schemas whose field metadata carries the privacy unit,
+//!   bounds and public domains) and `GetTableTypes`, from the network catalog.
+//! * Handshake: Basic `user:token` returns a bearer token, for clients
+//!   configured with a username and password.
+//! * Actions: `confer.nodes`, `confer.whoami`, `confer.study.create`,
+//!   `confer.study.list`, `confer.study.show`, `confer.user.list`.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::FlightSqlService;
-use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery};
-use arrow_flight::{FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
-use confer_protocol::task::{DEFAULT_STUDY, Envelope, Task};
-use confer_protocol::{ErrorKind, ProtocolError};
+use arrow_flight::sql::{
+    CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes,
+    CommandGetTables, CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+};
+use arrow_flight::{
+    Action, ActionType, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
+    HandshakeResponse, Ticket,
+};
+use confer_protocol::signing::{Identity, sha256_hex};
+use confer_protocol::task::{Envelope, StudyInfo, Task};
+use confer_protocol::{ErrorKind, ProtocolError, metadata};
 use confer_query::combine::combine;
 use confer_query::{Catalog, FederatedPlan, Statement};
 use futures::{Stream, TryStreamExt};
 use prost::Message;
-use tonic::{Request, Response, Status};
-use tracing::{info, instrument};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, instrument, warn};
 use uuid::Uuid;
 
+use crate::auth::{Action as Perm, Authenticator};
 use crate::config::CoordinatorConfig;
 use crate::fanout::{self, NodeHandle};
+use crate::store::{CoordinatorAudit, NodeStatus, ResultRecord, Store, Study, User, now_ms};
 
 /// gRPC header naming the study a request runs under.
 pub const STUDY_HEADER: &str = "x-confer-study";
-/// gRPC header naming the researcher (until users and tokens arrive).
-pub const RESEARCHER_HEADER: &str = "x-confer-researcher";
+
+/// The catalog and schema names clients browse.
+pub const CATALOG_NAME: &str = "confer";
+/// See [`CATALOG_NAME`].
+pub const SCHEMA_NAME: &str = "omop";
 
 /// How long a fetched network catalog is reused.
 const CATALOG_TTL: Duration = Duration::from_secs(30);
@@ -45,12 +66,18 @@ const STATEMENT_TTL: Duration = Duration::from_secs(3600);
 
 /// A statement planned by GetFlightInfo, waiting for DoGet.
 enum Prepared {
-    /// A DP query: the plan and the task that carries it.
+    /// A DP query: the plan, the signed task, and who asked.
     Query {
         plan: Box<FederatedPlan>,
         envelope: Envelope,
         task_id: Uuid,
+        study: String,
+        user: String,
+        min_sites: usize,
+        statement_hash: String,
     },
+    /// SHOW PRIVACY BUDGET: the signed budget task for every node.
+    Budget { envelope: Envelope },
     /// An answer computed at planning time (EXPLAIN PRIVACY).
     Ready(RecordBatch),
 }
@@ -58,33 +85,74 @@ enum Prepared {
 struct Entry {
     prepared: Arc<Prepared>,
     created: Instant,
+    user: String,
 }
 
 /// Shared state of the coordinator.
 pub struct CoordinatorState {
     config: CoordinatorConfig,
+    identity: Identity,
     nodes: Vec<NodeHandle>,
     catalog: tokio::sync::Mutex<Option<(Instant, Arc<Catalog>)>>,
     statements: Mutex<HashMap<Uuid, Entry>>,
+    store: Arc<dyn Store>,
+    auth: Authenticator,
+    health: RwLock<HashMap<String, NodeStatus>>,
+    sql_info: SqlInfoData,
 }
 
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
 impl CoordinatorState {
-    /// State for a config (channels connect lazily).
-    pub fn new(config: CoordinatorConfig) -> crate::Result<Self> {
-        let nodes = config
-            .nodes
-            .iter()
-            .map(NodeHandle::new)
-            .collect::<crate::Result<Vec<_>>>()?;
+    /// State for a config and a store (channels to nodes connect lazily).
+    pub fn new(
+        config: CoordinatorConfig,
+        store: Arc<dyn Store>,
+        nodes: Vec<NodeHandle>,
+    ) -> crate::Result<Self> {
+        let identity = Identity::load(&config.coordinator.signing_key).map_err(|e| {
+            crate::CoordinatorError::Config(format!(
+                "coordinator.signing_key: {} (create one with `confer keygen --out <file>`)",
+                e.message
+            ))
+        })?;
+        let mut info = SqlInfoDataBuilder::new();
+        info.append(SqlInfo::FlightSqlServerName, "confer");
+        info.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+        info.append(SqlInfo::FlightSqlServerArrowVersion, "59");
+        info.append(SqlInfo::FlightSqlServerReadOnly, true);
+        info.append(SqlInfo::FlightSqlServerSql, true);
+        info.append(SqlInfo::FlightSqlServerSubstrait, false);
+        info.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+        info.append(SqlInfo::FlightSqlServerCancel, false);
+        info.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+        info.append(SqlInfo::SqlDdlCatalog, false);
+        info.append(SqlInfo::SqlDdlSchema, false);
+        info.append(SqlInfo::SqlDdlTable, false);
+        let sql_info = info
+            .build()
+            .map_err(|e| crate::CoordinatorError::Config(format!("sql info: {e}")))?;
         Ok(Self {
+            auth: Authenticator::new(store.clone()),
+            store,
+            identity,
             config,
             nodes,
             catalog: tokio::sync::Mutex::new(None),
             statements: Mutex::new(HashMap::new()),
+            health: RwLock::new(HashMap::new()),
+            sql_info,
         })
     }
 
-    /// The network catalog, fetched from every node (cached briefly).
+    /// The state store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The network catalog, fetched from every node (cached briefly). A
+    /// node that does not answer is left out, and named in the log; the
+    /// catalog fails only if no node answers.
     pub async fn network_catalog(&self) -> Result<Arc<Catalog>, ProtocolError> {
         let mut cached = self.catalog.lock().await;
         if let Some((at, catalog)) = cached.as_ref()
@@ -93,13 +161,30 @@ impl CoordinatorState {
             return Ok(catalog.clone());
         }
         let timeout = self.config.node_timeout().min(Duration::from_secs(15));
-        let infos = fanout::all(&self.nodes, |n| async move { n.catalog(timeout).await }).await?;
+        let results = fanout::each(&self.nodes, |n| async move { n.catalog(timeout).await }).await;
+        let mut infos = Vec::new();
+        let mut failures = Vec::new();
+        for (name, r) in results {
+            match r {
+                Ok(info) => infos.push(info),
+                Err(e) => {
+                    warn!(node = %name, "no catalog from node: {}", e.message);
+                    failures.push(e);
+                }
+            }
+        }
+        if infos.is_empty() {
+            return Err(fanout::joined(failures));
+        }
         let catalog = Arc::new(Catalog::merge(&infos).map_err(ProtocolError::from)?);
-        *cached = Some((Instant::now(), catalog.clone()));
+        // A partial catalog is used but not cached, so a returning node is seen soon.
+        if failures.is_empty() {
+            *cached = Some((Instant::now(), catalog.clone()));
+        }
         Ok(catalog)
     }
 
-    fn store(&self, prepared: Prepared) -> Result<Uuid, ProtocolError> {
+    fn store_statement(&self, prepared: Prepared, user: &User) -> Result<Uuid, ProtocolError> {
         let handle = Uuid::new_v4();
         let mut map = self
             .statements
@@ -111,12 +196,13 @@ impl CoordinatorState {
             Entry {
                 prepared: Arc::new(prepared),
                 created: Instant::now(),
+                user: user.name.clone(),
             },
         );
         Ok(handle)
     }
 
-    fn lookup(&self, handle: &[u8]) -> Result<Arc<Prepared>, ProtocolError> {
+    fn lookup(&self, handle: &[u8], user: &User) -> Result<Arc<Prepared>, ProtocolError> {
         let id = std::str::from_utf8(handle)
             .ok()
             .and_then(|s| Uuid::parse_str(s).ok())
@@ -125,46 +211,116 @@ impl CoordinatorState {
             .statements
             .lock()
             .map_err(|_| ProtocolError::internal("statement table lock poisoned"))?;
-        map.get(&id).map(|e| e.prepared.clone()).ok_or_else(|| {
+        let entry = map.get(&id).ok_or_else(|| {
             ProtocolError::new(
                 ErrorKind::NotFound,
                 "this statement is unknown or expired (tickets last one hour, and do not survive a \
                  coordinator restart): execute the query again",
             )
-        })
+        })?;
+        if entry.user != user.name {
+            return Err(ProtocolError::new(
+                ErrorKind::PermissionDenied,
+                "this ticket belongs to another user",
+            ));
+        }
+        Ok(entry.prepared.clone())
     }
 
-    /// Compiles a statement; returns the result schema and a handle for DoGet.
-    #[instrument(skip_all)]
+    fn audit(&self, user: &str, study: Option<&str>, action: &str, outcome: &str, detail: String) {
+        let entry = CoordinatorAudit {
+            at_ms: now_ms(),
+            user: user.to_string(),
+            study: study.map(str::to_string),
+            action: action.to_string(),
+            outcome: outcome.to_string(),
+            detail,
+        };
+        if let Err(e) = self.store.audit(&entry) {
+            warn!("cannot write the coordinator audit log: {e}");
+        }
+    }
+
+    fn task_ttl(&self) -> Duration {
+        Duration::from_secs(self.config.coordinator.task_ttl_secs)
+    }
+
+    /// Compiles a statement for `user`; returns the result schema and a handle for DoGet.
+    #[instrument(skip_all, fields(user = %user.name))]
     pub async fn plan(
         &self,
         sql: &str,
-        study: &str,
-        researcher: &str,
+        user: &User,
+        study: Option<&str>,
     ) -> Result<(SchemaRef, Uuid), ProtocolError> {
+        let outcome = self.plan_inner(sql, user, study).await;
+        if let Err(e) = &outcome {
+            self.audit(&user.name, study, "plan", "refused", e.message.clone());
+        }
+        outcome
+    }
+
+    async fn plan_inner(
+        &self,
+        sql: &str,
+        user: &User,
+        study: Option<&str>,
+    ) -> Result<(SchemaRef, Uuid), ProtocolError> {
+        let need_study = |what: &str| {
+            study.ok_or_else(|| {
+                ProtocolError::invalid(format!(
+                    "{what} runs under a study: pass --study <name> (header {STUDY_HEADER})"
+                ))
+            })
+        };
         let statement = confer_query::parse(sql).map_err(ProtocolError::from)?;
         match statement {
             Statement::Query(parsed) => {
+                let study = self.auth.study(user, need_study("every query")?)?;
                 let catalog = self.network_catalog().await?;
                 let plan =
                     confer_query::compile(&parsed, &catalog, None).map_err(ProtocolError::from)?;
+                if !study.tables.is_empty()
+                    && let Some(t) = plan
+                        .tables
+                        .iter()
+                        .find(|t| !study.tables.iter().any(|s| s.eq_ignore_ascii_case(t)))
+                {
+                    return Err(ProtocolError::new(
+                        ErrorKind::PermissionDenied,
+                        format!(
+                            "study {} does not include table {t} (its tables: {}): ask an admin to extend the study",
+                            study.name,
+                            study.tables.join(", ")
+                        ),
+                    ));
+                }
                 confer_query::engine::validate(&plan, &catalog)
                     .await
                     .map_err(ProtocolError::from)?;
+                let min_sites = plan
+                    .options
+                    .min_sites
+                    .or(study.min_sites)
+                    .unwrap_or(self.nodes.len())
+                    .min(self.nodes.len());
                 let schema = plan.output_schema();
-                let task = Task::query(
-                    study,
-                    researcher,
-                    sql,
-                    Duration::from_secs(self.config.coordinator.task_ttl_secs),
-                );
+                let mut task = Task::query(&study.name, &user.name, sql, self.task_ttl());
+                task.study_info = Some(study_info(&study));
                 let task_id = task.id;
-                let envelope = Envelope::new(&task)?;
-                let handle = self.store(Prepared::Query {
-                    plan: Box::new(plan),
-                    envelope,
-                    task_id,
-                })?;
+                let envelope = self.identity.sign(&task)?;
+                let handle = self.store_statement(
+                    Prepared::Query {
+                        plan: Box::new(plan),
+                        envelope,
+                        task_id,
+                        study: study.name.clone(),
+                        user: user.name.clone(),
+                        min_sites,
+                        statement_hash: sha256_hex(sql.as_bytes()),
+                    },
+                    user,
+                )?;
                 Ok((schema, handle))
             }
             Statement::ExplainPrivacy(parsed) => {
@@ -176,46 +332,141 @@ impl CoordinatorState {
                     .map_err(ProtocolError::from)?;
                 let batch = explain(&plan, catalog.sites().len())?;
                 let schema = batch.schema();
-                let handle = self.store(Prepared::Ready(batch))?;
+                let handle = self.store_statement(Prepared::Ready(batch), user)?;
+                self.audit(&user.name, study, "explain", "ok", String::new());
                 Ok((schema, handle))
             }
-            Statement::ShowPrivacyBudget { .. } => Err(ProtocolError::invalid(
-                "SHOW PRIVACY BUDGET is not available in this version: each node's ledger records \
-                 its spending, and reporting it arrives with node governance",
-            )),
+            Statement::ShowPrivacyBudget { study: named } => {
+                let name = match named.as_deref() {
+                    Some(n) => n,
+                    None => need_study("SHOW PRIVACY BUDGET")?,
+                };
+                let study = self.auth.study(user, name)?;
+                let mut task = Task::budget(&study.name, &user.name, self.task_ttl());
+                task.study_info = Some(study_info(&study));
+                let envelope = self.identity.sign(&task)?;
+                let handle = self.store_statement(Prepared::Budget { envelope }, user)?;
+                Ok((crate::budget::schema(), handle))
+            }
         }
     }
 
     /// Runs a planned statement and returns its result.
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(user = %user.name))]
     pub async fn execute(
         &self,
         handle: &[u8],
+        user: &User,
     ) -> Result<(SchemaRef, Vec<RecordBatch>), ProtocolError> {
-        let prepared = self.lookup(handle)?;
+        let prepared = self.lookup(handle, user)?;
+        let policy = fanout::RetryPolicy {
+            timeout: self.config.node_timeout(),
+            retries: self.config.coordinator.retries,
+        };
         match prepared.as_ref() {
             Prepared::Ready(batch) => Ok((batch.schema(), vec![batch.clone()])),
+            Prepared::Budget { envelope } => {
+                let reports = fanout::all(&self.nodes, |n| async move {
+                    n.run_with_retries(envelope, policy).await
+                })
+                .await?;
+                let batch =
+                    crate::budget::combine(&reports, self.config.coordinator.max_sites_per_person)?;
+                self.audit(&user.name, None, "show_budget", "ok", String::new());
+                Ok((batch.schema(), vec![batch]))
+            }
             Prepared::Query {
                 plan,
                 envelope,
                 task_id,
+                study,
+                user: asked_by,
+                min_sites,
+                statement_hash,
             } => {
-                let timeout = self.config.node_timeout();
                 let started = Instant::now();
-                let partials =
-                    fanout::all(
-                        &self.nodes,
-                        |n| async move { n.run(envelope, timeout).await },
-                    )
-                    .await?;
+                let results = fanout::each(&self.nodes, |n| async move {
+                    n.run_with_retries(envelope, policy).await
+                })
+                .await;
+                let mut partials = Vec::new();
+                let mut failures = Vec::new();
+                let mut missing = Vec::new();
+                for (name, r) in results {
+                    match r.and_then(|p| {
+                        confer_query::combine::check(plan, &p).map_err(|e| {
+                            ProtocolError::new(
+                                ErrorKind::Internal,
+                                format!("node {name} sent a release that does not fit the query, set aside: {e}"),
+                            )
+                        })?;
+                        Ok(p)
+                    }) {
+                        Ok(p) => partials.push(p),
+                        Err(e) => {
+                            warn!(node = %name, "node left out of the answer: {}", e.message);
+                            missing.push(name);
+                            failures.push(e);
+                        }
+                    }
+                }
+                if partials.len() < *min_sites {
+                    let mut err = fanout::joined(failures);
+                    err.message = format!(
+                        "only {} of {} sites answered and this query needs {} (min_sites); missing {}: {}",
+                        partials.len(),
+                        self.nodes.len(),
+                        min_sites,
+                        missing.join(", "),
+                        err.message
+                    );
+                    self.audit(
+                        asked_by,
+                        Some(study),
+                        "query",
+                        "failed",
+                        err.message.clone(),
+                    );
+                    return Err(err);
+                }
                 let combined = combine(plan, &partials, *task_id).map_err(ProtocolError::from)?;
+                let combined = with_missing_sites(combined, &missing)?;
                 let schema = combined.schema();
+                let ipc = encode_ipc(&combined)?;
                 let batches = confer_query::engine::post_process(plan, combined)
                     .await
                     .map_err(ProtocolError::from)?;
+                let mut sites: Vec<String> = partials.iter().map(|p| p.site.clone()).collect();
+                sites.sort();
+                if let Err(e) = self.store.record_result(&ResultRecord {
+                    query_id: task_id.to_string(),
+                    study: study.clone(),
+                    user: asked_by.clone(),
+                    statement_hash: statement_hash.clone(),
+                    sites: sites.clone(),
+                    result: ipc,
+                }) {
+                    warn!("cannot store the result: {e}");
+                }
+                self.audit(
+                    asked_by,
+                    Some(study),
+                    "query",
+                    "ok",
+                    format!(
+                        "task {task_id}; sites {}{}",
+                        sites.join(","),
+                        if missing.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; missing {}", missing.join(","))
+                        }
+                    ),
+                );
                 info!(
                     task = %task_id,
                     sites = partials.len(),
+                    missing = missing.len(),
                     millis = started.elapsed().as_millis() as u64,
                     "query answered"
                 );
@@ -223,6 +474,104 @@ impl CoordinatorState {
             }
         }
     }
+
+    /// Checks every node's health once and records it.
+    pub async fn check_health(&self) {
+        let timeout = Duration::from_secs(5);
+        let results = fanout::each(&self.nodes, |n| async move {
+            let started = Instant::now();
+            n.health(timeout).await.map(|h| (h, started.elapsed()))
+        })
+        .await;
+        for (handle, (name, r)) in self.nodes.iter().zip(results) {
+            let previous = self.health.read().ok().and_then(|m| m.get(&name).cloned());
+            let status = match r {
+                Ok((h, rtt)) => NodeStatus {
+                    name: name.clone(),
+                    url: handle.url.clone(),
+                    healthy: true,
+                    checked_ms: now_ms(),
+                    last_seen_ms: Some(now_ms()),
+                    latency_ms: Some(rtt.as_secs_f64() * 1000.0),
+                    version: Some(h.version),
+                    error: None,
+                },
+                Err(e) => NodeStatus {
+                    name: name.clone(),
+                    url: handle.url.clone(),
+                    healthy: false,
+                    checked_ms: now_ms(),
+                    last_seen_ms: previous.as_ref().and_then(|p| p.last_seen_ms),
+                    latency_ms: None,
+                    version: previous.and_then(|p| p.version),
+                    error: Some(e.message),
+                },
+            };
+            if let Err(e) = self.store.set_node_status(&status) {
+                warn!("cannot record node status: {e}");
+            }
+            if let Ok(mut m) = self.health.write() {
+                m.insert(name, status);
+            }
+        }
+    }
+
+    /// The node registry with the latest health checks.
+    pub fn node_statuses(&self) -> Vec<NodeStatus> {
+        let map = self.health.read().map(|m| m.clone()).unwrap_or_default();
+        self.nodes
+            .iter()
+            .map(|n| {
+                map.get(&n.name).cloned().unwrap_or(NodeStatus {
+                    name: n.name.clone(),
+                    url: n.url.clone(),
+                    healthy: false,
+                    checked_ms: 0,
+                    last_seen_ms: None,
+                    latency_ms: None,
+                    version: None,
+                    error: Some("not checked yet".into()),
+                })
+            })
+            .collect()
+    }
+}
+
+fn study_info(study: &Study) -> StudyInfo {
+    StudyInfo {
+        title: study.title.clone(),
+        principal_investigator: study.principal_investigator.clone(),
+        ethics_ref: study.ethics_ref.clone(),
+        requested_epsilon: study.requested_epsilon,
+        requested_delta: study.requested_delta,
+    }
+}
+
+/// Notes the sites that did not answer in the result's metadata.
+fn with_missing_sites(
+    batch: RecordBatch,
+    missing: &[String],
+) -> Result<RecordBatch, ProtocolError> {
+    if missing.is_empty() {
+        return Ok(batch);
+    }
+    let schema = batch.schema();
+    let mut meta = schema.metadata().clone();
+    meta.insert(metadata::MISSING_SITES.to_string(), missing.join(","));
+    let schema = Arc::new(schema.as_ref().clone().with_metadata(meta));
+    RecordBatch::try_new(schema, batch.columns().to_vec())
+        .map_err(|e| ProtocolError::internal(e.to_string()))
+}
+
+fn encode_ipc(batch: &RecordBatch) -> Result<Vec<u8>, ProtocolError> {
+    let mut buf = Vec::new();
+    let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &batch.schema())
+        .map_err(|e| ProtocolError::internal(e.to_string()))?;
+    w.write(batch)
+        .map_err(|e| ProtocolError::internal(e.to_string()))?;
+    w.finish()
+        .map_err(|e| ProtocolError::internal(e.to_string()))?;
+    Ok(buf)
 }
 
 /// EXPLAIN PRIVACY: the plan, each aggregate's noise and expected error, the cost.
@@ -286,10 +635,7 @@ fn explain(plan: &FederatedPlan, sites: usize) -> Result<RecordBatch, ProtocolEr
             Field::new("item", DataType::Utf8, false),
             Field::new("value", DataType::Utf8, false),
         ],
-        HashMap::from([(
-            confer_protocol::metadata::EXPLAIN.to_string(),
-            "true".to_string(),
-        )]),
+        HashMap::from([(metadata::EXPLAIN.to_string(), "true".to_string())]),
     ));
     RecordBatch::try_new(
         schema,
@@ -318,57 +664,436 @@ impl CoordinatorService {
     }
 }
 
-fn header<T>(request: &Request<T>, name: &str, default: &str) -> String {
+fn header<T>(request: &Request<T>, name: &str) -> Option<String> {
     request
         .metadata()
         .get(name)
         .and_then(|v| v.to_str().ok())
+        .map(str::trim)
         .filter(|v| !v.is_empty())
-        .unwrap_or(default)
-        .to_string()
+        .map(str::to_string)
 }
 
-type DoGetStream =
-    Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send + 'static>>;
+fn batch_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> Stream_<arrow_flight::FlightData> {
+    Box::pin(
+        FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(futures::stream::iter(batches.into_iter().map(Ok)))
+            .map_err(Status::from),
+    )
+}
+
+fn flight_info<M: ProstMessageExt>(
+    schema: &Schema,
+    ticket: M,
+    descriptor: FlightDescriptor,
+) -> Result<FlightInfo, Status> {
+    Ok(FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|e| Status::internal(e.to_string()))?
+        .with_endpoint(
+            FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec())),
+        )
+        .with_descriptor(descriptor))
+}
+
+fn json_result<T: serde::Serialize>(value: &T) -> Result<Stream_<arrow_flight::Result>, Status> {
+    let body = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Box::pin(futures::stream::iter([Ok(
+        arrow_flight::Result::new(body),
+    )])))
+}
+
+/// Names of the custom actions.
+pub mod custom {
+    /// Node registry and health.
+    pub const NODES: &str = "confer.nodes";
+    /// The calling user.
+    pub const WHOAMI: &str = "confer.whoami";
+    /// Create a study (admin). Body: JSON study.
+    pub const STUDY_CREATE: &str = "confer.study.create";
+    /// Studies the caller may use (all for admins).
+    pub const STUDY_LIST: &str = "confer.study.list";
+    /// One study. Body: its name.
+    pub const STUDY_SHOW: &str = "confer.study.show";
+    /// Users (admin).
+    pub const USER_LIST: &str = "confer.user.list";
+}
+
+/// What a client sends to create a study.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NewStudy {
+    /// Short name.
+    pub name: String,
+    /// Title.
+    pub title: String,
+    /// Principal investigator (user name).
+    pub principal_investigator: String,
+    /// Members.
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// Tables (empty: any).
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Requested epsilon per node.
+    pub requested_epsilon: f64,
+    /// Requested delta per node.
+    pub requested_delta: f64,
+    /// Ethics approval reference.
+    pub ethics_ref: String,
+    /// Fewest sites that must answer.
+    #[serde(default)]
+    pub min_sites: Option<usize>,
+}
+
+impl CoordinatorService {
+    fn create_study(&self, user: &User, body: &[u8]) -> Result<Study, ProtocolError> {
+        let new: NewStudy = serde_json::from_slice(body).map_err(|e| {
+            ProtocolError::invalid(format!("the study description is not valid JSON: {e}"))
+        })?;
+        if new.name.is_empty()
+            || !new
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ProtocolError::invalid(format!(
+                "study name {:?}: use letters, digits, '_' and '-'",
+                new.name
+            )));
+        }
+        let epsilon_ok = new.requested_epsilon > 0.0 && new.requested_epsilon.is_finite();
+        if !epsilon_ok || !(0.0..1.0).contains(&new.requested_delta)
+        {
+            return Err(ProtocolError::invalid(
+                "the requested budget needs epsilon > 0 and 0 <= delta < 1",
+            ));
+        }
+        if new.ethics_ref.trim().is_empty() {
+            return Err(ProtocolError::invalid(
+                "a study needs its ethics approval reference (--ethics-ref)",
+            ));
+        }
+        for person in std::iter::once(&new.principal_investigator).chain(&new.members) {
+            if self
+                .state
+                .store
+                .user_by_name(person)
+                .map_err(ProtocolError::from)?
+                .is_none()
+            {
+                return Err(ProtocolError::invalid(format!(
+                    "{person} is not a user: add users before naming them in a study"
+                )));
+            }
+        }
+        let study = Study {
+            name: new.name,
+            title: new.title,
+            principal_investigator: new.principal_investigator,
+            members: new.members,
+            tables: new.tables.iter().map(|t| t.to_ascii_lowercase()).collect(),
+            requested_epsilon: new.requested_epsilon,
+            requested_delta: new.requested_delta,
+            ethics_ref: new.ethics_ref,
+            min_sites: new.min_sites,
+            created_ms: now_ms(),
+            created_by: user.name.clone(),
+        };
+        self.state
+            .store
+            .create_study(&study)
+            .map_err(ProtocolError::from)?;
+        Ok(study)
+    }
+}
 
 #[tonic::async_trait]
 impl FlightSqlService for CoordinatorService {
     type FlightService = CoordinatorService;
+
+    async fn do_handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Stream_<HandshakeResponse>>, Status> {
+        let header = header(&request, "authorization").ok_or_else(|| {
+            Status::unauthenticated(
+                "the handshake expects `authorization: Basic <base64(user:token)>`",
+            )
+        })?;
+        let token = self.state.auth.basic(&header)?;
+        let out: Stream_<HandshakeResponse> =
+            Box::pin(futures::stream::iter([Ok(HandshakeResponse {
+                protocol_version: 0,
+                payload: token.clone().into_bytes().into(),
+            })]));
+        let mut response = Response::new(out);
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Status::internal("token is not a valid header value"))?;
+        response.metadata_mut().insert("authorization", value);
+        Ok(response)
+    }
 
     async fn get_flight_info_statement(
         &self,
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let study = header(&request, STUDY_HEADER, DEFAULT_STUDY);
-        let researcher = header(&request, RESEARCHER_HEADER, "anonymous");
-        let (schema, handle) = self.state.plan(&query.query, &study, &researcher).await?;
+        let user = self.state.auth.authorize(&request, Perm::Query)?;
+        let study = header(&request, STUDY_HEADER);
+        let (schema, handle) = self
+            .state
+            .plan(&query.query, &user, study.as_deref())
+            .await?;
         let ticket = TicketStatementQuery {
             statement_handle: handle.to_string().into_bytes().into(),
         };
-        let info = FlightInfo::new()
-            .try_with_schema(schema.as_ref())
-            .map_err(|e| Status::internal(e.to_string()))?
-            .with_endpoint(
-                FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec())),
-            )
-            .with_descriptor(request.into_inner());
-        Ok(Response::new(info))
+        Ok(Response::new(flight_info(
+            schema.as_ref(),
+            ticket,
+            request.into_inner(),
+        )?))
     }
 
     async fn do_get_statement(
         &self,
         ticket: TicketStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let (schema, batches) = self.state.execute(&ticket.statement_handle).await?;
-        let stream: DoGetStream = Box::pin(
-            FlightDataEncoderBuilder::new()
-                .with_schema(schema)
-                .build(futures::stream::iter(batches.into_iter().map(Ok)))
-                .map_err(Status::from),
-        );
+        let user = self.state.auth.authorize(&request, Perm::Query)?;
+        let (schema, batches) = self.state.execute(&ticket.statement_handle, &user).await?;
+        Ok(Response::new(batch_stream(schema, batches)))
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.state.auth.authorize(&request, Perm::Browse)?;
+        let schema = query.clone().into_builder(&self.state.sql_info).schema();
+        Ok(Response::new(flight_info(
+            schema.as_ref(),
+            query,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.state.auth.authorize(&request, Perm::Browse)?;
+        let builder = query.into_builder(&self.state.sql_info);
+        let schema = builder.schema();
+        let batch = builder.build().map_err(Status::from)?;
+        Ok(Response::new(batch_stream(schema, vec![batch])))
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.state.auth.authorize(&request, Perm::Browse)?;
+        let schema = query.into_builder().schema();
+        Ok(Response::new(flight_info(
+            schema.as_ref(),
+            query,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.state.auth.authorize(&request, Perm::Browse)?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG_NAME);
+        let schema = builder.schema();
+        let batch = builder.build().map_err(Status::from)?;
+        Ok(Response::new(batch_stream(schema, vec![batch])))
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.state.auth.authorize(&request, Perm::Browse)?;
+        let schema = query.clone().into_builder().schema();
+        Ok(Response::new(flight_info(
+            schema.as_ref(),
+            query,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.state.auth.authorize(&request, Perm::Browse)?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG_NAME, SCHEMA_NAME);
+        let schema = builder.schema();
+        let batch = builder.build().map_err(Status::from)?;
+        Ok(Response::new(batch_stream(schema, vec![batch])))
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.state.auth.authorize(&request, Perm::Browse)?;
+        let schema = query.clone().into_builder().schema();
+        Ok(Response::new(flight_info(
+            schema.as_ref(),
+            query,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.state.auth.authorize(&request, Perm::Browse)?;
+        let catalog = self.state.network_catalog().await?;
+        let mut builder = query.into_builder();
+        for table in catalog.tables() {
+            let schema = crate::catalog_view::table_schema(table);
+            builder
+                .append(CATALOG_NAME, SCHEMA_NAME, &table.name, "TABLE", &schema)
+                .map_err(Status::from)?;
+        }
+        let schema = builder.schema();
+        let batch = builder.build().map_err(Status::from)?;
+        Ok(Response::new(batch_stream(schema, vec![batch])))
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.state.auth.authorize(&request, Perm::Browse)?;
+        let schema = query.into_builder().schema();
+        Ok(Response::new(flight_info(
+            schema.as_ref(),
+            query,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.state.auth.authorize(&request, Perm::Browse)?;
+        let mut builder = query.into_builder();
+        builder.append("TABLE");
+        let schema = builder.schema();
+        let batch = builder.build().map_err(Status::from)?;
+        Ok(Response::new(batch_stream(schema, vec![batch])))
+    }
+
+    async fn do_action_fallback(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
+        let kind = request.get_ref().r#type.clone();
+        let perm = match kind.as_str() {
+            custom::NODES => Perm::NodeStatus,
+            custom::WHOAMI | custom::STUDY_LIST | custom::STUDY_SHOW => Perm::ReadStudies,
+            custom::STUDY_CREATE => Perm::ManageStudies,
+            custom::USER_LIST => Perm::ManageUsers,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown action {other}: the coordinator serves {}, {}, {}, {}, {} and {}",
+                    custom::NODES,
+                    custom::WHOAMI,
+                    custom::STUDY_CREATE,
+                    custom::STUDY_LIST,
+                    custom::STUDY_SHOW,
+                    custom::USER_LIST
+                )));
+            }
+        };
+        let user = match self.state.auth.authorize(&request, perm) {
+            Ok(u) => u,
+            Err(e) => {
+                let who = self
+                    .state
+                    .auth
+                    .user(&request)
+                    .map(|u| u.name)
+                    .unwrap_or_default();
+                self.state
+                    .audit(&who, None, &kind, "refused", e.message.clone());
+                return Err(e.into());
+            }
+        };
+        let body = request.into_inner().body;
+        let stream = match kind.as_str() {
+            custom::NODES => json_result(&self.state.node_statuses())?,
+            custom::WHOAMI => json_result(&user)?,
+            custom::STUDY_CREATE => {
+                let study = self.create_study(&user, &body)?;
+                self.state
+                    .audit(&user.name, Some(&study.name), &kind, "ok", String::new());
+                json_result(&study)?
+            }
+            custom::STUDY_LIST => {
+                let studies: Vec<Study> = self
+                    .state
+                    .store
+                    .studies()
+                    .map_err(ProtocolError::from)?
+                    .into_iter()
+                    .filter(|s| s.admits(&user))
+                    .collect();
+                json_result(&studies)?
+            }
+            custom::STUDY_SHOW => {
+                let name = String::from_utf8_lossy(&body).trim().to_string();
+                json_result(&self.state.auth.study(&user, &name)?)?
+            }
+            custom::USER_LIST => {
+                json_result(&self.state.store.users().map_err(ProtocolError::from)?)?
+            }
+            _ => return Err(Status::internal("unhandled action")),
+        };
         Ok(Response::new(stream))
+    }
+
+    async fn list_custom_actions(&self) -> Option<Vec<Result<ActionType, Status>>> {
+        Some(
+            [
+                (custom::NODES, "node registry and health (JSON)"),
+                (custom::WHOAMI, "the calling user (JSON)"),
+                (custom::STUDY_CREATE, "create a study (admin; body: JSON)"),
+                (custom::STUDY_LIST, "studies you may use (JSON)"),
+                (custom::STUDY_SHOW, "one study (body: its name)"),
+                (custom::USER_LIST, "users (admin; JSON)"),
+            ]
+            .into_iter()
+            .map(|(t, d)| {
+                Ok(ActionType {
+                    r#type: t.into(),
+                    description: d.into(),
+                })
+            })
+            .collect(),
+        )
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}

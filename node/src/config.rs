@@ -4,7 +4,11 @@
 //! [node]
 //! name = "site-a"                 # the site name researchers see
 //! listen = "127.0.0.1:50051"      # host:port (port 0 picks a free port)
-//! state_dir = "state/site-a"      # privacy ledger (SQLite)
+//! state_dir = "state/site-a"      # privacy ledger and audit log (SQLite)
+//! coordinator_key = "9f2c..."     # the coordinator's Ed25519 public key (hex)
+//!
+//! [policy]                        # see crate::policy
+//! approval = "manual"
 //!
 //! [tables.person]
 //! path = "data/site-a/PERSON.csv" # a file or a directory of files
@@ -25,6 +29,7 @@ use confer_protocol::catalog::DomainValue;
 use serde::Deserialize;
 
 use crate::error::{NodeError, Result};
+use crate::policy::{Policy, PolicyConfig};
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -32,9 +37,19 @@ use crate::error::{NodeError, Result};
 pub struct NodeConfig {
     /// Identity and network.
     pub node: NodeSection,
+    /// The data steward's policy (reloaded when the file changes).
+    #[serde(default)]
+    pub policy: PolicyConfig,
     /// Tables, by the name queries use.
     #[serde(default)]
     pub tables: BTreeMap<String, TableConfig>,
+    /// Mutual TLS: this node's certificate and key, and the network CA.
+    /// Only the coordinator's certificate may connect.
+    #[serde(default)]
+    pub tls: Option<confer_transport::TlsFiles>,
+    /// The file this was read from, if any (for policy reloads).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[node]`.
@@ -45,8 +60,16 @@ pub struct NodeSection {
     pub name: String,
     /// Address to listen on.
     pub listen: String,
-    /// Directory for the node's durable state (privacy ledger).
+    /// Directory for the node's durable state (privacy ledger, audit log).
     pub state_dir: PathBuf,
+    /// The coordinator's Ed25519 public key, hex: only tasks it signed are
+    /// run. Give this or `coordinator_key_file`.
+    #[serde(default)]
+    pub coordinator_key: Option<String>,
+    /// A file holding that public key (as `confer keygen` writes it beside
+    /// the secret key, `<key>.pub`).
+    #[serde(default)]
+    pub coordinator_key_file: Option<PathBuf>,
 }
 
 /// The file format of a table source.
@@ -121,10 +144,12 @@ impl NodeConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| NodeError::Config(format!("cannot read {}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|e| match e {
+        let mut config = Self::parse(&text, base).map_err(|e| match e {
             NodeError::Config(msg) => NodeError::Config(format!("{}: {msg}", path.display())),
             other => other,
-        })
+        })?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses config text; relative paths are resolved against `base`.
@@ -139,6 +164,14 @@ impl NodeConfig {
     fn resolve(&mut self, base: &Path) {
         if self.node.state_dir.is_relative() {
             self.node.state_dir = base.join(&self.node.state_dir);
+        }
+        if let Some(f) = &self.node.coordinator_key_file
+            && f.is_relative()
+        {
+            self.node.coordinator_key_file = Some(base.join(f));
+        }
+        if let Some(tls) = &mut self.tls {
+            tls.resolve(base);
         }
         for table in self.tables.values_mut() {
             if table.path.is_relative() {
@@ -159,6 +192,8 @@ impl NodeConfig {
             )));
         }
         self.listen_addr()?;
+        self.coordinator_key()?;
+        Policy::from_config(&self.policy)?;
         for (table, t) in &self.tables {
             if table.is_empty() || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(NodeError::Config(format!(
@@ -190,6 +225,31 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The coordinator's public key, from `coordinator_key` or `coordinator_key_file`.
+    pub fn coordinator_key(&self) -> Result<confer_protocol::signing::PublicKey> {
+        let (field, text) = match (&self.node.coordinator_key, &self.node.coordinator_key_file) {
+            (Some(k), None) => ("node.coordinator_key", k.clone()),
+            (None, Some(f)) => (
+                "node.coordinator_key_file",
+                std::fs::read_to_string(f).map_err(|e| {
+                    NodeError::Config(format!("node.coordinator_key_file = {}: {e}", f.display()))
+                })?,
+            ),
+            _ => {
+                return Err(NodeError::Config(
+                    "[node] needs exactly one of coordinator_key (hex) or coordinator_key_file: \
+                     the coordinator's public key, printed by `confer keygen`"
+                        .into(),
+                ));
+            }
+        };
+        confer_protocol::signing::PublicKey::from_hex(&text).map_err(|e| {
+            NodeError::Config(format!(
+                "{field}: {e} (`confer keygen` prints the public key)"
+            ))
+        })
     }
 
     /// The listen address.
@@ -234,6 +294,7 @@ mod tests {
 name = "site-a"
 listen = "127.0.0.1:0"
 state_dir = "state"
+coordinator_key = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
 
 [tables.person]
 path = "PERSON.csv"

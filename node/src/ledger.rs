@@ -1,51 +1,209 @@
-//! The privacy ledger: every release, its cost, and the released bytes,
-//! durably on disk before anything leaves the node.
+//! The node's durable state: the privacy ledger, study approvals, and the
+//! hash-chained audit log, in one SQLite database (`state_dir/ledger.sqlite`,
+//! WAL, `synchronous = FULL`).
 //!
-//! SQLite in WAL mode with `synchronous = FULL`: a committed transaction
-//! survives a crash or power loss. A release is recorded in one transaction
-//! (debit and result together), and only after the commit returns does the
-//! node send the result. A task id is the primary key, so a retried task is
-//! answered with the stored result and is never charged twice.
+//! * **Releases.** A release is recorded in one transaction that checks the
+//!   remaining budget, inserts the debit with the exact bytes to be sent,
+//!   and appends the audit record. Only after the commit returns does the
+//!   node send anything. A task id is the primary key: a retried task is
+//!   answered with the stored bytes and never charged twice; a different
+//!   task under a used id is refused as a replay.
+//! * **Studies.** Approval state per study (pending, approved, denied with a
+//!   reason), with an optional budget set by the steward.
+//! * **Audit.** Append-only records of every task received (released,
+//!   retried or refused, and why), every steward decision and every policy
+//!   reload, each holding the SHA-256 of the previous record. The newest
+//!   record's sequence number and hash are also written to `audit.head`
+//!   beside the database, so deleting records at the end is detected too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension, params};
-use sha2::{Digest, Sha256};
+use confer_protocol::signing::sha256_hex;
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::{NodeError, Result};
 
-/// One debit.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Debit {
-    /// The task that spent.
-    pub task_id: Uuid,
-    /// The study charged.
-    pub study: String,
-    /// The researcher who asked.
-    pub researcher: String,
+/// Hash that precedes the first audit record.
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Relative tolerance when comparing spending with a budget, so that
+/// floating-point sums of many small debits do not refuse the last one
+/// that exactly fits.
+const BUDGET_TOLERANCE: f64 = 1e-9;
+
+/// What one release costs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Cost {
     /// zCDP rho charged.
     pub rho: f64,
-    /// Epsilon reported for the release.
+    /// Epsilon reported.
     pub epsilon: f64,
-    /// Delta reported for the release.
+    /// Delta reported.
     pub delta: f64,
 }
 
-/// What a study has spent at this node.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Spent {
-    /// Total zCDP rho.
-    pub rho: f64,
-    /// Number of releases.
+/// A release about to be recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Charge {
+    /// The task.
+    pub task_id: Uuid,
+    /// SHA-256 of the signed payload (to tell a retry from a replay).
+    pub payload_hash: String,
+    /// Study charged.
+    pub study: String,
+    /// Researcher who asked.
+    pub researcher: String,
+    /// What kind of task (`query`, `train`, ...).
+    pub kind: String,
+    /// Its cost.
+    pub cost: Cost,
+    /// The study's total budget at this node (rho).
+    pub study_budget: f64,
+    /// The researcher's budget within the study (rho), if any.
+    pub researcher_budget: Option<f64>,
+}
+
+/// Why a charge was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// Not enough budget; the message has the figures.
+    Budget(String),
+    /// The task id was used for a different task.
+    Replay(String),
+}
+
+/// A release that is already on record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    /// SHA-256 of the payload that was released.
+    pub payload_hash: String,
+    /// The released bytes.
+    pub result: Vec<u8>,
+}
+
+/// Approval state of a study at this node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StudyStatus {
+    /// Never seen.
+    Unknown,
+    /// Waiting for the steward.
+    Pending,
+    /// Approved; the steward may have set the budget (rho).
+    Approved {
+        /// Budget set by the steward, overriding the policy's.
+        budget_rho: Option<f64>,
+    },
+    /// Denied, with the reason the researcher sees.
+    Denied {
+        /// The steward's reason.
+        reason: String,
+    },
+}
+
+/// A study as listed by `confer node studies`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StudyRow {
+    /// Name.
+    pub study: String,
+    /// pending / approved / denied.
+    pub status: String,
+    /// Denial reason.
+    pub reason: Option<String>,
+    /// Budget set by the steward (rho), if any.
+    pub budget_rho: Option<f64>,
+    /// Spent so far (rho).
+    pub spent_rho: f64,
+    /// Releases so far.
     pub releases: u64,
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the chain, from 1.
+    pub seq: i64,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// The task, if the record is about one.
+    pub task_id: Option<String>,
+    /// The study concerned.
+    pub study: Option<String>,
+    /// The researcher (or steward) concerned.
+    pub actor: Option<String>,
+    /// What happened: query, budget, approve, deny, policy, ...
+    pub kind: String,
+    /// released, retried, refused, recorded.
+    pub decision: String,
+    /// Why (refusal reasons, steward reasons), or a note.
+    pub reason: Option<String>,
+    /// zCDP rho charged (0 when nothing was released).
+    pub rho: f64,
+    /// Epsilon reported.
+    pub epsilon: f64,
+    /// Delta reported.
+    pub delta: f64,
+    /// SHA-256 of the released bytes.
+    pub result_hash: Option<String>,
+    /// Hash of the previous record.
+    pub prev_hash: String,
+    /// Hash of this record.
+    pub hash: String,
+}
+
+/// A new audit record, before it is chained.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditEntry {
+    /// The task.
+    pub task_id: Option<Uuid>,
+    /// The study.
+    pub study: Option<String>,
+    /// The researcher or steward.
+    pub actor: Option<String>,
+    /// What happened.
+    pub kind: String,
+    /// released, retried, refused, recorded.
+    pub decision: String,
+    /// Why.
+    pub reason: Option<String>,
+    /// Cost charged.
+    pub cost: Option<Cost>,
+    /// SHA-256 of released bytes.
+    pub result_hash: Option<String>,
+}
+
+/// The outcome of `confer audit verify`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verification {
+    /// Records checked.
+    pub records: usize,
+    /// The first problem found, naming the record.
+    pub problem: Option<String>,
+}
+
+/// Filter for listing audit records.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Only this study.
+    pub study: Option<String>,
+    /// Only records at or after this time (ms since the epoch).
+    pub since_ms: Option<i64>,
 }
 
 /// The ledger database.
 pub struct Ledger {
     conn: Mutex<Connection>,
     path: PathBuf,
+    head_path: PathBuf,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Ledger {
@@ -65,20 +223,48 @@ impl Ledger {
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS releases (
-                 task_id     TEXT PRIMARY KEY,
-                 study       TEXT NOT NULL,
-                 researcher  TEXT NOT NULL,
+                 task_id      TEXT PRIMARY KEY,
+                 payload_hash TEXT NOT NULL,
+                 study        TEXT NOT NULL,
+                 researcher   TEXT NOT NULL,
+                 kind         TEXT NOT NULL,
+                 rho          REAL NOT NULL,
+                 epsilon      REAL NOT NULL,
+                 delta        REAL NOT NULL,
+                 created_ms   INTEGER NOT NULL,
+                 result_hash  TEXT NOT NULL,
+                 result       BLOB NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS releases_study ON releases(study, researcher);
+             CREATE TABLE IF NOT EXISTS studies (
+                 study       TEXT PRIMARY KEY,
+                 status      TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'denied')),
+                 reason      TEXT,
+                 budget_rho  REAL,
+                 first_seen_ms INTEGER NOT NULL,
+                 decided_ms  INTEGER,
+                 decided_by  TEXT
+             );
+             CREATE TABLE IF NOT EXISTS audit (
+                 seq         INTEGER PRIMARY KEY,
+                 at_ms       INTEGER NOT NULL,
+                 task_id     TEXT,
+                 study       TEXT,
+                 actor       TEXT,
+                 kind        TEXT NOT NULL,
+                 decision    TEXT NOT NULL,
+                 reason      TEXT,
                  rho         REAL NOT NULL,
                  epsilon     REAL NOT NULL,
                  delta       REAL NOT NULL,
-                 created_at  INTEGER NOT NULL,
-                 result_hash TEXT NOT NULL,
-                 result      BLOB NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS releases_study ON releases(study);",
+                 result_hash TEXT,
+                 prev_hash   TEXT NOT NULL,
+                 hash        TEXT NOT NULL
+             );",
         )?;
         Ok(Self {
             conn: Mutex::new(conn),
+            head_path: state_dir.join("audit.head"),
             path,
         })
     }
@@ -94,127 +280,708 @@ impl Ledger {
             .map_err(|_| NodeError::Ledger("ledger lock poisoned by an earlier panic".into()))
     }
 
-    /// The stored result of a task already released, if any.
-    pub fn stored_result(&self, task_id: Uuid) -> Result<Option<Vec<u8>>> {
+    /// A release already on record for `task_id`.
+    pub fn stored(&self, task_id: Uuid) -> Result<Option<Stored>> {
         let conn = self.conn()?;
         Ok(conn
             .query_row(
-                "SELECT result FROM releases WHERE task_id = ?1",
+                "SELECT payload_hash, result FROM releases WHERE task_id = ?1",
                 params![task_id.to_string()],
-                |row| row.get(0),
+                |row| {
+                    Ok(Stored {
+                        payload_hash: row.get(0)?,
+                        result: row.get(1)?,
+                    })
+                },
             )
             .optional()?)
     }
 
-    /// Records a debit with the bytes about to be released, durably. Returns
-    /// the bytes to send: `result`, or the stored result if the same task
-    /// was recorded first by a concurrent retry.
-    pub fn record(&self, debit: &Debit, result: Vec<u8>) -> Result<Vec<u8>> {
+    /// Checks the budget and records the release with its audit record, in
+    /// one durable transaction. Returns the bytes to send (the stored ones if
+    /// a retry of the same task committed first), or why it was refused (the
+    /// refusal is audited).
+    pub fn release(
+        &self,
+        charge: &Charge,
+        result: Vec<u8>,
+    ) -> Result<std::result::Result<Vec<u8>, Refusal>> {
         let mut conn = self.conn()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let existing: Option<Vec<u8>> = tx
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<(String, Vec<u8>)> = tx
             .query_row(
-                "SELECT result FROM releases WHERE task_id = ?1",
-                params![debit.task_id.to_string()],
-                |row| row.get(0),
+                "SELECT payload_hash, result FROM releases WHERE task_id = ?1",
+                params![charge.task_id.to_string()],
+                |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .optional()?;
-        if let Some(stored) = existing {
-            return Ok(stored);
+        if let Some((payload_hash, stored)) = existing {
+            if payload_hash == charge.payload_hash {
+                return Ok(Ok(stored));
+            }
+            let why = format!(
+                "task id {} was already used for a different task: refused as a replay",
+                charge.task_id
+            );
+            let head = append(&tx, &refusal_entry(charge, &why))?;
+            tx.commit()?;
+            self.write_head(head);
+            return Ok(Err(Refusal::Replay(why)));
         }
-        let hash = hex::encode(Sha256::digest(&result));
+        if let Some(why) = budget_refusal(&tx, charge)? {
+            let head = append(&tx, &refusal_entry(charge, &why))?;
+            tx.commit()?;
+            self.write_head(head);
+            return Ok(Err(Refusal::Budget(why)));
+        }
+        let result_hash = sha256_hex(&result);
         tx.execute(
-            "INSERT INTO releases (task_id, study, researcher, rho, epsilon, delta, created_at, result_hash, result)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO releases (task_id, payload_hash, study, researcher, kind, rho, epsilon, delta,
+                                   created_ms, result_hash, result)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
-                debit.task_id.to_string(),
-                debit.study,
-                debit.researcher,
-                debit.rho,
-                debit.epsilon,
-                debit.delta,
-                confer_protocol::task::unix_now() as i64,
-                hash,
+                charge.task_id.to_string(),
+                charge.payload_hash,
+                charge.study,
+                charge.researcher,
+                charge.kind,
+                charge.cost.rho,
+                charge.cost.epsilon,
+                charge.cost.delta,
+                now_ms(),
+                result_hash,
                 result,
             ],
         )?;
+        let head = append(
+            &tx,
+            &AuditEntry {
+                task_id: Some(charge.task_id),
+                study: Some(charge.study.clone()),
+                actor: Some(charge.researcher.clone()),
+                kind: charge.kind.clone(),
+                decision: "released".into(),
+                reason: None,
+                cost: Some(charge.cost),
+                result_hash: Some(result_hash),
+            },
+        )?;
         tx.commit()?;
-        Ok(result)
+        self.write_head(head);
+        Ok(Ok(result))
     }
 
-    /// What `study` has spent here.
-    pub fn spent(&self, study: &str) -> Result<Spent> {
+    /// Why `charge` would exceed a budget now, if it would (read only).
+    pub fn check_budget(&self, charge: &Charge) -> Result<Option<String>> {
         let conn = self.conn()?;
-        let (rho, releases): (Option<f64>, i64) = conn.query_row(
-            "SELECT SUM(rho), COUNT(*) FROM releases WHERE study = ?1",
-            params![study],
-            |row| Ok((row.get(0)?, row.get(1)?)),
+        budget_refusal(&conn, charge)
+    }
+
+    /// Appends an audit record in its own transaction.
+    pub fn audit(&self, entry: &AuditEntry) -> Result<()> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let head = append(&tx, entry)?;
+        tx.commit()?;
+        self.write_head(head);
+        Ok(())
+    }
+
+    fn write_head(&self, (seq, hash): (i64, String)) {
+        // Best effort after the commit: a head that lags behind the database
+        // is harmless (verification only fails when records are missing).
+        let current = std::fs::read_to_string(&self.head_path)
+            .ok()
+            .and_then(|t| {
+                t.split_whitespace()
+                    .next()
+                    .and_then(|s| s.parse::<i64>().ok())
+            })
+            .unwrap_or(0);
+        if seq > current {
+            let tmp = self.head_path.with_extension("head.tmp");
+            if std::fs::write(&tmp, format!("{seq} {hash}\n")).is_ok() {
+                let _ = std::fs::rename(&tmp, &self.head_path);
+            }
+        }
+    }
+
+    /// The approval state of `study`.
+    pub fn study_status(&self, study: &str) -> Result<StudyStatus> {
+        let conn = self.conn()?;
+        status_in(&conn, study)
+    }
+
+    /// Records a study seen for the first time: approved (auto) or pending (manual).
+    pub fn register_study(&self, study: &str, approve: bool, by: &str) -> Result<StudyStatus> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let status = status_in(&tx, study)?;
+        if status != StudyStatus::Unknown {
+            return Ok(status);
+        }
+        let now = now_ms();
+        if approve {
+            tx.execute(
+                "INSERT INTO studies (study, status, first_seen_ms, decided_ms, decided_by) VALUES (?1, 'approved', ?2, ?2, ?3)",
+                params![study, now, by],
+            )?;
+        } else {
+            tx.execute(
+                "INSERT INTO studies (study, status, first_seen_ms) VALUES (?1, 'pending', ?2)",
+                params![study, now],
+            )?;
+        }
+        let head = append(
+            &tx,
+            &AuditEntry {
+                study: Some(study.to_string()),
+                actor: Some(by.to_string()),
+                kind: "study".into(),
+                decision: if approve { "approved" } else { "pending" }.into(),
+                reason: Some(if approve {
+                    "approved automatically by policy".into()
+                } else {
+                    "first seen; waits for the data steward".into()
+                }),
+                ..Default::default()
+            },
         )?;
-        Ok(Spent {
-            rho: rho.unwrap_or(0.0),
-            releases: releases as u64,
+        tx.commit()?;
+        self.write_head(head);
+        Ok(if approve {
+            StudyStatus::Approved { budget_rho: None }
+        } else {
+            StudyStatus::Pending
         })
     }
+
+    /// The steward approves a study, optionally setting its budget here.
+    pub fn approve(&self, study: &str, budget_rho: Option<f64>, by: &str) -> Result<()> {
+        self.decide(study, "approved", None, budget_rho, by)
+    }
+
+    /// The steward denies a study, with a reason the researcher sees.
+    pub fn deny(&self, study: &str, reason: &str, by: &str) -> Result<()> {
+        self.decide(study, "denied", Some(reason), None, by)
+    }
+
+    fn decide(
+        &self,
+        study: &str,
+        status: &str,
+        reason: Option<&str>,
+        budget_rho: Option<f64>,
+        by: &str,
+    ) -> Result<()> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO studies (study, status, reason, budget_rho, first_seen_ms, decided_ms, decided_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
+             ON CONFLICT(study) DO UPDATE SET status = ?2, reason = ?3, budget_rho = ?4, decided_ms = ?5, decided_by = ?6",
+            params![study, status, reason, budget_rho, now, by],
+        )?;
+        let note = match (reason, budget_rho) {
+            (Some(r), _) => Some(r.to_string()),
+            (None, Some(rho)) => Some(format!("budget set to rho = {rho}")),
+            (None, None) => None,
+        };
+        let head = append(
+            &tx,
+            &AuditEntry {
+                study: Some(study.to_string()),
+                actor: Some(by.to_string()),
+                kind: "study".into(),
+                decision: status.into(),
+                reason: note,
+                ..Default::default()
+            },
+        )?;
+        tx.commit()?;
+        self.write_head(head);
+        Ok(())
+    }
+
+    /// Spent by a study (and optionally one researcher), in rho.
+    pub fn spent(&self, study: &str, researcher: Option<&str>) -> Result<f64> {
+        let conn = self.conn()?;
+        spent_in(&conn, study, researcher)
+    }
+
+    /// Every study known here, with its spending.
+    pub fn studies(&self) -> Result<Vec<StudyRow>> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT s.study, s.status, s.reason, s.budget_rho,
+                    COALESCE((SELECT SUM(rho) FROM releases r WHERE r.study = s.study), 0),
+                    (SELECT COUNT(*) FROM releases r WHERE r.study = s.study)
+             FROM studies s
+             UNION ALL
+             SELECT r.study, 'approved', NULL, NULL, SUM(r.rho), COUNT(*) FROM releases r
+             WHERE r.study NOT IN (SELECT study FROM studies) GROUP BY r.study
+             ORDER BY 1",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok(StudyRow {
+                study: row.get(0)?,
+                status: row.get(1)?,
+                reason: row.get(2)?,
+                budget_rho: row.get(3)?,
+                spent_rho: row.get(4)?,
+                releases: row.get::<_, i64>(5)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Audit records, oldest first.
+    pub fn audit_records(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT seq, at_ms, task_id, study, actor, kind, decision, reason, rho, epsilon, delta,
+                    result_hash, prev_hash, hash
+             FROM audit
+             WHERE (?1 IS NULL OR study = ?1) AND (?2 IS NULL OR at_ms >= ?2)
+             ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![filter.study, filter.since_ms], record_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Recomputes the chain and names the first record that was edited,
+    /// deleted or moved; checks that every release has its audit record.
+    pub fn verify(&self) -> Result<Verification> {
+        let records = self.audit_records(&AuditFilter::default())?;
+        let mut prev = GENESIS.to_string();
+        for (i, r) in records.iter().enumerate() {
+            let expected_seq = i as i64 + 1;
+            if r.seq != expected_seq {
+                return Ok(Verification {
+                    records: i,
+                    problem: Some(format!(
+                        "record {expected_seq} is missing (the next record present is {}): records were deleted",
+                        r.seq
+                    )),
+                });
+            }
+            if r.prev_hash != prev {
+                return Ok(Verification {
+                    records: i,
+                    problem: Some(format!(
+                        "record {} does not follow record {}: records were deleted, inserted or reordered",
+                        r.seq,
+                        r.seq - 1
+                    )),
+                });
+            }
+            if chain_hash(r) != r.hash {
+                return Ok(Verification {
+                    records: i,
+                    problem: Some(format!(
+                        "record {} was edited: its contents do not match its hash",
+                        r.seq
+                    )),
+                });
+            }
+            prev = r.hash.clone();
+        }
+        if let Some((seq, hash)) = std::fs::read_to_string(&self.head_path).ok().and_then(|t| {
+            let mut it = t.split_whitespace();
+            Some((it.next()?.parse::<i64>().ok()?, it.next()?.to_string()))
+        }) {
+            match records.get((seq - 1).max(0) as usize) {
+                None => {
+                    return Ok(Verification {
+                        records: records.len(),
+                        problem: Some(format!(
+                            "the log ends at record {} but audit.head records {seq}: records at the end were deleted",
+                            records.len()
+                        )),
+                    });
+                }
+                Some(r) if r.hash != hash => {
+                    return Ok(Verification {
+                        records: records.len(),
+                        problem: Some(format!(
+                            "record {seq} differs from the hash kept in audit.head"
+                        )),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let conn = self.conn()?;
+        let missing: Option<String> = conn
+            .query_row(
+                "SELECT r.task_id FROM releases r WHERE NOT EXISTS
+                   (SELECT 1 FROM audit a WHERE a.task_id = r.task_id AND a.decision = 'released'
+                    AND a.result_hash = r.result_hash)
+                 LIMIT 1",
+                [],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let Some(task) = missing {
+            return Ok(Verification {
+                records: records.len(),
+                problem: Some(format!(
+                    "the release of task {task} has no matching audit record"
+                )),
+            });
+        }
+        Ok(Verification {
+            records: records.len(),
+            problem: None,
+        })
+    }
+}
+
+fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        seq: row.get(0)?,
+        at_ms: row.get(1)?,
+        task_id: row.get(2)?,
+        study: row.get(3)?,
+        actor: row.get(4)?,
+        kind: row.get(5)?,
+        decision: row.get(6)?,
+        reason: row.get(7)?,
+        rho: row.get(8)?,
+        epsilon: row.get(9)?,
+        delta: row.get(10)?,
+        result_hash: row.get(11)?,
+        prev_hash: row.get(12)?,
+        hash: row.get(13)?,
+    })
+}
+
+/// The hash of a record: SHA-256 over its fields (all but `hash`) in a fixed order.
+fn chain_hash(r: &AuditRecord) -> String {
+    let canonical = serde_json::json!([
+        r.seq,
+        r.at_ms,
+        r.task_id,
+        r.study,
+        r.actor,
+        r.kind,
+        r.decision,
+        r.reason,
+        r.rho.to_bits(),
+        r.epsilon.to_bits(),
+        r.delta.to_bits(),
+        r.result_hash,
+        r.prev_hash,
+    ]);
+    sha256_hex(canonical.to_string().as_bytes())
+}
+
+fn append(tx: &Transaction<'_>, entry: &AuditEntry) -> Result<(i64, String)> {
+    let last: Option<(i64, String)> = tx
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    let (seq, prev_hash) = match last {
+        Some((seq, hash)) => (seq + 1, hash),
+        None => (1, GENESIS.to_string()),
+    };
+    let cost = entry.cost.unwrap_or(Cost {
+        rho: 0.0,
+        epsilon: 0.0,
+        delta: 0.0,
+    });
+    let mut record = AuditRecord {
+        seq,
+        at_ms: now_ms(),
+        task_id: entry.task_id.map(|t| t.to_string()),
+        study: entry.study.clone(),
+        actor: entry.actor.clone(),
+        kind: entry.kind.clone(),
+        decision: entry.decision.clone(),
+        reason: entry.reason.clone(),
+        rho: cost.rho,
+        epsilon: cost.epsilon,
+        delta: cost.delta,
+        result_hash: entry.result_hash.clone(),
+        prev_hash,
+        hash: String::new(),
+    };
+    record.hash = chain_hash(&record);
+    tx.execute(
+        "INSERT INTO audit (seq, at_ms, task_id, study, actor, kind, decision, reason, rho, epsilon, delta,
+                            result_hash, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        params![
+            record.seq,
+            record.at_ms,
+            record.task_id,
+            record.study,
+            record.actor,
+            record.kind,
+            record.decision,
+            record.reason,
+            record.rho,
+            record.epsilon,
+            record.delta,
+            record.result_hash,
+            record.prev_hash,
+            record.hash,
+        ],
+    )?;
+    Ok((record.seq, record.hash))
+}
+
+fn refusal_entry(charge: &Charge, why: &str) -> AuditEntry {
+    AuditEntry {
+        task_id: Some(charge.task_id),
+        study: Some(charge.study.clone()),
+        actor: Some(charge.researcher.clone()),
+        kind: charge.kind.clone(),
+        decision: "refused".into(),
+        reason: Some(why.to_string()),
+        cost: None,
+        result_hash: None,
+    }
+}
+
+fn status_in(conn: &Connection, study: &str) -> Result<StudyStatus> {
+    let row: Option<(String, Option<String>, Option<f64>)> = conn
+        .query_row(
+            "SELECT status, reason, budget_rho FROM studies WHERE study = ?1",
+            params![study],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .optional()?;
+    Ok(match row {
+        None => StudyStatus::Unknown,
+        Some((s, _, _)) if s == "pending" => StudyStatus::Pending,
+        Some((s, _, budget_rho)) if s == "approved" => StudyStatus::Approved { budget_rho },
+        Some((_, reason, _)) => StudyStatus::Denied {
+            reason: reason.unwrap_or_else(|| "no reason given".into()),
+        },
+    })
+}
+
+fn spent_in(conn: &Connection, study: &str, researcher: Option<&str>) -> Result<f64> {
+    let spent: Option<f64> = conn.query_row(
+        "SELECT SUM(rho) FROM releases WHERE study = ?1 AND (?2 IS NULL OR researcher = ?2)",
+        params![study, researcher],
+        |row| row.get(0),
+    )?;
+    Ok(spent.unwrap_or(0.0))
+}
+
+fn budget_refusal(conn: &Connection, charge: &Charge) -> Result<Option<String>> {
+    let spent = spent_in(conn, &charge.study, None)?;
+    if exceeds(spent, charge.cost.rho, charge.study_budget) {
+        return Ok(Some(budget_message(
+            "study",
+            &charge.study,
+            spent,
+            charge,
+            charge.study_budget,
+        )));
+    }
+    if let Some(limit) = charge.researcher_budget {
+        let by = spent_in(conn, &charge.study, Some(&charge.researcher))?;
+        if exceeds(by, charge.cost.rho, limit) {
+            return Ok(Some(budget_message(
+                "researcher",
+                &format!("{} in study {}", charge.researcher, charge.study),
+                by,
+                charge,
+                limit,
+            )));
+        }
+    }
+    Ok(None)
+}
+
+fn exceeds(spent: f64, cost: f64, budget: f64) -> bool {
+    spent + cost > budget * (1.0 + BUDGET_TOLERANCE)
+}
+
+fn budget_message(what: &str, name: &str, spent: f64, charge: &Charge, budget: f64) -> String {
+    let remaining = (budget - spent).max(0.0);
+    let eps = |rho: f64| {
+        if charge.cost.delta > 0.0 {
+            confer_privacy::accounting::epsilon_for_rho(rho, charge.cost.delta)
+                .map(|e| format!("{e:.4}"))
+                .unwrap_or_else(|_| "?".into())
+        } else {
+            format!("{:.4}", (2.0 * rho).sqrt())
+        }
+    };
+    format!(
+        "budget exhausted for {what} {name}: this query needs rho {:.6} (epsilon {:.4}, delta {:e}) but only \
+         rho {remaining:.6} (epsilon {} at that delta) of rho {budget:.6} (epsilon {}) remains; {spent:.6} is spent. \
+         Ask for less (lower epsilon) or for a larger budget",
+        charge.cost.rho,
+        charge.cost.epsilon,
+        charge.cost.delta,
+        eps(remaining),
+        eps(budget),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn debit(id: Uuid, rho: f64) -> Debit {
-        Debit {
+    fn charge(id: Uuid, rho: f64, budget: f64) -> Charge {
+        Charge {
             task_id: id,
+            payload_hash: "p".into(),
             study: "s".into(),
             researcher: "r".into(),
-            rho,
-            epsilon: 1.0,
-            delta: 1e-6,
+            kind: "query".into(),
+            cost: Cost {
+                rho,
+                epsilon: 1.0,
+                delta: 1e-6,
+            },
+            study_budget: budget,
+            researcher_budget: None,
         }
     }
 
     #[test]
-    fn a_task_is_charged_once_and_answered_with_its_stored_result() {
+    fn a_task_is_charged_once_and_retries_get_the_stored_result() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ledger = Ledger::open(dir.path()).expect("open");
         let id = Uuid::new_v4();
         assert_eq!(
             ledger
-                .record(&debit(id, 0.5), b"first".to_vec())
-                .expect("record"),
-            b"first"
+                .release(&charge(id, 0.5, 1.0), b"first".to_vec())
+                .expect("db"),
+            Ok(b"first".to_vec())
         );
         assert_eq!(
             ledger
-                .record(&debit(id, 0.5), b"second".to_vec())
-                .expect("retry"),
-            b"first"
+                .release(&charge(id, 0.5, 1.0), b"second".to_vec())
+                .expect("db"),
+            Ok(b"first".to_vec())
         );
-        assert_eq!(
-            ledger.spent("s").expect("spent"),
-            Spent {
-                rho: 0.5,
-                releases: 1
+        assert_eq!(ledger.spent("s", None).expect("spent"), 0.5);
+        let mut replay = charge(id, 0.5, 1.0);
+        replay.payload_hash = "other".into();
+        assert!(matches!(
+            ledger.release(&replay, vec![]).expect("db"),
+            Err(Refusal::Replay(_))
+        ));
+    }
+
+    #[test]
+    fn budgets_are_enforced_with_figures() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        for _ in 0..4 {
+            assert!(
+                ledger
+                    .release(&charge(Uuid::new_v4(), 0.25, 1.0), vec![1])
+                    .expect("db")
+                    .is_ok()
+            );
+        }
+        match ledger
+            .release(&charge(Uuid::new_v4(), 0.25, 1.0), vec![1])
+            .expect("db")
+        {
+            Err(Refusal::Budget(msg)) => {
+                assert!(msg.contains("budget exhausted for study s"), "{msg}")
             }
-        );
-        assert_eq!(
-            ledger.stored_result(id).expect("stored"),
-            Some(b"first".to_vec())
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(ledger.spent("s", None).expect("spent"), 1.0);
+    }
+
+    #[test]
+    fn the_audit_chain_detects_edits_deletions_and_truncation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        for _ in 0..5 {
+            ledger
+                .release(&charge(Uuid::new_v4(), 0.1, 10.0), vec![7])
+                .expect("db")
+                .expect("released");
+        }
+        ledger
+            .deny("other", "no ethics approval", "steward")
+            .expect("deny");
+        assert_eq!(ledger.verify().expect("verify").problem, None);
+        let conn = Connection::open(ledger.path()).expect("open raw");
+
+        conn.execute("UPDATE audit SET rho = 0.0 WHERE seq = 3", [])
+            .expect("edit");
+        let problem = ledger.verify().expect("verify").problem.expect("detected");
+        assert!(problem.contains("record 3 was edited"), "{problem}");
+        conn.execute("UPDATE audit SET rho = 0.1 WHERE seq = 3", [])
+            .expect("restore");
+        assert_eq!(ledger.verify().expect("verify").problem, None);
+
+        conn.execute("DELETE FROM audit WHERE seq = 2", [])
+            .expect("delete");
+        let problem = ledger.verify().expect("verify").problem.expect("detected");
+        assert!(problem.contains("record 2 is missing"), "{problem}");
+    }
+
+    #[test]
+    fn deleting_the_newest_records_is_detected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        for _ in 0..3 {
+            ledger
+                .release(&charge(Uuid::new_v4(), 0.1, 10.0), vec![7])
+                .expect("db")
+                .expect("released");
+        }
+        let conn = Connection::open(ledger.path()).expect("open raw");
+        conn.execute(
+            "DELETE FROM releases WHERE task_id IN (SELECT task_id FROM audit WHERE seq = 3)",
+            [],
+        )
+        .expect("delete release");
+        conn.execute("DELETE FROM audit WHERE seq = 3", [])
+            .expect("delete");
+        let problem = ledger.verify().expect("verify").problem.expect("detected");
+        assert!(
+            problem.contains("records at the end were deleted"),
+            "{problem}"
         );
     }
 
     #[test]
-    fn debits_survive_reopening() {
+    fn studies_move_through_approval() {
         let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let ledger = Ledger::open(dir.path()).expect("open");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        assert_eq!(
+            ledger.study_status("s").expect("status"),
+            StudyStatus::Unknown
+        );
+        assert_eq!(
             ledger
-                .record(&debit(Uuid::new_v4(), 0.25), vec![1])
-                .expect("record");
-            ledger
-                .record(&debit(Uuid::new_v4(), 0.25), vec![2])
-                .expect("record");
-        }
-        let ledger = Ledger::open(dir.path()).expect("reopen");
-        assert_eq!(ledger.spent("s").expect("spent").rho, 0.5);
+                .register_study("s", false, "policy")
+                .expect("register"),
+            StudyStatus::Pending
+        );
+        ledger.approve("s", Some(0.5), "steward").expect("approve");
+        assert_eq!(
+            ledger.study_status("s").expect("status"),
+            StudyStatus::Approved {
+                budget_rho: Some(0.5)
+            }
+        );
+        ledger.deny("s", "withdrawn", "steward").expect("deny");
+        assert_eq!(
+            ledger.study_status("s").expect("status"),
+            StudyStatus::Denied {
+                reason: "withdrawn".into()
+            }
+        );
+        assert_eq!(ledger.verify().expect("verify").problem, None);
     }
 }

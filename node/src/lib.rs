@@ -19,11 +19,11 @@ pub mod config;
 pub mod error;
 pub mod ledger;
 pub mod omop;
+pub mod policy;
 pub mod service;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
 use datafusion::prelude::SessionContext;
@@ -45,6 +45,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub enum Transport {
     /// Plaintext, allowed only on a loopback address (demos and tests).
     InsecureLoopback,
+    /// Mutual TLS from the config's `[tls]` section.
+    Tls,
 }
 
 /// A node that is serving.
@@ -79,27 +81,36 @@ impl RunningNode {
 /// Loads the tables, opens the ledger and starts serving.
 pub async fn start(config: NodeConfig, transport: Transport) -> Result<RunningNode> {
     let addr = config.listen_addr()?;
-    match transport {
-        Transport::InsecureLoopback if !addr.ip().is_loopback() => {
+    let tls = match transport {
+        Transport::InsecureLoopback if !confer_transport::plaintext_allowed(&addr) => {
             return Err(NodeError::Config(format!(
                 "node.listen = {addr}: plaintext is allowed only on a loopback address \
-                 (127.0.0.1 or ::1); mutual TLS for other addresses is configured in the \
-                 coordinator issue's [tls] section and is not available in this version"
+                 (127.0.0.1 or ::1); configure [tls] and start without --insecure-loopback"
             )));
         }
-        Transport::InsecureLoopback => {}
-    }
+        Transport::InsecureLoopback => None,
+        Transport::Tls => {
+            let files = config.tls.as_ref().ok_or_else(|| {
+                NodeError::Config(
+                    "no [tls] section: give cert, key and ca (see `confer pki`), or pass --insecure-loopback \
+                     to serve plaintext on a loopback address"
+                        .into(),
+                )
+            })?;
+            Some(
+                confer_transport::ServerTls::new(
+                    files,
+                    Some(confer_transport::pki::CertKind::Coordinator),
+                    "node",
+                )
+                .map_err(|e| NodeError::Config(e.to_string()))?,
+            )
+        }
+    };
     let ctx = SessionContext::new();
     let catalog = catalog::load(&config, &ctx).await?;
     let ledger = Arc::new(Ledger::open(&config.node.state_dir)?);
-    let state = Arc::new(NodeState {
-        name: config.node.name.clone(),
-        query_catalog: confer_query::Catalog::for_node(&catalog),
-        catalog,
-        ctx,
-        ledger,
-        started: Instant::now(),
-    });
+    let state = Arc::new(NodeState::new(&config, ctx, catalog, ledger)?);
 
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -111,14 +122,8 @@ pub async fn start(config: NodeConfig, transport: Transport) -> Result<RunningNo
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = oneshot::channel::<()>();
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let handle = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = rx.await;
-            }),
-    );
+    let router = tonic::transport::Server::builder().add_service(service);
+    let handle = confer_transport::spawn(router, listener, tls, rx);
     info!(node = %config.node.name, %addr, tables = config.tables.len(), "node serving");
     Ok(RunningNode {
         addr,

@@ -1,13 +1,19 @@
 //! The node's Arrow Flight service.
 //!
-//! * `DoGet(ticket = task envelope)`: run a task and stream its release.
+//! * `DoGet(ticket = signed task envelope)`: verify, apply the steward's
+//!   policy, run, record durably, then stream the release.
 //! * `DoAction("confer.catalog")`: the public catalog, as JSON.
 //! * `DoAction("confer.health")`: liveness and basic facts, as JSON.
+//!
+//! Every task received is audited, whether it is released, answered from
+//! the ledger (a retry), or refused, with the reason.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime};
 
-use arrow::array::RecordBatch;
+use arrow::array::{Float64Array, RecordBatch, StringArray, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use arrow_flight::encode::FlightDataEncoderBuilder;
@@ -17,8 +23,10 @@ use arrow_flight::{
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use confer_protocol::catalog::{CatalogInfo, Health};
+use confer_protocol::signing::{PublicKey, sha256_hex};
 use confer_protocol::task::{Envelope, Task, TaskKind, unix_now};
 use confer_protocol::{ErrorKind, ProtocolError, actions};
+use confer_query::release::ReleaseOptions;
 use confer_query::{Catalog, Statement};
 use datafusion::prelude::SessionContext;
 use futures::stream::BoxStream;
@@ -26,8 +34,16 @@ use futures::{StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument, warn};
 
+use crate::config::NodeConfig;
 use crate::error::{NodeError, Result};
-use crate::ledger::{Debit, Ledger};
+use crate::ledger::{AuditEntry, Charge, Cost, Ledger, Refusal, StudyStatus};
+use crate::policy::{Approval, Policy, StudyRules};
+
+/// The policy in force and the config file it came from.
+struct PolicyState {
+    policy: Policy,
+    modified: Option<SystemTime>,
+}
 
 /// Shared state of a running node.
 pub struct NodeState {
@@ -39,10 +55,103 @@ pub struct NodeState {
     pub catalog: CatalogInfo,
     /// The catalog as the query compiler sees it.
     pub query_catalog: Catalog,
-    /// The privacy ledger.
+    /// The privacy ledger and audit log.
     pub ledger: Arc<Ledger>,
     /// When the node started.
     pub started: Instant,
+    coordinator: PublicKey,
+    policy: RwLock<PolicyState>,
+    config_path: Option<PathBuf>,
+}
+
+impl NodeState {
+    /// State for a loaded config.
+    pub fn new(
+        config: &NodeConfig,
+        ctx: SessionContext,
+        catalog: CatalogInfo,
+        ledger: Arc<Ledger>,
+    ) -> Result<Self> {
+        let coordinator = config.coordinator_key()?;
+        let policy = Policy::from_config(&config.policy)?;
+        let modified = config
+            .source
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .and_then(|m| m.modified().ok());
+        Ok(Self {
+            name: config.node.name.clone(),
+            query_catalog: Catalog::for_node(&catalog),
+            catalog,
+            ctx,
+            ledger,
+            started: Instant::now(),
+            coordinator,
+            policy: RwLock::new(PolicyState { policy, modified }),
+            config_path: config.source.clone(),
+        })
+    }
+
+    /// The policy in force, re-read from node.toml if the file changed. A
+    /// file that no longer parses keeps the previous policy (and says so in
+    /// the log and the audit log).
+    pub fn policy(&self) -> Result<Policy> {
+        let modified = self
+            .config_path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .and_then(|m| m.modified().ok());
+        {
+            let state = self
+                .policy
+                .read()
+                .map_err(|_| NodeError::Ledger("policy lock poisoned".into()))?;
+            if modified.is_none() || modified == state.modified {
+                return Ok(state.policy.clone());
+            }
+        }
+        let mut state = self
+            .policy
+            .write()
+            .map_err(|_| NodeError::Ledger("policy lock poisoned".into()))?;
+        if modified != state.modified {
+            state.modified = modified;
+            let path = self
+                .config_path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let reloaded = self
+                .config_path
+                .as_ref()
+                .ok_or_else(|| NodeError::Config("no config file".into()))
+                .and_then(|p| NodeConfig::load(p))
+                .and_then(|c| Policy::from_config(&c.policy));
+            let (decision, reason) = match reloaded {
+                Ok(policy) if policy == state.policy => return Ok(state.policy.clone()),
+                Ok(policy) => {
+                    info!(file = %path, "policy reloaded");
+                    state.policy = policy;
+                    ("recorded", format!("policy reloaded from {path}"))
+                }
+                Err(e) => {
+                    warn!(file = %path, "policy reload failed, keeping the previous policy: {e}");
+                    (
+                        "refused",
+                        format!("policy reload failed, previous policy kept: {e}"),
+                    )
+                }
+            };
+            self.ledger.audit(&AuditEntry {
+                actor: Some("steward".into()),
+                kind: "policy".into(),
+                decision: decision.into(),
+                reason: Some(reason),
+                ..Default::default()
+            })?;
+        }
+        Ok(state.policy.clone())
+    }
 }
 
 /// The Flight service of a node.
@@ -57,42 +166,212 @@ impl NodeService {
         Self { state }
     }
 
+    fn refuse(&self, task: Option<&Task>, kind: ErrorKind, reason: String) -> NodeError {
+        let entry = AuditEntry {
+            task_id: task.map(|t| t.id),
+            study: task.map(|t| t.study.clone()),
+            actor: task.map(|t| t.researcher.clone()),
+            kind: task.map(|t| t.kind_name()).unwrap_or("unknown").to_string(),
+            decision: "refused".into(),
+            reason: Some(reason.clone()),
+            ..Default::default()
+        };
+        if let Err(e) = self.state.ledger.audit(&entry) {
+            warn!("cannot audit a refusal: {e}");
+            return e;
+        }
+        let message = format!("node {}: {reason}", self.state.name);
+        NodeError::Protocol(ProtocolError::new(kind, message).with_retryable(false))
+    }
+
+    /// Checks signature, expiry, study approval and researcher; returns the
+    /// verified task and the study's rules. Refusals are audited.
+    fn admit(&self, envelope: &Envelope, policy: &Policy) -> Result<(Task, StudyRules)> {
+        let task = match self.state.coordinator.verify(envelope) {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(self.refuse(None, ErrorKind::PermissionDenied, e.message));
+            }
+        };
+        if task.is_expired_at(unix_now()) {
+            return Err(self.refuse(
+                Some(&task),
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "task {} has expired (it was valid until {} s after the epoch)",
+                    task.id, task.expires_at
+                ),
+            ));
+        }
+        let rules = match policy.study(&task.study) {
+            Ok(r) => r,
+            Err(why) => return Err(self.refuse(Some(&task), ErrorKind::PermissionDenied, why)),
+        };
+        let mut status = self.state.ledger.study_status(&task.study)?;
+        if status == StudyStatus::Unknown {
+            let approve = policy.approval == Approval::Auto;
+            status = self
+                .state
+                .ledger
+                .register_study(&task.study, approve, "policy")?;
+        }
+        match status {
+            StudyStatus::Pending => {
+                return Err(self.refuse(
+                    Some(&task),
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "study {} awaits approval by this node's data steward (`confer node approve {}`)",
+                        task.study, task.study
+                    ),
+                ));
+            }
+            StudyStatus::Denied { reason } => {
+                return Err(self.refuse(
+                    Some(&task),
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "study {} was denied by this node's data steward: {reason}",
+                        task.study
+                    ),
+                ));
+            }
+            StudyStatus::Approved { .. } | StudyStatus::Unknown => {}
+        }
+        if !rules.allows_researcher(&task.researcher) {
+            return Err(self.refuse(
+                Some(&task),
+                ErrorKind::PermissionDenied,
+                format!(
+                    "researcher {} is not a member of study {} at this node",
+                    task.researcher, task.study
+                ),
+            ));
+        }
+        Ok((task, rules))
+    }
+
+    /// The study's budget at this node (rho): the steward's, else the policy's.
+    fn budget_of(&self, study: &str, rules: &StudyRules) -> Result<f64> {
+        Ok(match self.state.ledger.study_status(study)? {
+            StudyStatus::Approved {
+                budget_rho: Some(b),
+            } => b,
+            _ => rules.budget_rho,
+        })
+    }
+
     /// Runs a task and returns the batch to release. Rows and SQL text never
     /// reach the logs: only ids, study and cost do.
     #[instrument(skip_all, fields(node = %self.state.name))]
     async fn run(&self, envelope: Envelope) -> Result<RecordBatch> {
-        let task: Task = envelope.task()?;
-        if task.is_expired_at(unix_now()) {
-            return Err(ProtocolError::new(
-                ErrorKind::FailedPrecondition,
-                format!(
-                    "task {} expired before it reached node {}",
-                    task.id, self.state.name
-                ),
-            )
-            .into());
+        let policy = self.state.policy()?;
+        let (task, rules) = self.admit(&envelope, &policy)?;
+        match &task.kind {
+            TaskKind::Query(query) => {
+                self.run_query(&envelope, &task, &rules, &policy, &query.sql)
+                    .await
+            }
+            TaskKind::Budget(b) => self.report_budget(&task, &b.study, &policy),
         }
-        let TaskKind::Query(query) = &task.kind;
+    }
 
+    async fn run_query(
+        &self,
+        envelope: &Envelope,
+        task: &Task,
+        rules: &StudyRules,
+        policy: &Policy,
+        sql: &str,
+    ) -> Result<RecordBatch> {
+        let payload_hash = sha256_hex(envelope.payload.as_bytes());
         // A retried task gets exactly what was released the first time.
-        let ledger = self.state.ledger.clone();
-        let id = task.id;
-        if let Some(bytes) = blocking(move || ledger.stored_result(id)).await? {
-            info!(task = %task.id, "task seen before: returning its stored release, no new charge");
-            return decode_ipc(&bytes);
+        if let Some(stored) = self.state.ledger.stored(task.id)? {
+            if stored.payload_hash != payload_hash {
+                return Err(self.refuse(
+                    Some(task),
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "task id {} was already used for a different task: refused as a replay",
+                        task.id
+                    ),
+                ));
+            }
+            self.state.ledger.audit(&AuditEntry {
+                task_id: Some(task.id),
+                study: Some(task.study.clone()),
+                actor: Some(task.researcher.clone()),
+                kind: task.kind_name().into(),
+                decision: "retried".into(),
+                reason: Some(
+                    "task seen before: its stored release was sent again, nothing charged".into(),
+                ),
+                result_hash: Some(sha256_hex(&stored.result)),
+                ..Default::default()
+            })?;
+            info!(task = %task.id, "retried task answered from the ledger");
+            return decode_ipc(&stored.result);
         }
 
-        let parsed = match confer_query::parse(&query.sql)? {
-            Statement::Query(q) => q,
-            _ => {
-                return Err(ProtocolError::invalid(
-                    "nodes run DP queries only; EXPLAIN and SHOW are answered by the coordinator",
-                )
-                .into());
+        let parsed = match confer_query::parse(sql) {
+            Ok(Statement::Query(q)) => q,
+            Ok(_) => {
+                return Err(self.refuse(
+                    Some(task),
+                    ErrorKind::InvalidArgument,
+                    "nodes run DP queries only; EXPLAIN and SHOW are answered by the coordinator"
+                        .into(),
+                ));
+            }
+            Err(e) => {
+                return Err(self.refuse(Some(task), ErrorKind::InvalidArgument, e.to_string()));
             }
         };
         let plan =
-            confer_query::compile(&parsed, &self.state.query_catalog, Some(&self.state.name))?;
+            match confer_query::compile(&parsed, &self.state.query_catalog, Some(&self.state.name))
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    return Err(self.refuse(Some(task), ErrorKind::InvalidArgument, e.to_string()));
+                }
+            };
+        if let Some(table) = rules.forbidden_table(&plan.tables) {
+            return Err(self.refuse(
+                Some(task),
+                ErrorKind::PermissionDenied,
+                format!(
+                    "study {} may not read table {table} at this node",
+                    task.study
+                ),
+            ));
+        }
+        if let Some(cap) = policy.max_query_epsilon
+            && plan.cost.epsilon > cap * (1.0 + 1e-9)
+        {
+            return Err(self.refuse(
+                Some(task),
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "this query costs epsilon {:.4} (delta {:e}), above this node's per-query cap of epsilon {cap}: \
+                     lower epsilon to at most {cap}",
+                    plan.cost.epsilon, plan.cost.delta
+                ),
+            ));
+        }
+        let budget = self.budget_of(&task.study, rules)?;
+        let researcher_budget = rules.researcher_budget_rho;
+        let cost = Cost {
+            rho: plan.cost.rho,
+            epsilon: plan.cost.epsilon,
+            delta: plan.cost.delta,
+        };
+        // Refuse early, before computing; the binding check is repeated in
+        // the transaction that records the release.
+        let charge = self.charge(task, &payload_hash, cost, budget, researcher_budget);
+        if let Some(why) = self.state.ledger.check_budget(&charge)? {
+            return Err(self.refuse(Some(task), ErrorKind::ResourceExhausted, why));
+        }
+
         let batches = self
             .state
             .ctx
@@ -102,35 +381,123 @@ impl NodeService {
             .collect()
             .await
             .map_err(NodeError::from)?;
-
         let name = self.state.name.clone();
+        let id = task.id;
+        let options = ReleaseOptions {
+            min_group_size: policy.min_group_size,
+        };
         let release_plan = plan.clone();
         let batch = blocking(move || {
-            confer_query::release::release(&release_plan, &batches, &name, id)
+            confer_query::release::release(&release_plan, &batches, &name, id, &options)
                 .map_err(NodeError::from)
         })
         .await?;
         let bytes = encode_ipc(&batch)?;
-
-        let debit = Debit {
-            task_id: task.id,
-            study: task.study.clone(),
-            researcher: task.researcher.clone(),
-            rho: plan.cost.rho,
-            epsilon: plan.cost.epsilon,
-            delta: plan.cost.delta,
-        };
-        let ledger = self.state.ledger.clone();
-        let released = blocking(move || ledger.record(&debit, bytes)).await?;
+        let released = self.record(&charge, bytes)?;
         info!(
             task = %task.id,
             study = %task.study,
-            rho = plan.cost.rho,
-            epsilon = plan.cost.epsilon,
-            delta = plan.cost.delta,
+            rho = cost.rho,
+            epsilon = cost.epsilon,
+            delta = cost.delta,
             "released after durable debit"
         );
         decode_ipc(&released)
+    }
+
+    fn charge(
+        &self,
+        task: &Task,
+        payload_hash: &str,
+        cost: Cost,
+        budget: f64,
+        researcher_budget: Option<f64>,
+    ) -> Charge {
+        Charge {
+            task_id: task.id,
+            payload_hash: payload_hash.to_string(),
+            study: task.study.clone(),
+            researcher: task.researcher.clone(),
+            kind: task.kind_name().into(),
+            cost,
+            study_budget: budget,
+            researcher_budget,
+        }
+    }
+
+    /// Records the release (debit + audit) durably; refusals become errors.
+    fn record(&self, charge: &Charge, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        match self.state.ledger.release(charge, bytes)? {
+            Ok(bytes) => Ok(bytes),
+            Err(Refusal::Budget(why)) => Err(NodeError::Protocol(
+                ProtocolError::new(
+                    ErrorKind::ResourceExhausted,
+                    format!("node {}: {why}", self.state.name),
+                )
+                .with_retryable(false),
+            )),
+            Err(Refusal::Replay(why)) => Err(NodeError::Protocol(
+                ProtocolError::new(
+                    ErrorKind::PermissionDenied,
+                    format!("node {}: {why}", self.state.name),
+                )
+                .with_retryable(false),
+            )),
+        }
+    }
+
+    /// `SHOW PRIVACY BUDGET`: this node's figures for one study.
+    fn report_budget(&self, task: &Task, study: &str, policy: &Policy) -> Result<RecordBatch> {
+        let (status, budget) = match policy.study(study) {
+            Ok(rules) => {
+                let status = match self.state.ledger.study_status(study)? {
+                    StudyStatus::Unknown => "unknown".to_string(),
+                    StudyStatus::Pending => "pending".to_string(),
+                    StudyStatus::Approved { .. } => "approved".to_string(),
+                    StudyStatus::Denied { reason } => format!("denied: {reason}"),
+                };
+                (status, self.budget_of(study, &rules)?)
+            }
+            Err(why) => (format!("not admitted: {why}"), 0.0),
+        };
+        let spent = self.state.ledger.spent(study, None)?;
+        let releases = self
+            .state
+            .ledger
+            .studies()?
+            .into_iter()
+            .find(|s| s.study == study)
+            .map(|s| s.releases)
+            .unwrap_or(0);
+        self.state.ledger.audit(&AuditEntry {
+            task_id: Some(task.id),
+            study: Some(study.to_string()),
+            actor: Some(task.researcher.clone()),
+            kind: task.kind_name().into(),
+            decision: "released".into(),
+            reason: Some("budget figures reported".into()),
+            ..Default::default()
+        })?;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("node", DataType::Utf8, false),
+            Field::new("study", DataType::Utf8, false),
+            Field::new("status", DataType::Utf8, false),
+            Field::new("budget_rho", DataType::Float64, false),
+            Field::new("spent_rho", DataType::Float64, false),
+            Field::new("releases", DataType::UInt64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec![self.state.name.clone()])),
+                Arc::new(StringArray::from(vec![study.to_string()])),
+                Arc::new(StringArray::from(vec![status])),
+                Arc::new(Float64Array::from(vec![budget])),
+                Arc::new(Float64Array::from(vec![spent])),
+                Arc::new(UInt64Array::from(vec![releases])),
+            ],
+        )
+        .map_err(|e| NodeError::Protocol(ProtocolError::internal(e.to_string())))
     }
 }
 
@@ -226,7 +593,13 @@ impl FlightService for NodeService {
         &self,
         request: Request<Ticket>,
     ) -> std::result::Result<Response<Self::DoGetStream>, Status> {
-        let envelope = Envelope::from_bytes(&request.into_inner().ticket)?;
+        let envelope = match Envelope::from_bytes(&request.into_inner().ticket) {
+            Ok(e) => e,
+            Err(e) => {
+                let err = self.refuse(None, ErrorKind::InvalidArgument, e.message);
+                return Err(err.into());
+            }
+        };
         let batch = match self.run(envelope).await {
             Ok(b) => b,
             Err(e) => {

@@ -1,11 +1,13 @@
 //! Differential-privacy mechanisms and accounting for confer.
 //!
 //! This crate knows the noise formulas; the node and the coordinator do not.
-//! Every random draw comes from OpenDP's exact discrete samplers (discrete
-//! Gaussian, discrete Laplace; floats integerised at granularity 2^k), which
-//! draw their randomness from the operating system through `rand`'s
-//! thread-local ChaCha20 generator seeded by `getrandom`. There is no seed
-//! to set, and no floating-point sampler anywhere in confer.
+//! Central noise ([`Noise`]) comes from OpenDP's exact discrete samplers
+//! (discrete Gaussian, discrete Laplace; floats integerised at granularity
+//! 2^k), which draw their randomness from the operating system through
+//! `rand`'s thread-local ChaCha20 generator seeded by `getrandom`: there is
+//! no seed to set. Distributed noise ([`secagg::encoding`]) comes from this
+//! crate's exact discrete Gaussian sampler, fed by a CSPRNG the caller
+//! injects. There is no floating-point sampler anywhere in confer.
 //!
 //! ```
 //! use confer_privacy::{accounting, Noise};
@@ -24,9 +26,16 @@
 //!   integer or float vectors and reports its own cost and spread.
 //! * [`stats`]: the normal quantile and exact variances used for standard
 //!   errors and confidence intervals (post-processing only).
+//! * [`secagg`]: secure aggregation (Bonawitz et al. 2017 with the SecAgg+
+//!   sparse graph) and the distributed discrete Gaussian encoding (Kairouz,
+//!   Liu, Steinke 2021). Unlike the rest of the crate it takes its
+//!   randomness from an injected CSPRNG, so that whole federations can be
+//!   simulated deterministically; its discrete Gaussian sampler is exact
+//!   (Canonne, Kamath, Steinke 2020) in integer arithmetic.
 
 pub mod accounting;
 pub mod mechanisms;
+pub mod secagg;
 pub mod stats;
 
 pub use mechanisms::{Mechanism, Noise};
@@ -40,6 +49,9 @@ pub enum PrivacyError {
     /// OpenDP refused or failed; the message carries its explanation.
     #[error("OpenDP: {0}")]
     OpenDp(String),
+    /// Secure aggregation or its encoding failed.
+    #[error(transparent)]
+    SecAgg(#[from] secagg::SecAggError),
 }
 
 /// Convenience alias.

@@ -25,6 +25,7 @@
 pub mod catalog;
 pub mod error;
 pub mod release;
+pub mod signing;
 pub mod task;
 
 pub use error::{ErrorKind, ProtocolError};
@@ -51,6 +52,8 @@ pub mod metadata {
     pub const CONFIDENCE: &str = "confer.confidence";
     /// On a DP value column: the names of its interval columns.
     pub const INTERVAL: &str = "confer.interval";
+    /// On a coordinator result: sites that did not answer (comma-separated).
+    pub const MISSING_SITES: &str = "confer.missing_sites";
     /// On an `EXPLAIN PRIVACY` answer (item, value rows): `"true"`.
     pub const EXPLAIN: &str = "confer.explain";
 }

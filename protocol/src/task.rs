@@ -30,6 +30,24 @@ pub struct Task {
     pub expires_at: u64,
     /// What to do.
     pub kind: TaskKind,
+    /// What the coordinator knows of the study (for the node's steward).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub study_info: Option<StudyInfo>,
+}
+
+/// A study as the coordinator describes it to nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyInfo {
+    /// Title.
+    pub title: String,
+    /// Principal investigator.
+    pub principal_investigator: String,
+    /// Ethics approval reference.
+    pub ethics_ref: String,
+    /// Budget the study requests at each node: epsilon.
+    pub requested_epsilon: f64,
+    /// Budget the study requests at each node: delta.
+    pub requested_delta: f64,
 }
 
 /// The kinds of task.
@@ -38,6 +56,15 @@ pub struct Task {
 pub enum TaskKind {
     /// Run a DP SQL query and release noisy partial aggregates.
     Query(QueryTask),
+    /// Report the privacy budget of a study at the node (spends nothing).
+    Budget(BudgetTask),
+}
+
+/// A request for a study's budget figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetTask {
+    /// The study to report.
+    pub study: String,
 }
 
 /// A DP SQL query to release partials for.
@@ -60,6 +87,31 @@ impl Task {
             kind: TaskKind::Query(QueryTask {
                 sql: sql.to_string(),
             }),
+            study_info: None,
+        }
+    }
+
+    /// A new budget report task with a fresh id, valid for `ttl`.
+    pub fn budget(study: &str, researcher: &str, ttl: Duration) -> Self {
+        let now = unix_now();
+        Self {
+            id: Uuid::new_v4(),
+            study: study.to_string(),
+            researcher: researcher.to_string(),
+            issued_at: now,
+            expires_at: now.saturating_add(ttl.as_secs().max(1)),
+            kind: TaskKind::Budget(BudgetTask {
+                study: study.to_string(),
+            }),
+            study_info: None,
+        }
+    }
+
+    /// A short name of the task's kind, for audit records.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            TaskKind::Query(_) => "query",
+            TaskKind::Budget(_) => "budget",
         }
     }
 

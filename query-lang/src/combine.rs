@@ -28,8 +28,20 @@ pub struct SitePartial {
 
 /// Sums of noisy partials per group, with the variance of their noise.
 struct Totals {
-    int_values: Vec<Vec<i64>>,
+    /// `None` where a site suppressed the group (small-cell rule).
+    int_values: Vec<Vec<Option<i64>>>,
+    /// Whether any site released the group.
+    released: Vec<Vec<bool>>,
     variances: Vec<Vec<f64>>,
+}
+
+/// Checks that one node's release fits the plan (metadata, columns, types,
+/// groups within the public domains), so that a malformed or malicious
+/// answer can be set aside as that node's failure.
+pub fn check(plan: &FederatedPlan, partial: &SitePartial) -> Result<()> {
+    let keys = plan.group_keys()?;
+    let index = FederatedPlan::key_index(&keys);
+    totals(plan, std::slice::from_ref(partial), &index, keys.len()).map(|_| ())
 }
 
 /// Combines partials into the result table (before HAVING / ORDER BY / LIMIT).
@@ -62,11 +74,17 @@ pub fn combine(
                         let values = &totals.int_values[p];
                         let se: Vec<f64> = totals.variances[p].iter().map(|v| v.sqrt()).collect();
                         columns.push(Arc::new(Int64Array::from(values.clone())));
-                        columns.push(Arc::new(Float64Array::from_iter_values(
-                            values.iter().zip(&se).map(|(v, s)| *v as f64 - z * s),
+                        columns.push(Arc::new(Float64Array::from_iter(
+                            values
+                                .iter()
+                                .zip(&se)
+                                .map(|(v, s)| v.map(|v| v as f64 - z * s)),
                         )));
-                        columns.push(Arc::new(Float64Array::from_iter_values(
-                            values.iter().zip(&se).map(|(v, s)| *v as f64 + z * s),
+                        columns.push(Arc::new(Float64Array::from_iter(
+                            values
+                                .iter()
+                                .zip(&se)
+                                .map(|(v, s)| v.map(|v| v as f64 + z * s)),
                         )));
                     }
                 }
@@ -121,8 +139,9 @@ fn totals(
     n: usize,
 ) -> Result<Totals> {
     let mut t = Totals {
-        int_values: vec![vec![0; n]; plan.partials.len()],
+        int_values: vec![vec![Some(0); n]; plan.partials.len()],
         variances: vec![vec![0.0; n]; plan.partials.len()],
+        released: vec![vec![false; n]; plan.partials.len()],
     };
     for part in partials {
         let bad = |what: String| {
@@ -176,7 +195,10 @@ fn totals(
                     ))
                 })?;
                 if !col.is_valid(row) {
-                    return Err(bad(format!("null value in {}", spec.column)));
+                    // Suppressed at that site: the combined value is suppressed too.
+                    t.int_values[p][slot] = None;
+                    t.variances[p][slot] += variance;
+                    continue;
                 }
                 if spec.integer {
                     let v = col
@@ -184,13 +206,23 @@ fn totals(
                         .downcast_ref::<Int64Array>()
                         .ok_or_else(|| bad("partial is not Int64".into()))?
                         .value(row);
-                    t.int_values[p][slot] = t.int_values[p][slot].saturating_add(v);
+                    t.int_values[p][slot] = t.int_values[p][slot].map(|s| s.saturating_add(v));
                 } else {
                     return Err(QueryError::Internal(
                         "float partials are not combined yet".into(),
                     ));
                 }
                 t.variances[p][slot] += variance;
+                t.released[p][slot] = true;
+            }
+        }
+    }
+    // A group no site released (the `site` group of a site that did not
+    // answer) is unknown, not zero.
+    for (values, released) in t.int_values.iter_mut().zip(&t.released) {
+        for (v, r) in values.iter_mut().zip(released) {
+            if !r {
+                *v = None;
             }
         }
     }

@@ -248,6 +248,7 @@ pub fn compile(
         cost,
         max_groups,
         max_rows,
+        tables: scope.tables.iter().map(|(_, t)| t.name.clone()).collect(),
     })
 }
 

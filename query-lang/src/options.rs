@@ -55,6 +55,8 @@ pub struct DpOptions {
     pub aggregation: Aggregation,
     /// Confidence level of the reported intervals.
     pub confidence: f64,
+    /// Fewest sites that must answer (confer extension; default: the study's, else all).
+    pub min_sites: Option<usize>,
 }
 
 /// Upper limit on contribution bounds: beyond this the noise swamps any answer
@@ -71,6 +73,7 @@ impl DpOptions {
         let mut mechanism = Mechanism::Gaussian;
         let mut aggregation = Aggregation::PerSite;
         let mut confidence = 0.95;
+        let mut min_sites = None;
         let mut seen: Vec<String> = Vec::new();
         for (name, value) in pairs {
             if seen.contains(&name) {
@@ -134,10 +137,11 @@ impl DpOptions {
                     }
                     confidence = v;
                 }
+                "min_sites" => min_sites = Some(count(&name, &value)? as usize),
                 other => {
                     return Err(QueryError::Rejected(format!(
                         "unknown option {other}: the options are epsilon, delta, privacy_unit_column, \
-                         max_groups_contributed, max_rows_contributed, mechanism, aggregation, confidence"
+                         max_groups_contributed, max_rows_contributed, mechanism, aggregation, confidence, min_sites"
                     )));
                 }
             }
@@ -174,6 +178,7 @@ impl DpOptions {
             mechanism,
             aggregation,
             confidence,
+            min_sites,
         })
     }
 }

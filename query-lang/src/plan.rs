@@ -40,6 +40,8 @@ pub struct FederatedPlan {
     pub max_groups: usize,
     /// Rows per person per group.
     pub max_rows: usize,
+    /// The tables the query reads.
+    pub tables: Vec<String>,
 }
 
 /// A group key.
@@ -209,7 +211,7 @@ impl FederatedPlan {
             } else {
                 DataType::Float64
             };
-            fields.push(Field::new(&p.column, ty, false));
+            fields.push(Field::new(&p.column, ty, true));
         }
         Arc::new(Schema::new(fields))
     }
@@ -259,6 +261,14 @@ impl FederatedPlan {
 }
 
 impl AggregateKind {
+    /// Whether the aggregate is a count (subject to the small-cell rule).
+    pub fn is_count(self) -> bool {
+        matches!(
+            self,
+            AggregateKind::CountStar | AggregateKind::CountDistinctUnit
+        )
+    }
+
     /// The Arrow type of released values.
     pub fn value_type(self) -> DataType {
         match self {

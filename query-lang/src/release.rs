@@ -14,15 +14,25 @@ use uuid::Uuid;
 use crate::error::{QueryError, Result};
 use crate::plan::FederatedPlan;
 
+/// How a node releases, beyond the plan: its data steward's rules.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReleaseOptions {
+    /// Small-cell rule: a group whose released count (after noise) is below
+    /// this is suppressed, all its values NULL. 0 turns the rule off.
+    pub min_group_size: u64,
+}
+
 /// Adds noise to the local query's output and returns the batch to release:
 /// one row for every group of the public domains (empty groups included,
 /// with noise), group columns first, then the noisy partials, with a
-/// [`ReleaseInfo`] in the schema metadata.
+/// [`ReleaseInfo`] in the schema metadata. Groups failing the small-cell
+/// rule have NULL partials.
 pub fn release(
     plan: &FederatedPlan,
     batches: &[RecordBatch],
     site: &str,
     task_id: Uuid,
+    options: &ReleaseOptions,
 ) -> Result<RecordBatch> {
     let keys = plan.group_keys()?;
     let index = FederatedPlan::key_index(&keys);
@@ -39,21 +49,22 @@ pub fn release(
         columns.push(array);
     }
     let mut noise_info = Vec::with_capacity(plan.partials.len());
-    for (i, (spec, values)) in plan.partials.iter().zip(exact).enumerate() {
+    let mut noisy: Vec<Exact> = Vec::with_capacity(plan.partials.len());
+    for (i, values) in exact.into_iter().enumerate() {
         let noise = plan.noise(i)?;
-        let array: ArrayRef = match values {
-            Exact::Int(v) => Arc::new(Int64Array::from(
+        noisy.push(match values {
+            Exact::Int(v) => Exact::Int(
                 noise
                     .apply_i64(&v)
                     .map_err(|e| QueryError::Internal(format!("noise: {e}")))?,
-            )),
-            Exact::Float(v) => Arc::new(Float64Array::from(
+            ),
+            Exact::Float(v) => Exact::Float(
                 noise
                     .apply_f64(&v)
                     .map_err(|e| QueryError::Internal(format!("noise: {e}")))?,
-            )),
-        };
-        columns.push(array);
+            ),
+        });
+        let spec = &plan.partials[i];
         noise_info.push(PartialNoise {
             column: spec.column.clone(),
             mechanism: noise.mechanism.name().to_string(),
@@ -61,6 +72,30 @@ pub fn release(
             scale: noise.scale,
             sensitivity: noise.sensitivity,
         });
+    }
+    // Small-cell rule, on the noisy counts (post-processing: free).
+    let keep: Vec<bool> = (0..keys.len())
+        .map(|row| {
+            options.min_group_size == 0
+                || plan.partials.iter().zip(&noisy).all(|(spec, values)| {
+                    !plan.aggregates[spec.aggregate].kind.is_count()
+                        || match values {
+                            Exact::Int(v) => v[row] >= options.min_group_size as i64,
+                            Exact::Float(v) => v[row] >= options.min_group_size as f64,
+                        }
+                })
+        })
+        .collect();
+    for values in noisy {
+        let array: ArrayRef = match values {
+            Exact::Int(v) => Arc::new(Int64Array::from_iter(
+                v.into_iter().zip(&keep).map(|(x, k)| k.then_some(x)),
+            )),
+            Exact::Float(v) => Arc::new(Float64Array::from_iter(
+                v.into_iter().zip(&keep).map(|(x, k)| k.then_some(x)),
+            )),
+        };
+        columns.push(array);
     }
     let info = ReleaseInfo {
         node: site.to_string(),

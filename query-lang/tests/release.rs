@@ -80,7 +80,8 @@ async fn release_once(ctx: &SessionContext, sql: &str, node: &str) -> RecordBatc
         .collect()
         .await
         .expect("run");
-    confer_query::release::release(&plan, &batches, node, Uuid::new_v4()).expect("release")
+    confer_query::release::release(&plan, &batches, node, Uuid::new_v4(), &Default::default())
+        .expect("release")
 }
 
 fn release_info(batch: &RecordBatch) -> ReleaseInfo {

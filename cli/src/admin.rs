@@ -1,0 +1,464 @@
+//! Administration: users (on the coordinator's machine), studies and node
+//! status (through the coordinator, as an authenticated user), and the
+//! network's certificate authority.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use arrow::array::{RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use chrono::{DateTime, Utc};
+use confer_coordinator::service::{NewStudy, custom};
+use confer_coordinator::store::{NodeStatus, Role, SqliteStore, Store, Study, User};
+use confer_transport::pki::{self, CertKind, IssueRequest};
+
+use crate::ConnectArgs;
+use crate::client::Client;
+
+/// `confer coordinator user ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum CoordinatorAction {
+    /// Manage users (run on the coordinator's machine; it opens the state database).
+    #[command(subcommand)]
+    User(UserAction),
+}
+
+/// User administration.
+#[derive(Debug, clap::Subcommand)]
+pub enum UserAction {
+    /// Create a user and print its bearer token (shown once; only its hash is kept).
+    Add {
+        /// Login name.
+        #[arg(long)]
+        name: String,
+        /// researcher, analyst, data_scientist or admin.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// Also accept this client certificate (PEM) as the user's credential.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+    },
+    /// List users.
+    List,
+    /// Revoke a user: its token and certificates stop working.
+    Revoke {
+        /// Login name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| {
+        format!("unknown role {s:?}: use researcher, analyst, data_scientist or admin")
+    })
+}
+
+fn time(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_default()
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> anyhow::Result<String> {
+    let schema = Arc::new(Schema::new(
+        headers
+            .iter()
+            .map(|h| Field::new(*h, DataType::Utf8, false))
+            .collect::<Vec<_>>(),
+    ));
+    let columns = (0..headers.len())
+        .map(|i| {
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r[i].as_str()),
+            )) as _
+        })
+        .collect();
+    let batch = RecordBatch::try_new(schema, columns)?;
+    Ok(arrow::util::pretty::pretty_format_batches(&[batch])?.to_string())
+}
+
+/// Runs `confer coordinator user ...`.
+pub fn coordinator_action(config: &Path, action: CoordinatorAction) -> anyhow::Result<()> {
+    let config = confer_coordinator::CoordinatorConfig::load(config)?;
+    let store = SqliteStore::open(&config.coordinator.state)?;
+    let CoordinatorAction::User(action) = action;
+    match action {
+        UserAction::Add { name, role, cert } => {
+            let token = store.add_user(&name, role)?;
+            if let Some(cert) = cert {
+                let pem = std::fs::read(&cert)
+                    .with_context(|| format!("cannot read {}", cert.display()))?;
+                let der = rustls_pem_first(&pem)
+                    .ok_or_else(|| anyhow!("{} holds no PEM certificate", cert.display()))?;
+                store.add_certificate(&name, &confer_protocol::signing::sha256_hex(&der))?;
+                println!("client certificate {} registered to {name}", cert.display());
+            }
+            println!(
+                "user {name} ({}) created. Token (shown once, keep it secret):\n{token}",
+                role.name()
+            );
+        }
+        UserAction::List => {
+            let rows = store
+                .users()?
+                .into_iter()
+                .map(|u| {
+                    vec![
+                        u.name,
+                        u.role.name().to_string(),
+                        time(u.created_ms),
+                        u.revoked_ms.map(time).unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            println!(
+                "{}",
+                table(&["name", "role", "created (UTC)", "revoked (UTC)"], rows)?
+            );
+        }
+        UserAction::Revoke { name } => {
+            store.revoke_user(&name)?;
+            println!("user {name} revoked");
+        }
+    }
+    Ok(())
+}
+
+fn rustls_pem_first(pem: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(pem).ok()?;
+    let start = text.find("-----BEGIN CERTIFICATE-----")?;
+    let body_start = start + "-----BEGIN CERTIFICATE-----".len();
+    let end = text[body_start..].find("-----END CERTIFICATE-----")? + body_start;
+    let b64: String = text[body_start..end]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    base64_decode(&b64)
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = ALPHABET.iter().position(|a| *a == c)? as u32;
+        buf = (buf << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+            buf &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// `confer study ...`.
+#[derive(Debug, clap::Args)]
+pub struct StudyArgs {
+    /// Where and who.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: StudyAction,
+}
+
+/// Study commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum StudyAction {
+    /// Create a study (admin).
+    Create {
+        /// Short name queries use (letters, digits, '_', '-').
+        #[arg(long)]
+        name: String,
+        /// Title.
+        #[arg(long)]
+        title: String,
+        /// Principal investigator (a user).
+        #[arg(long)]
+        pi: String,
+        /// Members (users), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        members: Vec<String>,
+        /// Tables the study reads, comma-separated (default: any).
+        #[arg(long, value_delimiter = ',')]
+        tables: Vec<String>,
+        /// Requested budget at each node: epsilon.
+        #[arg(long)]
+        epsilon: f64,
+        /// Requested budget at each node: delta.
+        #[arg(long, default_value_t = 1e-6)]
+        delta: f64,
+        /// Ethics approval reference.
+        #[arg(long)]
+        ethics_ref: String,
+        /// Fewest sites that must answer a query (default: all).
+        #[arg(long)]
+        min_sites: Option<usize>,
+    },
+    /// Studies you may use.
+    List,
+    /// One study.
+    Show {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Runs `confer study ...`.
+pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
+    let mut client = Client::connect_with(&args.connect).await?;
+    match args.action {
+        StudyAction::Create {
+            name,
+            title,
+            pi,
+            members,
+            tables,
+            epsilon,
+            delta,
+            ethics_ref,
+            min_sites,
+        } => {
+            let new = NewStudy {
+                name,
+                title,
+                principal_investigator: pi,
+                members,
+                tables,
+                requested_epsilon: epsilon,
+                requested_delta: delta,
+                ethics_ref,
+                min_sites,
+            };
+            let created: Study = serde_json::from_value(
+                client
+                    .action(custom::STUDY_CREATE, serde_json::to_vec(&new)?)
+                    .await?,
+            )?;
+            println!("study {} created", created.name);
+            print_study(&created);
+        }
+        StudyAction::List => {
+            let studies: Vec<Study> =
+                serde_json::from_value(client.action(custom::STUDY_LIST, Vec::new()).await?)?;
+            if studies.is_empty() {
+                println!("no studies you may use");
+                return Ok(());
+            }
+            let rows = studies
+                .into_iter()
+                .map(|s| {
+                    vec![
+                        s.name,
+                        s.title,
+                        s.principal_investigator,
+                        s.members.join(", "),
+                        format!("eps {} delta {:e}", s.requested_epsilon, s.requested_delta),
+                    ]
+                })
+                .collect();
+            println!(
+                "{}",
+                table(
+                    &[
+                        "study",
+                        "title",
+                        "principal investigator",
+                        "members",
+                        "requested budget"
+                    ],
+                    rows
+                )?
+            );
+        }
+        StudyAction::Show { name } => {
+            let study: Study = serde_json::from_value(
+                client.action(custom::STUDY_SHOW, name.into_bytes()).await?,
+            )?;
+            print_study(&study);
+        }
+    }
+    Ok(())
+}
+
+fn print_study(s: &Study) {
+    println!("name:                   {}", s.name);
+    println!("title:                  {}", s.title);
+    println!("principal investigator: {}", s.principal_investigator);
+    println!("members:                {}", s.members.join(", "));
+    println!(
+        "tables:                 {}",
+        if s.tables.is_empty() {
+            "any".to_string()
+        } else {
+            s.tables.join(", ")
+        }
+    );
+    println!(
+        "requested budget:       epsilon {} delta {:e} per node",
+        s.requested_epsilon, s.requested_delta
+    );
+    println!("ethics approval:        {}", s.ethics_ref);
+    println!(
+        "min_sites:              {}",
+        s.min_sites
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "all".into())
+    );
+    println!(
+        "created:                {} by {}",
+        time(s.created_ms),
+        s.created_by
+    );
+}
+
+/// Runs `confer nodes`.
+pub async fn nodes(connect: ConnectArgs) -> anyhow::Result<()> {
+    let mut client = Client::connect_with(&connect).await?;
+    let who: User = serde_json::from_value(client.action(custom::WHOAMI, Vec::new()).await?)?;
+    let statuses: Vec<NodeStatus> =
+        serde_json::from_value(client.action(custom::NODES, Vec::new()).await?)?;
+    let rows = statuses
+        .into_iter()
+        .map(|n| {
+            vec![
+                n.name,
+                n.url,
+                if n.healthy {
+                    "up".into()
+                } else {
+                    "DOWN".into()
+                },
+                n.latency_ms
+                    .map(|l| format!("{l:.1} ms"))
+                    .unwrap_or_default(),
+                n.last_seen_ms.map(time).unwrap_or_else(|| "never".into()),
+                n.version.unwrap_or_default(),
+                n.error.unwrap_or_default(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "node",
+                "url",
+                "status",
+                "latency",
+                "last seen (UTC)",
+                "version",
+                "error"
+            ],
+            rows
+        )?
+    );
+    println!("(as {} / {})", who.name, who.role.name());
+    Ok(())
+}
+
+/// `confer pki ...`.
+#[derive(Debug, clap::Args)]
+pub struct PkiArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: PkiAction,
+}
+
+/// PKI commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum PkiAction {
+    /// Create the network CA (ca.pem, ca.key) in a directory.
+    Init {
+        /// Directory for the CA and the certificates it issues.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The network's name (in the CA's subject).
+        #[arg(long, default_value = "confer network")]
+        network: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+    },
+    /// Issue a certificate from the CA.
+    Issue {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// node, coordinator or client.
+        #[arg(long, value_parser = parse_kind)]
+        kind: CertKind,
+        /// Site name, "coordinator", or a user name.
+        #[arg(long)]
+        name: String,
+        /// Host names / IP addresses the certificate serves (repeat); default localhost and 127.0.0.1.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365, allow_hyphen_values = true)]
+        days: i64,
+    },
+}
+
+fn parse_kind(s: &str) -> Result<CertKind, String> {
+    CertKind::parse(s).ok_or_else(|| format!("unknown kind {s:?}: use node, coordinator or client"))
+}
+
+/// Runs `confer pki ...`.
+pub fn pki(args: PkiArgs) -> anyhow::Result<()> {
+    match args.action {
+        PkiAction::Init { dir, network, days } => {
+            let issued = pki::init(&dir, &network, days)?;
+            println!(
+                "network CA created: {} (certificate, give it to every node, coordinator and client) and {} (keep it offline)",
+                issued.cert.display(),
+                issued.key.display()
+            );
+        }
+        PkiAction::Issue {
+            dir,
+            kind,
+            name,
+            hosts,
+            days,
+        } => {
+            if days == 0 {
+                bail!("--days must not be 0");
+            }
+            let issued = pki::issue(
+                &dir,
+                &IssueRequest {
+                    kind,
+                    name: &name,
+                    hosts: &hosts,
+                    days,
+                },
+            )?;
+            println!(
+                "{kind} certificate for {name}: {} and key {}",
+                issued.cert.display(),
+                issued.key.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_certificates_decode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        pki::init(dir.path(), "t", 1).expect("ca");
+        let pem = std::fs::read(dir.path().join("ca.pem")).expect("read");
+        let der = rustls_pem_first(&pem).expect("decodes");
+        assert!(pki::describe(&der).is_some());
+    }
+}

@@ -1,0 +1,381 @@
+//! The data steward's commands: `confer node approve|deny|studies`,
+//! `confer audit verify|show|export`, and `confer keygen`.
+//!
+//! They open the node's ledger directly (the steward works on the node's
+//! machine), so they work whether the node is running or not.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use chrono::{DateTime, NaiveDate, Utc};
+use confer_node::ledger::{AuditFilter, AuditRecord, Ledger};
+use confer_node::policy::BudgetConfig;
+
+/// `confer node approve|deny|studies`.
+#[derive(Debug, clap::Subcommand)]
+pub enum NodeAction {
+    /// Approve a study at this node (optionally setting its budget here).
+    Approve {
+        /// The study.
+        study: String,
+        /// Budget epsilon (with --delta), overriding the policy's.
+        #[arg(long, requires = "delta", conflicts_with = "rho")]
+        epsilon: Option<f64>,
+        /// Budget delta (with --epsilon).
+        #[arg(long, requires = "epsilon")]
+        delta: Option<f64>,
+        /// Budget as zCDP rho, overriding the policy's.
+        #[arg(long)]
+        rho: Option<f64>,
+        /// Who decides (recorded in the audit log).
+        #[arg(long, default_value = "steward")]
+        by: String,
+    },
+    /// Deny a study at this node; researchers see the reason.
+    Deny {
+        /// The study.
+        study: String,
+        /// Why (shown to the researcher).
+        #[arg(long)]
+        reason: String,
+        /// Who decides (recorded in the audit log).
+        #[arg(long, default_value = "steward")]
+        by: String,
+    },
+    /// List the studies this node knows, with approval state and spending.
+    Studies,
+}
+
+/// `confer audit ...`.
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    /// The node's config (its state_dir holds the audit log).
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: AuditAction,
+}
+
+/// Audit log actions.
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditAction {
+    /// Check the hash chain; name the first edited, deleted or reordered record.
+    Verify,
+    /// Print audit records.
+    Show {
+        /// Only this study.
+        #[arg(long)]
+        study: Option<String>,
+        /// Only records since this time: 2026-11-24, 2026-11-24T08:00:00Z, or 2h / 3d ago.
+        #[arg(long)]
+        since: Option<String>,
+        /// Table for people, JSON lines for tools.
+        #[arg(long, value_enum, default_value_t = AuditFormat::Table)]
+        format: AuditFormat,
+    },
+    /// Write every record as JSON lines (for supervisors).
+    Export {
+        /// Output file ("-" for standard output).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Audit output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuditFormat {
+    /// Aligned table.
+    Table,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+fn open_ledger(config: Option<&Path>) -> anyhow::Result<Ledger> {
+    let path = config.ok_or_else(|| anyhow!("--config <node.toml> is required"))?;
+    let config = confer_node::NodeConfig::load(path)?;
+    if !config.node.state_dir.join("ledger.sqlite").exists() {
+        bail!(
+            "no ledger at {}: the node has not run yet with this state_dir",
+            config.node.state_dir.display()
+        );
+    }
+    Ok(Ledger::open(&config.node.state_dir)?)
+}
+
+/// Runs a steward action on the node's ledger.
+pub fn node_action(config: Option<&Path>, action: NodeAction) -> anyhow::Result<()> {
+    let path = config.ok_or_else(|| anyhow!("--config <node.toml> is required"))?;
+    let node = confer_node::NodeConfig::load(path)?;
+    let ledger = Ledger::open(&node.node.state_dir)?;
+    match action {
+        NodeAction::Approve {
+            study,
+            epsilon,
+            delta,
+            rho,
+            by,
+        } => {
+            let budget = match (epsilon, delta, rho) {
+                (Some(epsilon), Some(delta), None) => {
+                    Some(BudgetConfig::EpsilonDelta { epsilon, delta })
+                }
+                (None, None, Some(rho)) => Some(BudgetConfig::Rho { rho }),
+                _ => None,
+            };
+            let budget_rho = budget
+                .map(|b| b.rho().map_err(|e| anyhow!("budget: {e}")))
+                .transpose()?;
+            ledger.approve(&study, budget_rho, &by)?;
+            match budget_rho {
+                Some(rho) => println!(
+                    "study {study} approved at node {} with budget rho = {rho:.6}",
+                    node.node.name
+                ),
+                None => println!(
+                    "study {study} approved at node {} (budget from the policy)",
+                    node.node.name
+                ),
+            }
+        }
+        NodeAction::Deny { study, reason, by } => {
+            ledger.deny(&study, &reason, &by)?;
+            println!("study {study} denied at node {}: {reason}", node.node.name);
+        }
+        NodeAction::Studies => {
+            let rows = ledger.studies()?;
+            if rows.is_empty() {
+                println!("no study has reached node {} yet", node.node.name);
+                return Ok(());
+            }
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("study", DataType::Utf8, false),
+                Field::new("status", DataType::Utf8, false),
+                Field::new("budget_rho (steward)", DataType::Float64, true),
+                Field::new("spent_rho", DataType::Float64, false),
+                Field::new("releases", DataType::Int64, false),
+                Field::new("reason", DataType::Utf8, true),
+            ]));
+            let batch = RecordBatch::try_new(
+                schema,
+                vec![
+                    Arc::new(StringArray::from_iter_values(
+                        rows.iter().map(|r| r.study.as_str()),
+                    )),
+                    Arc::new(StringArray::from_iter_values(
+                        rows.iter().map(|r| r.status.as_str()),
+                    )),
+                    Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.budget_rho))),
+                    Arc::new(Float64Array::from_iter_values(
+                        rows.iter().map(|r| r.spent_rho),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        rows.iter().map(|r| r.releases as i64),
+                    )),
+                    Arc::new(StringArray::from_iter(
+                        rows.iter().map(|r| r.reason.as_deref()),
+                    )),
+                ],
+            )?;
+            println!("{}", arrow::util::pretty::pretty_format_batches(&[batch])?);
+        }
+    }
+    Ok(())
+}
+
+/// `confer audit ...`.
+pub fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    let ledger = open_ledger(args.config.as_deref())?;
+    match args.action {
+        AuditAction::Verify => {
+            let v = ledger.verify()?;
+            match v.problem {
+                None => {
+                    println!(
+                        "audit log intact: {} records, hash chain and releases consistent",
+                        v.records
+                    );
+                    Ok(())
+                }
+                Some(problem) => bail!(
+                    "audit log check FAILED after {} good records: {problem}",
+                    v.records
+                ),
+            }
+        }
+        AuditAction::Show {
+            study,
+            since,
+            format,
+        } => {
+            let since_ms = since.as_deref().map(parse_since).transpose()?;
+            let records = ledger.audit_records(&AuditFilter { study, since_ms })?;
+            match format {
+                AuditFormat::Jsonl => write_jsonl(&records, &mut std::io::stdout().lock()),
+                AuditFormat::Table => {
+                    if records.is_empty() {
+                        println!("no audit records match");
+                        return Ok(());
+                    }
+                    println!(
+                        "{}",
+                        arrow::util::pretty::pretty_format_batches(&[table(&records)?])?
+                    );
+                    Ok(())
+                }
+            }
+        }
+        AuditAction::Export { out } => {
+            let records = ledger.audit_records(&AuditFilter::default())?;
+            if out.as_os_str() == "-" {
+                write_jsonl(&records, &mut std::io::stdout().lock())
+            } else {
+                let mut file = std::fs::File::create(&out)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+                write_jsonl(&records, &mut file)?;
+                eprintln!("{} records written to {}", records.len(), out.display());
+                Ok(())
+            }
+        }
+    }
+}
+
+fn write_jsonl(records: &[AuditRecord], out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    for r in records {
+        serde_json::to_writer(&mut *out, r)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn table(records: &[AuditRecord]) -> anyhow::Result<RecordBatch> {
+    let time = |ms: i64| {
+        DateTime::<Utc>::from_timestamp_millis(ms)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default()
+    };
+    let cost = |r: &AuditRecord| {
+        if r.rho > 0.0 {
+            format!("eps {:.3}, delta {:e}", r.epsilon, r.delta)
+        } else {
+            String::new()
+        }
+    };
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("seq", DataType::Int64, false),
+        Field::new("time (UTC)", DataType::Utf8, false),
+        Field::new("study", DataType::Utf8, true),
+        Field::new("actor", DataType::Utf8, true),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("decision", DataType::Utf8, false),
+        Field::new("cost", DataType::Utf8, false),
+        Field::new("task", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, true),
+    ]));
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from_iter_values(records.iter().map(|r| r.seq))),
+            Arc::new(StringArray::from_iter_values(
+                records.iter().map(|r| time(r.at_ms)),
+            )),
+            Arc::new(StringArray::from_iter(
+                records.iter().map(|r| r.study.as_deref()),
+            )),
+            Arc::new(StringArray::from_iter(
+                records.iter().map(|r| r.actor.as_deref()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                records.iter().map(|r| r.kind.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                records.iter().map(|r| r.decision.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(records.iter().map(cost))),
+            Arc::new(StringArray::from_iter(
+                records.iter().map(|r| r.task_id.as_deref()),
+            )),
+            Arc::new(StringArray::from_iter(
+                records.iter().map(|r| r.reason.as_deref()),
+            )),
+        ],
+    )?)
+}
+
+/// Parses `--since`: a date, an RFC 3339 time, or an age like `90m`, `2h`, `3d`.
+pub fn parse_since(text: &str) -> anyhow::Result<i64> {
+    let t = text.trim();
+    if let Some((n, unit)) = t.find(|c: char| !c.is_ascii_digit()).map(|i| t.split_at(i))
+        && !n.is_empty()
+        && let Ok(n) = n.parse::<i64>()
+    {
+        let secs = match unit {
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            "d" => n * 86_400,
+            _ => -1,
+        };
+        if secs >= 0 {
+            return Ok(Utc::now().timestamp_millis() - secs * 1000);
+        }
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(t) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(t, "%Y-%m-%d")
+        && let Some(dt) = d.and_hms_opt(0, 0, 0)
+    {
+        return Ok(dt.and_utc().timestamp_millis());
+    }
+    bail!(
+        "--since {text:?}: write a date (2026-11-24), a time (2026-11-24T08:00:00Z) or an age (90m, 2h, 3d)"
+    )
+}
+
+/// `confer keygen`.
+pub fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
+    if out.exists() && !force {
+        bail!(
+            "{} exists: pass --force to replace it (nodes trusting the old key will refuse new tasks)",
+            out.display()
+        );
+    }
+    let identity = confer_protocol::signing::Identity::generate()?;
+    let public = identity.save(out)?;
+    let mut pub_path = out.as_os_str().to_owned();
+    pub_path.push(".pub");
+    let pub_path = PathBuf::from(pub_path);
+    std::fs::write(&pub_path, format!("{public}\n"))
+        .with_context(|| format!("cannot write {}", pub_path.display()))?;
+    println!(
+        "secret key written to {} (keep it private: it is the coordinator's signing key)",
+        out.display()
+    );
+    println!(
+        "public key written to {}; give it to every node as node.coordinator_key_file, or inline:\ncoordinator_key = \"{public}\"",
+        pub_path.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_accepts_dates_times_and_ages() {
+        assert_eq!(parse_since("2026-01-02").expect("date"), 1_767_312_000_000);
+        assert_eq!(
+            parse_since("2026-01-02T00:00:01Z").expect("time"),
+            1_767_312_001_000
+        );
+        let two_hours = parse_since("2h").expect("age");
+        assert!((Utc::now().timestamp_millis() - two_hours - 7_200_000).abs() < 5_000);
+        assert!(parse_since("yesterday").is_err());
+    }
+}

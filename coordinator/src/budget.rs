@@ -1,0 +1,139 @@
+//! `SHOW PRIVACY BUDGET`: each node's figures for a study, and the
+//! network-level worst case for a resident seen at several institutions.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, Float64Array, RecordBatch, StringArray, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use confer_protocol::ProtocolError;
+use confer_query::combine::SitePartial;
+
+/// Delta at which rho is shown as epsilon.
+pub const DISPLAY_DELTA: f64 = 1e-6;
+
+/// The answer's schema.
+pub fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("node", DataType::Utf8, false),
+        Field::new("study", DataType::Utf8, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("budget_rho", DataType::Float64, false),
+        Field::new("spent_rho", DataType::Float64, false),
+        Field::new("remaining_rho", DataType::Float64, false),
+        Field::new("spent_epsilon", DataType::Float64, false),
+        Field::new("remaining_epsilon", DataType::Float64, false),
+        Field::new("delta", DataType::Float64, false),
+        Field::new("releases", DataType::UInt64, false),
+    ]))
+}
+
+struct Row {
+    node: String,
+    study: String,
+    status: String,
+    budget: f64,
+    spent: f64,
+    releases: u64,
+}
+
+fn epsilon(rho: f64) -> f64 {
+    confer_privacy::accounting::epsilon_for_rho(rho.max(0.0), DISPLAY_DELTA).unwrap_or(f64::NAN)
+}
+
+/// One row per node, then the network row: a resident seen at up to
+/// `max_sites` institutions is exposed to the sum of the `max_sites` largest
+/// per-node spends (zCDP composes by addition).
+pub fn combine(reports: &[SitePartial], max_sites: usize) -> Result<RecordBatch, ProtocolError> {
+    let mut rows = Vec::new();
+    for r in reports {
+        let b = &r.batch;
+        let text = |i: usize| {
+            b.column(i)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .filter(|a| !a.is_empty())
+                .map(|a| a.value(0).to_string())
+        };
+        let float = |i: usize| {
+            b.column(i)
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .filter(|a| !a.is_empty())
+                .map(|a| a.value(0))
+        };
+        let count = b
+            .column(5)
+            .as_any()
+            .downcast_ref::<UInt64Array>()
+            .filter(|a| !a.is_empty())
+            .map(|a| a.value(0));
+        match (text(0), text(1), text(2), float(3), float(4), count) {
+            (Some(node), Some(study), Some(status), Some(budget), Some(spent), Some(releases)) => {
+                rows.push(Row {
+                    node,
+                    study,
+                    status,
+                    budget,
+                    spent,
+                    releases,
+                })
+            }
+            _ => {
+                return Err(ProtocolError::internal(format!(
+                    "node {} sent a malformed budget report",
+                    r.site
+                )));
+            }
+        }
+    }
+    rows.sort_by(|a, b| a.node.cmp(&b.node));
+    if let Some(first) = rows.first() {
+        let mut spent: Vec<f64> = rows.iter().map(|r| r.spent).collect();
+        let mut budgets: Vec<f64> = rows.iter().map(|r| r.budget).collect();
+        spent.sort_by(|a, b| b.total_cmp(a));
+        budgets.sort_by(|a, b| b.total_cmp(a));
+        let m = max_sites.min(rows.len());
+        rows.push(Row {
+            node: format!("network (worst case, {max_sites} site(s) per person)"),
+            study: first.study.clone(),
+            status: String::new(),
+            budget: budgets[..m].iter().sum(),
+            spent: spent[..m].iter().sum(),
+            releases: rows.iter().map(|r| r.releases).sum(),
+        });
+    }
+    RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.node.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.study.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.status.as_str()),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| r.budget),
+            )),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.spent))),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| (r.budget - r.spent).max(0.0)),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| epsilon(r.spent)),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| epsilon((r.budget - r.spent).max(0.0))),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|_| DISPLAY_DELTA),
+            )),
+            Arc::new(UInt64Array::from_iter_values(
+                rows.iter().map(|r| r.releases),
+            )),
+        ],
+    )
+    .map_err(|e| ProtocolError::internal(e.to_string()))
+}

@@ -1,0 +1,556 @@
+//! The coordinator's state: users, studies, results, the node registry and
+//! the coordinator's audit log.
+//!
+//! [`Store`] is the interface; [`SqliteStore`] the default implementation
+//! (one SQLite file, WAL). A PostgreSQL implementation for replicated
+//! coordinators implements the same trait. Only hashes of bearer tokens are
+//! stored: a token is shown once, when the user is created.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use confer_protocol::signing::sha256_hex;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoordinatorError, Result};
+
+/// What a user may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Runs DP queries in the studies they belong to.
+    Researcher,
+    /// Health commission analyst: DP queries and supervision statistics.
+    Analyst,
+    /// Trains models across centres (and queries).
+    DataScientist,
+    /// Manages users, studies and nodes; may do everything.
+    Admin,
+}
+
+impl Role {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Researcher => "researcher",
+            Role::Analyst => "analyst",
+            Role::DataScientist => "data_scientist",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "researcher" => Role::Researcher,
+            "analyst" => Role::Analyst,
+            "data_scientist" => Role::DataScientist,
+            "admin" => Role::Admin,
+            _ => return None,
+        })
+    }
+}
+
+/// A user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    /// Login name (also the certificate common name for client certificates).
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// When created, ms since the epoch.
+    pub created_ms: i64,
+    /// When revoked, if revoked.
+    pub revoked_ms: Option<i64>,
+}
+
+/// A study: the unit under which queries and training run and budgets are spent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Study {
+    /// Short name (what queries name).
+    pub name: String,
+    /// Title.
+    pub title: String,
+    /// Principal investigator (a user name).
+    pub principal_investigator: String,
+    /// Members (user names) who may run work under the study.
+    pub members: Vec<String>,
+    /// Tables the study intends to read (empty: any).
+    pub tables: Vec<String>,
+    /// Requested budget per node: epsilon.
+    pub requested_epsilon: f64,
+    /// Requested budget per node: delta.
+    pub requested_delta: f64,
+    /// Ethics approval reference.
+    pub ethics_ref: String,
+    /// Fewest sites that must answer a query of this study (default: all).
+    pub min_sites: Option<usize>,
+    /// When created, ms since the epoch.
+    pub created_ms: i64,
+    /// Who created it.
+    pub created_by: String,
+}
+
+impl Study {
+    /// Whether `user` may run work under the study.
+    pub fn admits(&self, user: &User) -> bool {
+        user.role == Role::Admin
+            || self.principal_investigator == user.name
+            || self.members.iter().any(|m| m == &user.name)
+    }
+}
+
+/// A finished query, kept for the record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultRecord {
+    /// Query (and task) id.
+    pub query_id: String,
+    /// Study.
+    pub study: String,
+    /// User.
+    pub user: String,
+    /// SHA-256 of the statement text.
+    pub statement_hash: String,
+    /// Sites that answered.
+    pub sites: Vec<String>,
+    /// Arrow IPC bytes of the answer.
+    pub result: Vec<u8>,
+}
+
+/// Last known state of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Site name.
+    pub name: String,
+    /// URL.
+    pub url: String,
+    /// Whether the last health check succeeded.
+    pub healthy: bool,
+    /// When it was last checked, ms since the epoch.
+    pub checked_ms: i64,
+    /// When it last answered, ms since the epoch.
+    pub last_seen_ms: Option<i64>,
+    /// Round-trip time of the last successful check, ms.
+    pub latency_ms: Option<f64>,
+    /// The node's confer version.
+    pub version: Option<String>,
+    /// Why the last check failed.
+    pub error: Option<String>,
+}
+
+/// One line of the coordinator's audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatorAudit {
+    /// When, ms since the epoch.
+    pub at_ms: i64,
+    /// Who.
+    pub user: String,
+    /// Study, if any.
+    pub study: Option<String>,
+    /// What (query, explain, show_budget, user.add, study.create, ...).
+    pub action: String,
+    /// ok / refused / failed.
+    pub outcome: String,
+    /// Details (error messages, ids; never query text).
+    pub detail: String,
+}
+
+/// The coordinator's state store.
+pub trait Store: Send + Sync {
+    /// Creates a user and returns its bearer token (shown only now).
+    fn add_user(&self, name: &str, role: Role) -> Result<String>;
+    /// The user holding `token`, unless revoked.
+    fn user_by_token(&self, token: &str) -> Result<Option<User>>;
+    /// The user called `name`, unless revoked.
+    fn user_by_name(&self, name: &str) -> Result<Option<User>>;
+    /// Every user, revoked ones included.
+    fn users(&self) -> Result<Vec<User>>;
+    /// Revokes a user (its token and certificates stop working).
+    fn revoke_user(&self, name: &str) -> Result<()>;
+    /// Registers a client certificate (by SHA-256 of its DER) to a user.
+    fn add_certificate(&self, user: &str, fingerprint: &str) -> Result<()>;
+    /// The user a client certificate is registered to, unless revoked.
+    fn user_by_certificate(&self, fingerprint: &str) -> Result<Option<User>>;
+    /// Creates a study.
+    fn create_study(&self, study: &Study) -> Result<()>;
+    /// A study by name.
+    fn study(&self, name: &str) -> Result<Option<Study>>;
+    /// Every study.
+    fn studies(&self) -> Result<Vec<Study>>;
+    /// Keeps a finished query's answer.
+    fn record_result(&self, result: &ResultRecord) -> Result<()>;
+    /// Updates the node registry.
+    fn set_node_status(&self, status: &NodeStatus) -> Result<()>;
+    /// The node registry.
+    fn node_statuses(&self) -> Result<Vec<NodeStatus>>;
+    /// Appends to the coordinator's audit log.
+    fn audit(&self, entry: &CoordinatorAudit) -> Result<()>;
+    /// The audit log, oldest first.
+    fn audit_log(&self) -> Result<Vec<CoordinatorAudit>>;
+}
+
+/// [`Store`] on SQLite.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn db(e: rusqlite::Error) -> CoordinatorError {
+    CoordinatorError::State(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                CoordinatorError::Config(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = Connection::open(path)
+            .map_err(|e| CoordinatorError::State(format!("cannot open {}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(db)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS users (
+                 name TEXT PRIMARY KEY, role TEXT NOT NULL, token_hash TEXT NOT NULL UNIQUE,
+                 created_ms INTEGER NOT NULL, revoked_ms INTEGER);
+             CREATE TABLE IF NOT EXISTS certificates (
+                 fingerprint TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name));
+             CREATE TABLE IF NOT EXISTS studies (
+                 name TEXT PRIMARY KEY, body TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS results (
+                 query_id TEXT PRIMARY KEY, study TEXT NOT NULL, user TEXT NOT NULL,
+                 statement_hash TEXT NOT NULL, sites TEXT NOT NULL, created_ms INTEGER NOT NULL,
+                 result BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS audit (
+                 seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, user TEXT NOT NULL, study TEXT,
+                 action TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL);",
+        )
+        .map_err(db)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.conn
+            .lock()
+            .map_err(|_| CoordinatorError::State("state lock poisoned by an earlier panic".into()))
+    }
+}
+
+fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
+    let role: String = row.get(1)?;
+    Ok(User {
+        name: row.get(0)?,
+        role: Role::parse(&role).unwrap_or(Role::Researcher),
+        created_ms: row.get(2)?,
+        revoked_ms: row.get(3)?,
+    })
+}
+
+/// A fresh bearer token: 32 random bytes, hex, with a recognisable prefix.
+pub fn new_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| CoordinatorError::State(format!("no randomness from the OS: {e}")))?;
+    Ok(format!("cft_{}", hex::encode(bytes)))
+}
+
+impl Store for SqliteStore {
+    fn add_user(&self, name: &str, role: Role) -> Result<String> {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            return Err(CoordinatorError::Invalid(format!(
+                "user name {name:?}: use letters, digits, '-', '_', '.' or '@'"
+            )));
+        }
+        let token = new_token()?;
+        let conn = self.conn()?;
+        let inserted = conn.execute(
+            "INSERT INTO users (name, role, token_hash, created_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO NOTHING",
+            params![name, role.name(), sha256_hex(token.as_bytes()), now_ms()],
+        );
+        match inserted.map_err(db)? {
+            0 => Err(CoordinatorError::Invalid(format!(
+                "user {name} exists: revoke it first, or choose another name"
+            ))),
+            _ => Ok(token),
+        }
+    }
+
+    fn user_by_token(&self, token: &str) -> Result<Option<User>> {
+        let conn = self.conn()?;
+        conn.query_row(
+            "SELECT name, role, created_ms, revoked_ms FROM users WHERE token_hash = ?1 AND revoked_ms IS NULL",
+            params![sha256_hex(token.as_bytes())],
+            user_from_row,
+        )
+        .optional()
+        .map_err(db)
+    }
+
+    fn user_by_name(&self, name: &str) -> Result<Option<User>> {
+        let conn = self.conn()?;
+        conn.query_row(
+            "SELECT name, role, created_ms, revoked_ms FROM users WHERE name = ?1 AND revoked_ms IS NULL",
+            params![name],
+            user_from_row,
+        )
+        .optional()
+        .map_err(db)
+    }
+
+    fn users(&self) -> Result<Vec<User>> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT name, role, created_ms, revoked_ms FROM users ORDER BY name")
+            .map_err(db)?;
+        let rows = stmt.query_map([], user_from_row).map_err(db)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db)
+    }
+
+    fn revoke_user(&self, name: &str) -> Result<()> {
+        let conn = self.conn()?;
+        let n = conn
+            .execute(
+                "UPDATE users SET revoked_ms = ?2, token_hash = 'revoked:' || name || ':' || ?2
+                 WHERE name = ?1 AND revoked_ms IS NULL",
+                params![name, now_ms()],
+            )
+            .map_err(db)?;
+        if n == 0 {
+            return Err(CoordinatorError::Invalid(format!(
+                "no active user called {name}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn add_certificate(&self, user: &str, fingerprint: &str) -> Result<()> {
+        if self.user_by_name(user)?.is_none() {
+            return Err(CoordinatorError::Invalid(format!(
+                "no active user called {user}"
+            )));
+        }
+        let conn = self.conn()?;
+        conn.execute(
+            "INSERT INTO certificates (fingerprint, user) VALUES (?1, ?2)
+             ON CONFLICT(fingerprint) DO UPDATE SET user = ?2",
+            params![fingerprint, user],
+        )
+        .map_err(db)?;
+        Ok(())
+    }
+
+    fn user_by_certificate(&self, fingerprint: &str) -> Result<Option<User>> {
+        let conn = self.conn()?;
+        conn.query_row(
+            "SELECT u.name, u.role, u.created_ms, u.revoked_ms FROM certificates c JOIN users u ON u.name = c.user
+             WHERE c.fingerprint = ?1 AND u.revoked_ms IS NULL",
+            params![fingerprint],
+            user_from_row,
+        )
+        .optional()
+        .map_err(db)
+    }
+
+    fn create_study(&self, study: &Study) -> Result<()> {
+        let body =
+            serde_json::to_string(study).map_err(|e| CoordinatorError::State(e.to_string()))?;
+        let conn = self.conn()?;
+        let n = conn
+            .execute(
+                "INSERT INTO studies (name, body) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
+                params![study.name, body],
+            )
+            .map_err(db)?;
+        if n == 0 {
+            return Err(CoordinatorError::Invalid(format!(
+                "study {} exists already",
+                study.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn study(&self, name: &str) -> Result<Option<Study>> {
+        let conn = self.conn()?;
+        let body: Option<String> = conn
+            .query_row(
+                "SELECT body FROM studies WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+        body.map(|b| serde_json::from_str(&b).map_err(|e| CoordinatorError::State(e.to_string())))
+            .transpose()
+    }
+
+    fn studies(&self) -> Result<Vec<Study>> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT body FROM studies ORDER BY name")
+            .map_err(db)?;
+        let bodies: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(db)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(db)?;
+        bodies
+            .iter()
+            .map(|b| serde_json::from_str(b).map_err(|e| CoordinatorError::State(e.to_string())))
+            .collect()
+    }
+
+    fn record_result(&self, r: &ResultRecord) -> Result<()> {
+        let conn = self.conn()?;
+        conn.execute(
+            "INSERT OR REPLACE INTO results (query_id, study, user, statement_hash, sites, created_ms, result)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![r.query_id, r.study, r.user, r.statement_hash, r.sites.join(","), now_ms(), r.result],
+        )
+        .map_err(db)?;
+        Ok(())
+    }
+
+    fn set_node_status(&self, status: &NodeStatus) -> Result<()> {
+        let body =
+            serde_json::to_string(status).map_err(|e| CoordinatorError::State(e.to_string()))?;
+        let conn = self.conn()?;
+        conn.execute(
+            "INSERT INTO nodes (name, body) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET body = ?2",
+            params![status.name, body],
+        )
+        .map_err(db)?;
+        Ok(())
+    }
+
+    fn node_statuses(&self) -> Result<Vec<NodeStatus>> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT body FROM nodes ORDER BY name")
+            .map_err(db)?;
+        let bodies: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(db)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(db)?;
+        bodies
+            .iter()
+            .map(|b| serde_json::from_str(b).map_err(|e| CoordinatorError::State(e.to_string())))
+            .collect()
+    }
+
+    fn audit(&self, e: &CoordinatorAudit) -> Result<()> {
+        let conn = self.conn()?;
+        conn.execute(
+            "INSERT INTO audit (at_ms, user, study, action, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![e.at_ms, e.user, e.study, e.action, e.outcome, e.detail],
+        )
+        .map_err(db)?;
+        Ok(())
+    }
+
+    fn audit_log(&self) -> Result<Vec<CoordinatorAudit>> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT at_ms, user, study, action, outcome, detail FROM audit ORDER BY seq")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(CoordinatorAudit {
+                    at_ms: r.get(0)?,
+                    user: r.get(1)?,
+                    study: r.get(2)?,
+                    action: r.get(3)?,
+                    outcome: r.get(4)?,
+                    detail: r.get(5)?,
+                })
+            })
+            .map_err(db)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("state.sqlite")).expect("open");
+        (dir, s)
+    }
+
+    #[test]
+    fn tokens_authenticate_until_revoked_and_only_hashes_are_stored() {
+        let (dir, s) = store();
+        let token = s.add_user("alice", Role::Researcher).expect("add");
+        assert!(token.starts_with("cft_"));
+        assert_eq!(
+            s.user_by_token(&token).expect("lookup").map(|u| u.role),
+            Some(Role::Researcher)
+        );
+        assert!(s.user_by_token("cft_wrong").expect("lookup").is_none());
+        assert!(s.add_user("alice", Role::Admin).is_err());
+        let raw = std::fs::read(dir.path().join("state.sqlite")).expect("read");
+        assert!(
+            !raw.windows(token.len()).any(|w| w == token.as_bytes()),
+            "token stored in clear"
+        );
+        s.revoke_user("alice").expect("revoke");
+        assert!(s.user_by_token(&token).expect("lookup").is_none());
+        assert!(s.revoke_user("alice").is_err());
+    }
+
+    #[test]
+    fn studies_round_trip_and_admit_members() {
+        let (_dir, s) = store();
+        let study = Study {
+            name: "gi".into(),
+            title: "GI bleeding".into(),
+            principal_investigator: "pi".into(),
+            members: vec!["alice".into()],
+            tables: vec![],
+            requested_epsilon: 5.0,
+            requested_delta: 1e-6,
+            ethics_ref: "IRB-1".into(),
+            min_sites: Some(2),
+            created_ms: 1,
+            created_by: "admin".into(),
+        };
+        s.create_study(&study).expect("create");
+        assert!(s.create_study(&study).is_err());
+        assert_eq!(s.study("gi").expect("get"), Some(study.clone()));
+        let user = |name: &str, role| User {
+            name: name.into(),
+            role,
+            created_ms: 0,
+            revoked_ms: None,
+        };
+        assert!(study.admits(&user("alice", Role::Researcher)));
+        assert!(study.admits(&user("pi", Role::Researcher)));
+        assert!(study.admits(&user("root", Role::Admin)));
+        assert!(!study.admits(&user("mallory", Role::Researcher)));
+    }
+}

@@ -1,0 +1,340 @@
+//! Node governance end to end: budgets drain and then refuse with figures,
+//! policy refusals are explained and audited, manual approval holds a study,
+//! signatures, expiry and replays are checked, and the audit log detects
+//! tampering.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use confer_coordinator::config::NodeEntry;
+use confer_coordinator::fanout::NodeHandle;
+use confer_protocol::ErrorKind;
+use confer_protocol::signing::Identity;
+use confer_protocol::task::Task;
+
+use crate::fixture::{federation_with, keyed};
+
+const CONFER: &str = env!("CARGO_BIN_EXE_confer");
+
+const POLICY: &str = r#"[policy]
+approval = "auto"
+max_query_epsilon = 2.0
+
+[policy.studies.small]
+budget = { epsilon = 1.0, delta = 1e-6 }
+researchers = ["alice"]
+tables = ["person"]
+"#;
+
+fn count_query(epsilon: f64) -> String {
+    format!(
+        "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = {epsilon}, delta = 1e-6) \
+         gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id"
+    )
+}
+
+fn confer(args: &[&str]) -> (bool, String) {
+    let out = Command::new(CONFER)
+        .args(args)
+        .output()
+        .expect("run confer");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn node_config(work: &Path, site: &str) -> String {
+    work.join(format!("{site}.toml")).display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_drain_then_refuse_and_refusals_are_audited() {
+    let fed = federation_with(2, POLICY).await;
+    let work = fed.federation.work_dir.clone();
+    let mut alice = fed.client_as("alice").await;
+
+    // Drain: queries at epsilon 0.4 until the study's budget refuses one.
+    let mut answered = 0;
+    let err = loop {
+        match alice.run(&count_query(0.4), Some("small")).await {
+            Ok(_) => answered += 1,
+            Err(e) => break e.to_string(),
+        }
+        assert!(answered < 50, "the budget never ran out");
+    };
+    let rho_each = confer_privacy::accounting::rho_for_epsilon_delta(0.4, 1e-6).expect("rho");
+    let budget = confer_privacy::accounting::rho_for_epsilon_delta(1.0, 1e-6).expect("rho");
+    assert_eq!(answered, (budget / rho_each).floor() as usize, "{err}");
+    assert!(err.contains("budget exhausted for study small"), "{err}");
+    assert!(
+        err.contains("remains") && err.contains("needs rho"),
+        "the figures are given: {err}"
+    );
+
+    // The coordinator reports what each node and the network spent.
+    let show = alice
+        .run("SHOW PRIVACY BUDGET FOR STUDY small", Some("small"))
+        .await
+        .expect("show");
+    let rows = keyed(&show.batches, 1, &["spent_rho", "budget_rho"]);
+    for site in ["site-a", "site-b"] {
+        let spent = rows[site][0];
+        assert!(
+            (spent - answered as f64 * rho_each).abs() < 1e-9,
+            "{site}: {spent}"
+        );
+        assert!((rows[site][1] - budget).abs() < 1e-12);
+    }
+    let network = rows
+        .iter()
+        .find(|(k, _)| k.starts_with("network"))
+        .expect("network row");
+    assert!((network.1[0] - answered as f64 * rho_each).abs() < 1e-9);
+
+    // Policy refusals, each with its reason.
+    let cases = [
+        ("alice", "small", count_query(3.0), "per-query cap"),
+        (
+            "mallory",
+            "small",
+            count_query(0.1),
+            "researcher mallory is not a member of study small",
+        ),
+        (
+            "alice",
+            "other",
+            count_query(0.1),
+            "study other is not admitted",
+        ),
+        (
+            "alice",
+            "small",
+            "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.1, delta = 1e-6) COUNT(*) AS n \
+             FROM condition_occurrence"
+                .to_string(),
+            "may not read table condition_occurrence",
+        ),
+    ];
+    for (researcher, study, sql, want) in cases {
+        let mut c = fed.client_as(researcher).await;
+        let err = c.run(&sql, Some(study)).await.expect_err(want).to_string();
+        assert!(err.contains(want), "{err}\n  want: {want}");
+    }
+
+    // Every refusal is in each node's audit log, and the log verifies.
+    let cfg = node_config(&work, "site-a");
+    let (ok, out) = confer(&["audit", "verify", "--config", &cfg]);
+    assert!(ok, "{out}");
+    let (ok, log) = confer(&["audit", "show", "--config", &cfg, "--format", "jsonl"]);
+    assert!(ok, "{log}");
+    for want in [
+        "per-query cap",
+        "researcher mallory is not a member",
+        "study other is not admitted",
+        "may not read table condition_occurrence",
+        "budget exhausted",
+    ] {
+        assert!(log.contains(want), "audit log lacks {want:?}");
+    }
+    let released = log
+        .lines()
+        .filter(|l| l.contains("\"decision\":\"released\"") && l.contains("\"kind\":\"query\""))
+        .count();
+    assert_eq!(released, answered);
+
+    // Tampering with the database is detected and the record named.
+    let db = work.join("state").join("site-a").join("ledger.sqlite");
+    let conn = rusqlite::Connection::open(&db).expect("open ledger");
+    conn.execute(
+        "UPDATE audit SET reason = 'nothing happened' WHERE seq = 3",
+        [],
+    )
+    .expect("tamper");
+    let (ok, out) = confer(&["audit", "verify", "--config", &cfg]);
+    assert!(!ok, "verify must fail: {out}");
+    assert!(out.contains("record 3 was edited"), "{out}");
+
+    fed.federation.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_approval_holds_a_study_until_the_steward_approves() {
+    let policy = "[policy]\napproval = \"manual\"\n\n[policy.studies.s]\nbudget = { epsilon = 10.0, delta = 1e-6 }\n";
+    let fed = federation_with(2, policy).await;
+    let work = fed.federation.work_dir.clone();
+    let mut client = fed.client().await;
+    let err = client
+        .run(&count_query(0.5), Some("s"))
+        .await
+        .expect_err("pending")
+        .to_string();
+    assert!(err.contains("awaits approval"), "{err}");
+
+    for site in ["site-a", "site-b"] {
+        let (ok, out) = confer(&[
+            "node",
+            "approve",
+            "s",
+            "--config",
+            &node_config(&work, site),
+        ]);
+        assert!(ok, "{out}");
+    }
+    client
+        .run(&count_query(0.5), Some("s"))
+        .await
+        .expect("approved");
+
+    let (ok, out) = confer(&[
+        "node",
+        "deny",
+        "s",
+        "--reason",
+        "ethics approval withdrawn",
+        "--config",
+        &node_config(&work, "site-b"),
+    ]);
+    assert!(ok, "{out}");
+    let err = client
+        .run(&count_query(0.5), Some("s"))
+        .await
+        .expect_err("denied")
+        .to_string();
+    assert!(
+        err.contains("ethics approval withdrawn") && err.contains("site-b"),
+        "{err}"
+    );
+
+    let (ok, out) = confer(&["node", "studies", "--config", &node_config(&work, "site-b")]);
+    assert!(ok && out.contains("denied"), "{out}");
+    fed.federation.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_expiry_retries_and_replays() {
+    let fed = federation_with(1, POLICY).await;
+    let work = fed.federation.work_dir.clone();
+    let node = &fed.federation.nodes[0];
+    let handle = NodeHandle::new(
+        &NodeEntry {
+            name: "site-a".into(),
+            url: format!("http://{}", node.addr),
+        },
+        None,
+    )
+    .expect("handle");
+    let timeout = Duration::from_secs(30);
+    let coordinator = Identity::load(&work.join("coordinator.key")).expect("key");
+    let task = Task::query("small", "alice", &count_query(0.1), Duration::from_secs(60));
+
+    // A task signed by another key is refused.
+    let forged = Identity::generate()
+        .expect("key")
+        .sign(&task)
+        .expect("sign");
+    let err = handle.run(&forged, timeout).await.expect_err("forged");
+    assert_eq!(err.kind, ErrorKind::PermissionDenied);
+    assert!(
+        err.message.contains("signature does not verify"),
+        "{}",
+        err.message
+    );
+
+    // An expired task is refused.
+    let mut old = Task::query("small", "alice", &count_query(0.1), Duration::from_secs(60));
+    old.expires_at = old.issued_at - 1;
+    let err = handle
+        .run(&coordinator.sign(&old).expect("sign"), timeout)
+        .await
+        .expect_err("expired");
+    assert!(err.message.contains("expired"), "{}", err.message);
+
+    // A retried task is answered with the same release and charged once.
+    let envelope = coordinator.sign(&task).expect("sign");
+    let first = handle.run(&envelope, timeout).await.expect("released");
+    let again = handle.run(&envelope, timeout).await.expect("retry");
+    assert_eq!(
+        first.batch, again.batch,
+        "a retry returns the stored release"
+    );
+    let db = work.join("state").join("site-a").join("ledger.sqlite");
+    let conn = rusqlite::Connection::open(&db).expect("ledger");
+    let rows: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM releases WHERE task_id = ?1",
+            [task.id.to_string()],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(rows, 1, "one debit for the task and its retry");
+
+    // The same task id with other content is a replay.
+    let mut replay = task.clone();
+    replay.kind = Task::query("small", "alice", &count_query(0.2), Duration::from_secs(60)).kind;
+    let err = handle
+        .run(&coordinator.sign(&replay).expect("sign"), timeout)
+        .await
+        .expect_err("replay");
+    assert!(err.message.contains("replay"), "{}", err.message);
+
+    let (ok, log) = confer(&[
+        "audit",
+        "show",
+        "--config",
+        &node_config(&work, "site-a"),
+        "--format",
+        "jsonl",
+    ]);
+    assert!(ok);
+    for want in ["signature does not verify", "expired", "retried", "replay"] {
+        assert!(log.contains(want), "audit log lacks {want:?}:\n{log}");
+    }
+    fed.federation.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_queries_never_overspend() {
+    let fed = federation_with(2, POLICY).await;
+    let per_query = confer_privacy::accounting::rho_for_epsilon_delta(0.3, 1e-6).expect("rho");
+    let budget = confer_privacy::accounting::rho_for_epsilon_delta(1.0, 1e-6).expect("rho");
+    let fits = (budget / per_query).floor() as usize;
+    let mut handles = Vec::new();
+    for _ in 0..(3 * fits) {
+        let mut c = fed.client_as("alice").await;
+        handles.push(tokio::spawn(async move {
+            c.run(&count_query(0.3), Some("small")).await.is_ok()
+        }));
+    }
+    let mut ok = 0;
+    for h in handles {
+        if h.await.expect("join") {
+            ok += 1;
+        }
+    }
+    assert!(
+        ok <= fits,
+        "{ok} queries answered but only {fits} fit the budget"
+    );
+    assert!(ok >= 1);
+    let work = fed.federation.work_dir.clone();
+    for site in ["site-a", "site-b"] {
+        let db = work.join("state").join(site).join("ledger.sqlite");
+        let conn = rusqlite::Connection::open(&db).expect("ledger");
+        let spent: f64 = conn
+            .query_row(
+                "SELECT COALESCE(SUM(rho), 0) FROM releases WHERE study = 'small'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("sum");
+        assert!(
+            spent <= budget * (1.0 + 1e-9),
+            "{site} spent {spent} of {budget}"
+        );
+    }
+    fed.federation.stop().await.expect("clean stop");
+}

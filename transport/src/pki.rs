@@ -1,0 +1,276 @@
+//! A network certificate authority and its certificates.
+//!
+//! `confer pki init --dir pki` writes `ca.pem` and `ca.key`;
+//! `confer pki issue --dir pki --kind node --name site-a --host 127.0.0.1`
+//! writes `site-a.pem` and `site-a.key` signed by it. Keys are ECDSA P-256,
+//! written with owner-only permissions.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::{Result, TransportError};
+
+/// What a certificate is for; written as its organizational unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertKind {
+    /// A node: serves Flight to the coordinator.
+    Node,
+    /// The coordinator: serves clients, and is the client of nodes.
+    Coordinator,
+    /// A researcher's or tool's client certificate.
+    Client,
+}
+
+impl CertKind {
+    /// The organizational unit that marks the kind.
+    pub fn unit(self) -> &'static str {
+        match self {
+            CertKind::Node => "confer-node",
+            CertKind::Coordinator => "confer-coordinator",
+            CertKind::Client => "confer-client",
+        }
+    }
+
+    /// Parses `node`, `coordinator` or `client`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "node" => Some(CertKind::Node),
+            "coordinator" => Some(CertKind::Coordinator),
+            "client" => Some(CertKind::Client),
+            _ => None,
+        }
+    }
+
+    /// The kind named by an organizational unit.
+    pub fn from_unit(unit: &str) -> Option<Self> {
+        [CertKind::Node, CertKind::Coordinator, CertKind::Client]
+            .into_iter()
+            .find(|k| k.unit() == unit)
+    }
+}
+
+impl fmt::Display for CertKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CertKind::Node => "node",
+            CertKind::Coordinator => "coordinator",
+            CertKind::Client => "client",
+        })
+    }
+}
+
+/// Paths of a certificate and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// The certificate (PEM).
+    pub cert: PathBuf,
+    /// The private key (PEM).
+    pub key: PathBuf,
+}
+
+fn cert_err(e: impl fmt::Display) -> TransportError {
+    TransportError::Certificate(e.to_string())
+}
+
+fn write_file(path: &Path, contents: &str, private: bool) -> Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if private {
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut file = options
+        .open(path)
+        .map_err(|e| TransportError::Files(format!("cannot write {}: {e}", path.display())))?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| TransportError::Files(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Creates the network CA in `dir` (refuses to overwrite one).
+pub fn init(dir: &Path, network: &str, days: i64) -> Result<Issued> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| TransportError::Files(format!("cannot create {}: {e}", dir.display())))?;
+    let issued = Issued {
+        cert: dir.join("ca.pem"),
+        key: dir.join("ca.key"),
+    };
+    if issued.cert.exists() || issued.key.exists() {
+        return Err(TransportError::Files(format!(
+            "{} already holds a CA (ca.pem / ca.key): remove them first, or issue certificates from it",
+            dir.display()
+        )));
+    }
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{network} CA"));
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, network);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(days.max(1));
+    let cert = params.self_signed(&key).map_err(cert_err)?;
+    write_file(&issued.key, &key.serialize_pem(), true)?;
+    write_file(&issued.cert, &cert.pem(), false)?;
+    Ok(issued)
+}
+
+/// What to issue.
+#[derive(Debug, Clone)]
+pub struct IssueRequest<'a> {
+    /// Kind of certificate.
+    pub kind: CertKind,
+    /// Common name: the node's site name, "coordinator", or a user name.
+    pub name: &'a str,
+    /// Host names and IP addresses the certificate is valid for (servers).
+    pub hosts: &'a [String],
+    /// Validity from now, in days (may be negative, for tests of expiry).
+    pub days: i64,
+}
+
+/// Issues a certificate from the CA in `dir`, written as `<name>.pem` / `<name>.key`.
+pub fn issue(dir: &Path, request: &IssueRequest<'_>) -> Result<Issued> {
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).map_err(|e| {
+        TransportError::Files(format!(
+            "cannot read {}: {e} (create the CA with `confer pki init --dir {}`)",
+            dir.join("ca.pem").display(),
+            dir.display()
+        ))
+    })?;
+    let ca_key_pem = std::fs::read_to_string(dir.join("ca.key")).map_err(|e| {
+        TransportError::Files(format!("cannot read {}: {e}", dir.join("ca.key").display()))
+    })?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(cert_err)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(cert_err)?;
+
+    if request.name.is_empty()
+        || !request
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+    {
+        return Err(TransportError::Certificate(format!(
+            "name {:?}: use letters, digits, '-', '_', '.' or '@'",
+            request.name
+        )));
+    }
+    let mut hosts = request.hosts.to_vec();
+    if hosts.is_empty() && request.kind != CertKind::Client {
+        hosts = vec!["localhost".into(), "127.0.0.1".into()];
+    }
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let mut params = CertificateParams::new(hosts).map_err(cert_err)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, request.name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, request.kind.unit());
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = match request.kind {
+        CertKind::Node => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        CertKind::Coordinator => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        CertKind::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    let now = OffsetDateTime::now_utc();
+    if request.days >= 0 {
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(request.days.max(1));
+    } else {
+        // Already expired: for testing that expiry is refused.
+        params.not_before = now + Duration::days(request.days * 2);
+        params.not_after = now + Duration::days(request.days);
+    }
+    let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
+    let issued = Issued {
+        cert: dir.join(format!("{}.pem", request.name)),
+        key: dir.join(format!("{}.key", request.name)),
+    };
+    write_file(&issued.key, &key.serialize_pem(), true)?;
+    write_file(&issued.cert, &cert.pem(), false)?;
+    Ok(issued)
+}
+
+/// The kind and common name of a DER certificate, if it carries them.
+pub fn describe(der: &[u8]) -> Option<(Option<CertKind>, String)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let cn = subject
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let kind = subject
+        .iter_organizational_unit()
+        .filter_map(|a| a.as_str().ok())
+        .find_map(CertKind::from_unit);
+    Some((kind, cn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_issues_certificates_that_name_their_kind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path(), "test network", 30).expect("ca");
+        assert!(
+            init(dir.path(), "again", 30).is_err(),
+            "an existing CA is not overwritten"
+        );
+        let issued = issue(
+            dir.path(),
+            &IssueRequest {
+                kind: CertKind::Node,
+                name: "site-a",
+                hosts: &[],
+                days: 30,
+            },
+        )
+        .expect("issue");
+        let pem = std::fs::read(&issued.cert).expect("read");
+        let der = rustls_pemfile::certs(&mut pem.as_slice())
+            .next()
+            .expect("one cert")
+            .expect("valid pem");
+        assert_eq!(
+            describe(&der),
+            Some((Some(CertKind::Node), "site-a".into()))
+        );
+        let err = issue(
+            dir.path(),
+            &IssueRequest {
+                kind: CertKind::Client,
+                name: "bad name",
+                hosts: &[],
+                days: 1,
+            },
+        )
+        .expect_err("bad name");
+        assert!(err.to_string().contains("name"));
+    }
+}
