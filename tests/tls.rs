@@ -152,7 +152,7 @@ fn connect(
     cert: Option<(PathBuf, PathBuf)>,
 ) -> ConnectArgs {
     ConnectArgs {
-        coordinator: format!("https://{}", coordinator.addr),
+        coordinator: Some(format!("https://{}", coordinator.addr)),
         token,
         ca: Some(ca.to_path_buf()),
         cert: cert.as_ref().map(|c| c.0.clone()),

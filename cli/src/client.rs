@@ -47,10 +47,14 @@ impl Client {
     /// https (trusting `--ca`, presenting `--cert`/`--key` if given); the
     /// token, if any, is sent with every request.
     pub async fn connect_with(args: &ConnectArgs) -> anyhow::Result<Self> {
-        let url = if args.coordinator.contains("://") {
-            args.coordinator.clone()
+        let given = args
+            .coordinator
+            .as_deref()
+            .ok_or_else(|| anyhow!("--coordinator <URL> (or CONFER_COORDINATOR) is required"))?;
+        let url = if given.contains("://") {
+            given.to_string()
         } else {
-            format!("http://{}", args.coordinator)
+            format!("http://{given}")
         };
         let mut endpoint = Endpoint::from_shared(url.clone())
             .with_context(|| format!("{url} is not a valid coordinator URL"))?
@@ -99,7 +103,7 @@ impl Client {
     /// Connects to a plaintext loopback coordinator with a token.
     pub async fn connect(url: &str, token: Option<&str>) -> anyhow::Result<Self> {
         Self::connect_with(&ConnectArgs {
-            coordinator: url.to_string(),
+            coordinator: Some(url.to_string()),
             token: token.map(str::to_string),
             ca: None,
             cert: None,
@@ -249,11 +253,12 @@ fn rounded_for_display(batch: &RecordBatch) -> anyhow::Result<RecordBatch> {
                 .as_any()
                 .downcast_ref::<Float64Array>()
                 .ok_or_else(|| anyhow!("column {} is not Float64", field.name()))?;
+            let interval = field.name().ends_with("_ci_low") || field.name().ends_with("_ci_high");
             let text: StringArray = (0..floats.len())
                 .map(|i| {
                     floats
                         .is_valid(i)
-                        .then(|| format!("{:.1}", floats.value(i)))
+                        .then(|| display_float(floats.value(i), interval))
                 })
                 .collect();
             fields.push(Field::new(field.name(), DataType::Utf8, true));
@@ -269,6 +274,27 @@ fn rounded_for_display(batch: &RecordBatch) -> anyhow::Result<RecordBatch> {
     )?)
 }
 
+/// Interval ends with one decimal; other floats with up to six significant
+/// digits, small ones in scientific notation.
+fn display_float(v: f64, interval: bool) -> String {
+    if interval {
+        return format!("{v:.1}");
+    }
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    if v.abs() < 1e-3 || v.abs() >= 1e9 {
+        return format!("{v:e}");
+    }
+    let digits = (6 - v.abs().log10().floor() as i32 - 1).clamp(0, 12) as usize;
+    let s = format!("{v:.digits$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 /// A line on what the answer cost and where it came from.
 pub fn footer(schema: &Schema) -> Option<String> {
     let info: ResultInfo = serde_json::from_str(schema.metadata().get(metadata::RESULT)?).ok()?;
@@ -281,9 +307,29 @@ pub fn footer(schema: &Schema) -> Option<String> {
     } else {
         format!("epsilon = {:.4} (pure DP)", c.epsilon)
     };
+    let missing = schema
+        .metadata()
+        .get(metadata::MISSING_SITES)
+        .map(|m| format!(" Missing (did not answer): {m}."))
+        .unwrap_or_default();
     Some(format!(
-        "{:.0}% confidence intervals. Cost at each site: {cost}. Sites: {}.",
+        "{:.0}% confidence intervals. Cost at each site: {cost}. Sites: {}.{missing}",
         info.confidence * 100.0,
         info.sites.join(", ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::display_float;
+
+    #[test]
+    fn floats_display_readably() {
+        assert_eq!(display_float(1320.1196, true), "1320.1");
+        assert_eq!(display_float(0.024394, false), "0.024394");
+        assert_eq!(display_float(1e-6, false), "1e-6");
+        assert_eq!(display_float(1.5, false), "1.5");
+        assert_eq!(display_float(9.87654321, false), "9.87654");
+        assert_eq!(display_float(0.0, false), "0");
+    }
 }

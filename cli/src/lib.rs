@@ -108,19 +108,19 @@ pub struct CoordinatorArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectArgs {
     /// The coordinator's URL: http://127.0.0.1:50050 (loopback) or https://host:port.
-    #[arg(long, env = "CONFER_COORDINATOR")]
-    pub coordinator: String,
+    #[arg(long, global = true, env = "CONFER_COORDINATOR")]
+    pub coordinator: Option<String>,
     /// Your bearer token (printed by `confer coordinator user add`).
-    #[arg(long, env = "CONFER_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "CONFER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// The network CA certificate, for https URLs.
-    #[arg(long, env = "CONFER_CA")]
+    #[arg(long, global = true, env = "CONFER_CA")]
     pub ca: Option<PathBuf>,
     /// Your client certificate (with --key), if you authenticate by certificate.
-    #[arg(long, requires = "key")]
+    #[arg(long, global = true, requires = "key")]
     pub cert: Option<PathBuf>,
     /// Your client key.
-    #[arg(long, requires = "cert")]
+    #[arg(long, global = true, requires = "cert")]
     pub key: Option<PathBuf>,
 }
 
@@ -235,6 +235,15 @@ fn init_logging(verbose: u8) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }
 
 fn doctor() -> anyhow::Result<()> {

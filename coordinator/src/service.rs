@@ -763,8 +763,7 @@ impl CoordinatorService {
             )));
         }
         let epsilon_ok = new.requested_epsilon > 0.0 && new.requested_epsilon.is_finite();
-        if !epsilon_ok || !(0.0..1.0).contains(&new.requested_delta)
-        {
+        if !epsilon_ok || !(0.0..1.0).contains(&new.requested_delta) {
             return Err(ProtocolError::invalid(
                 "the requested budget needs epsilon > 0 and 0 <= delta < 1",
             ));
@@ -1044,7 +1043,11 @@ impl FlightSqlService for CoordinatorService {
         };
         let body = request.into_inner().body;
         let stream = match kind.as_str() {
-            custom::NODES => json_result(&self.state.node_statuses())?,
+            custom::NODES => {
+                // Check now rather than report what the last periodic check saw.
+                self.state.check_health().await;
+                json_result(&self.state.node_statuses())?
+            }
             custom::WHOAMI => json_result(&user)?,
             custom::STUDY_CREATE => {
                 let study = self.create_study(&user, &body)?;
