@@ -237,15 +237,6 @@ fn init_logging(verbose: u8) {
         .try_init();
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_command_line_is_consistent() {
-        use clap::CommandFactory;
-        super::Cli::command().debug_assert();
-    }
-}
-
 fn doctor() -> anyhow::Result<()> {
     println!("confer {}", env!("CARGO_PKG_VERSION"));
     let rt =
@@ -269,4 +260,13 @@ fn doctor() -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }
