@@ -15,5 +15,7 @@ mod fixture;
 mod governance;
 /// A slow link and a rogue node, for the fault tests.
 mod proxy;
+/// The dialect's semantics as .slt files: DP answers equal plain bounded queries.
+mod slt;
 /// Mutual TLS, tokens, client certificates, roles, refused certificates.
 mod tls;

@@ -25,6 +25,7 @@ fn options() -> FederationOptions<'static> {
         policy: TEST_POLICY,
         users: USERS,
         studies: STUDIES,
+        extra_tables: &[],
     }
 }
 

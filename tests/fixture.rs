@@ -8,7 +8,7 @@ use arrow::array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use confer_cli::client::Client;
-use confer_cli::demo::{Federation, FederationOptions, start_federation};
+use confer_cli::demo::{ExtraTable, Federation, FederationOptions, start_federation};
 use datafusion::prelude::SessionContext;
 
 /// The GiBleed CSV directory.
@@ -56,6 +56,15 @@ budget = { rho = 1e15 }
 /// Starts `sites` nodes over GiBleed and a coordinator, as the demo does,
 /// with the given node policy.
 pub async fn federation_with(sites: usize, policy: &str) -> Running {
+    federation_with_tables(sites, policy, &[]).await
+}
+
+/// [`federation_with`], serving more tables beside GiBleed's.
+pub async fn federation_with_tables(
+    sites: usize,
+    policy: &str,
+    extra_tables: &[ExtraTable<'_>],
+) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let program = Path::new(env!("CARGO_BIN_EXE_confer"));
     let options = FederationOptions {
@@ -65,6 +74,7 @@ pub async fn federation_with(sites: usize, policy: &str) -> Running {
         policy,
         users: USERS,
         studies: STUDIES,
+        extra_tables,
     };
     let federation = start_federation(program, &gibleed(), dir.path(), &options)
         .await
@@ -83,6 +93,11 @@ pub async fn federation(sites: usize) -> Running {
 /// A DataFusion session with the unsplit GiBleed tables, loaded through the
 /// node's own catalog loader (same names, same types).
 pub async fn plain_gibleed() -> SessionContext {
+    plain_with_tables(&[]).await
+}
+
+/// [`plain_gibleed`] with more tables, read from their original files.
+pub async fn plain_with_tables(extras: &[crate::slt::ExtraOwned]) -> SessionContext {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = gibleed();
     let config_path = dir.path().join("plain.toml");
@@ -98,6 +113,11 @@ pub async fn plain_gibleed() -> SessionContext {
         policy: "",
     };
     confer_cli::gibleed::write_node_config(&config_path, &setup, &data, &data).expect("config");
+    let mut text = std::fs::read_to_string(&config_path).expect("config");
+    for extra in extras {
+        text.push_str(&extra.table().config(&extra.source));
+    }
+    std::fs::write(&config_path, text).expect("config");
     let config = confer_node::NodeConfig::load(&config_path).expect("load config");
     let ctx = SessionContext::new();
     confer_node::catalog::load(&config, &ctx)

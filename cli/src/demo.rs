@@ -164,6 +164,35 @@ pub struct FederationOptions<'a> {
     pub users: &'a [&'a str],
     /// Studies to create, each with every user as a member.
     pub studies: &'a [&'a str],
+    /// More person-level tables to split by their unit and serve.
+    pub extra_tables: &'a [ExtraTable<'a>],
+}
+
+/// A person-level CSV table served beside GiBleed's.
+#[derive(Debug, Clone, Copy)]
+pub struct ExtraTable<'a> {
+    /// Table name queries use.
+    pub name: &'a str,
+    /// The CSV file.
+    pub source: &'a Path,
+    /// Its privacy unit column (a whole number; rows go to site unit mod sites).
+    pub unit: &'a str,
+    /// TOML lines for `[tables.<name>.columns]` (types, bounds, domains).
+    pub columns: &'a str,
+}
+
+impl ExtraTable<'_> {
+    /// The node.toml section for this table read from `path`.
+    pub fn config(&self, path: &Path) -> String {
+        format!(
+            "\n[tables.{}]\npath = {:?}\nformat = \"csv\"\nprivacy_unit = \"{}\"\n[tables.{}.columns]\n{}\n",
+            self.name,
+            path.display().to_string(),
+            self.unit,
+            self.name,
+            self.columns
+        )
+    }
 }
 
 /// Nodes started over split GiBleed data, before the coordinator.
@@ -199,7 +228,21 @@ pub async fn start_nodes(
             policy: options.policy,
         };
         gibleed::write_node_config(&config, &setup, dir, data)?;
+        for extra in options.extra_tables {
+            let file = format!("{}.csv", extra.name);
+            let mut text = std::fs::read_to_string(&config)?;
+            text.push_str(&extra.config(&dir.join(&file)));
+            std::fs::write(&config, text)?;
+        }
         configs.push((name, config));
+    }
+    for extra in options.extra_tables {
+        gibleed::split_file(
+            extra.source,
+            &dirs,
+            &format!("{}.csv", extra.name),
+            extra.unit,
+        )?;
     }
     let labels: Vec<String> = configs
         .iter()
@@ -367,6 +410,7 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
         policy: DEMO_POLICY,
         users: &["researcher"],
         studies: &["demo"],
+        extra_tables: &[],
     };
     let federation = tokio::select! {
         f = start_federation(&program, &data, &work_dir, &options) => f?,

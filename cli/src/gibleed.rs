@@ -60,50 +60,66 @@ pub fn split(
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     for table in tables {
-        let path = src.join(format!("{table}.csv"));
-        let mut reader = csv::Reader::from_path(&path).with_context(|| {
-            format!(
-                "cannot read {} (is --data the GiBleed csv directory?)",
-                path.display()
-            )
-        })?;
-        let headers = reader.headers()?.clone();
-        let pid = headers
-            .iter()
-            .position(|h| h.eq_ignore_ascii_case("person_id"))
-            .ok_or_else(|| anyhow!("{} has no PERSON_ID column", path.display()))?;
-        let mut writers = dirs
-            .iter()
-            .map(|d| {
-                let p = d.join(format!("{table}.csv"));
-                let w = csv::Writer::from_writer(
-                    File::create(&p).with_context(|| format!("cannot write {}", p.display()))?,
-                );
-                Ok(w)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        for w in &mut writers {
-            w.write_record(&headers)?;
-        }
-        for (line, record) in reader.records().enumerate() {
-            let record = record.with_context(|| format!("{} line {}", path.display(), line + 2))?;
-            let person: u64 = record
-                .get(pid)
-                .and_then(|v| v.trim().parse().ok())
-                .ok_or_else(|| {
-                    anyhow!(
-                        "{} line {}: PERSON_ID is not a whole number",
-                        path.display(),
-                        line + 2
-                    )
-                })?;
-            writers[(person % sites as u64) as usize].write_record(&record)?;
-        }
-        for mut w in writers {
-            w.flush()?;
-        }
+        split_file(
+            &src.join(format!("{table}.csv")),
+            &dirs,
+            &format!("{table}.csv"),
+            "person_id",
+        )?;
     }
     Ok(dirs)
+}
+
+/// Splits one CSV file into `dirs` (as `name`), each row going to the site
+/// `unit mod dirs.len()`, where `unit` is the whole-number column
+/// `unit_column` (case-insensitive). The header is copied to every site.
+pub fn split_file(
+    path: &Path,
+    dirs: &[PathBuf],
+    name: &str,
+    unit_column: &str,
+) -> anyhow::Result<()> {
+    let mut reader = csv::Reader::from_path(path).with_context(|| {
+        format!(
+            "cannot read {} (is --data the GiBleed csv directory?)",
+            path.display()
+        )
+    })?;
+    let headers = reader.headers()?.clone();
+    let unit = headers
+        .iter()
+        .position(|h| h.eq_ignore_ascii_case(unit_column))
+        .ok_or_else(|| anyhow!("{} has no {unit_column} column", path.display()))?;
+    let mut writers = dirs
+        .iter()
+        .map(|d| {
+            let p = d.join(name);
+            Ok(csv::Writer::from_writer(File::create(&p).with_context(
+                || format!("cannot write {}", p.display()),
+            )?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for w in &mut writers {
+        w.write_record(&headers)?;
+    }
+    for (line, record) in reader.records().enumerate() {
+        let record = record.with_context(|| format!("{} line {}", path.display(), line + 2))?;
+        let id: u64 = record
+            .get(unit)
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                anyhow!(
+                    "{} line {}: {unit_column} is not a whole number",
+                    path.display(),
+                    line + 2
+                )
+            })?;
+        writers[(id % dirs.len() as u64) as usize].write_record(&record)?;
+    }
+    for mut w in writers {
+        w.flush()?;
+    }
+    Ok(())
 }
 
 /// Site names: site-a, site-b, ...; past z, site-27 and so on.

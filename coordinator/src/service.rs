@@ -278,8 +278,9 @@ impl CoordinatorState {
             Statement::Query(parsed) => {
                 let study = self.auth.study(user, need_study("every query")?)?;
                 let catalog = self.network_catalog().await?;
-                let plan =
-                    confer_query::compile(&parsed, &catalog, None).map_err(ProtocolError::from)?;
+                let plan = confer_query::compile(&parsed, &catalog, None)
+                    .await
+                    .map_err(ProtocolError::from)?;
                 if !study.tables.is_empty()
                     && let Some(t) = plan
                         .tables
@@ -325,8 +326,9 @@ impl CoordinatorState {
             }
             Statement::ExplainPrivacy(parsed) => {
                 let catalog = self.network_catalog().await?;
-                let plan =
-                    confer_query::compile(&parsed, &catalog, None).map_err(ProtocolError::from)?;
+                let plan = confer_query::compile(&parsed, &catalog, None)
+                    .await
+                    .map_err(ProtocolError::from)?;
                 confer_query::engine::validate(&plan, &catalog)
                     .await
                     .map_err(ProtocolError::from)?;
@@ -596,7 +598,10 @@ fn explain(plan: &FederatedPlan, sites: usize) -> Result<RecordBatch, ProtocolEr
     let groups: Vec<String> = plan
         .groups
         .iter()
-        .map(|g| format!("{} (public domain of {} values)", g.name, g.domain.len()))
+        .map(|g| match &g.domain {
+            Some(d) => format!("{} (public domain of {} values)", g.name, d.len()),
+            None => format!("{} (private keys: partition selection)", g.name),
+        })
         .collect();
     rows.push((
         "groups".into(),
@@ -606,6 +611,19 @@ fn explain(plan: &FederatedPlan, sites: usize) -> Result<RecordBatch, ProtocolEr
             groups.join(", ")
         },
     ));
+    if let Some(sel) = &plan.selection {
+        rows.push((
+            "partition selection".into(),
+            format!(
+                "{} noise, scale {:.4}: a group is released when its noisy person count is at least {} \
+                 (delta {:e} set aside)",
+                sel.mechanism.name(),
+                sel.scale,
+                sel.threshold,
+                sel.delta
+            ),
+        ));
+    }
     let z = confer_privacy::stats::z_for_confidence(o.confidence);
     for agg in &plan.aggregates {
         for &p in &agg.partials {
@@ -615,9 +633,10 @@ fn explain(plan: &FederatedPlan, sites: usize) -> Result<RecordBatch, ProtocolEr
             rows.push((
                 format!("aggregate {}", agg.name),
                 format!(
-                    "{}: per-group bound {}, sensitivity L1 {} / L2 {:.4}, noise scale {:.4} per node, \
+                    "{} [{}]: per-group bound {}, sensitivity L1 {} / L2 {:.4}, noise scale {:.4} per node, \
                      standard deviation {:.4} over {sites} node(s), {:.0}% interval +/- {:.4}",
                     agg.expr,
+                    spec.columns.first().map(|c| c.rsplit('_').next().unwrap_or(c)).unwrap_or(""),
                     spec.per_group_bound,
                     spec.l1,
                     spec.l2,

@@ -116,11 +116,66 @@ async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Re
             "tables.{name}.privacy_unit = {unit:?}: the source has no such column"
         )));
     }
+    let one_row_per_unit = match (&table.privacy_unit, table.one_row_per_unit) {
+        (None, Some(true)) => {
+            return Err(NodeError::Config(format!(
+                "tables.{name}.one_row_per_unit needs a privacy_unit: public tables have no persons"
+            )));
+        }
+        (None, _) => false,
+        (Some(unit), declared) => {
+            let expect = declared.unwrap_or(name == "person" && unit == "person_id");
+            if expect {
+                check_one_row_per_unit(ctx, name, unit)
+                    .await
+                    .map_err(|m| source_err(&table.path, m))?;
+            }
+            expect
+        }
+    };
     Ok(TableInfo {
         name: name.to_string(),
         privacy_unit: table.privacy_unit.clone(),
         columns,
+        one_row_per_unit,
     })
+}
+
+/// Verifies that no person has two rows (the DP compiler relies on it).
+async fn check_one_row_per_unit(
+    ctx: &SessionContext,
+    table: &str,
+    unit: &str,
+) -> std::result::Result<(), String> {
+    let sql = format!(
+        "SELECT CAST(COUNT(*) AS BIGINT), CAST(COUNT(DISTINCT \"{unit}\") AS BIGINT) FROM \"{table}\" WHERE \"{unit}\" IS NOT NULL"
+    );
+    let batches = ctx
+        .sql(&sql)
+        .await
+        .map_err(|e| e.to_string())?
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let value = |col: usize| {
+        batches
+            .first()
+            .and_then(|b| {
+                b.column(col)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .map(|a| a.value(0))
+            })
+            .unwrap_or(0)
+    };
+    let (rows, persons) = (value(0), value(1));
+    if rows != persons {
+        return Err(format!(
+            "one_row_per_unit: {rows} rows hold only {persons} distinct {unit} values; fix the data, or set \
+             one_row_per_unit = false for this table in node.toml"
+        ));
+    }
+    Ok(())
 }
 
 fn path_str(p: &Path) -> String {

@@ -94,6 +94,10 @@ pub struct TableConfig {
     /// The column that identifies a person; absent for public tables.
     #[serde(default)]
     pub privacy_unit: Option<String>,
+    /// Whether each person has at most one row (OMOP's person table does;
+    /// default true there, false elsewhere). Checked when the node starts.
+    #[serde(default)]
+    pub one_row_per_unit: Option<bool>,
     /// CSV field delimiter (one character).
     #[serde(default = "default_delimiter")]
     pub delimiter: char,

@@ -329,6 +329,7 @@ impl NodeService {
         };
         let plan =
             match confer_query::compile(&parsed, &self.state.query_catalog, Some(&self.state.name))
+                .await
             {
                 Ok(p) => p,
                 Err(e) => {

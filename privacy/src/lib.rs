@@ -24,6 +24,8 @@
 //!   conversion, and pure-DP epsilon -> rho.
 //! * [`mechanisms`]: [`Noise`], a calibrated mechanism that adds noise to
 //!   integer or float vectors and reports its own cost and spread.
+//! * [`selection`]: DP partition selection (thresholded noisy person counts)
+//!   for group keys without a public domain.
 //! * [`stats`]: the normal quantile and exact variances used for standard
 //!   errors and confidence intervals (post-processing only).
 //! * [`secagg`]: secure aggregation (Bonawitz et al. 2017 with the SecAgg+
@@ -36,6 +38,7 @@
 pub mod accounting;
 pub mod mechanisms;
 pub mod secagg;
+pub mod selection;
 pub mod stats;
 
 pub use mechanisms::{Mechanism, Noise};

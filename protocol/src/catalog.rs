@@ -159,6 +159,11 @@ pub struct TableInfo {
     pub privacy_unit: Option<String>,
     /// The columns, in order.
     pub columns: Vec<ColumnInfo>,
+    /// Whether each person has at most one row (checked by the node at
+    /// start-up). Queries reading such a table alone need no sampling of
+    /// rows or groups.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_row_per_unit: bool,
 }
 
 impl TableInfo {

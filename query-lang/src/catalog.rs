@@ -128,6 +128,7 @@ mod tests {
                     bounds: None,
                     domain: None,
                 }],
+                one_row_per_unit: false,
             }],
         }
     }

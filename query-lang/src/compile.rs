@@ -2,38 +2,51 @@
 //!
 //! The compiler checks what the query may do, resolves bounds and domains
 //! from the catalog, and writes the *local bounded query*: plain SQL that
-//! each node runs with DataFusion. Its shape is always
+//! each node runs with DataFusion. Its shape is
 //!
 //! ```text
+//! <the query's own CTEs>,
 //! __confer_src   one row per input row: the person, the group keys, the aggregate arguments
-//! __confer_rows  at most max_rows_contributed rows per person per group, chosen at random
+//!                (WHERE applied; keys outside public domains dropped)
+//! __confer_rows  at most max_groups_contributed groups per person and max_rows_contributed
+//!                rows per person per group, chosen at random
 //! __confer_pg    one row per person per group: that person's contribution to each aggregate
-//! __confer_sel   at most max_groups_contributed groups per person, chosen at random
-//! final SELECT   per group: the exact partial aggregates, summed over persons
+//! final SELECT   per group: the exact partials, and the number of persons
 //! ```
 //!
-//! Steps that cannot change the result are left out (no row sampling when
-//! every aggregate counts persons; no group sampling when a person cannot
-//! reach more groups than allowed). The node adds noise to the partials
-//! ([`crate::release`]); the coordinator combines them ([`crate::combine`]).
+//! Steps that cannot change the result are left out: no sampling when each
+//! person has one row (a table with one row per person, read alone), no
+//! group sampling when a person cannot reach more groups than allowed, no
+//! row sampling when every aggregate counts persons. The FROM clause, with
+//! its joins, CTEs and subqueries, is planned by DataFusion and checked by
+//! [`crate::analyze`] to keep every row attributable to one person.
+//!
+//! The node adds noise to the partials ([`crate::release`]); the
+//! coordinator combines them ([`crate::combine`]).
 
 use std::fmt::Write as _;
-
-use confer_protocol::catalog::{ColumnType, DomainValue, TableInfo};
-use datafusion::sql::sqlparser::ast::{
-    DuplicateTreatment, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident,
-    ObjectName, Query, Select, SelectItem, SetExpr, TableFactor, Visit, VisitMut, Visitor,
-    VisitorMut,
-};
 use std::ops::ControlFlow;
 
+use confer_privacy::selection::Selection;
+use confer_protocol::catalog::{ColumnType, DomainValue};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::sqlparser::ast::{
+    DuplicateTreatment, Expr, FunctionArg, FunctionArgExpr, FunctionArgOperator, FunctionArguments,
+    GroupByExpr, Ident, ObjectName, Query, Select, SelectItem, SetExpr, UnaryOperator, Value,
+    Visit, VisitMut, Visitor, VisitorMut,
+};
+
+use crate::analyze::{self, Origin};
 use crate::catalog::Catalog;
+use crate::engine;
 use crate::error::{QueryError, Result};
 use crate::options::{Aggregation, DpOptions, Mechanism};
 use crate::parse::ParsedQuery;
 use crate::plan::{
-    AggregateKind, AggregateSpec, FederatedPlan, GroupSpec, OutputItem, PartialSpec, PlanCost,
-    PostProcess,
+    AggregateKind, AggregateSpec, Bounds, FederatedPlan, GroupSpec, OutputItem, PERCENTILE_BINS,
+    PartialSpec, PlanCost, PostProcess,
 };
 
 /// Name of the pseudo-column that holds the node's site name.
@@ -42,9 +55,21 @@ pub const SITE_COLUMN: &str = "site";
 /// Upper limit on the number of public groups (the product of the domains).
 pub const MAX_PUBLIC_GROUPS: usize = 1_000_000;
 
+/// An aggregate of the SELECT list, before compilation.
+struct Agg {
+    kind: AggregateKind,
+    name: String,
+    expr: String,
+    /// The argument, if any (index into the value columns).
+    value: Option<usize>,
+    bounds: Option<(f64, f64, bool)>,
+    percentile: Option<f64>,
+}
+
 /// Compiles a parsed DP query. `site` is the node's name when a node
-/// compiles (it fills the `site` pseudo-column); `None` at the coordinator.
-pub fn compile(
+/// compiles (it fills the `site` pseudo-column and salts the random choice
+/// of groups); `None` at the coordinator.
+pub async fn compile(
     parsed: &ParsedQuery,
     catalog: &Catalog,
     site: Option<&str>,
@@ -58,21 +83,31 @@ pub fn compile(
     })?;
     if options.aggregation == Aggregation::Secure {
         return Err(QueryError::Rejected(
-            "aggregation = 'secure' is not available yet in this version: use aggregation = 'per_site' \
-             (the default)"
+            "aggregation = 'secure' is not available yet in this version: use aggregation = 'per_site' (the default)"
                 .into(),
         ));
     }
-    let query = &parsed.query;
-    reject_reserved_names(query)?;
-    if query.with.is_some() {
-        return Err(unsupported("WITH (common table expressions) in DP queries"));
-    }
+    let mut query = (*parsed.query).clone();
+    reject_reserved_names(&query)?;
     if query.fetch.is_some() || !query.locks.is_empty() || query.for_clause.is_some() {
         return Err(unsupported("FETCH / FOR clauses"));
     }
+    if query.with.as_ref().is_some_and(|w| w.recursive) {
+        return Err(QueryError::Rejected(
+            "recursive CTEs are not supported in DP queries".into(),
+        ));
+    }
+    // The `site` pseudo-column becomes the node's name (when no table has a
+    // real column of that name).
+    let site_literal = site.unwrap_or("");
+    if !catalog.tables().any(|t| t.column(SITE_COLUMN).is_some()) {
+        let mut sub = SiteLiteral(site_literal.to_string());
+        if let SetExpr::Select(select) = query.body.as_mut() {
+            let _ = VisitMut::visit(select.as_mut(), &mut sub);
+        }
+    }
     let select = match query.body.as_ref() {
-        SetExpr::Select(select) => select.as_ref(),
+        SetExpr::Select(select) => select.as_ref().clone(),
         SetExpr::Query(_) => {
             return Err(QueryError::Rejected(
                 "put the DP clause on the outermost SELECT, not around a parenthesised query"
@@ -81,19 +116,62 @@ pub fn compile(
         }
         _ => {
             return Err(QueryError::Rejected(
-                "UNION, INTERSECT, EXCEPT and VALUES cannot carry the DP clause: \
-                 run each SELECT as its own DP query"
+                "UNION, INTERSECT, EXCEPT and VALUES cannot carry the DP clause: run each SELECT as its own \
+                 DP query"
                     .into(),
             ));
         }
     };
-    check_select_shape(select)?;
+    check_select_shape(&select)?;
+    if select.from.is_empty() {
+        return Err(QueryError::Rejected(
+            "a DP query must read a table: add FROM <table>".into(),
+        ));
+    }
 
-    let scope = Scope::from_select(select, catalog)?;
-    let unit = scope.unit(&options)?;
-    let site_literal = format!("'{}'", site.unwrap_or("").replace('\'', "''"));
+    let ctx = engine::empty_context(catalog)?;
+    let with_sql = query
+        .with
+        .as_ref()
+        .map(|w| format!("{w} "))
+        .unwrap_or_default();
+    let from_sql = select
+        .from
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Some(selection) = &select.selection {
+        reject_aggregates_in(selection, "WHERE")?;
+    }
+    let where_sql = select
+        .selection
+        .as_ref()
+        .map(|w| format!(" WHERE {w}"))
+        .unwrap_or_default();
 
-    // Group keys.
+    // 1. The rows the query reads, and who they belong to.
+    let source = plan_sql(
+        &ctx,
+        &format!("{with_sql}SELECT * FROM {from_sql}{where_sql}"),
+        catalog,
+    )
+    .await?;
+    let source_prov = analyze::provenance(&source, catalog)?;
+    if !source_prov.is_private() {
+        return Err(QueryError::Rejected(format!(
+            "this query reads only public tables ({}): query them without the DP clause",
+            source_prov
+                .tables
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let unit_sql = unit_column(&source, &source_prov, &options, catalog)?;
+
+    // 2. Group keys and aggregates, as written.
     let group_exprs = match &select.group_by {
         GroupByExpr::Expressions(exprs, modifiers) => {
             if !modifiers.is_empty() {
@@ -109,31 +187,14 @@ pub fn compile(
             ));
         }
     };
-    let mut groups: Vec<GroupSpec> = Vec::new();
-    let mut group_sql: Vec<String> = Vec::new();
-    for expr in &group_exprs {
-        reject_aggregates_in(expr, "GROUP BY")?;
-        let (spec, sql) = scope.group(expr, catalog, &site_literal)?;
-        groups.push(spec);
-        group_sql.push(sql);
+    for g in &group_exprs {
+        reject_aggregates_in(g, "GROUP BY")?;
     }
-    let public_groups: usize = groups
-        .iter()
-        .try_fold(1usize, |acc, g| {
-            acc.checked_mul(g.domain.len().max(1))
-                .filter(|n| *n <= MAX_PUBLIC_GROUPS)
-        })
-        .ok_or_else(|| {
-            QueryError::Rejected(format!(
-                "the public group domains multiply to more than {MAX_PUBLIC_GROUPS} groups: \
-             group by fewer or coarser columns"
-            ))
-        })?;
-
-    // Select list: group references and aggregates.
-    let mut aggregates: Vec<AggregateSpec> = Vec::new();
+    let mut values: Vec<String> = Vec::new();
+    let mut aggs: Vec<Agg> = Vec::new();
     let mut select_items: Vec<OutputItem> = Vec::new();
     let mut names: Vec<String> = Vec::new();
+    let mut group_names: Vec<Option<String>> = vec![None; group_exprs.len()];
     for item in &select.projection {
         let (expr, alias) = match item {
             SelectItem::UnnamedExpr(e) => (e, None),
@@ -145,111 +206,1017 @@ pub fn compile(
                 ));
             }
         };
-        if let Some(kind) = scope.aggregate(expr, &unit)? {
-            let name = unique_name(
-                &mut names,
-                alias.map(ident_name).unwrap_or_else(|| kind.default_name()),
-            );
-            select_items.push(OutputItem::Aggregate(aggregates.len()));
-            aggregates.push(AggregateSpec {
-                name,
-                kind,
-                expr: expr.to_string(),
-                partials: Vec::new(),
-            });
+        if let Some(mut agg) = classify(expr, &mut values)? {
+            agg.name = unique_name(&mut names, alias.map(ident_name).unwrap_or(agg.name));
+            select_items.push(OutputItem::Aggregate(aggs.len()));
+            aggs.push(agg);
         } else if let Some(index) = group_exprs.iter().position(|g| same_expr(g, expr)) {
-            let name = unique_name(
-                &mut names,
-                alias
-                    .map(ident_name)
-                    .unwrap_or_else(|| groups[index].name.clone()),
-            );
-            groups[index].name = name.clone();
+            let default = group_default_name(&group_exprs[index], index);
+            let name = unique_name(&mut names, alias.map(ident_name).unwrap_or(default));
+            group_names[index] = Some(name);
             select_items.push(OutputItem::Group(index));
         } else {
-            reject_aggregates_in(expr, "SELECT")?;
+            reject_aggregates_in(expr, "an expression around it")?;
             return Err(QueryError::Rejected(format!(
-                "{expr} is neither a GROUP BY key nor a DP aggregate: releasing it would reveal \
-                 person-level values; add it to GROUP BY (with a public domain) or aggregate it"
+                "{expr} is neither a GROUP BY key nor a DP aggregate: releasing it would reveal person-level \
+                 values; add it to GROUP BY or aggregate it"
             )));
         }
     }
-    if aggregates.is_empty() {
+    if aggs.is_empty() {
         return Err(QueryError::Rejected(
             "a DP query must release at least one aggregate, such as COUNT(*)".into(),
         ));
     }
-    // Group keys that are not selected still shape the result; name them anyway.
-    for g in &mut groups {
-        if !names.contains(&g.name) {
-            g.name = unique_name(&mut names, g.name.clone());
+    for (i, g) in group_exprs.iter().enumerate() {
+        if group_names[i].is_none() {
+            group_names[i] = Some(unique_name(&mut names, group_default_name(g, i)));
         }
     }
 
-    if let Some(selection) = &select.selection {
-        reject_aggregates_in(selection, "WHERE")?;
-        reject_subqueries(selection, "WHERE")?;
+    // 3. The source projection, planned: key types, origins (for domains and
+    //    bounds), and which arguments are the unit.
+    let mut src_cols = vec![format!("{unit_sql} AS __unit")];
+    for (i, g) in group_exprs.iter().enumerate() {
+        src_cols.push(format!("{g} AS __g{i}"));
+    }
+    for (j, v) in values.iter().enumerate() {
+        src_cols.push(format!("{v} AS __v{j}"));
+    }
+    let src_plan = plan_sql(
+        &ctx,
+        &format!(
+            "{with_sql}SELECT {} FROM {from_sql}{where_sql}",
+            src_cols.join(", ")
+        ),
+        catalog,
+    )
+    .await?;
+    let src_prov = analyze::provenance(&src_plan, catalog)?;
+    if !src_prov.unit_fields.contains(&0) {
+        return Err(QueryError::Internal(
+            "the unit column was lost in the source projection".into(),
+        ));
+    }
+    let n_groups = group_exprs.len();
+    let value_origin = |j: usize| src_prov.origins.get(&(1 + n_groups + j));
+    let value_is_unit = |j: usize| src_prov.unit_fields.contains(&(1 + n_groups + j));
+
+    let mut groups = Vec::with_capacity(n_groups);
+    for (i, g) in group_exprs.iter().enumerate() {
+        let field = src_plan.schema().field(1 + i);
+        let column_type = column_type_of(field.data_type()).ok_or_else(|| {
+            QueryError::Rejected(format!(
+                "GROUP BY {g} has type {}, which cannot be a group key",
+                field.data_type()
+            ))
+        })?;
+        let is_site = matches!(g, Expr::Value(v) if matches!(&v.value, Value::SingleQuotedString(s) if s == site_literal))
+            && group_default_name(g, i) == SITE_COLUMN;
+        let domain = if is_site {
+            Some(
+                catalog
+                    .sites()
+                    .iter()
+                    .map(|s| DomainValue::Text(s.clone()))
+                    .collect(),
+            )
+        } else {
+            src_prov
+                .origins
+                .get(&(1 + i))
+                .and_then(|o| column_of(catalog, o))
+                .and_then(|c| c.domain.as_ref().map(|d| d.values()))
+        };
+        if let Some(values) = &domain {
+            check_domain_type(
+                &group_names[i].clone().unwrap_or_default(),
+                column_type,
+                values,
+            )?;
+        }
+        groups.push(GroupSpec {
+            name: group_names[i].clone().unwrap_or_default(),
+            column_type,
+            domain,
+        });
+    }
+    let private_keys = groups.iter().any(|g| g.domain.is_none());
+    if private_keys && options.delta == 0.0 {
+        return Err(QueryError::Rejected(format!(
+            "group key {} has no public domain, so its groups are released by DP partition selection, which \
+             needs delta > 0: set delta (for example 1e-6), or declare a public domain for it in node.toml",
+            groups
+                .iter()
+                .find(|g| g.domain.is_none())
+                .map(|g| g.name.as_str())
+                .unwrap_or("?")
+        )));
+    }
+    let public_groups: usize = if private_keys {
+        usize::MAX
+    } else {
+        groups
+            .iter()
+            .try_fold(1usize, |acc, g| {
+                acc.checked_mul(g.domain.as_ref().map_or(1, Vec::len).max(1))
+                    .filter(|n| *n <= MAX_PUBLIC_GROUPS)
+            })
+            .ok_or_else(|| {
+                QueryError::Rejected(format!(
+                    "the public group domains multiply to more than {MAX_PUBLIC_GROUPS} groups: group by fewer \
+                     or coarser columns"
+                ))
+            })?
+    };
+
+    // 4. Bounds and argument checks.
+    for agg in &mut aggs {
+        let Some(j) = agg.value else { continue };
+        match agg.kind {
+            AggregateKind::CountDistinctUnit => {
+                if !value_is_unit(j) {
+                    return Err(QueryError::Rejected(format!(
+                        "{} is supported only for the privacy unit: write COUNT(DISTINCT {})",
+                        agg.expr,
+                        unit_sql
+                            .rsplit('.')
+                            .next()
+                            .unwrap_or("person_id")
+                            .trim_matches('"')
+                    )));
+                }
+            }
+            AggregateKind::Sum
+            | AggregateKind::Avg
+            | AggregateKind::VarPop
+            | AggregateKind::StddevPop
+            | AggregateKind::Percentile => {
+                let numeric = matches!(
+                    src_plan.schema().field(1 + n_groups + j).data_type(),
+                    DataType::Int8
+                        | DataType::Int16
+                        | DataType::Int32
+                        | DataType::Int64
+                        | DataType::UInt8
+                        | DataType::UInt16
+                        | DataType::UInt32
+                        | DataType::UInt64
+                        | DataType::Float16
+                        | DataType::Float32
+                        | DataType::Float64
+                        | DataType::Decimal128(_, _)
+                );
+                if !numeric {
+                    return Err(QueryError::Rejected(format!(
+                        "{} needs a numeric argument: cast it, or use COUNT",
+                        agg.expr
+                    )));
+                }
+                if agg.bounds.is_none() {
+                    let declared = value_origin(j)
+                        .and_then(|o| column_of(catalog, o))
+                        .and_then(|c| c.bounds);
+                    match declared {
+                        Some((lo, hi)) => agg.bounds = Some((lo, hi, true)),
+                        None => {
+                            let arg = match agg.kind {
+                                AggregateKind::Sum | AggregateKind::Avg => {
+                                    "contribution_bounds_per_group"
+                                }
+                                _ => "contribution_bounds_per_row",
+                            };
+                            return Err(QueryError::Rejected(format!(
+                                "{} needs bounds: add {arg} => (lo, hi), or declare bounds for the column in the \
+                                 catalog (node.toml)",
+                                agg.expr
+                            )));
+                        }
+                    }
+                }
+            }
+            AggregateKind::CountStar | AggregateKind::Count => {}
+        }
     }
 
-    // Contribution bounds and sensitivities.
-    let max_groups = if groups.is_empty() {
+    // 5. Contribution bounds and sensitivities.
+    let single_row = source_prov.one_row_per_unit;
+    let max_rows = if single_row {
+        1
+    } else {
+        options.max_rows_contributed as usize
+    };
+    let max_groups = if group_exprs.is_empty() || single_row {
         1
     } else {
         (options.max_groups_contributed as usize).min(public_groups)
     };
-    let max_rows = options.max_rows_contributed as usize;
+    let needs_group_sampling = !single_row
+        && !group_exprs.is_empty()
+        && (options.max_groups_contributed as usize) < public_groups;
+    let needs_row_sampling = !single_row
+        && aggs
+            .iter()
+            .any(|a| a.kind != AggregateKind::CountDistinctUnit);
+
+    let mut aggregates = Vec::with_capacity(aggs.len());
     let mut partials: Vec<PartialSpec> = Vec::new();
-    for (index, agg) in aggregates.iter_mut().enumerate() {
-        let bound = agg.kind.per_group_bound(max_rows);
-        agg.partials.push(partials.len());
-        partials.push(PartialSpec {
-            column: format!("__p{}", partials.len()),
-            aggregate: index,
-            integer: true,
-            per_group_bound: bound,
-            l1: bound * max_groups as f64,
-            l2: bound * (max_groups as f64).sqrt(),
+    for (index, agg) in aggs.iter().enumerate() {
+        let r = max_rows as f64;
+        let bounds = agg
+            .bounds
+            .map(|(lo, hi, per_row)| Bounds { lo, hi, per_row });
+        let half = bounds.map(|b| (b.hi - b.lo) / 2.0).unwrap_or(0.0);
+        let add =
+            |suffixes: &[&str], integer: bool, per_group: f64, partials: &mut Vec<PartialSpec>| {
+                let n = partials.len();
+                let columns: Vec<String> = if suffixes.is_empty() {
+                    vec![format!("__p{n}")]
+                } else {
+                    suffixes.iter().map(|s| format!("__p{n}_{s}")).collect()
+                };
+                let k = max_groups as f64;
+                partials.push(PartialSpec {
+                    columns,
+                    aggregate: index,
+                    integer,
+                    per_group_bound: per_group,
+                    l1: per_group * k,
+                    l2: per_group * k.sqrt(),
+                });
+                n
+            };
+        let ids: Vec<usize> = match agg.kind {
+            AggregateKind::CountStar | AggregateKind::Count => {
+                vec![add(&[], true, r, &mut partials)]
+            }
+            AggregateKind::CountDistinctUnit => vec![add(&[], true, 1.0, &mut partials)],
+            AggregateKind::Sum => {
+                let b = bounds.ok_or_else(|| QueryError::Internal("SUM without bounds".into()))?;
+                let (lo, hi) = if b.per_row {
+                    (b.lo.min(r * b.lo), b.hi.max(r * b.hi))
+                } else {
+                    (b.lo, b.hi)
+                };
+                vec![add(&[], false, lo.abs().max(hi.abs()), &mut partials)]
+            }
+            AggregateKind::Avg => vec![
+                add(&["sum"], false, half, &mut partials),
+                add(&["n"], true, 1.0, &mut partials),
+            ],
+            AggregateKind::VarPop | AggregateKind::StddevPop => vec![
+                add(&["n"], true, r, &mut partials),
+                add(&["s1"], false, r * half, &mut partials),
+                add(&["s2"], false, r * half * half, &mut partials),
+            ],
+            AggregateKind::Percentile => {
+                let bins: Vec<String> = (0..PERCENTILE_BINS).map(|k| format!("b{k}")).collect();
+                let refs: Vec<&str> = bins.iter().map(String::as_str).collect();
+                vec![add(&refs, true, r, &mut partials)]
+            }
+        };
+        aggregates.push(AggregateSpec {
+            name: agg.name.clone(),
+            kind: agg.kind,
+            expr: agg.expr.clone(),
+            partials: ids,
+            bounds,
+            percentile: agg.percentile,
+            value: agg.value,
         });
     }
-    let cost = PlanCost::split(&options, &partials)?;
+    let (cost, selection) =
+        split_budget(&options, partials.len(), private_keys.then_some(max_groups))?;
 
-    let needs_row_sampling = aggregates.iter().any(|a| a.kind.depends_on_rows());
-    let needs_group_sampling =
-        !groups.is_empty() && (options.max_groups_contributed as usize) < public_groups;
-    let local_sql = local_sql(LocalSql {
-        from: &scope.from_sql,
+    // 6. The local bounded query.
+    let salt = if site.is_some() { fresh_salt() } else { 0 };
+    let local_sql = local_sql(&LocalSql {
+        with: query.with.as_ref().map(|w| {
+            w.cte_tables
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }),
+        from: &from_sql,
         selection: select.selection.as_ref().map(|e| e.to_string()),
-        unit: &unit.sql,
-        groups: &group_sql,
-        domains: &groups,
+        unit: &unit_sql,
+        groups: &group_exprs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        specs: &groups,
+        values: &values,
         aggregates: &aggregates,
         partials: &partials,
         max_rows: needs_row_sampling.then_some(max_rows),
         max_groups: needs_group_sampling.then_some(max_groups),
+        salt,
     });
 
+    let named_groups: Vec<GroupSpec> = groups;
     let post = compile_post(
-        query,
-        select,
+        &query,
+        &select,
         &select_items,
         &aggregates,
-        &groups,
+        &named_groups,
         &group_exprs,
     )?;
-
     Ok(FederatedPlan {
         options,
         local_sql,
-        groups,
+        groups: named_groups,
         aggregates,
         partials,
+        selection,
         select: select_items,
         post,
         cost,
         max_groups,
         max_rows,
-        tables: scope.tables.iter().map(|(_, t)| t.name.clone()).collect(),
+        tables: source_prov.tables.iter().cloned().collect(),
     })
+}
+
+/// Plans SQL in DataFusion, with planning errors in the user's terms.
+async fn plan_sql(ctx: &SessionContext, sql: &str, catalog: &Catalog) -> Result<LogicalPlan> {
+    let df = ctx
+        .sql(sql)
+        .await
+        .map_err(|e| QueryError::Plan(user_terms(&QueryError::from(e).to_string(), catalog)))?;
+    Ok(df.logical_plan().clone())
+}
+
+/// Rewrites DataFusion's planning messages for researchers.
+fn user_terms(msg: &str, catalog: &Catalog) -> String {
+    let msg = msg
+        .trim_start_matches("Error during planning: ")
+        .replace("datafusion.public.", "")
+        .replace("__confer_src.", "");
+    if let Some(rest) = msg.strip_prefix("table '")
+        && let Some((table, _)) = rest.split_once("' not found")
+    {
+        let known: Vec<&str> = catalog.tables().map(|t| t.name.as_str()).collect();
+        return format!(
+            "table {table} is not in the network catalog; known tables: {}",
+            known.join(", ")
+        );
+    }
+    if let Some(rest) = msg.strip_prefix("No field named ") {
+        return format!("no column named {rest}");
+    }
+    msg
+}
+
+/// The unit column of the source, as SQL.
+fn unit_column(
+    source: &LogicalPlan,
+    prov: &analyze::Provenance,
+    options: &DpOptions,
+    catalog: &Catalog,
+) -> Result<String> {
+    let schema = source.schema();
+    let candidates: Vec<usize> = prov.unit_fields.iter().copied().collect();
+    let chosen = match &options.privacy_unit_column {
+        Some(wanted) => candidates
+            .iter()
+            .copied()
+            .find(|&i| schema.field(i).name().eq_ignore_ascii_case(wanted))
+            .ok_or_else(|| {
+                let declared: Vec<String> = prov
+                    .tables
+                    .iter()
+                    .filter_map(|t| catalog.table(t).and_then(|t| t.privacy_unit.clone()))
+                    .collect();
+                QueryError::Rejected(format!(
+                    "privacy_unit_column = {wanted} is not the privacy unit of the tables read (declared: {}): \
+                     drop the option or name the unit column",
+                    declared.join(", ")
+                ))
+            })?,
+        None => candidates
+            .first()
+            .copied()
+            .ok_or_else(|| QueryError::Internal("a private source without unit".into()))?,
+    };
+    let (qualifier, field) = schema.qualified_field(chosen);
+    Ok(match qualifier {
+        Some(q) => format!("{}.{}", quote(&q.to_string()), quote(field.name())),
+        None => quote(field.name()),
+    })
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn column_of<'c>(
+    catalog: &'c Catalog,
+    origin: &Origin,
+) -> Option<&'c confer_protocol::catalog::ColumnInfo> {
+    catalog
+        .table(&origin.table)
+        .and_then(|t| t.column(&origin.column))
+}
+
+fn column_type_of(ty: &DataType) -> Option<ColumnType> {
+    Some(match ty {
+        DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64
+        | DataType::UInt8
+        | DataType::UInt16
+        | DataType::UInt32
+        | DataType::UInt64 => ColumnType::Int64,
+        DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::Decimal128(_, _) => {
+            ColumnType::Float64
+        }
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => ColumnType::Utf8,
+        DataType::Date32 | DataType::Date64 => ColumnType::Date,
+        DataType::Timestamp(_, _) => ColumnType::Timestamp,
+        DataType::Boolean => ColumnType::Boolean,
+        DataType::Null => ColumnType::Utf8,
+        _ => return None,
+    })
+}
+
+fn group_default_name(expr: &Expr, index: usize) -> String {
+    match expr {
+        Expr::Identifier(id) => ident_name(id),
+        Expr::CompoundIdentifier(ids) => ids
+            .last()
+            .map(ident_name)
+            .unwrap_or_else(|| format!("group_{index}")),
+        Expr::Value(v) if matches!(v.value, Value::SingleQuotedString(_)) => {
+            SITE_COLUMN.to_string()
+        }
+        Expr::Nested(inner) => group_default_name(inner, index),
+        _ => format!("group_{index}"),
+    }
+}
+
+/// Replaces the `site` pseudo-column with the node's name.
+struct SiteLiteral(String);
+
+impl VisitorMut for SiteLiteral {
+    type Break = ();
+    fn post_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        if let Expr::Identifier(id) = expr
+            && id.quote_style.is_none()
+            && id.value.eq_ignore_ascii_case(SITE_COLUMN)
+        {
+            *expr = Expr::Value(Value::SingleQuotedString(self.0.clone()).into());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// A fresh random salt for the random choice of groups (OS randomness).
+fn fresh_salt() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // The salt only decorrelates which groups a person keeps across
+        // queries; privacy does not depend on it.
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+    }
+    u64::from_le_bytes(b)
+}
+
+/// Classifies a SELECT item: a DP aggregate, or not.
+fn classify(expr: &Expr, values: &mut Vec<String>) -> Result<Option<Agg>> {
+    let Expr::Function(f) = expr else {
+        return Ok(None);
+    };
+    let name = function_name(&f.name);
+    if !AGGREGATE_NAMES.contains(&name.as_str()) {
+        return Ok(None);
+    }
+    if f.filter.is_some()
+        || f.null_treatment.is_some()
+        || !f.within_group.is_empty()
+        || f.over.is_some()
+    {
+        return Err(unsupported(
+            "FILTER, WITHIN GROUP, OVER and null treatments on aggregates",
+        ));
+    }
+    let FunctionArguments::List(list) = &f.args else {
+        return Err(QueryError::Rejected(format!(
+            "{expr}: aggregates take an argument list"
+        )));
+    };
+    if !list.clauses.is_empty() {
+        return Err(unsupported("ORDER BY / LIMIT inside aggregate arguments"));
+    }
+    let distinct = matches!(list.duplicate_treatment, Some(DuplicateTreatment::Distinct));
+    let mut positional: Vec<&Expr> = Vec::new();
+    let mut star = false;
+    let mut per_group: Option<(f64, f64)> = None;
+    let mut per_row: Option<(f64, f64)> = None;
+    for arg in &list.args {
+        match arg {
+            FunctionArg::Unnamed(FunctionArgExpr::Wildcard) => star = true,
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => positional.push(e),
+            FunctionArg::Named {
+                name: arg_name,
+                arg: FunctionArgExpr::Expr(e),
+                operator: FunctionArgOperator::RightArrow,
+            } => {
+                let which = arg_name.value.to_ascii_lowercase();
+                let pair = bounds_pair(e).ok_or_else(|| {
+                    QueryError::Rejected(format!(
+                        "{which} in {expr} must be a pair of numbers: (lo, hi)"
+                    ))
+                })?;
+                if pair.0 > pair.1 || !pair.0.is_finite() || !pair.1.is_finite() {
+                    return Err(QueryError::Rejected(format!(
+                        "{which} in {expr} has lo > hi: write ({}, {})",
+                        pair.1, pair.0
+                    )));
+                }
+                match which.as_str() {
+                    "contribution_bounds_per_group" => per_group = Some(pair),
+                    "contribution_bounds_per_row" => per_row = Some(pair),
+                    other => {
+                        return Err(QueryError::Rejected(format!(
+                            "unknown argument {other} in {expr}: use contribution_bounds_per_group or \
+                             contribution_bounds_per_row"
+                        )));
+                    }
+                }
+            }
+            _ => {
+                return Err(QueryError::Rejected(format!(
+                    "{expr}: unsupported argument form"
+                )));
+            }
+        }
+    }
+    for e in &positional {
+        reject_aggregates_in(e, &format!("the argument of {}", name.to_ascii_uppercase()))?;
+    }
+    let mut push_value = |e: &Expr| {
+        values.push(format!("CAST({e} AS DOUBLE)"));
+        values.len() - 1
+    };
+    let upper = name.to_ascii_uppercase();
+    let default_name = |suffix: Option<&Expr>| match suffix {
+        Some(Expr::Identifier(id)) => format!("{name}_{}", ident_name(id)),
+        Some(Expr::CompoundIdentifier(ids)) => {
+            format!("{name}_{}", ids.last().map(ident_name).unwrap_or_default())
+        }
+        _ => name.clone(),
+    };
+    let no_bounds = |kind: &str| -> Result<()> {
+        if per_group.is_some() || per_row.is_some() {
+            return Err(QueryError::Rejected(format!(
+                "{kind} takes no contribution bounds: remove them"
+            )));
+        }
+        Ok(())
+    };
+    let agg = match (name.as_str(), star, positional.as_slice(), distinct) {
+        ("count", true, [], false) => {
+            no_bounds("COUNT(*)")?;
+            Agg {
+                kind: AggregateKind::CountStar,
+                name: "count".into(),
+                expr: expr.to_string(),
+                value: None,
+                bounds: None,
+                percentile: None,
+            }
+        }
+        ("count", false, [arg], true) => {
+            no_bounds("COUNT(DISTINCT ...)")?;
+            values.push(arg.to_string());
+            Agg {
+                kind: AggregateKind::CountDistinctUnit,
+                name: "count_distinct".into(),
+                expr: expr.to_string(),
+                value: Some(values.len() - 1),
+                bounds: None,
+                percentile: None,
+            }
+        }
+        ("count", false, [arg], false) => {
+            no_bounds("COUNT(expr)")?;
+            values.push(format!("CASE WHEN ({arg}) IS NULL THEN NULL ELSE 1.0 END"));
+            Agg {
+                kind: AggregateKind::Count,
+                name: default_name(Some(arg)),
+                expr: expr.to_string(),
+                value: Some(values.len() - 1),
+                bounds: None,
+                percentile: None,
+            }
+        }
+        ("sum" | "avg", false, [arg], false) => {
+            if per_row.is_some() {
+                return Err(QueryError::Rejected(format!(
+                    "{upper} bounds each person's contribution to a group: write contribution_bounds_per_group => \
+                     (lo, hi), not contribution_bounds_per_row"
+                )));
+            }
+            Agg {
+                kind: if name == "sum" {
+                    AggregateKind::Sum
+                } else {
+                    AggregateKind::Avg
+                },
+                name: default_name(Some(arg)),
+                expr: expr.to_string(),
+                value: Some(push_value(arg)),
+                bounds: per_group.map(|(lo, hi)| (lo, hi, false)),
+                percentile: None,
+            }
+        }
+        ("var_pop" | "stddev_pop" | "variance" | "stddev", false, [arg], false) => {
+            if per_group.is_some() {
+                return Err(QueryError::Rejected(format!(
+                    "{upper} bounds each row's value: write contribution_bounds_per_row => (lo, hi)"
+                )));
+            }
+            if name == "variance" || name == "stddev" {
+                return Err(QueryError::Rejected(format!(
+                    "{upper} is the sample statistic; confer releases population statistics: use {}_POP",
+                    if name == "variance" { "VAR" } else { "STDDEV" }
+                )));
+            }
+            Agg {
+                kind: if name == "var_pop" {
+                    AggregateKind::VarPop
+                } else {
+                    AggregateKind::StddevPop
+                },
+                name: default_name(Some(arg)),
+                expr: expr.to_string(),
+                value: Some(push_value(arg)),
+                bounds: per_row.map(|(lo, hi)| (lo, hi, true)),
+                percentile: None,
+            }
+        }
+        ("percentile_cont", false, [arg, p], false) => {
+            if per_group.is_some() {
+                return Err(QueryError::Rejected(
+                    "PERCENTILE_CONT bounds each row's value: write contribution_bounds_per_row => (lo, hi)".into(),
+                ));
+            }
+            let p = number(p)
+                .filter(|p| (0.0..=1.0).contains(p))
+                .ok_or_else(|| {
+                    QueryError::Rejected(format!(
+                        "the percentile in {expr} must be a number from 0 to 1 (0.5 for the median)"
+                    ))
+                })?;
+            Agg {
+                kind: AggregateKind::Percentile,
+                name: default_name(Some(arg)),
+                expr: expr.to_string(),
+                value: Some(push_value(arg)),
+                bounds: per_row.map(|(lo, hi)| (lo, hi, true)),
+                percentile: Some(p),
+            }
+        }
+        ("min" | "max", ..) => {
+            return Err(QueryError::Rejected(format!(
+                "{upper} on private values is not allowed: it reveals one person's value; use PERCENTILE_CONT \
+                 with bounds instead"
+            )));
+        }
+        ("count", ..) => {
+            return Err(QueryError::Rejected(format!(
+                "{expr}: COUNT takes *, one expression, or DISTINCT unit"
+            )));
+        }
+        ("sum" | "avg" | "var_pop" | "stddev_pop", _, _, true) => {
+            return Err(QueryError::Rejected(format!(
+                "{upper}(DISTINCT ...) is not supported: aggregate a per-person value instead"
+            )));
+        }
+        _ => {
+            return Err(QueryError::Rejected(format!(
+                "{expr} is not a DP aggregate: use COUNT, SUM, AVG, VAR_POP, STDDEV_POP or PERCENTILE_CONT"
+            )));
+        }
+    };
+    Ok(Some(agg))
+}
+
+fn number(e: &Expr) -> Option<f64> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n.parse().ok(),
+            _ => None,
+        },
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => number(expr).map(|n| -n),
+        Expr::Nested(inner) => number(inner),
+        _ => None,
+    }
+}
+
+fn bounds_pair(e: &Expr) -> Option<(f64, f64)> {
+    match e {
+        Expr::Tuple(items) if items.len() == 2 => Some((number(&items[0])?, number(&items[1])?)),
+        _ => None,
+    }
+}
+
+/// Splits the query's budget over its partials and partition selection.
+fn split_budget(
+    options: &DpOptions,
+    partials: usize,
+    selection_groups: Option<usize>,
+) -> Result<(PlanCost, Option<Selection>)> {
+    let shares = (partials + usize::from(selection_groups.is_some())).max(1) as f64;
+    let privacy_err = |e: confer_privacy::PrivacyError| QueryError::Rejected(e.to_string());
+    match options.mechanism {
+        Mechanism::Gaussian => {
+            let delta_selection = if selection_groups.is_some() {
+                options.delta / 2.0
+            } else {
+                0.0
+            };
+            let delta_noise = options.delta - delta_selection;
+            let rho =
+                confer_privacy::accounting::rho_for_epsilon_delta(options.epsilon, delta_noise)
+                    .map_err(privacy_err)?;
+            let per_partial = rho / shares;
+            let selection = selection_groups
+                .map(|k| {
+                    Selection::gaussian(k as u32, per_partial, delta_selection).map_err(privacy_err)
+                })
+                .transpose()?;
+            let epsilon = confer_privacy::accounting::epsilon_for_rho(rho, delta_noise)
+                .map_err(privacy_err)?;
+            Ok((
+                PlanCost {
+                    rho,
+                    epsilon,
+                    delta: options.delta,
+                    per_partial,
+                },
+                selection,
+            ))
+        }
+        Mechanism::Laplace => {
+            let per_partial = options.epsilon / shares;
+            let selection = selection_groups
+                .map(|k| {
+                    Selection::laplace(k as u32, per_partial, options.delta).map_err(privacy_err)
+                })
+                .transpose()?;
+            Ok((
+                PlanCost {
+                    rho: confer_privacy::accounting::rho_for_pure_epsilon(options.epsilon),
+                    epsilon: options.epsilon,
+                    delta: if selection.is_some() {
+                        options.delta
+                    } else {
+                        0.0
+                    },
+                    per_partial,
+                },
+                selection,
+            ))
+        }
+    }
+}
+
+struct LocalSql<'a> {
+    with: Option<String>,
+    from: &'a str,
+    selection: Option<String>,
+    unit: &'a str,
+    groups: &'a [String],
+    specs: &'a [GroupSpec],
+    values: &'a [String],
+    aggregates: &'a [AggregateSpec],
+    partials: &'a [PartialSpec],
+    max_rows: Option<usize>,
+    max_groups: Option<usize>,
+    salt: u64,
+}
+
+fn lit(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:e}")
+    }
+}
+
+fn clamp(expr: &str, lo: f64, hi: f64) -> String {
+    format!("least(greatest({expr}, {}), {})", lit(lo), lit(hi))
+}
+
+fn local_sql(l: &LocalSql<'_>) -> String {
+    let gcols: Vec<String> = (0..l.groups.len()).map(|i| format!("__g{i}")).collect();
+    let mut sql = String::from("WITH ");
+    if let Some(w) = &l.with
+        && !w.is_empty()
+    {
+        let _ = writeln!(sql, "{w},");
+    }
+    // Source rows.
+    let _ = write!(sql, "__confer_src AS (SELECT {} AS __unit", l.unit);
+    for (i, g) in l.groups.iter().enumerate() {
+        let cast = match l.specs[i].column_type {
+            ColumnType::Int64 => format!("CAST({g} AS BIGINT)"),
+            ColumnType::Float64 => format!("CAST({g} AS DOUBLE)"),
+            ColumnType::Utf8 => format!("CAST({g} AS VARCHAR)"),
+            _ => g.clone(),
+        };
+        let _ = write!(sql, ", {cast} AS __g{i}");
+    }
+    for (j, v) in l.values.iter().enumerate() {
+        let _ = write!(sql, ", {v} AS __v{j}");
+    }
+    // Percentile bins are computed per row here.
+    for a in l.aggregates {
+        if a.kind == AggregateKind::Percentile
+            && let (Some(b), Some(j)) = (a.bounds, value_index(a))
+        {
+            let width = (b.hi - b.lo) / PERCENTILE_BINS as f64;
+            let bin = format!(
+                "least(greatest(CAST(floor(({} - {}) / {}) AS BIGINT), 0), {})",
+                clamp(&l.values[j], b.lo, b.hi),
+                lit(b.lo),
+                lit(width.max(f64::MIN_POSITIVE)),
+                PERCENTILE_BINS - 1
+            );
+            let _ = write!(sql, ", {bin} AS __bin{j}");
+        }
+    }
+    let _ = write!(sql, " FROM {}", l.from);
+    let mut conditions: Vec<String> = Vec::new();
+    if let Some(s) = &l.selection {
+        conditions.push(format!("({s})"));
+    }
+    conditions.push(format!("{} IS NOT NULL", l.unit));
+    for (g, spec) in l.groups.iter().zip(l.specs) {
+        if let Some(domain) = &spec.domain {
+            conditions.push(domain_condition(g, domain));
+        }
+    }
+    let _ = write!(sql, " WHERE {})", conditions.join(" AND "));
+
+    // Random choice of groups per person and rows per person and group.
+    let person_group: Vec<&str> = std::iter::once("__unit")
+        .chain(gcols.iter().map(String::as_str))
+        .collect();
+    let person_group = person_group.join(", ");
+    let mut rows_table = "__confer_src";
+    if l.max_rows.is_some() || l.max_groups.is_some() {
+        let _ = write!(sql, ",\n__confer_ranked AS (SELECT *");
+        if l.max_groups.is_some() {
+            let keys: Vec<String> = gcols
+                .iter()
+                .map(|g| format!("coalesce(CAST({g} AS VARCHAR), '\u{1}')"))
+                .collect();
+            let _ = write!(
+                sql,
+                ", dense_rank() OVER (PARTITION BY __unit ORDER BY md5(concat('{}', {})), {}) AS __group_rank",
+                l.salt,
+                keys.join(", '\u{2}', "),
+                gcols.join(", ")
+            );
+        }
+        if l.max_rows.is_some() {
+            let _ = write!(
+                sql,
+                ", row_number() OVER (PARTITION BY {person_group} ORDER BY random()) AS __row_rank"
+            );
+        }
+        let _ = write!(sql, " FROM __confer_src)");
+        let mut keep = Vec::new();
+        if let Some(k) = l.max_groups {
+            keep.push(format!("__group_rank <= {k}"));
+        }
+        if let Some(r) = l.max_rows {
+            keep.push(format!("__row_rank <= {r}"));
+        }
+        let _ = write!(
+            sql,
+            ",\n__confer_rows AS (SELECT * FROM __confer_ranked WHERE {})",
+            keep.join(" AND ")
+        );
+        rows_table = "__confer_rows";
+    }
+
+    // Per person and group: each person's contribution.
+    let _ = write!(sql, ",\n__confer_pg AS (SELECT {person_group}");
+    let mut finals: Vec<String> = gcols.clone();
+    for a in l.aggregates {
+        let j = value_index(a);
+        let v = j.map(|j| format!("__v{j}")).unwrap_or_default();
+        let cols = |i: usize| &l.partials[a.partials[i]].columns;
+        match a.kind {
+            AggregateKind::CountStar => {
+                let c = &cols(0)[0];
+                let _ = write!(sql, ", count(*) AS {c}");
+                finals.push(format!("CAST(sum({c}) AS BIGINT) AS {c}"));
+            }
+            AggregateKind::Count => {
+                let c = &cols(0)[0];
+                let _ = write!(sql, ", count({v}) AS {c}");
+                finals.push(format!("CAST(sum({c}) AS BIGINT) AS {c}"));
+            }
+            AggregateKind::CountDistinctUnit => {
+                finals.push(format!("CAST(count(*) AS BIGINT) AS {}", cols(0)[0]));
+            }
+            AggregateKind::Sum => {
+                let c = &cols(0)[0];
+                let b = a.bounds.unwrap_or(Bounds {
+                    lo: 0.0,
+                    hi: 0.0,
+                    per_row: true,
+                });
+                if b.per_row {
+                    let _ = write!(sql, ", sum({}) AS {c}", clamp(&v, b.lo, b.hi));
+                } else {
+                    let _ = write!(sql, ", {} AS {c}", clamp(&format!("sum({v})"), b.lo, b.hi));
+                }
+                finals.push(format!("CAST(sum({c}) AS DOUBLE) AS {c}"));
+            }
+            AggregateKind::Avg => {
+                let (s, n) = (&cols(0)[0], &cols(1)[0]);
+                let b = a.bounds.unwrap_or(Bounds {
+                    lo: 0.0,
+                    hi: 0.0,
+                    per_row: true,
+                });
+                let mid = (b.lo + b.hi) / 2.0;
+                let mean = if b.per_row {
+                    format!("avg({})", clamp(&v, b.lo, b.hi))
+                } else {
+                    clamp(&format!("avg({v})"), b.lo, b.hi)
+                };
+                let _ = write!(sql, ", {mean} - {} AS {s}", lit(mid));
+                finals.push(format!("CAST(sum({s}) AS DOUBLE) AS {s}"));
+                finals.push(format!("CAST(count({s}) AS BIGINT) AS {n}"));
+            }
+            AggregateKind::VarPop | AggregateKind::StddevPop => {
+                let (n, s1, s2) = (&cols(0)[0], &cols(1)[0], &cols(2)[0]);
+                let b = a.bounds.unwrap_or(Bounds {
+                    lo: 0.0,
+                    hi: 0.0,
+                    per_row: true,
+                });
+                let mid = (b.lo + b.hi) / 2.0;
+                let centred = format!("({} - {})", clamp(&v, b.lo, b.hi), lit(mid));
+                let _ = write!(
+                    sql,
+                    ", count({v}) AS {n}, sum({centred}) AS {s1}, sum({centred} * {centred}) AS {s2}"
+                );
+                finals.push(format!("CAST(sum({n}) AS BIGINT) AS {n}"));
+                finals.push(format!("CAST(sum({s1}) AS DOUBLE) AS {s1}"));
+                finals.push(format!("CAST(sum({s2}) AS DOUBLE) AS {s2}"));
+            }
+            AggregateKind::Percentile => {
+                let j = j.unwrap_or(0);
+                for (k, c) in cols(0).iter().enumerate() {
+                    let _ = write!(sql, ", count(CASE WHEN __bin{j} = {k} THEN 1 END) AS {c}");
+                    finals.push(format!("CAST(sum({c}) AS BIGINT) AS {c}"));
+                }
+            }
+        }
+    }
+    let _ = write!(sql, " FROM {rows_table} GROUP BY {person_group})");
+    finals.push("CAST(count(*) AS BIGINT) AS __persons".into());
+    let _ = write!(sql, "\nSELECT {} FROM __confer_pg", finals.join(", "));
+    if !gcols.is_empty() {
+        let _ = write!(sql, " GROUP BY {}", gcols.join(", "));
+    }
+    sql
+}
+
+/// The value column an aggregate reads (`__v{j}`), from its partial's position.
+fn value_index(a: &AggregateSpec) -> Option<usize> {
+    a.value
+}
+
+fn check_domain_type(column: &str, ty: ColumnType, values: &[DomainValue]) -> Result<()> {
+    for v in values {
+        let ok = matches!(
+            (ty, v),
+            (ColumnType::Int64, DomainValue::Int(_)) | (ColumnType::Utf8, DomainValue::Text(_))
+        );
+        if !ok {
+            return Err(QueryError::Plan(format!(
+                "the catalog's domain for {column} holds {v}, which is not a {ty} value: fix the domain in node.toml"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn unsupported(what: &str) -> QueryError {
@@ -445,329 +1412,6 @@ fn reject_subqueries(expr: &Expr, clause: &str) -> Result<()> {
     Ok(())
 }
 
-/// The privacy unit as the local query reads it.
-struct Unit {
-    sql: String,
-    name: String,
-}
-
-/// The tables in scope of the DP SELECT.
-struct Scope<'c> {
-    /// (qualifier the query uses, table)
-    tables: Vec<(String, &'c TableInfo)>,
-    from_sql: String,
-}
-
-impl<'c> Scope<'c> {
-    fn from_select(select: &Select, catalog: &'c Catalog) -> Result<Self> {
-        if select.from.is_empty() {
-            return Err(QueryError::Rejected(
-                "a DP query must read a table: add FROM <table>".into(),
-            ));
-        }
-        if select.from.len() > 1 || !select.from[0].joins.is_empty() {
-            return Err(unsupported("joins"));
-        }
-        let relation = &select.from[0].relation;
-        let (name, alias) = match relation {
-            TableFactor::Table {
-                name,
-                alias,
-                args: None,
-                with_hints,
-                version: None,
-                with_ordinality: false,
-                partitions,
-                json_path: None,
-                sample: None,
-                index_hints,
-            } if with_hints.is_empty() && partitions.is_empty() && index_hints.is_empty() => {
-                (name, alias)
-            }
-            TableFactor::Derived { .. } => return Err(unsupported("subqueries in FROM")),
-            other => {
-                return Err(QueryError::Rejected(format!(
-                    "FROM {other} is not a plain table: DP queries read catalog tables"
-                )));
-            }
-        };
-        if name.0.len() != 1 {
-            return Err(QueryError::Plan(format!(
-                "table {name} is not in the network catalog: name tables without schema or catalog prefixes"
-            )));
-        }
-        let table_name = name.to_string().trim_matches('"').to_ascii_lowercase();
-        let table = catalog.table(&table_name).ok_or_else(|| {
-            let known: Vec<&str> = catalog.tables().map(|t| t.name.as_str()).collect();
-            QueryError::Plan(format!(
-                "table {table_name} is not in the network catalog; known tables: {}",
-                known.join(", ")
-            ))
-        })?;
-        if let Some(alias) = alias
-            && !alias.columns.is_empty()
-        {
-            return Err(unsupported("column lists in table aliases"));
-        }
-        let qualifier = alias
-            .as_ref()
-            .map(|a| ident_name(&a.name))
-            .unwrap_or_else(|| table.name.clone());
-        let from_sql = match alias {
-            Some(a) => format!("{} AS {}", table.name, a.name),
-            None => table.name.clone(),
-        };
-        Ok(Self {
-            tables: vec![(qualifier, table)],
-            from_sql,
-        })
-    }
-
-    /// The privacy unit column, from the options or the catalog.
-    fn unit(&self, options: &DpOptions) -> Result<Unit> {
-        let (qualifier, table) = &self.tables[0];
-        let declared = table.privacy_unit.as_deref().ok_or_else(|| {
-            QueryError::Rejected(format!(
-                "table {} is public: query it without the DP clause",
-                table.name
-            ))
-        })?;
-        if let Some(asked) = &options.privacy_unit_column
-            && !asked.eq_ignore_ascii_case(declared)
-        {
-            return Err(QueryError::Rejected(format!(
-                "privacy_unit_column = {asked} is not the privacy unit of {} (declared: {declared}): \
-                 drop the option or set it to {declared}",
-                table.name
-            )));
-        }
-        Ok(Unit {
-            sql: format!("{qualifier}.{declared}"),
-            name: declared.to_string(),
-        })
-    }
-
-    /// Resolves a column reference to its table and column.
-    fn column(&self, expr: &Expr) -> Option<(&'c TableInfo, String)> {
-        let (qualifier, name) = match expr {
-            Expr::Identifier(id) => (None, ident_name(id)),
-            Expr::CompoundIdentifier(ids) if ids.len() == 2 => {
-                (Some(ident_name(&ids[0])), ident_name(&ids[1]))
-            }
-            Expr::Nested(inner) => return self.column(inner),
-            _ => return None,
-        };
-        self.tables.iter().find_map(|(q, table)| {
-            if qualifier.as_ref().is_some_and(|wanted| wanted != q) {
-                return None;
-            }
-            table.column(&name).map(|c| (*table, c.name.clone()))
-        })
-    }
-
-    /// A GROUP BY key: its spec and its SQL in the local query.
-    fn group(
-        &self,
-        expr: &Expr,
-        catalog: &Catalog,
-        site_literal: &str,
-    ) -> Result<(GroupSpec, String)> {
-        if let Some((table, column)) = self.column(expr) {
-            let info = table.column(&column).ok_or_else(|| {
-                QueryError::Internal(format!("resolved column {column} vanished"))
-            })?;
-            let domain = info.domain.as_ref().ok_or_else(|| {
-                QueryError::Rejected(format!(
-                    "group column {column} has no public domain in the catalog; grouping by \
-                     private keys needs DP partition selection, which is not available yet: \
-                     group by a column with a declared domain, or declare one for {}.{column} in node.toml",
-                    table.name
-                ))
-            })?;
-            check_domain_type(&column, info.column_type, &domain.values())?;
-            let spec = GroupSpec {
-                name: column.clone(),
-                column_type: info.column_type,
-                domain: domain.values(),
-            };
-            return Ok((spec, format!("{}", expr)));
-        }
-        if let Expr::Identifier(id) = expr
-            && ident_name(id) == SITE_COLUMN
-        {
-            let spec = GroupSpec {
-                name: SITE_COLUMN.into(),
-                column_type: ColumnType::Utf8,
-                domain: catalog
-                    .sites()
-                    .iter()
-                    .map(|s| DomainValue::Text(s.clone()))
-                    .collect(),
-            };
-            return Ok((spec, site_literal.to_string()));
-        }
-        match expr {
-            Expr::Identifier(_) | Expr::CompoundIdentifier(_) => {
-                let table = self.tables[0].1;
-                let names: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
-                Err(QueryError::Plan(format!(
-                    "column {expr} is not in table {}; its columns are: {}",
-                    table.name,
-                    names.join(", ")
-                )))
-            }
-            _ => Err(unsupported("GROUP BY expressions other than columns")),
-        }
-    }
-
-    /// Classifies a SELECT item as a DP aggregate (or not).
-    fn aggregate(&self, expr: &Expr, unit: &Unit) -> Result<Option<AggregateKind>> {
-        let Expr::Function(f) = expr else {
-            return Ok(None);
-        };
-        let name = function_name(&f.name);
-        if !AGGREGATE_NAMES.contains(&name.as_str()) {
-            return Ok(None);
-        }
-        if f.filter.is_some() || f.null_treatment.is_some() || !f.within_group.is_empty() {
-            return Err(unsupported(
-                "FILTER, WITHIN GROUP and null treatments on aggregates",
-            ));
-        }
-        let FunctionArguments::List(list) = &f.args else {
-            return Err(QueryError::Rejected(format!(
-                "{expr}: aggregates take an argument list"
-            )));
-        };
-        if !list.clauses.is_empty() {
-            return Err(unsupported("ORDER BY / LIMIT inside aggregate arguments"));
-        }
-        let distinct = matches!(list.duplicate_treatment, Some(DuplicateTreatment::Distinct));
-        match (name.as_str(), list.args.as_slice(), distinct) {
-            ("count", [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)], false) => {
-                Ok(Some(AggregateKind::CountStar))
-            }
-            ("count", [FunctionArg::Unnamed(FunctionArgExpr::Expr(arg))], true) => {
-                match self.column(arg) {
-                    Some((_, column)) if column == unit.name => {
-                        Ok(Some(AggregateKind::CountDistinctUnit))
-                    }
-                    _ => Err(QueryError::Rejected(format!(
-                        "COUNT(DISTINCT {arg}) is supported only for the privacy unit: write \
-                         COUNT(DISTINCT {})",
-                        unit.name
-                    ))),
-                }
-            }
-            ("min" | "max", _, _) => Err(QueryError::Rejected(format!(
-                "{} on private values is not allowed: it reveals one person's value; use \
-                 PERCENTILE_CONT with bounds instead",
-                name.to_ascii_uppercase()
-            ))),
-            _ => Err(QueryError::Rejected(format!(
-                "{expr} is not available yet: this version releases COUNT(*) and COUNT(DISTINCT {})",
-                unit.name
-            ))),
-        }
-    }
-}
-
-fn check_domain_type(column: &str, ty: ColumnType, values: &[DomainValue]) -> Result<()> {
-    for v in values {
-        let ok = matches!(
-            (ty, v),
-            (ColumnType::Int64, DomainValue::Int(_)) | (ColumnType::Utf8, DomainValue::Text(_))
-        );
-        if !ok {
-            return Err(QueryError::Plan(format!(
-                "the catalog's domain for {column} holds {v}, which is not a {ty} value: fix the domain in node.toml"
-            )));
-        }
-    }
-    Ok(())
-}
-
-struct LocalSql<'a> {
-    from: &'a str,
-    selection: Option<String>,
-    unit: &'a str,
-    groups: &'a [String],
-    domains: &'a [GroupSpec],
-    aggregates: &'a [AggregateSpec],
-    partials: &'a [PartialSpec],
-    max_rows: Option<usize>,
-    max_groups: Option<usize>,
-}
-
-fn local_sql(l: LocalSql<'_>) -> String {
-    let gcols: Vec<String> = (0..l.groups.len()).map(|i| format!("__g{i}")).collect();
-    let mut sql = String::from("WITH __confer_src AS (SELECT ");
-    let _ = write!(sql, "{} AS __unit", l.unit);
-    for (i, g) in l.groups.iter().enumerate() {
-        let _ = write!(sql, ", {g} AS __g{i}");
-    }
-    let _ = write!(sql, " FROM {}", l.from);
-    let mut conditions: Vec<String> = Vec::new();
-    if let Some(s) = &l.selection {
-        conditions.push(format!("({s})"));
-    }
-    conditions.push(format!("{} IS NOT NULL", l.unit));
-    for (g, spec) in l.groups.iter().zip(l.domains) {
-        conditions.push(domain_condition(g, &spec.domain));
-    }
-    let _ = write!(sql, " WHERE {})", conditions.join(" AND "));
-
-    let person_group: Vec<&str> = std::iter::once("__unit")
-        .chain(gcols.iter().map(String::as_str))
-        .collect();
-    let person_group = person_group.join(", ");
-    // Random choices: each row gets a random number, and row_number() over
-    // it keeps the first max_rows rows per person and group.
-    let mut rows_table = "__confer_src";
-    if let Some(max_rows) = l.max_rows {
-        let _ = write!(
-            sql,
-            ",\n__confer_rows AS (SELECT * FROM (SELECT *, row_number() OVER \
-             (PARTITION BY {person_group} ORDER BY __r) AS __rn FROM \
-             (SELECT *, random() AS __r FROM __confer_src) AS __t1) AS __t2 WHERE __rn <= {max_rows})"
-        );
-        rows_table = "__confer_rows";
-    }
-
-    let _ = write!(sql, ",\n__confer_pg AS (SELECT {person_group}");
-    for p in l.partials {
-        if let Some(contrib) = l.aggregates[p.aggregate].kind.person_contribution() {
-            let _ = write!(sql, ", {contrib} AS {}", p.column);
-        }
-    }
-    let _ = write!(sql, " FROM {rows_table} GROUP BY {person_group})");
-
-    let mut pg_table = "__confer_pg";
-    if let Some(max_groups) = l.max_groups {
-        let _ = write!(
-            sql,
-            ",\n__confer_sel AS (SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY __unit ORDER BY __r) \
-             AS __gn FROM (SELECT *, random() AS __r FROM __confer_pg) AS __t3) AS __t4 WHERE __gn <= {max_groups})"
-        );
-        pg_table = "__confer_sel";
-    }
-
-    let _ = write!(sql, "\nSELECT ");
-    let mut outs: Vec<String> = gcols.clone();
-    for p in l.partials {
-        outs.push(format!(
-            "{} AS {}",
-            l.aggregates[p.aggregate].kind.group_partial(&p.column),
-            p.column
-        ));
-    }
-    let _ = write!(sql, "{} FROM {pg_table}", outs.join(", "));
-    if !gcols.is_empty() {
-        let _ = write!(sql, " GROUP BY {}", gcols.join(", "));
-    }
-    sql
-}
-
 fn domain_condition(expr: &str, domain: &[DomainValue]) -> String {
     let values: Vec<String> = domain.iter().map(|v| v.to_string()).collect();
     format!("({expr}) IN ({})", values.join(", "))
@@ -890,76 +1534,4 @@ pub(crate) fn compile_post(
         limit,
         offset,
     })
-}
-
-impl AggregateKind {
-    fn default_name(self) -> String {
-        match self {
-            AggregateKind::CountStar => "count".into(),
-            AggregateKind::CountDistinctUnit => "count_distinct".into(),
-        }
-    }
-
-    /// The most one person can add to one group's partial.
-    fn per_group_bound(self, max_rows: usize) -> f64 {
-        match self {
-            AggregateKind::CountStar => max_rows as f64,
-            AggregateKind::CountDistinctUnit => 1.0,
-        }
-    }
-
-    /// Whether the value depends on how many rows a person has in a group.
-    fn depends_on_rows(self) -> bool {
-        match self {
-            AggregateKind::CountStar => true,
-            AggregateKind::CountDistinctUnit => false,
-        }
-    }
-
-    /// The per-person-per-group contribution, over the kept rows.
-    fn person_contribution(self) -> Option<&'static str> {
-        match self {
-            AggregateKind::CountStar => Some("count(*)"),
-            AggregateKind::CountDistinctUnit => None,
-        }
-    }
-
-    /// The per-group partial from the per-person contributions.
-    fn group_partial(self, column: &str) -> String {
-        match self {
-            AggregateKind::CountStar => format!("CAST(sum({column}) AS BIGINT)"),
-            AggregateKind::CountDistinctUnit => "CAST(count(*) AS BIGINT)".into(),
-        }
-    }
-}
-
-impl PlanCost {
-    /// Splits the query's budget equally over its noisy partials.
-    fn split(options: &DpOptions, partials: &[PartialSpec]) -> Result<Self> {
-        let n = partials.len().max(1) as f64;
-        let privacy_err = |e: confer_privacy::PrivacyError| QueryError::Rejected(e.to_string());
-        match options.mechanism {
-            Mechanism::Gaussian => {
-                let rho = confer_privacy::accounting::rho_for_epsilon_delta(
-                    options.epsilon,
-                    options.delta,
-                )
-                .map_err(privacy_err)?;
-                let epsilon = confer_privacy::accounting::epsilon_for_rho(rho, options.delta)
-                    .map_err(privacy_err)?;
-                Ok(Self {
-                    rho,
-                    epsilon,
-                    delta: options.delta,
-                    per_partial: rho / n,
-                })
-            }
-            Mechanism::Laplace => Ok(Self {
-                rho: confer_privacy::accounting::rho_for_pure_epsilon(options.epsilon),
-                epsilon: options.epsilon,
-                delta: 0.0,
-                per_partial: options.epsilon / n,
-            }),
-        }
-    }
 }

@@ -29,16 +29,20 @@
 //!             ColumnInfo { name: "gender_concept_id".into(), column_type: ColumnType::Int64, bounds: None,
 //!                          domain: Some(Domain::Values { values: vec![DomainValue::Int(8507), DomainValue::Int(8532)] }) },
 //!         ],
+//!         one_row_per_unit: true,
 //!     }],
 //! });
 //! let Statement::Query(q) = parse(
 //!     "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) \
 //!      gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id").unwrap() else { panic!() };
-//! let plan = compile(&q, &catalog, Some("site-a")).unwrap();
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let plan = compile(&q, &catalog, Some("site-a")).await.unwrap();
 //! assert_eq!(plan.group_keys().unwrap().len(), 2);
 //! assert!(plan.cost.rho > 0.0);
+//! # });
 //! ```
 
+pub mod analyze;
 pub mod catalog;
 pub mod combine;
 pub mod compile;

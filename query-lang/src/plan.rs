@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use confer_privacy::Noise;
+use confer_privacy::selection::Selection;
 use confer_protocol::catalog::{ColumnType, DomainValue};
 use confer_protocol::metadata;
 use confer_protocol::release::Cost;
@@ -15,14 +16,18 @@ use serde::Serialize;
 use crate::error::{QueryError, Result};
 use crate::options::{DpOptions, Mechanism};
 
+/// Number of bins of the candidate grid PERCENTILE_CONT searches.
+pub const PERCENTILE_BINS: usize = 64;
+
 /// A compiled DP query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FederatedPlan {
     /// The validated options.
     pub options: DpOptions,
     /// The local bounded query each node runs (DataFusion SQL). It returns
-    /// one row per non-empty group: columns `__g0..` (the keys) and the
-    /// exact partials named in [`PartialSpec::column`].
+    /// one row per non-empty group: columns `__g0..` (the keys), the exact
+    /// partials named in [`PartialSpec::columns`], and `__persons` (the
+    /// number of persons in the group, for partition selection).
     pub local_sql: String,
     /// Group keys, in GROUP BY order.
     pub groups: Vec<GroupSpec>,
@@ -30,13 +35,15 @@ pub struct FederatedPlan {
     pub aggregates: Vec<AggregateSpec>,
     /// Noisy partials the aggregates are computed from.
     pub partials: Vec<PartialSpec>,
+    /// Partition selection, when a group key has no public domain.
+    pub selection: Option<Selection>,
     /// The SELECT list.
     pub select: Vec<OutputItem>,
     /// HAVING / ORDER BY / LIMIT, applied to released values.
     pub post: PostProcess,
     /// The cost at each node.
     pub cost: PlanCost,
-    /// Effective groups per person (the option, capped by the number of groups).
+    /// Effective groups per person (the option, capped by the number of public groups).
     pub max_groups: usize,
     /// Rows per person per group.
     pub max_rows: usize,
@@ -51,18 +58,43 @@ pub struct GroupSpec {
     pub name: String,
     /// Its type.
     pub column_type: ColumnType,
-    /// Its public domain: every value is released, empty groups included.
-    pub domain: Vec<DomainValue>,
+    /// Its public domain (every value released, empty groups included), or
+    /// `None` for a private key released through partition selection.
+    pub domain: Option<Vec<DomainValue>>,
 }
 
 /// The DP aggregates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AggregateKind {
     /// `COUNT(*)`: rows, at most `max_rows_contributed` per person per group.
     CountStar,
+    /// `COUNT(expr)`: rows where `expr` is not NULL.
+    Count,
     /// `COUNT(DISTINCT unit)`: persons.
     CountDistinctUnit,
+    /// `SUM(expr)`: per person the sum over kept rows, clamped.
+    Sum,
+    /// `AVG(expr)`: per person the mean over kept rows, clamped; mean over persons.
+    Avg,
+    /// `VAR_POP(expr)`: each kept row clamped; from noisy moments.
+    VarPop,
+    /// `STDDEV_POP(expr)`.
+    StddevPop,
+    /// `PERCENTILE_CONT(expr, p)`: from a noisy histogram over a grid.
+    Percentile,
+}
+
+/// Where an aggregate's bounds came from and what they bound.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Bounds {
+    /// Lower bound.
+    pub lo: f64,
+    /// Upper bound.
+    pub hi: f64,
+    /// Whether they bound each row's value (true), or each person's
+    /// contribution to a group (false).
+    pub per_row: bool,
 }
 
 /// One DP aggregate of the SELECT list.
@@ -76,18 +108,25 @@ pub struct AggregateSpec {
     pub expr: String,
     /// Indices into [`FederatedPlan::partials`].
     pub partials: Vec<usize>,
+    /// Bounds, for value aggregates.
+    pub bounds: Option<Bounds>,
+    /// The percentile, for PERCENTILE_CONT.
+    pub percentile: Option<f64>,
+    /// The value column (`__v{j}`) the aggregate reads in the local query.
+    pub value: Option<usize>,
 }
 
-/// One noisy partial: a vector over groups with a known sensitivity.
+/// One noisy partial: a vector over groups (times `columns.len()` bins)
+/// with a known sensitivity.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PartialSpec {
-    /// Column name in the local query and the released batch.
-    pub column: String,
+    /// Column names in the local query and the released batch.
+    pub columns: Vec<String>,
     /// The aggregate it belongs to.
     pub aggregate: usize,
     /// Whether values are integers (counts) or floats (sums).
     pub integer: bool,
-    /// Most one person can change one group's value by.
+    /// Most one person can change one group's value(s) by (L1 within a group).
     pub per_group_bound: f64,
     /// L1 sensitivity over all groups.
     pub l1: f64,
@@ -137,7 +176,8 @@ pub struct PlanCost {
     pub epsilon: f64,
     /// The delta that is reported.
     pub delta: f64,
-    /// Budget of each partial: rho (Gaussian) or epsilon (Laplace).
+    /// Budget of each partial (and of partition selection): rho (Gaussian)
+    /// or epsilon (Laplace).
     pub per_partial: f64,
 }
 
@@ -168,12 +208,20 @@ impl FederatedPlan {
         result.map_err(|e| QueryError::Rejected(format!("cannot calibrate noise: {e}")))
     }
 
-    /// Every group key, in release order: the product of the public domains.
+    /// Whether every group key has a public domain.
+    pub fn public_groups(&self) -> bool {
+        self.groups.iter().all(|g| g.domain.is_some())
+    }
+
+    /// Every group key of the public domains, in release order (one empty
+    /// key when the query has no GROUP BY). Private keys have no such list.
     pub fn group_keys(&self) -> Result<Vec<Vec<ScalarValue>>> {
         let mut keys: Vec<Vec<ScalarValue>> = vec![Vec::new()];
         for g in &self.groups {
-            let values: Vec<ScalarValue> = g
-                .domain
+            let domain = g.domain.as_ref().ok_or_else(|| {
+                QueryError::Internal(format!("group {} has no public domain", g.name))
+            })?;
+            let values: Vec<ScalarValue> = domain
                 .iter()
                 .map(|v| domain_scalar(v, g.column_type))
                 .collect::<Result<_>>()?;
@@ -190,7 +238,7 @@ impl FederatedPlan {
         Ok(keys)
     }
 
-    /// Index of every key in [`Self::group_keys`].
+    /// Index of every key.
     pub fn key_index(keys: &[Vec<ScalarValue>]) -> HashMap<Vec<ScalarValue>, usize> {
         keys.iter()
             .enumerate()
@@ -211,7 +259,9 @@ impl FederatedPlan {
             } else {
                 DataType::Float64
             };
-            fields.push(Field::new(&p.column, ty, true));
+            for c in &p.columns {
+                fields.push(Field::new(c, ty.clone(), true));
+            }
         }
         Arc::new(Schema::new(fields))
     }
@@ -265,14 +315,30 @@ impl AggregateKind {
     pub fn is_count(self) -> bool {
         matches!(
             self,
-            AggregateKind::CountStar | AggregateKind::CountDistinctUnit
+            AggregateKind::CountStar | AggregateKind::Count | AggregateKind::CountDistinctUnit
         )
     }
 
     /// The Arrow type of released values.
     pub fn value_type(self) -> DataType {
+        if self.is_count() {
+            DataType::Int64
+        } else {
+            DataType::Float64
+        }
+    }
+
+    /// SQL name, upper case.
+    pub fn sql_name(self) -> &'static str {
         match self {
-            AggregateKind::CountStar | AggregateKind::CountDistinctUnit => DataType::Int64,
+            AggregateKind::CountStar | AggregateKind::Count | AggregateKind::CountDistinctUnit => {
+                "COUNT"
+            }
+            AggregateKind::Sum => "SUM",
+            AggregateKind::Avg => "AVG",
+            AggregateKind::VarPop => "VAR_POP",
+            AggregateKind::StddevPop => "STDDEV_POP",
+            AggregateKind::Percentile => "PERCENTILE_CONT",
         }
     }
 }

@@ -39,6 +39,7 @@ fn catalog(node: &str) -> CatalogInfo {
                     }),
                 },
             ],
+            one_row_per_unit: false,
         }],
     }
 }
@@ -72,7 +73,9 @@ async fn release_once(ctx: &SessionContext, sql: &str, node: &str) -> RecordBatc
     let Statement::Query(parsed) = parse(sql).expect("parse") else {
         panic!("not a query")
     };
-    let plan = compile(&parsed, &Catalog::for_node(&catalog(node)), Some(node)).expect("compile");
+    let plan = compile(&parsed, &Catalog::for_node(&catalog(node)), Some(node))
+        .await
+        .expect("compile");
     let batches = ctx
         .sql(&plan.local_sql)
         .await
@@ -159,7 +162,9 @@ async fn combined_intervals_use_the_summed_variance() {
     let Statement::Query(parsed) = parse(sql).expect("parse") else {
         panic!()
     };
-    let plan = compile(&parsed, &Catalog::merge(&infos).expect("merge"), None).expect("compile");
+    let plan = compile(&parsed, &Catalog::merge(&infos).expect("merge"), None)
+        .await
+        .expect("compile");
     let out = combine(&plan, &partials, Uuid::new_v4()).expect("combine");
     let n = ints(&out, "n");
     let low = out.column_by_name("n_ci_low").expect("low");

@@ -1,7 +1,7 @@
 //! Generation throughput and what Parquet buys a node over CSV.
 //!
 //! ```text
-//! cargo run -p confer-synth --release --bench synth [-- --persons N --sites S --out DIR --keep]
+//! cargo bench -p confer-synth --bench synth [-- --persons N --sites S --out DIR --keep --parquet-only]
 //! ```
 //!
 //! Generates `--persons` residents (default 1,000,000) over `--sites` sites
@@ -9,6 +9,7 @@
 //! time, rows per second and peak resident memory (VmHWM); then runs
 //! `SELECT visit_concept_id, COUNT(*) FROM visit_occurrence GROUP BY
 //! visit_concept_id` with DataFusion over every site's visits in each format.
+//! `--parquet-only` stops after the Parquet step (for very large runs).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,6 +26,7 @@ struct Args {
     sites: usize,
     out: Option<PathBuf>,
     keep: bool,
+    parquet_only: bool,
 }
 
 fn args() -> Args {
@@ -33,6 +35,7 @@ fn args() -> Args {
         sites: 5,
         out: None,
         keep: false,
+        parquet_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -41,6 +44,7 @@ fn args() -> Args {
             "--sites" => a.sites = it.next().and_then(|v| v.parse().ok()).expect("--sites N"),
             "--out" => a.out = it.next().map(PathBuf::from),
             "--keep" => a.keep = true,
+            "--parquet-only" => a.parquet_only = true,
             // cargo bench passes --bench; ignore what we do not know.
             _ => {}
         }
@@ -130,6 +134,18 @@ fn main() {
     let rss_parquet = peak_rss_mib().unwrap_or(f64::NAN);
     let size_parquet = dir_size_mib(&options.out);
     let parquet_dir = options.out.clone();
+    if a.parquet_only {
+        println!();
+        println!("| step | time (s) | rows | rows/s | peak RSS (MiB) | on disk (MiB) |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        println!(
+            "| generate Parquet | {:.2} | {rows} | {:.0} | {rss_parquet:.0} | {size_parquet:.0} |",
+            t_parquet.as_secs_f64(),
+            rows as f64 / t_parquet.as_secs_f64()
+        );
+        finish(&a, &root);
+        return;
+    }
 
     options.out = root.join("csv");
     options.format = Format::Csv;
@@ -207,9 +223,13 @@ fn main() {
     );
     println!("{QUERY}\n{visits}");
 
-    if !a.keep {
-        let _ = std::fs::remove_dir_all(&root);
-    } else {
+    finish(&a, &root);
+}
+
+fn finish(a: &Args, root: &Path) {
+    if a.keep {
         println!("kept {}", root.display());
+    } else {
+        let _ = std::fs::remove_dir_all(root);
     }
 }

@@ -68,6 +68,14 @@ fn gap_days(rng: &mut ChaCha8Rng, per_year: f64) -> i32 {
     (days.min(1.0e6).ceil() as i32).max(1)
 }
 
+/// Days to the next follow-up at `per_year` visits a year: revisits are
+/// booked, so gaps are spread around the mean (0.4 to 1.6 times it) rather
+/// than exponential.
+fn revisit_days(rng: &mut ChaCha8Rng, per_year: f64) -> i32 {
+    let mean = 365.25 / per_year;
+    ((mean * (0.4 + 1.2 * rng.random::<f64>())).round() as i32).max(7)
+}
+
 fn pick<T: Copy>(rng: &mut ChaCha8Rng, options: &[(T, f64)]) -> T {
     let total: f64 = options.iter().map(|o| o.1).sum();
     let mut x = rng.random::<f64>() * total;
@@ -696,9 +704,10 @@ impl<'a> Life<'a> {
             return;
         }
         self.followups_running = true;
+        // The first visit falls anywhere in the first interval.
         let rate = self.followup_rate(from.max(WINDOW_START)).max(0.5);
-        let gap = gap_days(&mut self.rng, rate);
-        self.schedule(from + gap, Trigger::FollowUp);
+        let gap = (self.rng.random::<f64>() * 365.25 / rate).ceil() as i32;
+        self.schedule(from + gap.max(1), Trigger::FollowUp);
     }
 
     /// Minor illness: a Poisson process by age, with respiratory infections
@@ -1022,11 +1031,11 @@ impl<'a> Life<'a> {
 
     /// Records the resident's chronic conditions at a hospital stay (found
     /// ones become known).
-    fn comorbidities(&mut self, visit: usize, day: i32) {
+    fn comorbidities(&mut self, visit: usize, day: i32, principal: Cond) {
         let mut found = false;
         for i in 0..self.chronic.len() {
             let c = self.chronic[i];
-            if c.onset > day {
+            if c.onset > day || c.kind.cond() == principal {
                 continue;
             }
             if c.diagnosed.is_none_or(|d| d > day) {
@@ -1069,7 +1078,7 @@ impl<'a> Life<'a> {
             self.start_followups(day);
         } else {
             let rate = self.followup_rate(day).max(0.5);
-            let gap = gap_days(&mut self.rng, rate);
+            let gap = revisit_days(&mut self.rng, rate);
             self.schedule(day + gap, Trigger::FollowUp);
         }
         if active.is_empty() || self.outside_network(0.5) {
@@ -1565,7 +1574,7 @@ impl<'a> Life<'a> {
     /// continued chronic medication.
     fn inpatient_basics(&mut self, v: usize, principal: Cond, day: i32) {
         self.condition(v, principal, None);
-        self.comorbidities(v, day);
+        self.comorbidities(v, day, principal);
         let htn = self.has(Chronic::Hypertension, day);
         self.blood_pressure(v, htn, 5.0);
         let hr = normal(&mut self.rng, 88.0, 12.0);

@@ -23,7 +23,7 @@ use crate::{Format, SiteSummary};
 
 /// The placeholder coordinator key written when none is given: a valid
 /// Ed25519 point whose discrete log nobody knows (the first SHA-256 of
-/// "confer-synth placeholder coordinator key <n>" that decodes to a point,
+/// `confer-synth placeholder coordinator key {n}` that decodes to a point,
 /// n = 1), so a node started with it refuses every task.
 pub const PLACEHOLDER_COORDINATOR_KEY: &str =
     "c3265eaebc30ff2a54fe44a7b11ae19ef1d05bc012cf9acf03a9615e7222d361";

@@ -6,12 +6,13 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use datafusion::arrow::csv::{Writer as CsvWriter, WriterBuilder as CsvWriterBuilder};
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::parquet::schema::types::ColumnPath;
 
 use crate::model::Sink;
 use crate::schema::*;
@@ -223,12 +224,24 @@ impl TableFile {
         let out = BufWriter::with_capacity(1 << 20, file);
         let inner = match format {
             Format::Parquet => {
-                let props = WriterProperties::builder()
+                let mut props = WriterProperties::builder()
                     .set_compression(Compression::ZSTD(
                         ZstdLevel::try_new(1).map_err(|e| SynthError::parquet(&path, e))?,
                     ))
-                    .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-                    .build();
+                    .set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
+                // Dictionaries pay for concept ids, codes and dates; for ids,
+                // datetimes and amounts they only cost memory (each column
+                // writer would hold a dictionary of up to 1 MiB and its hash
+                // table per open file).
+                for field in schema.fields() {
+                    if !dictionary_worthwhile(field) {
+                        props = props.set_column_dictionary_enabled(
+                            ColumnPath::from(field.name().as_str()),
+                            false,
+                        );
+                    }
+                }
+                let props = props.build();
                 Inner::Parquet(
                     ArrowWriter::try_new(out, schema, Some(props))
                         .map_err(|e| SynthError::parquet(&path, e))?,
@@ -276,6 +289,21 @@ impl TableFile {
             Inner::Csv(w) => finish_file(&self.path, w.into_inner())?,
         }
         Ok(self.rows)
+    }
+}
+
+/// Whether a column has few enough distinct values for dictionary encoding.
+fn dictionary_worthwhile(field: &Field) -> bool {
+    let name = field.name().as_str();
+    match field.data_type() {
+        DataType::Timestamp(_, _) => false,
+        DataType::Float64 => matches!(name, "range_low" | "range_high" | "quantity"),
+        DataType::Int64 => {
+            !name.ends_with("_id")
+                || name.ends_with("_concept_id")
+                || matches!(name, "provider_id" | "care_site_id" | "location_id")
+        }
+        _ => true,
     }
 }
 

@@ -1,0 +1,443 @@
+//! Does the source of a DP query keep the privacy unit?
+//!
+//! The FROM and WHERE of a DP query (with its CTEs and subqueries) are
+//! planned by DataFusion against the catalog, and the logical plan is walked
+//! bottom-up to decide, for every relation, whether each of its rows
+//! belongs to exactly one person (and which columns carry that person's id),
+//! or holds no person's data at all (public tables), or mixes persons, which
+//! is refused. The rules:
+//!
+//! * a private table's rows belong to the person in its unit column; a
+//!   public table's rows to nobody;
+//! * projections keep the unit only if they keep its column (renaming and
+//!   casting are fine); filters keep it, but their subqueries must read only
+//!   public tables, or be `unit IN (SELECT unit FROM <person-level rows>)`;
+//! * joins: anything with a public relation; two person-level relations only
+//!   when the join condition equates their units;
+//! * aggregation inside a CTE or subquery only when grouped by the unit (a
+//!   per-person summary);
+//! * LIMIT, ORDER BY, window functions, recursive CTEs and unions that mix
+//!   person-level and public rows are refused.
+//!
+//! Because DataFusion resolves every name, aliases, CTEs and qualified
+//! columns need no special handling here.
+
+use std::collections::{BTreeSet, HashMap};
+
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::logical_expr::{Expr, JoinType, LogicalPlan};
+
+use crate::catalog::Catalog;
+use crate::error::{QueryError, Result};
+
+/// Where a column of a relation comes from, when it is a base column passed
+/// through unchanged (used to find public domains and bounds).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Origin {
+    /// Catalog table.
+    pub table: String,
+    /// Column of that table.
+    pub column: String,
+}
+
+/// What a relation holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provenance {
+    /// Output columns that carry the person's id (empty: a public relation).
+    pub unit_fields: BTreeSet<usize>,
+    /// Base-column origin of output columns that pass one through.
+    pub origins: HashMap<usize, Origin>,
+    /// Catalog tables read.
+    pub tables: BTreeSet<String>,
+    /// Whether every person has at most one row (a table declared one row
+    /// per person, read alone, or a per-person summary).
+    pub one_row_per_unit: bool,
+}
+
+impl Provenance {
+    /// Whether the rows belong to persons.
+    pub fn is_private(&self) -> bool {
+        !self.unit_fields.is_empty()
+    }
+}
+
+fn refuse(msg: impl Into<String>) -> QueryError {
+    QueryError::Rejected(msg.into())
+}
+
+/// The index of `expr`'s column in `plan`'s output, looking through aliases and casts.
+fn column_index(expr: &Expr, plan: &LogicalPlan) -> Option<usize> {
+    match expr {
+        Expr::Column(c) => plan.schema().index_of_column(c).ok(),
+        Expr::Alias(a) => column_index(&a.expr, plan),
+        Expr::Cast(c) => column_index(&c.expr, plan),
+        Expr::TryCast(c) => column_index(&c.expr, plan),
+        _ => None,
+    }
+}
+
+/// Analyzes a planned relation.
+pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
+    let p = match plan {
+        LogicalPlan::TableScan(scan) => {
+            let name = scan.table_name.table().to_ascii_lowercase();
+            let table = catalog.table(&name).ok_or_else(|| {
+                QueryError::Plan(format!("table {name} is not in the network catalog"))
+            })?;
+            let schema = plan.schema();
+            let mut unit_fields = BTreeSet::new();
+            let mut origins = HashMap::new();
+            for (i, field) in schema.fields().iter().enumerate() {
+                origins.insert(
+                    i,
+                    Origin {
+                        table: table.name.clone(),
+                        column: field.name().to_ascii_lowercase(),
+                    },
+                );
+                if table.privacy_unit.as_deref() == Some(field.name().as_str()) {
+                    unit_fields.insert(i);
+                }
+            }
+            let one_row_per_unit = table.one_row_per_unit && !unit_fields.is_empty();
+            Provenance {
+                unit_fields,
+                origins,
+                tables: BTreeSet::from([table.name.clone()]),
+                one_row_per_unit,
+            }
+        }
+        LogicalPlan::Projection(proj) => {
+            let input = provenance(&proj.input, catalog)?;
+            let mut out = Provenance {
+                unit_fields: BTreeSet::new(),
+                origins: HashMap::new(),
+                tables: input.tables.clone(),
+                one_row_per_unit: input.one_row_per_unit,
+            };
+            for (i, e) in proj.expr.iter().enumerate() {
+                check_subqueries(e, &proj.input, &input, catalog, &mut out.tables)?;
+                if let Some(j) = column_index(e, &proj.input) {
+                    if input.unit_fields.contains(&j) {
+                        out.unit_fields.insert(i);
+                    }
+                    if let Some(o) = input.origins.get(&j) {
+                        out.origins.insert(i, o.clone());
+                    }
+                }
+            }
+            if input.is_private() && !out.is_private() {
+                return Err(refuse(
+                    "a CTE or subquery drops the privacy unit column: keep person_id in its SELECT list, \
+                     so that every row stays attributable to one person",
+                ));
+            }
+            out
+        }
+        LogicalPlan::Filter(filter) => {
+            let mut input = provenance(&filter.input, catalog)?;
+            let mut tables = input.tables.clone();
+            check_subqueries(
+                &filter.predicate,
+                &filter.input,
+                &input,
+                catalog,
+                &mut tables,
+            )?;
+            input.tables = tables;
+            input
+        }
+        LogicalPlan::SubqueryAlias(a) => provenance(&a.input, catalog)?,
+        LogicalPlan::Subquery(s) => provenance(&s.subquery, catalog)?,
+        LogicalPlan::Distinct(d) => provenance(d.input(), catalog)?,
+        LogicalPlan::Repartition(r) => provenance(&r.input, catalog)?,
+        LogicalPlan::Join(join) => {
+            let left = provenance(&join.left, catalog)?;
+            let right = provenance(&join.right, catalog)?;
+            let offset = join.left.schema().fields().len();
+            let mut tables = left.tables.clone();
+            tables.extend(right.tables.iter().cloned());
+            if let Some(f) = &join.filter
+                && has_subquery(f)
+            {
+                return Err(refuse(
+                    "subqueries in JOIN conditions are not supported in DP queries: move them to WHERE",
+                ));
+            }
+            if left.is_private() && right.is_private() {
+                let keyed = join.on.iter().any(|(l, r)| {
+                    column_index(l, &join.left).is_some_and(|i| left.unit_fields.contains(&i))
+                        && column_index(r, &join.right)
+                            .is_some_and(|i| right.unit_fields.contains(&i))
+                }) || join
+                    .filter
+                    .as_ref()
+                    .is_some_and(|f| equates_units(f, join, &left, &right));
+                if !keyed {
+                    return Err(refuse(
+                        "person-level tables may be joined only on the privacy unit \
+                         (for example ON c.person_id = p.person_id): any other join condition \
+                         combines different persons' rows",
+                    ));
+                }
+            }
+            let shift = |p: &Provenance, by: usize| -> (BTreeSet<usize>, HashMap<usize, Origin>) {
+                (
+                    p.unit_fields.iter().map(|i| i + by).collect(),
+                    p.origins.iter().map(|(i, o)| (i + by, o.clone())).collect(),
+                )
+            };
+            match join.join_type {
+                JoinType::LeftSemi | JoinType::LeftAnti => Provenance { tables, ..left },
+                JoinType::RightSemi | JoinType::RightAnti => Provenance { tables, ..right },
+                _ => {
+                    let (mut unit_fields, mut origins) = shift(&left, 0);
+                    let (ru, ro) = shift(&right, offset);
+                    unit_fields.extend(ru);
+                    origins.extend(ro);
+                    Provenance {
+                        unit_fields,
+                        origins,
+                        tables,
+                        // A join may repeat a person's rows.
+                        one_row_per_unit: false,
+                    }
+                }
+            }
+        }
+        LogicalPlan::Aggregate(agg) => {
+            let input = provenance(&agg.input, catalog)?;
+            let mut tables = input.tables.clone();
+            for e in agg.group_expr.iter().chain(&agg.aggr_expr) {
+                check_subqueries(e, &agg.input, &input, catalog, &mut tables)?;
+                if matches!(e, Expr::GroupingSet(_)) {
+                    return Err(refuse(
+                        "GROUPING SETS, ROLLUP and CUBE are not supported in DP queries",
+                    ));
+                }
+            }
+            if !input.is_private() {
+                return Ok(Provenance {
+                    unit_fields: BTreeSet::new(),
+                    origins: HashMap::new(),
+                    tables,
+                    one_row_per_unit: false,
+                });
+            }
+            let mut out = Provenance {
+                unit_fields: BTreeSet::new(),
+                origins: HashMap::new(),
+                tables,
+                // Grouped by the unit alone: one row per person.
+                one_row_per_unit: agg.group_expr.len() == 1,
+            };
+            for (i, g) in agg.group_expr.iter().enumerate() {
+                if let Some(j) = column_index(g, &agg.input) {
+                    if input.unit_fields.contains(&j) {
+                        out.unit_fields.insert(i);
+                    }
+                    if let Some(o) = input.origins.get(&j) {
+                        out.origins.insert(i, o.clone());
+                    }
+                }
+            }
+            if !out.is_private() {
+                return Err(refuse(
+                    "a CTE or subquery aggregates person-level rows across persons: group it by the \
+                     privacy unit (a per-person summary), or aggregate in the DP SELECT itself",
+                ));
+            }
+            out
+        }
+        LogicalPlan::Union(u) => {
+            let parts: Vec<Provenance> = u
+                .inputs
+                .iter()
+                .map(|i| provenance(i, catalog))
+                .collect::<Result<_>>()?;
+            let mut tables = BTreeSet::new();
+            for p in &parts {
+                tables.extend(p.tables.iter().cloned());
+            }
+            if parts.iter().all(|p| !p.is_private()) {
+                return Ok(Provenance {
+                    unit_fields: BTreeSet::new(),
+                    origins: HashMap::new(),
+                    tables,
+                    one_row_per_unit: false,
+                });
+            }
+            let common: BTreeSet<usize> = parts
+                .iter()
+                .map(|p| p.unit_fields.clone())
+                .reduce(|a, b| a.intersection(&b).copied().collect())
+                .unwrap_or_default();
+            if common.is_empty() {
+                return Err(refuse(
+                    "UNION must keep the privacy unit in the same column of every branch, and may not \
+                     mix person-level rows with public rows",
+                ));
+            }
+            Provenance {
+                unit_fields: common,
+                origins: HashMap::new(),
+                tables,
+                one_row_per_unit: false,
+            }
+        }
+        LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => Provenance {
+            unit_fields: BTreeSet::new(),
+            origins: HashMap::new(),
+            tables: BTreeSet::new(),
+            one_row_per_unit: false,
+        },
+        LogicalPlan::Limit(l) => {
+            let input = provenance(&l.input, catalog)?;
+            if input.is_private() {
+                return Err(refuse(
+                    "LIMIT inside a CTE or subquery picks persons by the other rows: move LIMIT to the \
+                     outermost SELECT, where it applies to released values",
+                ));
+            }
+            input
+        }
+        LogicalPlan::Sort(s) => {
+            let input = provenance(&s.input, catalog)?;
+            if input.is_private() {
+                return Err(refuse(
+                    "ORDER BY before aggregation is not allowed: order the released values in the \
+                     outermost SELECT instead",
+                ));
+            }
+            input
+        }
+        LogicalPlan::Window(_) => {
+            return Err(refuse(
+                "window functions (OVER ...) are not allowed in DP queries: they expose individual rows",
+            ));
+        }
+        LogicalPlan::RecursiveQuery(_) => {
+            return Err(refuse("recursive CTEs are not supported in DP queries"));
+        }
+        LogicalPlan::Unnest(_) => return Err(refuse("UNNEST is not supported in DP queries")),
+        other => {
+            return Err(refuse(format!(
+                "{} is not allowed in a DP query",
+                other
+                    .display()
+                    .to_string()
+                    .split(':')
+                    .next()
+                    .unwrap_or("this statement")
+            )));
+        }
+    };
+    Ok(p)
+}
+
+/// Whether a join filter equates a left unit column with a right one.
+fn equates_units(
+    filter: &Expr,
+    join: &datafusion::logical_expr::logical_plan::Join,
+    left: &Provenance,
+    right: &Provenance,
+) -> bool {
+    let mut found = false;
+    let _ = filter.apply(|e| {
+        if let Expr::BinaryExpr(b) = e
+            && b.op == datafusion::logical_expr::Operator::Eq
+        {
+            let pair = |l: &Expr, r: &Expr| {
+                column_index(l, &join.left).is_some_and(|i| left.unit_fields.contains(&i))
+                    && column_index(r, &join.right).is_some_and(|i| right.unit_fields.contains(&i))
+            };
+            if pair(&b.left, &b.right) || pair(&b.right, &b.left) {
+                found = true;
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+fn has_subquery(expr: &Expr) -> bool {
+    let mut found = false;
+    let _ = expr.apply(|e| {
+        if matches!(
+            e,
+            Expr::ScalarSubquery(_)
+                | Expr::Exists(_)
+                | Expr::InSubquery(_)
+                | Expr::SetComparison(_)
+        ) {
+            found = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// Checks the subqueries inside `expr`, evaluated over `input` rows.
+fn check_subqueries(
+    expr: &Expr,
+    input: &LogicalPlan,
+    input_prov: &Provenance,
+    catalog: &Catalog,
+    tables: &mut BTreeSet<String>,
+) -> Result<()> {
+    let mut outcome: Result<()> = Ok(());
+    let _ = expr.apply(|e| {
+        let step = match e {
+            Expr::ScalarSubquery(s) => provenance(&s.subquery, catalog).and_then(|p| {
+                tables.extend(p.tables.iter().cloned());
+                if p.is_private() {
+                    Err(refuse(
+                        "a scalar subquery over person-level tables combines other persons' data into each \
+                         row: compute it in its own DP query",
+                    ))
+                } else {
+                    Ok(())
+                }
+            }),
+            Expr::Exists(x) => provenance(&x.subquery.subquery, catalog).and_then(|p| {
+                tables.extend(p.tables.iter().cloned());
+                if p.is_private() {
+                    Err(refuse(
+                        "EXISTS over person-level tables is not supported: write \
+                         person_id IN (SELECT person_id FROM ... WHERE ...) instead",
+                    ))
+                } else {
+                    Ok(())
+                }
+            }),
+            Expr::InSubquery(x) => provenance(&x.subquery.subquery, catalog).and_then(|p| {
+                tables.extend(p.tables.iter().cloned());
+                if !p.is_private() {
+                    return Ok(());
+                }
+                let lhs_is_unit = column_index(&x.expr, input).is_some_and(|i| input_prov.unit_fields.contains(&i));
+                let projects_unit = p.unit_fields.contains(&0) && x.subquery.subquery.schema().fields().len() == 1;
+                if lhs_is_unit && projects_unit {
+                    Ok(())
+                } else {
+                    Err(refuse(
+                        "an IN subquery over person-level tables must compare the privacy unit with the \
+                         subquery's unit: person_id IN (SELECT person_id FROM ...)",
+                    ))
+                }
+            }),
+            Expr::SetComparison(_) => Err(refuse("ANY / ALL subqueries are not supported in DP queries")),
+            _ => Ok(()),
+        };
+        match step {
+            Ok(()) => Ok(TreeNodeRecursion::Continue),
+            Err(err) => {
+                outcome = Err(err);
+                Ok(TreeNodeRecursion::Stop)
+            }
+        }
+    });
+    outcome
+}
