@@ -25,8 +25,10 @@ async fn bad_queries_are_refused_with_what_to_change() {
             "neither a GROUP BY key nor a DP aggregate",
         ),
         (
-            format!("{dp} month_of_birth, COUNT(*) FROM person GROUP BY month_of_birth"),
-            "no public domain",
+            format!(
+                "{dp} COUNT(*) FROM person WHERE year_of_birth > (SELECT AVG(year_of_birth) FROM person)"
+            ),
+            "scalar subquery over person-level tables",
         ),
         (
             format!("{dp} MAX(year_of_birth) FROM person"),

@@ -379,6 +379,23 @@ fn has_subquery(expr: &Expr) -> bool {
     found
 }
 
+/// Catalog tables a plan reads, and whether any is private.
+fn tables_read(plan: &LogicalPlan, catalog: &Catalog) -> (BTreeSet<String>, bool) {
+    let mut tables = BTreeSet::new();
+    let mut private = false;
+    let _ = plan.apply_with_subqueries(|p| {
+        if let LogicalPlan::TableScan(scan) = p {
+            let name = scan.table_name.table().to_ascii_lowercase();
+            if let Some(t) = catalog.table(&name) {
+                private |= t.is_private();
+                tables.insert(t.name.clone());
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    (tables, private)
+}
+
 /// Checks the subqueries inside `expr`, evaluated over `input` rows.
 fn check_subqueries(
     expr: &Expr,
@@ -390,44 +407,54 @@ fn check_subqueries(
     let mut outcome: Result<()> = Ok(());
     let _ = expr.apply(|e| {
         let step = match e {
-            Expr::ScalarSubquery(s) => provenance(&s.subquery, catalog).and_then(|p| {
-                tables.extend(p.tables.iter().cloned());
-                if p.is_private() {
+            Expr::ScalarSubquery(s) => {
+                let (read, private) = tables_read(&s.subquery, catalog);
+                tables.extend(read);
+                if private {
                     Err(refuse(
                         "a scalar subquery over person-level tables combines other persons' data into each \
                          row: compute it in its own DP query",
                     ))
                 } else {
-                    Ok(())
+                    provenance(&s.subquery, catalog).map(|_| ())
                 }
-            }),
-            Expr::Exists(x) => provenance(&x.subquery.subquery, catalog).and_then(|p| {
-                tables.extend(p.tables.iter().cloned());
-                if p.is_private() {
+            }
+            Expr::Exists(x) => {
+                let (read, private) = tables_read(&x.subquery.subquery, catalog);
+                tables.extend(read);
+                if private {
                     Err(refuse(
                         "EXISTS over person-level tables is not supported: write \
                          person_id IN (SELECT person_id FROM ... WHERE ...) instead",
                     ))
                 } else {
-                    Ok(())
+                    provenance(&x.subquery.subquery, catalog).map(|_| ())
                 }
-            }),
-            Expr::InSubquery(x) => provenance(&x.subquery.subquery, catalog).and_then(|p| {
-                tables.extend(p.tables.iter().cloned());
-                if !p.is_private() {
-                    return Ok(());
-                }
-                let lhs_is_unit = column_index(&x.expr, input).is_some_and(|i| input_prov.unit_fields.contains(&i));
-                let projects_unit = p.unit_fields.contains(&0) && x.subquery.subquery.schema().fields().len() == 1;
-                if lhs_is_unit && projects_unit {
-                    Ok(())
+            }
+            Expr::InSubquery(x) => {
+                let (read, private) = tables_read(&x.subquery.subquery, catalog);
+                tables.extend(read);
+                if !private {
+                    provenance(&x.subquery.subquery, catalog).map(|_| ())
                 } else {
-                    Err(refuse(
-                        "an IN subquery over person-level tables must compare the privacy unit with the \
-                         subquery's unit: person_id IN (SELECT person_id FROM ...)",
-                    ))
+                    let in_unit = || -> bool {
+                        let lhs_is_unit =
+                            column_index(&x.expr, input).is_some_and(|i| input_prov.unit_fields.contains(&i));
+                        let projects_unit = provenance(&x.subquery.subquery, catalog).is_ok_and(|p| {
+                            p.unit_fields.contains(&0) && x.subquery.subquery.schema().fields().len() == 1
+                        });
+                        lhs_is_unit && projects_unit
+                    };
+                    if in_unit() {
+                        Ok(())
+                    } else {
+                        Err(refuse(
+                            "an IN subquery over person-level tables must compare the privacy unit with the \
+                             subquery's unit: person_id IN (SELECT person_id FROM ...)",
+                        ))
+                    }
                 }
-            }),
+            }
             Expr::SetComparison(_) => Err(refuse("ANY / ALL subqueries are not supported in DP queries")),
             _ => Ok(()),
         };

@@ -89,6 +89,7 @@ pub async fn compile(
     }
     let mut query = (*parsed.query).clone();
     reject_reserved_names(&query)?;
+    reject_inner_order_by(&query)?;
     if query.fetch.is_some() || !query.locks.is_empty() || query.for_clause.is_some() {
         return Err(unsupported("FETCH / FOR clauses"));
     }
@@ -189,6 +190,13 @@ pub async fn compile(
     };
     for g in &group_exprs {
         reject_aggregates_in(g, "GROUP BY")?;
+        if matches!(g, Expr::Rollup(_) | Expr::Cube(_) | Expr::GroupingSets(_))
+            || matches!(g, Expr::Function(f) if ["rollup", "cube", "grouping sets"].contains(&function_name(&f.name).as_str()))
+        {
+            return Err(unsupported(
+                "GROUP BY modifiers (ROLLUP, CUBE, GROUPING SETS)",
+            ));
+        }
     }
     let mut values: Vec<String> = Vec::new();
     let mut aggs: Vec<Agg> = Vec::new();
@@ -1366,11 +1374,21 @@ fn function_name(name: &ObjectName) -> String {
 }
 
 fn reject_aggregates_in(expr: &Expr, clause: &str) -> Result<()> {
-    struct Finder(Option<String>);
+    /// Finds aggregates outside nested queries (subqueries are analysed on their own).
+    struct Finder(Option<String>, usize);
     impl Visitor for Finder {
         type Break = ();
+        fn pre_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.1 += 1;
+            ControlFlow::Continue(())
+        }
+        fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.1 -= 1;
+            ControlFlow::Continue(())
+        }
         fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
-            if let Expr::Function(f) = expr
+            if self.1 == 0
+                && let Expr::Function(f) = expr
                 && AGGREGATE_NAMES.contains(&function_name(&f.name).as_str())
             {
                 self.0 = Some(expr.to_string());
@@ -1379,7 +1397,7 @@ fn reject_aggregates_in(expr: &Expr, clause: &str) -> Result<()> {
             ControlFlow::Continue(())
         }
     }
-    let mut finder = Finder(None);
+    let mut finder = Finder(None, 0);
     let _ = expr.visit(&mut finder);
     match finder.0 {
         Some(agg) => Err(QueryError::Rejected(format!(
@@ -1387,6 +1405,36 @@ fn reject_aggregates_in(expr: &Expr, clause: &str) -> Result<()> {
         ))),
         None => Ok(()),
     }
+}
+
+/// Rejects ORDER BY in CTEs and subqueries (ordering before aggregation).
+fn reject_inner_order_by(query: &Query) -> Result<()> {
+    struct Finder(usize, bool);
+    impl Visitor for Finder {
+        type Break = ();
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+            self.0 += 1;
+            if self.0 > 1 && q.order_by.is_some() && q.limit_clause.is_none() {
+                self.1 = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+        fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.0 -= 1;
+            ControlFlow::Continue(())
+        }
+    }
+    let mut finder = Finder(0, false);
+    let _ = query.visit(&mut finder);
+    if finder.1 {
+        return Err(QueryError::Rejected(
+            "ORDER BY before aggregation is not allowed: order the released values in the outermost SELECT \
+             instead"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 fn reject_subqueries(expr: &Expr, clause: &str) -> Result<()> {

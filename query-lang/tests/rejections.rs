@@ -1,0 +1,164 @@
+//! Queries the dialect must refuse before any budget is spent, each with a
+//! message that says what to change. The coordinator compiles every query
+//! before it sends any task, so a refusal here never reaches a node.
+
+use confer_protocol::catalog::{
+    CatalogInfo, ColumnInfo, ColumnType, Domain, DomainValue, TableInfo,
+};
+use confer_query::{Catalog, Statement, compile, parse};
+
+fn col(name: &str, ty: ColumnType) -> ColumnInfo {
+    ColumnInfo {
+        name: name.into(),
+        column_type: ty,
+        bounds: None,
+        domain: None,
+    }
+}
+
+fn catalog() -> Catalog {
+    let int = ColumnType::Int64;
+    let mut gender = col("gender_concept_id", int);
+    gender.domain = Some(Domain::Values {
+        values: vec![DomainValue::Int(8507), DomainValue::Int(8532)],
+    });
+    let mut year = col("year_of_birth", int);
+    year.bounds = Some((1900.0, 2030.0));
+    let person = TableInfo {
+        name: "person".into(),
+        privacy_unit: Some("person_id".into()),
+        columns: vec![
+            col("person_id", int),
+            gender,
+            year,
+            col("care_site_id", int),
+        ],
+        one_row_per_unit: true,
+    };
+    let condition = TableInfo {
+        name: "condition_occurrence".into(),
+        privacy_unit: Some("person_id".into()),
+        columns: vec![
+            col("condition_occurrence_id", int),
+            col("person_id", int),
+            col("condition_concept_id", int),
+            col("provider_id", int),
+            col("condition_start_date", ColumnType::Date),
+        ],
+        one_row_per_unit: false,
+    };
+    let concept = TableInfo {
+        name: "concept".into(),
+        privacy_unit: None,
+        columns: vec![
+            col("concept_id", int),
+            col("concept_name", ColumnType::Utf8),
+        ],
+        one_row_per_unit: false,
+    };
+    Catalog::for_node(&CatalogInfo {
+        node: "site-a".into(),
+        tables: vec![concept, condition, person],
+    })
+}
+
+const DP: &str = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6)";
+
+async fn refusal(sql: &str) -> String {
+    let catalog = catalog();
+    let result = match parse(sql) {
+        Err(e) => return e.to_string(),
+        Ok(Statement::Query(q)) | Ok(Statement::ExplainPrivacy(q)) => {
+            compile(&q, &catalog, None).await
+        }
+        Ok(other) => panic!("{sql}: unexpected statement {other:?}"),
+    };
+    match result {
+        Ok(_) => "(accepted)".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn at_least_thirty_refusals_each_say_what_to_change() {
+    let cases: Vec<(String, &str)> = vec![
+        // The clause and its options.
+        ("SELECT COUNT(*) FROM person".into(), "needs the DP clause"),
+        ("SELECT person_id FROM person".into(), "needs the DP clause"),
+        ("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (delta = 1e-6) COUNT(*) FROM person".into(), "needs epsilon"),
+        ("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1) COUNT(*) FROM person".into(), "needs delta > 0"),
+        ("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0, delta = 1e-6) COUNT(*) FROM person".into(), "positive"),
+        ("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 2) COUNT(*) FROM person".into(), "below 1"),
+        ("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, epsilon = 2, delta = 1e-6) COUNT(*) FROM person".into(), "given twice"),
+        ("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6, noise = 'low') COUNT(*) FROM person".into(), "unknown option noise"),
+        ("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6, max_groups_contributed = 0) COUNT(*) FROM person".into(), "whole number from 1"),
+        ("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6, mechanism = 'exponential') COUNT(*) FROM person".into(), "'gaussian' or 'laplace'"),
+        ("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6, confidence = 95) COUNT(*) FROM person".into(), "between 0 and 1"),
+        (format!("SELECT COUNT(*) FROM ({DP} COUNT(*) FROM person) t"), "outermost SELECT"),
+        (format!("{DP} COUNT(*) FROM person UNION ALL {DP} COUNT(*) FROM person"), "one WITH DIFFERENTIAL_PRIVACY clause"),
+        ("SELECT DIFFERENTIAL_PRIVACY COUNT(*) FROM person".into(), "SELECT WITH DIFFERENTIAL_PRIVACY"),
+        ("DELETE FROM person".into(), "only queries"),
+        // What may be released.
+        (format!("{DP} person_id, COUNT(*) FROM person GROUP BY gender_concept_id"), "neither a GROUP BY key nor a DP aggregate"),
+        (format!("{DP} * FROM person"), "SELECT * would release private columns"),
+        ("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) DISTINCT gender_concept_id FROM person".to_string(), "SELECT DISTINCT releases private keys"),
+        (format!("{DP} gender_concept_id FROM person GROUP BY gender_concept_id"), "at least one aggregate"),
+        (format!("{DP} MAX(year_of_birth) FROM person"), "MAX on private values is not allowed"),
+        (format!("{DP} MIN(year_of_birth) FROM person"), "MIN on private values is not allowed"),
+        (format!("{DP} COUNT(DISTINCT care_site_id) FROM person"), "only for the privacy unit"),
+        (format!("{DP} SUM(care_site_id) FROM person"), "needs bounds"),
+        (format!("{DP} AVG(care_site_id) FROM person"), "contribution_bounds_per_group"),
+        (format!("{DP} VAR_POP(care_site_id) FROM person"), "contribution_bounds_per_row"),
+        (format!("{DP} SUM(year_of_birth, contribution_bounds_per_group => (10, 1)) FROM person"), "lo > hi"),
+        (format!("{DP} SUM(year_of_birth, contribution_bounds_per_row => (0, 1)) FROM person"), "contribution_bounds_per_group"),
+        (format!("{DP} STDDEV_POP(year_of_birth, contribution_bounds_per_group => (0, 1)) FROM person"), "contribution_bounds_per_row"),
+        (format!("{DP} PERCENTILE_CONT(year_of_birth, 1.5, contribution_bounds_per_row => (1900, 2030)) FROM person"), "from 0 to 1"),
+        (format!("{DP} VARIANCE(year_of_birth, contribution_bounds_per_row => (1900, 2030)) FROM person"), "use VAR_POP"),
+        (format!("{DP} SUM(DISTINCT year_of_birth) FROM person"), "DISTINCT"),
+        (format!("{DP} COUNT(*) OVER () FROM person"), "window functions"),
+        (format!("{DP} COUNT(*) FROM person WHERE COUNT(*) > 1"), "may not appear in WHERE"),
+        (format!("{DP} COUNT(*) FROM person GROUP BY ALL"), "GROUP BY ALL"),
+        (format!("{DP} COUNT(*) FROM person GROUP BY ROLLUP (gender_concept_id)"), "ROLLUP"),
+        (format!("{DP} gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id HAVING SUM(year_of_birth) > 0"), "does not release"),
+        (format!("{DP} COUNT(*) FROM person WHERE __unit > 0"), "reserved for confer"),
+        (format!("{DP} my_udf(year_of_birth) FROM person"), "neither a GROUP BY key"),
+        // Tables, joins, subqueries.
+        (format!("{DP} COUNT(*) FROM persons"), "table persons is not in the network catalog"),
+        (format!("{DP} COUNT(*) FROM person WHERE yob > 1950"), "yob"),
+        (format!("{DP} COUNT(*) FROM concept"), "only public tables"),
+        (format!("{DP} COUNT(*) FROM person p JOIN condition_occurrence c ON c.provider_id = p.care_site_id"), "joined only on the privacy unit"),
+        (format!("{DP} COUNT(*) FROM person p, condition_occurrence c"), "joined only on the privacy unit"),
+        (format!("{DP} COUNT(*) FROM (SELECT gender_concept_id FROM person) t"), "drops the privacy unit"),
+        (format!("{DP} COUNT(*) FROM (SELECT gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id) t"), "aggregates person-level rows across persons"),
+        (format!("{DP} COUNT(*) FROM (SELECT * FROM person LIMIT 10) t"), "LIMIT inside a CTE or subquery"),
+        (format!("{DP} COUNT(*) FROM (SELECT * FROM person ORDER BY year_of_birth) t"), "ORDER BY before aggregation"),
+        (format!("{DP} COUNT(*) FROM person WHERE year_of_birth > (SELECT AVG(year_of_birth) FROM person)"), "scalar subquery over person-level tables"),
+        (format!("{DP} COUNT(*) FROM person p WHERE EXISTS (SELECT 1 FROM condition_occurrence c WHERE c.person_id = p.person_id)"), "EXISTS over person-level tables"),
+        (format!("{DP} COUNT(*) FROM person WHERE care_site_id IN (SELECT provider_id FROM condition_occurrence)"), "must compare the privacy unit"),
+        (format!("WITH RECURSIVE r AS (SELECT 1 AS x) {DP} COUNT(*) FROM person"), "recursive"),
+        (format!("{DP} COUNT(*) FROM (SELECT person_id FROM person UNION ALL SELECT concept_id FROM concept) t"), "UNION must keep the privacy unit"),
+        // Groups.
+        (format!("{DP} care_site_id, COUNT(*) FROM person GROUP BY care_site_id").replace("delta = 1e-6", "delta = 0, mechanism = 'laplace'"), "partition selection"),
+        (format!("{DP} COUNT(*) FROM person").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')"), "secure"),
+        (format!("{DP} COUNT(*) FROM person").replace("delta = 1e-6)", "delta = 1e-6, privacy_unit_column = care_site_id)"), "privacy_unit_column = care_site_id"),
+    ];
+    assert!(
+        cases.len() >= 30,
+        "the suite must hold at least 30 refusals, has {}",
+        cases.len()
+    );
+    let mut failures = Vec::new();
+    for (sql, want) in &cases {
+        let msg = refusal(sql).await;
+        if !msg.contains(want) {
+            failures.push(format!("{sql}\n    gave: {msg}\n    want: {want}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} refusals wrong:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
