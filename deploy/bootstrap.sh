@@ -2,6 +2,8 @@
 # Installs what confer needs beside the Rust toolchain, idempotently:
 #   * .venv: Python 3.11 with the pinned tools of deploy/requirements.txt,
 #     among them torch==2.13.0, whose libtorch the tch crate links against.
+#   * build/data/synthea27nj: the Synthea27Nj OMOP CDM 5.4 CSVs, unzipped
+#     from ../shared/data (examples/datasets/synthea27nj.toml serves them).
 # Quiet when everything is already in place. Called by every make target.
 set -euo pipefail
 
@@ -29,6 +31,28 @@ for candidate in python3.11 python3; do
     fi
 done
 [ -n "$python" ] || die "Python 3.11 not found (torch 2.13 wheels for tch need it): install python3.11"
+
+# Synthea27Nj ships zipped; unzip it once into build/ (the zip's __MACOSX
+# resource forks are left out).
+synthea_zip="$root/../shared/data/eunomia_synthea27nj/Synthea27Nj_5.4.zip"
+synthea_dir="$root/build/data/synthea27nj"
+if [ -f "$synthea_zip" ] && [ ! -f "$synthea_dir/.complete" ]; then
+    say "unzipping Synthea27Nj into $synthea_dir"
+    rm -rf "$synthea_dir"
+    mkdir -p "$synthea_dir"
+    "$python" - "$synthea_zip" "$synthea_dir" <<'PY'
+import os, sys, zipfile
+src, dst = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(src) as z:
+    for info in z.infolist():
+        name = info.filename
+        if name.startswith("__MACOSX/") or name.endswith("/"):
+            continue
+        with z.open(info) as f, open(os.path.join(dst, os.path.basename(name)), "wb") as out:
+            out.write(f.read())
+PY
+    touch "$synthea_dir/.complete"
+fi
 
 want="$(sha256sum "$req" | cut -d' ' -f1)"
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -17,5 +17,7 @@ mod governance;
 mod proxy;
 /// The dialect's semantics as .slt files: DP answers equal plain bounded queries.
 mod slt;
+/// `confer synth` output served by real nodes; `confer catalog`.
+mod synth_network;
 /// Mutual TLS, tokens, client certificates, roles, refused certificates.
 mod tls;

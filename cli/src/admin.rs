@@ -9,8 +9,9 @@ use anyhow::{Context, anyhow, bail};
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use chrono::{DateTime, Utc};
-use confer_coordinator::service::{NewStudy, custom};
+use confer_coordinator::service::{CatalogListing, NewStudy, custom};
 use confer_coordinator::store::{NodeStatus, Role, SqliteStore, Store, Study, User};
+use confer_protocol::catalog::Domain;
 use confer_transport::pki::{self, CertKind, IssueRequest};
 
 use crate::ConnectArgs;
@@ -360,6 +361,116 @@ pub async fn nodes(connect: ConnectArgs) -> anyhow::Result<()> {
     );
     println!("(as {} / {})", who.name, who.role.name());
     Ok(())
+}
+
+/// Arguments of `confer catalog`.
+#[derive(Debug, clap::Args)]
+pub struct CatalogArgs {
+    /// Where and who.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Print the catalog as JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Only this table.
+    pub table: Option<String>,
+}
+
+/// `confer catalog`: the network catalog as the nodes publish it. It holds
+/// declarations only (names, types, bounds, domains), never counts or values
+/// of private tables.
+pub async fn catalog(args: CatalogArgs) -> anyhow::Result<()> {
+    let mut client = Client::connect_with(&args.connect).await?;
+    let mut listing: CatalogListing =
+        serde_json::from_value(client.action(custom::CATALOG, Vec::new()).await?)?;
+    if let Some(only) = &args.table {
+        listing
+            .tables
+            .retain(|t| t.info.name.eq_ignore_ascii_case(only));
+        if listing.tables.is_empty() {
+            bail!("no table {only} in the network catalog: run `confer catalog` to list them");
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&listing)?);
+        return Ok(());
+    }
+    let rows = listing
+        .tables
+        .iter()
+        .map(|t| {
+            vec![
+                t.info.name.clone(),
+                match &t.info.privacy_unit {
+                    Some(unit) if t.info.one_row_per_unit => {
+                        format!("private (unit {unit}, one row each)")
+                    }
+                    Some(unit) => format!("private (unit {unit})"),
+                    None => "public".into(),
+                },
+                t.info.columns.len().to_string(),
+                if t.sites.len() == listing.sites.len() {
+                    format!("all {}", t.sites.len())
+                } else {
+                    t.sites.join(", ")
+                },
+            ]
+        })
+        .collect();
+    println!("{}", table(&["table", "kind", "columns", "sites"], rows)?);
+    if args.table.is_some() {
+        for t in &listing.tables {
+            let rows = t
+                .info
+                .columns
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.name.clone(),
+                        c.column_type.to_string(),
+                        c.bounds
+                            .map(|(lo, hi)| format!("[{lo}, {hi}]"))
+                            .unwrap_or_default(),
+                        c.domain.as_ref().map(describe_domain).unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            println!("{}", t.info.name);
+            println!(
+                "{}",
+                table(&["column", "type", "bounds", "public domain"], rows)?
+            );
+        }
+    } else {
+        println!("(`confer catalog <table>` shows its columns, bounds and domains)");
+    }
+    if !listing.missing_sites.is_empty() {
+        println!(
+            "sites that did not answer: {} (their tables may be missing above)",
+            listing.missing_sites.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn describe_domain(domain: &Domain) -> String {
+    match domain {
+        Domain::Range { lo, hi } => format!("{lo}..={hi}"),
+        Domain::Values { values } if values.len() <= 8 => values
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        Domain::Values { values } => format!(
+            "{}, ... ({} values)",
+            values[..6]
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            values.len()
+        ),
+    }
 }
 
 /// `confer pki ...`.

@@ -244,13 +244,23 @@ pub async fn start_nodes(
             extra.unit,
         )?;
     }
+    start_nodes_from(program, configs, options.log_level).await
+}
+
+/// Starts one node per `(site name, node.toml)`, concurrently.
+pub async fn start_nodes_from(
+    program: &Path,
+    configs: Vec<(String, PathBuf)>,
+    log_level: &str,
+) -> anyhow::Result<NodeSet> {
     let labels: Vec<String> = configs
         .iter()
         .map(|(name, _)| format!("node {name}"))
         .collect();
-    let starts = configs.iter().zip(&labels).map(|((_, config), label)| {
-        ServerChild::start(program, "node", label, config, options.log_level)
-    });
+    let starts = configs
+        .iter()
+        .zip(&labels)
+        .map(|((_, config), label)| ServerChild::start(program, "node", label, config, log_level));
     let nodes: Vec<ServerChild> = futures::future::try_join_all(starts).await?;
     Ok(NodeSet {
         nodes,

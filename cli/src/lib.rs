@@ -1,6 +1,7 @@
 //! Every command a confer user types: `confer node`, `confer coordinator`,
 //! `confer query`, `confer study`, `confer nodes`, `confer pki`,
-//! `confer audit`, `confer keygen`, `confer demo`, `confer doctor`.
+//! `confer audit`, `confer keygen`, `confer synth`, `confer catalog`,
+//! `confer demo`, `confer doctor`.
 //!
 //! Servers print one line to standard output when they are ready,
 //! `confer <role> <name> listening on <addr>`, which the demo and the
@@ -13,6 +14,7 @@ pub mod demo;
 pub mod gibleed;
 pub mod governance;
 mod servers;
+pub mod synth;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +59,10 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Write a synthetic OMOP CDM 5.4 network: one directory and node.toml per site.
+    Synth(synth::SynthArgs),
+    /// The network catalog as the nodes publish it: tables, columns, types, bounds, domains.
+    Catalog(admin::CatalogArgs),
     /// Start a local federation over the GiBleed OMOP data and run example queries.
     Demo(DemoArgs),
     /// Check this installation: libtorch, CUDA, versions.
@@ -215,6 +221,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pki(args) => admin::pki(args),
         Command::Audit(args) => governance::audit(args),
         Command::Keygen { out, force } => governance::keygen(&out, force),
+        Command::Synth(args) => tokio::task::spawn_blocking(move || synth::run(args)).await?,
+        Command::Catalog(args) => admin::catalog(args).await,
         Command::Demo(args) => demo::run(args, cli.verbose).await,
         Command::Doctor => doctor(),
     }

@@ -737,6 +737,31 @@ pub mod custom {
     pub const STUDY_SHOW: &str = "confer.study.show";
     /// Users (admin).
     pub const USER_LIST: &str = "confer.user.list";
+    /// The network catalog (JSON [`super::CatalogListing`]): tables, columns,
+    /// types, bounds, domains and the sites publishing each table. Never
+    /// row counts or values of private tables.
+    pub const CATALOG: &str = "confer.catalog";
+}
+
+/// The network catalog as `confer.catalog` returns it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CatalogListing {
+    /// Sites that answered, in configuration order.
+    pub sites: Vec<String>,
+    /// Sites that did not answer (their tables may be missing here).
+    pub missing_sites: Vec<String>,
+    /// Tables, by name.
+    pub tables: Vec<CatalogTable>,
+}
+
+/// One table of [`CatalogListing`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CatalogTable {
+    /// The table as published (columns, privacy unit, bounds, domains).
+    #[serde(flatten)]
+    pub info: confer_protocol::catalog::TableInfo,
+    /// The sites that publish it.
+    pub sites: Vec<String>,
 }
 
 /// What a client sends to create a study.
@@ -1031,13 +1056,16 @@ impl FlightSqlService for CoordinatorService {
         let kind = request.get_ref().r#type.clone();
         let perm = match kind.as_str() {
             custom::NODES => Perm::NodeStatus,
-            custom::WHOAMI | custom::STUDY_LIST | custom::STUDY_SHOW => Perm::ReadStudies,
+            custom::WHOAMI | custom::STUDY_LIST | custom::STUDY_SHOW | custom::CATALOG => {
+                Perm::ReadStudies
+            }
             custom::STUDY_CREATE => Perm::ManageStudies,
             custom::USER_LIST => Perm::ManageUsers,
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown action {other}: the coordinator serves {}, {}, {}, {}, {} and {}",
+                    "unknown action {other}: the coordinator serves {}, {}, {}, {}, {}, {} and {}",
                     custom::NODES,
+                    custom::CATALOG,
                     custom::WHOAMI,
                     custom::STUDY_CREATE,
                     custom::STUDY_LIST,
@@ -1068,6 +1096,27 @@ impl FlightSqlService for CoordinatorService {
                 json_result(&self.state.node_statuses())?
             }
             custom::WHOAMI => json_result(&user)?,
+            custom::CATALOG => {
+                let catalog = self.state.network_catalog().await?;
+                let answered = catalog.sites();
+                json_result(&CatalogListing {
+                    sites: answered.to_vec(),
+                    missing_sites: self
+                        .state
+                        .nodes
+                        .iter()
+                        .map(|n| n.name.clone())
+                        .filter(|n| !answered.contains(n))
+                        .collect(),
+                    tables: catalog
+                        .tables()
+                        .map(|t| CatalogTable {
+                            info: t.clone(),
+                            sites: catalog.sites_of(&t.name).to_vec(),
+                        })
+                        .collect(),
+                })?
+            }
             custom::STUDY_CREATE => {
                 let study = self.create_study(&user, &body)?;
                 self.state
@@ -1102,6 +1151,7 @@ impl FlightSqlService for CoordinatorService {
             [
                 (custom::NODES, "node registry and health (JSON)"),
                 (custom::WHOAMI, "the calling user (JSON)"),
+                (custom::CATALOG, "the network catalog (JSON)"),
                 (custom::STUDY_CREATE, "create a study (admin; body: JSON)"),
                 (custom::STUDY_LIST, "studies you may use (JSON)"),
                 (custom::STUDY_SHOW, "one study (body: its name)"),

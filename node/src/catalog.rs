@@ -49,18 +49,77 @@ async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Re
 
     let schema = match format {
         Format::Csv => {
-            let header =
-                read_csv_header(first, table.delimiter).map_err(|m| source_err(first, m))?;
+            let header = match &table.column_names {
+                Some(names) if !table.header => {
+                    let names: Vec<String> = names
+                        .iter()
+                        .map(|n| n.trim().to_ascii_lowercase())
+                        .collect();
+                    let width =
+                        csv_width(first, table.delimiter).map_err(|m| source_err(first, m))?;
+                    if width != names.len() {
+                        return Err(source_err(
+                            first,
+                            format!(
+                                "the first line has {width} fields but tables.{name}.column_names names {}",
+                                names.len()
+                            ),
+                        ));
+                    }
+                    names
+                }
+                _ => read_csv_header(first, table.delimiter).map_err(|m| source_err(first, m))?,
+            };
             let schema = csv_schema(name, &header, table).map_err(|m| source_err(first, m))?;
+            // Columns with a null marker or a custom date format are read as
+            // text and converted by a view, so a bad value fails the probe below.
+            let as_text = |ty: &DataType| {
+                *ty != DataType::Utf8
+                    && (table.null_marker.is_some()
+                        || matches!(ty, DataType::Date32) && table.date_format.is_some()
+                        || matches!(ty, DataType::Timestamp(..)) && table.datetime_format.is_some())
+            };
+            let raw_schema = Schema::new(
+                schema
+                    .fields()
+                    .iter()
+                    .map(|f| {
+                        if as_text(f.data_type()) {
+                            Field::new(f.name(), DataType::Utf8, true)
+                        } else {
+                            f.as_ref().clone()
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            );
             let ext = extension_of(&table.path, first);
             let options = CsvReadOptions::new()
-                .has_header(true)
+                .has_header(table.header)
                 .delimiter(table.delimiter as u8)
-                .schema(&schema)
+                .schema(&raw_schema)
                 .file_extension(&ext);
-            ctx.register_csv(name, &path_str(&table.path), options)
-                .await
-                .map_err(|e| source_err(&table.path, format!("cannot register: {e}")))?;
+            if table.null_marker.is_none() && raw_schema == schema {
+                ctx.register_csv(name, &path_str(&table.path), options)
+                    .await
+                    .map_err(|e| source_err(&table.path, format!("cannot register: {e}")))?;
+            } else {
+                let raw = format!("__confer_raw_{name}");
+                ctx.register_csv(&raw, &path_str(&table.path), options)
+                    .await
+                    .map_err(|e| source_err(&table.path, format!("cannot register: {e}")))?;
+                let select = schema
+                    .fields()
+                    .iter()
+                    .map(|f| convert_text_column(f, table, as_text(f.data_type())))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let view = ctx
+                    .sql(&format!("SELECT {select} FROM \"{raw}\""))
+                    .await
+                    .map_err(|e| source_err(&table.path, format!("cannot convert values: {e}")))?;
+                ctx.register_table(name, view.into_view())
+                    .map_err(|e| source_err(&table.path, format!("cannot register: {e}")))?;
+            }
             schema
         }
         Format::Parquet => {
@@ -77,6 +136,14 @@ async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Re
             check_parquet_schema(name, &schema, table).map_err(|m| source_err(&table.path, m))?;
             schema
         }
+    };
+
+    let schema = if table.unit_from_row_number {
+        number_rows(ctx, name, table, schema)
+            .await
+            .map_err(|m| source_err(&table.path, m))?
+    } else {
+        schema
     };
 
     // Read a first batch so that a type mismatch fails now, not mid-query.
@@ -116,7 +183,10 @@ async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Re
             "tables.{name}.privacy_unit = {unit:?}: the source has no such column"
         )));
     }
-    let one_row_per_unit = match (&table.privacy_unit, table.one_row_per_unit) {
+    let declared_one_row = table
+        .one_row_per_unit
+        .or(table.unit_from_row_number.then_some(true));
+    let one_row_per_unit = match (&table.privacy_unit, declared_one_row) {
         (None, Some(true)) => {
             return Err(NodeError::Config(format!(
                 "tables.{name}.one_row_per_unit needs a privacy_unit: public tables have no persons"
@@ -219,6 +289,84 @@ fn source_files(path: &Path, format: Format) -> std::result::Result<Vec<PathBuf>
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// Serves table `name` with a first column numbering its rows (the privacy
+/// unit of a one-row-per-person source without identifiers).
+async fn number_rows(
+    ctx: &SessionContext,
+    name: &str,
+    table: &TableConfig,
+    schema: Schema,
+) -> std::result::Result<Schema, String> {
+    let unit = table.privacy_unit.as_deref().unwrap_or_default();
+    if schema.field_with_name(unit).is_ok() {
+        return Err(format!(
+            "unit_from_row_number: the source already has a column {unit}; use it as privacy_unit and drop unit_from_row_number"
+        ));
+    }
+    let rows = format!("__confer_rows_{name}");
+    let provider = ctx
+        .deregister_table(name)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("table {name} was not registered"))?;
+    ctx.register_table(&rows, provider)
+        .map_err(|e| e.to_string())?;
+    let view = ctx
+        .sql(&format!(
+            "SELECT CAST(row_number() OVER () AS BIGINT) AS \"{unit}\", * FROM \"{rows}\""
+        ))
+        .await
+        .map_err(|e| format!("cannot number the rows: {e}"))?;
+    ctx.register_table(name, view.into_view())
+        .map_err(|e| e.to_string())?;
+    let mut fields = vec![Field::new(unit, DataType::Int64, false)];
+    fields.extend(schema.fields().iter().map(|f| f.as_ref().clone()));
+    Ok(Schema::new(fields))
+}
+
+/// The SQL that reads column `field` of a CSV view: the null marker
+/// becomes NULL and text becomes the declared type (in the declared date
+/// format). DataFusion 55's CSV scan ignores `null_regex`, hence the view.
+fn convert_text_column(field: &Field, table: &TableConfig, from_text: bool) -> String {
+    let quote = |s: &str| s.replace('\'', "''");
+    let column = format!("\"{}\"", field.name());
+    let mut expr = column.clone();
+    if let Some(marker) = &table.null_marker {
+        expr = format!("NULLIF({expr}, '{}')", quote(marker));
+    }
+    if from_text {
+        expr = match (
+            field.data_type(),
+            &table.date_format,
+            &table.datetime_format,
+        ) {
+            (DataType::Date32, Some(fmt), _) => format!("to_date({expr}, '{}')", quote(fmt)),
+            (DataType::Timestamp(..), _, Some(fmt)) => format!(
+                "arrow_cast(to_timestamp_micros({expr}, '{}'), 'Timestamp(Microsecond, None)')",
+                quote(fmt)
+            ),
+            (DataType::Timestamp(..), _, None) => {
+                format!("arrow_cast({expr}, 'Timestamp(Microsecond, None)')")
+            }
+            (ty, _, _) => format!("arrow_cast({expr}, '{ty}')"),
+        };
+    }
+    format!("{expr} AS {column}")
+}
+
+/// The number of fields on the first line of a CSV file without a header.
+fn csv_width(path: &Path, delimiter: char) -> std::result::Result<usize, String> {
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter as u8)
+        .has_headers(false)
+        .from_path(path)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    match reader.records().next() {
+        Some(Ok(record)) => Ok(record.len()),
+        Some(Err(e)) => Err(format!("cannot read the first line: {e}")),
+        None => Err("the file is empty".into()),
+    }
 }
 
 fn read_csv_header(path: &Path, delimiter: char) -> std::result::Result<Vec<String>, String> {

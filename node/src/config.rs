@@ -98,9 +98,34 @@ pub struct TableConfig {
     /// default true there, false elsewhere). Checked when the node starts.
     #[serde(default)]
     pub one_row_per_unit: Option<bool>,
+    /// The source has one row per person and no identifier (a research
+    /// extract such as the UCI heart-disease files): the node numbers the
+    /// rows 1..n as the `privacy_unit` column. The numbers are not stable
+    /// across restarts, so never join on them.
+    #[serde(default)]
+    pub unit_from_row_number: bool,
     /// CSV field delimiter (one character).
     #[serde(default = "default_delimiter")]
     pub delimiter: char,
+    /// CSV: whether the first line names the columns (default true). Header
+    /// names are normalised to lower case (GiBleed's are upper case).
+    #[serde(default = "default_true")]
+    pub header: bool,
+    /// CSV without a header: the column names, in file order.
+    #[serde(default)]
+    pub column_names: Option<Vec<String>>,
+    /// CSV: the text that marks a missing value (e.g. `"?"` or `"NA"`);
+    /// empty fields are always missing.
+    #[serde(default)]
+    pub null_marker: Option<String>,
+    /// CSV: the format of `date` columns, chrono style (default ISO
+    /// `%Y-%m-%d`), e.g. `"%d/%m/%Y"` or `"%Y%m%d"`.
+    #[serde(default)]
+    pub date_format: Option<String>,
+    /// CSV: the format of `timestamp` columns, chrono style (default ISO
+    /// 8601 / RFC 3339), e.g. `"%d/%m/%Y %H:%M"`.
+    #[serde(default)]
+    pub datetime_format: Option<String>,
     /// Per-column declarations.
     #[serde(default)]
     pub columns: BTreeMap<String, ColumnConfig>,
@@ -108,6 +133,10 @@ pub struct TableConfig {
 
 fn default_delimiter() -> char {
     ','
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `[tables.<name>.columns.<column>]`.
@@ -203,6 +232,63 @@ impl NodeConfig {
                 return Err(NodeError::Config(format!(
                     "tables.{table}: table names use letters, digits and '_'"
                 )));
+            }
+            match (&t.column_names, t.header) {
+                (Some(_), true) => {
+                    return Err(NodeError::Config(format!(
+                        "tables.{table}.column_names is given but header = true: set header = false if the file has no header line, or drop column_names"
+                    )));
+                }
+                (None, false) => {
+                    return Err(NodeError::Config(format!(
+                        "tables.{table}: header = false needs column_names = [\"...\", ...] in file order"
+                    )));
+                }
+                (Some(names), false) => {
+                    for (i, n) in names.iter().enumerate() {
+                        if n.trim().is_empty()
+                            || names[..i].iter().any(|m| m.eq_ignore_ascii_case(n))
+                        {
+                            return Err(NodeError::Config(format!(
+                                "tables.{table}.column_names: name {} is empty or repeated",
+                                i + 1
+                            )));
+                        }
+                    }
+                }
+                (None, true) => {}
+            }
+            if t.unit_from_row_number {
+                if t.privacy_unit.is_none() {
+                    return Err(NodeError::Config(format!(
+                        "tables.{table}.unit_from_row_number needs privacy_unit = \"<name>\" for the numbered column"
+                    )));
+                }
+                if t.one_row_per_unit == Some(false) {
+                    return Err(NodeError::Config(format!(
+                        "tables.{table}: unit_from_row_number means one row per person; drop one_row_per_unit = false"
+                    )));
+                }
+            }
+            if let Some(marker) = &t.null_marker
+                && marker.is_empty()
+            {
+                return Err(NodeError::Config(format!(
+                    "tables.{table}.null_marker is empty: empty fields are already missing; give the marker text (e.g. \"?\" or \"NA\") or drop it"
+                )));
+            }
+            for (field, fmt) in [
+                ("date_format", &t.date_format),
+                ("datetime_format", &t.datetime_format),
+            ] {
+                if let Some(fmt) = fmt
+                    && chrono::format::StrftimeItems::new(fmt)
+                        .any(|i| matches!(i, chrono::format::Item::Error))
+                {
+                    return Err(NodeError::Config(format!(
+                        "tables.{table}.{field} = {fmt:?} is not a valid chrono format (use e.g. \"%d/%m/%Y\")"
+                    )));
+                }
             }
             for (column, c) in &t.columns {
                 if let Some([lo, hi]) = c.bounds

@@ -13,6 +13,8 @@ use crate::error::{QueryError, Result};
 pub struct Catalog {
     tables: BTreeMap<String, TableInfo>,
     sites: Vec<String>,
+    /// For each table, the sites that publish it.
+    published_by: BTreeMap<String, Vec<String>>,
 }
 
 impl Catalog {
@@ -25,6 +27,11 @@ impl Catalog {
                 .map(|t| (t.name.to_ascii_lowercase(), t.clone()))
                 .collect(),
             sites: vec![info.node.clone()],
+            published_by: info
+                .tables
+                .iter()
+                .map(|t| (t.name.to_ascii_lowercase(), vec![info.node.clone()]))
+                .collect(),
         }
     }
 
@@ -34,9 +41,14 @@ impl Catalog {
     /// combines their partials as one.
     pub fn merge(infos: &[CatalogInfo]) -> Result<Self> {
         let mut tables: BTreeMap<String, (String, TableInfo)> = BTreeMap::new();
+        let mut published_by: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for info in infos {
             for table in &info.tables {
                 let key = table.name.to_ascii_lowercase();
+                published_by
+                    .entry(key.clone())
+                    .or_default()
+                    .push(info.node.clone());
                 match tables.get(&key) {
                     None => {
                         tables.insert(key, (info.node.clone(), table.clone()));
@@ -56,7 +68,16 @@ impl Catalog {
         Ok(Self {
             tables: tables.into_iter().map(|(k, (_, t))| (k, t)).collect(),
             sites: infos.iter().map(|i| i.node.clone()).collect(),
+            published_by,
         })
+    }
+
+    /// The sites that publish table `name`, in configuration order.
+    pub fn sites_of(&self, name: &str) -> &[String] {
+        self.published_by
+            .get(&name.to_ascii_lowercase())
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     /// The table called `name` (case-insensitive).
