@@ -15,6 +15,8 @@ mod fixture;
 mod governance;
 /// A slow link and a rogue node, for the fault tests.
 mod proxy;
+/// aggregation = 'secure' over real nodes: exact sums up to noise, dropouts.
+mod secure_query;
 /// The dialect's semantics as .slt files: DP answers equal plain bounded queries.
 mod slt;
 /// `confer synth` output served by real nodes; `confer catalog`.

@@ -237,6 +237,37 @@ impl NodeHandle {
         }
     }
 
+    /// Calls action `kind` with `body` and parses the node's JSON answer.
+    pub async fn action_json<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> std::result::Result<T, ProtocolError> {
+        let call = async {
+            let mut client = self.client();
+            let bodies: Vec<_> = client
+                .do_action(Action::new(kind.to_string(), body))
+                .await
+                .map_err(|e| self.failure(e))?
+                .try_collect()
+                .await
+                .map_err(|e| self.failure(e))?;
+            let body = bodies.first().ok_or_else(|| {
+                ProtocolError::internal(format!("node {} returned nothing for {kind}", self.name))
+            })?;
+            serde_json::from_slice::<T>(body).map_err(|e| {
+                ProtocolError::internal(format!(
+                    "node {} returned an unreadable answer to {kind}: {e}",
+                    self.name
+                ))
+            })
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| self.timed_out(timeout))?
+    }
+
     /// The node's health report.
     pub async fn health(&self, timeout: Duration) -> std::result::Result<Health, ProtocolError> {
         let call = async {

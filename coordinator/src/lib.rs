@@ -18,6 +18,7 @@ pub mod catalog_view;
 pub mod config;
 pub mod error;
 pub mod fanout;
+pub mod secure;
 pub mod service;
 pub mod store;
 

@@ -387,49 +387,72 @@ impl CoordinatorState {
                 statement_hash,
             } => {
                 let started = Instant::now();
-                let results = fanout::each(&self.nodes, |n| async move {
-                    n.run_with_retries(envelope, policy).await
-                })
-                .await;
                 let mut partials = Vec::new();
-                let mut failures = Vec::new();
                 let mut missing = Vec::new();
-                for (name, r) in results {
-                    match r.and_then(|p| {
-                        confer_query::combine::check(plan, &p).map_err(|e| {
-                            ProtocolError::new(
-                                ErrorKind::Internal,
-                                format!("node {name} sent a release that does not fit the query, set aside: {e}"),
-                            )
-                        })?;
-                        Ok(p)
-                    }) {
-                        Ok(p) => partials.push(p),
+                if plan.options.aggregation == confer_query::options::Aggregation::Secure {
+                    let outcome = crate::secure::run(
+                        &self.nodes,
+                        plan,
+                        envelope,
+                        |t| self.identity.sign(t),
+                        *min_sites,
+                        policy.timeout,
+                    )
+                    .await;
+                    match outcome {
+                        Ok(o) => {
+                            missing = o.dropped.iter().map(|(n, _)| n.clone()).collect();
+                            missing.dedup();
+                            partials.push(o.partial);
+                        }
                         Err(e) => {
-                            warn!(node = %name, "node left out of the answer: {}", e.message);
-                            missing.push(name);
-                            failures.push(e);
+                            self.audit(asked_by, Some(study), "query", "failed", e.message.clone());
+                            return Err(e);
                         }
                     }
-                }
-                if partials.len() < *min_sites {
-                    let mut err = fanout::joined(failures);
-                    err.message = format!(
-                        "only {} of {} sites answered and this query needs {} (min_sites); missing {}: {}",
-                        partials.len(),
-                        self.nodes.len(),
-                        min_sites,
-                        missing.join(", "),
-                        err.message
-                    );
-                    self.audit(
-                        asked_by,
-                        Some(study),
-                        "query",
-                        "failed",
-                        err.message.clone(),
-                    );
-                    return Err(err);
+                } else {
+                    let results = fanout::each(&self.nodes, |n| async move {
+                        n.run_with_retries(envelope, policy).await
+                    })
+                    .await;
+                    let mut failures = Vec::new();
+                    for (name, r) in results {
+                        match r.and_then(|p| {
+                            confer_query::combine::check(plan, &p).map_err(|e| {
+                                ProtocolError::new(
+                                    ErrorKind::Internal,
+                                    format!("node {name} sent a release that does not fit the query, set aside: {e}"),
+                                )
+                            })?;
+                            Ok(p)
+                        }) {
+                            Ok(p) => partials.push(p),
+                            Err(e) => {
+                                warn!(node = %name, "node left out of the answer: {}", e.message);
+                                missing.push(name);
+                                failures.push(e);
+                            }
+                        }
+                    }
+                    if partials.len() < *min_sites {
+                        let mut err = fanout::joined(failures);
+                        err.message = format!(
+                            "only {} of {} sites answered and this query needs {} (min_sites); missing {}: {}",
+                            partials.len(),
+                            self.nodes.len(),
+                            min_sites,
+                            missing.join(", "),
+                            err.message
+                        );
+                        self.audit(
+                            asked_by,
+                            Some(study),
+                            "query",
+                            "failed",
+                            err.message.clone(),
+                        );
+                        return Err(err);
+                    }
                 }
                 let combined = combine(plan, &partials, *task_id).map_err(ProtocolError::from)?;
                 let combined = with_missing_sites(combined, &missing)?;

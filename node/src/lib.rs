@@ -20,6 +20,7 @@ pub mod error;
 pub mod ledger;
 pub mod omop;
 pub mod policy;
+pub mod secure;
 pub mod service;
 
 use std::net::SocketAddr;

@@ -24,7 +24,7 @@ use arrow_flight::{
 };
 use confer_protocol::catalog::{CatalogInfo, Health};
 use confer_protocol::signing::{PublicKey, sha256_hex};
-use confer_protocol::task::{Envelope, Task, TaskKind, unix_now};
+use confer_protocol::task::{Envelope, SecaggRound, Task, TaskKind, unix_now};
 use confer_protocol::{ErrorKind, ProtocolError, actions};
 use confer_query::release::ReleaseOptions;
 use confer_query::{Catalog, Statement};
@@ -59,6 +59,8 @@ pub struct NodeState {
     pub ledger: Arc<Ledger>,
     /// When the node started.
     pub started: Instant,
+    /// Secure-aggregation identity and sessions.
+    pub secure: crate::secure::SecureSessions,
     coordinator: PublicKey,
     policy: RwLock<PolicyState>,
     config_path: Option<PathBuf>,
@@ -86,6 +88,7 @@ impl NodeState {
             ctx,
             ledger,
             started: Instant::now(),
+            secure: crate::secure::SecureSessions::open(&config.node.state_dir)?,
             coordinator,
             policy: RwLock::new(PolicyState { policy, modified }),
             config_path: config.source.clone(),
@@ -273,7 +276,185 @@ impl NodeService {
                     .await
             }
             TaskKind::Budget(b) => self.report_budget(&task, &b.study, &policy),
+            TaskKind::SecureQuery(_) => Err(self.refuse(
+                Some(&task),
+                ErrorKind::InvalidArgument,
+                format!(
+                    "secure queries run through the {} action, not DoGet",
+                    actions::SECAGG_ROUND
+                ),
+            )),
         }
+    }
+
+    /// Round 0 of a secure query: admit, compute, debit, join the session.
+    async fn secure_start(&self, round: SecaggRound) -> Result<serde_json::Value> {
+        let envelope: Envelope = serde_json::from_value(round.payload).map_err(|e| {
+            self.refuse(
+                None,
+                ErrorKind::InvalidArgument,
+                format!("round 0 needs a signed task: {e}"),
+            )
+        })?;
+        let policy = self.state.policy()?;
+        let (task, rules) = self.admit(&envelope, &policy)?;
+        let TaskKind::SecureQuery(secure) = &task.kind else {
+            return Err(self.refuse(
+                Some(&task),
+                ErrorKind::InvalidArgument,
+                "round 0 carries a secure query task".into(),
+            ));
+        };
+        if task.id != round.task_id {
+            return Err(self.refuse(
+                Some(&task),
+                ErrorKind::InvalidArgument,
+                "the round names another task than the signed one".into(),
+            ));
+        }
+        if self.state.ledger.stored(task.id)?.is_some() {
+            return Err(self.refuse(
+                Some(&task),
+                ErrorKind::PermissionDenied,
+                format!(
+                    "secure task {} already ran here: a session is never replayed or resumed; ask again",
+                    task.id
+                ),
+            ));
+        }
+        let config: confer_privacy::secagg::Config = serde_json::from_value(secure.session.clone())
+            .map_err(|e| {
+                self.refuse(
+                    Some(&task),
+                    ErrorKind::InvalidArgument,
+                    format!("session parameters: {e}"),
+                )
+            })?;
+        config.validate().map_err(|e| {
+            self.refuse(
+                Some(&task),
+                ErrorKind::InvalidArgument,
+                format!("session parameters: {e}"),
+            )
+        })?;
+        let plan = self
+            .checked_plan(&task, &rules, &policy, &secure.sql)
+            .await?;
+        if plan.options.aggregation != confer_query::options::Aggregation::Secure {
+            return Err(self.refuse(
+                Some(&task),
+                ErrorKind::InvalidArgument,
+                "a secure session carries a query with aggregation = 'secure'".into(),
+            ));
+        }
+        let payload_hash = sha256_hex(envelope.payload.as_bytes());
+        let budget = self.budget_of(&task.study, &rules)?;
+        let cost = Cost {
+            rho: plan.cost.rho,
+            epsilon: plan.cost.epsilon,
+            delta: plan.cost.delta,
+        };
+        let charge = self.charge(
+            &task,
+            &payload_hash,
+            cost,
+            budget,
+            rules.researcher_budget_rho,
+        );
+        if let Some(why) = self.state.ledger.check_budget(&charge)? {
+            return Err(self.refuse(Some(&task), ErrorKind::ResourceExhausted, why));
+        }
+        let batches = self
+            .state
+            .ctx
+            .sql(&plan.local_sql)
+            .await
+            .map_err(NodeError::from)?
+            .collect()
+            .await
+            .map_err(NodeError::from)?;
+        let min_survivors = config.min_survivors;
+        let input = blocking(move || {
+            let mut rng = crate::secure::os_rng()?;
+            confer_query::secure::node_input(&plan, &batches, min_survivors, &mut rng)
+                .map_err(NodeError::from)
+        })
+        .await?;
+        let keys = self.state.secure.start(
+            task.id,
+            &self.state.name,
+            config,
+            &secure.members,
+            &secure.identities,
+            input,
+        )?;
+        // The debit is durable before any round that reveals data-derived values.
+        let marker = format!("secure aggregation session {}", task.id).into_bytes();
+        if let Err(e) = self.record(&charge, marker) {
+            self.state.secure.forget(task.id)?;
+            return Err(e);
+        }
+        self.state.secure.confirm(task.id)?;
+        info!(task = %task.id, study = %task.study, rho = cost.rho, "secure session joined after durable debit");
+        Ok(keys)
+    }
+
+    /// Parses and compiles a query task's SQL and applies the policy's
+    /// table and per-query rules.
+    async fn checked_plan(
+        &self,
+        task: &Task,
+        rules: &StudyRules,
+        policy: &Policy,
+        sql: &str,
+    ) -> Result<confer_query::plan::FederatedPlan> {
+        let parsed = match confer_query::parse(sql) {
+            Ok(Statement::Query(q)) => q,
+            Ok(_) => {
+                return Err(self.refuse(
+                    Some(task),
+                    ErrorKind::InvalidArgument,
+                    "nodes run DP queries only; EXPLAIN and SHOW are answered by the coordinator"
+                        .into(),
+                ));
+            }
+            Err(e) => {
+                return Err(self.refuse(Some(task), ErrorKind::InvalidArgument, e.to_string()));
+            }
+        };
+        let plan =
+            match confer_query::compile(&parsed, &self.state.query_catalog, Some(&self.state.name))
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    return Err(self.refuse(Some(task), ErrorKind::InvalidArgument, e.to_string()));
+                }
+            };
+        if let Some(table) = rules.forbidden_table(&plan.tables) {
+            return Err(self.refuse(
+                Some(task),
+                ErrorKind::PermissionDenied,
+                format!(
+                    "study {} may not read table {table} at this node",
+                    task.study
+                ),
+            ));
+        }
+        if let Some(cap) = policy.max_query_epsilon
+            && plan.cost.epsilon > cap * (1.0 + 1e-9)
+        {
+            return Err(self.refuse(
+                Some(task),
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "this query costs epsilon {:.4} (delta {:e}), above this node's per-query cap of epsilon {cap}: \
+                     lower epsilon to at most {cap}",
+                    plan.cost.epsilon, plan.cost.delta
+                ),
+            ));
+        }
+        Ok(plan)
     }
 
     async fn run_query(
@@ -638,6 +819,25 @@ impl FlightService for NodeService {
         let action = request.into_inner();
         let result = match action.r#type.as_str() {
             actions::CATALOG => json_result(&self.state.catalog)?,
+            actions::SECAGG_IDENTITY => json_result(&self.state.secure.identity())?,
+            actions::SECAGG_ROUND => {
+                let round: SecaggRound = serde_json::from_slice(&action.body).map_err(|e| {
+                    Status::invalid_argument(format!("unreadable secure-aggregation round: {e}"))
+                })?;
+                let (task_id, number) = (round.task_id, round.round);
+                let answer = if number == 0 {
+                    self.secure_start(round).await?
+                } else {
+                    self.state
+                        .secure
+                        .step(round.task_id, round.round, round.payload)?
+                };
+                json_result(&SecaggRound {
+                    task_id,
+                    round: number,
+                    payload: answer,
+                })?
+            }
             actions::HEALTH => json_result(&Health {
                 node: self.state.name.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),

@@ -36,6 +36,11 @@ pub mod actions {
     pub const CATALOG: &str = "confer.catalog";
     /// Returns the node's [`crate::catalog::Health`] as JSON.
     pub const HEALTH: &str = "confer.health";
+    /// Returns the node's secure-aggregation identity key (Ed25519, hex).
+    pub const SECAGG_IDENTITY: &str = "confer.secagg.identity";
+    /// One round of a secure-aggregation session: body and answer are JSON
+    /// [`crate::task::SecaggRound`]s.
+    pub const SECAGG_ROUND: &str = "confer.secagg.round";
 }
 
 /// Arrow schema-metadata keys used on released results.

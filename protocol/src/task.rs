@@ -58,6 +58,36 @@ pub enum TaskKind {
     Query(QueryTask),
     /// Report the privacy budget of a study at the node (spends nothing).
     Budget(BudgetTask),
+    /// Run a DP SQL query with `aggregation = 'secure'`: the node's noisy
+    /// input joins a secure-aggregation session and only the network's sum
+    /// is revealed.
+    SecureQuery(SecureQueryTask),
+}
+
+/// One message of a secure-aggregation session, either way. Round 0 carries
+/// the signed [`Envelope`] of a [`SecureQueryTask`] to the node and its
+/// advertised keys back; rounds 1 to 4 carry the protocol messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecaggRound {
+    /// The task id (sessions are keyed by it).
+    pub task_id: Uuid,
+    /// 0 to 4.
+    pub round: u8,
+    /// The round's message (JSON of the secagg message type).
+    pub payload: serde_json::Value,
+}
+
+/// A query whose partials are securely aggregated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecureQueryTask {
+    /// The statement, as the researcher wrote it.
+    pub sql: String,
+    /// The session's public parameters (`confer_privacy::secagg::Config`, JSON).
+    pub session: serde_json::Value,
+    /// Member node names; a node's index here is its id in the session.
+    pub members: Vec<String>,
+    /// The members' secure-aggregation identity keys (Ed25519, hex), by id.
+    pub identities: Vec<String>,
 }
 
 /// A request for a study's budget figures.
@@ -112,6 +142,7 @@ impl Task {
         match self.kind {
             TaskKind::Query(_) => "query",
             TaskKind::Budget(_) => "budget",
+            TaskKind::SecureQuery(_) => "secure_query",
         }
     }
 

@@ -81,9 +81,9 @@ pub async fn compile(
                 .into(),
         )
     })?;
-    if options.aggregation == Aggregation::Secure {
+    if options.aggregation == Aggregation::Secure && options.mechanism != Mechanism::Gaussian {
         return Err(QueryError::Rejected(
-            "aggregation = 'secure' is not available yet in this version: use aggregation = 'per_site' (the default)"
+            "aggregation = 'secure' adds distributed discrete Gaussian noise: drop mechanism = 'laplace' (or use aggregation = 'per_site')"
                 .into(),
         ));
     }
@@ -281,6 +281,12 @@ pub async fn compile(
         })?;
         let is_site = matches!(g, Expr::Value(v) if matches!(&v.value, Value::SingleQuotedString(s) if s == site_literal))
             && group_default_name(g, i) == SITE_COLUMN;
+        if is_site && options.aggregation == Aggregation::Secure {
+            return Err(QueryError::Rejected(
+                "GROUP BY site with aggregation = 'secure': secure aggregation releases only the network's sum; use aggregation = 'per_site' for per-site figures"
+                    .into(),
+            ));
+        }
         let domain = if is_site {
             Some(
                 catalog
@@ -523,6 +529,14 @@ pub async fn compile(
     });
 
     let named_groups: Vec<GroupSpec> = groups;
+    if options.aggregation == Aggregation::Secure
+        && let Some(g) = named_groups.iter().find(|g| g.domain.is_none())
+    {
+        return Err(QueryError::Rejected(format!(
+            "GROUP BY {} with aggregation = 'secure': its keys are private and secure aggregation cannot select partitions; declare a public domain for it in node.toml or use aggregation = 'per_site'",
+            g.name
+        )));
+    }
     let post = compile_post(
         &query,
         &select,

@@ -52,6 +52,7 @@ pub mod options;
 pub mod parse;
 pub mod plan;
 pub mod release;
+pub mod secure;
 
 pub use catalog::Catalog;
 pub use compile::compile;

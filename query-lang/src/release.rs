@@ -32,7 +32,7 @@ pub struct ReleaseOptions {
 }
 
 /// One partial's exact values, group by group (times its width).
-enum Exact {
+pub(crate) enum Exact {
     Int(Vec<i64>),
     Float(Vec<f64>),
 }
@@ -91,6 +91,20 @@ pub fn release(
         })
         .collect();
 
+    assemble(plan, &keys, noisy, &keep, noise_info, site, task_id)
+}
+
+/// The release batch: group columns, then the partials (NULL where `keep`
+/// is false), with a [`ReleaseInfo`] in the schema metadata.
+pub(crate) fn assemble(
+    plan: &FederatedPlan,
+    keys: &[Vec<ScalarValue>],
+    noisy: Vec<Exact>,
+    keep: &[bool],
+    noise_info: Vec<PartialNoise>,
+    site: &str,
+    task_id: Uuid,
+) -> Result<RecordBatch> {
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (g, spec) in plan.groups.iter().enumerate() {
         let array = if keys.is_empty() {
@@ -134,14 +148,14 @@ pub fn release(
 
 /// The local query's output, row by row: key, person count, and each
 /// partial column's value (NULL where no person contributed).
-struct Rows {
+pub(crate) struct Rows {
     keys: Vec<Vec<ScalarValue>>,
     persons: Vec<i64>,
     /// By partial, then by its columns: one array per column.
     partials: Vec<Vec<ArrayRef>>,
 }
 
-fn read_rows(plan: &FederatedPlan, batches: &[RecordBatch]) -> Result<Rows> {
+pub(crate) fn read_rows(plan: &FederatedPlan, batches: &[RecordBatch]) -> Result<Rows> {
     let mut rows = Rows {
         keys: Vec::new(),
         persons: Vec::new(),
@@ -245,7 +259,7 @@ fn select_private_keys(plan: &FederatedPlan, rows: &Rows) -> Result<Vec<Vec<Scal
 
 /// Lays the rows out over the released keys (zeros where a group had no
 /// rows), ignoring keys that are not released.
-fn exact_partials(
+pub(crate) fn exact_partials(
     plan: &FederatedPlan,
     rows: &Rows,
     index: &HashMap<Vec<ScalarValue>, usize>,

@@ -139,7 +139,9 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         (format!("{DP} COUNT(*) FROM (SELECT person_id FROM person UNION ALL SELECT concept_id FROM concept) t"), "UNION must keep the privacy unit"),
         // Groups.
         (format!("{DP} care_site_id, COUNT(*) FROM person GROUP BY care_site_id").replace("delta = 1e-6", "delta = 0, mechanism = 'laplace'"), "partition selection"),
-        (format!("{DP} COUNT(*) FROM person").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')"), "secure"),
+        (format!("{DP} COUNT(*) FROM person").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure', mechanism = 'laplace')"), "drop mechanism = 'laplace'"),
+        (format!("{DP} site, COUNT(*) FROM person GROUP BY site").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')"), "GROUP BY site with aggregation = 'secure'"),
+        (format!("{DP} care_site_id, COUNT(*) FROM person GROUP BY care_site_id").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')"), "cannot select partitions"),
         (format!("{DP} COUNT(*) FROM person").replace("delta = 1e-6)", "delta = 1e-6, privacy_unit_column = care_site_id)"), "privacy_unit_column = care_site_id"),
     ];
     assert!(

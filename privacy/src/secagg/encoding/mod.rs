@@ -557,7 +557,8 @@ pub fn sigma_for_rho(
     let cost =
         |sigma: f64| distributed_gaussian_rho(sigma, sensitivity, dim, min_survivors, rounds);
     // The Gaussian's own answer is a lower end; double until it fits.
-    let floor = 0.5 * (min_survivors as f64).sqrt();
+    // A hair above the bound so that σ²/t does not round below 1/4.
+    let floor = 0.5 * (min_survivors as f64).sqrt() * (1.0 + 1e-12);
     let mut lo = (sensitivity * (rounds as f64 / (2.0 * rho)).sqrt()).max(floor);
     if cost(lo)? <= rho {
         return Ok(lo);

@@ -1,0 +1,294 @@
+//! The coordinator's side of `aggregation = 'secure'`: one secure-aggregation
+//! session over the nodes, one Flight action per round, each round under the
+//! node deadline. A node that misses a round (error, refusal or deadline)
+//! is a dropout; the protocol recovers as long as enough nodes remain, and
+//! the coordinator learns only the sum.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use confer_privacy::secagg::{Config, Server, VerifyingKey};
+use confer_protocol::task::{Envelope, SecaggRound, SecureQueryTask, Task, TaskKind};
+use confer_protocol::{ErrorKind, ProtocolError, actions};
+use confer_query::FederatedPlan;
+use confer_query::combine::SitePartial;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+
+use crate::fanout::NodeHandle;
+
+/// The outcome: one release standing for the contributors, and who dropped.
+pub struct SecureOutcome {
+    /// The decoded sum as a release.
+    pub partial: SitePartial,
+    /// Nodes that contributed.
+    pub contributors: Vec<String>,
+    /// Nodes that did not (with the reason).
+    pub dropped: Vec<(String, String)>,
+}
+
+fn err(message: String) -> ProtocolError {
+    ProtocolError::new(ErrorKind::FailedPrecondition, message).with_retryable(false)
+}
+
+/// Runs a secure query across `nodes`.
+pub async fn run(
+    nodes: &[NodeHandle],
+    plan: &FederatedPlan,
+    envelope: &Envelope,
+    sign: impl Fn(&Task) -> Result<Envelope, ProtocolError>,
+    min_sites: usize,
+    timeout: Duration,
+) -> Result<SecureOutcome, ProtocolError> {
+    let mut task: Task = serde_json::from_str(&envelope.payload)
+        .map_err(|e| ProtocolError::internal(format!("stored task unreadable: {e}")))?;
+    let sql = match &task.kind {
+        TaskKind::Query(q) => q.sql.clone(),
+        _ => return Err(ProtocolError::internal("a secure query needs a query task")),
+    };
+    let mut dropped: Vec<(String, String)> = Vec::new();
+
+    // Identities of the nodes that answer now.
+    let answers = futures::future::join_all(nodes.iter().map(|n| async move {
+        let r = n
+            .action_json::<String>(actions::SECAGG_IDENTITY, Vec::new(), timeout)
+            .await;
+        (n, r)
+    }))
+    .await;
+    let mut members: Vec<&NodeHandle> = Vec::new();
+    let mut identities = Vec::new();
+    for (n, r) in answers {
+        match r {
+            Ok(id) => {
+                members.push(n);
+                identities.push(id);
+            }
+            Err(e) => dropped.push((n.name.clone(), e.message)),
+        }
+    }
+    let need = min_sites.max(2);
+    if members.len() < need {
+        return Err(err(format!(
+            "secure aggregation needs at least {need} nodes and only {} answered (missing: {})",
+            members.len(),
+            names(&dropped)
+        )));
+    }
+    let keys: Vec<VerifyingKey> = identities
+        .iter()
+        .map(|h| {
+            hex::decode(h)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+                .ok_or_else(|| {
+                    ProtocolError::internal(format!("a node sent a bad identity key {h}"))
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut session = [0u8; 32];
+    getrandom::fill(&mut session)
+        .map_err(|e| ProtocolError::internal(format!("the OS random source failed: {e}")))?;
+    let len = confer_query::secure::vector_len(plan).map_err(ProtocolError::from)?;
+    let config = Config::new(members.len(), confer_query::secure::BITS, len, session)
+        .and_then(|c| {
+            let floor = c.min_survivors.max(need);
+            c.min_survivors(floor)
+        })
+        .map_err(|e| err(format!("secure aggregation: {e}")))?;
+    task.kind = TaskKind::SecureQuery(SecureQueryTask {
+        sql,
+        session: serde_json::to_value(&config)
+            .map_err(|e| ProtocolError::internal(e.to_string()))?,
+        members: members.iter().map(|n| n.name.clone()).collect(),
+        identities,
+    });
+    let signed = sign(&task)?;
+    let mut server = Server::new(config.clone(), keys.into())
+        .map_err(|e| err(format!("secure aggregation: {e}")))?;
+    let task_id = task.id;
+    let fail = |round: u8, e: confer_privacy::secagg::SecAggError, dropped: &[(String, String)]| {
+        err(format!(
+            "secure aggregation failed in round {round}: {e}; dropped: {}",
+            names(dropped)
+        ))
+    };
+
+    // Round 0: the signed task; nodes debit and advertise keys.
+    let round0: BTreeMap<u32, serde_json::Value> = (0..members.len() as u32)
+        .map(|id| Ok((id, serde_json::to_value(&signed)?)))
+        .collect::<Result<_, serde_json::Error>>()
+        .map_err(|e| ProtocolError::internal(e.to_string()))?;
+    for (id, msg) in exchange(&members, task_id, 0, round0, timeout, &mut dropped).await {
+        if let Err(e) = server.receive_advertise(msg) {
+            dropped.push((members[id as usize].name.clone(), e.to_string()));
+        }
+    }
+    let dirs = server.key_directories().map_err(|e| fail(1, e, &dropped))?;
+    for (id, msg) in exchange(
+        &members,
+        task_id,
+        1,
+        to_values(dirs)?,
+        timeout,
+        &mut dropped,
+    )
+    .await
+    {
+        if let Err(e) = server.receive_shares(msg) {
+            dropped.push((members[id as usize].name.clone(), e.to_string()));
+        }
+    }
+    let shares = server.forward_shares().map_err(|e| fail(2, e, &dropped))?;
+    for (id, msg) in exchange(
+        &members,
+        task_id,
+        2,
+        to_values(shares)?,
+        timeout,
+        &mut dropped,
+    )
+    .await
+    {
+        if let Err(e) = server.receive_masked_input(msg) {
+            dropped.push((members[id as usize].name.clone(), e.to_string()));
+        }
+    }
+    let survivors = server.survivor_set().map_err(|e| fail(3, e, &dropped))?;
+    let to_all =
+        |value: &dyn erased::Json| -> Result<BTreeMap<u32, serde_json::Value>, ProtocolError> {
+            let v = value.json()?;
+            Ok(survivors
+                .survivors
+                .iter()
+                .map(|&id| (id, v.clone()))
+                .collect())
+        };
+    let round3 = to_all(&survivors)?;
+    for (id, msg) in exchange(&members, task_id, 3, round3, timeout, &mut dropped).await {
+        if let Err(e) = server.receive_consistency(msg) {
+            dropped.push((members[id as usize].name.clone(), e.to_string()));
+        }
+    }
+    let request = server.unmask_request().map_err(|e| fail(4, e, &dropped))?;
+    let round4 = to_all(&request)?;
+    for (id, msg) in exchange(&members, task_id, 4, round4, timeout, &mut dropped).await {
+        if let Err(e) = server.receive_unmask(msg) {
+            dropped.push((members[id as usize].name.clone(), e.to_string()));
+        }
+    }
+    let aggregate = server.finish().map_err(|e| fail(4, e, &dropped))?;
+    let contributors: Vec<String> = aggregate
+        .contributors
+        .iter()
+        .map(|&id| members[id as usize].name.clone())
+        .collect();
+    if contributors.len() < min_sites {
+        return Err(err(format!(
+            "only {} nodes contributed to the secure sum and this query needs {min_sites} (min_sites); missing: {}",
+            contributors.len(),
+            names(&dropped)
+        )));
+    }
+    let label = format!("secure sum of {}", contributors.join("+"));
+    let batch = confer_query::secure::decode(
+        plan,
+        &aggregate.sum,
+        contributors.len(),
+        config.min_survivors,
+        &label,
+        task_id,
+    )
+    .map_err(ProtocolError::from)?;
+    info!(task = %task_id, contributors = contributors.len(), dropped = dropped.len(), "secure sum decoded");
+    Ok(SecureOutcome {
+        partial: SitePartial { site: label, batch },
+        contributors,
+        dropped,
+    })
+}
+
+fn names(dropped: &[(String, String)]) -> String {
+    if dropped.is_empty() {
+        return "none".into();
+    }
+    dropped
+        .iter()
+        .map(|(n, why)| format!("{n} ({why})"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn to_values<T: Serialize>(
+    messages: BTreeMap<u32, T>,
+) -> Result<BTreeMap<u32, serde_json::Value>, ProtocolError> {
+    messages
+        .into_iter()
+        .map(|(id, m)| Ok((id, serde_json::to_value(&m)?)))
+        .collect::<Result<_, serde_json::Error>>()
+        .map_err(|e| ProtocolError::internal(e.to_string()))
+}
+
+/// Sends each member its message of round `number` concurrently and returns
+/// the answers that came back in time; the rest are recorded as dropped.
+async fn exchange<R: DeserializeOwned>(
+    members: &[&NodeHandle],
+    task_id: uuid::Uuid,
+    number: u8,
+    messages: BTreeMap<u32, serde_json::Value>,
+    timeout: Duration,
+    dropped: &mut Vec<(String, String)>,
+) -> Vec<(u32, R)> {
+    let calls = messages.into_iter().map(|(id, payload)| {
+        let node = members[id as usize];
+        async move {
+            let body = serde_json::to_vec(&SecaggRound {
+                task_id,
+                round: number,
+                payload,
+            });
+            let result = match body {
+                Ok(body) => node
+                    .action_json::<SecaggRound>(actions::SECAGG_ROUND, body, timeout)
+                    .await
+                    .and_then(|a| {
+                        serde_json::from_value::<R>(a.payload).map_err(|e| {
+                            ProtocolError::internal(format!(
+                                "unreadable round {number} answer: {e}"
+                            ))
+                        })
+                    }),
+                Err(e) => Err(ProtocolError::internal(e.to_string())),
+            };
+            (id, node, result)
+        }
+    });
+    let mut out = Vec::new();
+    for (id, node, result) in futures::future::join_all(calls).await {
+        match result {
+            Ok(r) => out.push((id, r)),
+            Err(e) => {
+                warn!(node = %node.name, round = number, "dropped out of secure aggregation: {}", e.message);
+                dropped.push((node.name.clone(), format!("round {number}: {}", e.message)));
+            }
+        }
+    }
+    out
+}
+
+/// Serialising a borrowed message for every survivor.
+mod erased {
+    use confer_protocol::ProtocolError;
+
+    pub trait Json {
+        fn json(&self) -> Result<serde_json::Value, ProtocolError>;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> Result<serde_json::Value, ProtocolError> {
+            serde_json::to_value(self).map_err(|e| ProtocolError::internal(e.to_string()))
+        }
+    }
+}

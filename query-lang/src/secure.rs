@@ -1,0 +1,174 @@
+//! `aggregation = 'secure'`: each node turns its exact partials into one
+//! integer vector carrying its share of discrete Gaussian noise; secure
+//! aggregation (`confer_privacy::secagg`) reveals only the sum to the
+//! coordinator, which decodes it into one release for the combine step.
+//!
+//! Layout: partial by partial (SELECT order), each as `groups × width`
+//! values, groups in public-domain order. Counts are integers already; float
+//! partials (sums, moments) are rounded to a granularity `g = 2^k` chosen
+//! from their sensitivity, so rounding moves each value by at most `g / 2`,
+//! which the integer sensitivity accounts for.
+//!
+//! Noise: for partial i with budget `rho_i`, integer sensitivity `Δ` and
+//! `t = min_survivors`, `σ` is the smallest value whose distributed discrete
+//! Gaussian cost ([`distributed_gaussian_rho`]) is at most `rho_i` counting
+//! only `t` nodes' noise; each node adds `N_Z(0, σ²/t)`. The cost of the
+//! query is therefore the plan's, whatever the number of survivors (at least
+//! `t`), and the sum carries the noise of one trusted curator.
+
+use arrow::array::RecordBatch;
+use confer_privacy::secagg::CryptoRng;
+use confer_privacy::secagg::encoding::{DiscreteGaussian, distributed_gaussian_rho, sigma_for_rho};
+use confer_protocol::release::PartialNoise;
+use uuid::Uuid;
+
+use crate::error::{QueryError, Result};
+use crate::plan::FederatedPlan;
+use crate::release::{Exact, assemble, exact_partials, read_rows};
+
+/// Values are summed modulo 2^64 and read back as two's-complement `i64`.
+pub const BITS: u32 = 64;
+
+/// Largest magnitude a node may contribute per element, so that the sum of
+/// up to `MAX_NODES` nodes (with noise) cannot wrap around.
+const MAX_ELEMENT: i64 = 1 << 52;
+
+/// How one partial is encoded.
+#[derive(Debug, Clone, Copy)]
+struct PartialCode {
+    /// Values per partial: groups × width.
+    len: usize,
+    /// Granularity (1 for counts).
+    granularity: f64,
+    /// σ of the summed noise, in integer units.
+    sigma: f64,
+}
+
+/// The length of the vector every node sends for `plan`.
+pub fn vector_len(plan: &FederatedPlan) -> Result<usize> {
+    let groups = plan.group_keys()?.len();
+    Ok(plan.partials.iter().map(|p| groups * p.columns.len()).sum())
+}
+
+fn codes(plan: &FederatedPlan, min_survivors: usize) -> Result<Vec<PartialCode>> {
+    if !plan.public_groups() {
+        return Err(QueryError::Rejected(
+            "aggregation = 'secure' needs every group key to have a public domain".into(),
+        ));
+    }
+    let groups = plan.group_keys()?.len();
+    let fail = |e: confer_privacy::secagg::SecAggError| {
+        QueryError::Rejected(format!("cannot calibrate secure-aggregation noise: {e}"))
+    };
+    plan.partials
+        .iter()
+        .map(|p| {
+            let width = p.columns.len();
+            let len = groups * width;
+            let (granularity, sensitivity) = if p.integer {
+                (1.0, p.l2)
+            } else {
+                // About 2^-20 of the sensitivity: rounding error far below the noise.
+                let k = (p.l2.max(f64::MIN_POSITIVE)).log2().floor() - 20.0;
+                let g = 2f64.powi(k as i32);
+                // Rounding the node's sums moves each of the (at most)
+                // max_groups × width values one person touches by < g.
+                let moved = ((plan.max_groups * width) as f64).sqrt();
+                (g, p.l2 / g + moved)
+            };
+            let sigma = sigma_for_rho(plan.cost.per_partial, sensitivity, len, min_survivors, 1)
+                .map_err(fail)?;
+            distributed_gaussian_rho(sigma, sensitivity, len, min_survivors, 1).map_err(fail)?;
+            Ok(PartialCode {
+                len,
+                granularity,
+                sigma,
+            })
+        })
+        .collect()
+}
+
+/// A node's input: its exact partials, encoded, plus its share of the noise,
+/// as elements modulo 2^64.
+pub fn node_input<R: CryptoRng + ?Sized>(
+    plan: &FederatedPlan,
+    batches: &[RecordBatch],
+    min_survivors: usize,
+    rng: &mut R,
+) -> Result<Vec<u64>> {
+    let codes = codes(plan, min_survivors)?;
+    let rows = read_rows(plan, batches)?;
+    let keys = plan.group_keys()?;
+    let index = FederatedPlan::key_index(&keys);
+    let exact = exact_partials(plan, &rows, &index, keys.len())?;
+    let mut out = Vec::with_capacity(codes.iter().map(|c| c.len).sum());
+    for (code, values) in codes.iter().zip(exact) {
+        let ints: Vec<i64> = match values {
+            Exact::Int(v) => v,
+            Exact::Float(v) => v
+                .iter()
+                .map(|x| (x / code.granularity).round() as i64)
+                .collect(),
+        };
+        let noise = DiscreteGaussian::with_variance(code.sigma * code.sigma / min_survivors as f64)
+            .map_err(|e| QueryError::Internal(format!("noise share: {e}")))?;
+        for x in ints {
+            if x.abs() > MAX_ELEMENT {
+                return Err(QueryError::Rejected(format!(
+                    "a partial of this query is {x} granules at this node, too large for 64-bit \
+                     secure aggregation: narrow the contribution bounds"
+                )));
+            }
+            let noisy = x.wrapping_add(noise.sample(rng));
+            out.push(noisy as u64);
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes the sum of `survivors` nodes' inputs into one release batch, as
+/// if a single site had released it (`site` names the contributors).
+pub fn decode(
+    plan: &FederatedPlan,
+    sum: &[u64],
+    survivors: usize,
+    min_survivors: usize,
+    site: &str,
+    task_id: Uuid,
+) -> Result<RecordBatch> {
+    let codes = codes(plan, min_survivors)?;
+    let want: usize = codes.iter().map(|c| c.len).sum();
+    if sum.len() != want {
+        return Err(QueryError::Internal(format!(
+            "the secure sum has {} elements where the plan needs {want}",
+            sum.len()
+        )));
+    }
+    let keys = plan.group_keys()?;
+    let mut at = 0;
+    let mut noisy = Vec::with_capacity(codes.len());
+    let mut info = Vec::new();
+    // Each survivor added variance σ²/t; the sum holds survivors × that.
+    let spread = (survivors as f64 / min_survivors as f64).sqrt();
+    for (code, spec) in codes.iter().zip(&plan.partials) {
+        let values = &sum[at..at + code.len];
+        at += code.len;
+        let ints = values.iter().map(|&v| v as i64);
+        noisy.push(if spec.integer {
+            Exact::Int(ints.collect())
+        } else {
+            Exact::Float(ints.map(|v| v as f64 * code.granularity).collect())
+        });
+        for column in &spec.columns {
+            info.push(PartialNoise {
+                column: column.clone(),
+                mechanism: "gaussian".into(),
+                noise_stddev: code.sigma * code.granularity * spread,
+                scale: code.sigma * code.granularity,
+                sensitivity: spec.l2,
+            });
+        }
+    }
+    let keep = vec![true; keys.len()];
+    assemble(plan, &keys, noisy, &keep, info, site, task_id)
+}
