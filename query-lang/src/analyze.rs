@@ -342,23 +342,21 @@ fn equates_units(
     left: &Provenance,
     right: &Provenance,
 ) -> bool {
-    let mut found = false;
-    let _ = filter.apply(|e| {
-        if let Expr::BinaryExpr(b) = e
-            && b.op == datafusion::logical_expr::Operator::Eq
-        {
+    // Only a top-level conjunct guarantees that joined rows share a unit:
+    // an equality under OR or NOT does not.
+    datafusion::logical_expr::utils::split_conjunction(filter)
+        .into_iter()
+        .any(|e| {
+            let Expr::BinaryExpr(b) = e else {
+                return false;
+            };
             let pair = |l: &Expr, r: &Expr| {
                 column_index(l, &join.left).is_some_and(|i| left.unit_fields.contains(&i))
                     && column_index(r, &join.right).is_some_and(|i| right.unit_fields.contains(&i))
             };
-            if pair(&b.left, &b.right) || pair(&b.right, &b.left) {
-                found = true;
-                return Ok(TreeNodeRecursion::Stop);
-            }
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    found
+            b.op == datafusion::logical_expr::Operator::Eq
+                && (pair(&b.left, &b.right) || pair(&b.right, &b.left))
+        })
 }
 
 fn has_subquery(expr: &Expr) -> bool {

@@ -128,6 +128,7 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         (format!("{DP} COUNT(*) FROM concept"), "only public tables"),
         (format!("{DP} COUNT(*) FROM person p JOIN condition_occurrence c ON c.provider_id = p.care_site_id"), "joined only on the privacy unit"),
         (format!("{DP} COUNT(*) FROM person p, condition_occurrence c"), "joined only on the privacy unit"),
+        (format!("{DP} COUNT(*) FROM person p JOIN condition_occurrence c ON c.person_id = p.person_id OR c.provider_id = p.care_site_id"), "joined only on the privacy unit"),
         (format!("{DP} COUNT(*) FROM (SELECT gender_concept_id FROM person) t"), "drops the privacy unit"),
         (format!("{DP} COUNT(*) FROM (SELECT gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id) t"), "aggregates person-level rows across persons"),
         (format!("{DP} COUNT(*) FROM (SELECT * FROM person LIMIT 10) t"), "LIMIT inside a CTE or subquery"),
