@@ -1,11 +1,98 @@
 //! Models, local trainers and server optimisers for confer's federated
 //! training, on tch (libtorch). CUDA is used where present, CPU otherwise.
 //!
-//! This crate starts with what every other part needs from libtorch: the
-//! runtime it found ([`TorchRuntime`]), which `confer doctor` reports.
+//! # Data flow of one round
+//!
+//! ```text
+//!  coordinator                                 node k (beside its records)
+//!  ───────────                                 ───────────────────────────
+//!  global: Vec<f32> ───────── broadcast ─────▶ Model::set_parameters(global)
+//!                                              train_local(model, data, cfg)
+//!                                                -> LocalResult { update, num_examples, .. }
+//!                                              clip_l2(update, C)          (optional, for DP)
+//!                                              weighted_update(w_k)        (w_k e.g. num_examples)
+//!  secure aggregation: sums only  ◀───────── [w_k * update_k], w_k (+ DP noise shares)
+//!  ServerOptimizer::step(global, sum, Σw)
+//!    FedAvg | FedAdagrad | FedAdam | FedYogi
+//!  evaluation: Σ EvalCounts::to_flat ◀─────── evaluate(model, test) -> EvalCounts
+//!  accuracy / mean_loss / auc_from_histograms on the (noisy) sums
+//! ```
+//!
+//! * [`ModelSpec`]: what to build (logistic regression, MLP, Cox), read from
+//!   TOML or JSON and validated with errors that name the field.
+//! * [`Model`]: the spec on a device, its parameters as one flat vector in a
+//!   documented order, saved as safetensors with a JSON spec beside it.
+//! * [`train_local`] with [`LocalConfig`]: epochs or steps, SGD with
+//!   momentum or Adam, FedProx's proximal term; returns the update.
+//! * [`evaluate`] / [`evaluate_survival`]: counts with bounded per-example
+//!   contributions that the caller can release with DP, and pure metric
+//!   functions that accept noisy counts.
+//! * [`ServerOptimizer`]: the server rule on sums from secure aggregation,
+//!   with serialisable state for checkpoints.
+//!
+//! Privacy accounting is not here (see `confer-privacy`); this crate offers
+//! [`clip_l2`] to bound an update's norm before noise is added.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use confer_models::*;
+//!
+//! # fn main() -> Result<()> {
+//! let spec = ModelSpec::from_toml_str("architecture = \"logistic_regression\"\ninputs = 2")?;
+//! let nodes = vec![
+//!     Dataset::binary(vec![0.0, 1.0, 1.0, 0.0], 2, vec![0.0, 1.0])?,
+//!     Dataset::binary(vec![0.5, 0.5, 2.0, 1.0], 2, vec![0.0, 1.0])?,
+//! ];
+//! let mut global = Model::new(&spec, 42)?.parameters()?;
+//! let mut server = ServerOptimizer::new(ServerStrategy::fed_avg(), global.len())?;
+//! let local = LocalConfig { budget: Budget::Steps(10), batch_size: 2, ..LocalConfig::default() };
+//! for _round in 0..5 {
+//!     let (mut sum, mut weight) = (vec![0.0; global.len()], 0.0);
+//!     for data in &nodes {
+//!         let mut model = Model::new(&spec, 0)?;
+//!         model.set_parameters(&global)?;
+//!         let result = train_local(&mut model, data, &local)?;
+//!         let w = result.num_examples as f64;
+//!         for (s, u) in sum.iter_mut().zip(result.weighted_update(w)) {
+//!             *s += u;
+//!         }
+//!         weight += w;
+//!     }
+//!     server.step(&mut global, &sum, weight)?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The crate also reports what libtorch sees ([`runtime`]), which
+//! `confer doctor` prints.
+
+mod data;
+mod error;
+mod eval;
+mod model;
+mod server;
+mod spec;
+mod train;
+
+pub use data::{Dataset, Targets};
+pub use error::{Error, Result};
+pub use eval::{
+    DEFAULT_BINS, DEFAULT_LOSS_CLAMP, EvalConfig, EvalCounts, SurvivalCounts, accuracy,
+    auc_from_histograms, concordance_index, evaluate, evaluate_survival, evaluate_with, mean_loss,
+};
+pub use model::{Model, spec_sidecar_path};
+pub use server::{ServerOptimizer, ServerStrategy, clip_l2, l2_norm};
+pub use spec::{
+    Activation, Architecture, MAX_HIDDEN_LAYERS, MAX_HIDDEN_WIDTH, MAX_INPUTS, MAX_PARAMETERS,
+    ModelSpec,
+};
+pub use tch::Device;
+pub use train::{Budget, LocalConfig, LocalOptimizer, LocalResult, train_local};
 
 use serde::Serialize;
-use tch::{Cuda, Device, Kind, Tensor};
+use tch::{Cuda, Kind, Tensor};
 
 /// What libtorch sees on this machine.
 #[derive(Debug, Clone, PartialEq, Serialize)]
