@@ -35,7 +35,7 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! ```
 //! use confer_models::*;
 //!
 //! # fn main() -> Result<()> {
@@ -134,6 +134,17 @@ pub fn runtime() -> Result<TorchRuntime, tch::TchError> {
 
 #[cfg(test)]
 mod tests {
+    /// The node trains on a blocking thread and the coordinator keeps
+    /// optimisers across tasks: both must be able to move between threads.
+    #[test]
+    fn public_types_are_send() {
+        fn send<T: Send>() {}
+        send::<super::Model>();
+        send::<super::ServerOptimizer>();
+        send::<super::Dataset>();
+        send::<super::Error>();
+    }
+
     #[test]
     fn libtorch_loads_and_computes() {
         let rt = super::runtime().expect("libtorch runtime");
