@@ -201,10 +201,10 @@ impl Model {
     pub fn predict(&self, features: &[f32]) -> Result<Vec<f32>> {
         let width = self.spec.inputs;
         if !features.len().is_multiple_of(width) {
-            return Err(Error::FeatureWidth {
-                model: width,
-                data: features.len() % width,
-            });
+            return Err(Error::InvalidDataset(format!(
+                "{} feature values do not divide into rows of inputs = {width}",
+                features.len()
+            )));
         }
         let rows = (features.len() / width) as i64;
         let x = Tensor::f_from_slice(features)?
