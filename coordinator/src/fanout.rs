@@ -128,38 +128,19 @@ impl NodeHandle {
         &self,
         timeout: Duration,
     ) -> std::result::Result<CatalogInfo, ProtocolError> {
-        let call = async {
-            let mut client = self.client();
-            let bodies: Vec<_> = client
-                .do_action(Action::new(actions::CATALOG, ""))
-                .await
-                .map_err(|e| self.failure(e))?
-                .try_collect()
-                .await
-                .map_err(|e| self.failure(e))?;
-            let body = bodies.first().ok_or_else(|| {
-                ProtocolError::internal(format!("node {} returned no catalog", self.name))
-            })?;
-            let info: CatalogInfo = serde_json::from_slice(body).map_err(|e| {
-                ProtocolError::internal(format!(
-                    "node {} returned an unreadable catalog: {e}",
-                    self.name
-                ))
-            })?;
-            if info.node != self.name {
-                return Err(ProtocolError::new(
-                    ErrorKind::FailedPrecondition,
-                    format!(
-                        "the node at {} calls itself {:?}, but coordinator.toml names it {:?}: fix one of them",
-                        self.url, info.node, self.name
-                    ),
-                ));
-            }
-            Ok(info)
-        };
-        tokio::time::timeout(timeout, call)
-            .await
-            .map_err(|_| self.timed_out(timeout))?
+        let info: CatalogInfo = self
+            .action_json(actions::CATALOG, Vec::new(), "catalog", timeout)
+            .await?;
+        if info.node != self.name {
+            return Err(ProtocolError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "the node at {} calls itself {:?}, but coordinator.toml names it {:?}: fix one of them",
+                    self.url, info.node, self.name
+                ),
+            ));
+        }
+        Ok(info)
     }
 
     /// Sends a task and returns the node's release.
@@ -237,11 +218,13 @@ impl NodeHandle {
         }
     }
 
-    /// Calls action `kind` with `body` and parses the node's JSON answer.
+    /// Calls action `kind` with `body` and parses the node's JSON answer
+    /// (`what` names it in errors).
     pub async fn action_json<T: serde::de::DeserializeOwned>(
         &self,
         kind: &str,
         body: Vec<u8>,
+        what: &str,
         timeout: Duration,
     ) -> std::result::Result<T, ProtocolError> {
         let call = async {
@@ -254,11 +237,11 @@ impl NodeHandle {
                 .await
                 .map_err(|e| self.failure(e))?;
             let body = bodies.first().ok_or_else(|| {
-                ProtocolError::internal(format!("node {} returned nothing for {kind}", self.name))
+                ProtocolError::internal(format!("node {} returned no {what}", self.name))
             })?;
             serde_json::from_slice::<T>(body).map_err(|e| {
                 ProtocolError::internal(format!(
-                    "node {} returned an unreadable answer to {kind}: {e}",
+                    "node {} returned an unreadable {what}: {e}",
                     self.name
                 ))
             })
@@ -270,28 +253,8 @@ impl NodeHandle {
 
     /// The node's health report.
     pub async fn health(&self, timeout: Duration) -> std::result::Result<Health, ProtocolError> {
-        let call = async {
-            let mut client = self.client();
-            let bodies: Vec<_> = client
-                .do_action(Action::new(actions::HEALTH, ""))
-                .await
-                .map_err(|e| self.failure(e))?
-                .try_collect()
-                .await
-                .map_err(|e| self.failure(e))?;
-            let body = bodies.first().ok_or_else(|| {
-                ProtocolError::internal(format!("node {} returned no health report", self.name))
-            })?;
-            serde_json::from_slice::<Health>(body).map_err(|e| {
-                ProtocolError::internal(format!(
-                    "node {} returned an unreadable health report: {e}",
-                    self.name
-                ))
-            })
-        };
-        tokio::time::timeout(timeout, call)
+        self.action_json(actions::HEALTH, Vec::new(), "health report", timeout)
             .await
-            .map_err(|_| self.timed_out(timeout))?
     }
 }
 

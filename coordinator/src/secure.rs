@@ -52,7 +52,12 @@ pub async fn run(
     // Identities of the nodes that answer now.
     let answers = futures::future::join_all(nodes.iter().map(|n| async move {
         let r = n
-            .action_json::<String>(actions::SECAGG_IDENTITY, Vec::new(), timeout)
+            .action_json::<String>(
+                actions::SECAGG_IDENTITY,
+                Vec::new(),
+                "secure-aggregation identity key",
+                timeout,
+            )
             .await;
         (n, r)
     }))
@@ -251,7 +256,12 @@ async fn exchange<R: DeserializeOwned>(
             });
             let result = match body {
                 Ok(body) => node
-                    .action_json::<SecaggRound>(actions::SECAGG_ROUND, body, timeout)
+                    .action_json::<SecaggRound>(
+                        actions::SECAGG_ROUND,
+                        body,
+                        "secure-aggregation answer",
+                        timeout,
+                    )
                     .await
                     .and_then(|a| {
                         serde_json::from_value::<R>(a.payload).map_err(|e| {

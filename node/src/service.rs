@@ -494,52 +494,7 @@ impl NodeService {
             return decode_ipc(&stored.result);
         }
 
-        let parsed = match confer_query::parse(sql) {
-            Ok(Statement::Query(q)) => q,
-            Ok(_) => {
-                return Err(self.refuse(
-                    Some(task),
-                    ErrorKind::InvalidArgument,
-                    "nodes run DP queries only; EXPLAIN and SHOW are answered by the coordinator"
-                        .into(),
-                ));
-            }
-            Err(e) => {
-                return Err(self.refuse(Some(task), ErrorKind::InvalidArgument, e.to_string()));
-            }
-        };
-        let plan =
-            match confer_query::compile(&parsed, &self.state.query_catalog, Some(&self.state.name))
-                .await
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    return Err(self.refuse(Some(task), ErrorKind::InvalidArgument, e.to_string()));
-                }
-            };
-        if let Some(table) = rules.forbidden_table(&plan.tables) {
-            return Err(self.refuse(
-                Some(task),
-                ErrorKind::PermissionDenied,
-                format!(
-                    "study {} may not read table {table} at this node",
-                    task.study
-                ),
-            ));
-        }
-        if let Some(cap) = policy.max_query_epsilon
-            && plan.cost.epsilon > cap * (1.0 + 1e-9)
-        {
-            return Err(self.refuse(
-                Some(task),
-                ErrorKind::ResourceExhausted,
-                format!(
-                    "this query costs epsilon {:.4} (delta {:e}), above this node's per-query cap of epsilon {cap}: \
-                     lower epsilon to at most {cap}",
-                    plan.cost.epsilon, plan.cost.delta
-                ),
-            ));
-        }
+        let plan = self.checked_plan(task, rules, policy, sql).await?;
         let budget = self.budget_of(&task.study, rules)?;
         let researcher_budget = rules.researcher_budget_rho;
         let cost = Cost {
