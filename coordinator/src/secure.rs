@@ -122,10 +122,8 @@ pub async fn run(
     };
 
     // Round 0: the signed task; nodes debit and advertise keys.
-    let round0: BTreeMap<u32, serde_json::Value> = (0..members.len() as u32)
-        .map(|id| Ok((id, serde_json::to_value(&signed)?)))
-        .collect::<Result<_, serde_json::Error>>()
-        .map_err(|e| ProtocolError::internal(e.to_string()))?;
+    let everyone: Vec<u32> = (0..members.len() as u32).collect();
+    let round0 = to_each(&everyone, &signed)?;
     for (id, msg) in exchange(&members, task_id, 0, round0, timeout, &mut dropped).await {
         if let Err(e) = server.receive_advertise(msg) {
             dropped.push((members[id as usize].name.clone(), e.to_string()));
@@ -162,23 +160,14 @@ pub async fn run(
         }
     }
     let survivors = server.survivor_set().map_err(|e| fail(3, e, &dropped))?;
-    let to_all =
-        |value: &dyn erased::Json| -> Result<BTreeMap<u32, serde_json::Value>, ProtocolError> {
-            let v = value.json()?;
-            Ok(survivors
-                .survivors
-                .iter()
-                .map(|&id| (id, v.clone()))
-                .collect())
-        };
-    let round3 = to_all(&survivors)?;
+    let round3 = to_each(&survivors.survivors, &survivors)?;
     for (id, msg) in exchange(&members, task_id, 3, round3, timeout, &mut dropped).await {
         if let Err(e) = server.receive_consistency(msg) {
             dropped.push((members[id as usize].name.clone(), e.to_string()));
         }
     }
     let request = server.unmask_request().map_err(|e| fail(4, e, &dropped))?;
-    let round4 = to_all(&request)?;
+    let round4 = to_each(&survivors.survivors, &request)?;
     for (id, msg) in exchange(&members, task_id, 4, round4, timeout, &mut dropped).await {
         if let Err(e) = server.receive_unmask(msg) {
             dropped.push((members[id as usize].name.clone(), e.to_string()));
@@ -236,6 +225,16 @@ fn to_values<T: Serialize>(
         .map_err(|e| ProtocolError::internal(e.to_string()))
 }
 
+/// The same message for each of `ids`.
+fn to_each<T: Serialize>(
+    ids: &[u32],
+    message: &T,
+) -> Result<BTreeMap<u32, serde_json::Value>, ProtocolError> {
+    let value =
+        serde_json::to_value(message).map_err(|e| ProtocolError::internal(e.to_string()))?;
+    Ok(ids.iter().map(|&id| (id, value.clone())).collect())
+}
+
 /// Sends each member its message of round `number` concurrently and returns
 /// the answers that came back in time; the rest are recorded as dropped.
 async fn exchange<R: DeserializeOwned>(
@@ -286,19 +285,4 @@ async fn exchange<R: DeserializeOwned>(
         }
     }
     out
-}
-
-/// Serialising a borrowed message for every survivor.
-mod erased {
-    use confer_protocol::ProtocolError;
-
-    pub trait Json {
-        fn json(&self) -> Result<serde_json::Value, ProtocolError>;
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn json(&self) -> Result<serde_json::Value, ProtocolError> {
-            serde_json::to_value(self).map_err(|e| ProtocolError::internal(e.to_string()))
-        }
-    }
 }
