@@ -1036,8 +1036,15 @@ fn lit(v: f64) -> String {
     }
 }
 
+/// Clamps a value into [lo, hi]. NULL stays NULL: DataFusion's `greatest`
+/// skips NULL arguments, so without the CASE a missing value would become
+/// `lo` and count in sums, means, variances and percentile bins.
 fn clamp(expr: &str, lo: f64, hi: f64) -> String {
-    format!("least(greatest({expr}, {}), {})", lit(lo), lit(hi))
+    format!(
+        "CASE WHEN ({expr}) IS NULL THEN NULL ELSE least(greatest({expr}, {}), {}) END",
+        lit(lo),
+        lit(hi)
+    )
 }
 
 fn local_sql(l: &LocalSql<'_>) -> String {
@@ -1069,11 +1076,12 @@ fn local_sql(l: &LocalSql<'_>) -> String {
         {
             let width = (b.hi - b.lo) / PERCENTILE_BINS as f64;
             let bin = format!(
-                "least(greatest(CAST(floor(({} - {}) / {}) AS BIGINT), 0), {})",
+                "CASE WHEN ({v}) IS NULL THEN NULL ELSE least(greatest(CAST(floor(({} - {}) / {}) AS BIGINT), 0), {}) END",
                 clamp(&l.values[j], b.lo, b.hi),
                 lit(b.lo),
                 lit(width.max(f64::MIN_POSITIVE)),
-                PERCENTILE_BINS - 1
+                PERCENTILE_BINS - 1,
+                v = l.values[j],
             );
             let _ = write!(sql, ", {bin} AS __bin{j}");
         }
@@ -1106,7 +1114,7 @@ fn local_sql(l: &LocalSql<'_>) -> String {
                 .collect();
             let _ = write!(
                 sql,
-                ", dense_rank() OVER (PARTITION BY __unit ORDER BY md5(concat('{}', {})), {}) AS __group_rank",
+                ", dense_rank() OVER (PARTITION BY __unit ORDER BY md5(concat('{}', CAST(__unit AS VARCHAR), '\u{2}', {})), {}) AS __group_rank",
                 l.salt,
                 keys.join(", '\u{2}', "),
                 gcols.join(", ")

@@ -69,6 +69,29 @@ async fn session(persons: i64) -> SessionContext {
     ctx
 }
 
+/// A table `t` holding the given (person_id, g) rows.
+async fn session_rows(rows: &[(i64, i64)]) -> SessionContext {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("person_id", DataType::Int64, false),
+        Field::new("g", DataType::Int64, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+        ],
+    )
+    .expect("batch");
+    let ctx = SessionContext::new();
+    ctx.register_table(
+        "t",
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]]).expect("table")),
+    )
+    .expect("register");
+    ctx
+}
+
 async fn release_once(ctx: &SessionContext, sql: &str, node: &str) -> RecordBatch {
     let Statement::Query(parsed) = parse(sql).expect("parse") else {
         panic!("not a query")
@@ -182,4 +205,71 @@ async fn combined_intervals_use_the_summed_variance() {
     let field = out.schema().field_with_name("n").expect("n").clone();
     assert_eq!(field.metadata()[metadata::MECHANISM], "gaussian");
     assert!(low.null_count() == 0);
+}
+
+/// With max_groups_contributed = 1, each person keeps one of their groups
+/// chosen at random, independently of other persons: 4,000 persons in
+/// groups 0 and 1 split about evenly (a shared order would put them all in
+/// one group). Binomial sd is 32; the tolerance of 400 fails with
+/// negligible probability.
+#[tokio::test]
+async fn each_person_keeps_independently_chosen_groups() {
+    let persons = 4000;
+    let rows: Vec<(i64, i64)> = (0..persons).flat_map(|p| [(p, 0), (p, 1)]).collect();
+    let ctx = session_rows(&rows).await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1e9, delta = 1e-6, max_groups_contributed = 1) \
+               g, COUNT(*) AS n FROM t GROUP BY g";
+    let batch = release_once(&ctx, sql, "a").await;
+    let keys = ints(&batch, "g");
+    let values = ints(&batch, "__p0");
+    let count = |g: i64| values[keys.iter().position(|k| *k == g).expect("group")];
+    assert_eq!(count(0) + count(1), persons, "one group per person");
+    assert!(
+        (count(0) - persons / 2).abs() < 400,
+        "groups 0 and 1 kept {} and {} times",
+        count(0),
+        count(1)
+    );
+}
+
+/// The confidence intervals cover the true value at their stated rate:
+/// 20,000 intervals at confidence 0.9 for a count and a bounded sum. The
+/// sd of the coverage fraction is 0.0021; the tolerance of 0.015 is 7 sd.
+#[tokio::test]
+async fn intervals_cover_the_truth_at_the_stated_rate() {
+    let ctx = session(GROUPS).await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.2, delta = 1e-6, confidence = 0.9) \
+               g, COUNT(*) AS n, SUM(g, contribution_bounds_per_group => (0, 10)) AS s FROM t GROUP BY g";
+    let Statement::Query(parsed) = parse(sql).expect("parse") else {
+        panic!()
+    };
+    let plan = compile(&parsed, &Catalog::merge(&[catalog("a")]).expect("merge"), None)
+        .await
+        .expect("compile");
+    let mut covered = [0usize; 2];
+    let mut total = 0usize;
+    for _ in 0..4 {
+        let batch = release_once(&ctx, sql, "a").await;
+        let out = combine(&plan, &[SitePartial { site: "a".into(), batch }], Uuid::new_v4())
+            .expect("combine");
+        let g = ints(&out, "g");
+        for (k, name) in ["n", "s"].iter().enumerate() {
+            let low = out.column_by_name(&format!("{name}_ci_low")).expect("low");
+            let low = low.as_any().downcast_ref::<Float64Array>().expect("f64");
+            let high = out.column_by_name(&format!("{name}_ci_high")).expect("high");
+            let high = high.as_any().downcast_ref::<Float64Array>().expect("f64");
+            for (i, group) in g.iter().enumerate() {
+                let truth = if k == 0 { 1.0 } else { (*group).min(10) as f64 };
+                if low.value(i) <= truth && truth <= high.value(i) {
+                    covered[k] += 1;
+                }
+            }
+        }
+        total += g.len();
+    }
+    assert_eq!(total, 4 * GROUPS as usize);
+    for (k, name) in ["COUNT", "SUM"].iter().enumerate() {
+        let rate = covered[k] as f64 / total as f64;
+        assert!((rate - 0.9).abs() < 0.015, "{name} intervals covered {rate}");
+    }
 }
