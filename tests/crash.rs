@@ -37,7 +37,7 @@ fn write_node(dir: &Path, key: &str) -> std::path::PathBuf {
         &config,
         format!(
             "[node]\nname = \"crash\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\ncoordinator_key = \"{key}\"\n\n\
-             [policy]\napproval = \"auto\"\n[policy.studies.crash]\nbudget = {{ rho = 1e9 }}\n\n\
+             [policy]\napproval = \"auto\"\n[policy.studies.crash]\nbudget = {{ rho = 1e9, delta = 0.5 }}\n\n\
              [tables.person]\npath = \"person.csv\"\nprivacy_unit = \"person_id\"\n\
              [tables.person.columns]\ngender_concept_id = {{ domain = [8507, 8532] }}\n"
         ),

@@ -50,7 +50,7 @@ pub const TEST_POLICY: &str = r#"[policy]
 approval = "auto"
 
 [policy.studies.test]
-budget = { rho = 1e15 }
+budget = { rho = 1e15, delta = 0.5 }
 "#;
 
 /// Starts `sites` nodes over GiBleed and a coordinator, as the demo does,

@@ -123,7 +123,7 @@ pub fn node_action(config: Option<&Path>, action: NodeAction) -> anyhow::Result<
                 (Some(epsilon), Some(delta), None) => {
                     Some(BudgetConfig::EpsilonDelta { epsilon, delta })
                 }
-                (None, None, Some(rho)) => Some(BudgetConfig::Rho { rho }),
+                (None, None, Some(rho)) => Some(BudgetConfig::Rho { rho, delta: None }),
                 _ => None,
             };
             let budget_rho = budget

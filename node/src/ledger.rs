@@ -43,6 +43,10 @@ pub struct Cost {
     pub epsilon: f64,
     /// Delta reported.
     pub delta: f64,
+    /// The part of `delta` that adds up across releases (partition
+    /// selection), capped by the study's delta budget.
+    #[serde(default)]
+    pub selection_delta: f64,
 }
 
 /// A release about to be recorded.
@@ -64,6 +68,8 @@ pub struct Charge {
     pub study_budget: f64,
     /// The researcher's budget within the study (rho), if any.
     pub researcher_budget: Option<f64>,
+    /// The study's cap on summed selection delta at this node.
+    pub study_delta_budget: f64,
 }
 
 /// Why a charge was refused.
@@ -231,6 +237,7 @@ impl Ledger {
                  rho          REAL NOT NULL,
                  epsilon      REAL NOT NULL,
                  delta        REAL NOT NULL,
+                 selection_delta REAL NOT NULL DEFAULT 0,
                  created_ms   INTEGER NOT NULL,
                  result_hash  TEXT NOT NULL,
                  result       BLOB NOT NULL
@@ -262,6 +269,17 @@ impl Ledger {
                  hash        TEXT NOT NULL
              );",
         )?;
+        // Ledgers written before selection_delta was recorded.
+        let has_selection_delta: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('releases') WHERE name = 'selection_delta'",
+            [],
+            |row| row.get(0),
+        )?;
+        if !has_selection_delta {
+            conn.execute_batch(
+                "ALTER TABLE releases ADD COLUMN selection_delta REAL NOT NULL DEFAULT 0",
+            )?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
             head_path: state_dir.join("audit.head"),
@@ -337,8 +355,8 @@ impl Ledger {
         let result_hash = sha256_hex(&result);
         tx.execute(
             "INSERT INTO releases (task_id, payload_hash, study, researcher, kind, rho, epsilon, delta,
-                                   created_ms, result_hash, result)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                   created_ms, result_hash, result, selection_delta)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 charge.task_id.to_string(),
                 charge.payload_hash,
@@ -351,6 +369,7 @@ impl Ledger {
                 now_ms(),
                 result_hash,
                 result,
+                charge.cost.selection_delta,
             ],
         )?;
         let head = append(
@@ -693,6 +712,7 @@ fn append(tx: &Transaction<'_>, entry: &AuditEntry) -> Result<(i64, String)> {
         rho: 0.0,
         epsilon: 0.0,
         delta: 0.0,
+        selection_delta: 0.0,
     });
     let mut record = AuditRecord {
         seq,
@@ -776,6 +796,24 @@ fn spent_in(conn: &Connection, study: &str, researcher: Option<&str>) -> Result<
 }
 
 fn budget_refusal(conn: &Connection, charge: &Charge) -> Result<Option<String>> {
+    if charge.cost.selection_delta > 0.0 {
+        let spent: f64 = conn.query_row(
+            "SELECT COALESCE(SUM(selection_delta), 0) FROM releases WHERE study = ?1",
+            params![charge.study],
+            |row| row.get(0),
+        )?;
+        if exceeds(spent, charge.cost.selection_delta, charge.study_delta_budget) {
+            return Ok(Some(format!(
+                "delta budget exhausted for study {}: this query's partition selection needs delta {:e} but only \
+                 {:e} of the study's delta {:e} remains; {spent:e} is spent. Group by columns with a public \
+                 domain (they need no delta), lower delta, or ask the data steward to raise the study's delta budget",
+                charge.study,
+                charge.cost.selection_delta,
+                (charge.study_delta_budget - spent).max(0.0),
+                charge.study_delta_budget,
+            )));
+        }
+    }
     let spent = spent_in(conn, &charge.study, None)?;
     if exceeds(spent, charge.cost.rho, charge.study_budget) {
         return Ok(Some(budget_message(
@@ -843,9 +881,11 @@ mod tests {
                 rho,
                 epsilon: 1.0,
                 delta: 1e-6,
+                selection_delta: 0.0,
             },
             study_budget: budget,
             researcher_budget: None,
+            study_delta_budget: 0.0,
         }
     }
 
@@ -872,6 +912,39 @@ mod tests {
         assert!(matches!(
             ledger.release(&replay, vec![]).expect("db"),
             Err(Refusal::Replay(_))
+        ));
+    }
+
+    #[test]
+    fn selection_delta_is_summed_and_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        let with_delta = |delta: f64| {
+            let mut c = charge(Uuid::new_v4(), 0.01, 1.0);
+            c.cost.selection_delta = delta;
+            c.study_delta_budget = 1e-6;
+            c
+        };
+        // Queries without partition selection do not touch the delta cap.
+        for _ in 0..5 {
+            assert!(ledger.release(&with_delta(0.0), vec![1]).expect("db").is_ok());
+        }
+        for _ in 0..2 {
+            assert!(ledger.release(&with_delta(5e-7), vec![1]).expect("db").is_ok());
+        }
+        match ledger.release(&with_delta(5e-7), vec![1]).expect("db") {
+            Err(Refusal::Budget(msg)) => {
+                assert!(msg.contains("delta budget exhausted for study s"), "{msg}");
+                assert!(msg.contains("public"), "{msg}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // Reopening keeps the column (and old ledgers gain it).
+        drop(ledger);
+        let ledger = Ledger::open(dir.path()).expect("reopen");
+        assert!(matches!(
+            ledger.release(&with_delta(1e-9), vec![1]).expect("db"),
+            Err(Refusal::Budget(_))
         ));
     }
 

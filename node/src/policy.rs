@@ -9,7 +9,7 @@
 //! default_study_budget = { epsilon = 5.0, delta = 1e-6 }   # for studies not listed; omit to refuse them
 //!
 //! [policy.studies.gi_bleed]
-//! budget = { epsilon = 10.0, delta = 1e-6 }   # or { rho = 0.5 }
+//! budget = { epsilon = 10.0, delta = 1e-6 }   # or { rho = 0.5, delta = 1e-6 }
 //! researchers = ["alice", "bob"]              # omit: any researcher
 //! researcher_budget = { epsilon = 4.0, delta = 1e-6 }  # per researcher within the study
 //! tables = ["person", "condition_occurrence"] # omit: every table
@@ -19,7 +19,11 @@
 //! The policy is re-read from `node.toml` whenever the file changes, so a
 //! steward's edit takes effect without a restart. Budgets are kept in zCDP
 //! rho, which composes by addition; (epsilon, delta) budgets are converted
-//! with the same conversion queries use.
+//! with the same conversion queries use. A budget's delta also caps the
+//! sum of the deltas spent by partition selection (private group keys),
+//! which add up across releases instead of converting into rho; a rho
+//! budget without delta allows none. A study within budget `(epsilon,
+//! delta)` has thus spent at most `(epsilon, 2 delta)` in all.
 
 use std::collections::BTreeMap;
 
@@ -82,10 +86,13 @@ pub enum BudgetConfig {
         /// Delta.
         delta: f64,
     },
-    /// zCDP rho.
+    /// zCDP rho, and optionally a cap on summed selection delta.
     Rho {
         /// rho.
         rho: f64,
+        /// Cap on the summed delta of partition selection (default 0).
+        #[serde(default)]
+        delta: Option<f64>,
     },
 }
 
@@ -93,12 +100,27 @@ impl BudgetConfig {
     /// The budget in rho.
     pub fn rho(&self) -> std::result::Result<f64, String> {
         match *self {
-            BudgetConfig::Rho { rho } if rho >= 0.0 && rho.is_finite() => Ok(rho),
-            BudgetConfig::Rho { rho } => Err(format!("rho = {rho} must be a non-negative number")),
+            BudgetConfig::Rho { rho, .. } if rho >= 0.0 && rho.is_finite() => Ok(rho),
+            BudgetConfig::Rho { rho, .. } => {
+                Err(format!("rho = {rho} must be a non-negative number"))
+            }
             BudgetConfig::EpsilonDelta { epsilon, delta } => {
                 confer_privacy::accounting::rho_for_epsilon_delta(epsilon, delta)
                     .map_err(|e| e.to_string())
             }
+        }
+    }
+
+    /// The cap on summed partition-selection delta.
+    pub fn delta(&self) -> std::result::Result<f64, String> {
+        let delta = match *self {
+            BudgetConfig::EpsilonDelta { delta, .. } => delta,
+            BudgetConfig::Rho { delta, .. } => delta.unwrap_or(0.0),
+        };
+        if (0.0..1.0).contains(&delta) {
+            Ok(delta)
+        } else {
+            Err(format!("delta = {delta} must be at least 0 and below 1"))
         }
     }
 }
@@ -132,7 +154,7 @@ pub struct Policy {
     pub max_query_epsilon: Option<f64>,
     /// Small-cell threshold.
     pub min_group_size: u64,
-    default_budget_rho: Option<f64>,
+    default_budget: Option<(f64, f64)>,
     studies: BTreeMap<String, StudyRules>,
 }
 
@@ -141,6 +163,8 @@ pub struct Policy {
 pub struct StudyRules {
     /// Total budget (rho).
     pub budget_rho: f64,
+    /// Cap on the study's summed partition-selection delta.
+    pub budget_delta: f64,
     /// Allowed researchers (`None`: any).
     pub researchers: Option<Vec<String>>,
     /// Per-researcher budget (rho).
@@ -160,6 +184,10 @@ impl Policy {
             b.rho()
                 .map_err(|e| NodeError::Config(format!("{field}: {e}")))
         };
+        let budget_delta = |field: &str, b: &BudgetConfig| {
+            b.delta()
+                .map_err(|e| NodeError::Config(format!("{field}: {e}")))
+        };
         if let Some(e) = config.max_query_epsilon
             && !(e > 0.0 && e.is_finite())
         {
@@ -167,16 +195,22 @@ impl Policy {
                 "policy.max_query_epsilon = {e}: use a positive number"
             )));
         }
-        let default_budget_rho = config
+        let default_budget = config
             .default_study_budget
             .as_ref()
-            .map(|b| budget("policy.default_study_budget", b))
+            .map(|b| {
+                Ok::<_, NodeError>((
+                    budget("policy.default_study_budget", b)?,
+                    budget_delta("policy.default_study_budget", b)?,
+                ))
+            })
             .transpose()?;
         let mut studies = BTreeMap::new();
         for (name, s) in &config.studies {
             let field = format!("policy.studies.{name}");
             let rules = StudyRules {
                 budget_rho: budget(&format!("{field}.budget"), &s.budget)?,
+                budget_delta: budget_delta(&format!("{field}.budget"), &s.budget)?,
                 researchers: s.researchers.clone(),
                 researcher_budget_rho: s
                     .researcher_budget
@@ -196,7 +230,7 @@ impl Policy {
             approval: config.approval,
             max_query_epsilon: config.max_query_epsilon,
             min_group_size: config.min_group_size,
-            default_budget_rho,
+            default_budget,
             studies,
         })
     }
@@ -206,9 +240,10 @@ impl Policy {
         if let Some(rules) = self.studies.get(study) {
             return Ok(rules.clone());
         }
-        match self.default_budget_rho {
-            Some(rho) => Ok(StudyRules {
+        match self.default_budget {
+            Some((rho, delta)) => Ok(StudyRules {
                 budget_rho: rho,
+                budget_delta: delta,
                 researchers: None,
                 researcher_budget_rho: None,
                 tables: None,
@@ -280,9 +315,15 @@ tables = ["PERSON"]
             s1.forbidden_table(&["person".into(), "death".into()]),
             Some("death")
         );
+        assert_eq!(s1.budget_delta, 1e-6);
         let other = p.study("other").expect("default budget");
         assert_eq!(other.budget_rho, 0.1);
+        assert_eq!(other.budget_delta, 0.0, "a rho budget without delta allows none");
         assert!(!other.listed);
+        let p = policy("[policy]
+default_study_budget = { rho = 0.1, delta = 1e-7 }
+").expect("valid");
+        assert_eq!(p.study("x").expect("default").budget_delta, 1e-7);
     }
 
     #[test]
@@ -298,6 +339,10 @@ tables = ["PERSON"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("policy.studies.s.budget"), "{err}");
+        let err = policy("[policy.studies.s]\nbudget = { rho = 1.0, delta = 2.0 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy.studies.s.budget: delta = 2"), "{err}");
         let err = policy("[policy]\nmax_query_epsilon = 0.0\n")
             .unwrap_err()
             .to_string();

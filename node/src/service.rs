@@ -353,14 +353,9 @@ impl NodeService {
             rho: plan.cost.rho,
             epsilon: plan.cost.epsilon,
             delta: plan.cost.delta,
+            selection_delta: plan.cost.selection_delta,
         };
-        let charge = self.charge(
-            &task,
-            &payload_hash,
-            cost,
-            budget,
-            rules.researcher_budget_rho,
-        );
+        let charge = self.charge(&task, &payload_hash, cost, budget, &rules);
         if let Some(why) = self.state.ledger.check_budget(&charge)? {
             return Err(self.refuse(Some(&task), ErrorKind::ResourceExhausted, why));
         }
@@ -496,15 +491,15 @@ impl NodeService {
 
         let plan = self.checked_plan(task, rules, policy, sql).await?;
         let budget = self.budget_of(&task.study, rules)?;
-        let researcher_budget = rules.researcher_budget_rho;
         let cost = Cost {
             rho: plan.cost.rho,
             epsilon: plan.cost.epsilon,
             delta: plan.cost.delta,
+            selection_delta: plan.cost.selection_delta,
         };
         // Refuse early, before computing; the binding check is repeated in
         // the transaction that records the release.
-        let charge = self.charge(task, &payload_hash, cost, budget, researcher_budget);
+        let charge = self.charge(task, &payload_hash, cost, budget, rules);
         if let Some(why) = self.state.ledger.check_budget(&charge)? {
             return Err(self.refuse(Some(task), ErrorKind::ResourceExhausted, why));
         }
@@ -548,7 +543,7 @@ impl NodeService {
         payload_hash: &str,
         cost: Cost,
         budget: f64,
-        researcher_budget: Option<f64>,
+        rules: &StudyRules,
     ) -> Charge {
         Charge {
             task_id: task.id,
@@ -558,7 +553,8 @@ impl NodeService {
             kind: task.kind_name().into(),
             cost,
             study_budget: budget,
-            researcher_budget,
+            researcher_budget: rules.researcher_budget_rho,
+            study_delta_budget: rules.budget_delta,
         }
     }
 

@@ -440,6 +440,15 @@ pub async fn compile(
         let bounds = agg
             .bounds
             .map(|(lo, hi, per_row)| Bounds { lo, hi, per_row });
+        if let Some(b) = bounds
+            && b.lo >= b.hi
+        {
+            return Err(QueryError::Rejected(format!(
+                "{}: the bounds ({}, {}) (from the query, or else the catalog) leave no room for noise \
+                 calibration; write lo < hi (if every value is the same, use COUNT and multiply)",
+                agg.expr, b.lo, b.hi
+            )));
+        }
         let half = bounds.map(|b| (b.hi - b.lo) / 2.0).unwrap_or(0.0);
         let add =
             |suffixes: &[&str], integer: bool, per_group: f64, partials: &mut Vec<PartialSpec>| {
@@ -755,7 +764,12 @@ fn classify(expr: &Expr, values: &mut Vec<String>) -> Result<Option<Agg>> {
                         "{which} in {expr} must be a pair of numbers: (lo, hi)"
                     ))
                 })?;
-                if pair.0 > pair.1 || !pair.0.is_finite() || !pair.1.is_finite() {
+                if !pair.0.is_finite() || !pair.1.is_finite() {
+                    return Err(QueryError::Rejected(format!(
+                        "{which} in {expr} must be finite numbers: write bounds the values can reach, such as (0, 1000)"
+                    )));
+                }
+                if pair.0 > pair.1 {
                     return Err(QueryError::Rejected(format!(
                         "{which} in {expr} has lo > hi: write ({}, {})",
                         pair.1, pair.0
@@ -984,6 +998,7 @@ fn split_budget(
                     rho,
                     epsilon,
                     delta: options.delta,
+                    selection_delta: delta_selection,
                     per_partial,
                 },
                 selection,
@@ -1001,6 +1016,11 @@ fn split_budget(
                     rho: confer_privacy::accounting::rho_for_pure_epsilon(options.epsilon),
                     epsilon: options.epsilon,
                     delta: if selection.is_some() {
+                        options.delta
+                    } else {
+                        0.0
+                    },
+                    selection_delta: if selection.is_some() {
                         options.delta
                     } else {
                         0.0

@@ -176,6 +176,9 @@ pub struct PlanCost {
     pub epsilon: f64,
     /// The delta that is reported.
     pub delta: f64,
+    /// The part of `delta` that adds up across releases (partition
+    /// selection); the rest only converts rho to epsilon.
+    pub selection_delta: f64,
     /// Budget of each partial (and of partition selection): rho (Gaussian)
     /// or epsilon (Laplace).
     pub per_partial: f64,

@@ -110,6 +110,8 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         (format!("{DP} AVG(care_site_id) FROM person"), "contribution_bounds_per_group"),
         (format!("{DP} VAR_POP(care_site_id) FROM person"), "contribution_bounds_per_row"),
         (format!("{DP} SUM(year_of_birth, contribution_bounds_per_group => (10, 1)) FROM person"), "lo > hi"),
+        (format!("{DP} AVG(year_of_birth, contribution_bounds_per_group => (1950, 1950)) FROM person"), "write lo < hi"),
+        (format!("{DP} SUM(year_of_birth, contribution_bounds_per_group => (0, 1e999)) FROM person"), "must be finite"),
         (format!("{DP} SUM(year_of_birth, contribution_bounds_per_row => (0, 1)) FROM person"), "contribution_bounds_per_group"),
         (format!("{DP} STDDEV_POP(year_of_birth, contribution_bounds_per_group => (0, 1)) FROM person"), "contribution_bounds_per_row"),
         (format!("{DP} PERCENTILE_CONT(year_of_birth, 1.5, contribution_bounds_per_row => (1900, 2030)) FROM person"), "from 0 to 1"),
