@@ -72,17 +72,14 @@ async fn secure_sums_equal_the_plain_bounded_query() {
         "{info}"
     );
 
-    // A node that is down is a dropout: with min_sites = 2 the others answer,
-    // and the result names the missing site.
+    // A node that is down is a dropout: by default a secure query needs a
+    // majority (n/2 + 1 = 2 of 3), so the others answer, and the result
+    // names the missing site.
     let down = fed.federation.take_node("site-c").expect("site-c");
     down.kill().await.expect("kill");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let sql2 = sql.replace(
-        "aggregation = 'secure'",
-        "aggregation = 'secure', min_sites = 2",
-    );
     let answer = client
-        .run(&sql2, Some("test"))
+        .run(sql, Some("test"))
         .await
         .expect("two sites suffice");
     let missing = answer
@@ -101,9 +98,13 @@ async fn secure_sums_equal_the_plain_bounded_query() {
         counts.values().sum::<f64>() < all - 100.0,
         "site-c's persons are left out"
     );
-    // Without min_sites every site is needed, and the refusal names site-c.
+    // With min_sites = 3 every site is needed, and the refusal names site-c.
+    let sql3 = sql.replace(
+        "aggregation = 'secure'",
+        "aggregation = 'secure', min_sites = 3",
+    );
     let err = client
-        .run(sql, Some("test"))
+        .run(&sql3, Some("test"))
         .await
         .expect_err("three sites needed")
         .to_string();

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use confer_privacy::secagg::{Config, Server, VerifyingKey};
-use confer_protocol::task::{Envelope, SecaggRound, SecureQueryTask, Task, TaskKind};
+use confer_protocol::task::{
+    Envelope, SecaggIdentity, SecaggRound, SecureQueryTask, Task, TaskKind,
+};
 use confer_protocol::{ErrorKind, ProtocolError, actions};
 use confer_query::FederatedPlan;
 use confer_query::combine::SitePartial;
@@ -52,7 +54,7 @@ pub async fn run(
     // Identities of the nodes that answer now.
     let answers = futures::future::join_all(nodes.iter().map(|n| async move {
         let r = n
-            .action_json::<String>(
+            .action_json::<SecaggIdentity>(
                 actions::SECAGG_IDENTITY,
                 Vec::new(),
                 "secure-aggregation identity key",
@@ -64,11 +66,13 @@ pub async fn run(
     .await;
     let mut members: Vec<&NodeHandle> = Vec::new();
     let mut identities = Vec::new();
+    let mut thresholds = Vec::new();
     for (n, r) in answers {
         match r {
             Ok(id) => {
                 members.push(n);
-                identities.push(id);
+                identities.push(id.key);
+                thresholds.push(id.min_group_size);
             }
             Err(e) => dropped.push((n.name.clone(), e.message)),
         }
@@ -187,11 +191,19 @@ pub async fn run(
         )));
     }
     let label = format!("secure sum of {}", contributors.join("+"));
+    // The strictest small-cell rule among the contributors applies to the sum.
+    let min_group_size = aggregate
+        .contributors
+        .iter()
+        .map(|&id| thresholds[id as usize])
+        .max()
+        .unwrap_or(0);
     let batch = confer_query::secure::decode(
         plan,
         &aggregate.sum,
         contributors.len(),
         config.min_survivors,
+        min_group_size,
         &label,
         task_id,
     )

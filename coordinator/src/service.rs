@@ -299,12 +299,22 @@ impl CoordinatorState {
                 confer_query::engine::validate(&plan, &catalog)
                     .await
                     .map_err(ProtocolError::from)?;
+                // Secure aggregation tolerates a minority of dropouts by
+                // default (threshold n/2 + 1, SECAGG.md); per-site queries
+                // need every node unless told otherwise.
+                let all = self.nodes.len();
+                let default_min_sites =
+                    if plan.options.aggregation == confer_query::options::Aggregation::Secure {
+                        all / 2 + 1
+                    } else {
+                        all
+                    };
                 let min_sites = plan
                     .options
                     .min_sites
                     .or(study.min_sites)
-                    .unwrap_or(self.nodes.len())
-                    .min(self.nodes.len());
+                    .unwrap_or(default_min_sites)
+                    .min(all);
                 let schema = plan.output_schema();
                 let mut task = Task::query(&study.name, &user.name, sql, self.task_ttl());
                 task.study_info = Some(study_info(&study));

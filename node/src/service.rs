@@ -24,7 +24,7 @@ use arrow_flight::{
 };
 use confer_protocol::catalog::{CatalogInfo, Health};
 use confer_protocol::signing::{PublicKey, sha256_hex};
-use confer_protocol::task::{Envelope, SecaggRound, Task, TaskKind, unix_now};
+use confer_protocol::task::{Envelope, SecaggIdentity, SecaggRound, Task, TaskKind, unix_now};
 use confer_protocol::{ErrorKind, ProtocolError, actions};
 use confer_query::release::ReleaseOptions;
 use confer_query::{Catalog, Statement};
@@ -770,7 +770,14 @@ impl FlightService for NodeService {
         let action = request.into_inner();
         let result = match action.r#type.as_str() {
             actions::CATALOG => json_result(&self.state.catalog)?,
-            actions::SECAGG_IDENTITY => json_result(&self.state.secure.identity())?,
+            actions::SECAGG_IDENTITY => json_result(&SecaggIdentity {
+                key: self.state.secure.identity(),
+                min_group_size: self
+                    .state
+                    .policy()
+                    .map_err(|e| Status::unavailable(e.to_string()))?
+                    .min_group_size,
+            })?,
             actions::SECAGG_ROUND => {
                 let round: SecaggRound = serde_json::from_slice(&action.body).map_err(|e| {
                     Status::invalid_argument(format!("unreadable secure-aggregation round: {e}"))

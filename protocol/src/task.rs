@@ -77,6 +77,18 @@ pub struct SecaggRound {
     pub payload: serde_json::Value,
 }
 
+/// A node's answer to the secure-aggregation identity action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecaggIdentity {
+    /// The node's secure-aggregation identity key (Ed25519, hex).
+    pub key: String,
+    /// The node's small-cell threshold (`policy.min_group_size`). A node
+    /// cannot see the secure sum, so the coordinator suppresses summed
+    /// groups whose noisy count is below the largest threshold among the
+    /// contributors.
+    pub min_group_size: u64,
+}
+
 /// A query whose partials are securely aggregated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecureQueryTask {

@@ -77,21 +77,31 @@ pub fn release(
     }
 
     // Small-cell rule, on the noisy counts.
-    let keep: Vec<bool> = (0..keys.len())
+    let keep = small_cells_kept(plan, &noisy, keys.len(), options.min_group_size);
+    assemble(plan, &keys, noisy, &keep, noise_info, site, task_id)
+}
+
+/// The small-cell rule: which of `groups` groups keep their values (every
+/// noisy count at least `min_group_size`; 0 keeps all).
+pub(crate) fn small_cells_kept(
+    plan: &FederatedPlan,
+    noisy: &[Exact],
+    groups: usize,
+    min_group_size: u64,
+) -> Vec<bool> {
+    (0..groups)
         .map(|row| {
-            options.min_group_size == 0
-                || plan.partials.iter().zip(&noisy).all(|(spec, values)| {
+            min_group_size == 0
+                || plan.partials.iter().zip(noisy).all(|(spec, values)| {
                     let kind = plan.aggregates[spec.aggregate].kind;
                     !kind.is_count()
                         || match values {
-                            Exact::Int(v) => v[row] >= options.min_group_size as i64,
-                            Exact::Float(v) => v[row] >= options.min_group_size as f64,
+                            Exact::Int(v) => v[row] >= min_group_size as i64,
+                            Exact::Float(v) => v[row] >= min_group_size as f64,
                         }
                 })
         })
-        .collect();
-
-    assemble(plan, &keys, noisy, &keep, noise_info, site, task_id)
+        .collect()
 }
 
 /// The release batch: group columns, then the partials (NULL where `keep`

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::error::{QueryError, Result};
 use crate::plan::FederatedPlan;
-use crate::release::{Exact, assemble, exact_partials, read_rows};
+use crate::release::{Exact, assemble, exact_partials, read_rows, small_cells_kept};
 
 /// Values are summed modulo 2^64 and read back as two's-complement `i64`.
 pub const BITS: u32 = 64;
@@ -127,12 +127,15 @@ pub fn node_input<R: CryptoRng + ?Sized>(
 }
 
 /// Decodes the sum of `survivors` nodes' inputs into one release batch, as
-/// if a single site had released it (`site` names the contributors).
+/// if a single site had released it (`site` names the contributors). Groups
+/// whose noisy counts fall below `min_group_size` are suppressed (NULL), as
+/// a node does with its own release.
 pub fn decode(
     plan: &FederatedPlan,
     sum: &[u64],
     survivors: usize,
     min_survivors: usize,
+    min_group_size: u64,
     site: &str,
     task_id: Uuid,
 ) -> Result<RecordBatch> {
@@ -169,6 +172,6 @@ pub fn decode(
             });
         }
     }
-    let keep = vec![true; keys.len()];
+    let keep = small_cells_kept(plan, &noisy, keys.len(), min_group_size);
     assemble(plan, &keys, noisy, &keep, info, site, task_id)
 }

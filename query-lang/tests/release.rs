@@ -273,3 +273,44 @@ async fn intervals_cover_the_truth_at_the_stated_rate() {
         assert!((rate - 0.9).abs() < 0.015, "{name} intervals covered {rate}");
     }
 }
+
+/// Under secure aggregation the small-cell rule applies to the decoded sum:
+/// two nodes' inputs summed, each group of 2 × 3 = 6 persons, is kept with
+/// a threshold of 1 and suppressed with a threshold of 1,000 (the noise sd
+/// at epsilon = 1e6 is the secure floor, about 1).
+#[tokio::test]
+async fn secure_sums_follow_the_small_cell_rule() {
+    use confer_privacy::secagg::{ChaCha20Rng, SeedableRng};
+    let ctx = session(3 * GROUPS).await;
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1e6, delta = 1e-6, aggregation = 'secure') \
+               g, COUNT(*) AS n FROM t GROUP BY g";
+    let Statement::Query(parsed) = parse(sql).expect("parse") else {
+        panic!()
+    };
+    let plan = compile(&parsed, &Catalog::for_node(&catalog("a")), Some("a"))
+        .await
+        .expect("compile");
+    let batches = ctx
+        .sql(&plan.local_sql)
+        .await
+        .expect("plan")
+        .collect()
+        .await
+        .expect("run");
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let a = confer_query::secure::node_input(&plan, &batches, 2, &mut rng).expect("input");
+    let b = confer_query::secure::node_input(&plan, &batches, 2, &mut rng).expect("input");
+    let sum: Vec<u64> = a.iter().zip(&b).map(|(x, y)| x.wrapping_add(*y)).collect();
+    let decode = |threshold| {
+        confer_query::secure::decode(&plan, &sum, 2, 2, threshold, "a+b", Uuid::new_v4())
+            .expect("decode")
+    };
+    let kept = decode(1);
+    assert_eq!(kept.column_by_name("__p0").expect("column").null_count(), 0);
+    let counts = ints(&kept, "__p0");
+    let mean = counts.iter().sum::<i64>() as f64 / counts.len() as f64;
+    assert!((mean - 6.0).abs() < 0.2, "the sums hold 6 per group: mean {mean}");
+    let suppressed = decode(1000);
+    let column = suppressed.column_by_name("__p0").expect("column");
+    assert_eq!(column.null_count(), GROUPS as usize, "every group suppressed");
+}
