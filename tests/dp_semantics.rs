@@ -147,3 +147,63 @@ async fn federated_counts_equal_plain_datafusion_over_unsplit_data() {
 
     fed.federation.stop().await.expect("clean stop");
 }
+
+/// Public tables need no DP clause: each node answers from its own copy and
+/// the rows come back tagged with their site. A subquery over a private
+/// table makes the query private again, and it is refused without the
+/// clause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_tables_are_queried_without_the_dp_clause() {
+    use arrow::array::{Array, StringArray};
+    let fed = federation(3).await;
+    let mut client = fed.client().await;
+    let answer = client
+        .run(
+            "SELECT concept_id, concept_name FROM concept WHERE concept_id = 192671",
+            Some("test"),
+        )
+        .await
+        .expect("public query");
+    let schema = answer.schema.clone();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(names, ["site", "concept_id", "concept_name"]);
+    let mut sites = Vec::new();
+    for batch in &answer.batches {
+        let site = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("site");
+        let name = batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("name");
+        for i in 0..batch.num_rows() {
+            assert_eq!(name.value(i), "Gastrointestinal hemorrhage");
+            sites.push(site.value(i).to_string());
+        }
+        assert_eq!(name.null_count(), 0);
+    }
+    sites.sort();
+    assert_eq!(sites, ["site-a", "site-b", "site-c"]);
+
+    for sql in [
+        "SELECT gender_concept_id FROM person",
+        "SELECT concept_name FROM concept WHERE concept_id IN (SELECT condition_concept_id FROM condition_occurrence)",
+    ] {
+        let err = client
+            .run(sql, Some("test"))
+            .await
+            .expect_err("person-level data needs the clause")
+            .to_string();
+        assert!(err.contains("needs the DP clause"), "{sql}: {err}");
+    }
+    let err = client
+        .run("SELECT concept_id AS site FROM concept", Some("test"))
+        .await
+        .expect_err("site is taken")
+        .to_string();
+    assert!(err.contains("rename it"), "{err}");
+    fed.federation.stop().await.expect("clean stop");
+}

@@ -57,8 +57,7 @@ fn extra_tables() -> Vec<(String, PathBuf, &'static str, &'static str)> {
     ]
 }
 
-const POLICY: &str =
-    "[policy]\napproval = \"auto\"\n\n[policy.studies.test]\nbudget = { rho = 1e30, delta = 0.5 }\n";
+const POLICY: &str = "[policy]\napproval = \"auto\"\n\n[policy.studies.test]\nbudget = { rho = 1e30, delta = 0.5 }\n";
 
 struct SltDb {
     client: Client,

@@ -36,7 +36,7 @@ use arrow_flight::{
     HandshakeResponse, Ticket,
 };
 use confer_protocol::signing::{Identity, sha256_hex};
-use confer_protocol::task::{Envelope, StudyInfo, Task};
+use confer_protocol::task::{Envelope, QueryTask, StudyInfo, Task, TaskKind};
 use confer_protocol::{ErrorKind, ProtocolError, metadata};
 use confer_query::combine::combine;
 use confer_query::{Catalog, FederatedPlan, Statement};
@@ -78,6 +78,13 @@ enum Prepared {
     },
     /// SHOW PRIVACY BUDGET: the signed budget task for every node.
     Budget { envelope: Envelope },
+    /// A query over public tables only: the signed task and the answer's
+    /// schema (a `site` column, then each node's columns).
+    Public {
+        envelope: Envelope,
+        schema: SchemaRef,
+        study: String,
+    },
     /// An answer computed at planning time (EXPLAIN PRIVACY).
     Ready(RecordBatch),
 }
@@ -278,6 +285,53 @@ impl CoordinatorState {
             Statement::Query(parsed) => {
                 let study = self.auth.study(user, need_study("every query")?)?;
                 let catalog = self.network_catalog().await?;
+                if let Some(public) = confer_query::public::public_query(&parsed, &catalog)
+                    .await
+                    .map_err(ProtocolError::from)?
+                {
+                    if !study.tables.is_empty()
+                        && let Some(t) = public
+                            .tables
+                            .iter()
+                            .find(|t| !study.tables.iter().any(|s| s.eq_ignore_ascii_case(t)))
+                    {
+                        return Err(ProtocolError::new(
+                            ErrorKind::PermissionDenied,
+                            format!(
+                                "study {} does not include table {t} (its tables: {}): ask an admin to extend the study",
+                                study.name,
+                                study.tables.join(", ")
+                            ),
+                        ));
+                    }
+                    let mut fields = vec![Arc::new(Field::new(
+                        confer_query::public::SITE_COLUMN,
+                        DataType::Utf8,
+                        false,
+                    ))];
+                    fields.extend(
+                        public
+                            .schema
+                            .fields()
+                            .iter()
+                            .map(|f| Arc::new(f.as_ref().clone().with_nullable(true))),
+                    );
+                    let schema = Arc::new(Schema::new(fields));
+                    let mut task =
+                        Task::query(&study.name, &user.name, &public.sql, self.task_ttl());
+                    task.kind = TaskKind::PublicQuery(QueryTask { sql: public.sql });
+                    task.study_info = Some(study_info(&study));
+                    let envelope = self.identity.sign(&task)?;
+                    let handle = self.store_statement(
+                        Prepared::Public {
+                            envelope,
+                            schema: schema.clone(),
+                            study: study.name.clone(),
+                        },
+                        user,
+                    )?;
+                    return Ok((schema, handle));
+                }
                 let plan = confer_query::compile(&parsed, &catalog, None)
                     .await
                     .map_err(ProtocolError::from)?;
@@ -385,6 +439,51 @@ impl CoordinatorState {
                 let batch =
                     crate::budget::combine(&reports, self.config.coordinator.max_sites_per_person)?;
                 self.audit(&user.name, None, "show_budget", "ok", String::new());
+                Ok((batch.schema(), vec![batch]))
+            }
+            Prepared::Public {
+                envelope,
+                schema,
+                study,
+            } => {
+                let results = fanout::each(&self.nodes, |n| async move {
+                    n.run_with_retries(envelope, policy).await
+                })
+                .await;
+                let mut batches = Vec::new();
+                let mut missing = Vec::new();
+                let mut failures = Vec::new();
+                for (name, r) in results {
+                    match r.and_then(|p| with_site(schema, &name, &p.batch)) {
+                        Ok(b) => batches.push(b),
+                        Err(e) => {
+                            warn!(node = %name, "node left out of the public answer: {}", e.message);
+                            missing.push(name);
+                            failures.push(e);
+                        }
+                    }
+                }
+                if batches.is_empty() {
+                    let err = fanout::joined(failures);
+                    self.audit(
+                        &user.name,
+                        Some(study),
+                        "public_query",
+                        "failed",
+                        err.message.clone(),
+                    );
+                    return Err(err);
+                }
+                let batch = arrow::compute::concat_batches(schema, &batches)
+                    .map_err(|e| ProtocolError::internal(e.to_string()))?;
+                let batch = with_missing_sites(batch, &missing)?;
+                self.audit(
+                    &user.name,
+                    Some(study),
+                    "public_query",
+                    "ok",
+                    format!("{} rows from {} sites", batch.num_rows(), batches.len()),
+                );
                 Ok((batch.schema(), vec![batch]))
             }
             Prepared::Query {
@@ -583,6 +682,38 @@ fn study_info(study: &Study) -> StudyInfo {
 }
 
 /// Notes the sites that did not answer in the result's metadata.
+/// A node's public answer with the `site` column first, cast to `schema`
+/// (a node whose columns do not fit is set aside, named).
+fn with_site(
+    schema: &SchemaRef,
+    site: &str,
+    batch: &RecordBatch,
+) -> Result<RecordBatch, ProtocolError> {
+    let unfit = |why: String| {
+        ProtocolError::new(
+            ErrorKind::Internal,
+            format!(
+                "node {site} sent a public answer that does not fit the query, set aside: {why}"
+            ),
+        )
+    };
+    if batch.num_columns() + 1 != schema.fields().len() {
+        return Err(unfit(format!(
+            "{} columns where {} were expected",
+            batch.num_columns(),
+            schema.fields().len() - 1
+        )));
+    }
+    let mut columns: Vec<arrow::array::ArrayRef> =
+        vec![Arc::new(StringArray::from(vec![site; batch.num_rows()]))];
+    for (column, field) in batch.columns().iter().zip(schema.fields().iter().skip(1)) {
+        columns.push(
+            arrow::compute::cast(column, field.data_type()).map_err(|e| unfit(e.to_string()))?,
+        );
+    }
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| unfit(e.to_string()))
+}
+
 fn with_missing_sites(
     batch: RecordBatch,
     missing: &[String],

@@ -802,7 +802,11 @@ fn budget_refusal(conn: &Connection, charge: &Charge) -> Result<Option<String>> 
             params![charge.study],
             |row| row.get(0),
         )?;
-        if exceeds(spent, charge.cost.selection_delta, charge.study_delta_budget) {
+        if exceeds(
+            spent,
+            charge.cost.selection_delta,
+            charge.study_delta_budget,
+        ) {
             return Ok(Some(format!(
                 "delta budget exhausted for study {}: this query's partition selection needs delta {:e} but only \
                  {:e} of the study's delta {:e} remains; {spent:e} is spent. Group by columns with a public \
@@ -927,10 +931,20 @@ mod tests {
         };
         // Queries without partition selection do not touch the delta cap.
         for _ in 0..5 {
-            assert!(ledger.release(&with_delta(0.0), vec![1]).expect("db").is_ok());
+            assert!(
+                ledger
+                    .release(&with_delta(0.0), vec![1])
+                    .expect("db")
+                    .is_ok()
+            );
         }
         for _ in 0..2 {
-            assert!(ledger.release(&with_delta(5e-7), vec![1]).expect("db").is_ok());
+            assert!(
+                ledger
+                    .release(&with_delta(5e-7), vec![1])
+                    .expect("db")
+                    .is_ok()
+            );
         }
         match ledger.release(&with_delta(5e-7), vec![1]).expect("db") {
             Err(Refusal::Budget(msg)) => {

@@ -318,11 +318,17 @@ tables = ["PERSON"]
         assert_eq!(s1.budget_delta, 1e-6);
         let other = p.study("other").expect("default budget");
         assert_eq!(other.budget_rho, 0.1);
-        assert_eq!(other.budget_delta, 0.0, "a rho budget without delta allows none");
+        assert_eq!(
+            other.budget_delta, 0.0,
+            "a rho budget without delta allows none"
+        );
         assert!(!other.listed);
-        let p = policy("[policy]
+        let p = policy(
+            "[policy]
 default_study_budget = { rho = 0.1, delta = 1e-7 }
-").expect("valid");
+",
+        )
+        .expect("valid");
         assert_eq!(p.study("x").expect("default").budget_delta, 1e-7);
     }
 

@@ -27,7 +27,7 @@ use confer_protocol::signing::{PublicKey, sha256_hex};
 use confer_protocol::task::{Envelope, SecaggIdentity, SecaggRound, Task, TaskKind, unix_now};
 use confer_protocol::{ErrorKind, ProtocolError, actions};
 use confer_query::release::ReleaseOptions;
-use confer_query::{Catalog, Statement};
+use confer_query::{Catalog, QueryError, Statement};
 use datafusion::prelude::SessionContext;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
@@ -276,6 +276,7 @@ impl NodeService {
                     .await
             }
             TaskKind::Budget(b) => self.report_budget(&task, &b.study, &policy),
+            TaskKind::PublicQuery(query) => self.run_public(&task, &rules, &query.sql).await,
             TaskKind::SecureQuery(_) => Err(self.refuse(
                 Some(&task),
                 ErrorKind::InvalidArgument,
@@ -535,6 +536,80 @@ impl NodeService {
             "released after durable debit"
         );
         decode_ipc(&released)
+    }
+
+    /// Runs a query over public tables only: no DP, nothing charged, the
+    /// rows audited by hash. Whether the query is public is decided here,
+    /// against this node's own catalog, never taken from the coordinator.
+    async fn run_public(&self, task: &Task, rules: &StudyRules, sql: &str) -> Result<RecordBatch> {
+        let refuse_invalid = |why: String| self.refuse(Some(task), ErrorKind::InvalidArgument, why);
+        let parsed = match confer_query::parse(sql) {
+            Ok(Statement::Query(q)) if q.options.is_none() => q,
+            Ok(_) => {
+                return Err(refuse_invalid(
+                    "a public-table task carries a plain SELECT without the DP clause".into(),
+                ));
+            }
+            Err(e) => return Err(refuse_invalid(e.to_string())),
+        };
+        let public =
+            match confer_query::public::public_query(&parsed, &self.state.query_catalog).await {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    return Err(self.refuse(
+                        Some(task),
+                        ErrorKind::PermissionDenied,
+                        "this query reads person-level tables at this node and needs the DP clause"
+                            .into(),
+                    ));
+                }
+                Err(e) => return Err(refuse_invalid(e.to_string())),
+            };
+        if let Some(table) = rules.forbidden_table(&public.tables) {
+            return Err(self.refuse(
+                Some(task),
+                ErrorKind::PermissionDenied,
+                format!(
+                    "study {} may not read table {table} at this node",
+                    task.study
+                ),
+            ));
+        }
+        let batches = self
+            .state
+            .ctx
+            .sql(&public.sql)
+            .await
+            .map_err(NodeError::from)?
+            .collect()
+            .await
+            .map_err(NodeError::from)?;
+        let schema = batches
+            .first()
+            .map(RecordBatch::schema)
+            .unwrap_or_else(|| public.schema.clone());
+        let batch = arrow::compute::concat_batches(&schema, &batches).map_err(|e| {
+            NodeError::Query(QueryError::Internal(format!(
+                "cannot assemble the public answer: {e}"
+            )))
+        })?;
+        let bytes = encode_ipc(&batch)?;
+        self.state.ledger.audit(&AuditEntry {
+            task_id: Some(task.id),
+            study: Some(task.study.clone()),
+            actor: Some(task.researcher.clone()),
+            kind: task.kind_name().into(),
+            decision: "released".into(),
+            reason: Some(format!(
+                "{} rows of public tables ({})",
+                batch.num_rows(),
+                public.tables.join(", ")
+            )),
+            result_hash: Some(sha256_hex(&bytes)),
+            ..Default::default()
+        })?;
+        info!(task = %task.id, study = %task.study, rows = batch.num_rows(), "public-table answer released");
+        Ok(batch)
     }
 
     fn charge(

@@ -62,6 +62,9 @@ pub enum TaskKind {
     /// input joins a secure-aggregation session and only the network's sum
     /// is revealed.
     SecureQuery(SecureQueryTask),
+    /// Run a plain SQL query that reads only public tables (no DP clause,
+    /// nothing charged); the node checks that against its own catalog.
+    PublicQuery(QueryTask),
 }
 
 /// One message of a secure-aggregation session, either way. Round 0 carries
@@ -155,6 +158,7 @@ impl Task {
             TaskKind::Query(_) => "query",
             TaskKind::Budget(_) => "budget",
             TaskKind::SecureQuery(_) => "secure_query",
+            TaskKind::PublicQuery(_) => "public_query",
         }
     }
 

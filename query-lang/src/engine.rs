@@ -81,7 +81,7 @@ pub async fn post_process(plan: &FederatedPlan, batch: RecordBatch) -> Result<Ve
 impl QueryError {
     /// Re-labels a planning error of the generated local query as the
     /// user's: the names in it are the user's names.
-    fn into_user_error(self) -> Self {
+    pub(crate) fn into_user_error(self) -> Self {
         match self {
             QueryError::Plan(msg) => QueryError::Plan(msg.replace("__confer_src.", "")),
             other => other,

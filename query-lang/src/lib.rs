@@ -51,6 +51,7 @@ pub mod error;
 pub mod options;
 pub mod parse;
 pub mod plan;
+pub mod public;
 pub mod release;
 pub mod secure;
 

@@ -243,20 +243,33 @@ async fn intervals_cover_the_truth_at_the_stated_rate() {
     let Statement::Query(parsed) = parse(sql).expect("parse") else {
         panic!()
     };
-    let plan = compile(&parsed, &Catalog::merge(&[catalog("a")]).expect("merge"), None)
-        .await
-        .expect("compile");
+    let plan = compile(
+        &parsed,
+        &Catalog::merge(&[catalog("a")]).expect("merge"),
+        None,
+    )
+    .await
+    .expect("compile");
     let mut covered = [0usize; 2];
     let mut total = 0usize;
     for _ in 0..4 {
         let batch = release_once(&ctx, sql, "a").await;
-        let out = combine(&plan, &[SitePartial { site: "a".into(), batch }], Uuid::new_v4())
-            .expect("combine");
+        let out = combine(
+            &plan,
+            &[SitePartial {
+                site: "a".into(),
+                batch,
+            }],
+            Uuid::new_v4(),
+        )
+        .expect("combine");
         let g = ints(&out, "g");
         for (k, name) in ["n", "s"].iter().enumerate() {
             let low = out.column_by_name(&format!("{name}_ci_low")).expect("low");
             let low = low.as_any().downcast_ref::<Float64Array>().expect("f64");
-            let high = out.column_by_name(&format!("{name}_ci_high")).expect("high");
+            let high = out
+                .column_by_name(&format!("{name}_ci_high"))
+                .expect("high");
             let high = high.as_any().downcast_ref::<Float64Array>().expect("f64");
             for (i, group) in g.iter().enumerate() {
                 let truth = if k == 0 { 1.0 } else { (*group).min(10) as f64 };
@@ -270,7 +283,10 @@ async fn intervals_cover_the_truth_at_the_stated_rate() {
     assert_eq!(total, 4 * GROUPS as usize);
     for (k, name) in ["COUNT", "SUM"].iter().enumerate() {
         let rate = covered[k] as f64 / total as f64;
-        assert!((rate - 0.9).abs() < 0.015, "{name} intervals covered {rate}");
+        assert!(
+            (rate - 0.9).abs() < 0.015,
+            "{name} intervals covered {rate}"
+        );
     }
 }
 
@@ -309,8 +325,15 @@ async fn secure_sums_follow_the_small_cell_rule() {
     assert_eq!(kept.column_by_name("__p0").expect("column").null_count(), 0);
     let counts = ints(&kept, "__p0");
     let mean = counts.iter().sum::<i64>() as f64 / counts.len() as f64;
-    assert!((mean - 6.0).abs() < 0.2, "the sums hold 6 per group: mean {mean}");
+    assert!(
+        (mean - 6.0).abs() < 0.2,
+        "the sums hold 6 per group: mean {mean}"
+    );
     let suppressed = decode(1000);
     let column = suppressed.column_by_name("__p0").expect("column");
-    assert_eq!(column.null_count(), GROUPS as usize, "every group suppressed");
+    assert_eq!(
+        column.null_count(),
+        GROUPS as usize,
+        "every group suppressed"
+    );
 }
