@@ -207,3 +207,88 @@ async fn public_tables_are_queried_without_the_dp_clause() {
     assert!(err.contains("rename it"), "{err}");
     fed.federation.stop().await.expect("clean stop");
 }
+
+/// EXPLAIN PRIVACY reports the noise as it reaches the released value:
+/// summed over the sites for per-site aggregation, one site's for `GROUP BY
+/// site`, and for secure aggregation the distributed noise of the sum,
+/// which must equal what a real secure answer declares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_privacy_reports_the_released_noise() {
+    use arrow::array::StringArray;
+    use confer_protocol::metadata;
+    let fed = federation(3).await;
+    let mut client = fed.client().await;
+    let explain = |batches: &[arrow::array::RecordBatch]| -> String {
+        let mut out = String::new();
+        for b in batches {
+            let item = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("item");
+            let value = b
+                .column(1)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("value");
+            for i in 0..b.num_rows() {
+                if item.value(i).starts_with("aggregate") {
+                    out.push_str(value.value(i));
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    };
+    let per_site = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id";
+    let text = explain(
+        &client
+            .run(&format!("EXPLAIN PRIVACY {per_site}"), None)
+            .await
+            .expect("explain")
+            .batches,
+    );
+    assert!(text.contains("over 3 node(s)"), "{text}");
+    let by_site = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) site, COUNT(*) AS n FROM person GROUP BY site";
+    let text = explain(
+        &client
+            .run(&format!("EXPLAIN PRIVACY {by_site}"), None)
+            .await
+            .expect("explain")
+            .batches,
+    );
+    assert!(text.contains("from its one site"), "{text}");
+
+    let secure = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6, aggregation = 'secure') gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id";
+    let text = explain(
+        &client
+            .run(&format!("EXPLAIN PRIVACY {secure}"), None)
+            .await
+            .expect("explain")
+            .batches,
+    );
+    assert!(text.contains("2 contributing node(s)"), "{text}");
+    let all: f64 = text
+        .split("up to ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("the sd with every node");
+    let answer = client
+        .run(secure, Some("test"))
+        .await
+        .expect("secure query");
+    let declared: f64 = answer
+        .schema
+        .field_with_name("n")
+        .expect("n")
+        .metadata()
+        .get(metadata::NOISE_STDDEV)
+        .and_then(|v| v.parse().ok())
+        .expect("declared sd");
+    assert!(
+        (declared / all - 1.0).abs() < 1e-3,
+        "explain {all} vs released {declared}"
+    );
+    fed.federation.stop().await.expect("clean stop");
+}

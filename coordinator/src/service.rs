@@ -789,27 +789,80 @@ fn explain(plan: &FederatedPlan, sites: usize) -> Result<RecordBatch, ProtocolEr
         ));
     }
     let z = confer_privacy::stats::z_for_confidence(o.confidence);
+    let secure = o.aggregation == confer_query::options::Aggregation::Secure;
+    // Secure sessions need a majority by default (see `min_sites`).
+    let min_survivors = o
+        .min_sites
+        .unwrap_or(sites / 2 + 1)
+        .max(sites / 2 + 1)
+        .max(2)
+        .min(sites.max(2));
+    let secure_sd = if secure {
+        Some(
+            confer_query::secure::summed_noise_stddev(plan, min_survivors)
+                .map_err(ProtocolError::from)?,
+        )
+    } else {
+        None
+    };
+    let per_site_groups = plan.groups.iter().any(|g| g.is_site);
     for agg in &plan.aggregates {
         for &p in &agg.partials {
             let spec = &plan.partials[p];
-            let noise = plan.noise(p).map_err(ProtocolError::from)?;
-            let network_sd = noise.stddev() * (sites as f64).sqrt();
-            rows.push((
-                format!("aggregate {}", agg.name),
+            let part = spec
+                .columns
+                .first()
+                .map(|c| c.rsplit('_').next().unwrap_or(c))
+                .unwrap_or("");
+            let head = format!(
+                "{} [{part}]: per-group bound {}, sensitivity L1 {} / L2 {:.4}",
+                agg.expr, spec.per_group_bound, spec.l1, spec.l2
+            );
+            let text = if let Some(sds) = &secure_sd {
+                let sd = sds[p];
                 format!(
-                    "{} [{}]: per-group bound {}, sensitivity L1 {} / L2 {:.4}, noise scale {:.4} per node, \
-                     standard deviation {:.4} over {sites} node(s), {:.0}% interval +/- {:.4}",
-                    agg.expr,
-                    spec.columns.first().map(|c| c.rsplit('_').next().unwrap_or(c)).unwrap_or(""),
-                    spec.per_group_bound,
-                    spec.l1,
-                    spec.l2,
-                    noise.scale,
-                    network_sd,
+                    "{head}; distributed discrete Gaussian over a secure sum: standard deviation {sd:.4} with \
+                     {min_survivors} contributing node(s), up to {:.4} if all {sites} contribute; {:.0}% interval \
+                     +/- {:.4} at {min_survivors}",
+                    sd * (sites as f64 / min_survivors as f64).sqrt(),
                     o.confidence * 100.0,
-                    z * network_sd
-                ),
-            ));
+                    z * sd
+                )
+            } else {
+                let noise = plan.noise(p).map_err(ProtocolError::from)?;
+                let node_sd = noise.stddev();
+                let spread = if per_site_groups {
+                    "per group from its one site".to_string()
+                } else if !plan.public_groups() {
+                    format!(
+                        "per group summed over the sites that released it, at most {:.4} over {sites}",
+                        node_sd * (sites as f64).sqrt()
+                    )
+                } else {
+                    format!(
+                        "{:.4} over {sites} node(s)",
+                        node_sd * (sites as f64).sqrt()
+                    )
+                };
+                let network_sd = if per_site_groups {
+                    node_sd
+                } else {
+                    node_sd * (sites as f64).sqrt()
+                };
+                format!(
+                    "{head}, noise scale {:.4} per node (standard deviation {node_sd:.4}); standard deviation \
+                     {spread}; {:.0}% interval +/- {:.4}{}",
+                    noise.scale,
+                    o.confidence * 100.0,
+                    z * network_sd,
+                    if !per_site_groups && !plan.public_groups() {
+                        " at most"
+                    } else {
+                        ""
+                    }
+                )
+            };
+            rows.push((format!("aggregate {}", agg.name), text));
         }
     }
     rows.push(("local bounded query".into(), plan.local_sql.clone()));

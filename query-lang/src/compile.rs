@@ -313,6 +313,7 @@ pub async fn compile(
             name: group_names[i].clone().unwrap_or_default(),
             column_type,
             domain,
+            is_site,
         });
     }
     let private_keys = groups.iter().any(|g| g.domain.is_none());

@@ -61,6 +61,9 @@ pub struct GroupSpec {
     /// Its public domain (every value released, empty groups included), or
     /// `None` for a private key released through partition selection.
     pub domain: Option<Vec<DomainValue>>,
+    /// Whether this key is the `site` pseudo-column: each group then holds
+    /// one site's release only.
+    pub is_site: bool,
 }
 
 /// The DP aggregates.

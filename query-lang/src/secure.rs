@@ -88,6 +88,16 @@ fn codes(plan: &FederatedPlan, min_survivors: usize) -> Result<Vec<PartialCode>>
         .collect()
 }
 
+/// The standard deviation of the noise in the decoded sum, per partial, in
+/// the partial's units, when `min_survivors` nodes contribute (each further
+/// survivor multiplies it by √(survivors / min_survivors)).
+pub fn summed_noise_stddev(plan: &FederatedPlan, min_survivors: usize) -> Result<Vec<f64>> {
+    Ok(codes(plan, min_survivors)?
+        .iter()
+        .map(|c| c.sigma * c.granularity)
+        .collect())
+}
+
 /// A node's input: its exact partials, encoded, plus its share of the noise,
 /// as elements modulo 2^64.
 pub fn node_input<R: CryptoRng + ?Sized>(
