@@ -96,6 +96,7 @@ fn write_site(dir: &Path, site: u64, sites: u64, persons: u64) -> anyhow::Result
         Field::new("gender_concept_id", DataType::Int64, false),
         Field::new("year_of_birth", DataType::Int64, false),
         Field::new("race_concept_id", DataType::Int64, false),
+        Field::new("ethnicity_concept_id", DataType::Int64, false),
         Field::new("location_id", DataType::Int64, false),
     ]));
     let tmp = dir.join("person.parquet.partial");
@@ -110,6 +111,7 @@ fn write_site(dir: &Path, site: u64, sites: u64, persons: u64) -> anyhow::Result
         let mut gender = Vec::with_capacity(n);
         let mut yob = Vec::with_capacity(n);
         let mut race = Vec::with_capacity(n);
+        let mut ethnicity = Vec::with_capacity(n);
         let mut location = Vec::with_capacity(n);
         for _ in 0..n {
             let r = rng.next();
@@ -118,6 +120,7 @@ fn write_site(dir: &Path, site: u64, sites: u64, persons: u64) -> anyhow::Result
             let a = ((r >> 8) % 46) as i64 + ((r >> 24) % 46) as i64;
             yob.push(1930 + a - site as i64);
             race.push([8527, 8516, 8515, 0][((r >> 40) % 4) as usize]);
+            ethnicity.push([38003563, 38003564][((r >> 44) % 2) as usize]);
             location.push(((r >> 48) % 500) as i64 + 1000 * site as i64);
         }
         let batch = RecordBatch::try_new(
@@ -127,6 +130,7 @@ fn write_site(dir: &Path, site: u64, sites: u64, persons: u64) -> anyhow::Result
                 Arc::new(Int64Array::from(gender)),
                 Arc::new(Int64Array::from(yob)),
                 Arc::new(Int64Array::from(race)),
+                Arc::new(Int64Array::from(ethnicity)),
                 Arc::new(Int64Array::from(location)),
             ],
         )?;

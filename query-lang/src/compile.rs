@@ -530,6 +530,7 @@ pub async fn compile(
             .map(ToString::to_string)
             .collect::<Vec<_>>(),
         specs: &groups,
+        one_row_per_unit: single_row,
         values: &values,
         aggregates: &aggregates,
         partials: &partials,
@@ -1041,6 +1042,9 @@ struct LocalSql<'a> {
     unit: &'a str,
     groups: &'a [String],
     specs: &'a [GroupSpec],
+    /// Each person has at most one row: a person's contribution is their
+    /// row, with no per-person aggregation.
+    one_row_per_unit: bool,
     values: &'a [String],
     aggregates: &'a [AggregateSpec],
     partials: &'a [PartialSpec],
@@ -1163,7 +1167,9 @@ fn local_sql(l: &LocalSql<'_>) -> String {
         rows_table = "__confer_rows";
     }
 
-    // Per person and group: each person's contribution.
+    // Per person and group: each person's contribution (their row itself
+    // when each person has at most one row: no per-person aggregation).
+    let one = l.one_row_per_unit;
     let _ = write!(sql, ",\n__confer_pg AS (SELECT {person_group}");
     let mut finals: Vec<String> = gcols.clone();
     for a in l.aggregates {
@@ -1173,12 +1179,28 @@ fn local_sql(l: &LocalSql<'_>) -> String {
         match a.kind {
             AggregateKind::CountStar => {
                 let c = &cols(0)[0];
-                let _ = write!(sql, ", count(*) AS {c}");
+                let _ = write!(
+                    sql,
+                    ", {} AS {c}",
+                    if one {
+                        "1".to_string()
+                    } else {
+                        "count(*)".to_string()
+                    }
+                );
                 finals.push(format!("CAST(sum({c}) AS BIGINT) AS {c}"));
             }
             AggregateKind::Count => {
                 let c = &cols(0)[0];
-                let _ = write!(sql, ", count({v}) AS {c}");
+                let _ = write!(
+                    sql,
+                    ", {} AS {c}",
+                    if one {
+                        format!("CASE WHEN {v} IS NULL THEN 0 ELSE 1 END")
+                    } else {
+                        format!("count({v})")
+                    }
+                );
                 finals.push(format!("CAST(sum({c}) AS BIGINT) AS {c}"));
             }
             AggregateKind::CountDistinctUnit => {
@@ -1192,9 +1214,15 @@ fn local_sql(l: &LocalSql<'_>) -> String {
                     per_row: true,
                 });
                 if b.per_row {
-                    let _ = write!(sql, ", sum({}) AS {c}", clamp(&v, b.lo, b.hi));
+                    let row = clamp(&v, b.lo, b.hi);
+                    let _ = write!(
+                        sql,
+                        ", {} AS {c}",
+                        if one { row } else { format!("sum({row})") }
+                    );
                 } else {
-                    let _ = write!(sql, ", {} AS {c}", clamp(&format!("sum({v})"), b.lo, b.hi));
+                    let total = if one { v.clone() } else { format!("sum({v})") };
+                    let _ = write!(sql, ", {} AS {c}", clamp(&total, b.lo, b.hi));
                 }
                 finals.push(format!("CAST(sum({c}) AS DOUBLE) AS {c}"));
             }
@@ -1206,7 +1234,9 @@ fn local_sql(l: &LocalSql<'_>) -> String {
                     per_row: true,
                 });
                 let mid = (b.lo + b.hi) / 2.0;
-                let mean = if b.per_row {
+                let mean = if one {
+                    clamp(&v, b.lo, b.hi)
+                } else if b.per_row {
                     format!("avg({})", clamp(&v, b.lo, b.hi))
                 } else {
                     clamp(&format!("avg({v})"), b.lo, b.hi)
@@ -1224,10 +1254,17 @@ fn local_sql(l: &LocalSql<'_>) -> String {
                 });
                 let mid = (b.lo + b.hi) / 2.0;
                 let centred = format!("({} - {})", clamp(&v, b.lo, b.hi), lit(mid));
-                let _ = write!(
-                    sql,
-                    ", count({v}) AS {n}, sum({centred}) AS {s1}, sum({centred} * {centred}) AS {s2}"
-                );
+                if one {
+                    let _ = write!(
+                        sql,
+                        ", CASE WHEN {v} IS NULL THEN 0 ELSE 1 END AS {n}, {centred} AS {s1}, {centred} * {centred} AS {s2}"
+                    );
+                } else {
+                    let _ = write!(
+                        sql,
+                        ", count({v}) AS {n}, sum({centred}) AS {s1}, sum({centred} * {centred}) AS {s2}"
+                    );
+                }
                 finals.push(format!("CAST(sum({n}) AS BIGINT) AS {n}"));
                 finals.push(format!("CAST(sum({s1}) AS DOUBLE) AS {s1}"));
                 finals.push(format!("CAST(sum({s2}) AS DOUBLE) AS {s2}"));
@@ -1235,13 +1272,21 @@ fn local_sql(l: &LocalSql<'_>) -> String {
             AggregateKind::Percentile => {
                 let j = j.unwrap_or(0);
                 for (k, c) in cols(0).iter().enumerate() {
-                    let _ = write!(sql, ", count(CASE WHEN __bin{j} = {k} THEN 1 END) AS {c}");
+                    if one {
+                        let _ = write!(sql, ", CASE WHEN __bin{j} = {k} THEN 1 ELSE 0 END AS {c}");
+                    } else {
+                        let _ = write!(sql, ", count(CASE WHEN __bin{j} = {k} THEN 1 END) AS {c}");
+                    }
                     finals.push(format!("CAST(sum({c}) AS BIGINT) AS {c}"));
                 }
             }
         }
     }
-    let _ = write!(sql, " FROM {rows_table} GROUP BY {person_group})");
+    if one {
+        let _ = write!(sql, " FROM {rows_table})");
+    } else {
+        let _ = write!(sql, " FROM {rows_table} GROUP BY {person_group})");
+    }
     finals.push("CAST(count(*) AS BIGINT) AS __persons".into());
     let _ = write!(sql, "\nSELECT {} FROM __confer_pg", finals.join(", "));
     if !gcols.is_empty() {
