@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use confer_cli::client::Client;
-use confer_coordinator::config::{CoordinatorConfig, NodeEntry};
+use confer_coordinator::config::NodeEntry;
 use confer_coordinator::fanout::NodeHandle;
-use confer_coordinator::store::{Role, SqliteStore, Store, Study, now_ms};
 use confer_protocol::signing::Identity;
 use confer_protocol::task::Task;
 
@@ -99,37 +100,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // The coordinator in front of all nodes.
-    let mut text = String::from(
-        "[coordinator]\nlisten = \"127.0.0.1:0\"\nsigning_key = \"coordinator.key\"\nstate = \"state.sqlite\"\n\
-         health_interval_secs = 3600\n",
-    );
-    for n in &nodes {
-        text.push_str(&format!(
-            "[[nodes]]\nname = \"{}\"\nurl = \"http://{}\"\n",
-            n.name, n.addr
-        ));
-    }
-    let config_path = dir.path().join("coordinator.toml");
-    std::fs::write(&config_path, text)?;
-    let config = CoordinatorConfig::load(&config_path)?;
-    let store = SqliteStore::open(&config.coordinator.state)?;
-    let token = store.add_user("bench", Role::Researcher)?;
-    store.create_study(&Study {
-        name: "bench".into(),
-        title: "benchmark".into(),
-        principal_investigator: "bench".into(),
-        members: vec![],
-        tables: vec![],
-        requested_epsilon: 1.0,
-        requested_delta: 1e-6,
-        ethics_ref: "-".into(),
-        min_sites: None,
-        created_ms: now_ms(),
-        created_by: "bench".into(),
-    })?;
-    drop(store);
-    let coordinator =
-        confer_coordinator::start(config, confer_coordinator::Transport::InsecureLoopback).await?;
+    let (coordinator, token) = common::coordinator(dir.path(), &nodes, "").await?;
     let url = format!("http://{}", coordinator.addr);
 
     let mut client = Client::connect(&url, Some(&token)).await?;

@@ -24,11 +24,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+mod common;
+
 use arrow::array::{Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
+
 use confer_cli::client::Client;
-use confer_coordinator::config::CoordinatorConfig;
-use confer_coordinator::store::{Role, SqliteStore, Store, Study, now_ms};
 use confer_protocol::signing::Identity;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
@@ -220,37 +221,8 @@ async fn main() -> anyhow::Result<()> {
         let config = confer_node::NodeConfig::load(&config)?;
         nodes.push(confer_node::start(config, confer_node::Transport::InsecureLoopback).await?);
     }
-    let mut text = String::from(
-        "[coordinator]\nlisten = \"127.0.0.1:0\"\nsigning_key = \"coordinator.key\"\nstate = \"state.sqlite\"\n\
-         health_interval_secs = 3600\nnode_timeout_secs = 600\n",
-    );
-    for n in &nodes {
-        text.push_str(&format!(
-            "[[nodes]]\nname = \"{}\"\nurl = \"http://{}\"\n",
-            n.name, n.addr
-        ));
-    }
-    let config_path = scratch.path().join("coordinator.toml");
-    std::fs::write(&config_path, text)?;
-    let config = CoordinatorConfig::load(&config_path)?;
-    let store = SqliteStore::open(&config.coordinator.state)?;
-    let token = store.add_user("bench", Role::Researcher)?;
-    store.create_study(&Study {
-        name: "bench".into(),
-        title: "benchmark".into(),
-        principal_investigator: "bench".into(),
-        members: vec![],
-        tables: vec![],
-        requested_epsilon: 1.0,
-        requested_delta: 1e-6,
-        ethics_ref: "-".into(),
-        min_sites: None,
-        created_ms: now_ms(),
-        created_by: "bench".into(),
-    })?;
-    drop(store);
-    let coordinator =
-        confer_coordinator::start(config, confer_coordinator::Transport::InsecureLoopback).await?;
+    let (coordinator, token) =
+        common::coordinator(scratch.path(), &nodes, "node_timeout_secs = 600\n").await?;
     let mut client = Client::connect(&format!("http://{}", coordinator.addr), Some(&token)).await?;
     let mut dp_ms = Vec::new();
     let mut dp_rows = Vec::new();

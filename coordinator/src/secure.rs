@@ -34,6 +34,18 @@ fn err(message: String) -> ProtocolError {
     ProtocolError::new(ErrorKind::FailedPrecondition, message).with_retryable(false)
 }
 
+/// `min_sites` when neither the query nor the study sets it: a majority of
+/// the `nodes`, the protocol's default threshold, so a minority may drop out.
+pub fn default_min_sites(nodes: usize) -> usize {
+    nodes / 2 + 1
+}
+
+/// The session's threshold for `members` nodes: a majority, at least
+/// `min_sites`, and at least 2.
+pub fn min_survivors(members: usize, min_sites: usize) -> usize {
+    (members / 2 + 1).max(min_sites).max(2)
+}
+
 /// Runs a secure query across `nodes`.
 pub async fn run(
     nodes: &[NodeHandle],
@@ -102,10 +114,7 @@ pub async fn run(
         .map_err(|e| ProtocolError::internal(format!("the OS random source failed: {e}")))?;
     let len = confer_query::secure::vector_len(plan).map_err(ProtocolError::from)?;
     let config = Config::new(members.len(), confer_query::secure::BITS, len, session)
-        .and_then(|c| {
-            let floor = c.min_survivors.max(need);
-            c.min_survivors(floor)
-        })
+        .and_then(|c| c.min_survivors(min_survivors(members.len(), min_sites)))
         .map_err(|e| err(format!("secure aggregation: {e}")))?;
     task.kind = TaskKind::SecureQuery(SecureQueryTask {
         sql,

@@ -289,21 +289,7 @@ impl CoordinatorState {
                     .await
                     .map_err(ProtocolError::from)?
                 {
-                    if !study.tables.is_empty()
-                        && let Some(t) = public
-                            .tables
-                            .iter()
-                            .find(|t| !study.tables.iter().any(|s| s.eq_ignore_ascii_case(t)))
-                    {
-                        return Err(ProtocolError::new(
-                            ErrorKind::PermissionDenied,
-                            format!(
-                                "study {} does not include table {t} (its tables: {}): ask an admin to extend the study",
-                                study.name,
-                                study.tables.join(", ")
-                            ),
-                        ));
-                    }
+                    study_reads(&study, &public.tables)?;
                     let mut fields = vec![Arc::new(Field::new(
                         confer_query::public::SITE_COLUMN,
                         DataType::Utf8,
@@ -335,21 +321,7 @@ impl CoordinatorState {
                 let plan = confer_query::compile(&parsed, &catalog, None)
                     .await
                     .map_err(ProtocolError::from)?;
-                if !study.tables.is_empty()
-                    && let Some(t) = plan
-                        .tables
-                        .iter()
-                        .find(|t| !study.tables.iter().any(|s| s.eq_ignore_ascii_case(t)))
-                {
-                    return Err(ProtocolError::new(
-                        ErrorKind::PermissionDenied,
-                        format!(
-                            "study {} does not include table {t} (its tables: {}): ask an admin to extend the study",
-                            study.name,
-                            study.tables.join(", ")
-                        ),
-                    ));
-                }
+                study_reads(&study, &plan.tables)?;
                 confer_query::engine::validate(&plan, &catalog)
                     .await
                     .map_err(ProtocolError::from)?;
@@ -359,7 +331,7 @@ impl CoordinatorState {
                 let all = self.nodes.len();
                 let default_min_sites =
                     if plan.options.aggregation == confer_query::options::Aggregation::Secure {
-                        all / 2 + 1
+                        crate::secure::default_min_sites(all)
                     } else {
                         all
                     };
@@ -682,6 +654,25 @@ fn study_info(study: &Study) -> StudyInfo {
 }
 
 /// Notes the sites that did not answer in the result's metadata.
+/// Refuses reading a table outside the study's list (an empty list allows all).
+fn study_reads(study: &Study, tables: &[String]) -> Result<(), ProtocolError> {
+    if !study.tables.is_empty()
+        && let Some(t) = tables
+            .iter()
+            .find(|t| !study.tables.iter().any(|s| s.eq_ignore_ascii_case(t)))
+    {
+        return Err(ProtocolError::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "study {} does not include table {t} (its tables: {}): ask an admin to extend the study",
+                study.name,
+                study.tables.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A node's public answer with the `site` column first, cast to `schema`
 /// (a node whose columns do not fit is set aside, named).
 fn with_site(
@@ -790,13 +781,13 @@ fn explain(plan: &FederatedPlan, sites: usize) -> Result<RecordBatch, ProtocolEr
     }
     let z = confer_privacy::stats::z_for_confidence(o.confidence);
     let secure = o.aggregation == confer_query::options::Aggregation::Secure;
-    // Secure sessions need a majority by default (see `min_sites`).
-    let min_survivors = o
-        .min_sites
-        .unwrap_or(sites / 2 + 1)
-        .max(sites / 2 + 1)
-        .max(2)
-        .min(sites.max(2));
+    let min_survivors = crate::secure::min_survivors(
+        sites,
+        o.min_sites
+            .unwrap_or(crate::secure::default_min_sites(sites))
+            .min(sites),
+    )
+    .min(sites.max(2));
     let secure_sd = if secure {
         Some(
             confer_query::secure::summed_noise_stddev(plan, min_survivors)

@@ -349,26 +349,8 @@ impl NodeService {
             ));
         }
         let payload_hash = sha256_hex(envelope.payload.as_bytes());
-        let budget = self.budget_of(&task.study, &rules)?;
-        let cost = Cost {
-            rho: plan.cost.rho,
-            epsilon: plan.cost.epsilon,
-            delta: plan.cost.delta,
-            selection_delta: plan.cost.selection_delta,
-        };
-        let charge = self.charge(&task, &payload_hash, cost, budget, &rules);
-        if let Some(why) = self.state.ledger.check_budget(&charge)? {
-            return Err(self.refuse(Some(&task), ErrorKind::ResourceExhausted, why));
-        }
-        let batches = self
-            .state
-            .ctx
-            .sql(&plan.local_sql)
-            .await
-            .map_err(NodeError::from)?
-            .collect()
-            .await
-            .map_err(NodeError::from)?;
+        let charge = self.priced_charge(&task, &payload_hash, &plan, &rules)?;
+        let batches = self.run_sql(&plan.local_sql).await?;
         let min_survivors = config.min_survivors;
         let input = blocking(move || {
             let mut rng = crate::secure::os_rng()?;
@@ -391,7 +373,7 @@ impl NodeService {
             return Err(e);
         }
         self.state.secure.confirm(task.id)?;
-        info!(task = %task.id, study = %task.study, rho = cost.rho, "secure session joined after durable debit");
+        info!(task = %task.id, study = %task.study, rho = charge.cost.rho, "secure session joined after durable debit");
         Ok(keys)
     }
 
@@ -491,29 +473,8 @@ impl NodeService {
         }
 
         let plan = self.checked_plan(task, rules, policy, sql).await?;
-        let budget = self.budget_of(&task.study, rules)?;
-        let cost = Cost {
-            rho: plan.cost.rho,
-            epsilon: plan.cost.epsilon,
-            delta: plan.cost.delta,
-            selection_delta: plan.cost.selection_delta,
-        };
-        // Refuse early, before computing; the binding check is repeated in
-        // the transaction that records the release.
-        let charge = self.charge(task, &payload_hash, cost, budget, rules);
-        if let Some(why) = self.state.ledger.check_budget(&charge)? {
-            return Err(self.refuse(Some(task), ErrorKind::ResourceExhausted, why));
-        }
-
-        let batches = self
-            .state
-            .ctx
-            .sql(&plan.local_sql)
-            .await
-            .map_err(NodeError::from)?
-            .collect()
-            .await
-            .map_err(NodeError::from)?;
+        let charge = self.priced_charge(task, &payload_hash, &plan, rules)?;
+        let batches = self.run_sql(&plan.local_sql).await?;
         let name = self.state.name.clone();
         let id = task.id;
         let options = ReleaseOptions {
@@ -530,9 +491,9 @@ impl NodeService {
         info!(
             task = %task.id,
             study = %task.study,
-            rho = cost.rho,
-            epsilon = cost.epsilon,
-            delta = cost.delta,
+            rho = charge.cost.rho,
+            epsilon = charge.cost.epsilon,
+            delta = charge.cost.delta,
             "released after durable debit"
         );
         decode_ipc(&released)
@@ -575,15 +536,7 @@ impl NodeService {
                 ),
             ));
         }
-        let batches = self
-            .state
-            .ctx
-            .sql(&public.sql)
-            .await
-            .map_err(NodeError::from)?
-            .collect()
-            .await
-            .map_err(NodeError::from)?;
+        let batches = self.run_sql(&public.sql).await?;
         let schema = batches
             .first()
             .map(RecordBatch::schema)
@@ -612,25 +565,48 @@ impl NodeService {
         Ok(batch)
     }
 
-    fn charge(
+    /// The charge for running `plan` under the study's budgets, refused
+    /// (and audited) early if it would not fit now; the binding check is
+    /// repeated in the transaction that records the release.
+    fn priced_charge(
         &self,
         task: &Task,
         payload_hash: &str,
-        cost: Cost,
-        budget: f64,
+        plan: &confer_query::plan::FederatedPlan,
         rules: &StudyRules,
-    ) -> Charge {
-        Charge {
+    ) -> Result<Charge> {
+        let charge = Charge {
             task_id: task.id,
             payload_hash: payload_hash.to_string(),
             study: task.study.clone(),
             researcher: task.researcher.clone(),
             kind: task.kind_name().into(),
-            cost,
-            study_budget: budget,
+            cost: Cost {
+                rho: plan.cost.rho,
+                epsilon: plan.cost.epsilon,
+                delta: plan.cost.delta,
+                selection_delta: plan.cost.selection_delta,
+            },
+            study_budget: self.budget_of(&task.study, rules)?,
             researcher_budget: rules.researcher_budget_rho,
             study_delta_budget: rules.budget_delta,
+        };
+        if let Some(why) = self.state.ledger.check_budget(&charge)? {
+            return Err(self.refuse(Some(task), ErrorKind::ResourceExhausted, why));
         }
+        Ok(charge)
+    }
+
+    /// Runs SQL on the node's tables and collects the result.
+    async fn run_sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        self.state
+            .ctx
+            .sql(sql)
+            .await
+            .map_err(NodeError::from)?
+            .collect()
+            .await
+            .map_err(NodeError::from)
     }
 
     /// Records the release (debit + audit) durably; refusals become errors.

@@ -46,27 +46,8 @@ fn catalog(node: &str) -> CatalogInfo {
 
 /// Person p is in group p mod GROUPS, with one row: group g holds `persons / GROUPS` rows.
 async fn session(persons: i64) -> SessionContext {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("person_id", DataType::Int64, false),
-        Field::new("g", DataType::Int64, false),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(Int64Array::from_iter_values(0..persons)),
-            Arc::new(Int64Array::from_iter_values(
-                (0..persons).map(|p| p % GROUPS),
-            )),
-        ],
-    )
-    .expect("batch");
-    let ctx = SessionContext::new();
-    ctx.register_table(
-        "t",
-        Arc::new(MemTable::try_new(schema, vec![vec![batch]]).expect("table")),
-    )
-    .expect("register");
-    ctx
+    let rows: Vec<(i64, i64)> = (0..persons).map(|p| (p, p % GROUPS)).collect();
+    session_rows(&rows).await
 }
 
 /// A table `t` holding the given (person_id, g) rows.
@@ -92,6 +73,19 @@ async fn session_rows(rows: &[(i64, i64)]) -> SessionContext {
     ctx
 }
 
+/// What the node's local bounded query returns for `plan`.
+async fn local_batches(
+    ctx: &SessionContext,
+    plan: &confer_query::FederatedPlan,
+) -> Vec<RecordBatch> {
+    ctx.sql(&plan.local_sql)
+        .await
+        .expect("plan")
+        .collect()
+        .await
+        .expect("run")
+}
+
 async fn release_once(ctx: &SessionContext, sql: &str, node: &str) -> RecordBatch {
     let Statement::Query(parsed) = parse(sql).expect("parse") else {
         panic!("not a query")
@@ -99,13 +93,7 @@ async fn release_once(ctx: &SessionContext, sql: &str, node: &str) -> RecordBatc
     let plan = compile(&parsed, &Catalog::for_node(&catalog(node)), Some(node))
         .await
         .expect("compile");
-    let batches = ctx
-        .sql(&plan.local_sql)
-        .await
-        .expect("plan")
-        .collect()
-        .await
-        .expect("run");
+    let batches = local_batches(ctx, &plan).await;
     confer_query::release::release(&plan, &batches, node, Uuid::new_v4(), &Default::default())
         .expect("release")
 }
@@ -306,13 +294,7 @@ async fn secure_sums_follow_the_small_cell_rule() {
     let plan = compile(&parsed, &Catalog::for_node(&catalog("a")), Some("a"))
         .await
         .expect("compile");
-    let batches = ctx
-        .sql(&plan.local_sql)
-        .await
-        .expect("plan")
-        .collect()
-        .await
-        .expect("run");
+    let batches = local_batches(&ctx, &plan).await;
     let mut rng = ChaCha20Rng::seed_from_u64(7);
     let a = confer_query::secure::node_input(&plan, &batches, 2, &mut rng).expect("input");
     let b = confer_query::secure::node_input(&plan, &batches, 2, &mut rng).expect("input");
