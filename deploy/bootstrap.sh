@@ -65,7 +65,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 say "installing Python requirements (torch 2.13.0 for libtorch, pyarrow, ADBC, polars, pytest); this takes a few minutes the first time"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir -r "$req"
 "$venv/bin/python" -c 'import torch; assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__' \
     || die "torch in $venv is not 2.13.0; delete $venv and run again"
 echo "$want" > "$stamp"

@@ -92,6 +92,13 @@ pub enum Error {
         /// The parser's message.
         message: String,
     },
+    /// A training job (`job.toml`) is invalid; the message names the field
+    /// and what to write instead.
+    #[error("training job: {0}")]
+    InvalidJob(String),
+    /// The job's privacy parameters cannot be calibrated.
+    #[error("training job privacy: {0}")]
+    Privacy(String),
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -71,9 +71,11 @@
 mod data;
 mod error;
 mod eval;
+pub mod job;
 mod model;
 mod server;
 mod spec;
+pub mod split;
 mod train;
 
 pub use data::{Dataset, Targets};

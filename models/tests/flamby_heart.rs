@@ -11,19 +11,7 @@
 
 mod flamby;
 
-use flamby::{
-    Benchmark, Method, Normalisation, NumpyRandomState, labels, load_centres, mean_sd, run,
-    split_sizes,
-};
-
-#[test]
-fn numpy_random_state_matches_numpy() {
-    // python -c "import numpy as np; r = np.random.RandomState(43);
-    //            print(r.permutation(10), r.permutation(7))"
-    let mut rng = NumpyRandomState::new(43);
-    assert_eq!(rng.permutation(10), vec![3, 9, 6, 8, 2, 5, 1, 7, 0, 4]);
-    assert_eq!(rng.permutation(7), vec![4, 1, 5, 6, 0, 2, 3]);
-}
+use flamby::{Benchmark, Method, Normalisation, labels, load_centres, mean_sd, run, split_sizes};
 
 #[test]
 fn split_matches_flamby() {

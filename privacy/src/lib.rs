@@ -36,6 +36,7 @@
 //!   (Canonne, Kamath, Steinke 2020) in integer arithmetic.
 
 pub mod accounting;
+pub mod federated;
 pub mod mechanisms;
 pub mod secagg;
 pub mod selection;
