@@ -23,3 +23,5 @@ mod slt;
 mod synth_network;
 /// Mutual TLS, tokens, client certificates, roles, refused certificates.
 mod tls;
+/// Federated training over the four UCI heart-disease centres.
+mod train;

@@ -1,7 +1,7 @@
 //! Every command a confer user types: `confer node`, `confer coordinator`,
 //! `confer query`, `confer study`, `confer nodes`, `confer pki`,
 //! `confer audit`, `confer keygen`, `confer synth`, `confer catalog`,
-//! `confer demo`, `confer doctor`.
+//! `confer train`, `confer model`, `confer demo`, `confer doctor`.
 //!
 //! Servers print one line to standard output when they are ready,
 //! `confer <role> <name> listening on <addr>`, which the demo and the
@@ -13,8 +13,10 @@ pub mod client;
 pub mod demo;
 pub mod gibleed;
 pub mod governance;
+pub mod heart;
 mod servers;
 pub mod synth;
+pub mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,6 +65,10 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// The network catalog as the nodes publish it: tables, columns, types, bounds, domains.
     Catalog(admin::CatalogArgs),
+    /// Train a model across the nodes (federated, secure aggregation, DP), or follow, list or cancel jobs.
+    Train(train::TrainArgs),
+    /// Export a trained model with its standardisation and privacy statement.
+    Model(train::ModelArgs),
     /// Start a local federation over the GiBleed OMOP data and run example queries.
     Demo(DemoArgs),
     /// Check this installation: libtorch, CUDA, versions.
@@ -223,6 +229,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keygen { out, force } => governance::keygen(&out, force),
         Command::Synth(args) => tokio::task::spawn_blocking(move || synth::run(args)).await?,
         Command::Catalog(args) => admin::catalog(args).await,
+        Command::Train(args) => train::train(args).await,
+        Command::Model(args) => train::model(args).await,
         Command::Demo(args) => demo::run(args, cli.verbose).await,
         Command::Doctor => doctor(),
     }

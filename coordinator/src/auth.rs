@@ -29,6 +29,8 @@ pub enum Action {
     ManageStudies,
     /// List, add or revoke users.
     ManageUsers,
+    /// Start or cancel training jobs.
+    Train,
 }
 
 impl Action {
@@ -37,6 +39,7 @@ impl Action {
         match self {
             Action::Query | Action::Browse | Action::NodeStatus | Action::ReadStudies => true,
             Action::ManageStudies | Action::ManageUsers => role == Role::Admin,
+            Action::Train => role != Role::Analyst,
         }
     }
 
@@ -48,6 +51,7 @@ impl Action {
             Action::ReadStudies => "read studies",
             Action::ManageStudies => "create studies",
             Action::ManageUsers => "manage users",
+            Action::Train => "train models",
         }
     }
 }

@@ -10,6 +10,7 @@
 //! state = "state/coordinator.sqlite"  # users, studies, results, node registry, audit log
 //! retries = 2                # further attempts after a retryable node failure (same task id)
 //! health_interval_secs = 30  # how often nodes are checked
+//! train_timeout_secs = 600   # per-node deadline of one training step (local training of a round)
 //!
 //! [[nodes]]
 //! name = "site-a"
@@ -67,6 +68,14 @@ pub struct CoordinatorSection {
     /// How long a task stays valid at the nodes, in seconds.
     #[serde(default = "default_task_ttl")]
     pub task_ttl_secs: u64,
+    /// Per-node deadline of one training step (preparing a job, one
+    /// round's local training, an evaluation), in seconds.
+    #[serde(default = "default_train_timeout")]
+    pub train_timeout_secs: u64,
+}
+
+fn default_train_timeout() -> u64 {
+    600
 }
 
 fn default_state() -> PathBuf {

@@ -9,6 +9,8 @@
 //!                                          combine (sums, SE, CI) ─▶ post-process ─▶ stream
 //! ```
 //!
+//! Training jobs ([`train`]) run in the background over the same nodes.
+//!
 //! The coordinator holds no records and adds no noise: nodes release, the
 //! coordinator only does post-processing.
 
@@ -21,6 +23,7 @@ pub mod fanout;
 pub mod secure;
 pub mod service;
 pub mod store;
+pub mod train;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -144,6 +147,7 @@ pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<Ru
         .collect::<Result<Vec<_>>>()?;
     let health_every = std::time::Duration::from_secs(config.coordinator.health_interval_secs);
     let state = Arc::new(CoordinatorState::new(config, store, nodes)?);
+    train::resume_all(&state);
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         CoordinatorError::Network(format!("cannot listen on {addr} (coordinator.listen): {e}"))
     })?;

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use confer_privacy::secagg::{Config, Server, VerifyingKey};
+use confer_privacy::secagg::{Aggregate, Config, Server, VerifyingKey};
 use confer_protocol::task::{
     Envelope, SecaggIdentity, SecaggRound, SecureQueryTask, Task, TaskKind,
 };
@@ -97,21 +97,8 @@ pub async fn run(
             names(&dropped)
         )));
     }
-    let keys: Vec<VerifyingKey> = identities
-        .iter()
-        .map(|h| {
-            hex::decode(h)
-                .ok()
-                .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .and_then(|b| VerifyingKey::from_bytes(&b).ok())
-                .ok_or_else(|| {
-                    ProtocolError::internal(format!("a node sent a bad identity key {h}"))
-                })
-        })
-        .collect::<Result<_, _>>()?;
-    let mut session = [0u8; 32];
-    getrandom::fill(&mut session)
-        .map_err(|e| ProtocolError::internal(format!("the OS random source failed: {e}")))?;
+    let keys = parse_keys(&identities)?;
+    let session = session_id()?;
     let len = confer_query::secure::vector_len(plan).map_err(ProtocolError::from)?;
     let config = Config::new(members.len(), confer_query::secure::BITS, len, session)
         .and_then(|c| c.min_survivors(min_survivors(members.len(), min_sites)))
@@ -124,69 +111,27 @@ pub async fn run(
         identities,
     });
     let signed = sign(&task)?;
-    let mut server = Server::new(config.clone(), keys.into())
-        .map_err(|e| err(format!("secure aggregation: {e}")))?;
     let task_id = task.id;
-    let fail = |round: u8, e: confer_privacy::secagg::SecAggError, dropped: &[(String, String)]| {
-        err(format!(
-            "secure aggregation failed in round {round}: {e}; dropped: {}",
-            names(dropped)
-        ))
+    let outcome = secure_sum(
+        &members,
+        keys,
+        &config,
+        task_id,
+        actions::SECAGG_ROUND,
+        &serde_json::to_value(&signed).map_err(|e| ProtocolError::internal(e.to_string()))?,
+        timeout,
+    )
+    .await;
+    let aggregate = match outcome {
+        Ok(o) => {
+            dropped.extend(o.dropped);
+            o.aggregate
+        }
+        Err((e, more)) => {
+            dropped.extend(more);
+            return Err(err(format!("{}; dropped: {}", e.message, names(&dropped))));
+        }
     };
-
-    // Round 0: the signed task; nodes debit and advertise keys.
-    let everyone: Vec<u32> = (0..members.len() as u32).collect();
-    let round0 = to_each(&everyone, &signed)?;
-    for (id, msg) in exchange(&members, task_id, 0, round0, timeout, &mut dropped).await {
-        if let Err(e) = server.receive_advertise(msg) {
-            dropped.push((members[id as usize].name.clone(), e.to_string()));
-        }
-    }
-    let dirs = server.key_directories().map_err(|e| fail(1, e, &dropped))?;
-    for (id, msg) in exchange(
-        &members,
-        task_id,
-        1,
-        to_values(dirs)?,
-        timeout,
-        &mut dropped,
-    )
-    .await
-    {
-        if let Err(e) = server.receive_shares(msg) {
-            dropped.push((members[id as usize].name.clone(), e.to_string()));
-        }
-    }
-    let shares = server.forward_shares().map_err(|e| fail(2, e, &dropped))?;
-    for (id, msg) in exchange(
-        &members,
-        task_id,
-        2,
-        to_values(shares)?,
-        timeout,
-        &mut dropped,
-    )
-    .await
-    {
-        if let Err(e) = server.receive_masked_input(msg) {
-            dropped.push((members[id as usize].name.clone(), e.to_string()));
-        }
-    }
-    let survivors = server.survivor_set().map_err(|e| fail(3, e, &dropped))?;
-    let round3 = to_each(&survivors.survivors, &survivors)?;
-    for (id, msg) in exchange(&members, task_id, 3, round3, timeout, &mut dropped).await {
-        if let Err(e) = server.receive_consistency(msg) {
-            dropped.push((members[id as usize].name.clone(), e.to_string()));
-        }
-    }
-    let request = server.unmask_request().map_err(|e| fail(4, e, &dropped))?;
-    let round4 = to_each(&survivors.survivors, &request)?;
-    for (id, msg) in exchange(&members, task_id, 4, round4, timeout, &mut dropped).await {
-        if let Err(e) = server.receive_unmask(msg) {
-            dropped.push((members[id as usize].name.clone(), e.to_string()));
-        }
-    }
-    let aggregate = server.finish().map_err(|e| fail(4, e, &dropped))?;
     let contributors: Vec<String> = aggregate
         .contributors
         .iter()
@@ -225,7 +170,155 @@ pub async fn run(
     })
 }
 
-fn names(dropped: &[(String, String)]) -> String {
+/// Parses nodes' identity keys (hex).
+pub fn parse_keys(identities: &[String]) -> Result<Vec<VerifyingKey>, ProtocolError> {
+    identities
+        .iter()
+        .map(|h| {
+            hex::decode(h)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+                .ok_or_else(|| {
+                    ProtocolError::internal(format!("a node sent a bad identity key {h}"))
+                })
+        })
+        .collect()
+}
+
+/// A fresh session id from the operating system.
+pub fn session_id() -> Result<[u8; 32], ProtocolError> {
+    let mut session = [0u8; 32];
+    getrandom::fill(&mut session)
+        .map_err(|e| ProtocolError::internal(format!("the OS random source failed: {e}")))?;
+    Ok(session)
+}
+
+/// What a secure sum gave: the sum, who dropped out, and how long the
+/// rounds took.
+pub struct SumOutcome {
+    /// The sum and its contributors (session ids).
+    pub aggregate: Aggregate,
+    /// Members that dropped out, with the reason.
+    pub dropped: Vec<(String, String)>,
+    /// Seconds of round 0 (the nodes compute their inputs then).
+    pub round0_secs: f64,
+    /// Seconds of rounds 1 to 4 and unmasking.
+    pub rest_secs: f64,
+}
+
+/// Runs one secure-aggregation session over `members` (session id = index)
+/// with their identity `keys`: round 0 sends `round0` to each through
+/// `start_action`, rounds 1 to 4 go through the secure-aggregation action.
+/// On failure returns the error and the dropouts so far.
+pub async fn secure_sum(
+    members: &[&NodeHandle],
+    keys: Vec<VerifyingKey>,
+    config: &Config,
+    task_id: uuid::Uuid,
+    start_action: &str,
+    round0: &serde_json::Value,
+    timeout: Duration,
+) -> Result<SumOutcome, (ProtocolError, Vec<(String, String)>)> {
+    let mut dropped: Vec<(String, String)> = Vec::new();
+    let started = std::time::Instant::now();
+    let mut server = match Server::new(config.clone(), keys.into()) {
+        Ok(s) => s,
+        Err(e) => return Err((err(format!("secure aggregation: {e}")), dropped)),
+    };
+    let fail = |round: u8, e: confer_privacy::secagg::SecAggError| {
+        err(format!("secure aggregation failed in round {round}: {e}"))
+    };
+    let internal = |e: ProtocolError, dropped: Vec<(String, String)>| (e, dropped);
+
+    // Round 0: the task; nodes check it, compute their input and advertise keys.
+    let everyone: Vec<u32> = (0..members.len() as u32).collect();
+    let round0 = match to_each(&everyone, round0) {
+        Ok(m) => m,
+        Err(e) => return Err(internal(e, dropped)),
+    };
+    for (id, msg) in exchange(
+        members,
+        start_action,
+        task_id,
+        0,
+        round0,
+        timeout,
+        &mut dropped,
+    )
+    .await
+    {
+        if let Err(e) = server.receive_advertise(msg) {
+            dropped.push((members[id as usize].name.clone(), e.to_string()));
+        }
+    }
+    let round0_secs = started.elapsed().as_secs_f64();
+    let dirs = match server.key_directories() {
+        Ok(d) => d,
+        Err(e) => return Err((fail(1, e), dropped)),
+    };
+    let dirs = match to_values(dirs) {
+        Ok(d) => d,
+        Err(e) => return Err(internal(e, dropped)),
+    };
+    let round = actions::SECAGG_ROUND;
+    for (id, msg) in exchange(members, round, task_id, 1, dirs, timeout, &mut dropped).await {
+        if let Err(e) = server.receive_shares(msg) {
+            dropped.push((members[id as usize].name.clone(), e.to_string()));
+        }
+    }
+    let shares = match server
+        .forward_shares()
+        .map_err(|e| fail(2, e))
+        .and_then(to_values)
+    {
+        Ok(s) => s,
+        Err(e) => return Err((e, dropped)),
+    };
+    for (id, msg) in exchange(members, round, task_id, 2, shares, timeout, &mut dropped).await {
+        if let Err(e) = server.receive_masked_input(msg) {
+            dropped.push((members[id as usize].name.clone(), e.to_string()));
+        }
+    }
+    let survivors = match server.survivor_set() {
+        Ok(s) => s,
+        Err(e) => return Err((fail(3, e), dropped)),
+    };
+    let round3 = match to_each(&survivors.survivors, &survivors) {
+        Ok(m) => m,
+        Err(e) => return Err(internal(e, dropped)),
+    };
+    for (id, msg) in exchange(members, round, task_id, 3, round3, timeout, &mut dropped).await {
+        if let Err(e) = server.receive_consistency(msg) {
+            dropped.push((members[id as usize].name.clone(), e.to_string()));
+        }
+    }
+    let request = match server.unmask_request() {
+        Ok(r) => r,
+        Err(e) => return Err((fail(4, e), dropped)),
+    };
+    let round4 = match to_each(&survivors.survivors, &request) {
+        Ok(m) => m,
+        Err(e) => return Err(internal(e, dropped)),
+    };
+    for (id, msg) in exchange(members, round, task_id, 4, round4, timeout, &mut dropped).await {
+        if let Err(e) = server.receive_unmask(msg) {
+            dropped.push((members[id as usize].name.clone(), e.to_string()));
+        }
+    }
+    match server.finish() {
+        Ok(aggregate) => Ok(SumOutcome {
+            aggregate,
+            dropped,
+            round0_secs,
+            rest_secs: started.elapsed().as_secs_f64() - round0_secs,
+        }),
+        Err(e) => Err((fail(4, e), dropped)),
+    }
+}
+
+/// The dropouts, for messages.
+pub fn names(dropped: &[(String, String)]) -> String {
     if dropped.is_empty() {
         return "none".into();
     }
@@ -260,6 +353,7 @@ fn to_each<T: Serialize>(
 /// the answers that came back in time; the rest are recorded as dropped.
 async fn exchange<R: DeserializeOwned>(
     members: &[&NodeHandle],
+    action: &str,
     task_id: uuid::Uuid,
     number: u8,
     messages: BTreeMap<u32, serde_json::Value>,
@@ -276,12 +370,7 @@ async fn exchange<R: DeserializeOwned>(
             });
             let result = match body {
                 Ok(body) => node
-                    .action_json::<SecaggRound>(
-                        actions::SECAGG_ROUND,
-                        body,
-                        "secure-aggregation answer",
-                        timeout,
-                    )
+                    .action_json::<SecaggRound>(action, body, "secure-aggregation answer", timeout)
                     .await
                     .and_then(|a| {
                         serde_json::from_value::<R>(a.payload).map_err(|e| {

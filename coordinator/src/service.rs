@@ -14,7 +14,9 @@
 //! * Handshake: Basic `user:token` returns a bearer token, for clients
 //!   configured with a username and password.
 //! * Actions: `confer.nodes`, `confer.whoami`, `confer.study.create`,
-//!   `confer.study.list`, `confer.study.show`, `confer.user.list`.
+//!   `confer.study.list`, `confer.study.show`, `confer.user.list`, and the
+//!   training actions `confer.train.submit|status|list|cancel` and
+//!   `confer.model.export` (see [`crate::train`]).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -106,6 +108,7 @@ pub struct CoordinatorState {
     auth: Authenticator,
     health: RwLock<HashMap<String, NodeStatus>>,
     sql_info: SqlInfoData,
+    training: crate::train::Training,
 }
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -149,12 +152,45 @@ impl CoordinatorState {
             statements: Mutex::new(HashMap::new()),
             health: RwLock::new(HashMap::new()),
             sql_info,
+            training: crate::train::Training::default(),
         })
     }
 
     /// The state store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Who may do what.
+    pub(crate) fn auth(&self) -> &Authenticator {
+        &self.auth
+    }
+
+    /// The configured nodes.
+    pub(crate) fn nodes(&self) -> &[NodeHandle] {
+        &self.nodes
+    }
+
+    /// Signs a task with the coordinator's key.
+    pub(crate) fn sign(&self, task: &Task) -> Result<Envelope, ProtocolError> {
+        self.identity.sign(task)
+    }
+
+    /// Training jobs running in this process.
+    pub(crate) fn training(&self) -> &crate::train::Training {
+        &self.training
+    }
+
+    /// Per-node deadline of one training step (preparing, one round's
+    /// local training, an evaluation).
+    pub(crate) fn train_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.coordinator.train_timeout_secs)
+    }
+
+    /// How long a round task stays valid at the nodes.
+    pub(crate) fn round_ttl(&self) -> Duration {
+        self.task_ttl()
+            .max(self.train_timeout() + Duration::from_secs(60))
     }
 
     /// The network catalog, fetched from every node (cached briefly). A
@@ -234,7 +270,14 @@ impl CoordinatorState {
         Ok(entry.prepared.clone())
     }
 
-    fn audit(&self, user: &str, study: Option<&str>, action: &str, outcome: &str, detail: String) {
+    pub(crate) fn audit(
+        &self,
+        user: &str,
+        study: Option<&str>,
+        action: &str,
+        outcome: &str,
+        detail: String,
+    ) {
         let entry = CoordinatorAudit {
             at_ms: now_ms(),
             user: user.to_string(),
@@ -949,6 +992,16 @@ pub mod custom {
     /// types, bounds, domains and the sites publishing each table. Never
     /// row counts or values of private tables.
     pub const CATALOG: &str = "confer.catalog";
+    /// Start a training job. Body: JSON `TrainSubmit`; answer `JobStatus`.
+    pub const TRAIN_SUBMIT: &str = "confer.train.submit";
+    /// A job's status and history. Body: JSON `JobRef`.
+    pub const TRAIN_STATUS: &str = "confer.train.status";
+    /// The jobs the caller may see.
+    pub const TRAIN_LIST: &str = "confer.train.list";
+    /// Stop a job after the step under way. Body: JSON `JobRef`.
+    pub const TRAIN_CANCEL: &str = "confer.train.cancel";
+    /// A job's latest model, standardisation and privacy statement. Body: JSON `JobRef`.
+    pub const MODEL_EXPORT: &str = "confer.model.export";
 }
 
 /// The network catalog as `confer.catalog` returns it.
@@ -1269,16 +1322,26 @@ impl FlightSqlService for CoordinatorService {
             }
             custom::STUDY_CREATE => Perm::ManageStudies,
             custom::USER_LIST => Perm::ManageUsers,
+            custom::TRAIN_SUBMIT | custom::TRAIN_CANCEL => Perm::Train,
+            custom::TRAIN_STATUS | custom::TRAIN_LIST | custom::MODEL_EXPORT => Perm::ReadStudies,
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown action {other}: the coordinator serves {}, {}, {}, {}, {}, {} and {}",
-                    custom::NODES,
-                    custom::CATALOG,
-                    custom::WHOAMI,
-                    custom::STUDY_CREATE,
-                    custom::STUDY_LIST,
-                    custom::STUDY_SHOW,
-                    custom::USER_LIST
+                    "unknown action {other}: the coordinator serves {}",
+                    [
+                        custom::NODES,
+                        custom::CATALOG,
+                        custom::WHOAMI,
+                        custom::STUDY_CREATE,
+                        custom::STUDY_LIST,
+                        custom::STUDY_SHOW,
+                        custom::USER_LIST,
+                        custom::TRAIN_SUBMIT,
+                        custom::TRAIN_STATUS,
+                        custom::TRAIN_LIST,
+                        custom::TRAIN_CANCEL,
+                        custom::MODEL_EXPORT,
+                    ]
+                    .join(", ")
                 )));
             }
         };
@@ -1349,6 +1412,18 @@ impl FlightSqlService for CoordinatorService {
             custom::USER_LIST => {
                 json_result(&self.state.store.users().map_err(ProtocolError::from)?)?
             }
+            custom::TRAIN_SUBMIT => {
+                let outcome = crate::train::submit(&self.state, &user, &body).await;
+                if let Err(e) = &outcome {
+                    self.state
+                        .audit(&user.name, None, &kind, "refused", e.message.clone());
+                }
+                json_result(&outcome?)?
+            }
+            custom::TRAIN_STATUS => json_result(&crate::train::status(&self.state, &user, &body)?)?,
+            custom::TRAIN_LIST => json_result(&crate::train::list(&self.state, &user)?)?,
+            custom::TRAIN_CANCEL => json_result(&crate::train::cancel(&self.state, &user, &body)?)?,
+            custom::MODEL_EXPORT => json_result(&crate::train::export(&self.state, &user, &body)?)?,
             _ => return Err(Status::internal("unhandled action")),
         };
         Ok(Response::new(stream))
@@ -1364,6 +1439,14 @@ impl FlightSqlService for CoordinatorService {
                 (custom::STUDY_LIST, "studies you may use (JSON)"),
                 (custom::STUDY_SHOW, "one study (body: its name)"),
                 (custom::USER_LIST, "users (admin; JSON)"),
+                (custom::TRAIN_SUBMIT, "start a training job (body: JSON)"),
+                (custom::TRAIN_STATUS, "a training job's status and history"),
+                (custom::TRAIN_LIST, "training jobs you may see"),
+                (custom::TRAIN_CANCEL, "stop a training job"),
+                (
+                    custom::MODEL_EXPORT,
+                    "a training job's model and privacy statement",
+                ),
             ]
             .into_iter()
             .map(|(t, d)| {

@@ -156,6 +156,21 @@ pub struct CoordinatorAudit {
     pub detail: String,
 }
 
+/// A training job as stored: its status, its signed task, and the latest
+/// checkpoint (JSON written by [`crate::train`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// What clients see.
+    pub status: confer_protocol::train::JobStatus,
+    /// The job spec (JSON of `confer_models::job::JobSpec`).
+    pub spec: serde_json::Value,
+    /// The signed job task (JSON of an `Envelope`), once signed.
+    pub envelope: Option<String>,
+    /// The latest checkpoint.
+    #[serde(skip)]
+    pub checkpoint: Option<String>,
+}
+
 /// The coordinator's state store.
 pub trait Store: Send + Sync {
     /// Creates a user and returns its bearer token (shown only now).
@@ -188,6 +203,12 @@ pub trait Store: Send + Sync {
     fn audit(&self, entry: &CoordinatorAudit) -> Result<()>;
     /// The audit log, oldest first.
     fn audit_log(&self) -> Result<Vec<CoordinatorAudit>>;
+    /// Creates or replaces a training job (durably: a checkpoint survives a crash).
+    fn save_job(&self, job: &JobRecord) -> Result<()>;
+    /// A training job with its checkpoint.
+    fn job(&self, id: uuid::Uuid) -> Result<Option<JobRecord>>;
+    /// Every training job, without checkpoints, oldest first.
+    fn jobs(&self) -> Result<Vec<JobRecord>>;
 }
 
 /// [`Store`] on SQLite.
@@ -236,6 +257,9 @@ impl SqliteStore {
                  statement_hash TEXT NOT NULL, sites TEXT NOT NULL, created_ms INTEGER NOT NULL,
                  result BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS train_jobs (
+                 id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, body TEXT NOT NULL,
+                 checkpoint TEXT);
              CREATE TABLE IF NOT EXISTS audit (
                  seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, user TEXT NOT NULL, study TEXT,
                  action TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL);",
@@ -489,6 +513,59 @@ impl Store for SqliteStore {
             })
             .map_err(db)?;
         rows.collect::<rusqlite::Result<_>>().map_err(db)
+    }
+
+    fn save_job(&self, job: &JobRecord) -> Result<()> {
+        let body =
+            serde_json::to_string(job).map_err(|e| CoordinatorError::State(e.to_string()))?;
+        let conn = self.conn()?;
+        conn.execute(
+            "INSERT INTO train_jobs (id, created_ms, body, checkpoint) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET body = excluded.body, checkpoint = excluded.checkpoint",
+            params![
+                job.status.job_id.to_string(),
+                job.status.created_ms,
+                body,
+                job.checkpoint
+            ],
+        )
+        .map_err(db)?;
+        Ok(())
+    }
+
+    fn job(&self, id: uuid::Uuid) -> Result<Option<JobRecord>> {
+        let conn = self.conn()?;
+        let row: Option<(String, Option<String>)> = conn
+            .query_row(
+                "SELECT body, checkpoint FROM train_jobs WHERE id = ?1",
+                params![id.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        row.map(|(body, checkpoint)| {
+            let mut job: JobRecord =
+                serde_json::from_str(&body).map_err(|e| CoordinatorError::State(e.to_string()))?;
+            job.checkpoint = checkpoint;
+            Ok(job)
+        })
+        .transpose()
+    }
+
+    fn jobs(&self) -> Result<Vec<JobRecord>> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT body FROM train_jobs ORDER BY created_ms, id")
+            .map_err(db)?;
+        let bodies: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(db)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(db)?;
+        bodies
+            .iter()
+            .map(|b| serde_json::from_str(b).map_err(|e| CoordinatorError::State(e.to_string())))
+            .collect()
     }
 }
 

@@ -866,6 +866,17 @@ pub fn split_datasets(
             "the feature query returns {n} rows here; training needs at least 4"
         )));
     }
+    if matches!(targets, Targets::Binary(_)) {
+        let positives = strata.iter().filter(|&&v| v > 0.5).count();
+        if positives == 0 || positives == n {
+            return Err(bad(format!(
+                "the label column {} has one class only here ({n} rows, all {}): a classifier needs both classes at \
+                 every node; change the label or leave this node out of the job's sites",
+                spec.data.label.as_deref().unwrap_or("label"),
+                usize::from(positives > 0)
+            )));
+        }
+    }
     let (train, test) =
         crate::split::train_test_split(&strata, spec.data.train_fraction, spec.data.split_seed);
     let all = match targets {
@@ -873,18 +884,6 @@ pub fn split_datasets(
         Targets::Survival { time, event } => Dataset::survival(features, width, time, event)?,
     };
     let (train, test) = (all.select(&train), all.select(&test));
-    if let Targets::Binary(y) = train.targets() {
-        let positives = y.iter().filter(|&&v| v > 0.5).count();
-        if positives == 0 || positives == y.len() {
-            return Err(bad(format!(
-                "the label {} has one class only in this node's training split ({} rows, all {}): \
-                 a classifier needs both classes at every node; change the label or leave this node out",
-                spec.data.label.as_deref().unwrap_or("label"),
-                y.len(),
-                if positives == 0 { 0 } else { 1 }
-            )));
-        }
-    }
     Ok((train, test))
 }
 

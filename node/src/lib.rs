@@ -10,6 +10,9 @@
 //!   coordinator ◀── noisy partials ───────┘
 //! ```
 //!
+//! Training jobs (`train`) run the job's feature query locally, train with
+//! tch, and send only secure-aggregation inputs and DP evaluation counts.
+//!
 //! The node compiles every query itself with its own catalog, so sensitivity,
 //! noise and cost never depend on what the coordinator claims. Nothing is
 //! sent before its debit is committed to the ledger.
@@ -22,6 +25,7 @@ pub mod omop;
 pub mod policy;
 pub mod secure;
 pub mod service;
+pub mod train;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -7,6 +7,7 @@
 //! max_query_epsilon = 2.0           # no single release may cost more (its reported epsilon)
 //! min_group_size = 10               # released counts below this are suppressed (0 = off)
 //! default_study_budget = { epsilon = 5.0, delta = 1e-6 }   # for studies not listed; omit to refuse them
+//! default_models = ["logistic_regression"]  # what studies not listed may train (default: nothing)
 //!
 //! [policy.studies.gi_bleed]
 //! budget = { epsilon = 10.0, delta = 1e-6 }   # or { rho = 0.5, delta = 1e-6 }
@@ -47,6 +48,10 @@ pub struct PolicyConfig {
     /// Budget for studies that are not listed; without it they are refused.
     #[serde(default)]
     pub default_study_budget: Option<BudgetConfig>,
+    /// Model architectures that studies admitted by the default budget may
+    /// train (`logistic_regression`, `mlp`, `cox`); none when empty.
+    #[serde(default)]
+    pub default_models: Vec<String>,
     /// Studies by name.
     #[serde(default)]
     pub studies: BTreeMap<String, StudyPolicy>,
@@ -59,6 +64,7 @@ impl Default for PolicyConfig {
             max_query_epsilon: None,
             min_group_size: 0,
             default_study_budget: None,
+            default_models: Vec::new(),
             studies: BTreeMap::new(),
         }
     }
@@ -155,7 +161,21 @@ pub struct Policy {
     /// Small-cell threshold.
     pub min_group_size: u64,
     default_budget: Option<(f64, f64)>,
+    default_models: Vec<String>,
     studies: BTreeMap<String, StudyRules>,
+}
+
+/// The architectures a policy may name.
+const ARCHITECTURES: [&str; 3] = ["logistic_regression", "mlp", "cox"];
+
+fn check_models(field: &str, models: &[String]) -> Result<()> {
+    match models.iter().find(|m| !ARCHITECTURES.contains(&m.as_str())) {
+        Some(m) => Err(NodeError::Config(format!(
+            "{field}: unknown model architecture {m:?}: use {}",
+            ARCHITECTURES.join(", ")
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// What the policy says about one study.
@@ -205,9 +225,11 @@ impl Policy {
                 ))
             })
             .transpose()?;
+        check_models("policy.default_models", &config.default_models)?;
         let mut studies = BTreeMap::new();
         for (name, s) in &config.studies {
             let field = format!("policy.studies.{name}");
+            check_models(&format!("{field}.models"), &s.models)?;
             let rules = StudyRules {
                 budget_rho: budget(&format!("{field}.budget"), &s.budget)?,
                 budget_delta: budget_delta(&format!("{field}.budget"), &s.budget)?,
@@ -231,6 +253,7 @@ impl Policy {
             max_query_epsilon: config.max_query_epsilon,
             min_group_size: config.min_group_size,
             default_budget,
+            default_models: config.default_models.clone(),
             studies,
         })
     }
@@ -247,7 +270,7 @@ impl Policy {
                 researchers: None,
                 researcher_budget_rho: None,
                 tables: None,
-                models: Vec::new(),
+                models: self.default_models.clone(),
                 listed: false,
             }),
             None => Err(format!(

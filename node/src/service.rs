@@ -61,6 +61,8 @@ pub struct NodeState {
     pub started: Instant,
     /// Secure-aggregation identity and sessions.
     pub secure: crate::secure::SecureSessions,
+    /// Training jobs prepared here.
+    pub train: crate::train::TrainJobs,
     coordinator: PublicKey,
     policy: RwLock<PolicyState>,
     config_path: Option<PathBuf>,
@@ -89,10 +91,16 @@ impl NodeState {
             ledger,
             started: Instant::now(),
             secure: crate::secure::SecureSessions::open(&config.node.state_dir)?,
+            train: crate::train::TrainJobs::default(),
             coordinator,
             policy: RwLock::new(PolicyState { policy, modified }),
             config_path: config.source.clone(),
         })
+    }
+
+    /// The coordinator's public key, which signs every task.
+    pub fn coordinator(&self) -> &PublicKey {
+        &self.coordinator
     }
 
     /// The policy in force, re-read from node.toml if the file changed. A
@@ -169,7 +177,12 @@ impl NodeService {
         Self { state }
     }
 
-    fn refuse(&self, task: Option<&Task>, kind: ErrorKind, reason: String) -> NodeError {
+    /// The node's state.
+    pub(crate) fn state(&self) -> &NodeState {
+        &self.state
+    }
+
+    pub(crate) fn refuse(&self, task: Option<&Task>, kind: ErrorKind, reason: String) -> NodeError {
         let entry = AuditEntry {
             task_id: task.map(|t| t.id),
             study: task.map(|t| t.study.clone()),
@@ -189,7 +202,7 @@ impl NodeService {
 
     /// Checks signature, expiry, study approval and researcher; returns the
     /// verified task and the study's rules. Refusals are audited.
-    fn admit(&self, envelope: &Envelope, policy: &Policy) -> Result<(Task, StudyRules)> {
+    pub(crate) fn admit(&self, envelope: &Envelope, policy: &Policy) -> Result<(Task, StudyRules)> {
         let task = match self.state.coordinator.verify(envelope) {
             Ok(t) => t,
             Err(e) => {
@@ -255,7 +268,7 @@ impl NodeService {
     }
 
     /// The study's budget at this node (rho): the steward's, else the policy's.
-    fn budget_of(&self, study: &str, rules: &StudyRules) -> Result<f64> {
+    pub(crate) fn budget_of(&self, study: &str, rules: &StudyRules) -> Result<f64> {
         Ok(match self.state.ledger.study_status(study)? {
             StudyStatus::Approved {
                 budget_rho: Some(b),
@@ -283,6 +296,14 @@ impl NodeService {
                 format!(
                     "secure queries run through the {} action, not DoGet",
                     actions::SECAGG_ROUND
+                ),
+            )),
+            TaskKind::Train(_) | TaskKind::TrainRound(_) => Err(self.refuse(
+                Some(&task),
+                ErrorKind::InvalidArgument,
+                format!(
+                    "training runs through the {} actions, not DoGet",
+                    actions::TRAIN_PREPARE
                 ),
             )),
         }
@@ -610,7 +631,7 @@ impl NodeService {
     }
 
     /// Records the release (debit + audit) durably; refusals become errors.
-    fn record(&self, charge: &Charge, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    pub(crate) fn record(&self, charge: &Charge, bytes: Vec<u8>) -> Result<Vec<u8>> {
         match self.state.ledger.release(charge, bytes)? {
             Ok(bytes) => Ok(bytes),
             Err(Refusal::Budget(why)) => Err(NodeError::Protocol(
@@ -685,7 +706,9 @@ impl NodeService {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| NodeError::Protocol(ProtocolError::internal(format!("worker failed: {e}"))))?
@@ -846,6 +869,42 @@ impl FlightService for NodeService {
                     round: number,
                     payload: answer,
                 })?
+            }
+            actions::TRAIN_PREPARE | actions::TRAIN_COMMIT => {
+                let envelope = Envelope::from_bytes(&action.body).map_err(|e| {
+                    Status::from(self.refuse(None, ErrorKind::InvalidArgument, e.message))
+                })?;
+                if action.r#type == actions::TRAIN_PREPARE {
+                    json_result(&self.train_prepare(envelope).await?)?
+                } else {
+                    json_result(&self.train_commit(envelope).await?)?
+                }
+            }
+            actions::TRAIN_START => {
+                let round: SecaggRound = serde_json::from_slice(&action.body).map_err(|e| {
+                    Status::invalid_argument(format!("unreadable training round: {e}"))
+                })?;
+                let (task_id, number) = (round.task_id, round.round);
+                if number != 0 {
+                    return Err(Status::invalid_argument(format!(
+                        "{} carries round 0; rounds 1 to 4 go through {}",
+                        actions::TRAIN_START,
+                        actions::SECAGG_ROUND
+                    )));
+                }
+                let answer = self.train_start(round).await?;
+                json_result(&SecaggRound {
+                    task_id,
+                    round: number,
+                    payload: answer,
+                })?
+            }
+            actions::TRAIN_EVALUATE => {
+                let request: confer_protocol::train::TrainRequest =
+                    serde_json::from_slice(&action.body).map_err(|e| {
+                        Status::invalid_argument(format!("unreadable evaluation request: {e}"))
+                    })?;
+                json_result(&self.train_evaluate(request).await?)?
             }
             actions::HEALTH => json_result(&Health {
                 node: self.state.name.clone(),

@@ -27,6 +27,7 @@ pub mod error;
 pub mod release;
 pub mod signing;
 pub mod task;
+pub mod train;
 
 pub use error::{ErrorKind, ProtocolError};
 
@@ -41,6 +42,19 @@ pub mod actions {
     /// One round of a secure-aggregation session: body and answer are JSON
     /// [`crate::task::SecaggRound`]s.
     pub const SECAGG_ROUND: &str = "confer.secagg.round";
+    /// Checks a training job without charging: body a signed
+    /// [`crate::task::Envelope`] of a [`crate::train::TrainTask`], answer
+    /// [`crate::train::TrainReady`].
+    pub const TRAIN_PREPARE: &str = "confer.train.prepare";
+    /// Charges a prepared job's whole cost: same body, answer
+    /// [`crate::train::TrainCommitted`].
+    pub const TRAIN_COMMIT: &str = "confer.train.commit";
+    /// Round 0 of a training secure sum: a [`crate::task::SecaggRound`]
+    /// whose payload is a [`crate::train::TrainRequest`].
+    pub const TRAIN_START: &str = "confer.train.start";
+    /// An evaluation release: body [`crate::train::TrainRequest`], answer
+    /// [`crate::train::TrainEvaluation`].
+    pub const TRAIN_EVALUATE: &str = "confer.train.evaluate";
 }
 
 /// Arrow schema-metadata keys used on released results.

@@ -65,6 +65,10 @@ pub enum TaskKind {
     /// Run a plain SQL query that reads only public tables (no DP clause,
     /// nothing charged); the node checks that against its own catalog.
     PublicQuery(QueryTask),
+    /// A federated training job: prepared, then committed (charged once).
+    Train(crate::train::TrainTask),
+    /// One round of a training job.
+    TrainRound(crate::train::TrainRoundTask),
 }
 
 /// One message of a secure-aggregation session, either way. Round 0 carries
@@ -136,6 +140,20 @@ impl Task {
         }
     }
 
+    /// A new task of `kind` with a fresh id, valid for `ttl`.
+    pub fn new(study: &str, researcher: &str, kind: TaskKind, ttl: Duration) -> Self {
+        let now = unix_now();
+        Self {
+            id: Uuid::new_v4(),
+            study: study.to_string(),
+            researcher: researcher.to_string(),
+            issued_at: now,
+            expires_at: now.saturating_add(ttl.as_secs().max(1)),
+            kind,
+            study_info: None,
+        }
+    }
+
     /// A new budget report task with a fresh id, valid for `ttl`.
     pub fn budget(study: &str, researcher: &str, ttl: Duration) -> Self {
         let now = unix_now();
@@ -154,11 +172,17 @@ impl Task {
 
     /// A short name of the task's kind, for audit records.
     pub fn kind_name(&self) -> &'static str {
-        match self.kind {
+        match &self.kind {
             TaskKind::Query(_) => "query",
             TaskKind::Budget(_) => "budget",
             TaskKind::SecureQuery(_) => "secure_query",
             TaskKind::PublicQuery(_) => "public_query",
+            TaskKind::Train(_) => "train",
+            TaskKind::TrainRound(r) => match r.phase {
+                crate::train::TrainPhase::Moments => "train_moments",
+                crate::train::TrainPhase::Update => "train_update",
+                crate::train::TrainPhase::Evaluate => "train_evaluate",
+            },
         }
     }
 

@@ -48,6 +48,7 @@ pub mod combine;
 pub mod compile;
 pub mod engine;
 pub mod error;
+pub mod features;
 pub mod options;
 pub mod parse;
 pub mod plan;

@@ -1,0 +1,893 @@
+//! Federated training at the node.
+//!
+//! * **Prepare** (`confer.train.prepare`): admit the signed job like any
+//!   task (signature, expiry, study approval, researcher), check the
+//!   steward's policy (architecture, tables, per-query epsilon cap, budget),
+//!   run the feature query, check its rows (one per person, finite values,
+//!   binary labels with both classes) and split them. Nothing is charged
+//!   and nothing leaves but "ready" or the reason it is not.
+//! * **Commit** (`confer.train.commit`): debit the whole job's cost in one
+//!   durable ledger transaction under the job's task id. A repeated commit
+//!   charges nothing again.
+//! * **Secure sums** (`confer.train.start`, then the secure-aggregation
+//!   rounds): the standardisation moments once, and one model update per
+//!   round. Each is allowed once per job and recorded in the ledger (at no
+//!   further cost: the job paid for it) before its masked input can leave.
+//!   The node derives every noise level from the job spec itself.
+//! * **Evaluation** (`confer.train.evaluate`): counts of the global model
+//!   on the held-out split, released with OpenDP's discrete Gaussian at the
+//!   job's evaluation budget, recorded (a retry gets the same release).
+//!
+//! A node that restarts mid-job rebuilds its data from the job envelope
+//! that every request carries; its ledger remembers what was committed and
+//! released.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, Float64Array, RecordBatch};
+use arrow::datatypes::DataType;
+use confer_models::job::{
+    EVAL_L2_SENSITIVITY, JobSpec, Standardisation, Weighting, eval_vector, moment_sums,
+    split_datasets,
+};
+use confer_models::{Dataset, Device, LocalConfig, Model, Targets};
+use confer_privacy::secagg::encoding::Encoder;
+use confer_protocol::signing::sha256_hex;
+use confer_protocol::task::{Envelope, SecaggRound, Task, TaskKind, unix_now};
+use confer_protocol::train::{
+    TrainCommitted, TrainEvaluation, TrainPhase, TrainReady, TrainRequest, TrainRoundTask,
+    decode_f32,
+};
+use confer_protocol::{ErrorKind, ProtocolError};
+use datafusion::execution::context::SQLOptions;
+use tracing::{info, instrument};
+use uuid::Uuid;
+
+use crate::error::{NodeError, Result};
+use crate::ledger::{AuditEntry, Charge, Cost};
+use crate::policy::{Policy, StudyRules};
+use crate::service::{NodeService, blocking};
+
+/// A job's training and held-out sets, standardised.
+type Standardised = Arc<(Dataset, Dataset)>;
+
+/// A prepared job's data, raw (unstandardised) features.
+pub(crate) struct JobData {
+    spec: JobSpec,
+    payload_hash: String,
+    bounds: Vec<[f64; 2]>,
+    train: Dataset,
+    test: Dataset,
+    /// The last standardisation applied, with the standardised sets.
+    standardised: Mutex<Option<(Vec<f64>, Standardised)>>,
+    /// Serialises this job's rounds, so a round is never released twice.
+    round_lock: tokio::sync::Mutex<()>,
+}
+
+/// Prepared jobs, by job id.
+#[derive(Default)]
+pub struct TrainJobs {
+    jobs: Mutex<HashMap<Uuid, Arc<JobData>>>,
+}
+
+impl TrainJobs {
+    fn get(&self, id: Uuid, payload_hash: &str) -> Option<Arc<JobData>> {
+        let jobs = self.jobs.lock().ok()?;
+        jobs.get(&id)
+            .filter(|j| j.payload_hash == payload_hash)
+            .cloned()
+    }
+
+    fn insert(&self, id: Uuid, job: Arc<JobData>) {
+        if let Ok(mut jobs) = self.jobs.lock() {
+            // Few jobs run at once; forget finished ones beyond a handful.
+            if jobs.len() >= 16 {
+                jobs.clear();
+            }
+            jobs.insert(id, job);
+        }
+    }
+}
+
+/// The ledger id of a round's record: derived from the job, phase and round.
+fn round_record_id(job: Uuid, phase: TrainPhase, round: u32) -> Uuid {
+    let digest = sha256_hex(format!("{job}/{}/{round}", phase.name()).as_bytes());
+    let bytes = hex::decode(&digest[..32]).unwrap_or_default();
+    let mut raw = [0u8; 16];
+    raw.copy_from_slice(&bytes[..16]);
+    Uuid::from_bytes(raw)
+}
+
+fn invalid(message: String) -> ProtocolError {
+    ProtocolError::new(ErrorKind::InvalidArgument, message).with_retryable(false)
+}
+
+impl NodeService {
+    /// `confer.train.prepare`.
+    #[instrument(skip_all, fields(node = %self.state().name))]
+    pub(crate) async fn train_prepare(&self, envelope: Envelope) -> Result<TrainReady> {
+        let policy = self.state().policy()?;
+        let (task, rules) = self.admit(&envelope, &policy)?;
+        self.prepared(&envelope, &task, &rules, &policy).await?;
+        self.state().ledger.audit(&AuditEntry {
+            task_id: Some(task.id),
+            study: Some(task.study.clone()),
+            actor: Some(task.researcher.clone()),
+            kind: task.kind_name().into(),
+            decision: "recorded".into(),
+            reason: Some("training job prepared: data checked, nothing charged".into()),
+            ..Default::default()
+        })?;
+        Ok(TrainReady {
+            node: self.state().name.clone(),
+            identity: self.state().secure.identity(),
+            cuda: Device::cuda_if_available().is_cuda(),
+        })
+    }
+
+    /// `confer.train.commit`.
+    #[instrument(skip_all, fields(node = %self.state().name))]
+    pub(crate) async fn train_commit(&self, envelope: Envelope) -> Result<TrainCommitted> {
+        let policy = self.state().policy()?;
+        let (task, rules) = self.admit(&envelope, &policy)?;
+        let payload_hash = sha256_hex(envelope.payload.as_bytes());
+        let job = self.prepared(&envelope, &task, &rules, &policy).await?;
+        let plan = job
+            .spec
+            .privacy_plan()
+            .map_err(|e| self.refuse(Some(&task), ErrorKind::InvalidArgument, e.to_string()))?;
+        let repeated = match self.state().ledger.stored(task.id)? {
+            Some(s) if s.payload_hash == payload_hash => true,
+            Some(_) => {
+                return Err(self.refuse(
+                    Some(&task),
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "task id {} was already used for a different task: refused as a replay",
+                        task.id
+                    ),
+                ));
+            }
+            None => false,
+        };
+        if !repeated {
+            let charge = self.job_charge(&task, &payload_hash, &rules, &plan)?;
+            self.record(&charge, b"training job committed".to_vec())?;
+            info!(task = %task.id, study = %task.study, rho = plan.rho, "training job charged");
+        }
+        Ok(TrainCommitted {
+            node: self.state().name.clone(),
+            rho: plan.rho,
+            epsilon: plan.epsilon,
+            delta: plan.delta,
+            repeated,
+        })
+    }
+
+    /// Round 0 of a training secure sum: checks, computes the input, records
+    /// the round, and joins the session.
+    #[instrument(skip_all, fields(node = %self.state().name))]
+    pub(crate) async fn train_start(&self, round: SecaggRound) -> Result<serde_json::Value> {
+        let request: TrainRequest = serde_json::from_value(round.payload).map_err(|e| {
+            self.refuse(
+                None,
+                ErrorKind::InvalidArgument,
+                format!("round 0 of a training sum needs the job and round envelopes: {e}"),
+            )
+        })?;
+        let (task, job, round_task, round_envelope) = self.train_round(&request).await?;
+        if round_task.id != round.task_id {
+            return Err(self.refuse(
+                Some(&round_task),
+                ErrorKind::InvalidArgument,
+                "the session names another task than the signed round".into(),
+            ));
+        }
+        let TaskKind::TrainRound(r) = &round_task.kind else {
+            return Err(NodeError::Protocol(ProtocolError::internal(
+                "checked above",
+            )));
+        };
+        if r.phase == TrainPhase::Evaluate {
+            return Err(self.refuse(
+                Some(&round_task),
+                ErrorKind::InvalidArgument,
+                format!(
+                    "evaluation runs through {}, not a secure sum",
+                    confer_protocol::actions::TRAIN_EVALUATE
+                ),
+            ));
+        }
+        let session: confer_privacy::secagg::Config = r
+            .session
+            .clone()
+            .ok_or_else(|| invalid("a training sum needs its session parameters".into()))
+            .and_then(|v| {
+                serde_json::from_value(v).map_err(|e| invalid(format!("session parameters: {e}")))
+            })
+            .map_err(|e| self.refuse(Some(&round_task), e.kind, e.message))?;
+        session.validate().map_err(|e| {
+            self.refuse(
+                Some(&round_task),
+                ErrorKind::InvalidArgument,
+                format!("session parameters: {e}"),
+            )
+        })?;
+        let floor = job.spec.min_survivors(session.n);
+        if session.min_survivors < floor {
+            return Err(self.refuse(
+                Some(&round_task),
+                ErrorKind::PermissionDenied,
+                format!(
+                    "the session lets {} of {} nodes make a sum; this job needs at least {floor}",
+                    session.min_survivors, session.n
+                ),
+            ));
+        }
+        let _guard = job.round_lock.lock().await;
+        let record_id = round_record_id(task.id, r.phase, r.round);
+        if self.state().ledger.stored(record_id)?.is_some() {
+            return Err(self.refuse(
+                Some(&round_task),
+                ErrorKind::PermissionDenied,
+                format!(
+                    "{} of round {} of job {} was already released here: each is released once",
+                    r.phase.name(),
+                    r.round,
+                    task.id
+                ),
+            ));
+        }
+        let r = r.clone();
+        let input_job = job.clone();
+        let me = self.state().name.clone();
+        let config = session.clone();
+        let (input, note) = blocking(move || node_input(&input_job, &r, &config, &me))
+            .await
+            .map_err(|e| {
+                self.refuse(
+                    Some(&round_task),
+                    ErrorKind::InvalidArgument,
+                    ProtocolError::from(e).message,
+                )
+            })?;
+        let TaskKind::TrainRound(r) = &round_task.kind else {
+            return Err(NodeError::Protocol(ProtocolError::internal(
+                "checked above",
+            )));
+        };
+        let keys = self.state().secure.start(
+            round_task.id,
+            &self.state().name,
+            session,
+            &r.members,
+            &r.identities,
+            input,
+        )?;
+        // The round is on record before its masked input can leave.
+        let charge = zero_charge(&round_task, record_id, &round_envelope);
+        if let Err(e) = self.record(&charge, note.clone().into_bytes()) {
+            self.state().secure.forget(round_task.id)?;
+            return Err(e);
+        }
+        self.state().secure.confirm(round_task.id)?;
+        if note.contains("clipped") {
+            self.state().ledger.audit(&AuditEntry {
+                task_id: Some(round_task.id),
+                study: Some(task.study.clone()),
+                actor: Some(task.researcher.clone()),
+                kind: round_task.kind_name().into(),
+                decision: "recorded".into(),
+                reason: Some(note),
+                ..Default::default()
+            })?;
+        }
+        info!(job = %task.id, phase = r.phase.name(), round = r.round, "training sum joined after its record");
+        Ok(keys)
+    }
+
+    /// `confer.train.evaluate`.
+    #[instrument(skip_all, fields(node = %self.state().name))]
+    pub(crate) async fn train_evaluate(&self, request: TrainRequest) -> Result<TrainEvaluation> {
+        let (task, job, round_task, round_envelope) = self.train_round(&request).await?;
+        let TaskKind::TrainRound(r) = &round_task.kind else {
+            return Err(NodeError::Protocol(ProtocolError::internal(
+                "checked above",
+            )));
+        };
+        if r.phase != TrainPhase::Evaluate || !job.spec.evaluation_rounds().contains(&r.round) {
+            return Err(self.refuse(
+                Some(&round_task),
+                ErrorKind::InvalidArgument,
+                format!(
+                    "job {} evaluates after rounds {:?}, not {} {}",
+                    task.id,
+                    job.spec.evaluation_rounds(),
+                    r.phase.name(),
+                    r.round
+                ),
+            ));
+        }
+        let _guard = job.round_lock.lock().await;
+        let record_id = round_record_id(task.id, r.phase, r.round);
+        let charge = zero_charge(&round_task, record_id, &round_envelope);
+        if let Some(stored) = self.state().ledger.stored(record_id)? {
+            if stored.payload_hash != charge.payload_hash {
+                return Err(self.refuse(
+                    Some(&round_task),
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "evaluation of round {} of job {} was released here for another request",
+                        r.round, task.id
+                    ),
+                ));
+            }
+            return serde_json::from_slice(&stored.result)
+                .map_err(|e| NodeError::Ledger(format!("stored evaluation unreadable: {e}")));
+        }
+        let min_group_size = self.state().policy()?.min_group_size;
+        let r = r.clone();
+        let eval_job = job.clone();
+        let me = self.state().name.clone();
+        let release = blocking(move || evaluation(&eval_job, &r, &me, min_group_size))
+            .await
+            .map_err(|e| {
+                self.refuse(
+                    Some(&round_task),
+                    ErrorKind::InvalidArgument,
+                    ProtocolError::from(e).message,
+                )
+            })?;
+        let bytes = serde_json::to_vec(&release)
+            .map_err(|e| NodeError::Protocol(ProtocolError::internal(e.to_string())))?;
+        let sent = self.record(&charge, bytes)?;
+        serde_json::from_slice(&sent)
+            .map_err(|e| NodeError::Ledger(format!("stored evaluation unreadable: {e}")))
+    }
+
+    /// Checks a round request: the job admitted and committed here, the
+    /// round signed, of this job and within it. Returns the job task, its
+    /// data, the round task and the round's envelope.
+    async fn train_round(
+        &self,
+        request: &TrainRequest,
+    ) -> Result<(Task, Arc<JobData>, Task, Envelope)> {
+        let policy = self.state().policy()?;
+        let (task, rules) = self.admit(&request.job, &policy)?;
+        let payload_hash = sha256_hex(request.job.payload.as_bytes());
+        match self.state().ledger.stored(task.id)? {
+            Some(s) if s.payload_hash == payload_hash => {}
+            _ => {
+                return Err(self.refuse(
+                    Some(&task),
+                    ErrorKind::FailedPrecondition,
+                    format!("training job {} is not committed at this node", task.id),
+                ));
+            }
+        }
+        let job = self.prepared(&request.job, &task, &rules, &policy).await?;
+        let envelope = request.round.clone().ok_or_else(|| {
+            self.refuse(
+                Some(&task),
+                ErrorKind::InvalidArgument,
+                "a round request carries the round's signed envelope".into(),
+            )
+        })?;
+        let round = match self.state().coordinator().verify(&envelope) {
+            Ok(t) => t,
+            Err(e) => return Err(self.refuse(Some(&task), ErrorKind::PermissionDenied, e.message)),
+        };
+        if round.is_expired_at(unix_now()) {
+            return Err(self.refuse(
+                Some(&round),
+                ErrorKind::FailedPrecondition,
+                format!("round task {} has expired", round.id),
+            ));
+        }
+        let fits = match &round.kind {
+            TaskKind::TrainRound(r) => {
+                r.job_id == task.id
+                    && round.study == task.study
+                    && round.researcher == task.researcher
+                    && (r.phase == TrainPhase::Moments && r.round == 0
+                        || r.phase != TrainPhase::Moments
+                            && (1..=job.spec.rounds).contains(&r.round))
+            }
+            _ => false,
+        };
+        if !fits {
+            return Err(self.refuse(
+                Some(&round),
+                ErrorKind::InvalidArgument,
+                format!(
+                    "the round does not belong to job {} (study {}, {} rounds)",
+                    task.id, task.study, job.spec.rounds
+                ),
+            ));
+        }
+        Ok((task, job, round, envelope))
+    }
+
+    /// The job's data, prepared now if this node has not (or has restarted).
+    async fn prepared(
+        &self,
+        envelope: &Envelope,
+        task: &Task,
+        rules: &StudyRules,
+        policy: &Policy,
+    ) -> Result<Arc<JobData>> {
+        let payload_hash = sha256_hex(envelope.payload.as_bytes());
+        if let Some(job) = self.state().train.get(task.id, &payload_hash) {
+            return Ok(job);
+        }
+        let refuse = |kind, why: String| self.refuse(Some(task), kind, why);
+        let TaskKind::Train(train) = &task.kind else {
+            return Err(refuse(
+                ErrorKind::InvalidArgument,
+                "a training request carries a training job task".into(),
+            ));
+        };
+        if !train.sites.contains(&self.state().name) {
+            return Err(refuse(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "this node ({}) is not among the job's sites",
+                    self.state().name
+                ),
+            ));
+        }
+        let spec = JobSpec::from_json_value(train.job.clone())
+            .map_err(|e| refuse(ErrorKind::InvalidArgument, e.to_string()))?;
+        let architecture = spec.model.architecture.as_str();
+        if !rules.allows_model(architecture) {
+            return Err(refuse(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "study {} may not train {architecture} models at this node (allowed: {})",
+                    task.study,
+                    if rules.models.is_empty() {
+                        "none".to_string()
+                    } else {
+                        rules.models.join(", ")
+                    }
+                ),
+            ));
+        }
+        let plan = spec
+            .privacy_plan()
+            .map_err(|e| refuse(ErrorKind::InvalidArgument, e.to_string()))?;
+        if let Some(cap) = policy.max_query_epsilon
+            && plan.epsilon > cap * (1.0 + 1e-9)
+        {
+            return Err(refuse(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "this job costs epsilon {} (delta {:e}), above this node's per-task cap of epsilon {cap}: \
+                     lower privacy.epsilon to at most {cap}",
+                    plan.epsilon, plan.delta
+                ),
+            ));
+        }
+        if self.state().ledger.stored(task.id)?.is_none() {
+            self.job_charge(task, &payload_hash, rules, &plan)?;
+        }
+        let (train_set, test_set) = job_datasets(
+            &self.state().ctx,
+            &self.state().query_catalog,
+            &spec,
+            |tables| rules.forbidden_table(tables).map(str::to_string),
+        )
+        .await
+        .map_err(|e| match e {
+            JobDataError::Forbidden(table) => refuse(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "study {} may not read table {table} at this node",
+                    task.study
+                ),
+            ),
+            JobDataError::Invalid(why) => refuse(ErrorKind::InvalidArgument, why),
+            JobDataError::Node(e) => e,
+        })?;
+        let bounds = spec
+            .data
+            .features
+            .iter()
+            .map(|f| spec.data.bounds[f])
+            .collect();
+        let job = Arc::new(JobData {
+            spec,
+            payload_hash,
+            bounds,
+            train: train_set,
+            test: test_set,
+            standardised: Mutex::new(None),
+            round_lock: tokio::sync::Mutex::new(()),
+        });
+        self.state().train.insert(task.id, job.clone());
+        Ok(job)
+    }
+
+    /// The job's charge, refused early (and audited) if it would not fit.
+    fn job_charge(
+        &self,
+        task: &Task,
+        payload_hash: &str,
+        rules: &StudyRules,
+        plan: &confer_models::job::PrivacyPlan,
+    ) -> Result<Charge> {
+        let charge = Charge {
+            task_id: task.id,
+            payload_hash: payload_hash.to_string(),
+            study: task.study.clone(),
+            researcher: task.researcher.clone(),
+            kind: task.kind_name().into(),
+            cost: Cost {
+                rho: plan.rho,
+                epsilon: plan.epsilon,
+                delta: plan.delta,
+                selection_delta: 0.0,
+            },
+            study_budget: self.budget_of(&task.study, rules)?,
+            researcher_budget: rules.researcher_budget_rho,
+            study_delta_budget: rules.budget_delta,
+        };
+        if let Some(why) = self.state().ledger.check_budget(&charge)? {
+            return Err(self.refuse(Some(task), ErrorKind::ResourceExhausted, why));
+        }
+        Ok(charge)
+    }
+}
+
+/// Why a job's data could not be prepared.
+#[derive(Debug)]
+pub enum JobDataError {
+    /// The feature query reads a table the study may not read.
+    Forbidden(String),
+    /// The query or the rows are not fit for the job (the message says why).
+    Invalid(String),
+    /// The node failed.
+    Node(NodeError),
+}
+
+impl std::fmt::Display for JobDataError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobDataError::Forbidden(t) => {
+                write!(f, "the feature query reads table {t}, which is not allowed")
+            }
+            JobDataError::Invalid(why) => f.write_str(why),
+            JobDataError::Node(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Runs a job's feature query over `ctx` (checked against `catalog`, with
+/// no DDL or DML allowed), checks its rows and splits them: the training
+/// and held-out sets, raw. `forbidden` names a table the query may not read.
+pub async fn job_datasets(
+    ctx: &datafusion::prelude::SessionContext,
+    catalog: &confer_query::Catalog,
+    spec: &JobSpec,
+    forbidden: impl Fn(&[String]) -> Option<String>,
+) -> std::result::Result<(Dataset, Dataset), JobDataError> {
+    let query = confer_query::features::feature_query(&spec.data.query, &spec.columns(), catalog)
+        .await
+        .map_err(|e| JobDataError::Invalid(e.to_string()))?;
+    if let Some(table) = forbidden(&query.tables) {
+        return Err(JobDataError::Forbidden(table));
+    }
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let batches = ctx
+        .sql_with_options(&query.sql, options)
+        .await
+        .map_err(|e| JobDataError::Node(e.into()))?
+        .collect()
+        .await
+        .map_err(|e| JobDataError::Node(e.into()))?;
+    let spec = spec.clone();
+    blocking(move || {
+        let (features, targets) = read_rows(&spec, &batches)?;
+        split_datasets(&spec, features, targets)
+            .map_err(|e| NodeError::Protocol(invalid(e.to_string())))
+    })
+    .await
+    .map_err(|e| match e {
+        NodeError::Protocol(p) if p.kind == ErrorKind::InvalidArgument => {
+            JobDataError::Invalid(p.message)
+        }
+        other => JobDataError::Node(other),
+    })
+}
+
+/// A round's ledger record: no cost (the job paid), keyed by the round.
+fn zero_charge(round: &Task, record_id: Uuid, envelope: &Envelope) -> Charge {
+    Charge {
+        task_id: record_id,
+        payload_hash: sha256_hex(envelope.payload.as_bytes()),
+        study: round.study.clone(),
+        researcher: round.researcher.clone(),
+        kind: round.kind_name().into(),
+        cost: Cost {
+            rho: 0.0,
+            epsilon: 0.0,
+            delta: 0.0,
+            selection_delta: 0.0,
+        },
+        study_budget: f64::INFINITY,
+        researcher_budget: None,
+        study_delta_budget: f64::INFINITY,
+    }
+}
+
+/// Reads the feature query's rows: features (row-major, f32) and targets.
+/// Refuses duplicate units, missing or non-finite values, and labels that
+/// are not 0/1.
+fn read_rows(spec: &JobSpec, batches: &[RecordBatch]) -> Result<(Vec<f32>, Targets)> {
+    let bad = |m: String| NodeError::Protocol(invalid(m));
+    let columns = spec.columns();
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let column = |index: usize| -> Result<Vec<f64>> {
+        let name = columns[index];
+        let mut out = Vec::with_capacity(rows);
+        for batch in batches {
+            let array = arrow::compute::cast(batch.column(index), &DataType::Float64)
+                .map_err(|e| bad(format!("column {name} cannot be read as numbers: {e}")))?;
+            let values = array
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .ok_or_else(|| bad(format!("column {name} cannot be read as numbers")))?;
+            let missing = values.null_count();
+            if missing > 0 {
+                return Err(bad(format!(
+                    "column {name} has missing values: filter them out (WHERE {name} IS NOT NULL) or impute them \
+                     in the feature query"
+                )));
+            }
+            if values.values().iter().any(|v| !v.is_finite()) {
+                return Err(bad(format!(
+                    "column {name} has NaN or infinite values: filter or impute them in the feature query"
+                )));
+            }
+            out.extend_from_slice(values.values());
+        }
+        Ok(out)
+    };
+    // One row per unit: rows are ordered by the unit, so duplicates are adjacent.
+    let mut previous: Option<String> = None;
+    for batch in batches {
+        let units = arrow::compute::cast(batch.column(0), &DataType::Utf8)
+            .map_err(|e| bad(format!("unit column {}: {e}", columns[0])))?;
+        let units = units
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .ok_or_else(|| bad(format!("unit column {} unreadable", columns[0])))?;
+        if units.null_count() > 0 {
+            return Err(bad(format!(
+                "the unit column {} has missing values: every row must belong to a person",
+                columns[0]
+            )));
+        }
+        for unit in units.iter().flatten() {
+            if previous.as_deref() == Some(unit) {
+                return Err(bad(format!(
+                    "the feature query returns several rows for one {}: return one row per person \
+                     (aggregate or pick one), which the DP standardisation relies on",
+                    columns[0]
+                )));
+            }
+            previous = Some(unit.to_string());
+        }
+    }
+    let width = spec.data.features.len();
+    let mut features = vec![0f32; rows * width];
+    for j in 0..width {
+        for (i, v) in column(1 + j)?.into_iter().enumerate() {
+            features[i * width + j] = v as f32;
+        }
+    }
+    let target_at = 1 + width;
+    let targets = if spec.data.label.is_some() {
+        let labels = column(target_at)?;
+        if let Some(v) = labels.iter().find(|&&v| v != 0.0 && v != 1.0) {
+            return Err(bad(format!(
+                "the label {} has the value {v}: labels must be 0 or 1 (e.g. CAST(num > 0 AS DOUBLE))",
+                columns[target_at]
+            )));
+        }
+        Targets::Binary(labels.into_iter().map(|v| v as f32).collect())
+    } else {
+        let time = column(target_at)?;
+        let event = column(target_at + 1)?;
+        if let Some(v) = event.iter().find(|&&v| v != 0.0 && v != 1.0) {
+            return Err(bad(format!(
+                "the event column {} has the value {v}: events must be 0 (censored) or 1",
+                columns[target_at + 1]
+            )));
+        }
+        Targets::Survival {
+            time: time.into_iter().map(|v| v as f32).collect(),
+            event: event.into_iter().map(|v| v == 1.0).collect(),
+        }
+    };
+    Ok((features, targets))
+}
+
+/// The standardised training and test sets for `wire`, cached per job.
+fn standardised(job: &JobData, round: &TrainRoundTask) -> Result<Standardised> {
+    let wire = round.standardisation.as_ref().ok_or_else(|| {
+        NodeError::Protocol(invalid(
+            "updates and evaluation need the standardisation".into(),
+        ))
+    })?;
+    let key: Vec<f64> = wire.mean.iter().chain(&wire.std).copied().collect();
+    let mut cache = job.standardised.lock().map_err(|_| {
+        NodeError::Protocol(ProtocolError::internal("standardisation cache poisoned"))
+    })?;
+    if let Some((k, sets)) = cache.as_ref()
+        && *k == key
+    {
+        return Ok(sets.clone());
+    }
+    let s = Standardisation {
+        mean: wire.mean.clone(),
+        std: wire.std.clone(),
+        source: String::new(),
+    };
+    let model_error = |e: confer_models::Error| NodeError::Protocol(invalid(e.to_string()));
+    let rebuild = |d: &Dataset| -> Result<Dataset> {
+        let x = s.apply(d.features(), &job.bounds).map_err(model_error)?;
+        match d.targets().clone() {
+            Targets::Binary(y) => Dataset::binary(x, d.width(), y),
+            Targets::Survival { time, event } => Dataset::survival(x, d.width(), time, event),
+        }
+        .map_err(model_error)
+    };
+    let sets = Arc::new((rebuild(&job.train)?, rebuild(&job.test)?));
+    *cache = Some((key, sets.clone()));
+    Ok(sets)
+}
+
+/// The node's input to a training sum, and a note for its ledger record.
+fn node_input(
+    job: &JobData,
+    round: &TrainRoundTask,
+    session: &confer_privacy::secagg::Config,
+    me: &str,
+) -> Result<(Vec<u64>, String)> {
+    let model_error = |e: confer_models::Error| NodeError::Protocol(invalid(e.to_string()));
+    let mut rng = crate::secure::os_rng()?;
+    let t = session.min_survivors;
+    match round.phase {
+        TrainPhase::Moments => {
+            let encoding = job.spec.moments_encoding(t).map_err(model_error)?;
+            if session.vector_len != encoding.dims || session.bits != 64 {
+                return Err(NodeError::Protocol(invalid(format!(
+                    "the session sums {} elements mod 2^{}; the moments need {} mod 2^64",
+                    session.vector_len, session.bits, encoding.dims
+                ))));
+            }
+            let sums = moment_sums(job.train.features(), &job.bounds);
+            let input = encoding
+                .encode(&sums, &mut rng)
+                .map_err(|e| NodeError::Protocol(invalid(e.to_string())))?;
+            Ok((input, "standardisation moments".into()))
+        }
+        TrainPhase::Update => {
+            let weights = round
+                .weights
+                .as_deref()
+                .ok_or_else(|| {
+                    NodeError::Protocol(invalid("an update round needs the global weights".into()))
+                })
+                .and_then(|w| decode_f32(w).map_err(NodeError::Protocol))?;
+            let sets = standardised(job, round)?;
+            let device = Device::cuda_if_available();
+            let mut model =
+                Model::with_device(&job.spec.model, job.spec.seed, device).map_err(model_error)?;
+            model.set_parameters(&weights).map_err(model_error)?;
+            let config = LocalConfig {
+                seed: local_seed(job.spec.seed, round.round, me),
+                ..job.spec.local.clone()
+            };
+            let result =
+                confer_models::train_local(&mut model, &sets.0, &config).map_err(model_error)?;
+            let layout = job.spec.update_layout(weights.len());
+            let weight = match job.spec.privacy.weighting() {
+                Weighting::Uniform => 1.0,
+                Weighting::Examples => {
+                    (result.num_examples as f64).min(job.spec.privacy.weight_cap)
+                        / job.spec.privacy.weight_cap
+                }
+            };
+            let (vector, clipped) = layout
+                .node_vector(&result.update, weight)
+                .map_err(model_error)?;
+            let encoding = job
+                .spec
+                .update_encoding(weights.len(), session.n, t, session.session)
+                .map_err(model_error)?;
+            encoding
+                .check_session(session)
+                .map_err(|e| NodeError::Protocol(invalid(e.to_string())))?;
+            let encoder =
+                Encoder::new(encoding).map_err(|e| NodeError::Protocol(invalid(e.to_string())))?;
+            let encoded = encoder
+                .encode(&vector, &mut rng)
+                .map_err(|e| NodeError::Protocol(invalid(e.to_string())))?;
+            let note = if clipped {
+                format!(
+                    "round {} update clipped: norm {:.4} above clip_norm {}",
+                    round.round,
+                    confer_models::l2_norm(&result.update),
+                    job.spec.privacy.clip_norm
+                )
+            } else {
+                format!("round {} update", round.round)
+            };
+            Ok((encoded.values, note))
+        }
+        TrainPhase::Evaluate => Err(NodeError::Protocol(ProtocolError::internal(
+            "evaluation is not a secure sum",
+        ))),
+    }
+}
+
+/// The local shuffling seed of a node in a round: the job's seed, the
+/// round and the node's name, so nodes and rounds differ.
+pub fn local_seed(job_seed: u64, round: u32, node: &str) -> u64 {
+    let digest = sha256_hex(format!("{job_seed}/{round}/{node}").as_bytes());
+    u64::from_str_radix(&digest[..16], 16).unwrap_or(job_seed)
+}
+
+/// The node's evaluation release: noisy counts on its held-out split.
+fn evaluation(
+    job: &JobData,
+    round: &TrainRoundTask,
+    me: &str,
+    min_group_size: u64,
+) -> Result<TrainEvaluation> {
+    let model_error = |e: confer_models::Error| NodeError::Protocol(invalid(e.to_string()));
+    let weights = round
+        .weights
+        .as_deref()
+        .ok_or_else(|| NodeError::Protocol(invalid("evaluation needs the global weights".into())))
+        .and_then(|w| decode_f32(w).map_err(NodeError::Protocol))?;
+    let sets = standardised(job, round)?;
+    let mut model = Model::with_device(&job.spec.model, job.spec.seed, Device::cuda_if_available())
+        .map_err(model_error)?;
+    model.set_parameters(&weights).map_err(model_error)?;
+    let plan = job.spec.privacy_plan().map_err(model_error)?;
+    let config = job.spec.eval_config();
+    let (exact, sensitivity) = if job.spec.model.is_classifier() {
+        let counts = confer_models::evaluate_with(&model, &sets.1, &config).map_err(model_error)?;
+        (eval_vector(&counts, &config), EVAL_L2_SENSITIVITY)
+    } else {
+        let counts =
+            confer_models::evaluate_survival(&model, &sets.1, &config).map_err(model_error)?;
+        // Only the counts have bounded sensitivity; the partial likelihood
+        // and concordance do not (see SurvivalCounts).
+        (vec![counts.examples, counts.events], 2f64.sqrt())
+    };
+    let noise = confer_privacy::Noise::gaussian(sensitivity, plan.evaluation_rho)
+        .map_err(|e| NodeError::Protocol(invalid(format!("evaluation noise: {e}"))))?;
+    let values = noise
+        .apply_f64(&exact)
+        .map_err(|e| NodeError::Protocol(invalid(format!("evaluation noise: {e}"))))?;
+    // The small-cell rule on top of DP: a site whose noisy count of
+    // held-out examples is below the threshold releases nothing.
+    let values = if values.first().is_some_and(|&n| n < min_group_size as f64) {
+        Vec::new()
+    } else {
+        values
+    };
+    Ok(TrainEvaluation {
+        node: me.to_string(),
+        values,
+        noise_stddev: noise.stddev(),
+    })
+}

@@ -1,0 +1,184 @@
+//! The feature query of a training job: plain SQL, checked against a
+//! catalog without data (at the coordinator against the network catalog,
+//! at each node again against its own), then run only at the nodes, whose
+//! rows never leave.
+
+use std::collections::BTreeSet;
+
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::logical_expr::LogicalPlan;
+
+use crate::catalog::Catalog;
+use crate::engine::empty_context;
+use crate::error::{QueryError, Result};
+use crate::parse::{Statement, parse};
+
+/// A checked feature query.
+#[derive(Debug, Clone)]
+pub struct FeatureQuery {
+    /// What a node runs: the named columns of the query, ordered by the unit.
+    pub sql: String,
+    /// The tables it reads.
+    pub tables: Vec<String>,
+    /// The schema of the rows: `columns` in order.
+    pub schema: SchemaRef,
+}
+
+/// Quotes an identifier for SQL.
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Checks `query` (plain SQL, no DP clause) and wraps it to select
+/// `columns` (the unit first, then numeric or boolean columns) ordered by
+/// the unit. Errors name the column or construct to change.
+pub async fn feature_query(
+    query: &str,
+    columns: &[&str],
+    catalog: &Catalog,
+) -> Result<FeatureQuery> {
+    let parsed = match parse(query)? {
+        Statement::Query(q) if q.options.is_none() => q,
+        Statement::Query(_) => {
+            return Err(QueryError::Rejected(
+                "the feature query is plain SQL: remove WITH DIFFERENTIAL_PRIVACY (its rows never leave the node)"
+                    .into(),
+            ));
+        }
+        _ => {
+            return Err(QueryError::Rejected(
+                "the feature query must be a SELECT".into(),
+            ));
+        }
+    };
+    let Some((unit, values)) = columns.split_first() else {
+        return Err(QueryError::Internal("a feature query needs columns".into()));
+    };
+    let sql = format!(
+        "SELECT {} FROM ({}) AS confer_features ORDER BY {}",
+        columns
+            .iter()
+            .map(|c| quote(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        parsed.query,
+        quote(unit)
+    );
+    let ctx = empty_context(catalog)?;
+    let df = ctx.sql(&sql).await.map_err(|e| {
+        QueryError::Plan(format!(
+            "the feature query does not plan: {} (it must return the columns {})",
+            QueryError::from(e),
+            columns.join(", ")
+        ))
+    })?;
+    let plan = df.logical_plan();
+    let mut tables = BTreeSet::new();
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            tables.insert(scan.table_name.table().to_ascii_lowercase());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if tables.is_empty() {
+        return Err(QueryError::Rejected(
+            "the feature query reads no table: add FROM <table>".into(),
+        ));
+    }
+    let schema = plan.schema().as_arrow().clone();
+    for name in values {
+        let field = schema
+            .field_with_name(name)
+            .map_err(|_| QueryError::Plan(format!("the feature query returns no column {name}")))?;
+        let t = field.data_type();
+        if !(t.is_numeric() || *t == DataType::Boolean) {
+            return Err(QueryError::Rejected(format!(
+                "column {name} of the feature query is {t}: features and targets must be numeric or boolean \
+                 (CAST it, or encode categories as 0/1 columns)"
+            )));
+        }
+    }
+    Ok(FeatureQuery {
+        sql,
+        tables: tables.into_iter().collect(),
+        schema: std::sync::Arc::new(schema),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confer_protocol::catalog::{CatalogInfo, ColumnInfo, ColumnType, TableInfo};
+
+    fn catalog() -> Catalog {
+        let column = |name: &str, column_type| ColumnInfo {
+            name: name.into(),
+            column_type,
+            bounds: None,
+            domain: None,
+        };
+        Catalog::for_node(&CatalogInfo {
+            node: "a".into(),
+            tables: vec![TableInfo {
+                name: "heart".into(),
+                privacy_unit: Some("patient".into()),
+                columns: vec![
+                    column("patient", ColumnType::Int64),
+                    column("age", ColumnType::Float64),
+                    column("note", ColumnType::Utf8),
+                    column("num", ColumnType::Int64),
+                ],
+                one_row_per_unit: true,
+            }],
+        })
+    }
+
+    #[tokio::test]
+    async fn feature_queries_are_wrapped_and_checked() {
+        let q = feature_query(
+            "SELECT patient, age, CAST(num > 0 AS DOUBLE) AS label FROM heart WHERE age IS NOT NULL",
+            &["patient", "age", "label"],
+            &catalog(),
+        )
+        .await
+        .expect("valid");
+        assert_eq!(q.tables, vec!["heart".to_string()]);
+        assert!(q.sql.ends_with("ORDER BY \"patient\""), "{}", q.sql);
+        assert_eq!(q.schema.fields().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn bad_feature_queries_say_what_to_change() {
+        let cases = [
+            (
+                "SELECT patient, age FROM heart",
+                vec!["patient", "age", "label"],
+                "no column",
+            ),
+            (
+                "SELECT patient, note FROM heart",
+                vec!["patient", "note"],
+                "numeric or boolean",
+            ),
+            (
+                "SELECT patient, age FROM nowhere",
+                vec!["patient", "age"],
+                "does not plan",
+            ),
+            ("DELETE FROM heart", vec!["patient"], "SELECT"),
+            (
+                "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) COUNT(*) FROM heart",
+                vec!["patient"],
+                "plain SQL",
+            ),
+        ];
+        for (sql, columns, want) in cases {
+            let err = feature_query(sql, &columns, &catalog())
+                .await
+                .expect_err(sql)
+                .to_string();
+            assert!(err.contains(want), "{sql}: {err}");
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Federated training over the four UCI heart-disease centres as real node
+//! processes (FLamby's Fed-Heart-Disease): jobs reach FLamby's accuracy,
+//! charge each node's ledger once, survive a coordinator restart, and bad
+//! jobs are refused naming the node and the cause with nothing charged.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use confer_cli::children::ServerChild;
+use confer_cli::client::Client;
+use confer_cli::demo::{Federation, FederationOptions};
+use confer_coordinator::service::custom;
+use confer_models::job::JobSpec;
+use confer_protocol::train::{JobRef, JobState, JobStatus, TrainSubmit};
+
+use crate::fixture::{STUDIES, USERS, keyed};
+
+const CONFER: &str = env!("CARGO_BIN_EXE_confer");
+
+const POLICY: &str = r#"[policy]
+approval = "auto"
+default_study_budget = { rho = 1e12, delta = 0.5 }
+default_models = ["logistic_regression"]
+"#;
+
+struct Heart {
+    federation: Federation,
+    _dir: tempfile::TempDir,
+}
+
+async fn heart(policy: &str) -> Heart {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = FederationOptions {
+        sites: 4,
+        coordinator_port: 0,
+        log_level: "warn",
+        policy,
+        users: USERS,
+        studies: STUDIES,
+        extra_tables: &[],
+    };
+    let federation = confer_cli::heart::start_federation(
+        Path::new(CONFER),
+        dir.path(),
+        policy,
+        "train_timeout_secs = 120",
+        &options,
+    )
+    .await
+    .expect("heart federation starts");
+    Heart {
+        federation,
+        _dir: dir,
+    }
+}
+
+/// The example job, edited by `edit` on its TOML text.
+fn job(edit: impl Fn(String) -> String) -> JobSpec {
+    let text = edit(confer_cli::heart::example_job().expect("example job"));
+    JobSpec::from_toml_str(&text).expect("job parses")
+}
+
+async fn submit(client: &mut Client, spec: &JobSpec) -> anyhow::Result<JobStatus> {
+    let body = serde_json::to_vec(&TrainSubmit {
+        study: "test".into(),
+        job: serde_json::to_value(spec)?,
+    })?;
+    Ok(serde_json::from_value(
+        client.action(custom::TRAIN_SUBMIT, body).await?,
+    )?)
+}
+
+async fn status(client: &mut Client, id: uuid::Uuid) -> JobStatus {
+    let body = serde_json::to_vec(&JobRef { job_id: id }).expect("json");
+    serde_json::from_value(
+        client
+            .action(custom::TRAIN_STATUS, body)
+            .await
+            .expect("status"),
+    )
+    .expect("status json")
+}
+
+async fn wait(
+    client: &mut Client,
+    id: uuid::Uuid,
+    until: impl Fn(&JobStatus) -> bool,
+) -> JobStatus {
+    let start = Instant::now();
+    loop {
+        let s = status(client, id).await;
+        if until(&s) || s.state.is_final() {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "job {id} did not get there: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What each node has spent for study `test` (rho).
+async fn spent(client: &mut Client) -> Vec<f64> {
+    let show = client
+        .run("SHOW PRIVACY BUDGET FOR STUDY test", Some("test"))
+        .await
+        .expect("show budget");
+    keyed(&show.batches, 1, &["spent_rho"])
+        .into_iter()
+        .filter(|(node, _)| confer_cli::heart::CENTRES.contains(&node.as_str()))
+        .map(|(_, v)| v[0])
+        .collect()
+}
+
+/// Large epsilon: standardisation and evaluation are (almost) exact.
+fn exact_fedavg(text: String) -> String {
+    text.replace("epsilon = 2.0", "epsilon = 1e4")
+        .replace("every = 5", "every = 1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedavg_reaches_flamby_accuracy_and_each_node_is_charged_once() {
+    let fed = heart(POLICY).await;
+    let mut client = fed.federation.client("tester").await.expect("client");
+    let spec = job(exact_fedavg);
+    let started = submit(&mut client, &spec).await.expect("submitted");
+    assert_eq!(started.state, JobState::Preparing);
+    let done = wait(&mut client, started.job_id, |_| false).await;
+    assert_eq!(
+        done.state,
+        JobState::Finished,
+        "{:?} {:?}",
+        done.error,
+        done.notes
+    );
+    assert_eq!(done.round, 15);
+    assert_eq!(done.history.len(), 15);
+    for r in &done.history {
+        assert_eq!(
+            r.contributors.len(),
+            4,
+            "round {}: {:?}",
+            r.round,
+            r.dropped
+        );
+        assert_eq!(r.clipped, Some(0.0), "clip_norm 10 clips nothing");
+    }
+    let last = done.history.last().expect("rounds");
+    let overall = last
+        .evaluation
+        .iter()
+        .find(|m| m.site == "overall")
+        .expect("overall evaluation");
+    assert!((overall.examples - 254.0).abs() < 1.0, "{overall:?}");
+    let accuracy = overall.accuracy.expect("accuracy");
+    assert!(accuracy >= 0.72, "overall held-out accuracy {accuracy}");
+    assert!(overall.auc.expect("auc") >= 0.75, "{overall:?}");
+    assert_eq!(last.evaluation.len(), 5, "four sites and overall");
+
+    // Every node charged the job's rho once, before round one.
+    let rho = done.privacy.as_ref().expect("statement")["rho"]
+        .as_f64()
+        .expect("rho");
+    let charged = spent(&mut client).await;
+    assert_eq!(charged.len(), 4);
+    for c in charged {
+        assert!((c - rho).abs() <= 1e-9 * rho, "charged {c}, job rho {rho}");
+    }
+
+    // The exported model: weights, spec sidecar and statement; checked
+    // against each centre's held-out rows by the nodes' own data code.
+    let out = fed
+        .federation
+        .work_dir
+        .join("export")
+        .join("heart.safetensors");
+    let exported = Command::new(CONFER)
+        .args(["model", "export", "--coordinator", &fed.federation.url()])
+        .args(["--token", &fed.federation.tokens["tester"]])
+        .args(["--job", &started.job_id.to_string(), "--out"])
+        .arg(&out)
+        .output()
+        .expect("run confer model export");
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.with_extension("job.json")).expect("job.json"),
+    )
+    .expect("json");
+    assert!(
+        meta["privacy"]["summary"]
+            .as_str()
+            .expect("summary")
+            .contains("NOT differentially private"),
+        "{meta}"
+    );
+    let model = confer_models::Model::load(&out, confer_models::Device::Cpu).expect("load model");
+    let s: confer_models::job::Standardisation = serde_json::from_value(serde_json::json!({
+        "mean": meta["standardisation"]["mean"],
+        "std": meta["standardisation"]["std"],
+        "source": "export",
+    }))
+    .expect("standardisation");
+    let work = fed.federation.work_dir.join("local");
+    let bounds: Vec<[f64; 2]> = spec
+        .data
+        .features
+        .iter()
+        .map(|f| spec.data.bounds[f])
+        .collect();
+    let mut per_centre = Vec::new();
+    for (centre, _, test) in confer_cli::heart::local_datasets(&work, &spec)
+        .await
+        .expect("data")
+    {
+        let x = s.apply(test.features(), &bounds).expect("standardise");
+        let confer_models::Targets::Binary(y) = test.targets().clone() else {
+            panic!("binary labels")
+        };
+        let data = confer_models::Dataset::binary(x, test.width(), y).expect("dataset");
+        let counts = confer_models::evaluate(&model, &data).expect("evaluate");
+        per_centre.push((centre, confer_models::accuracy(&counts).expect("accuracy")));
+    }
+    let mean = per_centre.iter().map(|(_, a)| a).sum::<f64>() / 4.0;
+    eprintln!("FedAvg through the federation: {per_centre:?}, mean {mean:.3}");
+    // FLamby reports 0.685 for FedAvg; a conservative floor.
+    assert!(
+        mean >= 0.70,
+        "mean per-centre test accuracy {mean:.3}: {per_centre:?}"
+    );
+    fed.federation.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_training_survives_a_coordinator_restart_without_double_charges() {
+    let mut fed = heart(POLICY).await;
+    let mut client = fed.federation.client("tester").await.expect("client");
+    let spec = job(|t| {
+        t.replace("rounds = 15", "rounds = 12")
+            .replace("dp_training = false", "dp_training = true")
+            .replace("epsilon = 2.0", "epsilon = 5.0")
+            .replace("clip_norm = 10.0", "clip_norm = 0.5")
+            .replace(
+                "strategy = \"fed_avg\"",
+                "strategy = \"fed_adam\"\nserver_learning_rate = 0.05",
+            )
+            .replace("learning_rate = 0.001", "learning_rate = 0.01")
+    });
+    let started = submit(&mut client, &spec).await.expect("submitted");
+    let summary = started.privacy.as_ref().expect("statement")["summary"]
+        .as_str()
+        .expect("summary")
+        .to_string();
+    assert!(summary.contains("(5, 1e-5)-DP"), "{summary}");
+    let mid = wait(&mut client, started.job_id, |s| s.round >= 3).await;
+    assert_eq!(mid.state, JobState::Running, "{:?}", mid.error);
+
+    // Kill the coordinator mid-job and start it again on the same state.
+    let coordinator = std::mem::replace(
+        &mut fed.federation.coordinator,
+        ServerChild::start(
+            Path::new(CONFER),
+            "coordinator",
+            "coordinator",
+            &fed.federation.work_dir.join("coordinator.toml"),
+            "warn",
+        )
+        .await
+        .expect("second coordinator"),
+    );
+    coordinator
+        .kill()
+        .await
+        .expect("kill the first coordinator");
+    let mut client = fed.federation.client("tester").await.expect("client");
+    let done = wait(&mut client, started.job_id, |_| false).await;
+    assert_eq!(
+        done.state,
+        JobState::Finished,
+        "{:?} {:?}",
+        done.error,
+        done.notes
+    );
+    assert_eq!(done.round, 12);
+    // Each node was charged exactly the job's rho, restart or not.
+    let rho = done.privacy.as_ref().expect("statement")["rho"]
+        .as_f64()
+        .expect("rho");
+    for c in spent(&mut client).await {
+        assert!((c - rho).abs() <= 1e-9 * rho, "charged {c}, job rho {rho}");
+    }
+    let applied = done
+        .history
+        .iter()
+        .filter(|r| !r.contributors.is_empty())
+        .count();
+    assert!(
+        applied >= 10,
+        "{} of 12 rounds applied: {:?}",
+        applied,
+        done.notes
+    );
+    fed.federation.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jobs_are_refused_naming_the_node_and_charge_nothing() {
+    let fed = heart(POLICY).await;
+    let mut client = fed.federation.client("tester").await.expect("client");
+
+    // Refused at the coordinator, before any node is asked.
+    let spec = job(|t| t.replace("AS label\n", "AS label, nosuch\n"));
+    let err = submit(&mut client, &spec)
+        .await
+        .expect_err("unknown column")
+        .to_string();
+    assert!(err.contains("nosuch"), "{err}");
+
+    // Refused by every node while preparing: nothing charged anywhere.
+    let everyone = &confer_cli::heart::CENTRES[..];
+    let cases: [(JobSpec, &str, &[&str]); 4] = [
+        (
+            job(|t| {
+                t.replace(
+                    "CAST(num > 0 AS DOUBLE) AS label",
+                    "CAST(num > 10 AS DOUBLE) AS label",
+                )
+            }),
+            "one class only",
+            everyone,
+        ),
+        (
+            // VA Long Beach has patients without a resting blood pressure.
+            job(|t| t.replace(" AND trestbps IS NOT NULL", "")),
+            "column trestbps has missing values",
+            &["va-long-beach"],
+        ),
+        (
+            job(|t| {
+                t.replace(
+                    "architecture = \"logistic_regression\"",
+                    "architecture = \"mlp\"\nhidden = [8]",
+                )
+            }),
+            "may not train mlp models",
+            everyone,
+        ),
+        (
+            job(|t| t.replace("epsilon = 2.0", "epsilon = 1e13")),
+            "budget exhausted",
+            everyone,
+        ),
+    ];
+    for (spec, want, sites) in cases {
+        let status = submit(&mut client, &spec)
+            .await
+            .expect("accepted for preparation");
+        let done = wait(&mut client, status.job_id, |_| false).await;
+        assert_eq!(done.state, JobState::Failed, "{want}");
+        let error = done.error.expect("error");
+        assert!(error.contains(want), "{want}: {error}");
+        assert!(error.contains("nothing was charged"), "{error}");
+        for centre in confer_cli::heart::CENTRES {
+            assert_eq!(
+                error.contains(&format!("node {centre}")),
+                sites.contains(&centre),
+                "{want}: {error}"
+            );
+        }
+    }
+    for c in spent(&mut client).await {
+        assert_eq!(c, 0.0, "nothing was charged");
+    }
+    fed.federation.stop().await.expect("stop");
+}
