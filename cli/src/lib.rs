@@ -170,6 +170,9 @@ pub struct DemoArgs {
     /// Port for the coordinator (0 picks a free one).
     #[arg(long, default_value_t = 0)]
     pub port: u16,
+    /// Skip the federated training step (four UCI heart-disease nodes).
+    #[arg(long)]
+    pub no_training: bool,
 }
 
 /// Parses arguments, runs the command, and maps errors to exit codes.

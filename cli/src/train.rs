@@ -130,7 +130,7 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         (None, None) => bail!("give --config <job.toml>, --attach <job>, --list or --cancel <job>"),
     };
-    follow(&mut client, id, &args.out).await
+    follow(&mut client, id, &args.out).await.map(|_| ())
 }
 
 async fn status_of(client: &mut Client, action: &str, id: Uuid) -> anyhow::Result<JobStatus> {
@@ -165,8 +165,8 @@ async fn list(client: &mut Client) -> anyhow::Result<()> {
 }
 
 /// Polls the job until it ends: a progress bar, a line per round, the
-/// metrics files, and the model at the end.
-async fn follow(client: &mut Client, id: Uuid, out: &Path) -> anyhow::Result<()> {
+/// metrics files, and the model at the end. Returns the final status.
+pub async fn follow(client: &mut Client, id: Uuid, out: &Path) -> anyhow::Result<JobStatus> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut status = status_of(client, custom::TRAIN_STATUS, id).await?;
     let bar = ProgressBar::new(u64::from(status.rounds));
@@ -209,11 +209,11 @@ async fn follow(client: &mut Client, id: Uuid, out: &Path) -> anyhow::Result<()>
                 out.join("metrics.csv").display(),
                 weights.display()
             );
-            Ok(())
+            Ok(status)
         }
         JobState::Cancelled => {
             println!("job {id} was cancelled after {} rounds", status.round);
-            Ok(())
+            Ok(status)
         }
         JobState::Failed => Err(anyhow!(
             "job {id} failed: {}",

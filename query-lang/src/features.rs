@@ -154,7 +154,7 @@ mod tests {
             (
                 "SELECT patient, age FROM heart",
                 vec!["patient", "age", "label"],
-                "no column",
+                "No field named label",
             ),
             (
                 "SELECT patient, note FROM heart",
