@@ -448,8 +448,9 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
     };
     if outcome.is_ok() && !args.no_training {
+        let heart_dir = work_dir.join("heart");
         outcome = tokio::select! {
-            r = training(&program, &work_dir.join("heart"), log_level) => r,
+            r = training(&program, &heart_dir, log_level) => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         };
     }
@@ -510,7 +511,12 @@ async fn training(program: &Path, work: &Path, log_level: &str) -> anyhow::Resul
         crate::heart::start_federation(program, work, HEART_POLICY, "", &options).await?;
     let outcome = async {
         let mut client = federation.client("researcher").await?;
-        let spec = confer_models::job::JobSpec::from_toml_str(&crate::heart::example_job()?)?;
+        // One evaluation, after the last round, at a larger budget than the
+        // example's: the per-site counts are small, and DP noise is per count.
+        let text = crate::heart::example_job()?
+            .replace("epsilon = 2.0", "epsilon = 5.0")
+            .replace("every = 5", "every = 0");
+        let spec = confer_models::job::JobSpec::from_toml_str(&text)?;
         let submit = confer_protocol::train::TrainSubmit {
             study: "demo".into(),
             job: serde_json::to_value(&spec)?,

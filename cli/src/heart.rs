@@ -93,6 +93,7 @@ pub async fn start_federation(
     extra: &str,
     options: &FederationOptions<'_>,
 ) -> anyhow::Result<Federation> {
+    std::fs::create_dir_all(work).with_context(|| format!("cannot create {}", work.display()))?;
     let identity = confer_protocol::signing::Identity::generate()?;
     let public = identity.save(&work.join("coordinator.key"))?;
     let configs = write_node_configs(work, &public, policy)?;

@@ -180,7 +180,12 @@ pub async fn follow(client: &mut Client, id: Uuid, out: &Path) -> anyhow::Result
     let mut shown = 0;
     loop {
         for entry in &status.history[shown..] {
-            bar.println(describe(entry));
+            // A hidden bar (output not a terminal) prints nothing itself.
+            if bar.is_hidden() {
+                println!("{}", describe(entry));
+            } else {
+                bar.println(describe(entry));
+            }
         }
         if status.history.len() > shown {
             shown = status.history.len();

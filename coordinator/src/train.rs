@@ -148,7 +148,7 @@ pub async fn submit(
         .privacy_statement(parameters, members)
         .map_err(|e| ProtocolError::invalid(e.to_string()))?;
     // The encodings must exist for the rounds' sizes before anyone is charged.
-    spec.update_encoding(parameters, members, min_survivors(members, t), [0; 32])
+    spec.update_encoding(parameters, members, min_survivors(members, t))
         .and_then(|_| spec.moments_encoding(min_survivors(sites.len(), t)))
         .map_err(|e| ProtocolError::invalid(e.to_string()))?;
 
@@ -822,7 +822,7 @@ impl Run<'_> {
         let invalid = |e: confer_models::Error| (ProtocolError::invalid(e.to_string()), Vec::new());
         let encoding = self
             .spec
-            .update_encoding(global.len(), members.len(), t, session)
+            .update_encoding(global.len(), members.len(), t)
             .map_err(invalid)?;
         let config = Config::new(
             members.len(),

@@ -494,13 +494,12 @@ impl JobSpec {
     }
 
     /// The encoding of one round's updates in a session of `nodes` with
-    /// threshold `min_survivors` and id `session` (the rotation's seed).
+    /// threshold `min_survivors`.
     pub fn update_encoding(
         &self,
         parameters: usize,
         nodes: usize,
         min_survivors: usize,
-        session: [u8; 32],
     ) -> Result<EncodingConfig> {
         let layout = self.update_layout(parameters);
         let plan = self.privacy_plan()?;
@@ -510,7 +509,6 @@ impl JobSpec {
             plan.round_rho,
             nodes,
             min_survivors,
-            session,
         )
         .map_err(privacy)
     }
@@ -540,7 +538,7 @@ impl JobSpec {
         let t = self.min_survivors(nodes);
         let update = match plan.round_rho {
             Some(_) => {
-                let c = self.update_encoding(parameters, nodes, t, [0; 32])?;
+                let c = self.update_encoding(parameters, nodes, t)?;
                 Some(update_rho(&c).map_err(privacy)? * f64::from(self.rounds))
             }
             None => None,

@@ -809,7 +809,7 @@ fn node_input(
                 .map_err(model_error)?;
             let encoding = job
                 .spec
-                .update_encoding(weights.len(), session.n, t, session.session)
+                .update_encoding(weights.len(), session.n, t)
                 .map_err(model_error)?;
             encoding
                 .check_session(session)

@@ -10,9 +10,10 @@
 //!   update anywhere inside that ball, changes the sum by at most
 //!   `2 × bound` (twice [`EncodingConfig::l2_sensitivity`] after rounding).
 //!   The encoding is the distributed discrete Gaussian of KLS21
-//!   ([`crate::secagg::encoding`]), with the randomised Hadamard rotation and
-//!   conditional rounding; the scale γ is chosen as large as the exact
-//!   sampler allows, so rounding error stays far below the noise.
+//!   ([`crate::secagg::encoding`]) with conditional rounding, without the
+//!   randomised rotation (which would pad vectors to a power of two); the
+//!   scale γ is chosen as large as the exact sampler allows, so rounding
+//!   error stays far below the noise.
 //! * **Moments for standardisation** ([`MomentsEncoding`]): each person
 //!   adds a vector whose coordinates lie in `[-1, 1]` (features rescaled by
 //!   their declared bounds, their squares, and 1), so one person changes
@@ -58,8 +59,7 @@ fn whole_bytes(required: u32) -> u32 {
 /// * `bound`: the L2 norm every node's vector is clipped to;
 /// * `rho`: the zCDP budget of this one round (add/remove one person), or
 ///   `None` for secure aggregation without noise;
-/// * `nodes`, `min_survivors`: the session's n and t;
-/// * `rotation_seed`: public, the same at every node (the session id).
+/// * `nodes`, `min_survivors`: the session's n and t.
 ///
 /// Errors name the knob to turn when no encoding fits.
 pub fn update_encoding(
@@ -68,7 +68,6 @@ pub fn update_encoding(
     rho: Option<f64>,
     nodes: usize,
     min_survivors: usize,
-    rotation_seed: [u8; 32],
 ) -> Result<EncodingConfig> {
     if !(bound > 0.0 && bound.is_finite()) {
         return Err(invalid(format!(
@@ -88,7 +87,10 @@ pub fn update_encoding(
         nodes,
         min_survivors,
         bits: 64,
-        rotation_seed: Some(rotation_seed),
+        // No rotation: the element width is chosen to hold the unrotated
+        // sums, and rotating would pad the vector to a power of two (up to
+        // twice the bytes on the wire).
+        rotation_seed: None,
         rounding_beta: Some(rounding_beta()),
     };
     let Some(rho) = rho else {
@@ -150,8 +152,7 @@ pub fn update_rho(config: &EncodingConfig) -> Result<f64> {
 }
 
 /// Standard deviation, per element in real units, of the noise in a decoded
-/// update sum of `survivors` nodes (before any rotation is undone; the
-/// orthonormal rotation keeps it).
+/// update sum of `survivors` nodes.
 pub fn update_noise_stddev(config: &EncodingConfig, survivors: usize) -> f64 {
     (config.node_variance() * survivors as f64).sqrt() / config.scale
 }
@@ -270,7 +271,7 @@ mod tests {
     #[test]
     fn update_encodings_spend_at_most_their_budget_and_fit_the_sampler() {
         for (dim, rho) in [(14, 1e-3), (1_000, 0.05), (100_000, 0.5)] {
-            let c = update_encoding(dim, 1.0, Some(rho), 4, 3, [1; 32]).expect("encoding");
+            let c = update_encoding(dim, 1.0, Some(rho), 4, 3).expect("encoding");
             let spent = update_rho(&c).expect("rho");
             assert!(spent <= rho * (1.0 + 1e-9), "{spent} > {rho}");
             assert!(spent >= rho * 0.9, "{spent} wastes most of {rho}");
@@ -282,7 +283,7 @@ mod tests {
 
     #[test]
     fn update_encodings_without_noise_are_exact_to_rounding() {
-        let c = update_encoding(5, 2.0, None, 3, 2, [9; 32]).expect("encoding");
+        let c = update_encoding(5, 2.0, None, 3, 2).expect("encoding");
         assert_eq!(c.noise_sigma, 0.0);
         let encoder = Encoder::new(c.clone()).expect("encoder");
         let mut rng = ChaCha20Rng::from_seed([3; 32]);
@@ -307,7 +308,7 @@ mod tests {
 
     #[test]
     fn impossible_budgets_name_the_knob() {
-        let err = update_encoding(1 << 24, 1.0, Some(1e-9), 4, 3, [0; 32])
+        let err = update_encoding(1 << 24, 1.0, Some(1e-9), 4, 3)
             .expect_err("too little budget")
             .to_string();
         assert!(err.contains("raise epsilon"), "{err}");
