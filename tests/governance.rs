@@ -211,6 +211,11 @@ async fn manual_approval_holds_a_study_until_the_steward_approves() {
 
     let (ok, out) = confer(&["node", "studies", "--config", &node_config(&work, "site-b")]);
     assert!(ok && out.contains("denied"), "{out}");
+    // The steward sees what the coordinator said of the study.
+    assert!(
+        out.contains("ethics approval DEMO-0001") && out.contains("principal investigator tester"),
+        "{out}"
+    );
     fed.federation.stop().await.expect("clean stop");
 }
 

@@ -158,6 +158,7 @@ pub fn node_action(config: Option<&Path>, action: NodeAction) -> anyhow::Result<
                 Field::new("spent_rho", DataType::Float64, false),
                 Field::new("releases", DataType::Int64, false),
                 Field::new("reason", DataType::Utf8, true),
+                Field::new("description", DataType::Utf8, true),
             ]));
             let batch = RecordBatch::try_new(
                 schema,
@@ -177,6 +178,9 @@ pub fn node_action(config: Option<&Path>, action: NodeAction) -> anyhow::Result<
                     )),
                     Arc::new(StringArray::from_iter(
                         rows.iter().map(|r| r.reason.as_deref()),
+                    )),
+                    Arc::new(StringArray::from_iter(
+                        rows.iter().map(|r| r.description.as_deref()),
                     )),
                 ],
             )?;

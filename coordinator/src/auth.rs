@@ -43,6 +43,24 @@ impl Action {
         }
     }
 
+    /// The roles allowed, in words.
+    fn roles(self) -> String {
+        let allowed: Vec<&str> = [
+            Role::Researcher,
+            Role::Analyst,
+            Role::DataScientist,
+            Role::Admin,
+        ]
+        .into_iter()
+        .filter(|r| self.allowed(*r))
+        .map(Role::name)
+        .collect();
+        match allowed.as_slice() {
+            [one] => format!("the {one} role"),
+            many => format!("one of the roles {}", many.join(", ")),
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Action::Query => "run queries",
@@ -122,10 +140,11 @@ impl Authenticator {
             return Err(ProtocolError::new(
                 ErrorKind::PermissionDenied,
                 format!(
-                    "user {} ({}) may not {}: that needs the admin role",
+                    "user {} ({}) may not {}: that needs {}",
                     user.name,
                     user.role.name(),
-                    action.describe()
+                    action.describe(),
+                    action.roles()
                 ),
             ));
         }
@@ -195,6 +214,7 @@ mod tests {
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.path().join("s.sqlite")).expect("open"));
         let token = store.add_user("alice", Role::Researcher).expect("add");
+        let analyst = store.add_user("carol", Role::Analyst).expect("add");
         let auth = Authenticator::new(store);
 
         let mut req = Request::new(());
@@ -212,6 +232,19 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::PermissionDenied);
         assert!(
             err.message.contains("needs the admin role"),
+            "{}",
+            err.message
+        );
+
+        let mut req = Request::new(());
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {analyst}").parse().expect("header"),
+        );
+        let err = auth.authorize(&req, Action::Train).unwrap_err();
+        assert!(
+            err.message
+                .contains("may not train models: that needs one of the roles researcher, data_scientist, admin"),
             "{}",
             err.message
         );

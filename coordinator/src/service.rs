@@ -686,7 +686,7 @@ impl CoordinatorState {
     }
 }
 
-fn study_info(study: &Study) -> StudyInfo {
+pub(crate) fn study_info(study: &Study) -> StudyInfo {
     StudyInfo {
         title: study.title.clone(),
         principal_investigator: study.principal_investigator.clone(),

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use confer_models::job::{JobSpec, Standardisation, eval_counts};
+use confer_models::job::{Clipping, JobSpec, Standardisation, eval_counts, read_gradient_sum};
 use confer_models::{Device, Model, ServerOptimizer};
 use confer_privacy::secagg::Config;
 use confer_privacy::secagg::encoding::Encoder;
@@ -148,11 +148,17 @@ pub async fn submit(
         .privacy_statement(parameters, members)
         .map_err(|e| ProtocolError::invalid(e.to_string()))?;
     // The encodings must exist for the rounds' sizes before anyone is charged.
-    spec.update_encoding(parameters, members, min_survivors(members, t))
-        .and_then(|_| spec.moments_encoding(min_survivors(sites.len(), t)))
-        .map_err(|e| ProtocolError::invalid(e.to_string()))?;
+    let round_t = min_survivors(members, t);
+    match spec.privacy.clipping {
+        Clipping::Update => spec
+            .update_encoding(parameters, members, round_t)
+            .map(|_| ()),
+        Clipping::Example => spec.gradient_encoding(parameters, round_t).map(|_| ()),
+    }
+    .and_then(|_| spec.moments_encoding(min_survivors(sites.len(), t)))
+    .map_err(|e| ProtocolError::invalid(e.to_string()))?;
 
-    let task = Task::new(
+    let mut task = Task::new(
         &study.name,
         &user.name,
         TaskKind::Train(TrainTask {
@@ -161,6 +167,7 @@ pub async fn submit(
         }),
         JOB_TTL,
     );
+    task.study_info = Some(crate::service::study_info(&study));
     let envelope = state.sign(&task)?;
     let now = now_ms();
     let record = JobRecord {
@@ -820,6 +827,11 @@ impl Run<'_> {
         let t = min_survivors(members.len(), self.spec.min_survivors(members.len()));
         let session = session_id().map_err(|e| (e, Vec::new()))?;
         let invalid = |e: confer_models::Error| (ProtocolError::invalid(e.to_string()), Vec::new());
+        if self.spec.privacy.clipping == Clipping::Example {
+            return self
+                .gradient_round(round, global, checkpoint, &members, t, session)
+                .await;
+        }
         let encoding = self
             .spec
             .update_encoding(global.len(), members.len(), t)
@@ -865,6 +877,59 @@ impl Run<'_> {
             contributors,
             dropped,
             clipped,
+            update_norm: confer_models::l2_norm(&mean),
+            local_secs,
+            secagg_secs,
+            server_secs: started.elapsed().as_secs_f64(),
+            evaluation: Vec::new(),
+        })
+    }
+
+    /// One round of DP-SGD across the federation (`clipping = "example"`):
+    /// a secure sum of clipped per-example gradients, then a server step
+    /// with `-learning_rate × mean gradient` as the update.
+    async fn gradient_round(
+        &self,
+        round: u32,
+        global: &mut [f32],
+        checkpoint: &mut Checkpoint,
+        members: &[(String, String)],
+        t: usize,
+        session: [u8; 32],
+    ) -> Result<RoundRecord, (ProtocolError, Vec<(String, String)>)> {
+        let encoding = self
+            .spec
+            .gradient_encoding(global.len(), t)
+            .map_err(|e| (ProtocolError::invalid(e.to_string()), Vec::new()))?;
+        let config = Config::new(members.len(), 64, encoding.dims, session)
+            .and_then(|c| c.min_survivors(t))
+            .map_err(|e| (failed(format!("secure aggregation: {e}")), Vec::new()))?;
+        let (sum, contributors, dropped, local_secs, secagg_secs) = self
+            .sum(
+                TrainPhase::Update,
+                round,
+                checkpoint,
+                members,
+                Some(global),
+                &config,
+            )
+            .await?;
+        let started = Instant::now();
+        let (gradient, examples) =
+            read_gradient_sum(&encoding.decode(&sum), self.spec.privacy.clip_norm)
+                .map_err(|e| (internal(e), dropped.clone()))?;
+        let rate = self.spec.local.learning_rate;
+        let update: Vec<f64> = gradient.iter().map(|g| -rate * g / examples).collect();
+        checkpoint
+            .server
+            .step(global, &update, 1.0)
+            .map_err(|e| (internal(e), dropped.clone()))?;
+        let mean: Vec<f32> = update.iter().map(|&u| u as f32).collect();
+        Ok(RoundRecord {
+            round,
+            contributors,
+            dropped,
+            clipped: None,
             update_norm: confer_models::l2_norm(&mean),
             local_secs,
             secagg_secs,

@@ -49,7 +49,7 @@
 
 use std::collections::BTreeMap;
 
-use confer_privacy::federated::{MomentsEncoding, update_encoding, update_rho};
+use confer_privacy::federated::{SumEncoding, update_encoding, update_rho};
 use confer_privacy::secagg::encoding::EncodingConfig;
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +59,24 @@ use crate::eval::{EvalConfig, EvalCounts};
 use crate::server::ServerStrategy;
 use crate::spec::ModelSpec;
 use crate::train::LocalConfig;
+
+/// What is clipped, and so what one person can change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Clipping {
+    /// Each node's whole update (DP-FedAvg): local training as configured;
+    /// one person can move their node's update anywhere in the clipping
+    /// ball, so the noise must hide a whole node's update.
+    #[default]
+    Update,
+    /// Each person's gradient (DP-SGD across the federation): every round
+    /// each node sums its examples' gradients at the global model, each
+    /// clipped to `clip_norm`; the server steps with `local.learning_rate`
+    /// times the mean. One person moves the sum by one clipped gradient, so
+    /// far less noise is needed with few, large nodes. Classifiers only;
+    /// `local.budget`, `batch_size` and `optimizer` are not used.
+    Example,
+}
 
 /// How node updates are weighted in the mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,9 +221,13 @@ pub struct PrivacySpec {
     /// standardisation and evaluation.
     #[serde(default = "yes")]
     pub dp_training: bool,
-    /// L2 norm each node's update is clipped to (clipping is counted).
+    /// L2 norm each node's update (or, with `clipping = "example"`, each
+    /// example's gradient) is clipped to; clipping is counted.
     #[serde(default = "default_clip")]
     pub clip_norm: f64,
+    /// What is clipped: `update` (default) or `example`.
+    #[serde(default)]
+    pub clipping: Clipping,
     /// Share of the budget for the standardisation moments.
     #[serde(default = "default_share")]
     pub standardisation_share: f64,
@@ -402,6 +424,19 @@ impl JobSpec {
                 "privacy.standardisation_share + evaluation_share must leave a share for training (sum < 1)",
             ));
         }
+        if p.clipping == Clipping::Example {
+            if !p.dp_training {
+                return Err(bad(
+                    "privacy.clipping = \"example\" is DP training: set dp_training = true (or clip updates)",
+                ));
+            }
+            if !self.model.is_classifier() {
+                return Err(bad(
+                    "privacy.clipping = \"example\" needs a classifier: a cox partial likelihood has no \
+                     per-person gradient; use clipping = \"update\"",
+                ));
+            }
+        }
         if !(p.weight_cap >= 1.0 && p.weight_cap.is_finite()) {
             return Err(bad(format!(
                 "privacy.weight_cap = {} must be at least 1",
@@ -513,10 +548,31 @@ impl JobSpec {
         .map_err(privacy)
     }
 
-    /// The encoding of the standardisation moments for threshold `t`.
-    pub fn moments_encoding(&self, min_survivors: usize) -> Result<MomentsEncoding> {
+    /// The encoding of one round's clipped per-example gradient sums
+    /// (`clipping = "example"`): the sum and the example count times C, so
+    /// one person adds at most sqrt(2) C.
+    pub fn gradient_encoding(
+        &self,
+        parameters: usize,
+        min_survivors: usize,
+    ) -> Result<SumEncoding> {
         let plan = self.privacy_plan()?;
-        MomentsEncoding::new(
+        let rho = plan.round_rho.ok_or_else(|| {
+            Error::Privacy("per-example clipping needs dp_training = true".into())
+        })?;
+        SumEncoding::with_person_l2(
+            parameters + 1,
+            std::f64::consts::SQRT_2 * self.privacy.clip_norm,
+            rho,
+            min_survivors,
+        )
+        .map_err(privacy)
+    }
+
+    /// The encoding of the standardisation moments for threshold `t`.
+    pub fn moments_encoding(&self, min_survivors: usize) -> Result<SumEncoding> {
+        let plan = self.privacy_plan()?;
+        SumEncoding::new(
             moments_dims(self.data.features.len()),
             plan.standardisation_rho,
             min_survivors,
@@ -536,12 +592,16 @@ impl JobSpec {
     pub fn privacy_statement(&self, parameters: usize, nodes: usize) -> Result<PrivacyStatement> {
         let plan = self.privacy_plan()?;
         let t = self.min_survivors(nodes);
-        let update = match plan.round_rho {
-            Some(_) => {
+        let update = match (plan.round_rho, self.privacy.clipping) {
+            (Some(_), Clipping::Update) => {
                 let c = self.update_encoding(parameters, nodes, t)?;
                 Some(update_rho(&c).map_err(privacy)? * f64::from(self.rounds))
             }
-            None => None,
+            (Some(_), Clipping::Example) => {
+                let c = self.gradient_encoding(parameters, t)?;
+                Some(c.rho().map_err(privacy)? * f64::from(self.rounds))
+            }
+            (None, _) => None,
         };
         Ok(PrivacyStatement {
             unit: format!(
@@ -558,7 +618,16 @@ impl JobSpec {
             dp_training: self.privacy.dp_training,
             clip_norm: self.privacy.clip_norm,
             min_survivors: t,
-            summary: if self.privacy.dp_training {
+            summary: if self.privacy.clipping == Clipping::Example {
+                format!(
+                    "({}, {:e})-DP per node for every person (zCDP rho {:.6}): in each of {} rounds every \
+                     person's gradient was clipped to L2 norm {} and each node's sum carried its share of \
+                     distributed discrete Gaussian noise, so that any {t} nodes' sum holds the full noise; \
+                     the coordinator saw only secure sums. Standardisation and evaluation are included. \
+                     A person seen at k institutions is covered at k times this cost.",
+                    plan.epsilon, plan.delta, plan.rho, self.rounds, self.privacy.clip_norm
+                )
+            } else if self.privacy.dp_training {
                 format!(
                     "({}, {:e})-DP per node for every person (zCDP rho {:.6}): each node's update was clipped to L2 \
                      norm {} and carried its share of distributed discrete Gaussian noise, so that any {t} \
@@ -713,6 +782,24 @@ impl UpdateLayout {
             .then(|| (decoded[at] / self.clip).round().max(0.0));
         Ok((sum, weight, clipped))
     }
+}
+
+/// A node's vector for `clipping = "example"`: its clipped gradient sum,
+/// then its example count times C.
+pub fn gradient_vector(sum: &[f32], examples: usize, clip: f64) -> Vec<f64> {
+    sum.iter()
+        .map(|&g| f64::from(g))
+        .chain(std::iter::once(examples as f64 * clip))
+        .collect()
+}
+
+/// Reads a decoded sum of [`gradient_vector`]s: the gradient sum and the
+/// (noisy) number of examples, at least 1.
+pub fn read_gradient_sum(decoded: &[f64], clip: f64) -> Result<(Vec<f64>, f64)> {
+    let (count, sum) = decoded
+        .split_last()
+        .ok_or_else(|| Error::Internal("an empty gradient sum".into()))?;
+    Ok((sum.to_vec(), (count / clip).max(1.0)))
 }
 
 /// Elements of the standardisation vector for `features` features: the
@@ -998,6 +1085,34 @@ delta = 1e-5
         assert!((s.std[0] - 5f64.sqrt()).abs() < 1e-9 && (s.std[1] - 0.5).abs() < 1e-9);
         let z = s.apply(&rows, &bounds).expect("apply");
         assert!((z[0] as f64 + 3.0 / 5f64.sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn example_clipping_plans_its_budget_and_reads_back() {
+        let text = JOB.replace(
+            "delta = 1e-5",
+            "delta = 1e-5\nclipping = \"example\"\nclip_norm = 0.5",
+        );
+        let job = JobSpec::from_toml_str(&text).expect("job");
+        let plan = job.privacy_plan().expect("plan");
+        let enc = job.gradient_encoding(3, 3).expect("encoding");
+        assert!(enc.rho().expect("rho") <= plan.round_rho.expect("dp") * (1.0 + 1e-9));
+        let statement = job.privacy_statement(3, 4).expect("statement");
+        assert!(
+            statement
+                .summary
+                .contains("every person's gradient was clipped")
+        );
+        let v = gradient_vector(&[1.0, -2.0, 0.5], 10, 0.5);
+        let (sum, n) = read_gradient_sum(&v, 0.5).expect("read");
+        assert_eq!((sum, n), (vec![1.0, -2.0, 0.5], 10.0));
+        let no_dp = text.replace("epsilon = 1.0", "epsilon = 1.0\ndp_training = false");
+        assert!(
+            JobSpec::from_toml_str(&no_dp)
+                .expect_err("refused")
+                .to_string()
+                .contains("dp_training")
+        );
     }
 
     #[test]

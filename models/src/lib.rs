@@ -91,7 +91,10 @@ pub use spec::{
     ModelSpec,
 };
 pub use tch::Device;
-pub use train::{Budget, LocalConfig, LocalOptimizer, LocalResult, train_local};
+pub use train::{
+    Budget, ClippedGradients, LocalConfig, LocalOptimizer, LocalResult, clipped_gradient_sum,
+    train_local,
+};
 
 use serde::Serialize;
 use tch::{Cuda, Kind, Tensor};

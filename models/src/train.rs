@@ -346,6 +346,103 @@ pub fn train_local(model: &mut Model, data: &Dataset, config: &LocalConfig) -> R
     })
 }
 
+/// A node's clipped per-example gradients, summed (DP-SGD's numerator).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClippedGradients {
+    /// Σ_i clip(∇ loss_i, C) at the model's parameters, in the flat order
+    /// of [`Model::parameters`].
+    pub sum: Vec<f32>,
+    /// Examples summed.
+    pub examples: usize,
+    /// Examples whose gradient norm exceeded C.
+    pub clipped: usize,
+    /// Mean loss over the examples (before the step).
+    pub mean_loss: f64,
+}
+
+/// The sum over `data` of each example's loss gradient at the model's
+/// current parameters, each clipped to L2 norm `clip`: one person moves
+/// the sum by at most `clip`, whatever the rest of the data. Classifiers
+/// only (a Cox partial likelihood does not split into per-person terms).
+/// One backward pass per example (and dropout active, as in training).
+pub fn clipped_gradient_sum(model: &Model, data: &Dataset, clip: f64) -> Result<ClippedGradients> {
+    check_data(model, data)?;
+    if !(clip > 0.0 && clip.is_finite()) {
+        return Err(Error::config(
+            "per-example clipping",
+            "clip_norm",
+            format!("= {clip} must be positive and finite"),
+        ));
+    }
+    let Targets::Binary(labels) = data.targets() else {
+        return Err(Error::TargetKind(
+            "per-example gradient clipping is for classifiers: a cox partial likelihood has no \
+             per-person terms; use update clipping"
+                .into(),
+        ));
+    };
+    if data.is_empty() {
+        return Err(Error::InvalidDataset(
+            "no rows to compute gradients on".into(),
+        ));
+    }
+    let device = model.device();
+    let params: Vec<Tensor> = model
+        .parameter_tensors()
+        .into_iter()
+        .map(Tensor::shallow_clone)
+        .collect();
+    let total: i64 = params.iter().map(Tensor::numel).sum::<usize>() as i64;
+    let mut sum = Tensor::f_zeros([total], (Kind::Float, device))?;
+    let x_all = data.feature_tensor(device)?;
+    let mut clipped = 0usize;
+    let mut loss_sum = 0f64;
+    for (i, &y) in labels.iter().enumerate() {
+        for p in &params {
+            p.shallow_clone().zero_grad();
+        }
+        let x = x_all.f_narrow(0, i as i64, 1)?;
+        let logit = model.forward(&x, true)?;
+        let target = Tensor::f_from_slice(&[y])?.f_to_device(device)?;
+        let loss = logit.f_binary_cross_entropy_with_logits::<Tensor>(
+            &target,
+            None,
+            None,
+            Reduction::Sum,
+        )?;
+        loss.f_backward()?;
+        loss_sum += loss.f_double_value(&[])?;
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.grad().f_reshape([-1]))
+            .collect::<Result<_, _>>()?;
+        let g = Tensor::f_cat(&grads, 0)?;
+        let norm = g.f_norm()?.f_double_value(&[])?;
+        if !norm.is_finite() {
+            return Err(Error::Diverged(format!(
+                "the gradient of example {i} is not finite"
+            )));
+        }
+        let scale = if norm > clip {
+            clipped += 1;
+            clip / norm
+        } else {
+            1.0
+        };
+        tch::no_grad(|| sum.f_add_(&g.f_mul_scalar(scale)?).map(|_| ()))?;
+    }
+    for p in &params {
+        p.shallow_clone().zero_grad();
+    }
+    let sum = Vec::<f32>::try_from(&sum.f_to_device(Device::Cpu)?)?;
+    Ok(ClippedGradients {
+        sum,
+        examples: labels.len(),
+        clipped,
+        mean_loss: loss_sum / labels.len() as f64,
+    })
+}
+
 /// Checks that `data` suits `model` (feature width, kind of targets).
 pub(crate) fn check_data(model: &Model, data: &Dataset) -> Result<()> {
     let spec = model.spec();
@@ -584,6 +681,37 @@ mod tests {
         assert!(r.mean_loss < 0.4, "loss {}", r.mean_loss);
         // The learned direction is about (2, -1).
         assert!(after[0] > 0.0 && after[1] < 0.0 && after[0] > -after[1]);
+    }
+
+    #[test]
+    fn clipped_gradients_bound_each_example_and_sum_them() {
+        let spec = ModelSpec::logistic_regression(2);
+        let model = Model::with_device(&spec, 3, Device::Cpu).expect("model");
+        let data = Dataset::binary(vec![10.0, 0.0, 0.0, 0.1, -5.0, 5.0], 2, vec![1.0, 0.0, 1.0])
+            .expect("data");
+        let wide = clipped_gradient_sum(&model, &data, 1e6).expect("unclipped");
+        assert_eq!((wide.examples, wide.clipped), (3, 0));
+        // The unclipped sum is the gradient of the summed loss.
+        let mut one = Model::with_device(&spec, 3, Device::Cpu).expect("same model");
+        let config = LocalConfig {
+            budget: Budget::Steps(1),
+            batch_size: 3,
+            learning_rate: 1.0,
+            optimizer: LocalOptimizer::sgd(),
+            proximal_mu: 0.0,
+            seed: 0,
+        };
+        let step = train_local(&mut one, &data, &config).expect("step");
+        for (g, u) in wide.sum.iter().zip(&step.update) {
+            // one mean-loss SGD step at lr 1 moves by -sum/3
+            assert!((g / 3.0 + u).abs() < 1e-5, "{g} vs {u}");
+        }
+        let tight = clipped_gradient_sum(&model, &data, 0.01).expect("clipped");
+        assert!(tight.clipped >= 2);
+        assert!(crate::server::l2_norm(&tight.sum) <= 0.03 + 1e-6);
+        let cox = Model::with_device(&ModelSpec::cox(2), 0, Device::Cpu).expect("cox");
+        let survival = Dataset::survival(vec![1.0, 0.0], 2, vec![1.0], vec![true]).expect("data");
+        assert!(clipped_gradient_sum(&cox, &survival, 1.0).is_err());
     }
 
     #[test]

@@ -124,6 +124,9 @@ pub struct StudyRow {
     pub spent_rho: f64,
     /// Releases so far.
     pub releases: u64,
+    /// What the coordinator said of the study when it was first seen
+    /// (title, principal investigator, ethics reference, requested budget).
+    pub description: Option<String>,
 }
 
 /// One audit record.
@@ -250,7 +253,8 @@ impl Ledger {
                  budget_rho  REAL,
                  first_seen_ms INTEGER NOT NULL,
                  decided_ms  INTEGER,
-                 decided_by  TEXT
+                 decided_by  TEXT,
+                 description TEXT
              );
              CREATE TABLE IF NOT EXISTS audit (
                  seq         INTEGER PRIMARY KEY,
@@ -279,6 +283,15 @@ impl Ledger {
             conn.execute_batch(
                 "ALTER TABLE releases ADD COLUMN selection_delta REAL NOT NULL DEFAULT 0",
             )?;
+        }
+        // Ledgers written before study descriptions were kept.
+        let has_description: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('studies') WHERE name = 'description'",
+            [],
+            |row| row.get(0),
+        )?;
+        if !has_description {
+            conn.execute_batch("ALTER TABLE studies ADD COLUMN description TEXT")?;
         }
         Ok(Self {
             conn: Mutex::new(conn),
@@ -431,8 +444,15 @@ impl Ledger {
         status_in(&conn, study)
     }
 
-    /// Records a study seen for the first time: approved (auto) or pending (manual).
-    pub fn register_study(&self, study: &str, approve: bool, by: &str) -> Result<StudyStatus> {
+    /// Records a study seen for the first time: approved (auto) or pending
+    /// (manual), with what the coordinator said of it, for the steward.
+    pub fn register_study(
+        &self,
+        study: &str,
+        approve: bool,
+        by: &str,
+        description: Option<&str>,
+    ) -> Result<StudyStatus> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let status = status_in(&tx, study)?;
@@ -442,13 +462,14 @@ impl Ledger {
         let now = now_ms();
         if approve {
             tx.execute(
-                "INSERT INTO studies (study, status, first_seen_ms, decided_ms, decided_by) VALUES (?1, 'approved', ?2, ?2, ?3)",
-                params![study, now, by],
+                "INSERT INTO studies (study, status, first_seen_ms, decided_ms, decided_by, description)
+                 VALUES (?1, 'approved', ?2, ?2, ?3, ?4)",
+                params![study, now, by, description],
             )?;
         } else {
             tx.execute(
-                "INSERT INTO studies (study, status, first_seen_ms) VALUES (?1, 'pending', ?2)",
-                params![study, now],
+                "INSERT INTO studies (study, status, first_seen_ms, description) VALUES (?1, 'pending', ?2, ?3)",
+                params![study, now, description],
             )?;
         }
         let head = append(
@@ -458,11 +479,15 @@ impl Ledger {
                 actor: Some(by.to_string()),
                 kind: "study".into(),
                 decision: if approve { "approved" } else { "pending" }.into(),
-                reason: Some(if approve {
-                    "approved automatically by policy".into()
-                } else {
-                    "first seen; waits for the data steward".into()
-                }),
+                reason: Some(format!(
+                    "{}{}",
+                    if approve {
+                        "approved automatically by policy"
+                    } else {
+                        "first seen; waits for the data steward"
+                    },
+                    description.map(|d| format!(": {d}")).unwrap_or_default()
+                )),
                 ..Default::default()
             },
         )?;
@@ -535,10 +560,10 @@ impl Ledger {
         let mut stmt = conn.prepare(
             "SELECT s.study, s.status, s.reason, s.budget_rho,
                     COALESCE((SELECT SUM(rho) FROM releases r WHERE r.study = s.study), 0),
-                    (SELECT COUNT(*) FROM releases r WHERE r.study = s.study)
+                    (SELECT COUNT(*) FROM releases r WHERE r.study = s.study), s.description
              FROM studies s
              UNION ALL
-             SELECT r.study, 'approved', NULL, NULL, SUM(r.rho), COUNT(*) FROM releases r
+             SELECT r.study, 'approved', NULL, NULL, SUM(r.rho), COUNT(*), NULL FROM releases r
              WHERE r.study NOT IN (SELECT study FROM studies) GROUP BY r.study
              ORDER BY 1",
         )?;
@@ -550,6 +575,7 @@ impl Ledger {
                 budget_rho: row.get(3)?,
                 spent_rho: row.get(4)?,
                 releases: row.get::<_, i64>(5)? as u64,
+                description: row.get(6)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -1051,10 +1077,12 @@ mod tests {
         );
         assert_eq!(
             ledger
-                .register_study("s", false, "policy")
+                .register_study("s", false, "policy", Some("\"S\" (PI p)"))
                 .expect("register"),
             StudyStatus::Pending
         );
+        let listed = ledger.studies().expect("studies");
+        assert_eq!(listed[0].description.as_deref(), Some("\"S\" (PI p)"));
         ledger.approve("s", Some(0.5), "steward").expect("approve");
         assert_eq!(
             ledger.study_status("s").expect("status"),

@@ -226,10 +226,12 @@ impl NodeService {
         let mut status = self.state.ledger.study_status(&task.study)?;
         if status == StudyStatus::Unknown {
             let approve = policy.approval == Approval::Auto;
-            status = self
-                .state
-                .ledger
-                .register_study(&task.study, approve, "policy")?;
+            status = self.state.ledger.register_study(
+                &task.study,
+                approve,
+                "policy",
+                task.study_info.as_ref().map(describe_study).as_deref(),
+            )?;
         }
         match status {
             StudyStatus::Pending => {
@@ -704,6 +706,18 @@ impl NodeService {
         )
         .map_err(|e| NodeError::Protocol(ProtocolError::internal(e.to_string())))
     }
+}
+
+/// A study as the coordinator describes it, in one line for the steward.
+fn describe_study(info: &confer_protocol::task::StudyInfo) -> String {
+    format!(
+        "\"{}\" (principal investigator {}, ethics approval {}, requests epsilon {} and delta {:e} per node)",
+        info.title,
+        info.principal_investigator,
+        info.ethics_ref,
+        info.requested_epsilon,
+        info.requested_delta
+    )
 }
 
 pub(crate) async fn blocking<T: Send + 'static>(

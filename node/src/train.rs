@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use arrow::array::{Array, Float64Array, RecordBatch};
 use arrow::datatypes::DataType;
 use confer_models::job::{
-    EVAL_L2_SENSITIVITY, JobSpec, Standardisation, Weighting, eval_vector, moment_sums,
-    split_datasets,
+    Clipping, EVAL_L2_SENSITIVITY, JobSpec, Standardisation, Weighting, eval_vector,
+    gradient_vector, moment_sums, split_datasets,
 };
 use confer_models::{Dataset, Device, LocalConfig, Model, Targets};
 use confer_privacy::secagg::encoding::Encoder;
@@ -790,6 +790,34 @@ fn node_input(
             let mut model =
                 Model::with_device(&job.spec.model, job.spec.seed, device).map_err(model_error)?;
             model.set_parameters(&weights).map_err(model_error)?;
+            if job.spec.privacy.clipping == Clipping::Example {
+                let clip = job.spec.privacy.clip_norm;
+                let grads = confer_models::clipped_gradient_sum(&model, &sets.0, clip)
+                    .map_err(model_error)?;
+                let encoding = job
+                    .spec
+                    .gradient_encoding(weights.len(), t)
+                    .map_err(model_error)?;
+                if session.vector_len != encoding.dims || session.bits != 64 {
+                    return Err(NodeError::Protocol(invalid(format!(
+                        "the session sums {} elements mod 2^{}; the gradients need {} mod 2^64",
+                        session.vector_len, session.bits, encoding.dims
+                    ))));
+                }
+                let vector = gradient_vector(&grads.sum, grads.examples, clip);
+                let input = encoding
+                    .encode(&vector, &mut rng)
+                    .map_err(|e| NodeError::Protocol(invalid(e.to_string())))?;
+                let note = if grads.clipped > 0 {
+                    format!(
+                        "round {} gradients: {} of {} clipped to clip_norm {clip}",
+                        round.round, grads.clipped, grads.examples
+                    )
+                } else {
+                    format!("round {} gradients", round.round)
+                };
+                return Ok((input, note));
+            }
             let config = LocalConfig {
                 seed: local_seed(job.spec.seed, round.round, me),
                 ..job.spec.local.clone()

@@ -14,12 +14,13 @@
 //!   randomised rotation (which would pad vectors to a power of two); the
 //!   scale γ is chosen as large as the exact sampler allows, so rounding
 //!   error stays far below the noise.
-//! * **Moments for standardisation** ([`MomentsEncoding`]): each person
-//!   adds a vector whose coordinates lie in `[-1, 1]` (features rescaled by
-//!   their declared bounds, their squares, and 1), so one person changes
-//!   the sum by at most `sqrt(dims)`. Node sums are rounded to a granularity
-//!   `g = 2^-k`; rounding moves each coordinate a person touches by less
-//!   than one more granule, which the sensitivity counts.
+//! * **Sums of per-person vectors** ([`SumEncoding`]): each person adds a
+//!   vector of L2 norm at most `person_l2`: the standardisation moments
+//!   (features rescaled to `[-1, 1]` by their declared bounds, their squares,
+//!   and 1: `person_l2 = sqrt(dims)`), or a clipped per-example gradient and
+//!   a count. Node sums are rounded to a granularity `g = 2^-k`; rounding
+//!   moves each coordinate a person touches by less than one more granule,
+//!   which the sensitivity counts.
 //!
 //! Both are calibrated with [`sigma_for_rho`] for `t = min_survivors`: the
 //! cost is the job's whatever the number of survivors (at least `t`).
@@ -157,11 +158,14 @@ pub fn update_noise_stddev(config: &EncodingConfig, survivors: usize) -> f64 {
     (config.node_variance() * survivors as f64).sqrt() / config.scale
 }
 
-/// The encoding of per-person moment sums for standardisation.
+/// The encoding of sums of per-person vectors (standardisation moments,
+/// clipped per-example gradients).
 #[derive(Debug, Clone, PartialEq)]
-pub struct MomentsEncoding {
+pub struct SumEncoding {
     /// Elements of the vector.
     pub dims: usize,
+    /// L2 norm bound of one person's vector, in real units.
+    pub person_l2: f64,
     /// Granularity g: real value v is sent as round(v / g).
     pub granularity: f64,
     /// σ of the summed noise over `min_survivors` nodes, in granules.
@@ -170,35 +174,59 @@ pub struct MomentsEncoding {
     pub min_survivors: usize,
 }
 
+/// Integer L2 sensitivity of a rounded node sum: one person's vector in
+/// granules, plus less than one granule of rounding in each element.
+fn sum_sensitivity(person_l2: f64, granularity: f64, dims: usize) -> f64 {
+    person_l2 / granularity + (dims as f64).sqrt()
+}
+
 /// Largest magnitude of one node's element, so that sums of up to 2^10
 /// nodes with noise cannot wrap around 2^64.
 const MAX_ELEMENT: f64 = (1u64 << 52) as f64;
 
-impl MomentsEncoding {
+impl SumEncoding {
     /// Calibrates for vectors of `dims` elements to which each person adds
-    /// at most 1 in absolute value per element, at zCDP `rho`, with `t`
-    /// survivors at least.
+    /// at most 1 in absolute value per element (L2 `sqrt(dims)`), at zCDP
+    /// `rho`, with `t` survivors at least.
     pub fn new(dims: usize, rho: f64, min_survivors: usize) -> Result<Self> {
+        SumEncoding::with_person_l2(dims, (dims as f64).sqrt(), rho, min_survivors)
+    }
+
+    /// Calibrates for vectors of `dims` elements to which each person adds
+    /// a vector of L2 norm at most `person_l2`, at zCDP `rho`, with `t`
+    /// survivors at least.
+    pub fn with_person_l2(
+        dims: usize,
+        person_l2: f64,
+        rho: f64,
+        min_survivors: usize,
+    ) -> Result<Self> {
         if dims == 0 || min_survivors == 0 {
             return Err(invalid(format!(
-                "moments need at least one element and one survivor, not {dims} and {min_survivors}"
+                "a secure sum needs at least one element and one survivor, not {dims} and {min_survivors}"
+            )));
+        }
+        if !(person_l2 > 0.0 && person_l2.is_finite()) {
+            return Err(invalid(format!(
+                "one person's contribution must have a positive, finite bound, not {person_l2}"
             )));
         }
         if !(rho > 0.0 && rho.is_finite()) {
             return Err(invalid(format!(
-                "the standardisation budget rho must be positive and finite, not {rho}"
+                "the budget rho of a secure sum must be positive and finite, not {rho}"
             )));
         }
-        let root = (dims as f64).sqrt();
         let t = min_survivors as f64;
-        // The finest granularity 2^-k (k <= 20) whose noise the sampler takes.
-        for k in (-20..=20).rev() {
-            let granularity = 2f64.powi(-k);
-            let sensitivity = root / granularity + root;
+        // The finest granularity (person_l2 / 2^k, k <= 24) whose noise the
+        // sampler takes.
+        for k in (-8..=24).rev() {
+            let granularity = person_l2 / 2f64.powi(k);
+            let sensitivity = sum_sensitivity(person_l2, granularity, dims);
             let sigma = sigma_for_rho(rho, sensitivity, dims, min_survivors, 1)?;
             if sigma * sigma / t <= NODE_VARIANCE_LIMIT {
-                return Ok(MomentsEncoding {
+                return Ok(SumEncoding {
                     dims,
+                    person_l2,
                     granularity,
                     sigma,
                     min_survivors,
@@ -206,17 +234,16 @@ impl MomentsEncoding {
             }
         }
         Err(invalid(format!(
-            "no granularity gives standardisation noise the sampler can draw at rho {rho:e}: \
-             raise epsilon or its standardisation share"
+            "no granularity gives noise the sampler can draw for {dims} elements at rho {rho:e}: \
+             raise epsilon (or its share), or lower the rounds"
         )))
     }
 
     /// The zCDP cost of one release.
     pub fn rho(&self) -> Result<f64> {
-        let root = (self.dims as f64).sqrt();
         Ok(distributed_gaussian_rho(
             self.sigma,
-            root / self.granularity + root,
+            sum_sensitivity(self.person_l2, self.granularity, self.dims),
             self.dims,
             self.min_survivors,
             1,
@@ -228,7 +255,7 @@ impl MomentsEncoding {
     pub fn encode<R: CryptoRng + ?Sized>(&self, sums: &[f64], rng: &mut R) -> Result<Vec<u64>> {
         if sums.len() != self.dims {
             return Err(invalid(format!(
-                "moment sums have {} elements, the encoding {}",
+                "the sums have {} elements, the encoding {}",
                 sums.len(),
                 self.dims
             )));
@@ -240,7 +267,7 @@ impl MomentsEncoding {
                 let v = (s / self.granularity).round();
                 if v.is_nan() || v.abs() > MAX_ELEMENT {
                     return Err(invalid(format!(
-                        "a moment sum of {s} is too large for a 64-bit secure sum"
+                        "a sum of {s} is too large for a 64-bit secure sum"
                     )));
                 }
                 Ok((v as i64).wrapping_add(noise.sample(rng)) as u64)
@@ -316,7 +343,7 @@ mod tests {
 
     #[test]
     fn moments_round_trip_and_spend_their_budget() {
-        let m = MomentsEncoding::new(27, 0.002, 3).expect("moments");
+        let m = SumEncoding::new(27, 0.002, 3).expect("moments");
         assert!(m.rho().expect("rho") <= 0.002 * (1.0 + 1e-9));
         let mut rng = ChaCha20Rng::from_seed([7; 32]);
         let sums = vec![12.5; 27];
@@ -338,7 +365,7 @@ mod tests {
 
     #[test]
     fn moment_noise_has_the_declared_spread() {
-        let m = MomentsEncoding::new(1, 0.5, 2).expect("moments");
+        let m = SumEncoding::new(1, 0.5, 2).expect("moments");
         let mut rng = ChaCha20Rng::from_seed([11; 32]);
         let draws = 20_000;
         let mut sq = 0.0;

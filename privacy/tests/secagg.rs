@@ -73,27 +73,20 @@ fn dropout_each_round(config: &Config, fraction: f64, seed: u8) {
     }
 }
 
-// Debug builds run the protocol's curve arithmetic unoptimised (about 100x
-// slower), so they run smaller federations; `cargo test --release` runs the
-// sizes below in full.
+// The workspace optimises the curve, cipher and hash crates in debug
+// builds too (Cargo.toml, [profile.dev.package]), so `make test` runs the
+// full dropout matrix.
 
 #[test]
 fn complete_graph_sum_is_exact_under_dropouts() {
-    let n = if cfg!(debug_assertions) { 10 } else { 20 };
+    let n = 20;
     let config = Config::new(n, 32, 64, [1; 32]).expect("config");
     assert_eq!(config.graph, Graph::Complete);
-    let fractions: &[(f64, u8)] = if cfg!(debug_assertions) {
-        &[(0.0, 10), (0.3, 30)]
-    } else {
-        &[(0.0, 10), (0.1, 20), (0.3, 30)]
-    };
-    for &(fraction, seed) in fractions {
+    for (fraction, seed) in [(0.0, 10), (0.1, 20), (0.3, 30)] {
         dropout_each_round(&config, fraction, seed);
     }
-    if !cfg!(debug_assertions) {
-        // 10% before every round: 20, 18, 16, 14, 13, 12 remain.
-        check_exact(&config, &Dropouts::random(n, [0.1; 5], [40; 32]), 40);
-    }
+    // 10% before every round: 20, 18, 16, 14, 13, 12 remain.
+    check_exact(&config, &Dropouts::random(n, [0.1; 5], [40; 32]), 40);
 }
 
 /// With a sparse graph the threshold is per neighbourhood: 30% random
@@ -101,19 +94,6 @@ fn complete_graph_sum_is_exact_under_dropouts() {
 /// those cases use a degree at which 30% of n cannot reach half of it.
 #[test]
 fn sparse_graph_sum_is_exact_under_dropouts() {
-    if cfg!(debug_assertions) {
-        // 30 nodes, degree 16 (threshold 9 of 17 holders), 9 dropping before the masked
-        // input (the dropped nodes' mask keys must be rebuilt): for about 5% of random
-        // dropout sets some neighbourhood falls below threshold; this seeded set is not one.
-        let config =
-            Config::with_graph(30, Graph::Sparse { degree: 16 }, 32, 64, [2; 32]).expect("config");
-        check_exact(
-            &config,
-            &Dropouts::random(30, [0.0, 0.0, 0.3, 0.0, 0.0], [51; 32]),
-            51,
-        );
-        return;
-    }
     let config = Config::new(60, 32, 64, [2; 32]).expect("config");
     assert_eq!(config.graph, Graph::Sparse { degree: 24 });
     for (fraction, seed) in [(0.0, 60), (0.1, 70)] {
