@@ -202,7 +202,7 @@ async fn validation(net: &mut Net, dir: &Path, seeds: u64) -> anyhow::Result<()>
     ];
     let dp = |eps: &'static str| {
         [
-            ("dp_training = false", "dp_training = true"),
+            ("\ndp_training = false", "\ndp_training = true"),
             ("epsilon = 2.0", eps),
             ("clip_norm = 10.0", "clip_norm = 0.25"),
             ("every = 5", "every = 0"),
@@ -213,8 +213,8 @@ async fn validation(net: &mut Net, dir: &Path, seeds: u64) -> anyhow::Result<()>
     let dp_sgd = |eps: &'static str| {
         [
             (
-                "dp_training = false",
-                "dp_training = true\nclipping = \"example\"",
+                "\ndp_training = false",
+                "\ndp_training = true\nclipping = \"example\"",
             ),
             ("epsilon = 2.0", eps),
             ("clip_norm = 10.0", "clip_norm = 1.0"),
@@ -317,7 +317,7 @@ async fn timing(net: &mut Net) -> anyhow::Result<()> {
             ("epsilon = 2.0", "epsilon = 5.0"),
         ];
         if dp {
-            changes.push(("dp_training = false", "dp_training = true"));
+            changes.push(("\ndp_training = false", "\ndp_training = true"));
         }
         let spec = edit(&base, 1, &changes);
         assert!(spec.model.num_parameters() > 1_000_000);

@@ -143,7 +143,12 @@ impl Client {
 
     /// Runs a custom coordinator action and returns its JSON body.
     pub async fn action(&mut self, kind: &str, body: Vec<u8>) -> anyhow::Result<serde_json::Value> {
-        let mut client = arrow_flight::FlightClient::new(self.channel.clone());
+        // Answers (an exported model's weights) may exceed tonic's 4 MiB default.
+        let mut client = arrow_flight::FlightClient::new_from_inner(
+            arrow_flight::flight_service_client::FlightServiceClient::new(self.channel.clone())
+                .max_decoding_message_size(64 * 1024 * 1024)
+                .max_encoding_message_size(64 * 1024 * 1024),
+        );
         if let Some(t) = &self.token {
             client
                 .add_header("authorization", &format!("Bearer {t}"))
