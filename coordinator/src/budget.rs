@@ -137,3 +137,73 @@ pub fn combine(reports: &[SitePartial], max_sites: usize) -> Result<RecordBatch,
     )
     .map_err(|e| ProtocolError::internal(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(node: &str, budget: f64, spent: f64) -> SitePartial {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("node", DataType::Utf8, false),
+            Field::new("study", DataType::Utf8, false),
+            Field::new("status", DataType::Utf8, false),
+            Field::new("budget_rho", DataType::Float64, false),
+            Field::new("spent_rho", DataType::Float64, false),
+            Field::new("releases", DataType::UInt64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec![node])),
+                Arc::new(StringArray::from(vec!["s"])),
+                Arc::new(StringArray::from(vec!["approved"])),
+                Arc::new(Float64Array::from(vec![budget])),
+                Arc::new(Float64Array::from(vec![spent])),
+                Arc::new(UInt64Array::from(vec![2u64])),
+            ],
+        )
+        .expect("batch");
+        SitePartial {
+            site: node.into(),
+            batch,
+        }
+    }
+
+    #[test]
+    fn the_network_row_sums_the_largest_spends_for_max_sites() {
+        let reports = [
+            report("a", 1.0, 0.1),
+            report("b", 2.0, 0.4),
+            report("c", 0.5, 0.3),
+        ];
+        for (max_sites, spent, budget) in [(1, 0.4, 2.0), (2, 0.7, 3.0), (5, 0.8, 3.5)] {
+            let batch = combine(&reports, max_sites).expect("combine");
+            assert_eq!(batch.num_rows(), 4);
+            let f = |i: usize| {
+                batch
+                    .column(i)
+                    .as_any()
+                    .downcast_ref::<Float64Array>()
+                    .expect("f64")
+                    .value(3)
+            };
+            assert!((f(4) - spent).abs() < 1e-12, "{max_sites}: spent {}", f(4));
+            assert!(
+                (f(3) - budget).abs() < 1e-12,
+                "{max_sites}: budget {}",
+                f(3)
+            );
+            let node = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("text")
+                .value(3)
+                .to_string();
+            assert!(
+                node.contains(&format!("{max_sites} site(s) per person")),
+                "{node}"
+            );
+        }
+    }
+}

@@ -875,6 +875,11 @@ fn exceeds(spent: f64, cost: f64, budget: f64) -> bool {
 
 fn budget_message(what: &str, name: &str, spent: f64, charge: &Charge, budget: f64) -> String {
     let remaining = (budget - spent).max(0.0);
+    let task = if charge.kind.starts_with("train") {
+        "training job"
+    } else {
+        "query"
+    };
     let eps = |rho: f64| {
         if charge.cost.delta > 0.0 {
             confer_privacy::accounting::epsilon_for_rho(rho, charge.cost.delta)
@@ -885,7 +890,7 @@ fn budget_message(what: &str, name: &str, spent: f64, charge: &Charge, budget: f
         }
     };
     format!(
-        "budget exhausted for {what} {name}: this query needs rho {:.6} (epsilon {:.4}, delta {:e}) but only \
+        "budget exhausted for {what} {name}: this {task} needs rho {:.6} (epsilon {:.4}, delta {:e}) but only \
          rho {remaining:.6} (epsilon {} at that delta) of rho {budget:.6} (epsilon {}) remains; {spent:.6} is spent. \
          Ask for less (lower epsilon) or for a larger budget",
         charge.cost.rho,
@@ -1040,6 +1045,55 @@ mod tests {
             .expect("delete");
         let problem = ledger.verify().expect("verify").problem.expect("detected");
         assert!(problem.contains("record 2 is missing"), "{problem}");
+    }
+
+    #[test]
+    fn swapping_audit_records_is_detected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        for _ in 0..4 {
+            ledger
+                .release(&charge(Uuid::new_v4(), 0.1, 10.0), vec![7])
+                .expect("db")
+                .expect("released");
+        }
+        assert_eq!(ledger.verify().expect("verify").problem, None);
+        let conn = Connection::open(ledger.path()).expect("open raw");
+        // Swap records 2 and 3 whole (each keeps its own valid hash).
+        conn.execute_batch(
+            "UPDATE audit SET seq = -2 WHERE seq = 2;
+             UPDATE audit SET seq = 2 WHERE seq = 3;
+             UPDATE audit SET seq = 3 WHERE seq = -2;",
+        )
+        .expect("swap");
+        let problem = ledger.verify().expect("verify").problem.expect("detected");
+        assert!(
+            problem.contains("record 2 does not follow record 1"),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn researcher_budgets_cap_each_researcher_within_the_study() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        let by = |researcher: &str| {
+            let mut c = charge(Uuid::new_v4(), 0.3, 10.0);
+            c.researcher = researcher.into();
+            c.researcher_budget = Some(0.5);
+            c
+        };
+        assert!(ledger.release(&by("ann"), vec![1]).expect("db").is_ok());
+        match ledger.release(&by("ann"), vec![1]).expect("db") {
+            Err(Refusal::Budget(msg)) => {
+                assert!(msg.contains("researcher ann in study s"), "{msg}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // Another researcher of the same study still has their own budget.
+        assert!(ledger.release(&by("ben"), vec![1]).expect("db").is_ok());
+        assert!((ledger.spent("s", Some("ann")).expect("spent") - 0.3).abs() < 1e-12);
+        assert!((ledger.spent("s", None).expect("spent") - 0.6).abs() < 1e-12);
     }
 
     #[test]
