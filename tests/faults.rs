@@ -192,4 +192,26 @@ async fn slow_killed_and_garbage_nodes() {
     for site in ["site-a", "site-b", "site-c"] {
         audit_ok(work, site);
     }
+    // site-c answered past its deadline and was asked again with the same
+    // task id: it answered the retry from its ledger, and every debit it
+    // holds is one released query.
+    let ledger = confer_node::ledger::Ledger::open(&work.join("state").join("site-c"))
+        .expect("site-c ledger");
+    let records = ledger
+        .audit_records(&confer_node::ledger::AuditFilter::default())
+        .expect("audit");
+    assert!(
+        records.iter().any(|r| r.decision == "retried"),
+        "the retry reached site-c"
+    );
+    let released: f64 = records
+        .iter()
+        .filter(|r| r.decision == "released" && r.kind == "query")
+        .map(|r| r.rho)
+        .sum();
+    let spent = ledger.spent("test", None).expect("spent");
+    assert!(
+        (spent - released).abs() <= 1e-9 * released,
+        "spent {spent}, released {released}"
+    );
 }
