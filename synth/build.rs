@@ -1,0 +1,3 @@
+fn main() {
+    confer_build_support::link_libtorch();
+}
