@@ -153,7 +153,21 @@ async fn fedavg_reaches_flamby_accuracy_and_each_node_is_charged_once() {
         .iter()
         .find(|m| m.site == "overall")
         .expect("overall evaluation");
-    assert!((overall.examples - 254.0).abs() < 1.0, "{overall:?}");
+    let held_out: usize =
+        confer_cli::heart::local_datasets(&fed.federation.work_dir.join("count"), &spec)
+            .await
+            .expect("data")
+            .iter()
+            .map(|(_, _, test)| test.len())
+            .sum();
+    assert!(
+        (overall.examples - held_out as f64).abs() < 1.0,
+        "{overall:?} for {held_out} held-out rows"
+    );
+    assert!(
+        overall.noise_stddev > 0.0 && overall.noise_stddev < 0.5,
+        "{overall:?}"
+    );
     let accuracy = overall.accuracy.expect("accuracy");
     assert!(accuracy >= 0.72, "overall held-out accuracy {accuracy}");
     assert!(overall.auc.expect("auc") >= 0.75, "{overall:?}");

@@ -120,9 +120,10 @@ pub async fn local_datasets(
         let ctx = datafusion::prelude::SessionContext::new();
         let catalog = confer_node::catalog::load(&config, &ctx).await?;
         let query_catalog = confer_query::Catalog::for_node(&catalog);
-        let (train, test) = confer_node::train::job_datasets(&ctx, &query_catalog, job, |_| None)
-            .await
-            .map_err(|e| anyhow!("{centre}: {e}"))?;
+        let (train, test, _) =
+            confer_node::train::job_datasets(&ctx, &query_catalog, job, |_| None)
+                .await
+                .map_err(|e| anyhow!("{centre}: {e}"))?;
         out.push((centre, train, test));
     }
     Ok(out)

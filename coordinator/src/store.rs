@@ -166,6 +166,9 @@ pub struct JobRecord {
     pub spec: serde_json::Value,
     /// The signed job task (JSON of an `Envelope`), once signed.
     pub envelope: Option<String>,
+    /// Whether commits were sent to the nodes (some may have charged it).
+    #[serde(default)]
+    pub commit_sent: bool,
     /// The latest checkpoint.
     #[serde(skip)]
     pub checkpoint: Option<String>,

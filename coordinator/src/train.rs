@@ -70,6 +70,10 @@ struct Checkpoint {
     started: Option<u32>,
     /// Failed rounds in a row.
     failed_rounds: u32,
+    /// A round whose evaluation is still to be run (after its update was
+    /// checkpointed).
+    #[serde(default)]
+    pending_evaluation: Option<u32>,
 }
 
 fn denied(message: String) -> ProtocolError {
@@ -147,16 +151,20 @@ pub async fn submit(
     let statement = spec
         .privacy_statement(parameters, members)
         .map_err(|e| ProtocolError::invalid(e.to_string()))?;
-    // The encodings must exist for the rounds' sizes before anyone is charged.
-    let round_t = min_survivors(members, t);
-    match spec.privacy.clipping {
-        Clipping::Update => spec
-            .update_encoding(parameters, members, round_t)
-            .map(|_| ()),
-        Clipping::Example => spec.gradient_encoding(parameters, round_t).map(|_| ()),
+    // The encodings must exist, before anyone is charged, for every group
+    // a round (or the moments) may have: fewer nodes may commit than asked,
+    // and a smaller t asks more noise of each node.
+    for m in t.max(2)..=sites.len() {
+        let round_t = min_survivors(m.min(members), spec.min_survivors(m.min(members)));
+        match spec.privacy.clipping {
+            Clipping::Update => spec
+                .update_encoding(parameters, m.min(members), round_t)
+                .map(|_| ()),
+            Clipping::Example => spec.gradient_encoding(parameters, round_t).map(|_| ()),
+        }
+        .and_then(|_| spec.moments_encoding(min_survivors(m, spec.min_survivors(m))))
+        .map_err(|e| ProtocolError::invalid(e.to_string()))?;
     }
-    .and_then(|_| spec.moments_encoding(min_survivors(sites.len(), t)))
-    .map_err(|e| ProtocolError::invalid(e.to_string()))?;
 
     let mut task = Task::new(
         &study.name,
@@ -189,6 +197,7 @@ pub async fn submit(
         },
         spec: serde_json::to_value(&spec).map_err(internal)?,
         envelope: Some(serde_json::to_string(&envelope).map_err(internal)?),
+        commit_sent: false,
         checkpoint: None,
     };
     state
@@ -406,7 +415,12 @@ async fn drive(
         id,
     };
     if record.status.state == JobState::Preparing {
-        let checkpoint = run.prepare_and_commit(&record.status.sites).await?;
+        let ready = run
+            .prepare(&record.status.sites, record.commit_sent)
+            .await?;
+        record.commit_sent = true;
+        run.save(&mut record)?;
+        let checkpoint = run.commit(&record.status.sites, ready).await?;
         record.status.state = JobState::Running;
         record.checkpoint = Some(serde_json::to_string(&checkpoint).map_err(internal)?);
         run.save(&mut record)?;
@@ -441,6 +455,7 @@ async fn drive(
     }
 
     let mut global = decode_f32(&checkpoint.weights)?;
+    run.pending_evaluation(&mut record, &mut checkpoint).await?;
     for round in record.status.round + 1..=run.spec.rounds {
         if cancel.load(Ordering::SeqCst) {
             record.status.state = JobState::Cancelled;
@@ -455,9 +470,24 @@ async fn drive(
             record.status.notes.push(format!(
                 "round {round} was under way when the coordinator stopped: skipped (nodes release a round once)"
             ));
+            record.status.history.push(RoundRecord {
+                round,
+                contributors: Vec::new(),
+                dropped: Vec::new(),
+                clipped: None,
+                update_norm: 0.0,
+                local_secs: 0.0,
+                secagg_secs: 0.0,
+                server_secs: 0.0,
+                evaluation: Vec::new(),
+            });
             record.status.round = round;
             checkpoint.started = None;
+            if run.spec.evaluation_rounds().contains(&round) {
+                checkpoint.pending_evaluation = Some(round);
+            }
             run.checkpoint(&mut record, &checkpoint)?;
+            run.pending_evaluation(&mut record, &mut checkpoint).await?;
             continue;
         }
         checkpoint.started = Some(round);
@@ -494,20 +524,18 @@ async fn drive(
                 }
             }
         };
+        // The update is checkpointed before the evaluation runs, so a
+        // restart during the evaluation keeps it (and evaluates then).
         checkpoint.weights = encode_f32(&global);
-        if run.spec.evaluation_rounds().contains(&round) {
-            match run.evaluate(round, &checkpoint).await {
-                Ok(metrics) => entry.evaluation = metrics,
-                Err(e) => record.status.notes.push(format!(
-                    "evaluation after round {round} failed: {}",
-                    e.message
-                )),
-            }
-        }
+        entry.evaluation = Vec::new();
         record.status.history.push(entry);
         record.status.round = round;
         checkpoint.started = None;
+        if run.spec.evaluation_rounds().contains(&round) {
+            checkpoint.pending_evaluation = Some(round);
+        }
         run.checkpoint(&mut record, &checkpoint)?;
+        run.pending_evaluation(&mut record, &mut checkpoint).await?;
     }
     record.status.state = JobState::Finished;
     run.save(&mut record)?;
@@ -550,6 +578,31 @@ impl Run<'_> {
             .map_err(ProtocolError::from)
     }
 
+    /// Runs the evaluation the checkpoint says is due, and records it with
+    /// its round. Nodes answer a repeated evaluation from their ledgers.
+    async fn pending_evaluation(
+        &self,
+        record: &mut JobRecord,
+        checkpoint: &mut Checkpoint,
+    ) -> Result<(), ProtocolError> {
+        let Some(round) = checkpoint.pending_evaluation else {
+            return Ok(());
+        };
+        match self.evaluate(round, checkpoint).await {
+            Ok(metrics) => {
+                if let Some(entry) = record.status.history.iter_mut().find(|r| r.round == round) {
+                    entry.evaluation = metrics;
+                }
+            }
+            Err(e) => record.status.notes.push(format!(
+                "evaluation after round {round} failed: {}",
+                e.message
+            )),
+        }
+        checkpoint.pending_evaluation = None;
+        self.checkpoint(record, checkpoint)
+    }
+
     fn checkpoint(
         &self,
         record: &mut JobRecord,
@@ -572,9 +625,14 @@ impl Run<'_> {
         self.state.train_timeout()
     }
 
-    /// Prepares the job at every site (any refusal stops it; nothing was
-    /// charged), then commits it (each node debits the job).
-    async fn prepare_and_commit(&self, sites: &[String]) -> Result<Checkpoint, ProtocolError> {
+    /// Prepares the job at every site: any refusal stops it (and nothing
+    /// was charged, unless an earlier run of this coordinator had sent the
+    /// commits: `commit_sent`).
+    async fn prepare(
+        &self,
+        sites: &[String],
+        commit_sent: bool,
+    ) -> Result<Vec<TrainReady>, ProtocolError> {
         let nodes = self.handles(sites);
         let body = self.envelope.to_bytes()?;
         let timeout = self.round_timeout();
@@ -600,11 +658,28 @@ impl Run<'_> {
             }
         }
         if !refusals.is_empty() {
+            let charged = if commit_sent {
+                "nodes that committed it before the coordinator restarted keep their charge"
+            } else {
+                "nothing was charged anywhere"
+            };
             return Err(failed(format!(
-                "the job was refused, nothing was charged anywhere: {}",
+                "the job was refused, {charged}: {}",
                 refusals.join("; ")
             )));
         }
+        Ok(ready)
+    }
+
+    /// Commits the prepared job at every site: each node debits it.
+    async fn commit(
+        &self,
+        sites: &[String],
+        ready: Vec<TrainReady>,
+    ) -> Result<Checkpoint, ProtocolError> {
+        let nodes = self.handles(sites);
+        let body = self.envelope.to_bytes()?;
+        let timeout = self.round_timeout();
         let mut committed = Vec::new();
         let mut failures = Vec::new();
         for (_, r) in fanout::each(&nodes, |n| {
@@ -659,6 +734,7 @@ impl Run<'_> {
             sites,
             started: None,
             failed_rounds: 0,
+            pending_evaluation: None,
         })
     }
 

@@ -207,7 +207,13 @@ pub fn evaluate_with(model: &Model, data: &Dataset, config: &EvalConfig) -> Resu
     let bins = config.bins;
     let mut c = EvalCounts::zeros(bins);
     for (&z, &y) in logits.iter().zip(labels) {
-        let z = f64::from(z);
+        // A model that overflows on a row (weights from elsewhere) scores it
+        // at the clamp, never NaN: the counts stay well defined.
+        let z = if z.is_nan() {
+            0.0
+        } else {
+            f64::from(z).clamp(-1e4, 1e4)
+        };
         let positive = y > 0.5;
         // Binary cross-entropy on the logit, stable for large |z|.
         let loss = z.max(0.0) - if positive { z } else { 0.0 } + (-z.abs()).exp().ln_1p();

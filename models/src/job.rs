@@ -17,7 +17,7 @@
 //! features = ["age", "chol"]
 //! label = "label"              # cox: time = "...", event = "..."
 //! unit = "patient"             # one row per person, checked at each node
-//! train_fraction = 0.66
+//! train_fraction = 0.66        # rows go to training by a hash of split_seed and their values
 //! split_seed = 43
 //! bounds = { age = [20, 90], chol = [0, 610] }
 //!
@@ -153,11 +153,12 @@ pub struct DataSpec {
     /// and standardisation moments are computed on the clamped values.
     #[serde(default)]
     pub bounds: BTreeMap<String, [f64; 2]>,
-    /// Share of each node's rows used for training; the rest is its
-    /// held-out evaluation split.
+    /// Expected share of each node's rows used for training; the rest is
+    /// its held-out evaluation split. Each row is assigned by a hash of
+    /// `split_seed` and its own values (see [`split_datasets`]).
     #[serde(default = "default_train_fraction")]
     pub train_fraction: f64,
-    /// Seed of the split (scikit-learn's `random_state`).
+    /// Seed of the split.
     #[serde(default = "default_split_seed")]
     pub split_seed: u32,
 }
@@ -784,12 +785,13 @@ impl UpdateLayout {
     }
 }
 
-/// A node's vector for `clipping = "example"`: its clipped gradient sum,
-/// then its example count times C.
-pub fn gradient_vector(sum: &[f32], examples: usize, clip: f64) -> Vec<f64> {
-    sum.iter()
-        .map(|&g| f64::from(g))
-        .chain(std::iter::once(examples as f64 * clip))
+/// One person's vector for `clipping = "example"`: their clipped gradient,
+/// then C (the count element; the sum of these counts the examples).
+pub fn gradient_vector(gradient: &[f64], clip: f64) -> Vec<f64> {
+    gradient
+        .iter()
+        .copied()
+        .chain(std::iter::once(clip))
         .collect()
 }
 
@@ -815,19 +817,29 @@ fn unit_scale(x: f64, [lo, hi]: [f64; 2]) -> f64 {
     ((x.clamp(lo, hi) - mid) / half).clamp(-1.0, 1.0)
 }
 
-/// A node's exact moment sums over its training rows (row-major raw
-/// features, in `bounds` order): `[Σu, Σu², n]` with `u` each feature
-/// clamped and rescaled to [-1, 1]. One person adds at most 1 per element.
-pub fn moment_sums(features: &[f32], bounds: &[[f64; 2]]) -> Vec<f64> {
+/// One person's moment vector: `[u, u², 1]` with `u` each feature of their
+/// row clamped and rescaled to [-1, 1] (every element within [-1, 1]).
+pub fn moment_vector(row: &[f32], bounds: &[[f64; 2]]) -> Vec<f64> {
     let d = bounds.len();
     let mut out = vec![0.0; moments_dims(d)];
-    for row in features.chunks(d) {
-        for (j, (&x, &b)) in row.iter().zip(bounds).enumerate() {
-            let u = unit_scale(f64::from(x), b);
-            out[j] += u;
-            out[d + j] += u * u;
+    for (j, (&x, &b)) in row.iter().zip(bounds).enumerate() {
+        let u = unit_scale(f64::from(x), b);
+        out[j] = u;
+        out[d + j] = u * u;
+    }
+    out[2 * d] = 1.0;
+    out
+}
+
+/// The exact moment sums over rows (row-major raw features, in `bounds`
+/// order): the sum of their [`moment_vector`]s, in f64 (for in-process
+/// use; a node sums quantised vectors instead).
+pub fn moment_sums(features: &[f32], bounds: &[[f64; 2]]) -> Vec<f64> {
+    let mut out = vec![0.0; moments_dims(bounds.len())];
+    for row in features.chunks(bounds.len()) {
+        for (o, v) in out.iter_mut().zip(moment_vector(row, bounds)) {
+            *o += v;
         }
-        out[2 * d] += 1.0;
     }
     out
 }
@@ -932,44 +944,86 @@ pub fn eval_counts(vector: &[f64], config: &EvalConfig) -> Result<EvalCounts> {
     EvalCounts::from_flat(config.bins, &v)
 }
 
-/// Builds the training and evaluation datasets of one node from its rows
-/// (raw features, row-major; targets as read), with the job's split.
-/// Errors say what is wrong with the node's data.
+/// Whether a row goes to the held-out split: a hash of the split seed and
+/// the row's own values (features and targets), so that adding or removing
+/// one person moves no one else between the splits (which the DP
+/// sensitivities of the moments, gradients and evaluation counts rely on).
+/// A row-position or permutation split (scikit-learn's) would reshuffle
+/// everyone.
+fn held_out(seed: u32, row: &[f32], target: &[u32], test_fraction: f64) -> bool {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"confer/split/v1");
+    h.update(seed.to_le_bytes());
+    for v in row {
+        h.update(v.to_bits().to_le_bytes());
+    }
+    for t in target {
+        h.update(t.to_le_bytes());
+    }
+    let digest = h.finalize();
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&digest[..8]);
+    let u = (u64::from_le_bytes(word) >> 11) as f64 / (1u64 << 53) as f64;
+    u < test_fraction
+}
+
+/// Builds the training and held-out datasets of one node from its rows
+/// (raw features, row-major; targets as read): each row goes to the
+/// held-out split with probability `1 - train_fraction`, decided by a hash
+/// of `split_seed` and its own values. Errors say what is wrong with the
+/// node's data, without figures.
 pub fn split_datasets(
     spec: &JobSpec,
     features: Vec<f32>,
     targets: Targets,
 ) -> Result<(Dataset, Dataset)> {
     let width = spec.data.features.len();
-    let strata: Vec<f32> = match &targets {
-        Targets::Binary(y) => y.clone(),
-        Targets::Survival { event, .. } => event.iter().map(|&e| f32::from(u8::from(e))).collect(),
+    let n = match &targets {
+        Targets::Binary(y) => y.len(),
+        Targets::Survival { time, .. } => time.len(),
     };
-    let n = strata.len();
     if n < 4 {
-        return Err(bad(format!(
-            "the feature query returns {n} rows here; training needs at least 4"
-        )));
+        return Err(bad(
+            "the feature query returns fewer than 4 rows here; training needs more",
+        ));
     }
-    if matches!(targets, Targets::Binary(_)) {
-        let positives = strata.iter().filter(|&&v| v > 0.5).count();
+    if let Targets::Binary(y) = &targets {
+        let positives = y.iter().filter(|&&v| v > 0.5).count();
         if positives == 0 || positives == n {
             return Err(bad(format!(
-                "the label column {} has one class only here ({n} rows, all {}): a classifier needs both classes at \
+                "the label column {} has one class only here (all {}): a classifier needs both classes at \
                  every node; change the label or leave this node out of the job's sites",
                 spec.data.label.as_deref().unwrap_or("label"),
                 usize::from(positives > 0)
             )));
         }
     }
-    let (train, test) =
-        crate::split::train_test_split(&strata, spec.data.train_fraction, spec.data.split_seed);
+    let test_fraction = 1.0 - spec.data.train_fraction;
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let target: Vec<u32> = match &targets {
+            Targets::Binary(y) => vec![y[i].to_bits()],
+            Targets::Survival { time, event } => vec![time[i].to_bits(), u32::from(event[i])],
+        };
+        let row = &features[i * width..(i + 1) * width];
+        if held_out(spec.data.split_seed, row, &target, test_fraction) {
+            test.push(i);
+        } else {
+            train.push(i);
+        }
+    }
+    if train.is_empty() || test.is_empty() {
+        return Err(bad(
+            "the split leaves this node's training or held-out set empty: too few rows here, or change \
+             data.train_fraction",
+        ));
+    }
     let all = match targets {
         Targets::Binary(y) => Dataset::binary(features, width, y)?,
         Targets::Survival { time, event } => Dataset::survival(features, width, time, event)?,
     };
-    let (train, test) = (all.select(&train), all.select(&test));
-    Ok((train, test))
+    Ok((all.select(&train), all.select(&test)))
 }
 
 #[cfg(test)]
@@ -1103,15 +1157,47 @@ delta = 1e-5
                 .summary
                 .contains("every person's gradient was clipped")
         );
-        let v = gradient_vector(&[1.0, -2.0, 0.5], 10, 0.5);
+        let v: Vec<f64> = gradient_vector(&[0.1, -0.2, 0.05], 0.5)
+            .iter()
+            .map(|x| x * 10.0)
+            .collect();
         let (sum, n) = read_gradient_sum(&v, 0.5).expect("read");
-        assert_eq!((sum, n), (vec![1.0, -2.0, 0.5], 10.0));
+        assert!((n - 10.0).abs() < 1e-12 && (sum[1] + 2.0).abs() < 1e-12);
         let no_dp = text.replace("epsilon = 1.0", "epsilon = 1.0\ndp_training = false");
         assert!(
             JobSpec::from_toml_str(&no_dp)
                 .expect_err("refused")
                 .to_string()
                 .contains("dp_training")
+        );
+    }
+
+    #[test]
+    fn the_split_of_a_row_does_not_depend_on_the_other_rows() {
+        let job = JobSpec::from_toml_str(JOB).expect("job");
+        let n = 400;
+        let features: Vec<f32> = (0..n * 2).map(|i| (i % 97) as f32 * 0.5).collect();
+        let labels: Vec<f32> = (0..n).map(|i| f32::from(u8::from(i % 3 == 0))).collect();
+        let (train, test) =
+            split_datasets(&job, features.clone(), Targets::Binary(labels.clone())).expect("split");
+        assert_eq!(train.len() + test.len(), n);
+        let share = test.len() as f64 / n as f64;
+        assert!((share - 0.34).abs() < 0.08, "held-out share {share}");
+        // Without the first row, every other row stays on its side.
+        let (train2, test2) = split_datasets(
+            &job,
+            features[2..].to_vec(),
+            Targets::Binary(labels[1..].to_vec()),
+        )
+        .expect("split");
+        assert_eq!(train2.len() + test2.len(), n - 1);
+        let first_in_test = test.features().chunks(2).any(|r| r == &features[..2]);
+        assert_eq!(test2.len(), test.len() - usize::from(first_in_test));
+        assert!(
+            test2
+                .features()
+                .chunks(2)
+                .all(|r| test.features().chunks(2).any(|t| t == r))
         );
     }
 

@@ -93,7 +93,7 @@ pub use spec::{
 pub use tch::Device;
 pub use train::{
     Budget, ClippedGradients, LocalConfig, LocalOptimizer, LocalResult, clipped_gradient_sum,
-    train_local,
+    clipped_gradients, train_local,
 };
 
 use serde::Serialize;

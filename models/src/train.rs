@@ -346,26 +346,35 @@ pub fn train_local(model: &mut Model, data: &Dataset, config: &LocalConfig) -> R
     })
 }
 
-/// A node's clipped per-example gradients, summed (DP-SGD's numerator).
+/// What [`clipped_gradients`] saw.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClippedGradients {
     /// Σ_i clip(∇ loss_i, C) at the model's parameters, in the flat order
-    /// of [`Model::parameters`].
-    pub sum: Vec<f32>,
-    /// Examples summed.
+    /// of [`Model::parameters`] (f64; [`clipped_gradient_sum`] only).
+    pub sum: Vec<f64>,
+    /// Examples seen.
     pub examples: usize,
-    /// Examples whose gradient norm exceeded C.
+    /// Examples whose gradient norm exceeded C, or was not finite (those
+    /// contribute a zero vector).
     pub clipped: usize,
-    /// Mean loss over the examples (before the step).
+    /// Mean loss over the examples with a finite loss (before the step).
     pub mean_loss: f64,
 }
 
-/// The sum over `data` of each example's loss gradient at the model's
-/// current parameters, each clipped to L2 norm `clip`: one person moves
-/// the sum by at most `clip`, whatever the rest of the data. Classifiers
-/// only (a Cox partial likelihood does not split into per-person terms).
-/// One backward pass per example (and dropout active, as in training).
-pub fn clipped_gradient_sum(model: &Model, data: &Dataset, clip: f64) -> Result<ClippedGradients> {
+/// Calls `each` with every example's loss gradient at the model's current
+/// parameters, clipped to L2 norm `clip` (a hair below, so that rounding
+/// cannot exceed it), in the flat order of [`Model::parameters`]: what one
+/// person contributes to DP-SGD's sum. A gradient that is not finite (a
+/// model from elsewhere that overflows on the row) is passed as zeros, with
+/// no error, which would tell something about the row. Classifiers only (a
+/// Cox partial likelihood does not split into per-person terms). One
+/// backward pass per example, dropout active as in training.
+pub fn clipped_gradients(
+    model: &Model,
+    data: &Dataset,
+    clip: f64,
+    mut each: impl FnMut(&[f64]) -> Result<()>,
+) -> Result<ClippedGradients> {
     check_data(model, data)?;
     if !(clip > 0.0 && clip.is_finite()) {
         return Err(Error::config(
@@ -381,22 +390,17 @@ pub fn clipped_gradient_sum(model: &Model, data: &Dataset, clip: f64) -> Result<
                 .into(),
         ));
     };
-    if data.is_empty() {
-        return Err(Error::InvalidDataset(
-            "no rows to compute gradients on".into(),
-        ));
-    }
     let device = model.device();
     let params: Vec<Tensor> = model
         .parameter_tensors()
         .into_iter()
         .map(Tensor::shallow_clone)
         .collect();
-    let total: i64 = params.iter().map(Tensor::numel).sum::<usize>() as i64;
-    let mut sum = Tensor::f_zeros([total], (Kind::Float, device))?;
+    let total: usize = params.iter().map(Tensor::numel).sum();
     let x_all = data.feature_tensor(device)?;
-    let mut clipped = 0usize;
-    let mut loss_sum = 0f64;
+    let target_norm = clip * (1.0 - 1e-6);
+    let zeros = vec![0f64; total];
+    let (mut clipped, mut loss_sum, mut finite) = (0usize, 0f64, 0usize);
     for (i, &y) in labels.iter().enumerate() {
         for p in &params {
             p.shallow_clone().zero_grad();
@@ -411,36 +415,60 @@ pub fn clipped_gradient_sum(model: &Model, data: &Dataset, clip: f64) -> Result<
             Reduction::Sum,
         )?;
         loss.f_backward()?;
-        loss_sum += loss.f_double_value(&[])?;
         let grads: Vec<Tensor> = params
             .iter()
             .map(|p| p.grad().f_reshape([-1]))
             .collect::<Result<_, _>>()?;
-        let g = Tensor::f_cat(&grads, 0)?;
-        let norm = g.f_norm()?.f_double_value(&[])?;
-        if !norm.is_finite() {
-            return Err(Error::Diverged(format!(
-                "the gradient of example {i} is not finite"
-            )));
-        }
-        let scale = if norm > clip {
+        let g = Vec::<f64>::try_from(
+            &Tensor::f_cat(&grads, 0)?
+                .f_to_device(Device::Cpu)?
+                .f_to_kind(Kind::Double)?,
+        )?;
+        let norm = g.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let value = loss.f_double_value(&[])?;
+        if !(norm.is_finite() && value.is_finite()) {
             clipped += 1;
-            clip / norm
+            each(&zeros)?;
+            continue;
+        }
+        loss_sum += value;
+        finite += 1;
+        if norm > target_norm {
+            clipped += 1;
+            let scale = target_norm / norm;
+            let scaled: Vec<f64> = g.iter().map(|v| v * scale).collect();
+            each(&scaled)?;
         } else {
-            1.0
-        };
-        tch::no_grad(|| sum.f_add_(&g.f_mul_scalar(scale)?).map(|_| ()))?;
+            each(&g)?;
+        }
     }
     for p in &params {
         p.shallow_clone().zero_grad();
     }
-    let sum = Vec::<f32>::try_from(&sum.f_to_device(Device::Cpu)?)?;
     Ok(ClippedGradients {
-        sum,
+        sum: Vec::new(),
         examples: labels.len(),
         clipped,
-        mean_loss: loss_sum / labels.len() as f64,
+        mean_loss: if finite > 0 {
+            loss_sum / finite as f64
+        } else {
+            0.0
+        },
     })
+}
+
+/// The sum of [`clipped_gradients`], in f64 (for checks and in-process use;
+/// a node sums them in whole granules instead).
+pub fn clipped_gradient_sum(model: &Model, data: &Dataset, clip: f64) -> Result<ClippedGradients> {
+    let mut sum = vec![0f64; model.num_parameters()];
+    let mut seen = clipped_gradients(model, data, clip, |g| {
+        for (s, v) in sum.iter_mut().zip(g) {
+            *s += v;
+        }
+        Ok(())
+    })?;
+    seen.sum = sum;
+    Ok(seen)
 }
 
 /// Checks that `data` suits `model` (feature width, kind of targets).
@@ -704,11 +732,12 @@ mod tests {
         let step = train_local(&mut one, &data, &config).expect("step");
         for (g, u) in wide.sum.iter().zip(&step.update) {
             // one mean-loss SGD step at lr 1 moves by -sum/3
-            assert!((g / 3.0 + u).abs() < 1e-5, "{g} vs {u}");
+            assert!((g / 3.0 + f64::from(*u)).abs() < 1e-5, "{g} vs {u}");
         }
         let tight = clipped_gradient_sum(&model, &data, 0.01).expect("clipped");
         assert!(tight.clipped >= 2);
-        assert!(crate::server::l2_norm(&tight.sum) <= 0.03 + 1e-6);
+        let norm = tight.sum.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert!(norm <= 0.03 + 1e-6, "{norm}");
         let cox = Model::with_device(&ModelSpec::cox(2), 0, Device::Cpu).expect("cox");
         let survival = Dataset::survival(vec![1.0, 0.0], 2, vec![1.0], vec![true]).expect("data");
         assert!(clipped_gradient_sum(&cox, &survival, 1.0).is_err());

@@ -29,7 +29,7 @@ use arrow::array::{Array, Float64Array, RecordBatch};
 use arrow::datatypes::DataType;
 use confer_models::job::{
     Clipping, EVAL_L2_SENSITIVITY, JobSpec, Standardisation, Weighting, eval_vector,
-    gradient_vector, moment_sums, split_datasets,
+    gradient_vector, moment_vector, split_datasets,
 };
 use confer_models::{Dataset, Device, LocalConfig, Model, Targets};
 use confer_privacy::secagg::encoding::Encoder;
@@ -41,7 +41,7 @@ use confer_protocol::train::{
 };
 use confer_protocol::{ErrorKind, ProtocolError};
 use datafusion::execution::context::SQLOptions;
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 use uuid::Uuid;
 
 use crate::error::{NodeError, Result};
@@ -55,7 +55,11 @@ type Standardised = Arc<(Dataset, Dataset)>;
 /// A prepared job's data, raw (unstandardised) features.
 pub(crate) struct JobData {
     spec: JobSpec,
+    /// The job's budget split (computed once).
+    plan: confer_models::job::PrivacyPlan,
     payload_hash: String,
+    /// Tables the feature query reads.
+    tables: Vec<String>,
     bounds: Vec<[f64; 2]>,
     train: Dataset,
     test: Dataset,
@@ -225,6 +229,26 @@ impl NodeService {
                 ),
             ));
         }
+        // The session's members are the job's sites, each once.
+        let TaskKind::Train(train) = &task.kind else {
+            return Err(NodeError::Protocol(ProtocolError::internal(
+                "checked above",
+            )));
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(m) = r
+            .members
+            .iter()
+            .find(|m| !train.sites.contains(m) || !seen.insert(m.as_str()))
+        {
+            return Err(self.refuse(
+                Some(&round_task),
+                ErrorKind::PermissionDenied,
+                format!("the session lists {m}, which is not a site of this job or appears twice"),
+            ));
+        }
+        check_round_inputs(r)
+            .map_err(|why| self.refuse(Some(&round_task), ErrorKind::InvalidArgument, why))?;
         let _guard = job.round_lock.lock().await;
         let record_id = round_record_id(task.id, r.phase, r.round);
         if self.state().ledger.stored(record_id)?.is_some() {
@@ -239,6 +263,13 @@ impl NodeService {
                 ),
             ));
         }
+        // The round is on record before anything is computed from the data:
+        // whatever happens next, it is spent and never computed again.
+        let charge = zero_charge(&round_task, record_id, &round_envelope);
+        self.record(
+            &charge,
+            format!("{} of round {}", r.phase.name(), r.round).into_bytes(),
+        )?;
         let r = r.clone();
         let input_job = job.clone();
         let me = self.state().name.clone();
@@ -246,10 +277,11 @@ impl NodeService {
         let (input, note) = blocking(move || node_input(&input_job, &r, &config, &me))
             .await
             .map_err(|e| {
+                warn!(job = %task.id, "a training round failed at this node: {:?}", ProtocolError::from(e).kind);
                 self.refuse(
                     Some(&round_task),
-                    ErrorKind::InvalidArgument,
-                    ProtocolError::from(e).message,
+                    ErrorKind::Internal,
+                    "this node could not compute its input to the round (the round is spent here)".into(),
                 )
             })?;
         let TaskKind::TrainRound(r) = &round_task.kind else {
@@ -257,34 +289,32 @@ impl NodeService {
                 "checked above",
             )));
         };
-        let keys = self.state().secure.start(
+        self.state().secure.start(
             round_task.id,
             &self.state().name,
             session,
             &r.members,
             &r.identities,
             input,
-        )?;
-        // The round is on record before its masked input can leave.
-        let charge = zero_charge(&round_task, record_id, &round_envelope);
-        if let Err(e) = self.record(&charge, note.clone().into_bytes()) {
-            self.state().secure.forget(round_task.id)?;
-            return Err(e);
-        }
-        self.state().secure.confirm(round_task.id)?;
-        if note.contains("clipped") {
-            self.state().ledger.audit(&AuditEntry {
-                task_id: Some(round_task.id),
-                study: Some(task.study.clone()),
-                actor: Some(task.researcher.clone()),
-                kind: round_task.kind_name().into(),
-                decision: "recorded".into(),
-                reason: Some(note),
-                ..Default::default()
-            })?;
-        }
-        info!(job = %task.id, phase = r.phase.name(), round = r.round, "training sum joined after its record");
-        Ok(keys)
+        )
+        .and_then(|keys| {
+            self.state().secure.confirm(round_task.id)?;
+            Ok(keys)
+        })
+        .inspect(|_| {
+            if note.contains("clipped") || note.contains("diverged") {
+                let _ = self.state().ledger.audit(&AuditEntry {
+                    task_id: Some(round_task.id),
+                    study: Some(task.study.clone()),
+                    actor: Some(task.researcher.clone()),
+                    kind: round_task.kind_name().into(),
+                    decision: "recorded".into(),
+                    reason: Some(note.clone()),
+                    ..Default::default()
+                });
+            }
+            info!(job = %task.id, phase = r.phase.name(), round = r.round, "training sum joined after its record");
+        })
     }
 
     /// `confer.train.evaluate`.
@@ -309,6 +339,8 @@ impl NodeService {
                 ),
             ));
         }
+        check_round_inputs(r)
+            .map_err(|why| self.refuse(Some(&round_task), ErrorKind::InvalidArgument, why))?;
         let _guard = job.round_lock.lock().await;
         let record_id = round_record_id(task.id, r.phase, r.round);
         let charge = zero_charge(&round_task, record_id, &round_envelope);
@@ -418,9 +450,6 @@ impl NodeService {
         policy: &Policy,
     ) -> Result<Arc<JobData>> {
         let payload_hash = sha256_hex(envelope.payload.as_bytes());
-        if let Some(job) = self.state().train.get(task.id, &payload_hash) {
-            return Ok(job);
-        }
         let refuse = |kind, why: String| self.refuse(Some(task), kind, why);
         let TaskKind::Train(train) = &task.kind else {
             return Err(refuse(
@@ -437,8 +466,20 @@ impl NodeService {
                 ),
             ));
         }
-        let spec = JobSpec::from_json_value(train.job.clone())
-            .map_err(|e| refuse(ErrorKind::InvalidArgument, e.to_string()))?;
+        // The job is parsed and its data read once; the policy is checked on
+        // every request (it may have been reloaded since).
+        let cached = self.state().train.get(task.id, &payload_hash);
+        let (spec, plan) = match &cached {
+            Some(job) => (job.spec.clone(), job.plan),
+            None => {
+                let spec = JobSpec::from_json_value(train.job.clone())
+                    .map_err(|e| refuse(ErrorKind::InvalidArgument, e.to_string()))?;
+                let plan = spec
+                    .privacy_plan()
+                    .map_err(|e| refuse(ErrorKind::InvalidArgument, e.to_string()))?;
+                (spec, plan)
+            }
+        };
         let architecture = spec.model.architecture.as_str();
         if !rules.allows_model(architecture) {
             return Err(refuse(
@@ -454,9 +495,6 @@ impl NodeService {
                 ),
             ));
         }
-        let plan = spec
-            .privacy_plan()
-            .map_err(|e| refuse(ErrorKind::InvalidArgument, e.to_string()))?;
         if let Some(cap) = policy.max_query_epsilon
             && plan.epsilon > cap * (1.0 + 1e-9)
         {
@@ -472,7 +510,19 @@ impl NodeService {
         if self.state().ledger.stored(task.id)?.is_none() {
             self.job_charge(task, &payload_hash, rules, &plan)?;
         }
-        let (train_set, test_set) = job_datasets(
+        if let Some(job) = cached {
+            if let Some(table) = rules.forbidden_table(&job.tables) {
+                return Err(refuse(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "study {} may not read table {table} at this node",
+                        task.study
+                    ),
+                ));
+            }
+            return Ok(job);
+        }
+        let (train_set, test_set, tables) = job_datasets(
             &self.state().ctx,
             &self.state().query_catalog,
             &spec,
@@ -498,7 +548,9 @@ impl NodeService {
             .collect();
         let job = Arc::new(JobData {
             spec,
+            plan,
             payload_hash,
+            tables,
             bounds,
             train: train_set,
             test: test_set,
@@ -571,7 +623,7 @@ pub async fn job_datasets(
     catalog: &confer_query::Catalog,
     spec: &JobSpec,
     forbidden: impl Fn(&[String]) -> Option<String>,
-) -> std::result::Result<(Dataset, Dataset), JobDataError> {
+) -> std::result::Result<(Dataset, Dataset, Vec<String>), JobDataError> {
     let query = confer_query::features::feature_query(&spec.data.query, &spec.columns(), catalog)
         .await
         .map_err(|e| JobDataError::Invalid(e.to_string()))?;
@@ -582,18 +634,30 @@ pub async fn job_datasets(
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false);
+    // Runtime errors can quote values (a failed cast names it): the reason
+    // that leaves the node says only what failed, and the value is not logged.
+    let failed = |_: datafusion::error::DataFusionError| {
+        tracing::warn!("a training job's feature query failed to run");
+        JobDataError::Invalid(
+            "the feature query failed while running at this node (a value could not be computed or \
+             converted): check its expressions and casts against the tables' types"
+                .into(),
+        )
+    };
     let batches = ctx
         .sql_with_options(&query.sql, options)
         .await
-        .map_err(|e| JobDataError::Node(e.into()))?
+        .map_err(failed)?
         .collect()
         .await
-        .map_err(|e| JobDataError::Node(e.into()))?;
+        .map_err(failed)?;
+    let tables = query.tables.clone();
     let spec = spec.clone();
     blocking(move || {
         let (features, targets) = read_rows(&spec, &batches)?;
-        split_datasets(&spec, features, targets)
-            .map_err(|e| NodeError::Protocol(invalid(e.to_string())))
+        let (train, test) = split_datasets(&spec, features, targets)
+            .map_err(|e| NodeError::Protocol(invalid(e.to_string())))?;
+        Ok((train, test, tables))
     })
     .await
     .map_err(|e| match e {
@@ -602,6 +666,29 @@ pub async fn job_datasets(
         }
         other => JobDataError::Node(other),
     })
+}
+
+/// Checks what the coordinator sends with a round, before any data is
+/// touched: finite weights, finite means and positive finite standard
+/// deviations. (A model that overflows on some rows could otherwise make a
+/// node's answer depend on them.)
+fn check_round_inputs(round: &TrainRoundTask) -> std::result::Result<(), String> {
+    if let Some(w) = &round.weights {
+        let weights = decode_f32(w).map_err(|e| e.message)?;
+        if weights.iter().any(|v| !v.is_finite()) {
+            return Err("the round's weights are not all finite".into());
+        }
+    }
+    if let Some(s) = &round.standardisation
+        && (s.mean.iter().any(|m| !m.is_finite())
+            || s.std.iter().any(|v| !(v.is_finite() && *v > 0.0)))
+    {
+        return Err(
+            "the round's standardisation needs finite means and positive, finite standard deviations"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// A round's ledger record: no cost (the job paid), keyed by the round.
@@ -693,9 +780,9 @@ fn read_rows(spec: &JobSpec, batches: &[RecordBatch]) -> Result<(Vec<f32>, Targe
     let target_at = 1 + width;
     let targets = if spec.data.label.is_some() {
         let labels = column(target_at)?;
-        if let Some(v) = labels.iter().find(|&&v| v != 0.0 && v != 1.0) {
+        if labels.iter().any(|&v| v != 0.0 && v != 1.0) {
             return Err(bad(format!(
-                "the label {} has the value {v}: labels must be 0 or 1 (e.g. CAST(num > 0 AS DOUBLE))",
+                "the label {} has values other than 0 and 1: labels must be 0 or 1 (e.g. CAST(num > 0 AS DOUBLE))",
                 columns[target_at]
             )));
         }
@@ -703,9 +790,9 @@ fn read_rows(spec: &JobSpec, batches: &[RecordBatch]) -> Result<(Vec<f32>, Targe
     } else {
         let time = column(target_at)?;
         let event = column(target_at + 1)?;
-        if let Some(v) = event.iter().find(|&&v| v != 0.0 && v != 1.0) {
+        if event.iter().any(|&v| v != 0.0 && v != 1.0) {
             return Err(bad(format!(
-                "the event column {} has the value {v}: events must be 0 (censored) or 1",
+                "the event column {} has values other than 0 and 1: events must be 0 (censored) or 1",
                 columns[target_at + 1]
             )));
         }
@@ -771,10 +858,15 @@ fn node_input(
                     session.vector_len, session.bits, encoding.dims
                 ))));
             }
-            let sums = moment_sums(job.train.features(), &job.bounds);
-            let input = encoding
-                .encode(&sums, &mut rng)
-                .map_err(|e| NodeError::Protocol(invalid(e.to_string())))?;
+            let privacy_error =
+                |e: confer_privacy::PrivacyError| NodeError::Protocol(invalid(e.to_string()));
+            let mut sums = vec![0i64; encoding.dims];
+            for row in job.train.features().chunks(job.bounds.len()) {
+                encoding
+                    .accumulate(&mut sums, &moment_vector(row, &job.bounds))
+                    .map_err(privacy_error)?;
+            }
+            let input = encoding.encode(&sums, &mut rng).map_err(privacy_error)?;
             Ok((input, "standardisation moments".into()))
         }
         TrainPhase::Update => {
@@ -792,26 +884,30 @@ fn node_input(
             model.set_parameters(&weights).map_err(model_error)?;
             if job.spec.privacy.clipping == Clipping::Example {
                 let clip = job.spec.privacy.clip_norm;
-                let grads = confer_models::clipped_gradient_sum(&model, &sets.0, clip)
-                    .map_err(model_error)?;
                 let encoding = job
                     .spec
                     .gradient_encoding(weights.len(), t)
                     .map_err(model_error)?;
+                let mut sums = vec![0i64; encoding.dims];
+                let grads = confer_models::clipped_gradients(&model, &sets.0, clip, |g| {
+                    encoding
+                        .accumulate(&mut sums, &gradient_vector(g, clip))
+                        .map_err(|e| confer_models::Error::Privacy(e.to_string()))
+                })
+                .map_err(model_error)?;
                 if session.vector_len != encoding.dims || session.bits != 64 {
                     return Err(NodeError::Protocol(invalid(format!(
                         "the session sums {} elements mod 2^{}; the gradients need {} mod 2^64",
                         session.vector_len, session.bits, encoding.dims
                     ))));
                 }
-                let vector = gradient_vector(&grads.sum, grads.examples, clip);
                 let input = encoding
-                    .encode(&vector, &mut rng)
+                    .encode(&sums, &mut rng)
                     .map_err(|e| NodeError::Protocol(invalid(e.to_string())))?;
                 let note = if grads.clipped > 0 {
                     format!(
-                        "round {} gradients: {} of {} clipped to clip_norm {clip}",
-                        round.round, grads.clipped, grads.examples
+                        "round {} gradients: some were clipped to clip_norm {clip}",
+                        round.round
                     )
                 } else {
                     format!("round {} gradients", round.round)
@@ -822,19 +918,24 @@ fn node_input(
                 seed: local_seed(job.spec.seed, round.round, me),
                 ..job.spec.local.clone()
             };
-            let result =
-                confer_models::train_local(&mut model, &sets.0, &config).map_err(model_error)?;
+            // Training that diverges (on weights from elsewhere) sends a zero
+            // update rather than an error that would depend on the data.
+            let (update, examples, diverged) =
+                match confer_models::train_local(&mut model, &sets.0, &config) {
+                    Ok(r) => (r.update, r.num_examples, false),
+                    Err(confer_models::Error::Diverged(_)) => {
+                        (vec![0.0; weights.len()], sets.0.len(), true)
+                    }
+                    Err(e) => return Err(model_error(e)),
+                };
             let layout = job.spec.update_layout(weights.len());
             let weight = match job.spec.privacy.weighting() {
                 Weighting::Uniform => 1.0,
                 Weighting::Examples => {
-                    (result.num_examples as f64).min(job.spec.privacy.weight_cap)
-                        / job.spec.privacy.weight_cap
+                    (examples as f64).min(job.spec.privacy.weight_cap) / job.spec.privacy.weight_cap
                 }
             };
-            let (vector, clipped) = layout
-                .node_vector(&result.update, weight)
-                .map_err(model_error)?;
+            let (vector, clipped) = layout.node_vector(&update, weight).map_err(model_error)?;
             let encoding = job
                 .spec
                 .update_encoding(weights.len(), session.n, t)
@@ -847,15 +948,16 @@ fn node_input(
             let encoded = encoder
                 .encode(&vector, &mut rng)
                 .map_err(|e| NodeError::Protocol(invalid(e.to_string())))?;
-            let note = if clipped {
-                format!(
-                    "round {} update clipped: norm {:.4} above clip_norm {}",
-                    round.round,
-                    confer_models::l2_norm(&result.update),
-                    job.spec.privacy.clip_norm
-                )
-            } else {
-                format!("round {} update", round.round)
+            let note = match (diverged, clipped) {
+                (true, _) => format!(
+                    "round {} training diverged: a zero update was sent",
+                    round.round
+                ),
+                (false, true) => format!(
+                    "round {} update clipped to clip_norm {}",
+                    round.round, job.spec.privacy.clip_norm
+                ),
+                (false, false) => format!("round {} update", round.round),
             };
             Ok((encoded.values, note))
         }
@@ -889,7 +991,7 @@ fn evaluation(
     let mut model = Model::with_device(&job.spec.model, job.spec.seed, Device::cuda_if_available())
         .map_err(model_error)?;
     model.set_parameters(&weights).map_err(model_error)?;
-    let plan = job.spec.privacy_plan().map_err(model_error)?;
+    let plan = job.plan;
     let config = job.spec.eval_config();
     let (exact, sensitivity) = if job.spec.model.is_classifier() {
         let counts = confer_models::evaluate_with(&model, &sets.1, &config).map_err(model_error)?;
@@ -916,6 +1018,6 @@ fn evaluation(
     Ok(TrainEvaluation {
         node: me.to_string(),
         values,
-        noise_stddev: noise.stddev(),
+        noise_stddev: noise.stddev_f64(),
     })
 }

@@ -18,9 +18,11 @@
 //!   vector of L2 norm at most `person_l2`: the standardisation moments
 //!   (features rescaled to `[-1, 1]` by their declared bounds, their squares,
 //!   and 1: `person_l2 = sqrt(dims)`), or a clipped per-example gradient and
-//!   a count. Node sums are rounded to a granularity `g = 2^-k`; rounding
-//!   moves each coordinate a person touches by less than one more granule,
-//!   which the sensitivity counts.
+//!   a count. Each person's vector is rounded to whole granules of
+//!   `g = person_l2 / 2^k` ([`SumEncoding::quantise`]) and the node sums
+//!   integers, exactly: one person moves the sum by their rounded vector,
+//!   `person_l2 / g + sqrt(dims) / 2` granules at most, whatever the other
+//!   rows are (a float sum's rounding error would depend on them).
 //!
 //! Both are calibrated with [`sigma_for_rho`] for `t = min_survivors`: the
 //! cost is the job's whatever the number of survivors (at least `t`).
@@ -174,10 +176,11 @@ pub struct SumEncoding {
     pub min_survivors: usize,
 }
 
-/// Integer L2 sensitivity of a rounded node sum: one person's vector in
-/// granules, plus less than one granule of rounding in each element.
+/// Integer L2 sensitivity of a node's sum of rounded per-person vectors:
+/// one person's vector in granules, rounded to nearest (at most half a
+/// granule per element).
 fn sum_sensitivity(person_l2: f64, granularity: f64, dims: usize) -> f64 {
-    person_l2 / granularity + (dims as f64).sqrt()
+    person_l2 / granularity + (dims as f64).sqrt() / 2.0
 }
 
 /// Largest magnitude of one node's element, so that sums of up to 2^10
@@ -250,9 +253,41 @@ impl SumEncoding {
         )?)
     }
 
-    /// A node's input: its exact sums, rounded, plus its noise share, as
-    /// two's-complement elements mod 2^64.
-    pub fn encode<R: CryptoRng + ?Sized>(&self, sums: &[f64], rng: &mut R) -> Result<Vec<u64>> {
+    /// One person's vector in whole granules (rounded to nearest). Values
+    /// beyond the person's bound are the caller's bug; non-finite values
+    /// count as 0.
+    pub fn quantise(&self, person: &[f64]) -> Vec<i64> {
+        person
+            .iter()
+            .map(|&v| {
+                let q = (v / self.granularity).round();
+                if q.is_finite() { q as i64 } else { 0 }
+            })
+            .collect()
+    }
+
+    /// Adds a person's quantised vector to a node's running sum.
+    pub fn accumulate(&self, sum: &mut [i64], person: &[f64]) -> Result<()> {
+        if sum.len() != self.dims || person.len() != self.dims {
+            return Err(invalid(format!(
+                "vectors of {} and {} elements for an encoding of {}",
+                sum.len(),
+                person.len(),
+                self.dims
+            )));
+        }
+        for (s, q) in sum.iter_mut().zip(self.quantise(person)) {
+            *s = s
+                .checked_add(q)
+                .ok_or_else(|| invalid("a node's sum overflows 64 bits".into()))?;
+        }
+        Ok(())
+    }
+
+    /// A node's input: its integer sum (of [`SumEncoding::quantise`]d
+    /// person vectors) plus its noise share, as two's-complement elements
+    /// mod 2^64.
+    pub fn encode<R: CryptoRng + ?Sized>(&self, sums: &[i64], rng: &mut R) -> Result<Vec<u64>> {
         if sums.len() != self.dims {
             return Err(invalid(format!(
                 "the sums have {} elements, the encoding {}",
@@ -264,13 +299,12 @@ impl SumEncoding {
             DiscreteGaussian::with_variance(self.sigma * self.sigma / self.min_survivors as f64)?;
         sums.iter()
             .map(|&s| {
-                let v = (s / self.granularity).round();
-                if v.is_nan() || v.abs() > MAX_ELEMENT {
-                    return Err(invalid(format!(
-                        "a sum of {s} is too large for a 64-bit secure sum"
-                    )));
+                if s.unsigned_abs() > MAX_ELEMENT as u64 {
+                    return Err(invalid(
+                        "a node's sum is too large for a 64-bit secure sum".into(),
+                    ));
                 }
-                Ok((v as i64).wrapping_add(noise.sample(rng)) as u64)
+                Ok(s.wrapping_add(noise.sample(rng)) as u64)
             })
             .collect()
     }
@@ -346,7 +380,11 @@ mod tests {
         let m = SumEncoding::new(27, 0.002, 3).expect("moments");
         assert!(m.rho().expect("rho") <= 0.002 * (1.0 + 1e-9));
         let mut rng = ChaCha20Rng::from_seed([7; 32]);
-        let sums = vec![12.5; 27];
+        // Each node: 25 persons adding 0.5 per element, summed in granules.
+        let mut sums = vec![0i64; 27];
+        for _ in 0..25 {
+            m.accumulate(&mut sums, &[0.5; 27]).expect("accumulate");
+        }
         let mut total = vec![0u64; 27];
         for _ in 0..3 {
             for (t, v) in total
@@ -359,7 +397,7 @@ mod tests {
         let decoded = m.decode(&total);
         let sd = m.noise_stddev(3);
         for d in decoded {
-            assert!((d - 37.5).abs() < 8.0 * sd + m.granularity * 3.0, "{d}");
+            assert!((d - 37.5).abs() < 8.0 * sd + m.granularity * 75.0, "{d}");
         }
     }
 
@@ -370,8 +408,8 @@ mod tests {
         let draws = 20_000;
         let mut sq = 0.0;
         for _ in 0..draws {
-            let a = m.encode(&[0.0], &mut rng).expect("a")[0];
-            let b = m.encode(&[0.0], &mut rng).expect("b")[0];
+            let a = m.encode(&[0], &mut rng).expect("a")[0];
+            let b = m.encode(&[0], &mut rng).expect("b")[0];
             let v = m.decode(&[a.wrapping_add(b)])[0];
             sq += v * v;
         }

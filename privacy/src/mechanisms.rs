@@ -147,6 +147,18 @@ impl Noise {
         }
     }
 
+    /// Standard deviation of the noise [`Noise::apply_f64`] adds: OpenDP
+    /// samples at a granularity far below the scale, so the spread is the
+    /// continuous one (σ for the Gaussian, √2·b for the Laplace), also
+    /// when the scale is below 1 and the integer distribution would be
+    /// almost all zeros.
+    pub fn stddev_f64(&self) -> f64 {
+        match self.mechanism {
+            Mechanism::Gaussian => self.scale,
+            Mechanism::Laplace => std::f64::consts::SQRT_2 * self.scale,
+        }
+    }
+
     /// Adds noise to each integer (values saturate at the i64 range).
     pub fn apply_i64(&self, values: &[i64]) -> Result<Vec<i64>> {
         let data = values.to_vec();

@@ -66,6 +66,32 @@ pub async fn feature_query(
         quote(unit)
     );
     let ctx = empty_context(catalog)?;
+    // Every row must be one person's, computed from that person's records
+    // only (the DP analysis of standardisation, gradients and evaluation
+    // counts rests on it): the same provenance rules as a DP query's source.
+    let inner = ctx.sql(&parsed.query.to_string()).await.map_err(|e| {
+        QueryError::Plan(format!(
+            "the feature query does not plan: {}",
+            QueryError::from(e)
+        ))
+    })?;
+    let provenance = crate::analyze::provenance(inner.logical_plan(), catalog).map_err(|e| {
+        QueryError::Rejected(format!(
+            "the feature query must give each person's row from that person's records only: {e}"
+        ))
+    })?;
+    if !provenance.is_private() {
+        return Err(QueryError::Rejected(
+            "the feature query reads no person-level table: training rows are persons' rows".into(),
+        ));
+    }
+    let unit_index = inner.schema().index_of_column_by_name(None, unit);
+    if !unit_index.is_some_and(|i| provenance.unit_fields.contains(&i)) {
+        return Err(QueryError::Rejected(format!(
+            "data.unit = {unit} is not the privacy unit of the rows the feature query returns: select the \
+             tables' privacy unit column (see `confer catalog`) and name it in data.unit"
+        )));
+    }
     let df = ctx.sql(&sql).await.map_err(|e| {
         QueryError::Plan(format!(
             "the feature query does not plan: {} (it must return the columns {})",
@@ -171,6 +197,26 @@ mod tests {
                 "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) COUNT(*) FROM heart",
                 vec!["patient"],
                 "plain SQL",
+            ),
+            (
+                "SELECT num AS patient, age FROM heart",
+                vec!["patient", "age"],
+                "drops the privacy unit",
+            ),
+            (
+                "SELECT patient, num AS pid, age FROM heart",
+                vec!["pid", "age"],
+                "not the privacy unit",
+            ),
+            (
+                "SELECT patient, age, (SELECT AVG(age) FROM heart) AS avg_age FROM heart",
+                vec!["patient", "age", "avg_age"],
+                "from that person's records only",
+            ),
+            (
+                "SELECT patient, age FROM heart ORDER BY age LIMIT 10",
+                vec!["patient", "age"],
+                "from that person's records only",
             ),
         ];
         for (sql, columns, want) in cases {
