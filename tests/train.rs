@@ -114,6 +114,28 @@ async fn spent(client: &mut Client) -> Vec<f64> {
         .collect()
 }
 
+fn assert_finished(done: &JobStatus) {
+    assert_eq!(
+        done.state,
+        JobState::Finished,
+        "{:?} {:?}",
+        done.error,
+        done.notes
+    );
+}
+
+/// Each of the four nodes has spent exactly the job's rho for study `test`.
+async fn assert_charged_once(client: &mut Client, done: &JobStatus) {
+    let rho = done.privacy.as_ref().expect("statement")["rho"]
+        .as_f64()
+        .expect("rho");
+    let charged = spent(client).await;
+    assert_eq!(charged.len(), 4);
+    for c in charged {
+        assert!((c - rho).abs() <= 1e-9 * rho, "charged {c}, job rho {rho}");
+    }
+}
+
 /// Large epsilon: standardisation and evaluation are (almost) exact.
 fn exact_fedavg(text: String) -> String {
     text.replace("epsilon = 2.0", "epsilon = 1e4")
@@ -128,13 +150,7 @@ async fn fedavg_reaches_flamby_accuracy_and_each_node_is_charged_once() {
     let started = submit(&mut client, &spec).await.expect("submitted");
     assert_eq!(started.state, JobState::Preparing);
     let done = wait(&mut client, started.job_id, |_| false).await;
-    assert_eq!(
-        done.state,
-        JobState::Finished,
-        "{:?} {:?}",
-        done.error,
-        done.notes
-    );
+    assert_finished(&done);
     assert_eq!(done.round, 15);
     assert_eq!(done.history.len(), 15);
     for r in &done.history {
@@ -174,14 +190,7 @@ async fn fedavg_reaches_flamby_accuracy_and_each_node_is_charged_once() {
     assert_eq!(last.evaluation.len(), 5, "four sites and overall");
 
     // Every node charged the job's rho once, before round one.
-    let rho = done.privacy.as_ref().expect("statement")["rho"]
-        .as_f64()
-        .expect("rho");
-    let charged = spent(&mut client).await;
-    assert_eq!(charged.len(), 4);
-    for c in charged {
-        assert!((c - rho).abs() <= 1e-9 * rho, "charged {c}, job rho {rho}");
-    }
+    assert_charged_once(&mut client, &done).await;
 
     // The exported model: weights, spec sidecar and statement; checked
     // against each centre's held-out rows by the nodes' own data code.
@@ -283,13 +292,7 @@ async fn dp_sgd_across_the_hospitals_keeps_accuracy_at_epsilon_5() {
     });
     let started = submit(&mut client, &spec).await.expect("submitted");
     let done = wait(&mut client, started.job_id, |_| false).await;
-    assert_eq!(
-        done.state,
-        JobState::Finished,
-        "{:?} {:?}",
-        done.error,
-        done.notes
-    );
+    assert_finished(&done);
     let statement = done.privacy.as_ref().expect("statement");
     assert!(
         statement["summary"]
@@ -298,10 +301,7 @@ async fn dp_sgd_across_the_hospitals_keeps_accuracy_at_epsilon_5() {
             .contains("every person's gradient was clipped to L2 norm 1"),
         "{statement}"
     );
-    let rho = statement["rho"].as_f64().expect("rho");
-    for c in spent(&mut client).await {
-        assert!((c - rho).abs() <= 1e-9 * rho, "charged {c}, job rho {rho}");
-    }
+    assert_charged_once(&mut client, &done).await;
     let mut cli = fed.federation.client("tester").await.expect("client");
     let export: confer_protocol::train::ModelExport = serde_json::from_value(
         cli.action(
@@ -374,21 +374,10 @@ async fn dp_training_survives_a_coordinator_restart_without_double_charges() {
         .expect("kill the first coordinator");
     let mut client = fed.federation.client("tester").await.expect("client");
     let done = wait(&mut client, started.job_id, |_| false).await;
-    assert_eq!(
-        done.state,
-        JobState::Finished,
-        "{:?} {:?}",
-        done.error,
-        done.notes
-    );
+    assert_finished(&done);
     assert_eq!(done.round, 12);
     // Each node was charged exactly the job's rho, restart or not.
-    let rho = done.privacy.as_ref().expect("statement")["rho"]
-        .as_f64()
-        .expect("rho");
-    for c in spent(&mut client).await {
-        assert!((c - rho).abs() <= 1e-9 * rho, "charged {c}, job rho {rho}");
-    }
+    assert_charged_once(&mut client, &done).await;
     let applied = done
         .history
         .iter()

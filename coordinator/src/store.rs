@@ -273,6 +273,21 @@ impl SqliteStore {
         })
     }
 
+    /// The JSON bodies `sql` selects (one column), parsed.
+    fn json_rows<T: serde::de::DeserializeOwned>(&self, sql: &str) -> Result<Vec<T>> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(sql).map_err(db)?;
+        let bodies: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(db)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(db)?;
+        bodies
+            .iter()
+            .map(|b| serde_json::from_str(b).map_err(|e| CoordinatorError::State(e.to_string())))
+            .collect()
+    }
+
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
         self.conn
             .lock()
@@ -434,19 +449,7 @@ impl Store for SqliteStore {
     }
 
     fn studies(&self) -> Result<Vec<Study>> {
-        let conn = self.conn()?;
-        let mut stmt = conn
-            .prepare("SELECT body FROM studies ORDER BY name")
-            .map_err(db)?;
-        let bodies: Vec<String> = stmt
-            .query_map([], |r| r.get(0))
-            .map_err(db)?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(db)?;
-        bodies
-            .iter()
-            .map(|b| serde_json::from_str(b).map_err(|e| CoordinatorError::State(e.to_string())))
-            .collect()
+        self.json_rows("SELECT body FROM studies ORDER BY name")
     }
 
     fn record_result(&self, r: &ResultRecord) -> Result<()> {
@@ -473,19 +476,7 @@ impl Store for SqliteStore {
     }
 
     fn node_statuses(&self) -> Result<Vec<NodeStatus>> {
-        let conn = self.conn()?;
-        let mut stmt = conn
-            .prepare("SELECT body FROM nodes ORDER BY name")
-            .map_err(db)?;
-        let bodies: Vec<String> = stmt
-            .query_map([], |r| r.get(0))
-            .map_err(db)?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(db)?;
-        bodies
-            .iter()
-            .map(|b| serde_json::from_str(b).map_err(|e| CoordinatorError::State(e.to_string())))
-            .collect()
+        self.json_rows("SELECT body FROM nodes ORDER BY name")
     }
 
     fn audit(&self, e: &CoordinatorAudit) -> Result<()> {
@@ -556,19 +547,7 @@ impl Store for SqliteStore {
     }
 
     fn jobs(&self) -> Result<Vec<JobRecord>> {
-        let conn = self.conn()?;
-        let mut stmt = conn
-            .prepare("SELECT body FROM train_jobs ORDER BY created_ms, id")
-            .map_err(db)?;
-        let bodies: Vec<String> = stmt
-            .query_map([], |r| r.get(0))
-            .map_err(db)?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(db)?;
-        bodies
-            .iter()
-            .map(|b| serde_json::from_str(b).map_err(|e| CoordinatorError::State(e.to_string())))
-            .collect()
+        self.json_rows("SELECT body FROM train_jobs ORDER BY created_ms, id")
     }
 }
 

@@ -470,17 +470,7 @@ async fn drive(
             record.status.notes.push(format!(
                 "round {round} was under way when the coordinator stopped: skipped (nodes release a round once)"
             ));
-            record.status.history.push(RoundRecord {
-                round,
-                contributors: Vec::new(),
-                dropped: Vec::new(),
-                clipped: None,
-                update_norm: 0.0,
-                local_secs: 0.0,
-                secagg_secs: 0.0,
-                server_secs: 0.0,
-                evaluation: Vec::new(),
-            });
+            record.status.history.push(no_update(round, Vec::new()));
             record.status.round = round;
             checkpoint.started = None;
             if run.spec.evaluation_rounds().contains(&round) {
@@ -493,7 +483,7 @@ async fn drive(
         checkpoint.started = Some(round);
         run.checkpoint(&mut record, &checkpoint)?;
         let outcome = run.update_round(round, &mut global, &mut checkpoint).await;
-        let mut entry = match outcome {
+        let entry = match outcome {
             Ok(entry) => {
                 checkpoint.failed_rounds = 0;
                 entry
@@ -511,23 +501,12 @@ async fn drive(
                         e.message
                     )));
                 }
-                RoundRecord {
-                    round,
-                    contributors: Vec::new(),
-                    dropped,
-                    clipped: None,
-                    update_norm: 0.0,
-                    local_secs: 0.0,
-                    secagg_secs: 0.0,
-                    server_secs: 0.0,
-                    evaluation: Vec::new(),
-                }
+                no_update(round, dropped)
             }
         };
         // The update is checkpointed before the evaluation runs, so a
         // restart during the evaluation keeps it (and evaluates then).
         checkpoint.weights = encode_f32(&global);
-        entry.evaluation = Vec::new();
         record.status.history.push(entry);
         record.status.round = round;
         checkpoint.started = None;
@@ -621,6 +600,23 @@ impl Run<'_> {
             .collect()
     }
 
+    /// Sends `body` with `action` to the nodes among `sites`, concurrently,
+    /// each under the training deadline; their answers by name.
+    async fn ask_all<T: serde::de::DeserializeOwned>(
+        &self,
+        sites: &[String],
+        action: &'static str,
+        what: &'static str,
+        body: Vec<u8>,
+    ) -> Vec<(String, Result<T, ProtocolError>)> {
+        let timeout = self.round_timeout();
+        fanout::each(&self.handles(sites), |n| {
+            let body = body.clone();
+            async move { n.action_json::<T>(action, body, what, timeout).await }
+        })
+        .await
+    }
+
     fn round_timeout(&self) -> Duration {
         self.state.train_timeout()
     }
@@ -633,24 +629,12 @@ impl Run<'_> {
         sites: &[String],
         commit_sent: bool,
     ) -> Result<Vec<TrainReady>, ProtocolError> {
-        let nodes = self.handles(sites);
         let body = self.envelope.to_bytes()?;
-        let timeout = self.round_timeout();
         let mut ready = Vec::new();
         let mut refusals = Vec::new();
-        for (_, r) in fanout::each(&nodes, |n| {
-            let body = body.clone();
-            async move {
-                n.action_json::<TrainReady>(
-                    actions::TRAIN_PREPARE,
-                    body,
-                    "training readiness",
-                    timeout,
-                )
-                .await
-            }
-        })
-        .await
+        for (_, r) in self
+            .ask_all::<TrainReady>(sites, actions::TRAIN_PREPARE, "training readiness", body)
+            .await
         {
             match r {
                 Ok(r) => ready.push(r),
@@ -677,24 +661,12 @@ impl Run<'_> {
         sites: &[String],
         ready: Vec<TrainReady>,
     ) -> Result<Checkpoint, ProtocolError> {
-        let nodes = self.handles(sites);
         let body = self.envelope.to_bytes()?;
-        let timeout = self.round_timeout();
         let mut committed = Vec::new();
         let mut failures = Vec::new();
-        for (_, r) in fanout::each(&nodes, |n| {
-            let body = body.clone();
-            async move {
-                n.action_json::<TrainCommitted>(
-                    actions::TRAIN_COMMIT,
-                    body,
-                    "training commitment",
-                    timeout,
-                )
-                .await
-            }
-        })
-        .await
+        for (_, r) in self
+            .ask_all::<TrainCommitted>(sites, actions::TRAIN_COMMIT, "training commitment", body)
+            .await
         {
             match r {
                 Ok(c) => committed.push(c.node),
@@ -848,9 +820,7 @@ impl Run<'_> {
             .spec
             .moments_encoding(t)
             .map_err(|e| ProtocolError::invalid(e.to_string()))?;
-        let config = Config::new(members.len(), 64, encoding.dims, session_id()?)
-            .and_then(|c| c.min_survivors(t))
-            .map_err(|e| failed(format!("secure aggregation: {e}")))?;
+        let config = session_config(members.len(), 64, encoding.dims, session_id()?, t)?;
         let (sum, contributors, dropped, ..) = self
             .sum(TrainPhase::Moments, 0, checkpoint, members, None, &config)
             .await
@@ -912,14 +882,14 @@ impl Run<'_> {
             .spec
             .update_encoding(global.len(), members.len(), t)
             .map_err(invalid)?;
-        let config = Config::new(
+        let config = session_config(
             members.len(),
             encoding.bits,
             encoding.encoded_len(),
             session,
+            t,
         )
-        .and_then(|c| c.min_survivors(t))
-        .map_err(|e| (failed(format!("secure aggregation: {e}")), Vec::new()))?;
+        .map_err(|e| (e, Vec::new()))?;
         let (sum, contributors, dropped, local_secs, secagg_secs) = self
             .sum(
                 TrainPhase::Update,
@@ -977,9 +947,8 @@ impl Run<'_> {
             .spec
             .gradient_encoding(global.len(), t)
             .map_err(|e| (ProtocolError::invalid(e.to_string()), Vec::new()))?;
-        let config = Config::new(members.len(), 64, encoding.dims, session)
-            .and_then(|c| c.min_survivors(t))
-            .map_err(|e| (failed(format!("secure aggregation: {e}")), Vec::new()))?;
+        let config = session_config(members.len(), 64, encoding.dims, session, t)
+            .map_err(|e| (e, Vec::new()))?;
         let (sum, contributors, dropped, local_secs, secagg_secs) = self
             .sum(
                 TrainPhase::Update,
@@ -1031,25 +1000,13 @@ impl Run<'_> {
         )?;
         let body = serde_json::to_vec(&request).map_err(internal)?;
         let names: Vec<String> = checkpoint.sites.iter().map(|(n, _)| n.clone()).collect();
-        let nodes = self.handles(&names);
-        let timeout = self.round_timeout();
         let config = self.spec.eval_config();
         let mut metrics = Vec::new();
         let mut total: Option<Vec<f64>> = None;
         let mut variance = 0.0;
-        for (name, r) in fanout::each(&nodes, |n| {
-            let body = body.clone();
-            async move {
-                n.action_json::<TrainEvaluation>(
-                    actions::TRAIN_EVALUATE,
-                    body,
-                    "evaluation",
-                    timeout,
-                )
-                .await
-            }
-        })
-        .await
+        for (name, r) in self
+            .ask_all::<TrainEvaluation>(&names, actions::TRAIN_EVALUATE, "evaluation", body)
+            .await
         {
             match r {
                 Ok(e) if !e.values.is_empty() => {
@@ -1092,6 +1049,36 @@ impl Run<'_> {
             ));
         }
         Ok(metrics)
+    }
+}
+
+/// A secure-aggregation session of `nodes` summing `len` elements mod
+/// 2^`bits`, with threshold `t`.
+fn session_config(
+    nodes: usize,
+    bits: u32,
+    len: usize,
+    session: [u8; 32],
+    t: usize,
+) -> Result<Config, ProtocolError> {
+    Config::new(nodes, bits, len, session)
+        .and_then(|c| c.min_survivors(t))
+        .map_err(|e| failed(format!("secure aggregation: {e}")))
+}
+
+/// The record of a round that applied no update (it failed, or was under
+/// way when the coordinator stopped).
+fn no_update(round: u32, dropped: Vec<(String, String)>) -> RoundRecord {
+    RoundRecord {
+        round,
+        contributors: Vec::new(),
+        dropped,
+        clipped: None,
+        update_norm: 0.0,
+        local_secs: 0.0,
+        secagg_secs: 0.0,
+        server_secs: 0.0,
+        evaluation: Vec::new(),
     }
 }
 

@@ -598,18 +598,32 @@ impl NodeService {
         plan: &confer_query::plan::FederatedPlan,
         rules: &StudyRules,
     ) -> Result<Charge> {
+        let cost = Cost {
+            rho: plan.cost.rho,
+            epsilon: plan.cost.epsilon,
+            delta: plan.cost.delta,
+            selection_delta: plan.cost.selection_delta,
+        };
+        self.checked_charge(task, payload_hash, rules, cost)
+    }
+
+    /// The charge of `cost` for `task` under the study's budgets, refused
+    /// (and audited) early if it would not fit now; the binding check is
+    /// repeated in the transaction that records the release.
+    pub(crate) fn checked_charge(
+        &self,
+        task: &Task,
+        payload_hash: &str,
+        rules: &StudyRules,
+        cost: Cost,
+    ) -> Result<Charge> {
         let charge = Charge {
             task_id: task.id,
             payload_hash: payload_hash.to_string(),
             study: task.study.clone(),
             researcher: task.researcher.clone(),
             kind: task.kind_name().into(),
-            cost: Cost {
-                rho: plan.cost.rho,
-                epsilon: plan.cost.epsilon,
-                delta: plan.cost.delta,
-                selection_delta: plan.cost.selection_delta,
-            },
+            cost,
             study_budget: self.budget_of(&task.study, rules)?,
             researcher_budget: rules.researcher_budget_rho,
             study_delta_budget: rules.budget_delta,

@@ -569,26 +569,13 @@ impl NodeService {
         rules: &StudyRules,
         plan: &confer_models::job::PrivacyPlan,
     ) -> Result<Charge> {
-        let charge = Charge {
-            task_id: task.id,
-            payload_hash: payload_hash.to_string(),
-            study: task.study.clone(),
-            researcher: task.researcher.clone(),
-            kind: task.kind_name().into(),
-            cost: Cost {
-                rho: plan.rho,
-                epsilon: plan.epsilon,
-                delta: plan.delta,
-                selection_delta: 0.0,
-            },
-            study_budget: self.budget_of(&task.study, rules)?,
-            researcher_budget: rules.researcher_budget_rho,
-            study_delta_budget: rules.budget_delta,
+        let cost = Cost {
+            rho: plan.rho,
+            epsilon: plan.epsilon,
+            delta: plan.delta,
+            selection_delta: 0.0,
         };
-        if let Some(why) = self.state().ledger.check_budget(&charge)? {
-            return Err(self.refuse(Some(task), ErrorKind::ResourceExhausted, why));
-        }
-        Ok(charge)
+        self.checked_charge(task, payload_hash, rules, cost)
     }
 }
 

@@ -126,18 +126,10 @@ pub struct QueryTask {
 impl Task {
     /// A new query task with a fresh id, valid for `ttl`.
     pub fn query(study: &str, researcher: &str, sql: &str, ttl: Duration) -> Self {
-        let now = unix_now();
-        Self {
-            id: Uuid::new_v4(),
-            study: study.to_string(),
-            researcher: researcher.to_string(),
-            issued_at: now,
-            expires_at: now.saturating_add(ttl.as_secs().max(1)),
-            kind: TaskKind::Query(QueryTask {
-                sql: sql.to_string(),
-            }),
-            study_info: None,
-        }
+        let kind = TaskKind::Query(QueryTask {
+            sql: sql.to_string(),
+        });
+        Self::new(study, researcher, kind, ttl)
     }
 
     /// A new task of `kind` with a fresh id, valid for `ttl`.
@@ -156,18 +148,10 @@ impl Task {
 
     /// A new budget report task with a fresh id, valid for `ttl`.
     pub fn budget(study: &str, researcher: &str, ttl: Duration) -> Self {
-        let now = unix_now();
-        Self {
-            id: Uuid::new_v4(),
+        let kind = TaskKind::Budget(BudgetTask {
             study: study.to_string(),
-            researcher: researcher.to_string(),
-            issued_at: now,
-            expires_at: now.saturating_add(ttl.as_secs().max(1)),
-            kind: TaskKind::Budget(BudgetTask {
-                study: study.to_string(),
-            }),
-            study_info: None,
-        }
+        });
+        Self::new(study, researcher, kind, ttl)
     }
 
     /// A short name of the task's kind, for audit records.

@@ -3,11 +3,7 @@
 //! at each node again against its own), then run only at the nodes, whose
 //! rows never leave.
 
-use std::collections::BTreeSet;
-
 use arrow::datatypes::{DataType, SchemaRef};
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::logical_expr::LogicalPlan;
 
 use crate::catalog::Catalog;
 use crate::engine::empty_context;
@@ -100,18 +96,6 @@ pub async fn feature_query(
         ))
     })?;
     let plan = df.logical_plan();
-    let mut tables = BTreeSet::new();
-    plan.apply_with_subqueries(|node| {
-        if let LogicalPlan::TableScan(scan) = node {
-            tables.insert(scan.table_name.table().to_ascii_lowercase());
-        }
-        Ok(TreeNodeRecursion::Continue)
-    })?;
-    if tables.is_empty() {
-        return Err(QueryError::Rejected(
-            "the feature query reads no table: add FROM <table>".into(),
-        ));
-    }
     let schema = plan.schema().as_arrow().clone();
     for name in values {
         let field = schema
@@ -127,7 +111,7 @@ pub async fn feature_query(
     }
     Ok(FeatureQuery {
         sql,
-        tables: tables.into_iter().collect(),
+        tables: provenance.tables.into_iter().collect(),
         schema: std::sync::Arc::new(schema),
     })
 }
