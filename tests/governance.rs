@@ -161,6 +161,107 @@ async fn budgets_drain_then_refuse_and_refusals_are_audited() {
     fed.federation.stop().await.expect("clean stop");
 }
 
+/// Rewrites one node's policy lines in place; the node re-reads its
+/// node.toml when the file's modification time changes.
+fn edit_policy(path: &Path, from: &str, to: &str, step: u64) {
+    let text = std::fs::read_to_string(path).expect("node.toml");
+    assert!(text.contains(from), "{from:?} not in {}", path.display());
+    std::fs::write(path, text.replacen(from, to, 1)).expect("write node.toml");
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .expect("open")
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(10 * step))
+        .expect("mtime");
+}
+
+fn spent(batches: &[arrow::array::RecordBatch], site: &str) -> f64 {
+    keyed(batches, 1, &["spent_rho"])[site][0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_at_one_node_spends_nothing_anywhere() {
+    let fed = federation_with(2, POLICY).await;
+    let work = fed.federation.work_dir.clone();
+    let mut alice = fed.client_as("alice").await;
+    let rho_each = confer_privacy::accounting::rho_for_epsilon_delta(0.4, 1e-6).expect("rho");
+    alice
+        .run(&count_query(0.4), Some("small"))
+        .await
+        .expect("first query");
+    let site_b = Path::new(&node_config(&work, "site-b")).to_path_buf();
+    let show = "SHOW PRIVACY BUDGET FOR STUDY small";
+
+    // Only site-b's per-query cap is too low for the next query.
+    edit_policy(
+        &site_b,
+        "max_query_epsilon = 2.0",
+        "max_query_epsilon = 0.3",
+        1,
+    );
+    let err = alice
+        .run(&count_query(0.4), Some("small"))
+        .await
+        .expect_err("over site-b's cap")
+        .to_string();
+    assert!(
+        err.contains("refused before any node ran it, nothing spent")
+            && err.contains("node site-b")
+            && err.contains("per-query cap of epsilon 0.3"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("node site-a"),
+        "site-a would have answered: {err}"
+    );
+    let budget = alice.run(show, Some("small")).await.expect("show").batches;
+    for site in ["site-a", "site-b"] {
+        let s = spent(&budget, site);
+        assert!((s - rho_each).abs() < 1e-12, "{site} spent {s}");
+    }
+
+    // Only site-b's study budget is too small for a second query.
+    edit_policy(
+        &site_b,
+        "max_query_epsilon = 0.3",
+        "max_query_epsilon = 2.0",
+        2,
+    );
+    edit_policy(
+        &site_b,
+        "budget = { epsilon = 1.0, delta = 1e-6 }",
+        "budget = { epsilon = 0.5, delta = 1e-6 }",
+        3,
+    );
+    let err = alice
+        .run(&count_query(0.4), Some("small"))
+        .await
+        .expect_err("over site-b's budget")
+        .to_string();
+    assert!(
+        err.contains("refused before any node ran it, nothing spent")
+            && err.contains("node site-b")
+            && err.contains("budget exhausted for study small"),
+        "{err}"
+    );
+    let budget = alice.run(show, Some("small")).await.expect("show").batches;
+    let a = spent(&budget, "site-a");
+    assert!((a - rho_each).abs() < 1e-12, "site-a spent {a}");
+
+    // Within both nodes' rules the query runs and both are charged.
+    alice
+        .run(&count_query(0.1), Some("small"))
+        .await
+        .expect("fits everywhere");
+    let rho_small = confer_privacy::accounting::rho_for_epsilon_delta(0.1, 1e-6).expect("rho");
+    let budget = alice.run(show, Some("small")).await.expect("show").batches;
+    for site in ["site-a", "site-b"] {
+        let s = spent(&budget, site);
+        assert!((s - rho_each - rho_small).abs() < 1e-12, "{site} spent {s}");
+    }
+    fed.federation.stop().await.expect("clean stop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_approval_holds_a_study_until_the_steward_approves() {
     let policy = "[policy]\napproval = \"manual\"\n\n[policy.studies.s]\nbudget = { epsilon = 10.0, delta = 1e-6 }\n";

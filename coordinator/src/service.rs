@@ -38,8 +38,8 @@ use arrow_flight::{
     HandshakeResponse, Ticket,
 };
 use confer_protocol::signing::{Identity, sha256_hex};
-use confer_protocol::task::{Envelope, QueryTask, StudyInfo, Task, TaskKind};
-use confer_protocol::{ErrorKind, ProtocolError, metadata};
+use confer_protocol::task::{Envelope, QueryCheck, QueryTask, StudyInfo, Task, TaskKind};
+use confer_protocol::{ErrorKind, ProtocolError, actions, metadata};
 use confer_query::combine::combine;
 use confer_query::{Catalog, FederatedPlan, Statement};
 use futures::{Stream, TryStreamExt};
@@ -432,6 +432,72 @@ impl CoordinatorState {
         }
     }
 
+    /// Asks every node to check a query task (nothing read or charged)
+    /// before any node runs it. A node that refuses the query itself (cost
+    /// over its per-query cap or the study's budget, a table the study may
+    /// not read) stops the query everywhere, so nobody spends budget on a
+    /// query that cannot be answered as asked. Nodes that do not answer, or
+    /// do not take part in the study, are left out as when they miss the
+    /// query itself; fewer than `min_sites` left stops it too. Returns the
+    /// nodes to ask, and the names and failures of those left out.
+    async fn precheck(
+        &self,
+        envelope: &Envelope,
+        min_sites: usize,
+        timeout: Duration,
+    ) -> Result<(Vec<NodeHandle>, Vec<String>, Vec<ProtocolError>), ProtocolError> {
+        let body = envelope.to_bytes()?;
+        let answers = fanout::each(&self.nodes, |n| {
+            let body = body.clone();
+            async move {
+                n.action_json::<QueryCheck>(actions::QUERY_CHECK, body, "query check", timeout)
+                    .await
+            }
+        })
+        .await;
+        let mut ready = Vec::new();
+        let mut missing = Vec::new();
+        let mut failures = Vec::new();
+        let mut refusals = Vec::new();
+        for (node, (name, answer)) in self.nodes.iter().zip(answers) {
+            match answer {
+                Ok(QueryCheck {
+                    refused: Some(why), ..
+                }) => refusals.push(why),
+                Ok(_) => ready.push(node.clone()),
+                Err(e) => {
+                    warn!(node = %name, "node left out of the query at its check: {}", e.message);
+                    missing.push(name);
+                    failures.push(e);
+                }
+            }
+        }
+        if !refusals.is_empty() {
+            let mut err = fanout::joined(refusals);
+            err.message = format!(
+                "refused before any node ran it, nothing spent: {}",
+                err.message
+            );
+            return Err(err.with_retryable(false));
+        }
+        if ready.len() < min_sites {
+            let err = fanout::joined(failures);
+            return Err(ProtocolError::new(
+                err.kind,
+                format!(
+                    "only {} of {} sites can answer and this query needs {min_sites} (min_sites); nothing was \
+                     spent; missing {}: {}",
+                    ready.len(),
+                    self.nodes.len(),
+                    missing.join(", "),
+                    err.message
+                ),
+            )
+            .with_retryable(err.retryable));
+        }
+        Ok((ready, missing, failures))
+    }
+
     /// Runs a planned statement and returns its result.
     #[instrument(skip_all, fields(user = %user.name))]
     pub async fn execute(
@@ -512,10 +578,19 @@ impl CoordinatorState {
             } => {
                 let started = Instant::now();
                 let mut partials = Vec::new();
-                let mut missing = Vec::new();
+                let (ready, mut missing, mut failures) = match self
+                    .precheck(envelope, *min_sites, policy.timeout)
+                    .await
+                {
+                    Ok(checked) => checked,
+                    Err(e) => {
+                        self.audit(asked_by, Some(study), "query", "refused", e.message.clone());
+                        return Err(e);
+                    }
+                };
                 if plan.options.aggregation == confer_query::options::Aggregation::Secure {
                     let outcome = crate::secure::run(
-                        &self.nodes,
+                        &ready,
                         plan,
                         envelope,
                         |t| self.identity.sign(t),
@@ -525,7 +600,8 @@ impl CoordinatorState {
                     .await;
                     match outcome {
                         Ok(o) => {
-                            missing = o.dropped.iter().map(|(n, _)| n.clone()).collect();
+                            missing.extend(o.dropped.iter().map(|(n, _)| n.clone()));
+                            missing.sort();
                             missing.dedup();
                             partials.push(o.partial);
                         }
@@ -535,11 +611,10 @@ impl CoordinatorState {
                         }
                     }
                 } else {
-                    let results = fanout::each(&self.nodes, |n| async move {
+                    let results = fanout::each(&ready, |n| async move {
                         n.run_with_retries(envelope, policy).await
                     })
                     .await;
-                    let mut failures = Vec::new();
                     for (name, r) in results {
                         match r.and_then(|p| {
                             confer_query::combine::check(plan, &p).map_err(|e| {

@@ -24,7 +24,9 @@ use arrow_flight::{
 };
 use confer_protocol::catalog::{CatalogInfo, Health};
 use confer_protocol::signing::{PublicKey, sha256_hex};
-use confer_protocol::task::{Envelope, SecaggIdentity, SecaggRound, Task, TaskKind, unix_now};
+use confer_protocol::task::{
+    Envelope, QueryCheck, SecaggIdentity, SecaggRound, Task, TaskKind, unix_now,
+};
 use confer_protocol::{ErrorKind, ProtocolError, actions};
 use confer_query::release::ReleaseOptions;
 use confer_query::{Catalog, QueryError, Statement};
@@ -309,6 +311,50 @@ impl NodeService {
                 ),
             )),
         }
+    }
+
+    /// [`actions::QUERY_CHECK`]: every check a query task passes before it
+    /// reads data (signature, study, researcher, tables, per-query cap,
+    /// budget), with nothing read, run or charged. Refusals are audited as
+    /// when the query itself is refused.
+    async fn check_query(&self, envelope: Envelope) -> Result<QueryCheck> {
+        let policy = self.state.policy()?;
+        let (task, rules) = self.admit(&envelope, &policy)?;
+        let TaskKind::Query(query) = &task.kind else {
+            return Err(self.refuse(
+                Some(&task),
+                ErrorKind::InvalidArgument,
+                format!("{} checks query tasks only", actions::QUERY_CHECK),
+            ));
+        };
+        let mut answer = QueryCheck {
+            node: self.state.name.clone(),
+            rho: 0.0,
+            epsilon: 0.0,
+            delta: 0.0,
+            refused: None,
+        };
+        let checked = async {
+            let plan = self
+                .checked_plan(&task, &rules, &policy, &query.sql)
+                .await?;
+            answer.rho = plan.cost.rho;
+            answer.epsilon = plan.cost.epsilon;
+            answer.delta = plan.cost.delta;
+            if self.state.ledger.stored(task.id)?.is_none() {
+                let payload_hash = sha256_hex(envelope.payload.as_bytes());
+                self.priced_charge(&task, &payload_hash, &plan, &rules)?;
+            }
+            Ok::<(), NodeError>(())
+        }
+        .await;
+        match checked {
+            Ok(()) => {}
+            // A refusal of this query (already audited): say why, as an answer.
+            Err(NodeError::Protocol(e)) if !e.retryable => answer.refused = Some(e),
+            Err(e) => return Err(e),
+        }
+        Ok(answer)
     }
 
     /// Round 0 of a secure query: admit, compute, debit, join the session.
@@ -880,6 +926,12 @@ impl FlightService for NodeService {
                     .map_err(|e| Status::unavailable(e.to_string()))?
                     .min_group_size,
             })?,
+            actions::QUERY_CHECK => {
+                let envelope = Envelope::from_bytes(&action.body).map_err(|e| {
+                    Status::from(self.refuse(None, ErrorKind::InvalidArgument, e.message))
+                })?;
+                json_result(&self.check_query(envelope).await?)?
+            }
             actions::SECAGG_ROUND => {
                 let round: SecaggRound = serde_json::from_slice(&action.body).map_err(|e| {
                     Status::invalid_argument(format!("unreadable secure-aggregation round: {e}"))
@@ -942,9 +994,19 @@ impl FlightService for NodeService {
             })?,
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown action {other}: this node serves {} and {}",
-                    actions::CATALOG,
-                    actions::HEALTH
+                    "unknown action {other}: this node serves {} (list_actions describes each)",
+                    [
+                        actions::CATALOG,
+                        actions::HEALTH,
+                        actions::QUERY_CHECK,
+                        actions::SECAGG_IDENTITY,
+                        actions::SECAGG_ROUND,
+                        actions::TRAIN_PREPARE,
+                        actions::TRAIN_COMMIT,
+                        actions::TRAIN_START,
+                        actions::TRAIN_EVALUATE,
+                    ]
+                    .join(", ")
                 )));
             }
         };
@@ -958,6 +1020,31 @@ impl FlightService for NodeService {
         let list = [
             (actions::CATALOG, "the node's public catalog (JSON)"),
             (actions::HEALTH, "liveness and basic facts (JSON)"),
+            (
+                actions::QUERY_CHECK,
+                "checks a signed DP query task without running or charging it",
+            ),
+            (
+                actions::SECAGG_IDENTITY,
+                "this node's secure-aggregation identity key",
+            ),
+            (
+                actions::SECAGG_ROUND,
+                "one round of a secure-aggregation session",
+            ),
+            (
+                actions::TRAIN_PREPARE,
+                "checks a signed training job, nothing charged",
+            ),
+            (
+                actions::TRAIN_COMMIT,
+                "charges a prepared training job once",
+            ),
+            (actions::TRAIN_START, "round 0 of a training secure sum"),
+            (
+                actions::TRAIN_EVALUATE,
+                "a DP evaluation of a training job's model",
+            ),
         ]
         .map(|(t, d)| {
             Ok(ActionType {

@@ -42,6 +42,12 @@ pub mod actions {
     /// One round of a secure-aggregation session: body and answer are JSON
     /// [`crate::task::SecaggRound`]s.
     pub const SECAGG_ROUND: &str = "confer.secagg.round";
+    /// Checks a DP query without running it or charging: body a signed
+    /// [`crate::task::Envelope`] of a query task, answer
+    /// [`crate::task::QueryCheck`]. The coordinator asks every node before
+    /// any node runs the query, so a refusal (per-query cap, budget, study,
+    /// policy) anywhere stops the query before anyone spends budget.
+    pub const QUERY_CHECK: &str = "confer.query.check";
     /// Checks a training job without charging: body a signed
     /// [`crate::task::Envelope`] of a [`crate::train::TrainTask`], answer
     /// [`crate::train::TrainReady`].

@@ -71,6 +71,28 @@ pub enum TaskKind {
     TrainRound(crate::train::TrainRoundTask),
 }
 
+/// A node's answer to [`crate::actions::QUERY_CHECK`]: whether the query
+/// would be admitted now, and at what cost (the binding check is repeated
+/// when the query runs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryCheck {
+    /// The node that checked.
+    pub node: String,
+    /// The query's cost at this node, zCDP rho.
+    pub rho: f64,
+    /// The same cost as (epsilon, delta).
+    pub epsilon: f64,
+    /// See `epsilon`.
+    pub delta: f64,
+    /// Why this node would refuse this query (its cost is over the node's
+    /// per-query cap or the study's budget, it reads a table the study may
+    /// not, it does not compile here), with what to change; `None` when it
+    /// would run. A node that does not take part in the study at all
+    /// answers the check with an error instead.
+    #[serde(default)]
+    pub refused: Option<ProtocolError>,
+}
+
 /// One message of a secure-aggregation session, either way. Round 0 carries
 /// the signed [`Envelope`] of a [`SecureQueryTask`] to the node and its
 /// advertised keys back; rounds 1 to 4 carry the protocol messages.

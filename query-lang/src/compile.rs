@@ -599,6 +599,21 @@ fn user_terms(msg: &str, catalog: &Catalog) -> String {
     if let Some(rest) = msg.strip_prefix("No field named ") {
         return format!("no column named {rest}");
     }
+    // DP queries run with DataFusion's built-in functions only: no session
+    // at a coordinator or node registers user-defined ones.
+    if let Some(rest) = msg.strip_prefix("Invalid function '")
+        && let Some((name, after)) = rest.split_once('\'')
+    {
+        let hint = after
+            .split_once("Did you mean '")
+            .and_then(|(_, s)| s.split_once('\''))
+            .map(|(s, _)| format!(" (did you mean {s}?)"))
+            .unwrap_or_default();
+        return format!(
+            "{name} is not a built-in SQL function, and user-defined functions are not allowed in DP \
+             queries: use built-in functions only{hint}"
+        );
+    }
     msg
 }
 

@@ -146,6 +146,9 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         (format!("{DP} site, COUNT(*) FROM person GROUP BY site").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')"), "GROUP BY site with aggregation = 'secure'"),
         (format!("{DP} care_site_id, COUNT(*) FROM person GROUP BY care_site_id").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')"), "cannot select partitions"),
         (format!("{DP} COUNT(*) FROM person").replace("delta = 1e-6)", "delta = 1e-6, privacy_unit_column = care_site_id)"), "privacy_unit_column = care_site_id"),
+        // Functions.
+        (format!("{DP} COUNT(*) FROM person WHERE my_risk_score(year_of_birth) > 1"), "my_risk_score is not a built-in SQL function"),
+        (format!("{DP} my_band(year_of_birth) AS band, COUNT(*) FROM person GROUP BY my_band(year_of_birth)"), "user-defined functions are not allowed"),
     ];
     assert!(
         cases.len() >= 30,
