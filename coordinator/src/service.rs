@@ -897,7 +897,7 @@ fn explain(plan: &FederatedPlan, sites: usize) -> Result<RecordBatch, ProtocolEr
             ),
         ));
     }
-    let z = confer_privacy::stats::z_for_confidence(o.confidence);
+    let z = confer_query::combine::interval_multiplier(o);
     let secure = o.aggregation == confer_query::options::Aggregation::Secure;
     let min_survivors = crate::secure::min_survivors(
         sites,

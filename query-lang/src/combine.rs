@@ -18,7 +18,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
-use confer_privacy::stats::z_for_confidence;
+use confer_privacy::stats::{laplace_multiplier, z_for_confidence};
 use confer_protocol::metadata;
 use confer_protocol::release::{ReleaseInfo, ResultInfo};
 use datafusion::scalar::ScalarValue;
@@ -318,6 +318,15 @@ fn estimate(agg: &AggregateSpec, t: &Totals, key: usize, z: f64) -> Option<Estim
     }
 }
 
+/// The multiple of a released value's noise sd that its interval spans on
+/// each side, for the query's confidence and mechanism.
+pub fn interval_multiplier(options: &crate::options::DpOptions) -> f64 {
+    match options.mechanism {
+        crate::options::Mechanism::Gaussian => z_for_confidence(options.confidence),
+        crate::options::Mechanism::Laplace => laplace_multiplier(options.confidence),
+    }
+}
+
 /// Combines partials into the result table (before HAVING / ORDER BY / LIMIT).
 pub fn combine(
     plan: &FederatedPlan,
@@ -327,7 +336,7 @@ pub fn combine(
     let keys = result_keys(plan, partials)?;
     let index = FederatedPlan::key_index(&keys);
     let totals = totals(plan, partials, &index, keys.len())?;
-    let z = z_for_confidence(plan.options.confidence);
+    let z = interval_multiplier(&plan.options);
 
     let mut columns: Vec<ArrayRef> = Vec::new();
     for item in &plan.select {
