@@ -79,3 +79,102 @@ async fn a_node_that_is_down_is_named() {
     assert!(err.contains(&name), "error should name {name}: {err}");
     fed.federation.stop().await.expect("clean stop");
 }
+
+/// Expressions that fail on some rows never fail a DP query in a way that
+/// quotes a row: casts are made safe (TRY_CAST) and divisors NULLIF(d, 0),
+/// so those rows count as NULL; a function that still fails on a value
+/// gives an error that withholds the message (which would quote it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_expressions_never_quote_a_row() {
+    let fed = federation(2).await;
+    let mut client = fed.client().await;
+    let ctx = crate::fixture::plain_gibleed().await;
+    let dp = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1e9, delta = 1e-6)";
+    let persons = crate::fixture::single_i64(
+        &crate::fixture::plain(&ctx, "SELECT COUNT(*) FROM person").await,
+    );
+    for condition in [
+        // person_source_value holds UUIDs: no value converts.
+        "CAST(person_source_value AS BIGINT) IS NULL",
+        "person_source_value::BIGINT IS NULL",
+        "year_of_birth / (gender_concept_id - gender_concept_id) IS NULL",
+        "year_of_birth % (gender_concept_id - gender_concept_id) IS NULL",
+    ] {
+        let sql = format!("{dp} COUNT(*) AS n FROM person WHERE {condition}");
+        let answer = client.run(&sql, Some("test")).await.expect(&sql);
+        assert_eq!(
+            crate::fixture::single_i64(&answer.batches),
+            persons,
+            "{condition}"
+        );
+    }
+
+    let sql = format!(
+        "{dp} COUNT(*) AS n FROM person WHERE to_timestamp(person_source_value) > TIMESTAMP '2000-01-01 00:00:00'"
+    );
+    let err = client
+        .run(&sql, Some("test"))
+        .await
+        .expect_err("to_timestamp of a UUID fails")
+        .to_string();
+    assert!(err.contains("the message is withheld"), "{err}");
+    let source =
+        std::fs::read_to_string(crate::fixture::gibleed().join("PERSON.csv")).expect("PERSON.csv");
+    for line in source.lines().skip(1) {
+        let value = line.split(',').nth(11).expect("person_source_value");
+        assert!(!err.contains(value), "the error quotes {value}: {err}");
+    }
+    fed.federation.stop().await.expect("clean stop");
+}
+
+/// The node binary refuses to start on a broken catalog, naming the file,
+/// the column and the problem: here a value that is not a number, 20,000
+/// rows into the file (every row of a text source is parsed at start). The
+/// value itself is not shown: errors and logs never carry row data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_broken_catalog_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut csv = String::from(
+        "person_id,gender_concept_id,year_of_birth,race_concept_id,ethnicity_concept_id\n",
+    );
+    for p in 0..20_000 {
+        csv.push_str(&format!("{p},8507,1950,0,0\n"));
+    }
+    csv.push_str("20000,8532,nineteen-fifty,0,0\n");
+    std::fs::write(dir.path().join("person.csv"), csv).expect("csv");
+    let key = confer_protocol::signing::Identity::generate()
+        .expect("key")
+        .public_hex();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"n\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\ncoordinator_key = \"{key}\"\n\
+             [tables.person]\npath = \"person.csv\"\nprivacy_unit = \"person_id\"\n"
+        ),
+    )
+    .expect("node.toml");
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_confer"))
+        .args(["node", "--insecure-loopback", "--config"])
+        .arg(&config)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the node must exit, not serve")
+        .expect("run confer node");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("table person (")
+            && stderr.contains("person.csv")
+            && stderr.contains("values do not match the declared types")
+            && stderr
+                .contains("line 20001, column year_of_birth: a value that is not a valid Int64"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("nineteen"),
+        "row data in the error: {stderr}"
+    );
+}

@@ -203,6 +203,14 @@ impl FlightService for RogueNode {
                 uptime_secs: 0,
                 tables: self.catalog.tables.len(),
             }),
+            // It agrees to every query, then answers with garbage.
+            actions::QUERY_CHECK => serde_json::to_vec(&confer_protocol::task::QueryCheck {
+                node: self.catalog.node.clone(),
+                rho: 0.0,
+                epsilon: 0.0,
+                delta: 0.0,
+                refused: None,
+            }),
             _ => return Err(Status::invalid_argument("rogue")),
         }
         .map_err(|e| Status::internal(e.to_string()))?;

@@ -14,6 +14,8 @@ use confer_protocol::catalog::{
     CatalogInfo, ColumnInfo, ColumnType, Domain, DomainValue, TableInfo,
 };
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+use futures::StreamExt;
+use tracing::info;
 
 use crate::config::{ColumnConfig, DomainConfig, Format, NodeConfig, TableConfig};
 use crate::error::{NodeError, Result};
@@ -134,6 +136,7 @@ async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Re
                 .map_err(|e| source_err(&table.path, e.to_string()))?;
             let schema = provider.schema().as_ref().clone();
             check_parquet_schema(name, &schema, table).map_err(|m| source_err(&table.path, m))?;
+            check_parquet_types(name, &schema, table).map_err(|m| source_err(&table.path, m))?;
             schema
         }
     };
@@ -146,20 +149,42 @@ async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Re
         schema
     };
 
-    // Read a first batch so that a type mismatch fails now, not mid-query.
-    let probe = ctx
-        .sql(&format!("SELECT * FROM {name} LIMIT 1000"))
-        .await
-        .map_err(|e| source_err(&table.path, e.to_string()))?;
-    probe.collect().await.map_err(|e| {
+    // Text sources are parsed in full now, so that a value that does not
+    // fit its column's type fails at start, not in the middle of a query
+    // (batch by batch: memory stays bounded). Parquet stores types, checked
+    // above; a first batch shows that the files can be decoded.
+    let started = std::time::Instant::now();
+    let probe = match format {
+        Format::Csv => format!("SELECT * FROM {name}"),
+        Format::Parquet => format!("SELECT * FROM {name} LIMIT 1000"),
+    };
+    let bad_values = |e: datafusion::error::DataFusionError| {
         source_err(
             &table.path,
             format!(
                 "values do not match the declared types ({}); fix the data or declare the column's type in node.toml",
-                datafusion::error::DataFusionError::find_root(&e)
+                without_values(
+                    &datafusion::error::DataFusionError::find_root(&e).to_string(),
+                    &schema
+                )
             ),
         )
-    })?;
+    };
+    let mut batches = ctx
+        .sql(&probe)
+        .await
+        .map_err(|e| source_err(&table.path, e.to_string()))?
+        .execute_stream()
+        .await
+        .map_err(bad_values)?;
+    while let Some(batch) = batches.next().await {
+        batch.map_err(bad_values)?;
+    }
+    info!(
+        table = name,
+        seconds = started.elapsed().as_secs_f64(),
+        "source validated"
+    );
 
     let mut columns = Vec::new();
     for field in schema.fields() {
@@ -478,6 +503,91 @@ fn check_parquet_schema(
             return Err(format!(
                 "the file lacks the OMOP CDM column(s) {} that table {table} requires",
                 missing.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A reader's error without the values it quotes (logs and errors never
+/// carry row data): where it is arrow-csv's parse error, the line, column
+/// and type; otherwise every quoted span is elided.
+fn without_values(message: &str, schema: &Schema) -> String {
+    let parsed = (|| {
+        let rest = message.split_once("Error while parsing value '")?.1;
+        let (_, rest) = rest.split_once("' as type '")?;
+        let (ty, rest) = rest.split_once("' for column ")?;
+        let (column, rest) = rest.split_once(" at line ")?;
+        let line: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let index: usize = column.trim().parse().ok()?;
+        let name = schema.fields().get(index).map(|f| f.name().as_str())?;
+        Some(format!(
+            "line {line}, column {name}: a value that is not a valid {ty} (not shown)"
+        ))
+    })();
+    parsed.unwrap_or_else(|| {
+        message
+            .split('\'')
+            .enumerate()
+            .map(|(i, part)| if i % 2 == 1 { "…" } else { part })
+            .collect::<Vec<_>>()
+            .join("'")
+    })
+}
+
+/// Each Parquet column's stored type must be the one node.toml declares
+/// for it, else the OMOP CDM's (integers may stand for floats, dates and
+/// timestamps for each other): a column of the wrong type would fail
+/// queries later, or compare as text.
+fn check_parquet_types(
+    table: &str,
+    schema: &Schema,
+    config: &TableConfig,
+) -> std::result::Result<(), String> {
+    let omop = omop::table(table);
+    for field in schema.fields() {
+        let name = field.name();
+        // Unsupported types get their own message when columns are listed.
+        let Some(stored) = column_type_of(field.data_type()) else {
+            continue;
+        };
+        let declared = config
+            .columns
+            .get(name)
+            .and_then(|c| c.column_type.as_deref());
+        let (expected, whose) = match declared {
+            Some(t) => (
+                ColumnType::parse(t).ok_or_else(|| {
+                    format!(
+                        "tables.{table}.columns.{name}.type = {t:?} is not a type: use int64, float64, utf8, date, timestamp or boolean"
+                    )
+                })?,
+                format!("tables.{table}.columns.{name}.type declares"),
+            ),
+            None => match omop.as_ref().and_then(|cols| cols.iter().find(|c| c.name == name)) {
+                Some(c) => (c.column_type, format!("the OMOP CDM defines {table}.{name} as")),
+                None => continue,
+            },
+        };
+        let fits = stored == expected
+            || matches!(
+                (stored, expected),
+                (ColumnType::Int64, ColumnType::Float64)
+                    | (ColumnType::Date, ColumnType::Timestamp)
+                    | (ColumnType::Timestamp, ColumnType::Date)
+            );
+        if !fits {
+            return Err(format!(
+                "column {name} is stored as {} ({stored}), but {whose} {expected}: rewrite the column as \
+                 {expected}{}",
+                field.data_type(),
+                if declared.is_some() {
+                    format!(", or declare {stored}")
+                } else {
+                    format!(
+                        ", or declare its type as tables.{table}.columns.{name}.type in node.toml"
+                    )
+                }
             ));
         }
     }

@@ -419,7 +419,7 @@ impl NodeService {
         }
         let payload_hash = sha256_hex(envelope.payload.as_bytes());
         let charge = self.priced_charge(&task, &payload_hash, &plan, &rules)?;
-        let batches = self.run_sql(&plan.local_sql).await?;
+        let batches = self.run_private_sql(&task, &plan.local_sql).await?;
         let min_survivors = config.min_survivors;
         let input = blocking(move || {
             let mut rng = crate::secure::os_rng()?;
@@ -543,7 +543,7 @@ impl NodeService {
 
         let plan = self.checked_plan(task, rules, policy, sql).await?;
         let charge = self.priced_charge(task, &payload_hash, &plan, rules)?;
-        let batches = self.run_sql(&plan.local_sql).await?;
+        let batches = self.run_private_sql(task, &plan.local_sql).await?;
         let name = self.state.name.clone();
         let id = task.id;
         let options = ReleaseOptions {
@@ -690,6 +690,27 @@ impl NodeService {
             .collect()
             .await
             .map_err(NodeError::from)
+    }
+
+    /// Runs a DP query's local bounded SQL over person-level tables. Errors
+    /// raised while running can quote a row's value (a failed conversion
+    /// names it), so the reason that leaves the node, and what is logged or
+    /// audited, says only what kind of thing failed.
+    async fn run_private_sql(&self, task: &Task, sql: &str) -> Result<Vec<RecordBatch>> {
+        let planned = self.state.ctx.sql(sql).await.map_err(NodeError::from)?;
+        match planned.collect().await {
+            Ok(batches) => Ok(batches),
+            Err(_) => Err(self.refuse(
+                Some(task),
+                ErrorKind::InvalidArgument,
+                "the query failed while running on this node's rows: an expression could not be \
+                 computed for some row (the message is withheld, as it can quote a value). \
+                 Casts are made safe (TRY_CAST) and divisions by zero give NULL, so look for \
+                 functions that reject some inputs, such as to_timestamp or make_date, and filter \
+                 those rows first"
+                    .into(),
+            )),
+        }
     }
 
     /// Records the release (debit + audit) durably; refusals become errors.

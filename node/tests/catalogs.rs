@@ -234,6 +234,17 @@ async fn broken_catalogs_are_refused_naming_file_column_and_problem() {
             person.into(),
             "person_id",
         ),
+        // A bad value far down the file (the whole file is parsed at start).
+        (
+            format!(
+                "{header}\n{}20000,8507,unknown,0,0\n",
+                (0..20_000)
+                    .map(|p| format!("{p},8507,1950,0,0\n"))
+                    .collect::<String>()
+            ),
+            person.into(),
+            "values do not match the declared types",
+        ),
     ];
     let mut failures = Vec::new();
     for (csv, table, want) in &cases {
@@ -245,6 +256,82 @@ async fn broken_catalogs_are_refused_naming_file_column_and_problem() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Writes one Parquet file `t.parquet` with the given columns.
+fn write_parquet(dir: &Path, columns: Vec<(&str, arrow::array::ArrayRef)>) {
+    use arrow::array::RecordBatch;
+    use datafusion::parquet::arrow::ArrowWriter;
+    let batch = RecordBatch::try_from_iter(columns).expect("batch");
+    let file = std::fs::File::create(dir.join("t.parquet")).expect("create");
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
+    writer.write(&batch).expect("write");
+    writer.close().expect("close");
+}
+
+#[tokio::test]
+async fn parquet_columns_of_the_wrong_type_are_refused() {
+    use arrow::array::{ArrayRef, Int32Array, Int64Array, StringArray};
+    use std::sync::Arc;
+    let ids: ArrayRef = Arc::new(Int64Array::from(vec![1, 2]));
+    let concept: ArrayRef = Arc::new(Int32Array::from(vec![8507, 8532]));
+    let years_text: ArrayRef = Arc::new(StringArray::from(vec!["1950", "1961"]));
+    let years: ArrayRef = Arc::new(Int32Array::from(vec![1950, 1961]));
+    let person = |dir: &Path, year: &ArrayRef| {
+        write_parquet(
+            dir,
+            vec![
+                ("person_id", ids.clone()),
+                ("gender_concept_id", concept.clone()),
+                ("year_of_birth", year.clone()),
+                ("race_concept_id", concept.clone()),
+                ("ethnicity_concept_id", concept.clone()),
+            ],
+        )
+    };
+    let config = |tables: &str| {
+        format!(
+            "[node]\nname = \"n\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\ncoordinator_key = \"{KEY}\"\n{tables}"
+        )
+    };
+    let person_table = "[tables.person]\npath = \"t.parquet\"\nprivacy_unit = \"person_id\"\n";
+
+    // OMOP's int64 year of birth stored as text.
+    let dir = tempfile::tempdir().expect("tempdir");
+    person(dir.path(), &years_text);
+    let err = load(&config(person_table), dir.path())
+        .await
+        .expect_err("text years");
+    assert!(
+        err.contains("t.parquet")
+            && err.contains("column year_of_birth is stored as Utf8")
+            && err.contains("the OMOP CDM defines person.year_of_birth as int64"),
+        "{err}"
+    );
+
+    // A declared type the file does not have.
+    let dir = tempfile::tempdir().expect("tempdir");
+    person(dir.path(), &years);
+    let declared =
+        format!("{person_table}[tables.person.columns]\nyear_of_birth = {{ type = \"date\" }}\n");
+    let err = load(&config(&declared), dir.path())
+        .await
+        .expect_err("declared date");
+    assert!(
+        err.contains("column year_of_birth is stored as Int32 (int64), but tables.person.columns.year_of_birth.type declares date"),
+        "{err}"
+    );
+
+    // Narrower integers stand for OMOP's int64: accepted as such.
+    let catalog = load(&config(person_table), dir.path())
+        .await
+        .expect("int32 columns load");
+    let year = catalog.tables[0]
+        .columns
+        .iter()
+        .find(|c| c.name == "year_of_birth")
+        .expect("year");
+    assert_eq!(year.column_type, ColumnType::Int64);
 }
 
 #[tokio::test]

@@ -33,10 +33,12 @@ use datafusion::arrow::datatypes::DataType;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::sqlparser::ast::{
-    DuplicateTreatment, Expr, FunctionArg, FunctionArgExpr, FunctionArgOperator, FunctionArguments,
-    GroupByExpr, Ident, ObjectName, Query, Select, SelectItem, SetExpr, UnaryOperator, Value,
-    Visit, VisitMut, Visitor, VisitorMut,
+    BinaryOperator, CastKind, DuplicateTreatment, Expr, FunctionArg, FunctionArgExpr,
+    FunctionArgOperator, FunctionArguments, GroupByExpr, Ident, ObjectName, Query, Select,
+    SelectItem, SetExpr, UnaryOperator, Value, Visit, VisitMut, Visitor, VisitorMut,
 };
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
 
 use crate::analyze::{self, Origin};
 use crate::catalog::Catalog;
@@ -88,6 +90,11 @@ pub async fn compile(
         ));
     }
     let mut query = (*parsed.query).clone();
+    let mut total = TotalExpressions(None);
+    let _ = VisitMut::visit(&mut query, &mut total);
+    if let Some(why) = total.0 {
+        return Err(QueryError::Internal(why));
+    }
     reject_reserved_names(&query)?;
     reject_inner_order_by(&query)?;
     if query.fetch.is_some() || !query.locks.is_empty() || query.for_clause.is_some() {
@@ -706,6 +713,43 @@ fn group_default_name(expr: &Expr, index: usize) -> String {
 }
 
 /// Replaces the `site` pseudo-column with the node's name.
+/// Makes the expressions that commonly fail on some rows total: casts
+/// become TRY_CAST (NULL where a value does not convert) and divisors
+/// become NULLIF(divisor, 0). A query that fails on one person's row would
+/// reveal that the row exists, outside any DP mechanism; a NULL is dropped
+/// by the aggregate or the filter like any other missing value.
+struct TotalExpressions(Option<String>);
+
+impl VisitorMut for TotalExpressions {
+    type Break = ();
+    fn post_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        match expr {
+            Expr::Cast { kind, .. } if matches!(kind, CastKind::Cast | CastKind::DoubleColon) => {
+                *kind = CastKind::TryCast;
+            }
+            Expr::BinaryOp {
+                op: BinaryOperator::Divide | BinaryOperator::Modulo,
+                right,
+                ..
+            } => {
+                let sql = format!("NULLIF(({right}), 0)");
+                match Parser::new(&GenericDialect {})
+                    .try_with_sql(&sql)
+                    .and_then(|mut p| p.parse_expr())
+                {
+                    Ok(total) => **right = total,
+                    Err(e) => {
+                        self.0 = Some(format!("cannot guard the divisor {right}: {e}"));
+                        return ControlFlow::Break(());
+                    }
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
 struct SiteLiteral(String);
 
 impl VisitorMut for SiteLiteral {
