@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::fixture::federation;
+use crate::fixture::{federation, keyed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_queries_are_refused_with_what_to_change() {
@@ -83,7 +83,8 @@ async fn a_node_that_is_down_is_named() {
 /// Expressions that fail on some rows never fail a DP query in a way that
 /// quotes a row: casts are made safe (TRY_CAST) and divisors NULLIF(d, 0),
 /// so those rows count as NULL; a function that still fails on a value
-/// gives an error that withholds the message (which would quote it).
+/// gives an error that withholds the message (which would quote it), and
+/// the failure is charged like a release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_expressions_never_quote_a_row() {
     let fed = federation(2).await;
@@ -117,7 +118,24 @@ async fn failing_expressions_never_quote_a_row() {
         .await
         .expect_err("to_timestamp of a UUID fails")
         .to_string();
-    assert!(err.contains("the message is withheld"), "{err}");
+    assert!(
+        err.contains("the message is withheld") && err.contains("(charged)"),
+        "{err}"
+    );
+    // Whether it fails depends on the rows, so the failure was charged.
+    let budget = client
+        .run("SHOW PRIVACY BUDGET FOR STUDY test", Some("test"))
+        .await
+        .expect("show budget");
+    let spent = keyed(&budget.batches, 1, &["spent_rho"]);
+    let charged = confer_privacy::accounting::rho_for_epsilon_delta(1e9, 1e-6).expect("rho");
+    for site in ["site-a", "site-b"] {
+        assert!(
+            spent[site][0] >= 5.0 * charged * (1.0 - 1e-9),
+            "{site}: four answered queries and the failed one are charged: {}",
+            spent[site][0]
+        );
+    }
     let source =
         std::fs::read_to_string(crate::fixture::gibleed().join("PERSON.csv")).expect("PERSON.csv");
     for line in source.lines().skip(1) {

@@ -251,6 +251,38 @@ impl NodeHandle {
             .map_err(|_| self.timed_out(timeout))?
     }
 
+    /// [`NodeHandle::action_json`], retried with backoff while the failure
+    /// is marked retryable, as [`NodeHandle::run_with_retries`] does.
+    pub async fn action_json_with_retries<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+        body: Vec<u8>,
+        what: &str,
+        policy: RetryPolicy,
+    ) -> std::result::Result<T, ProtocolError> {
+        let mut attempt = 0;
+        loop {
+            match self
+                .action_json(kind, body.clone(), what, policy.timeout)
+                .await
+            {
+                Ok(v) => return Ok(v),
+                Err(e) if e.retryable && attempt < policy.retries => {
+                    attempt += 1;
+                    warn!(node = %self.name, attempt, "retrying {what} after: {}", e.message);
+                    tokio::time::sleep(Duration::from_millis(200 << attempt.min(6))).await;
+                }
+                Err(e) if attempt > 0 => {
+                    return Err(ProtocolError {
+                        message: format!("{} (after {} attempts)", e.message, attempt + 1),
+                        ..e
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// The node's health report.
     pub async fn health(&self, timeout: Duration) -> std::result::Result<Health, ProtocolError> {
         self.action_json(actions::HEALTH, Vec::new(), "health report", timeout)

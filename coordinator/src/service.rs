@@ -444,14 +444,31 @@ impl CoordinatorState {
         &self,
         envelope: &Envelope,
         min_sites: usize,
-        timeout: Duration,
+        policy: fanout::RetryPolicy,
     ) -> Result<(Vec<NodeHandle>, Vec<String>, Vec<ProtocolError>), ProtocolError> {
         let body = envelope.to_bytes()?;
         let answers = fanout::each(&self.nodes, |n| {
             let body = body.clone();
             async move {
-                n.action_json::<QueryCheck>(actions::QUERY_CHECK, body, "query check", timeout)
-                    .await
+                let answer = n
+                    .action_json_with_retries::<QueryCheck>(
+                        actions::QUERY_CHECK,
+                        body,
+                        "query check",
+                        policy,
+                    )
+                    .await;
+                match answer {
+                    // A node from before the check: it checks when it runs.
+                    Err(e) if e.message.contains("unknown action") => Ok(QueryCheck {
+                        node: n.name.clone(),
+                        rho: 0.0,
+                        epsilon: 0.0,
+                        delta: 0.0,
+                        refused: None,
+                    }),
+                    other => other,
+                }
             }
         })
         .await;
@@ -579,7 +596,7 @@ impl CoordinatorState {
                 let started = Instant::now();
                 let mut partials = Vec::new();
                 let (ready, mut missing, mut failures) = match self
-                    .precheck(envelope, *min_sites, policy.timeout)
+                    .precheck(envelope, *min_sites, policy)
                     .await
                 {
                     Ok(checked) => checked,

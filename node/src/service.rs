@@ -47,6 +47,20 @@ struct PolicyState {
     modified: Option<SystemTime>,
 }
 
+/// What a ledger stores in place of a release when a DP query failed while
+/// running: the failure was charged, and a retry gets the same refusal.
+const FAILED_RELEASE: &[u8] = b"confer: failed while running, charged";
+
+/// The compiler's words for a table this node's catalog lacks.
+const NOT_IN_CATALOG: &str = "is not in the network catalog";
+
+/// Why a DP query failed while running, without DataFusion's message.
+const FAILED_WHILE_RUNNING: &str = "the query failed while running on this node's rows: an \
+    expression could not be computed for some row (the message is withheld, as it can quote a \
+    value, and the failure is charged like a release, since whether it fails depends on the rows). \
+    Casts of columns are made safe (TRY_CAST) and divisions by zero give NULL; look for functions \
+    that reject some inputs, such as to_timestamp or make_date, and guard them with CASE";
+
 /// Shared state of a running node.
 pub struct NodeState {
     /// Site name.
@@ -350,6 +364,11 @@ impl NodeService {
         .await;
         match checked {
             Ok(()) => {}
+            // A table this node does not publish: it takes no part, as when
+            // the query itself runs (the network catalog is the union).
+            Err(NodeError::Protocol(e)) if e.message.contains(NOT_IN_CATALOG) => {
+                return Err(NodeError::Protocol(e));
+            }
             // A refusal of this query (already audited): say why, as an answer.
             Err(NodeError::Protocol(e)) if !e.retryable => answer.refused = Some(e),
             Err(e) => return Err(e),
@@ -419,7 +438,10 @@ impl NodeService {
         }
         let payload_hash = sha256_hex(envelope.payload.as_bytes());
         let charge = self.priced_charge(&task, &payload_hash, &plan, &rules)?;
-        let batches = self.run_private_sql(&task, &plan.local_sql).await?;
+        let batches = match self.run_private_sql(&task, &plan.local_sql).await {
+            Ok(b) => b,
+            Err(e) => return Err(self.charge_failure(&task, &charge, e)),
+        };
         let min_survivors = config.min_survivors;
         let input = blocking(move || {
             let mut rng = crate::secure::os_rng()?;
@@ -538,12 +560,22 @@ impl NodeService {
                 ..Default::default()
             })?;
             info!(task = %task.id, "retried task answered from the ledger");
+            if stored.result == FAILED_RELEASE {
+                return Err(self.refuse(
+                    Some(task),
+                    ErrorKind::InvalidArgument,
+                    format!("{FAILED_WHILE_RUNNING} (charged when it first ran)"),
+                ));
+            }
             return decode_ipc(&stored.result);
         }
 
         let plan = self.checked_plan(task, rules, policy, sql).await?;
         let charge = self.priced_charge(task, &payload_hash, &plan, rules)?;
-        let batches = self.run_private_sql(task, &plan.local_sql).await?;
+        let batches = match self.run_private_sql(task, &plan.local_sql).await {
+            Ok(b) => b,
+            Err(e) => return Err(self.charge_failure(task, &charge, e)),
+        };
         let name = self.state.name.clone();
         let id = task.id;
         let options = ReleaseOptions {
@@ -692,25 +724,68 @@ impl NodeService {
             .map_err(NodeError::from)
     }
 
-    /// Runs a DP query's local bounded SQL over person-level tables. Errors
-    /// raised while running can quote a row's value (a failed conversion
-    /// names it), so the reason that leaves the node, and what is logged or
-    /// audited, says only what kind of thing failed.
+    /// Runs a DP query's local bounded SQL over person-level tables.
+    ///
+    /// Errors raised while running can quote a row's value (a failed
+    /// conversion names it), so the reason that leaves the node, and what is
+    /// logged or audited, says only what kind of thing failed. Whether an
+    /// expression failed at all still depends on the rows, so such a failure
+    /// is charged like a release (see [`Self::charge_failure`]).
     async fn run_private_sql(&self, task: &Task, sql: &str) -> Result<Vec<RecordBatch>> {
+        use datafusion::error::DataFusionError as E;
         let planned = self.state.ctx.sql(sql).await.map_err(NodeError::from)?;
-        match planned.collect().await {
-            Ok(batches) => Ok(batches),
-            Err(_) => Err(self.refuse(
-                Some(task),
-                ErrorKind::InvalidArgument,
-                "the query failed while running on this node's rows: an expression could not be \
-                 computed for some row (the message is withheld, as it can quote a value). \
-                 Casts are made safe (TRY_CAST) and divisions by zero give NULL, so look for \
-                 functions that reject some inputs, such as to_timestamp or make_date, and filter \
-                 those rows first"
-                    .into(),
+        let err = match planned.collect().await {
+            Ok(batches) => return Ok(batches),
+            Err(e) => e,
+        };
+        let root = E::find_root(&err);
+        warn!(task = %task.id, "a DP query failed while running (message withheld)");
+        Err(match root {
+            E::ResourcesExhausted(_) => NodeError::Protocol(ProtocolError::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "node {}: the query ran out of memory at this node: ask again later, or with \
+                     fewer groups",
+                    self.state.name
+                ),
             )),
+            E::IoError(_) | E::ObjectStore(_) => NodeError::Protocol(ProtocolError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "node {}: the node could not read its tables; ask again later",
+                    self.state.name
+                ),
+            )),
+            _ => NodeError::Protocol(
+                ProtocolError::new(
+                    ErrorKind::InvalidArgument,
+                    format!("node {}: {FAILED_WHILE_RUNNING}", self.state.name),
+                )
+                .with_retryable(false),
+            ),
+        })
+    }
+
+    /// After an expression failed on this node's rows: whether it fails is
+    /// a fact about the rows, so the failure is charged and recorded like a
+    /// release (a retry of the task gets the same answer, charged once), and
+    /// the refusal is audited. Transient failures (memory, reading) are not
+    /// charged: they may pass when asked again.
+    fn charge_failure(&self, task: &Task, charge: &Charge, err: NodeError) -> NodeError {
+        let NodeError::Protocol(e) = &err else {
+            return err;
+        };
+        if e.retryable {
+            return err;
         }
+        if let Err(e) = self.record(charge, FAILED_RELEASE.to_vec()) {
+            return e;
+        }
+        self.refuse(
+            Some(task),
+            ErrorKind::InvalidArgument,
+            format!("{FAILED_WHILE_RUNNING} (charged)"),
+        )
     }
 
     /// Records the release (debit + audit) durably; refusals become errors.

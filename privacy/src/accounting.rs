@@ -90,9 +90,10 @@ fn rho_for_epsilon_delta_uncached(epsilon: f64, delta: f64) -> Result<f64> {
     // epsilon(rho) >= rho, so rho lies below epsilon; the classic bound's
     // exact inverse is a lower end that already satisfies the request.
     // The search asks OpenDP's privacy profile for delta at the requested
-    // epsilon (one closed-form evaluation per step) rather than converting
-    // every candidate to epsilon (itself a search): 60 conversions took
-    // ~110 ms and dominated every query's planning at coordinator and node.
+    // epsilon (one search over the Renyi order per step) rather than
+    // converting every candidate to epsilon (a search over epsilon of such
+    // searches): 60 conversions took ~110 ms and dominated every query's
+    // planning at coordinator and node.
     let l = (1.0 / delta).ln();
     let classic_rho = ((l + epsilon).sqrt() - l.sqrt()).powi(2);
     let fits = |rho: f64| -> Result<bool> {
@@ -121,6 +122,10 @@ fn rho_for_epsilon_delta_uncached(epsilon: f64, delta: f64) -> Result<f64> {
             break;
         }
         lo *= 1.0 - 1e-9;
+    }
+    if lo > 0.0 && epsilon_for_rho(lo, delta)? > epsilon {
+        // Never reached in the tested range; the classic inverse is safe.
+        lo = classic_rho * (1.0 - 1e-12);
     }
     if lo <= 0.0 {
         return Err(PrivacyError::InvalidParameter(format!(

@@ -45,8 +45,11 @@ pub mod actions {
     /// Checks a DP query without running it or charging: body a signed
     /// [`crate::task::Envelope`] of a query task, answer
     /// [`crate::task::QueryCheck`]. The coordinator asks every node before
-    /// any node runs the query, so a refusal (per-query cap, budget, study,
-    /// policy) anywhere stops the query before anyone spends budget.
+    /// any node runs the query, so a refusal of the query itself (per-query
+    /// cap, budget, a table the study may not read) anywhere stops it before
+    /// anyone spends budget; a node that does not take part (study not
+    /// approved, table not published there) answers with an error and is
+    /// left out.
     pub const QUERY_CHECK: &str = "confer.query.check";
     /// Checks a training job without charging: body a signed
     /// [`crate::task::Envelope`] of a [`crate::train::TrainTask`], answer

@@ -124,10 +124,11 @@ pub fn node_input<R: CryptoRng + ?Sized>(
             .map_err(|e| QueryError::Internal(format!("noise share: {e}")))?;
         for x in ints {
             if x.abs() > MAX_ELEMENT {
-                return Err(QueryError::Rejected(format!(
-                    "a partial of this query is {x} granules at this node, too large for 64-bit \
-                     secure aggregation: narrow the contribution bounds"
-                )));
+                return Err(QueryError::Rejected(
+                    "a partial of this query is too large at this node for 64-bit secure \
+                     aggregation: narrow the contribution bounds"
+                        .into(),
+                ));
             }
             let noisy = x.wrapping_add(noise.sample(rng));
             out.push(noisy as u64);
