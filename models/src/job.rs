@@ -971,8 +971,11 @@ fn held_out(seed: u32, row: &[f32], target: &[u32], test_fraction: f64) -> bool 
 /// Builds the training and held-out datasets of one node from its rows
 /// (raw features, row-major; targets as read): each row goes to the
 /// held-out split with probability `1 - train_fraction`, decided by a hash
-/// of `split_seed` and its own values. Errors say what is wrong with the
-/// node's data, without figures.
+/// of `split_seed` and its own values. Nothing about the rows is refused
+/// (few rows, one class, an empty split): a refusal would reveal, outside
+/// any DP mechanism, a fact a single person can decide. A node with no
+/// training rows sends zero updates; one with no held-out rows releases
+/// noisy zeros.
 pub fn split_datasets(
     spec: &JobSpec,
     features: Vec<f32>,
@@ -983,22 +986,6 @@ pub fn split_datasets(
         Targets::Binary(y) => y.len(),
         Targets::Survival { time, .. } => time.len(),
     };
-    if n < 4 {
-        return Err(bad(
-            "the feature query returns fewer than 4 rows here; training needs more",
-        ));
-    }
-    if let Targets::Binary(y) = &targets {
-        let positives = y.iter().filter(|&&v| v > 0.5).count();
-        if positives == 0 || positives == n {
-            return Err(bad(format!(
-                "the label column {} has one class only here (all {}): a classifier needs both classes at \
-                 every node; change the label or leave this node out of the job's sites",
-                spec.data.label.as_deref().unwrap_or("label"),
-                usize::from(positives > 0)
-            )));
-        }
-    }
     let test_fraction = 1.0 - spec.data.train_fraction;
     let (mut train, mut test) = (Vec::new(), Vec::new());
     for i in 0..n {
@@ -1012,12 +999,6 @@ pub fn split_datasets(
         } else {
             train.push(i);
         }
-    }
-    if train.is_empty() || test.is_empty() {
-        return Err(bad(
-            "the split leaves this node's training or held-out set empty: too few rows here, or change \
-             data.train_fraction",
-        ));
     }
     let all = match targets {
         Targets::Binary(y) => Dataset::binary(features, width, y)?,
@@ -1202,13 +1183,26 @@ delta = 1e-5
     }
 
     #[test]
-    fn one_class_labels_are_refused_with_the_cause() {
+    fn nothing_about_the_rows_is_refused() {
         let job = JobSpec::from_toml_str(JOB).expect("job");
-        let n = 20;
-        let features = vec![1.0f32; n * 2];
-        let err = split_datasets(&job, features, Targets::Binary(vec![0.0; n]))
-            .expect_err("one class")
-            .to_string();
-        assert!(err.contains("one class"), "{err}");
+        // One class only, a handful of rows, and none at all: all split.
+        for n in [20, 3, 0] {
+            let features = vec![1.0f32; n * 2];
+            let (train, test) =
+                split_datasets(&job, features, Targets::Binary(vec![0.0; n])).expect("split");
+            assert_eq!(train.len() + test.len(), n);
+        }
+        // A node left with no rows still takes part: zero gradients, zero
+        // evaluation counts, no error.
+        let (train, test) =
+            split_datasets(&job, Vec::new(), Targets::Binary(Vec::new())).expect("split");
+        let model = crate::Model::new(&job.model, 1).expect("model");
+        let grads = crate::train::clipped_gradient_sum(&model, &train, 1.0).expect("gradients");
+        assert!(grads.sum.iter().all(|&g| g == 0.0));
+        let counts = crate::evaluate_with(&model, &test, &job.eval_config()).expect("evaluate");
+        assert_eq!(
+            eval_vector(&counts, &job.eval_config()).iter().sum::<f64>(),
+            0.0
+        );
     }
 }

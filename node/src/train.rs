@@ -699,13 +699,20 @@ fn zero_charge(round: &Task, record_id: Uuid, envelope: &Envelope) -> Charge {
 }
 
 /// Reads the feature query's rows: features (row-major, f32) and targets.
-/// Refuses duplicate units, missing or non-finite values, and labels that
-/// are not 0/1.
+///
+/// Rows that cannot be used are dropped, not refused: a row without a unit,
+/// with a missing or non-finite value, or with a label (or event) other
+/// than 0 and 1, and every row after the first of a unit. A refusal would
+/// tell the researcher, outside any DP mechanism and without charge, that
+/// such a row exists, and a feature query can make that depend on one
+/// person. Only the shape of the result (columns that are not numbers) is
+/// refused, which no row decides.
 fn read_rows(spec: &JobSpec, batches: &[RecordBatch]) -> Result<(Vec<f32>, Targets)> {
     let bad = |m: String| NodeError::Protocol(invalid(m));
     let columns = spec.columns();
     let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-    let column = |index: usize| -> Result<Vec<f64>> {
+    // Each column as numbers, None where missing or not finite.
+    let column = |index: usize| -> Result<Vec<Option<f64>>> {
         let name = columns[index];
         let mut out = Vec::with_capacity(rows);
         for batch in batches {
@@ -715,23 +722,13 @@ fn read_rows(spec: &JobSpec, batches: &[RecordBatch]) -> Result<(Vec<f32>, Targe
                 .as_any()
                 .downcast_ref::<Float64Array>()
                 .ok_or_else(|| bad(format!("column {name} cannot be read as numbers")))?;
-            let missing = values.null_count();
-            if missing > 0 {
-                return Err(bad(format!(
-                    "column {name} has missing values: filter them out (WHERE {name} IS NOT NULL) or impute them \
-                     in the feature query"
-                )));
-            }
-            if values.values().iter().any(|v| !v.is_finite()) {
-                return Err(bad(format!(
-                    "column {name} has NaN or infinite values: filter or impute them in the feature query"
-                )));
-            }
-            out.extend_from_slice(values.values());
+            out.extend(values.iter().map(|v| v.filter(|x| x.is_finite())));
         }
         Ok(out)
     };
-    // One row per unit: rows are ordered by the unit, so duplicates are adjacent.
+    // Rows are ordered by the unit: a unit's rows are adjacent, and only the
+    // first is kept.
+    let mut keep = Vec::with_capacity(rows);
     let mut previous: Option<String> = None;
     for batch in batches {
         let units = arrow::compute::cast(batch.column(0), &DataType::Utf8)
@@ -740,52 +737,53 @@ fn read_rows(spec: &JobSpec, batches: &[RecordBatch]) -> Result<(Vec<f32>, Targe
             .as_any()
             .downcast_ref::<arrow::array::StringArray>()
             .ok_or_else(|| bad(format!("unit column {} unreadable", columns[0])))?;
-        if units.null_count() > 0 {
-            return Err(bad(format!(
-                "the unit column {} has missing values: every row must belong to a person",
-                columns[0]
-            )));
-        }
-        for unit in units.iter().flatten() {
-            if previous.as_deref() == Some(unit) {
-                return Err(bad(format!(
-                    "the feature query returns several rows for one {}: return one row per person \
-                     (aggregate or pick one), which the DP standardisation relies on",
-                    columns[0]
-                )));
+        for unit in units.iter() {
+            let first = unit.is_some_and(|u| previous.as_deref() != Some(u));
+            keep.push(first);
+            if let Some(u) = unit {
+                previous = Some(u.to_string());
             }
-            previous = Some(unit.to_string());
         }
     }
     let width = spec.data.features.len();
-    let mut features = vec![0f32; rows * width];
+    let mut feature_columns = Vec::with_capacity(width);
     for j in 0..width {
-        for (i, v) in column(1 + j)?.into_iter().enumerate() {
-            features[i * width + j] = v as f32;
+        let values = column(1 + j)?;
+        for (k, v) in keep.iter_mut().zip(&values) {
+            *k &= v.is_some();
         }
+        feature_columns.push(values);
     }
+    let binary = |v: &Option<f64>| matches!(v, Some(x) if *x == 0.0 || *x == 1.0);
     let target_at = 1 + width;
-    let targets = if spec.data.label.is_some() {
+    let (labels, time, event) = if spec.data.label.is_some() {
         let labels = column(target_at)?;
-        if labels.iter().any(|&v| v != 0.0 && v != 1.0) {
-            return Err(bad(format!(
-                "the label {} has values other than 0 and 1: labels must be 0 or 1 (e.g. CAST(num > 0 AS DOUBLE))",
-                columns[target_at]
-            )));
+        for (k, v) in keep.iter_mut().zip(&labels) {
+            *k &= binary(v);
         }
-        Targets::Binary(labels.into_iter().map(|v| v as f32).collect())
+        (labels, Vec::new(), Vec::new())
     } else {
         let time = column(target_at)?;
         let event = column(target_at + 1)?;
-        if event.iter().any(|&v| v != 0.0 && v != 1.0) {
-            return Err(bad(format!(
-                "the event column {} has values other than 0 and 1: events must be 0 (censored) or 1",
-                columns[target_at + 1]
-            )));
+        for ((k, t), e) in keep.iter_mut().zip(&time).zip(&event) {
+            *k &= t.is_some() && binary(e);
         }
+        (Vec::new(), time, event)
+    };
+    let kept: Vec<usize> = (0..rows).filter(|&i| keep[i]).collect();
+    let mut features = vec![0f32; kept.len() * width];
+    for (j, values) in feature_columns.iter().enumerate() {
+        for (r, &i) in kept.iter().enumerate() {
+            features[r * width + j] = values[i].unwrap_or(0.0) as f32;
+        }
+    }
+    let value = |values: &[Option<f64>], i: usize| values[i].unwrap_or(0.0) as f32;
+    let targets = if spec.data.label.is_some() {
+        Targets::Binary(kept.iter().map(|&i| value(&labels, i)).collect())
+    } else {
         Targets::Survival {
-            time: time.into_iter().map(|v| v as f32).collect(),
-            event: event.into_iter().map(|v| v == 1.0).collect(),
+            time: kept.iter().map(|&i| value(&time, i)).collect(),
+            event: kept.iter().map(|&i| value(&event, i) == 1.0).collect(),
         }
     };
     Ok((features, targets))
@@ -907,14 +905,18 @@ fn node_input(
             };
             // Training that diverges (on weights from elsewhere) sends a zero
             // update rather than an error that would depend on the data.
-            let (update, examples, diverged) =
+            // So does a node without training rows (no error says so).
+            let (update, examples, diverged) = if sets.0.is_empty() {
+                (vec![0.0; weights.len()], 0, false)
+            } else {
                 match confer_models::train_local(&mut model, &sets.0, &config) {
                     Ok(r) => (r.update, r.num_examples, false),
                     Err(confer_models::Error::Diverged(_)) => {
                         (vec![0.0; weights.len()], sets.0.len(), true)
                     }
                     Err(e) => return Err(model_error(e)),
-                };
+                }
+            };
             let layout = job.spec.update_layout(weights.len());
             let weight = match job.spec.privacy.weighting() {
                 Weighting::Uniform => 1.0,
@@ -1007,4 +1009,92 @@ fn evaluation(
         values,
         noise_stddev: noise.stddev_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Float64Array, Int64Array, RecordBatch};
+
+    use super::*;
+
+    const JOB: &str = r#"
+rounds = 1
+seed = 1
+[model]
+architecture = "logistic_regression"
+[data]
+query = "SELECT patient, age, label FROM heart"
+features = ["age"]
+label = "label"
+unit = "patient"
+bounds = { age = [20, 90] }
+[local]
+budget = { steps = 1 }
+batch_size = 4
+learning_rate = 0.01
+optimizer = { kind = "sgd" }
+[server]
+strategy = "fed_avg"
+[privacy]
+epsilon = 1.0
+delta = 1e-5
+"#;
+
+    /// Unusable rows are dropped, never refused: whether one exists is a
+    /// fact about single persons.
+    #[test]
+    fn unusable_rows_are_dropped_not_refused() {
+        let spec = JobSpec::from_toml_str(JOB).expect("job");
+        let batch = RecordBatch::try_from_iter([
+            (
+                "patient",
+                Arc::new(Int64Array::from(vec![
+                    Some(1),
+                    Some(2),
+                    Some(2),
+                    Some(3),
+                    Some(4),
+                    Some(5),
+                    None,
+                    Some(6),
+                ])) as _,
+            ),
+            (
+                "age",
+                Arc::new(Float64Array::from(vec![
+                    Some(50.0),
+                    Some(60.0),
+                    Some(61.0),
+                    None,
+                    Some(f64::NAN),
+                    Some(70.0),
+                    Some(80.0),
+                    Some(40.0),
+                ])) as _,
+            ),
+            (
+                "label",
+                Arc::new(Float64Array::from(vec![
+                    Some(1.0),
+                    Some(0.0),
+                    Some(1.0),
+                    Some(1.0),
+                    Some(0.0),
+                    Some(2.0),
+                    Some(1.0),
+                    Some(0.0),
+                ])) as _,
+            ),
+        ])
+        .expect("batch");
+        let (features, targets) = read_rows(&spec, &[batch]).expect("rows");
+        // Kept: patient 1, the first row of patient 2, and patient 6.
+        assert_eq!(features, vec![50.0, 60.0, 40.0]);
+        let Targets::Binary(labels) = targets else {
+            panic!("binary labels")
+        };
+        assert_eq!(labels, vec![1.0, 0.0, 0.0]);
+    }
 }
