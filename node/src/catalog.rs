@@ -526,6 +526,12 @@ fn without_values(message: &str, schema: &Schema) -> String {
         ))
     })();
     parsed.unwrap_or_else(|| {
+        // Unbalanced quotes (a value with an apostrophe) would misalign the
+        // pairs: then everything after the first quote is elided.
+        if message.matches('\'').count() % 2 == 1 {
+            let head = message.split('\'').next().unwrap_or_default();
+            return format!("{head}'…'");
+        }
         message
             .split('\'')
             .enumerate()
@@ -668,4 +674,30 @@ fn column_info(
         bounds: decl.bounds.map(|[lo, hi]| (lo, hi)),
         domain,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reader_errors_lose_their_values() {
+        let schema = Schema::new(vec![
+            Field::new("person_id", DataType::Int64, true),
+            Field::new("year_of_birth", DataType::Int64, true),
+        ]);
+        let csv = "Arrow error: Parser error: Error while parsing value 'x1' as type 'Int64' for \
+                   column 1 at line 7. Row data: '[3,x1]'";
+        assert_eq!(
+            without_values(csv, &schema),
+            "line 7, column year_of_birth: a value that is not a valid Int64 (not shown)"
+        );
+        let quoted = "Error parsing timestamp from '31/12/2020' using format '%Y'";
+        assert_eq!(
+            without_values(quoted, &schema),
+            "Error parsing timestamp from '…' using format '…'"
+        );
+        let apostrophe = "cannot parse 'O'Brien' here";
+        assert_eq!(without_values(apostrophe, &schema), "cannot parse '…'");
+    }
 }
