@@ -394,6 +394,7 @@ async fn dp_training_survives_a_coordinator_restart_without_double_charges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_jobs_are_refused_naming_the_node_and_charge_nothing() {
+    // (Ends with a job whose unusable rows are dropped, which runs.)
     let fed = heart(POLICY).await;
     let mut client = fed.federation.client("tester").await.expect("client");
 
@@ -446,5 +447,16 @@ async fn bad_jobs_are_refused_naming_the_node_and_charge_nothing() {
     for c in spent(&mut client).await {
         assert_eq!(c, 0.0, "nothing was charged");
     }
+
+    // Rows a node cannot use are dropped there, not refused: VA Long Beach
+    // has patients without a resting blood pressure, and the job runs.
+    let spec = job(|t| {
+        t.replace(" AND trestbps IS NOT NULL", "")
+            .replace("rounds = 15", "rounds = 3")
+    });
+    let status = submit(&mut client, &spec).await.expect("submitted");
+    let done = wait(&mut client, status.job_id, |_| false).await;
+    assert_finished(&done);
+    assert_charged_once(&mut client, &done).await;
     fed.federation.stop().await.expect("stop");
 }
