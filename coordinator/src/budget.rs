@@ -143,26 +143,9 @@ mod tests {
     use super::*;
 
     fn report(node: &str, budget: f64, spent: f64) -> SitePartial {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("node", DataType::Utf8, false),
-            Field::new("study", DataType::Utf8, false),
-            Field::new("status", DataType::Utf8, false),
-            Field::new("budget_rho", DataType::Float64, false),
-            Field::new("spent_rho", DataType::Float64, false),
-            Field::new("releases", DataType::UInt64, false),
-        ]));
-        let batch = RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(StringArray::from(vec![node])),
-                Arc::new(StringArray::from(vec!["s"])),
-                Arc::new(StringArray::from(vec!["approved"])),
-                Arc::new(Float64Array::from(vec![budget])),
-                Arc::new(Float64Array::from(vec![spent])),
-                Arc::new(UInt64Array::from(vec![2u64])),
-            ],
-        )
-        .expect("batch");
+        let batch =
+            confer_protocol::release::budget_report(node, "s", "approved", budget, spent, 2)
+                .expect("batch");
         SitePartial {
             site: node.into(),
             batch,

@@ -198,13 +198,30 @@ impl NodeHandle {
         envelope: &Envelope,
         policy: RetryPolicy,
     ) -> std::result::Result<SitePartial, ProtocolError> {
+        self.retried("task", policy, || self.run(envelope, policy.timeout))
+            .await
+    }
+
+    /// Calls `call` again with backoff while it fails with an error marked
+    /// retryable, at most `policy.retries` more times; the last error says
+    /// how many attempts were made.
+    async fn retried<T, F, Fut>(
+        &self,
+        what: &str,
+        policy: RetryPolicy,
+        call: F,
+    ) -> std::result::Result<T, ProtocolError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = std::result::Result<T, ProtocolError>>,
+    {
         let mut attempt = 0;
         loop {
-            match self.run(envelope, policy.timeout).await {
-                Ok(p) => return Ok(p),
+            match call().await {
+                Ok(v) => return Ok(v),
                 Err(e) if e.retryable && attempt < policy.retries => {
                     attempt += 1;
-                    warn!(node = %self.name, attempt, "retrying after: {}", e.message);
+                    warn!(node = %self.name, attempt, "retrying {what} after: {}", e.message);
                     tokio::time::sleep(Duration::from_millis(200 << attempt.min(6))).await;
                 }
                 Err(e) if attempt > 0 => {
@@ -260,27 +277,10 @@ impl NodeHandle {
         what: &str,
         policy: RetryPolicy,
     ) -> std::result::Result<T, ProtocolError> {
-        let mut attempt = 0;
-        loop {
-            match self
-                .action_json(kind, body.clone(), what, policy.timeout)
-                .await
-            {
-                Ok(v) => return Ok(v),
-                Err(e) if e.retryable && attempt < policy.retries => {
-                    attempt += 1;
-                    warn!(node = %self.name, attempt, "retrying {what} after: {}", e.message);
-                    tokio::time::sleep(Duration::from_millis(200 << attempt.min(6))).await;
-                }
-                Err(e) if attempt > 0 => {
-                    return Err(ProtocolError {
-                        message: format!("{} (after {} attempts)", e.message, attempt + 1),
-                        ..e
-                    });
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.retried(what, policy, || {
+            self.action_json(kind, body.clone(), what, policy.timeout)
+        })
+        .await
     }
 
     /// The node's health report.

@@ -31,7 +31,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
-use datafusion::prelude::SessionContext;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::info;
@@ -39,7 +38,6 @@ use tracing::info;
 pub use config::NodeConfig;
 pub use error::{NodeError, Result};
 
-use crate::ledger::Ledger;
 use crate::service::{NodeService, NodeState};
 
 /// Largest gRPC message a node accepts or sends.
@@ -112,10 +110,7 @@ pub async fn start(config: NodeConfig, transport: Transport) -> Result<RunningNo
             )
         }
     };
-    let ctx = SessionContext::new();
-    let catalog = catalog::load(&config, &ctx).await?;
-    let ledger = Arc::new(Ledger::open(&config.node.state_dir)?);
-    let state = Arc::new(NodeState::new(&config, ctx, catalog, ledger)?);
+    let state = Arc::new(NodeState::open(&config).await?);
 
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -12,8 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime};
 
-use arrow::array::{Float64Array, RecordBatch, StringArray, UInt64Array};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::array::RecordBatch;
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use arrow_flight::encode::FlightDataEncoderBuilder;
@@ -85,6 +84,14 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    /// Loads the config's tables (validating them) and opens its ledger.
+    pub async fn open(config: &NodeConfig) -> Result<Self> {
+        let ctx = SessionContext::new();
+        let catalog = crate::catalog::load(config, &ctx).await?;
+        let ledger = Arc::new(Ledger::open(&config.node.state_dir)?);
+        Self::new(config, ctx, catalog, ledger)
+    }
+
     /// State for a loaded config.
     pub fn new(
         config: &NodeConfig,
@@ -841,26 +848,14 @@ impl NodeService {
             reason: Some("budget figures reported".into()),
             ..Default::default()
         })?;
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("node", DataType::Utf8, false),
-            Field::new("study", DataType::Utf8, false),
-            Field::new("status", DataType::Utf8, false),
-            Field::new("budget_rho", DataType::Float64, false),
-            Field::new("spent_rho", DataType::Float64, false),
-            Field::new("releases", DataType::UInt64, false),
-        ]));
-        RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(StringArray::from(vec![self.state.name.clone()])),
-                Arc::new(StringArray::from(vec![study.to_string()])),
-                Arc::new(StringArray::from(vec![status])),
-                Arc::new(Float64Array::from(vec![budget])),
-                Arc::new(Float64Array::from(vec![spent])),
-                Arc::new(UInt64Array::from(vec![releases])),
-            ],
-        )
-        .map_err(|e| NodeError::Protocol(ProtocolError::internal(e.to_string())))
+        Ok(confer_protocol::release::budget_report(
+            &self.state.name,
+            study,
+            &status,
+            budget,
+            spent,
+            releases,
+        )?)
     }
 }
 

@@ -11,12 +11,10 @@ use std::time::Duration;
 use arrow_flight::Action;
 use arrow_flight::flight_service_server::FlightService;
 use confer_node::NodeConfig;
-use confer_node::ledger::Ledger;
 use confer_node::service::{NodeService, NodeState};
 use confer_protocol::actions;
 use confer_protocol::signing::Identity;
 use confer_protocol::task::{QueryCheck, Task};
-use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
 use tonic::Request;
 
@@ -48,12 +46,8 @@ async fn the_check_refuses_answers_or_leaves_the_node_out_and_charges_nothing() 
     )
     .expect("node.toml");
     let config = NodeConfig::load(&path).expect("config");
-    let ctx = SessionContext::new();
-    let catalog = confer_node::catalog::load(&config, &ctx)
-        .await
-        .expect("tables");
-    let ledger = Arc::new(Ledger::open(&config.node.state_dir).expect("ledger"));
-    let state = NodeState::new(&config, ctx, catalog, ledger.clone()).expect("state");
+    let state = NodeState::open(&config).await.expect("state");
+    let ledger = state.ledger.clone();
     let service = NodeService::new(Arc::new(state));
     let check = |sql: String| {
         let task = Task::query("s", "alice", &sql, Duration::from_secs(60));

@@ -2,13 +2,11 @@
 //! without a restart; a file that no longer parses keeps the previous
 //! policy. Both are audited.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use confer_node::NodeConfig;
-use confer_node::ledger::{AuditFilter, Ledger};
+use confer_node::ledger::AuditFilter;
 use confer_node::service::NodeState;
-use datafusion::prelude::SessionContext;
 
 fn write(path: &std::path::Path, text: &str, at: SystemTime) {
     std::fs::write(path, text).expect("write node.toml");
@@ -44,12 +42,8 @@ async fn policy_changes_take_effect_without_a_restart() {
     let start = SystemTime::now();
     write(&path, &config(&key, "max_query_epsilon = 1.0"), start);
     let node = NodeConfig::load(&path).expect("config");
-    let ctx = SessionContext::new();
-    let catalog = confer_node::catalog::load(&node, &ctx)
-        .await
-        .expect("tables");
-    let ledger = Arc::new(Ledger::open(&node.node.state_dir).expect("ledger"));
-    let state = NodeState::new(&node, ctx, catalog, ledger.clone()).expect("state");
+    let state = NodeState::open(&node).await.expect("state");
+    let ledger = state.ledger.clone();
     assert_eq!(state.policy().expect("policy").max_query_epsilon, Some(1.0));
 
     write(

@@ -2,8 +2,14 @@
 //! what it cost. Nodes attach a [`ReleaseInfo`] to their partials; the
 //! coordinator attaches a [`ResultInfo`] to the combined answer.
 
+use std::sync::Arc;
+
+use arrow::array::{Float64Array, RecordBatch, StringArray, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use crate::ProtocolError;
 
 /// The privacy cost of one release, in zCDP and as (epsilon, delta).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -56,4 +62,37 @@ pub struct ResultInfo {
     pub cost_per_site: Cost,
     /// Confidence level of the interval columns.
     pub confidence: f64,
+}
+
+/// One node's `SHOW PRIVACY BUDGET` report for a study, as the node sends
+/// it and the coordinator reads it: one row of node, study, status,
+/// budget_rho, spent_rho and releases.
+pub fn budget_report(
+    node: &str,
+    study: &str,
+    status: &str,
+    budget_rho: f64,
+    spent_rho: f64,
+    releases: u64,
+) -> Result<RecordBatch, ProtocolError> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("node", DataType::Utf8, false),
+        Field::new("study", DataType::Utf8, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("budget_rho", DataType::Float64, false),
+        Field::new("spent_rho", DataType::Float64, false),
+        Field::new("releases", DataType::UInt64, false),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(vec![node])),
+            Arc::new(StringArray::from(vec![study])),
+            Arc::new(StringArray::from(vec![status])),
+            Arc::new(Float64Array::from(vec![budget_rho])),
+            Arc::new(Float64Array::from(vec![spent_rho])),
+            Arc::new(UInt64Array::from(vec![releases])),
+        ],
+    )
+    .map_err(|e| ProtocolError::internal(e.to_string()))
 }
