@@ -35,7 +35,7 @@ const GENESIS: &str = "000000000000000000000000000000000000000000000000000000000
 const BUDGET_TOLERANCE: f64 = 1e-9;
 
 /// What one release costs.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Cost {
     /// zCDP rho charged.
     pub rho: f64,
@@ -50,7 +50,7 @@ pub struct Cost {
 }
 
 /// A release about to be recorded.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Charge {
     /// The task.
     pub task_id: Uuid,
@@ -70,7 +70,51 @@ pub struct Charge {
     pub researcher_budget: Option<f64>,
     /// The study's cap on summed selection delta at this node.
     pub study_delta_budget: f64,
+    /// The node's budget over all studies (rho), if the policy sets one.
+    pub node_budget: Option<f64>,
+    /// The researcher's budget over all studies (rho), if any.
+    pub researcher_total_budget: Option<f64>,
+    /// What the task costs if it fails after it was admitted (rho): at
+    /// least the node's floor. Reserved when the task starts, so that a
+    /// failure, a timeout or a crash is charged within the budgets.
+    pub failure_rho: f64,
 }
+
+impl Charge {
+    /// What is reserved while the task runs: the larger of its cost and
+    /// its failure charge.
+    pub fn reserved_rho(&self) -> f64 {
+        self.cost.rho.max(self.failure_rho)
+    }
+}
+
+/// The state of a task in the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    /// Charged (the larger of its cost and its failure charge) and running.
+    Running,
+    /// Released: its bytes are stored.
+    Released,
+    /// Failed after it was admitted: charged at least the node's floor.
+    Failed,
+}
+
+impl TaskState {
+    fn parse(s: &str) -> Self {
+        match s {
+            "running" => TaskState::Running,
+            "failed" => TaskState::Failed,
+            _ => TaskState::Released,
+        }
+    }
+}
+
+/// What the ledger stores in place of a result while a task runs.
+pub const RUNNING_MARKER: &[u8] = b"confer: running, charged";
+
+/// What the ledger stores in place of a result when a task failed after it
+/// was admitted: the failure was charged, and a retry gets the same refusal.
+pub const FAILED_MARKER: &[u8] = b"confer: failed while running, charged";
 
 /// Why a charge was refused.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +125,15 @@ pub enum Refusal {
     Replay(String),
 }
 
+/// What [`Ledger::begin`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Begun {
+    /// Charged now; the task may run.
+    Charged,
+    /// The task is already on record (a retry): as it is.
+    Existing(Stored),
+}
+
 /// A release that is already on record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
@@ -88,6 +141,8 @@ pub struct Stored {
     pub payload_hash: String,
     /// The released bytes.
     pub result: Vec<u8>,
+    /// Whether it is still running, released or failed.
+    pub state: TaskState,
 }
 
 /// Approval state of a study at this node.
@@ -241,6 +296,8 @@ impl Ledger {
                  epsilon      REAL NOT NULL,
                  delta        REAL NOT NULL,
                  selection_delta REAL NOT NULL DEFAULT 0,
+                 state        TEXT NOT NULL DEFAULT 'released',
+                 failure_rho  REAL NOT NULL DEFAULT 0,
                  created_ms   INTEGER NOT NULL,
                  result_hash  TEXT NOT NULL,
                  result       BLOB NOT NULL
@@ -255,6 +312,11 @@ impl Ledger {
                  decided_ms  INTEGER,
                  decided_by  TEXT,
                  description TEXT
+             );
+             CREATE TABLE IF NOT EXISTS lifts (
+                 researcher  TEXT NOT NULL,
+                 at_ms       INTEGER NOT NULL,
+                 by          TEXT NOT NULL
              );
              CREATE TABLE IF NOT EXISTS audit (
                  seq         INTEGER PRIMARY KEY,
@@ -293,11 +355,90 @@ impl Ledger {
         if !has_description {
             conn.execute_batch("ALTER TABLE studies ADD COLUMN description TEXT")?;
         }
-        Ok(Self {
+        // Ledgers written before tasks were charged before they ran.
+        let has_state: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('releases') WHERE name = 'state'",
+            [],
+            |row| row.get(0),
+        )?;
+        if !has_state {
+            conn.execute_batch(
+                "ALTER TABLE releases ADD COLUMN state TEXT NOT NULL DEFAULT 'released';
+                 ALTER TABLE releases ADD COLUMN failure_rho REAL NOT NULL DEFAULT 0;",
+            )?;
+        }
+        let ledger = Self {
             conn: Mutex::new(conn),
             head_path: state_dir.join("audit.head"),
             path,
-        })
+        };
+        ledger.recover()?;
+        Ok(ledger)
+    }
+
+    /// Tasks that were running when the node stopped (a crash, a kill by
+    /// the system for memory) failed: they keep their reserved charge, and
+    /// a retry gets the failure. Whether a task kills the node can depend
+    /// on the rows, so such a stop is never free.
+    fn recover(&self) -> Result<()> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let running: Vec<(String, String, String, String, f64, f64, f64)> = {
+            let mut stmt = tx.prepare(
+                "SELECT task_id, study, researcher, kind, rho, epsilon, delta FROM releases
+                 WHERE state = 'running' ORDER BY created_ms",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                    row.get(5)?,
+                    row.get(6)?,
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        if running.is_empty() {
+            return Ok(());
+        }
+        let mut head = None;
+        let failed_hash = sha256_hex(FAILED_MARKER);
+        for (task, study, researcher, kind, rho, epsilon, delta) in running {
+            tx.execute(
+                "UPDATE releases SET state = 'failed', result = ?2, result_hash = ?3 WHERE task_id = ?1",
+                params![task, FAILED_MARKER, failed_hash],
+            )?;
+            head = Some(append(
+                &tx,
+                &AuditEntry {
+                    task_id: Uuid::parse_str(&task).ok(),
+                    study: Some(study),
+                    actor: Some(researcher),
+                    kind,
+                    decision: "failed".into(),
+                    reason: Some(
+                        "the node stopped while the task ran: charged as a failure (it may have \
+                         been killed for its memory)"
+                            .into(),
+                    ),
+                    cost: Some(Cost {
+                        rho,
+                        epsilon,
+                        delta,
+                        selection_delta: 0.0,
+                    }),
+                    result_hash: Some(failed_hash.clone()),
+                },
+            )?);
+        }
+        tx.commit()?;
+        if let Some(h) = head {
+            self.write_head(h);
+        }
+        Ok(())
     }
 
     /// Where the database lives.
@@ -316,12 +457,13 @@ impl Ledger {
         let conn = self.conn()?;
         Ok(conn
             .query_row(
-                "SELECT payload_hash, result FROM releases WHERE task_id = ?1",
+                "SELECT payload_hash, result, state FROM releases WHERE task_id = ?1",
                 params![task_id.to_string()],
                 |row| {
                     Ok(Stored {
                         payload_hash: row.get(0)?,
                         result: row.get(1)?,
+                        state: TaskState::parse(&row.get::<_, String>(2)?),
                     })
                 },
             )
@@ -401,6 +543,239 @@ impl Ledger {
         tx.commit()?;
         self.write_head(head);
         Ok(Ok(result))
+    }
+
+    /// Charges a task before it runs: checks the budgets against what it
+    /// reserves ([`Charge::reserved_rho`]) and records it as running, with
+    /// its audit record, in one durable transaction. Nothing derived from
+    /// the rows exists yet. A task already on record is returned as it is
+    /// (a retry); a different task under its id is refused as a replay.
+    pub fn begin(&self, charge: &Charge) -> Result<std::result::Result<Begun, Refusal>> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<(String, Vec<u8>, String)> = tx
+            .query_row(
+                "SELECT payload_hash, result, state FROM releases WHERE task_id = ?1",
+                params![charge.task_id.to_string()],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .optional()?;
+        if let Some((payload_hash, result, state)) = existing {
+            if payload_hash == charge.payload_hash {
+                return Ok(Ok(Begun::Existing(Stored {
+                    payload_hash,
+                    result,
+                    state: TaskState::parse(&state),
+                })));
+            }
+            let why = format!(
+                "task id {} was already used for a different task: refused as a replay",
+                charge.task_id
+            );
+            let head = append(&tx, &refusal_entry(charge, &why))?;
+            tx.commit()?;
+            self.write_head(head);
+            return Ok(Err(Refusal::Replay(why)));
+        }
+        let mut reserving = charge.clone();
+        reserving.cost.rho = charge.reserved_rho();
+        if let Some(why) = budget_refusal(&tx, &reserving)? {
+            let head = append(&tx, &refusal_entry(charge, &why))?;
+            tx.commit()?;
+            self.write_head(head);
+            return Ok(Err(Refusal::Budget(why)));
+        }
+        let marker_hash = sha256_hex(RUNNING_MARKER);
+        tx.execute(
+            "INSERT INTO releases (task_id, payload_hash, study, researcher, kind, rho, epsilon, delta,
+                                   created_ms, result_hash, result, selection_delta, state, failure_rho)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'running', ?13)",
+            params![
+                charge.task_id.to_string(),
+                charge.payload_hash,
+                charge.study,
+                charge.researcher,
+                charge.kind,
+                reserving.cost.rho,
+                charge.cost.epsilon,
+                charge.cost.delta,
+                now_ms(),
+                marker_hash,
+                RUNNING_MARKER,
+                charge.cost.selection_delta,
+                charge.failure_rho,
+            ],
+        )?;
+        let head = append(
+            &tx,
+            &AuditEntry {
+                task_id: Some(charge.task_id),
+                study: Some(charge.study.clone()),
+                actor: Some(charge.researcher.clone()),
+                kind: charge.kind.clone(),
+                decision: "charged".into(),
+                reason: Some(format!(
+                    "charged before running: rho {:.6} reserved (cost {:.6}, at least {:.6} if it fails)",
+                    reserving.cost.rho, charge.cost.rho, charge.failure_rho
+                )),
+                cost: Some(reserving.cost),
+                result_hash: Some(marker_hash),
+            },
+        )?;
+        tx.commit()?;
+        self.write_head(head);
+        Ok(Ok(Begun::Charged))
+    }
+
+    /// Stores the result of a running task and settles its charge at its
+    /// cost, durably, before anything is sent. Returns the bytes to send.
+    pub fn finish(&self, charge: &Charge, result: Vec<u8>) -> Result<Vec<u8>> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let state: Option<(String, Vec<u8>)> = tx
+            .query_row(
+                "SELECT state, result FROM releases WHERE task_id = ?1",
+                params![charge.task_id.to_string()],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        match state {
+            Some((s, _)) if s == "running" => {}
+            Some((s, stored)) if s == "released" => return Ok(stored),
+            _ => {
+                return Err(NodeError::Ledger(format!(
+                    "task {} is not running here: its result cannot be stored",
+                    charge.task_id
+                )));
+            }
+        }
+        let result_hash = sha256_hex(&result);
+        tx.execute(
+            "UPDATE releases SET state = 'released', rho = ?2, result = ?3, result_hash = ?4
+             WHERE task_id = ?1",
+            params![
+                charge.task_id.to_string(),
+                charge.cost.rho,
+                result,
+                result_hash
+            ],
+        )?;
+        let head = append(
+            &tx,
+            &AuditEntry {
+                task_id: Some(charge.task_id),
+                study: Some(charge.study.clone()),
+                actor: Some(charge.researcher.clone()),
+                kind: charge.kind.clone(),
+                decision: "released".into(),
+                reason: None,
+                cost: Some(charge.cost),
+                result_hash: Some(result_hash),
+            },
+        )?;
+        tx.commit()?;
+        self.write_head(head);
+        Ok(result)
+    }
+
+    /// Records that a running task failed after it was admitted: it keeps
+    /// its reserved charge (at least the node's floor), and a retry gets
+    /// the same failure. `reason` must not quote any value.
+    pub fn fail(&self, charge: &Charge, reason: &str) -> Result<()> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let failed_hash = sha256_hex(FAILED_MARKER);
+        let changed = tx.execute(
+            "UPDATE releases SET state = 'failed', result = ?2, result_hash = ?3
+             WHERE task_id = ?1 AND state = 'running'",
+            params![charge.task_id.to_string(), FAILED_MARKER, failed_hash],
+        )?;
+        if changed == 0 {
+            return Ok(());
+        }
+        let mut cost = charge.cost;
+        cost.rho = charge.reserved_rho();
+        let head = append(
+            &tx,
+            &AuditEntry {
+                task_id: Some(charge.task_id),
+                study: Some(charge.study.clone()),
+                actor: Some(charge.researcher.clone()),
+                kind: charge.kind.clone(),
+                decision: "failed".into(),
+                reason: Some(reason.to_string()),
+                cost: Some(cost),
+                result_hash: Some(failed_hash),
+            },
+        )?;
+        tx.commit()?;
+        self.write_head(head);
+        Ok(())
+    }
+
+    /// Failures charged to `researcher` since the steward last lifted
+    /// their quota.
+    pub fn failures_since_lift(&self, researcher: &str) -> Result<u64> {
+        let conn = self.conn()?;
+        let n: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM releases WHERE researcher = ?1 AND state = 'failed'
+               AND created_ms >= COALESCE((SELECT MAX(at_ms) FROM lifts WHERE researcher = ?1), 0)",
+            params![researcher],
+            |row| row.get(0),
+        )?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// The steward lifts `researcher`'s block after reviewing their
+    /// failures: the count starts again from zero. Audited.
+    pub fn lift(&self, researcher: &str, by: &str, reason: &str) -> Result<u64> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM releases WHERE researcher = ?1 AND state = 'failed'
+               AND created_ms >= COALESCE((SELECT MAX(at_ms) FROM lifts WHERE researcher = ?1), 0)",
+            params![researcher],
+            |row| row.get(0),
+        )?;
+        // Strictly after every failure recorded so far.
+        let at = now_ms().max(
+            tx.query_row(
+                "SELECT COALESCE(MAX(created_ms), 0) + 1 FROM releases WHERE researcher = ?1",
+                params![researcher],
+                |row| row.get::<_, i64>(0),
+            )?,
+        );
+        tx.execute(
+            "INSERT INTO lifts (researcher, at_ms, by) VALUES (?1, ?2, ?3)",
+            params![researcher, at, by],
+        )?;
+        let head = append(
+            &tx,
+            &AuditEntry {
+                actor: Some(by.to_string()),
+                kind: "lift".into(),
+                decision: "recorded".into(),
+                reason: Some(format!(
+                    "failure quota of researcher {researcher} lifted after {n} charged failure(s): {reason}"
+                )),
+                ..Default::default()
+            },
+        )?;
+        tx.commit()?;
+        self.write_head(head);
+        Ok(n.max(0) as u64)
+    }
+
+    /// Spent at this node over all studies, in rho.
+    pub fn spent_total(&self) -> Result<f64> {
+        let conn = self.conn()?;
+        spent_total_in(&conn, None)
+    }
+
+    /// Spent by one researcher over all studies, in rho.
+    pub fn spent_by_researcher(&self, researcher: &str) -> Result<f64> {
+        let conn = self.conn()?;
+        spent_total_in(&conn, Some(researcher))
     }
 
     /// Why `charge` would exceed a budget now, if it would (read only).
@@ -661,7 +1036,8 @@ impl Ledger {
         let missing: Option<String> = conn
             .query_row(
                 "SELECT r.task_id FROM releases r WHERE NOT EXISTS
-                   (SELECT 1 FROM audit a WHERE a.task_id = r.task_id AND a.decision = 'released'
+                   (SELECT 1 FROM audit a WHERE a.task_id = r.task_id
+                    AND a.decision IN ('released', 'charged', 'failed')
                     AND a.result_hash = r.result_hash)
                  LIMIT 1",
                 [],
@@ -821,6 +1197,15 @@ fn spent_in(conn: &Connection, study: &str, researcher: Option<&str>) -> Result<
     Ok(spent.unwrap_or(0.0))
 }
 
+fn spent_total_in(conn: &Connection, researcher: Option<&str>) -> Result<f64> {
+    let spent: Option<f64> = conn.query_row(
+        "SELECT SUM(rho) FROM releases WHERE ?1 IS NULL OR researcher = ?1",
+        params![researcher],
+        |row| row.get(0),
+    )?;
+    Ok(spent.unwrap_or(0.0))
+}
+
 fn budget_refusal(conn: &Connection, charge: &Charge) -> Result<Option<String>> {
     if charge.cost.selection_delta > 0.0 {
         let spent: f64 = conn.query_row(
@@ -853,6 +1238,30 @@ fn budget_refusal(conn: &Connection, charge: &Charge) -> Result<Option<String>> 
             charge,
             charge.study_budget,
         )));
+    }
+    if let Some(limit) = charge.node_budget {
+        let all = spent_total_in(conn, None)?;
+        if exceeds(all, charge.cost.rho, limit) {
+            return Ok(Some(budget_message(
+                "node",
+                "(all studies at this node together)",
+                all,
+                charge,
+                limit,
+            )));
+        }
+    }
+    if let Some(limit) = charge.researcher_total_budget {
+        let by = spent_total_in(conn, Some(&charge.researcher))?;
+        if exceeds(by, charge.cost.rho, limit) {
+            return Ok(Some(budget_message(
+                "researcher",
+                &format!("{} (all studies at this node together)", charge.researcher),
+                by,
+                charge,
+                limit,
+            )));
+        }
     }
     if let Some(limit) = charge.researcher_budget {
         let by = spent_in(conn, &charge.study, Some(&charge.researcher))?;

@@ -712,6 +712,7 @@ impl NodeService {
             study_budget: self.budget_of(&task.study, rules)?,
             researcher_budget: rules.researcher_budget_rho,
             study_delta_budget: rules.budget_delta,
+            ..Default::default()
         };
         if let Some(why) = self.state.ledger.check_budget(&charge)? {
             return Err(self.refuse(Some(task), ErrorKind::ResourceExhausted, why));

@@ -695,6 +695,7 @@ fn zero_charge(round: &Task, record_id: Uuid, envelope: &Envelope) -> Charge {
         study_budget: f64::INFINITY,
         researcher_budget: None,
         study_delta_budget: f64::INFINITY,
+        ..Default::default()
     }
 }
 

@@ -116,6 +116,27 @@ pub struct SecaggIdentity {
     /// groups whose noisy count is below the largest threshold among the
     /// contributors.
     pub min_group_size: u64,
+    /// Proof that `key` is this node's: its certificate from the network CA
+    /// and a signature over the key by the certificate's key (nodes without
+    /// TLS have none; their peers must pin their keys).
+    #[serde(default)]
+    pub proof: Option<IdentityProof>,
+    /// How many of a session's other members this node assumes may collude
+    /// with the coordinator (`policy.secure.max_corrupt_peers`): it adds
+    /// noise for `min_survivors - max_corrupt_peers` honest survivors, and
+    /// the coordinator needs the figure to report the sum's spread.
+    #[serde(default)]
+    pub max_corrupt_peers: usize,
+}
+
+/// A node's proof that a secure-aggregation identity key is its own (see
+/// `confer_transport::identity`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityProof {
+    /// The node's certificate (PEM), issued by the network CA.
+    pub cert_pem: String,
+    /// ECDSA P-256 / SHA-256 signature (hex) by the certificate's key.
+    pub signature: String,
 }
 
 /// A query whose partials are securely aggregated.
@@ -129,6 +150,12 @@ pub struct SecureQueryTask {
     pub members: Vec<String>,
     /// The members' secure-aggregation identity keys (Ed25519, hex), by id.
     pub identities: Vec<String>,
+    /// Each member's proof of its key, by id (none where it has no TLS).
+    #[serde(default)]
+    pub proofs: Vec<Option<IdentityProof>>,
+    /// Each member's `max_corrupt_peers`, by id (how much noise it adds).
+    #[serde(default)]
+    pub corrupt_peers: Vec<usize>,
 }
 
 /// A request for a study's budget figures.

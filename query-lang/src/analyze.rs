@@ -1,31 +1,48 @@
-//! Does the source of a DP query keep the privacy unit?
+//! Does the source of a DP query keep the privacy unit? The allowlist of
+//! plan nodes.
 //!
-//! The FROM and WHERE of a DP query (with its CTEs and subqueries) are
-//! planned by DataFusion against the catalog, and the logical plan is walked
-//! bottom-up to decide, for every relation, whether each of its rows
-//! belongs to exactly one person (and which columns carry that person's id),
-//! or holds no person's data at all (public tables), or mixes persons, which
-//! is refused. The rules:
+//! The FROM and WHERE of a DP query (with its CTEs and subqueries), and a
+//! training job's feature query, are planned by DataFusion against the
+//! catalog and analysed (type coercion applied, so every cast DataFusion
+//! adds is visible). The logical plan is then walked bottom-up to decide,
+//! for every relation, whether each of its rows belongs to exactly one
+//! person (and which columns carry that person's id), or holds no person's
+//! data at all (public tables), or mixes persons, which is refused.
 //!
-//! * a private table's rows belong to the person in its unit column; a
-//!   public table's rows to nobody;
-//! * projections keep the unit only if they keep its column (renaming and
-//!   casting are fine); filters keep it, but their subqueries must read only
-//!   public tables, or be `unit IN (SELECT unit FROM <person-level rows>)`;
-//! * joins: anything with a public relation; two person-level relations only
-//!   when the join condition equates their units;
-//! * aggregation inside a CTE or subquery only when grouped by the unit (a
-//!   per-person summary);
-//! * LIMIT, ORDER BY, window functions, recursive CTEs and unions that mix
-//!   person-level and public rows are refused.
+//! Only the plan nodes below are accepted; any other node is refused with
+//! its name. For each, the rule that keeps every row one person's:
+//!
+//! | plan node | over person-level rows |
+//! |---|---|
+//! | table scan | a private table's rows belong to the person in its unit column; a public table's to nobody |
+//! | projection | keeps the unit only if an output is the unit column itself: a column reference, an alias, or a lossless cast (integer widening) |
+//! | filter | always; its subqueries follow the subquery rules |
+//! | subquery alias, repartition | always |
+//! | DISTINCT | always (every column, the unit included, is part of the key) |
+//! | DISTINCT ON | only when the ON list holds the unit column, and an output is the unit |
+//! | join | anything with a public relation; two person-level relations only when a top-level equality of the join condition equates their units |
+//! | aggregate | only grouped by the unit (a per-person summary) |
+//! | UNION | the unit in the same column of every branch, never person-level rows with public rows |
+//! | LIMIT, ORDER BY | only over public rows |
+//! | VALUES, empty relation | public |
+//!
+//! Subqueries inside expressions: over public tables, anything (a scalar
+//! subquery must return at most one row, see [`crate::total`]). Over
+//! person-level tables, only `unit IN (SELECT unit FROM ...)` and its
+//! negation, where both sides are units; the compiler adds `unit IS NOT
+//! NULL` to such a subquery, so that one person's NULL cannot empty a
+//! `NOT IN` for everyone (SQL's three-valued logic), and the analysis checks
+//! that the guard is there. Scalar subqueries, `EXISTS` and `ANY` / `ALL`
+//! over person-level tables are refused.
 //!
 //! Because DataFusion resolves every name, aliases, CTEs and qualified
 //! columns need no special handling here.
 
 use std::collections::{BTreeSet, HashMap};
 
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::logical_expr::{Expr, JoinType, LogicalPlan};
+use datafusion::logical_expr::{Distinct, Expr, ExprSchemable, JoinType, LogicalPlan};
 
 use crate::catalog::Catalog;
 use crate::error::{QueryError, Result};
@@ -50,7 +67,8 @@ pub struct Provenance {
     /// Catalog tables read.
     pub tables: BTreeSet<String>,
     /// Whether every person has at most one row (a table declared one row
-    /// per person, read alone, or a per-person summary).
+    /// per person, read alone, or a per-person summary). The local query
+    /// still enforces it: see `crate::compile`.
     pub one_row_per_unit: bool,
 }
 
@@ -59,24 +77,100 @@ impl Provenance {
     pub fn is_private(&self) -> bool {
         !self.unit_fields.is_empty()
     }
+
+    fn public(tables: BTreeSet<String>) -> Self {
+        Self {
+            unit_fields: BTreeSet::new(),
+            origins: HashMap::new(),
+            tables,
+            one_row_per_unit: false,
+        }
+    }
 }
 
 fn refuse(msg: impl Into<String>) -> QueryError {
     QueryError::Rejected(msg.into())
 }
 
-/// The index of `expr`'s column in `plan`'s output, looking through aliases and casts.
-fn column_index(expr: &Expr, plan: &LogicalPlan) -> Option<usize> {
+/// Whether a cast from `from` to `to` keeps every value distinct and
+/// unchanged: the identity, or an integer widening. Only such casts keep
+/// the privacy unit (a cast to BOOLEAN, FLOAT or text would merge persons).
+pub fn lossless_cast(from: &DataType, to: &DataType) -> bool {
+    use DataType::*;
+    from == to
+        || matches!(
+            (from, to),
+            (Int8, Int16 | Int32 | Int64)
+                | (Int16, Int32 | Int64)
+                | (Int32, Int64)
+                | (UInt8, UInt16 | UInt32 | UInt64 | Int16 | Int32 | Int64)
+                | (UInt16, UInt32 | UInt64 | Int32 | Int64)
+                | (UInt32, UInt64 | Int64)
+        )
+}
+
+/// The index of `expr`'s column in `plan`'s output when `expr` is that
+/// column unchanged: a column reference, an alias of one, or a lossless
+/// cast of one. This is how the privacy unit may travel.
+pub fn unit_index(expr: &Expr, plan: &LogicalPlan) -> Option<usize> {
     match expr {
         Expr::Column(c) => plan.schema().index_of_column(c).ok(),
-        Expr::Alias(a) => column_index(&a.expr, plan),
-        Expr::Cast(c) => column_index(&c.expr, plan),
-        Expr::TryCast(c) => column_index(&c.expr, plan),
+        Expr::Alias(a) => unit_index(&a.expr, plan),
+        Expr::Cast(c) => {
+            let from = c.expr.get_type(plan.schema()).ok()?;
+            lossless_cast(&from, c.field.data_type())
+                .then(|| unit_index(&c.expr, plan))
+                .flatten()
+        }
+        Expr::TryCast(c) => {
+            let from = c.expr.get_type(plan.schema()).ok()?;
+            lossless_cast(&from, c.field.data_type())
+                .then(|| unit_index(&c.expr, plan))
+                .flatten()
+        }
         _ => None,
     }
 }
 
-/// Analyzes a planned relation.
+/// The index of the column `expr` passes through, looking through aliases
+/// and any cast: used only to find a column's public domain and bounds,
+/// which the local query enforces itself (values outside a domain are
+/// dropped, values outside bounds clamped).
+fn origin_index(expr: &Expr, plan: &LogicalPlan) -> Option<usize> {
+    match expr {
+        Expr::Column(c) => plan.schema().index_of_column(c).ok(),
+        Expr::Alias(a) => origin_index(&a.expr, plan),
+        Expr::Cast(c) => origin_index(&c.expr, plan),
+        Expr::TryCast(c) => origin_index(&c.expr, plan),
+        _ => None,
+    }
+}
+
+/// Output provenance of a list of expressions evaluated over `input` (a
+/// projection, or the select list of DISTINCT ON).
+fn project(exprs: &[Expr], input: &LogicalPlan, input_prov: &Provenance) -> Provenance {
+    let mut out = Provenance {
+        unit_fields: BTreeSet::new(),
+        origins: HashMap::new(),
+        tables: input_prov.tables.clone(),
+        one_row_per_unit: input_prov.one_row_per_unit,
+    };
+    for (i, e) in exprs.iter().enumerate() {
+        if unit_index(e, input).is_some_and(|j| input_prov.unit_fields.contains(&j)) {
+            out.unit_fields.insert(i);
+        }
+        if let Some(o) = origin_index(e, input).and_then(|j| input_prov.origins.get(&j)) {
+            out.origins.insert(i, o.clone());
+        }
+    }
+    out
+}
+
+const DROPS_UNIT: &str = "a CTE or subquery drops the privacy unit column: keep person_id itself in its SELECT \
+    list (renaming it, or widening an integer type, is fine; a cast to another type, an expression of it or \
+    a hash is not), so that every row stays attributable to one person";
+
+/// Analyzes a planned (and analysed) relation.
 pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
     let p = match plan {
         LogicalPlan::TableScan(scan) => {
@@ -109,28 +203,14 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
         }
         LogicalPlan::Projection(proj) => {
             let input = provenance(&proj.input, catalog)?;
-            let mut out = Provenance {
-                unit_fields: BTreeSet::new(),
-                origins: HashMap::new(),
-                tables: input.tables.clone(),
-                one_row_per_unit: input.one_row_per_unit,
-            };
-            for (i, e) in proj.expr.iter().enumerate() {
-                check_subqueries(e, &proj.input, &input, catalog, &mut out.tables)?;
-                if let Some(j) = column_index(e, &proj.input) {
-                    if input.unit_fields.contains(&j) {
-                        out.unit_fields.insert(i);
-                    }
-                    if let Some(o) = input.origins.get(&j) {
-                        out.origins.insert(i, o.clone());
-                    }
-                }
+            let mut tables = input.tables.clone();
+            for e in &proj.expr {
+                check_subqueries(e, &proj.input, &input, catalog, &mut tables)?;
             }
+            let mut out = project(&proj.expr, &proj.input, &input);
+            out.tables = tables;
             if input.is_private() && !out.is_private() {
-                return Err(refuse(
-                    "a CTE or subquery drops the privacy unit column: keep person_id in its SELECT list, \
-                     so that every row stays attributable to one person",
-                ));
+                return Err(refuse(DROPS_UNIT));
             }
             out
         }
@@ -149,26 +229,68 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
         }
         LogicalPlan::SubqueryAlias(a) => provenance(&a.input, catalog)?,
         LogicalPlan::Subquery(s) => provenance(&s.subquery, catalog)?,
-        LogicalPlan::Distinct(d) => provenance(d.input(), catalog)?,
         LogicalPlan::Repartition(r) => provenance(&r.input, catalog)?,
+        LogicalPlan::Distinct(Distinct::All(input)) => provenance(input, catalog)?,
+        LogicalPlan::Distinct(Distinct::On(on)) => {
+            let input = provenance(&on.input, catalog)?;
+            let mut tables = input.tables.clone();
+            for e in on.on_expr.iter().chain(&on.select_expr) {
+                check_subqueries(e, &on.input, &input, catalog, &mut tables)?;
+            }
+            for s in on.sort_expr.iter().flatten() {
+                check_subqueries(&s.expr, &on.input, &input, catalog, &mut tables)?;
+            }
+            if !input.is_private() {
+                let mut out = project(&on.select_expr, &on.input, &input);
+                out.tables = tables;
+                return Ok(out);
+            }
+            let keyed = on
+                .on_expr
+                .iter()
+                .any(|e| unit_index(e, &on.input).is_some_and(|i| input.unit_fields.contains(&i)));
+            if !keyed {
+                return Err(refuse(
+                    "DISTINCT ON over person-level rows must list the privacy unit among its keys \
+                     (DISTINCT ON (person_id, ...)): otherwise it keeps one row of one person for many \
+                     persons",
+                ));
+            }
+            let mut out = project(&on.select_expr, &on.input, &input);
+            out.tables = tables;
+            if !out.is_private() {
+                return Err(refuse(DROPS_UNIT));
+            }
+            out
+        }
         LogicalPlan::Join(join) => {
             let left = provenance(&join.left, catalog)?;
             let right = provenance(&join.right, catalog)?;
             let offset = join.left.schema().fields().len();
             let mut tables = left.tables.clone();
             tables.extend(right.tables.iter().cloned());
-            if let Some(f) = &join.filter
-                && has_subquery(f)
-            {
+            let mut all = Vec::new();
+            for (l, r) in &join.on {
+                all.push(l);
+                all.push(r);
+            }
+            if let Some(f) = &join.filter {
+                if has_subquery(f) {
+                    return Err(refuse(
+                        "subqueries in JOIN conditions are not supported in DP queries: move them to WHERE",
+                    ));
+                }
+                all.push(f);
+            }
+            if all.iter().any(|e| has_subquery(e)) {
                 return Err(refuse(
                     "subqueries in JOIN conditions are not supported in DP queries: move them to WHERE",
                 ));
             }
             if left.is_private() && right.is_private() {
                 let keyed = join.on.iter().any(|(l, r)| {
-                    column_index(l, &join.left).is_some_and(|i| left.unit_fields.contains(&i))
-                        && column_index(r, &join.right)
-                            .is_some_and(|i| right.unit_fields.contains(&i))
+                    unit_index(l, &join.left).is_some_and(|i| left.unit_fields.contains(&i))
+                        && unit_index(r, &join.right).is_some_and(|i| right.unit_fields.contains(&i))
                 }) || join
                     .filter
                     .as_ref()
@@ -190,6 +312,12 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
             match join.join_type {
                 JoinType::LeftSemi | JoinType::LeftAnti => Provenance { tables, ..left },
                 JoinType::RightSemi | JoinType::RightAnti => Provenance { tables, ..right },
+                JoinType::LeftMark | JoinType::RightMark => {
+                    return Err(refuse(format!(
+                        "{} joins are not allowed in a DP query",
+                        join.join_type
+                    )));
+                }
                 _ => {
                     let (mut unit_fields, mut origins) = shift(&left, 0);
                     let (ru, ro) = shift(&right, offset);
@@ -217,12 +345,7 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
                 }
             }
             if !input.is_private() {
-                return Ok(Provenance {
-                    unit_fields: BTreeSet::new(),
-                    origins: HashMap::new(),
-                    tables,
-                    one_row_per_unit: false,
-                });
+                return Ok(Provenance::public(tables));
             }
             let mut out = Provenance {
                 unit_fields: BTreeSet::new(),
@@ -232,19 +355,18 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
                 one_row_per_unit: agg.group_expr.len() == 1,
             };
             for (i, g) in agg.group_expr.iter().enumerate() {
-                if let Some(j) = column_index(g, &agg.input) {
-                    if input.unit_fields.contains(&j) {
-                        out.unit_fields.insert(i);
-                    }
-                    if let Some(o) = input.origins.get(&j) {
-                        out.origins.insert(i, o.clone());
-                    }
+                if unit_index(g, &agg.input).is_some_and(|j| input.unit_fields.contains(&j)) {
+                    out.unit_fields.insert(i);
+                }
+                if let Some(o) = origin_index(g, &agg.input).and_then(|j| input.origins.get(&j)) {
+                    out.origins.insert(i, o.clone());
                 }
             }
             if !out.is_private() {
                 return Err(refuse(
                     "a CTE or subquery aggregates person-level rows across persons: group it by the \
-                     privacy unit (a per-person summary), or aggregate in the DP SELECT itself",
+                     privacy unit itself (a per-person summary: GROUP BY person_id), or aggregate in the \
+                     DP SELECT",
                 ));
             }
             out
@@ -260,12 +382,7 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
                 tables.extend(p.tables.iter().cloned());
             }
             if parts.iter().all(|p| !p.is_private()) {
-                return Ok(Provenance {
-                    unit_fields: BTreeSet::new(),
-                    origins: HashMap::new(),
-                    tables,
-                    one_row_per_unit: false,
-                });
+                return Ok(Provenance::public(tables));
             }
             let common: BTreeSet<usize> = parts
                 .iter()
@@ -285,12 +402,9 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
                 one_row_per_unit: false,
             }
         }
-        LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => Provenance {
-            unit_fields: BTreeSet::new(),
-            origins: HashMap::new(),
-            tables: BTreeSet::new(),
-            one_row_per_unit: false,
-        },
+        LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => {
+            Provenance::public(BTreeSet::new())
+        }
         LogicalPlan::Limit(l) => {
             let input = provenance(&l.input, catalog)?;
             if input.is_private() {
@@ -351,8 +465,8 @@ fn equates_units(
                 return false;
             };
             let pair = |l: &Expr, r: &Expr| {
-                column_index(l, &join.left).is_some_and(|i| left.unit_fields.contains(&i))
-                    && column_index(r, &join.right).is_some_and(|i| right.unit_fields.contains(&i))
+                unit_index(l, &join.left).is_some_and(|i| left.unit_fields.contains(&i))
+                    && unit_index(r, &join.right).is_some_and(|i| right.unit_fields.contains(&i))
             };
             b.op == datafusion::logical_expr::Operator::Eq
                 && (pair(&b.left, &b.right) || pair(&b.right, &b.left))
@@ -392,6 +506,31 @@ fn tables_read(plan: &LogicalPlan, catalog: &Catalog) -> (BTreeSet<String>, bool
         Ok(TreeNodeRecursion::Continue)
     });
     (tables, private)
+}
+
+/// Whether the first output column of `plan` is never NULL because a filter
+/// on the way down says `column IS NOT NULL` (the guard the compiler adds
+/// to IN subqueries over person-level rows).
+fn null_guarded(plan: &LogicalPlan, column: usize) -> bool {
+    match plan {
+        LogicalPlan::Projection(p) => p
+            .expr
+            .get(column)
+            .and_then(|e| unit_index(e, &p.input))
+            .is_some_and(|j| null_guarded(&p.input, j)),
+        LogicalPlan::SubqueryAlias(a) => null_guarded(&a.input, column),
+        LogicalPlan::Filter(f) => {
+            datafusion::logical_expr::utils::split_conjunction(&f.predicate)
+                .into_iter()
+                .any(|c| {
+                    matches!(c, Expr::IsNotNull(inner)
+                        if unit_index(inner, &f.input) == Some(column))
+                })
+                || null_guarded(&f.input, column)
+        }
+        LogicalPlan::Distinct(Distinct::All(input)) => null_guarded(input, column),
+        _ => false,
+    }
 }
 
 /// Checks the subqueries inside `expr`, evaluated over `input` rows.
@@ -435,21 +574,35 @@ fn check_subqueries(
                 if !private {
                     provenance(&x.subquery.subquery, catalog).map(|_| ())
                 } else {
-                    let in_unit = || -> bool {
-                        let lhs_is_unit =
-                            column_index(&x.expr, input).is_some_and(|i| input_prov.unit_fields.contains(&i));
-                        let projects_unit = provenance(&x.subquery.subquery, catalog).is_ok_and(|p| {
-                            p.unit_fields.contains(&0) && x.subquery.subquery.schema().fields().len() == 1
-                        });
-                        lhs_is_unit && projects_unit
-                    };
-                    if in_unit() {
-                        Ok(())
-                    } else {
-                        Err(refuse(
+                    let sub = &x.subquery.subquery;
+                    let lhs_is_unit = unit_index(&x.expr, input)
+                        .is_some_and(|i| input_prov.unit_fields.contains(&i));
+                    let must_compare = || {
+                        refuse(
                             "an IN subquery over person-level tables must compare the privacy unit with the \
                              subquery's unit: person_id IN (SELECT person_id FROM ...)",
-                        ))
+                        )
+                    };
+                    match provenance(sub, catalog) {
+                        Err(_) if !lhs_is_unit => Err(must_compare()),
+                        Err(e) => Err(e),
+                        Ok(p) => {
+                            let projects_unit =
+                                p.unit_fields.contains(&0) && sub.schema().fields().len() == 1;
+                            if !(lhs_is_unit && projects_unit) {
+                                Err(must_compare())
+                            } else if !null_guarded(sub, 0) {
+                                // The compiler adds the guard; a subquery without it
+                                // is a form it did not rewrite.
+                                Err(refuse(
+                                    "an IN subquery over person-level tables must exclude NULL units: add \
+                                     WHERE person_id IS NOT NULL to it (one person's NULL would change \
+                                     NOT IN for every row)",
+                                ))
+                            } else {
+                                Ok(())
+                            }
+                        }
                     }
                 }
             }

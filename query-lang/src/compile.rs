@@ -68,6 +68,20 @@ struct Agg {
     percentile: Option<f64>,
 }
 
+/// How to compile, beyond the query and the catalog.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// Choose each person's groups and rows by a hash salted with this
+    /// value instead of at random: the same choice on every run over the
+    /// same rows. For the sensitivity auditor and tests; nodes sample at
+    /// random.
+    pub sampling_salt: Option<u64>,
+}
+
+/// The largest magnitude of a contribution bound: beyond it, sums over
+/// persons lose precision and can overflow.
+pub const MAX_BOUND: f64 = 1e15;
+
 /// Compiles a parsed DP query. `site` is the node's name when a node
 /// compiles (it fills the `site` pseudo-column and salts the random choice
 /// of groups); `None` at the coordinator.
@@ -75,6 +89,16 @@ pub async fn compile(
     parsed: &ParsedQuery,
     catalog: &Catalog,
     site: Option<&str>,
+) -> Result<FederatedPlan> {
+    compile_with(parsed, catalog, site, &CompileOptions::default()).await
+}
+
+/// [`compile`] with [`CompileOptions`].
+pub async fn compile_with(
+    parsed: &ParsedQuery,
+    catalog: &Catalog,
+    site: Option<&str>,
+    options_in: &CompileOptions,
 ) -> Result<FederatedPlan> {
     let options = parsed.options.clone().ok_or_else(|| {
         QueryError::Rejected(
@@ -90,12 +114,8 @@ pub async fn compile(
         ));
     }
     let mut query = (*parsed.query).clone();
-    let mut total = TotalExpressions(None);
-    let _ = VisitMut::visit(&mut query, &mut total);
-    if let Some(why) = total.0 {
-        return Err(QueryError::Internal(why));
-    }
     reject_reserved_names(&query)?;
+    make_total(&mut query)?;
     reject_inner_order_by(&query)?;
     if query.fetch.is_some() || !query.locks.is_empty() || query.for_clause.is_some() {
         return Err(unsupported("FETCH / FOR clauses"));
@@ -205,7 +225,11 @@ pub async fn compile(
             ));
         }
     }
+    // The value columns of the local query (as it computes them), and the
+    // argument as written where the local query converts it (to check its
+    // type before converting).
     let mut values: Vec<String> = Vec::new();
+    let mut raw_values: Vec<Option<String>> = Vec::new();
     let mut aggs: Vec<Agg> = Vec::new();
     let mut select_items: Vec<OutputItem> = Vec::new();
     let mut names: Vec<String> = Vec::new();
@@ -221,7 +245,7 @@ pub async fn compile(
                 ));
             }
         };
-        if let Some(mut agg) = classify(expr, &mut values)? {
+        if let Some(mut agg) = classify(expr, &mut values, &mut raw_values)? {
             agg.name = unique_name(&mut names, alias.map(ident_name).unwrap_or(agg.name));
             select_items.push(OutputItem::Aggregate(aggs.len()));
             aggs.push(agg);
@@ -256,6 +280,7 @@ pub async fn compile(
         src_cols.push(format!("{g} AS __g{i}"));
     }
     for (j, v) in values.iter().enumerate() {
+        let v = raw_values[j].as_ref().unwrap_or(v);
         src_cols.push(format!("{v} AS __v{j}"));
     }
     let src_plan = plan_sql(
@@ -457,6 +482,15 @@ pub async fn compile(
                 agg.expr, b.lo, b.hi
             )));
         }
+        if let Some(b) = bounds
+            && b.lo.abs().max(b.hi.abs()) > MAX_BOUND
+        {
+            return Err(QueryError::Rejected(format!(
+                "{}: the bounds ({}, {}) are beyond ±{MAX_BOUND:e}, where sums over persons lose \
+                 precision and can overflow: rescale the values (for example to thousands)",
+                agg.expr, b.lo, b.hi
+            )));
+        }
         let half = bounds.map(|b| (b.hi - b.lo) / 2.0).unwrap_or(0.0);
         let add =
             |suffixes: &[&str], integer: bool, per_group: f64, partials: &mut Vec<PartialSpec>| {
@@ -520,7 +554,11 @@ pub async fn compile(
         split_budget(&options, partials.len(), private_keys.then_some(max_groups))?;
 
     // 6. The local bounded query.
-    let salt = if site.is_some() { fresh_salt() } else { 0 };
+    let salt = match (options_in.sampling_salt, site) {
+        (Some(s), _) => s,
+        (None, Some(_)) => fresh_salt(),
+        (None, None) => 0,
+    };
     let local_sql = local_sql(&LocalSql {
         with: query.with.as_ref().map(|w| {
             w.cte_tables
@@ -544,7 +582,12 @@ pub async fn compile(
         max_rows: needs_row_sampling.then_some(max_rows),
         max_groups: needs_group_sampling.then_some(max_groups),
         salt,
+        deterministic: options_in.sampling_salt.is_some(),
     });
+    // Nothing in the query a node will run may fail on a row: every
+    // expression, ours and the researcher's, after type coercion.
+    let local_plan = plan_sql(&ctx, &local_sql, catalog).await?;
+    crate::total::check_plan(&local_plan)?;
 
     let named_groups: Vec<GroupSpec> = groups;
     if options.aggregation == Aggregation::Secure
@@ -579,13 +622,17 @@ pub async fn compile(
     })
 }
 
-/// Plans SQL in DataFusion, with planning errors in the user's terms.
-async fn plan_sql(ctx: &SessionContext, sql: &str, catalog: &Catalog) -> Result<LogicalPlan> {
-    let df = ctx
-        .sql(sql)
+/// Plans SQL in DataFusion and applies its analyzer (type coercion: the
+/// casts DataFusion adds become visible), with planning errors in the
+/// user's terms.
+pub(crate) async fn plan_sql(
+    ctx: &SessionContext,
+    sql: &str,
+    catalog: &Catalog,
+) -> Result<LogicalPlan> {
+    engine::analyzed(ctx, sql)
         .await
-        .map_err(|e| QueryError::Plan(user_terms(&QueryError::from(e).to_string(), catalog)))?;
-    Ok(df.logical_plan().clone())
+        .map_err(|e| QueryError::Plan(user_terms(&e.to_string(), catalog)))
 }
 
 /// Rewrites DataFusion's planning messages for researchers.
@@ -712,15 +759,38 @@ fn group_default_name(expr: &Expr, index: usize) -> String {
     }
 }
 
-/// Makes the written expressions that commonly fail on some rows total:
-/// casts of anything but a literal become TRY_CAST (NULL where a value does
-/// not convert) and divisors become NULLIF(divisor, 0). A query that fails
-/// on one person's row would reveal that the row exists, outside any DP
-/// mechanism; a NULL is dropped by the aggregate or the filter like any
-/// other missing value. Functions that reject some inputs (to_timestamp,
-/// make_date) and casts DataFusion adds itself are not covered: see the
-/// node's handling of failures while running.
-struct TotalExpressions(Option<String>);
+/// Rewrites the written query so that what commonly fails on some rows, or
+/// depends on other persons' NULLs, cannot:
+///
+/// * casts of anything but a literal become TRY_CAST (NULL where a value
+///   does not convert);
+/// * divisors other than numeric literals become NULLIF(divisor, 0); a
+///   literal zero divisor is refused;
+/// * every `x [NOT] IN (subquery)` gets `IS NOT NULL` on the subquery's
+///   value, so that one NULL (which a LEFT JOIN can make depend on one
+///   person) cannot turn `NOT IN` into "no row" for everyone.
+///
+/// A query that fails on one person's row would reveal that the row
+/// exists, outside any DP mechanism; a NULL is dropped by the aggregate or
+/// the filter like any other missing value. What is still not total after
+/// this is refused by [`crate::total`] before anything runs.
+pub(crate) fn make_total(query: &mut Query) -> Result<()> {
+    let mut total = TotalExpressions(None);
+    let _ = VisitMut::visit(query, &mut total);
+    match total.0 {
+        Some(why) => Err(why),
+        None => Ok(()),
+    }
+}
+
+struct TotalExpressions(Option<QueryError>);
+
+fn parse_sql_expr(sql: &str) -> std::result::Result<Expr, String> {
+    Parser::new(&GenericDialect {})
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| e.to_string())
+}
 
 impl VisitorMut for TotalExpressions {
     type Break = ();
@@ -738,22 +808,82 @@ impl VisitorMut for TotalExpressions {
                 right,
                 ..
             } => {
-                let sql = format!("NULLIF(({right}), 0)");
-                match Parser::new(&GenericDialect {})
-                    .try_with_sql(&sql)
-                    .and_then(|mut p| p.parse_expr())
-                {
-                    Ok(total) => **right = total,
-                    Err(e) => {
-                        self.0 = Some(format!("cannot guard the divisor {right}: {e}"));
+                if let Some(n) = number(right) {
+                    if n == 0.0 {
+                        self.0 = Some(QueryError::Rejected(format!(
+                            "{expr} divides by zero: fix the divisor"
+                        )));
                         return ControlFlow::Break(());
                     }
+                    return ControlFlow::Continue(());
+                }
+                match parse_sql_expr(&format!("NULLIF(({right}), 0)")) {
+                    Ok(total) => **right = total,
+                    Err(e) => {
+                        self.0 = Some(QueryError::Internal(format!(
+                            "cannot guard the divisor {right}: {e}"
+                        )));
+                        return ControlFlow::Break(());
+                    }
+                }
+            }
+            Expr::InSubquery { subquery, .. } => {
+                if let Err(e) = guard_nulls(subquery) {
+                    self.0 = Some(QueryError::Internal(format!(
+                        "cannot guard the IN subquery against NULLs: {e}"
+                    )));
+                    return ControlFlow::Break(());
                 }
             }
             _ => {}
         }
         ControlFlow::Continue(())
     }
+}
+
+/// Makes an IN subquery return no NULL: `AND value IS NOT NULL` in its
+/// WHERE (or HAVING when it groups), or, for other shapes, a wrapper
+/// `SELECT v FROM (subquery) AS t(v) WHERE v IS NOT NULL`.
+fn guard_nulls(query: &mut Query) -> std::result::Result<(), String> {
+    let simple = query.with.is_none()
+        && query.order_by.is_none()
+        && query.limit_clause.is_none()
+        && query.fetch.is_none();
+    if simple && let SetExpr::Select(select) = query.body.as_mut() {
+        let item = match select.projection.as_slice() {
+            [SelectItem::UnnamedExpr(e)] | [SelectItem::ExprWithAlias { expr: e, .. }] => {
+                Some(e.clone())
+            }
+            _ => None,
+        };
+        if let Some(item) = item {
+            let guard = parse_sql_expr(&format!("({item}) IS NOT NULL"))?;
+            let grouped = match &select.group_by {
+                GroupByExpr::Expressions(exprs, _) => !exprs.is_empty(),
+                GroupByExpr::All(_) => true,
+            } || select.having.is_some();
+            let slot = if grouped {
+                &mut select.having
+            } else {
+                &mut select.selection
+            };
+            *slot = Some(match slot.take() {
+                Some(w) => parse_sql_expr(&format!("({w}) AND ({guard})"))?,
+                None => guard,
+            });
+            return Ok(());
+        }
+    }
+    let sql = format!(
+        "SELECT __confer_in_value FROM ({query}) AS __confer_in (__confer_in_value) \
+         WHERE __confer_in_value IS NOT NULL"
+    );
+    let wrapped = Parser::new(&GenericDialect {})
+        .try_with_sql(&sql)
+        .and_then(|mut p| p.parse_query())
+        .map_err(|e| e.to_string())?;
+    *query = *wrapped;
+    Ok(())
 }
 
 /// Replaces the `site` pseudo-column with the node's name.
@@ -787,7 +917,11 @@ fn fresh_salt() -> u64 {
 }
 
 /// Classifies a SELECT item: a DP aggregate, or not.
-fn classify(expr: &Expr, values: &mut Vec<String>) -> Result<Option<Agg>> {
+fn classify(
+    expr: &Expr,
+    values: &mut Vec<String>,
+    raw_values: &mut Vec<Option<String>>,
+) -> Result<Option<Agg>> {
     let Expr::Function(f) = expr else {
         return Ok(None);
     };
@@ -865,7 +999,8 @@ fn classify(expr: &Expr, values: &mut Vec<String>) -> Result<Option<Agg>> {
         reject_aggregates_in(e, &format!("the argument of {}", name.to_ascii_uppercase()))?;
     }
     let mut push_value = |e: &Expr| {
-        values.push(format!("CAST({e} AS DOUBLE)"));
+        values.push(format!("CAST(({e}) AS DOUBLE)"));
+        raw_values.push(Some(e.to_string()));
         values.len() - 1
     };
     let upper = name.to_ascii_uppercase();
@@ -899,6 +1034,7 @@ fn classify(expr: &Expr, values: &mut Vec<String>) -> Result<Option<Agg>> {
         ("count", false, [arg], true) => {
             no_bounds("COUNT(DISTINCT ...)")?;
             values.push(arg.to_string());
+            raw_values.push(None);
             Agg {
                 kind: AggregateKind::CountDistinctUnit,
                 name: "count_distinct".into(),
@@ -911,6 +1047,7 @@ fn classify(expr: &Expr, values: &mut Vec<String>) -> Result<Option<Agg>> {
         ("count", false, [arg], false) => {
             no_bounds("COUNT(expr)")?;
             values.push(format!("CASE WHEN ({arg}) IS NULL THEN NULL ELSE 1.0 END"));
+            raw_values.push(None);
             Agg {
                 kind: AggregateKind::Count,
                 name: default_name(Some(arg)),
@@ -1117,6 +1254,10 @@ struct LocalSql<'a> {
     max_rows: Option<usize>,
     max_groups: Option<usize>,
     salt: u64,
+    /// Order a person's rows by a salted hash of the row instead of at
+    /// random (the sensitivity auditor runs the query twice and needs the
+    /// same choice for the persons it did not change).
+    deterministic: bool,
 }
 
 fn lit(v: f64) -> String {
@@ -1127,15 +1268,33 @@ fn lit(v: f64) -> String {
     }
 }
 
-/// Clamps a value into [lo, hi]. NULL stays NULL: DataFusion's `greatest`
-/// skips NULL arguments, so without the CASE a missing value would become
-/// `lo` and count in sums, means, variances and percentile bins.
+/// Clamps a value (a DOUBLE) into [lo, hi]. NULL stays NULL: DataFusion's
+/// `greatest` skips NULL arguments, so without the CASE a missing value
+/// would become `lo` and count in sums, means, variances and percentile
+/// bins. NaN is missing too (it is no number to clamp); infinities clamp
+/// to the bounds.
 fn clamp(expr: &str, lo: f64, hi: f64) -> String {
     format!(
-        "CASE WHEN ({expr}) IS NULL THEN NULL ELSE least(greatest({expr}, {}), {}) END",
+        "CASE WHEN ({expr}) IS NULL OR isnan({expr}) THEN NULL ELSE least(greatest({expr}, {}), {}) END",
         lit(lo),
         lit(hi)
     )
+}
+
+/// How a person's rows are ordered before the first `max_rows` of each
+/// group are kept: at random, or by a salted hash of the row.
+fn row_order(l: &LocalSql<'_>) -> String {
+    if !l.deterministic {
+        return "random()".into();
+    }
+    let mut parts = vec![format!("'{}'", l.salt), "CAST(__unit AS VARCHAR)".to_string()];
+    for i in 0..l.groups.len() {
+        parts.push(format!("coalesce(CAST(__g{i} AS VARCHAR), '\u{1}')"));
+    }
+    for j in 0..l.values.len() {
+        parts.push(format!("coalesce(CAST(__v{j} AS VARCHAR), '\u{1}')"));
+    }
+    format!("md5(concat({}))", parts.join(", '\u{2}', "))
 }
 
 fn local_sql(l: &LocalSql<'_>) -> String {
@@ -1150,9 +1309,9 @@ fn local_sql(l: &LocalSql<'_>) -> String {
     let _ = write!(sql, "__confer_src AS (SELECT {} AS __unit", l.unit);
     for (i, g) in l.groups.iter().enumerate() {
         let cast = match l.specs[i].column_type {
-            ColumnType::Int64 => format!("CAST({g} AS BIGINT)"),
-            ColumnType::Float64 => format!("CAST({g} AS DOUBLE)"),
-            ColumnType::Utf8 => format!("CAST({g} AS VARCHAR)"),
+            ColumnType::Int64 => format!("TRY_CAST({g} AS BIGINT)"),
+            ColumnType::Float64 => format!("TRY_CAST({g} AS DOUBLE)"),
+            ColumnType::Utf8 => format!("TRY_CAST({g} AS VARCHAR)"),
             _ => g.clone(),
         };
         let _ = write!(sql, ", {cast} AS __g{i}");
@@ -1167,7 +1326,7 @@ fn local_sql(l: &LocalSql<'_>) -> String {
         {
             let width = (b.hi - b.lo) / PERCENTILE_BINS as f64;
             let bin = format!(
-                "CASE WHEN ({v}) IS NULL THEN NULL ELSE least(greatest(CAST(floor(({} - {}) / {}) AS BIGINT), 0), {}) END",
+                "CASE WHEN ({v}) IS NULL THEN NULL ELSE least(greatest(TRY_CAST(floor(({} - {}) / {}) AS BIGINT), 0), {}) END",
                 clamp(&l.values[j], b.lo, b.hi),
                 lit(b.lo),
                 lit(width.max(f64::MIN_POSITIVE)),
@@ -1196,7 +1355,29 @@ fn local_sql(l: &LocalSql<'_>) -> String {
         .collect();
     let person_group = person_group.join(", ");
     let mut rows_table = "__confer_src";
-    if l.max_rows.is_some() || l.max_groups.is_some() {
+    if l.one_row_per_unit {
+        // The catalog (or a per-person summary) says one row per person;
+        // the plan enforces it rather than trusting files that are read
+        // again for every query: one row per person, each column taken
+        // from that person's own rows.
+        let mut cols: Vec<String> = gcols.iter().map(|g| format!("min({g}) AS {g}")).collect();
+        cols.extend((0..l.values.len()).map(|j| format!("min(__v{j}) AS __v{j}")));
+        for a in l.aggregates {
+            if a.kind == AggregateKind::Percentile
+                && let Some(j) = value_index(a)
+            {
+                cols.push(format!("min(__bin{j}) AS __bin{j}"));
+            }
+        }
+        let mut select = vec!["__unit".to_string()];
+        select.extend(cols);
+        let _ = write!(
+            sql,
+            ",\n__confer_one AS (SELECT {} FROM __confer_src GROUP BY __unit)",
+            select.join(", ")
+        );
+        rows_table = "__confer_one";
+    } else if l.max_rows.is_some() || l.max_groups.is_some() {
         let _ = write!(sql, ",\n__confer_ranked AS (SELECT *");
         if l.max_groups.is_some() {
             let keys: Vec<String> = gcols
@@ -1214,7 +1395,8 @@ fn local_sql(l: &LocalSql<'_>) -> String {
         if l.max_rows.is_some() {
             let _ = write!(
                 sql,
-                ", row_number() OVER (PARTITION BY {person_group} ORDER BY random()) AS __row_rank"
+                ", row_number() OVER (PARTITION BY {person_group} ORDER BY {}) AS __row_rank",
+                row_order(l)
             );
         }
         let _ = write!(sql, " FROM __confer_src)");

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use datafusion::datasource::MemTable;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 
 use crate::catalog::Catalog;
@@ -20,6 +21,16 @@ pub fn empty_context(catalog: &Catalog) -> Result<SessionContext> {
         ctx.register_table(table.name.as_str(), Arc::new(mem))?;
     }
     Ok(ctx)
+}
+
+/// Plans `sql` and applies DataFusion's analyzer (type coercion and the
+/// checks that go with it), as the node's execution will.
+pub async fn analyzed(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan> {
+    let plan = ctx.sql(sql).await?.logical_plan().clone();
+    let state = ctx.state();
+    Ok(state
+        .analyzer()
+        .execute_and_check(plan, state.config_options(), |_, _| {})?)
 }
 
 /// Plans the local query against the catalog (no data read): catches unknown

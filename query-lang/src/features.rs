@@ -48,6 +48,10 @@ pub async fn feature_query(
             ));
         }
     };
+    // Casts, divisions and IN subqueries are made total as in DP queries:
+    // a feature query that fails on one person's row would tell so.
+    let mut query = (*parsed.query).clone();
+    crate::compile::make_total(&mut query)?;
     let Some((unit, values)) = columns.split_first() else {
         return Err(QueryError::Internal("a feature query needs columns".into()));
     };
@@ -58,20 +62,17 @@ pub async fn feature_query(
             .map(|c| quote(c))
             .collect::<Vec<_>>()
             .join(", "),
-        parsed.query,
+        query,
         quote(unit)
     );
     let ctx = empty_context(catalog)?;
     // Every row must be one person's, computed from that person's records
     // only (the DP analysis of standardisation, gradients and evaluation
     // counts rests on it): the same provenance rules as a DP query's source.
-    let inner = ctx.sql(&parsed.query.to_string()).await.map_err(|e| {
-        QueryError::Plan(format!(
-            "the feature query does not plan: {}",
-            QueryError::from(e)
-        ))
-    })?;
-    let provenance = crate::analyze::provenance(inner.logical_plan(), catalog).map_err(|e| {
+    let inner = crate::engine::analyzed(&ctx, &query.to_string())
+        .await
+        .map_err(|e| QueryError::Plan(format!("the feature query does not plan: {e}")))?;
+    let provenance = crate::analyze::provenance(&inner, catalog).map_err(|e| {
         QueryError::Rejected(format!(
             "the feature query must give each person's row from that person's records only: {e}"
         ))
@@ -88,14 +89,17 @@ pub async fn feature_query(
              tables' privacy unit column (see `confer catalog`) and name it in data.unit"
         )));
     }
-    let df = ctx.sql(&sql).await.map_err(|e| {
+    let plan = crate::engine::analyzed(&ctx, &sql).await.map_err(|e| {
         QueryError::Plan(format!(
-            "the feature query does not plan: {} (it must return the columns {})",
-            QueryError::from(e),
+            "the feature query does not plan: {e} (it must return the columns {})",
             columns.join(", ")
         ))
     })?;
-    let plan = df.logical_plan();
+    crate::total::check_plan(&plan).map_err(|e| {
+        QueryError::Rejected(format!(
+            "the feature query may compute only what cannot fail on a row: {e}"
+        ))
+    })?;
     let schema = plan.schema().as_arrow().clone();
     for name in values {
         let field = schema

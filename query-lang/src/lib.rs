@@ -55,9 +55,10 @@ pub mod plan;
 pub mod public;
 pub mod release;
 pub mod secure;
+pub mod total;
 
 pub use catalog::Catalog;
-pub use compile::compile;
+pub use compile::{CompileOptions, compile, compile_with};
 pub use error::{QueryError, Result};
 pub use options::{Aggregation, DpOptions, Mechanism};
 pub use parse::{ParsedQuery, Statement, parse};

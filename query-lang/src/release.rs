@@ -54,7 +54,8 @@ pub fn release(
         select_private_keys(plan, &rows)?
     };
     let index = FederatedPlan::key_index(&keys);
-    let exact = exact_partials(plan, &rows, &index, keys.len())?;
+    let mut exact = exact_partials(plan, &rows, &index, keys.len())?;
+    saturate(plan, &mut exact, &persons_by_slot(&rows, &index, keys.len()));
 
     let mut noise_info = Vec::with_capacity(plan.partials.len());
     let mut noisy: Vec<Exact> = Vec::with_capacity(plan.partials.len());
@@ -304,9 +305,7 @@ pub(crate) fn exact_partials(
                             .as_any()
                             .downcast_ref::<Int64Array>()
                             .ok_or_else(|| QueryError::Internal("partial is not Int64".into()))?;
-                        v[at] = v[at].checked_add(a.value(row)).ok_or_else(|| {
-                            QueryError::Internal("a partial count overflows i64".into())
-                        })?;
+                        v[at] = v[at].saturating_add(a.value(row));
                     }
                     Exact::Float(v) => {
                         let a = array
@@ -320,4 +319,43 @@ pub(crate) fn exact_partials(
         }
     }
     Ok(out)
+}
+
+/// The number of persons behind each released group (0 where none).
+pub(crate) fn persons_by_slot(
+    rows: &Rows,
+    index: &HashMap<Vec<ScalarValue>, usize>,
+    n: usize,
+) -> Vec<i64> {
+    let mut persons = vec![0i64; n];
+    for (row, key) in rows.keys.iter().enumerate() {
+        if let Some(&slot) = index.get(key) {
+            persons[slot] = persons[slot].saturating_add(rows.persons[row].max(0));
+        }
+    }
+    persons
+}
+
+/// Keeps every float partial within what its persons can contribute: each
+/// person adds at most the partial's per-group bound to a group, so a
+/// group's exact value lies within ± bound × its persons. Float arithmetic
+/// on extreme values (an infinity or NaN that a clamp let through, an
+/// overflow) could leave it outside, or not finite, and then the release
+/// would fail after the rows were read, a failure that depends on the
+/// rows. Saturating here makes the release step total: NaN becomes 0 and
+/// anything else is clamped into the range.
+pub(crate) fn saturate(plan: &FederatedPlan, exact: &mut [Exact], persons: &[i64]) {
+    for (spec, values) in plan.partials.iter().zip(exact.iter_mut()) {
+        let Exact::Float(v) = values else { continue };
+        let width = spec.columns.len().max(1);
+        for (i, x) in v.iter_mut().enumerate() {
+            let n = persons.get(i / width).copied().unwrap_or(0).max(0) as f64;
+            let limit = spec.per_group_bound * n;
+            *x = if x.is_nan() {
+                0.0
+            } else {
+                x.clamp(-limit, limit)
+            };
+        }
+    }
 }

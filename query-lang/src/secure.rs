@@ -24,7 +24,9 @@ use uuid::Uuid;
 
 use crate::error::{QueryError, Result};
 use crate::plan::FederatedPlan;
-use crate::release::{Exact, assemble, exact_partials, read_rows, small_cells_kept};
+use crate::release::{
+    Exact, assemble, exact_partials, persons_by_slot, read_rows, saturate, small_cells_kept,
+};
 
 /// Values are summed modulo 2^64 and read back as two's-complement `i64`.
 pub const BITS: u32 = 64;
@@ -110,7 +112,8 @@ pub fn node_input<R: CryptoRng + ?Sized>(
     let rows = read_rows(plan, batches)?;
     let keys = plan.group_keys()?;
     let index = FederatedPlan::key_index(&keys);
-    let exact = exact_partials(plan, &rows, &index, keys.len())?;
+    let mut exact = exact_partials(plan, &rows, &index, keys.len())?;
+    saturate(plan, &mut exact, &persons_by_slot(&rows, &index, keys.len()));
     let mut out = Vec::with_capacity(codes.iter().map(|c| c.len).sum());
     for (code, values) in codes.iter().zip(exact) {
         let ints: Vec<i64> = match values {
@@ -123,13 +126,10 @@ pub fn node_input<R: CryptoRng + ?Sized>(
         let noise = DiscreteGaussian::with_variance(code.sigma * code.sigma / min_survivors as f64)
             .map_err(|e| QueryError::Internal(format!("noise share: {e}")))?;
         for x in ints {
-            if x.abs() > MAX_ELEMENT {
-                return Err(QueryError::Rejected(
-                    "a partial of this query is too large at this node for 64-bit secure \
-                     aggregation: narrow the contribution bounds"
-                        .into(),
-                ));
-            }
+            // Saturated rather than refused: a refusal here would depend
+            // on the rows (the debit is already recorded). Only absurd
+            // networks (billions of persons at the largest bounds) reach it.
+            let x = x.clamp(-MAX_ELEMENT, MAX_ELEMENT);
             let noisy = x.wrapping_add(noise.sample(rng));
             out.push(noisy as u64);
         }

@@ -7,6 +7,8 @@
 //! * [`tls`]: serving Flight over mutual TLS (rustls only), with every
 //!   refused handshake logged with the peer address and the reason, and
 //!   connecting to a TLS server with a client certificate.
+//! * [`identity`]: a node's secure-aggregation identity key bound to its
+//!   certificate, so that peers accept only keys the network CA vouches for.
 //! * [`serve`]: one way to start a tonic server on a bound listener, over
 //!   plaintext (loopback only, decided by the caller) or TLS.
 //!
@@ -15,6 +17,7 @@
 //! client ──TLS (optional client cert)──▶ coordinator  clients authenticate by token or certificate
 //! ```
 
+pub mod identity;
 pub mod pki;
 pub mod tls;
 
