@@ -1750,7 +1750,11 @@ fn reject_inner_order_by(query: &Query) -> Result<()> {
         type Break = ();
         fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
             self.0 += 1;
-            if self.0 > 1 && q.order_by.is_some() && q.limit_clause.is_none() {
+            // DISTINCT ON picks its row by the ORDER BY: allowed here, and
+            // the plan analysis requires the unit among its keys.
+            let distinct_on = matches!(q.body.as_ref(),
+                SetExpr::Select(s) if matches!(s.distinct, Some(datafusion::sql::sqlparser::ast::Distinct::On(_))));
+            if self.0 > 1 && q.order_by.is_some() && q.limit_clause.is_none() && !distinct_on {
                 self.1 = true;
                 return ControlFlow::Break(());
             }
