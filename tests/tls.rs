@@ -64,7 +64,7 @@ async fn node(dir: &Path, name: &str, tls: &str, coordinator_key: &str) -> Serve
         &config,
         format!(
             "[node]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\ncoordinator_key = \"{coordinator_key}\"\n\n\
-             [policy]\napproval = \"auto\"\ndefault_study_budget = {{ rho = 1e15, delta = 0.5 }}\n\n{tls}\n\
+             [policy]\napproval = \"auto\"\ndefault_study_budget = {{ rho = 1e15, delta = 0.5 }}\nnode_budget = {{ rho = 1e16 }}\n\n{tls}\n\
              [tables.person]\npath = \"person.csv\"\nprivacy_unit = \"person_id\"\n\
              [tables.person.columns]\ngender_concept_id = {{ domain = [8507, 8532] }}\n"
         ),

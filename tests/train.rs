@@ -21,6 +21,7 @@ const CONFER: &str = env!("CARGO_BIN_EXE_confer");
 const POLICY: &str = r#"[policy]
 approval = "auto"
 default_study_budget = { rho = 1e12, delta = 0.5 }
+node_budget = { rho = 1e15 }
 default_models = ["logistic_regression"]
 "#;
 

@@ -43,7 +43,7 @@ fn write_node(dir: &Path, name: &str, key: &str) -> std::path::PathBuf {
         &config,
         format!(
             "[node]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\ncoordinator_key = \"{key}\"\n\
-             [policy]\napproval = \"auto\"\ndefault_study_budget = {{ rho = 1e12, delta = 0.5 }}\n\
+             [policy]\napproval = \"auto\"\ndefault_study_budget = {{ rho = 1e12, delta = 0.5 }}\nnode_budget = {{ rho = 1e15 }}\n\
              [tables.person]\npath = \"person.csv\"\nprivacy_unit = \"person_id\"\n"
         ),
     )

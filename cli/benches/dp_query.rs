@@ -208,7 +208,7 @@ async fn main() -> anyhow::Result<()> {
             &config,
             format!(
                 "[node]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\ncoordinator_key = \"{public}\"\n\
-                 [policy]\napproval = \"auto\"\ndefault_study_budget = {{ rho = 1e12, delta = 0.5 }}\n\
+                 [policy]\napproval = \"auto\"\ndefault_study_budget = {{ rho = 1e12, delta = 0.5 }}\nnode_budget = {{ rho = 1e15 }}\n\
                  [tables.person]\npath = {:?}\nformat = \"parquet\"\nprivacy_unit = \"person_id\"\n\
                  [tables.person.columns]\ngender_concept_id = {{ type = \"int64\", domain = [8507, 8532] }}\n\
                  year_of_birth = {{ type = \"int64\", bounds = [1900, 2030] }}\n",

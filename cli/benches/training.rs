@@ -32,6 +32,7 @@ use confer_protocol::train::{JobRef, JobState, JobStatus, ModelExport, TrainSubm
 const POLICY: &str = r#"[policy]
 approval = "auto"
 default_study_budget = { rho = 1e12, delta = 0.5 }
+node_budget = { rho = 1e15 }
 default_models = ["logistic_regression", "mlp"]
 "#;
 

@@ -1,5 +1,7 @@
-//! `SHOW PRIVACY BUDGET`: each node's figures for a study, and the
-//! network-level worst case for a resident seen at several institutions.
+//! `SHOW PRIVACY BUDGET`: each node's figures for a study, its figures over
+//! all studies (the node's total, and the asking researcher's across
+//! studies), and the network-level worst case for a resident seen at
+//! several institutions.
 
 use std::sync::Arc;
 
@@ -24,6 +26,10 @@ pub fn schema() -> SchemaRef {
         Field::new("remaining_epsilon", DataType::Float64, false),
         Field::new("delta", DataType::Float64, false),
         Field::new("releases", DataType::UInt64, false),
+        Field::new("node_budget_rho", DataType::Float64, true),
+        Field::new("node_spent_rho", DataType::Float64, true),
+        Field::new("researcher_total_budget_rho", DataType::Float64, true),
+        Field::new("researcher_total_spent_rho", DataType::Float64, true),
     ]))
 }
 
@@ -34,6 +40,10 @@ struct Row {
     budget: f64,
     spent: f64,
     releases: u64,
+    node_budget: Option<f64>,
+    node_spent: Option<f64>,
+    researcher_budget: Option<f64>,
+    researcher_spent: Option<f64>,
 }
 
 fn epsilon(rho: f64) -> f64 {
@@ -67,6 +77,14 @@ pub fn combine(reports: &[SitePartial], max_sites: usize) -> Result<RecordBatch,
             .downcast_ref::<UInt64Array>()
             .filter(|a| !a.is_empty())
             .map(|a| a.value(0));
+        // Node-wide figures (NULL: no such budget; absent from nodes of
+        // earlier versions).
+        let optional = |name: &str| {
+            b.column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<Float64Array>().cloned())
+                .filter(|a| !a.is_empty() && a.is_valid(0))
+                .map(|a| a.value(0))
+        };
         match (text(0), text(1), text(2), float(3), float(4), count) {
             (Some(node), Some(study), Some(status), Some(budget), Some(spent), Some(releases)) => {
                 rows.push(Row {
@@ -76,6 +94,10 @@ pub fn combine(reports: &[SitePartial], max_sites: usize) -> Result<RecordBatch,
                     budget,
                     spent,
                     releases,
+                    node_budget: optional("node_budget_rho"),
+                    node_spent: optional("node_spent_rho"),
+                    researcher_budget: optional("researcher_budget_rho"),
+                    researcher_spent: optional("researcher_spent_rho"),
                 })
             }
             _ => {
@@ -100,6 +122,10 @@ pub fn combine(reports: &[SitePartial], max_sites: usize) -> Result<RecordBatch,
             budget: budgets[..m].iter().sum(),
             spent: spent[..m].iter().sum(),
             releases: rows.iter().map(|r| r.releases).sum(),
+            node_budget: None,
+            node_spent: None,
+            researcher_budget: None,
+            researcher_spent: None,
         });
     }
     RecordBatch::try_new(
@@ -133,6 +159,14 @@ pub fn combine(reports: &[SitePartial], max_sites: usize) -> Result<RecordBatch,
             Arc::new(UInt64Array::from_iter_values(
                 rows.iter().map(|r| r.releases),
             )),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.node_budget))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.node_spent))),
+            Arc::new(Float64Array::from_iter(
+                rows.iter().map(|r| r.researcher_budget),
+            )),
+            Arc::new(Float64Array::from_iter(
+                rows.iter().map(|r| r.researcher_spent),
+            )),
         ],
     )
     .map_err(|e| ProtocolError::internal(e.to_string()))
@@ -143,9 +177,22 @@ mod tests {
     use super::*;
 
     fn report(node: &str, budget: f64, spent: f64) -> SitePartial {
-        let batch =
-            confer_protocol::release::budget_report(node, "s", "approved", budget, spent, 2)
-                .expect("batch");
+        let batch = confer_protocol::release::budget_report(
+            &confer_protocol::release::BudgetFigures {
+                node: node.into(),
+                study: "s".into(),
+                status: "approved".into(),
+                budget_rho: budget,
+                spent_rho: spent,
+                releases: 2,
+                node_budget_rho: Some(10.0),
+                node_spent_rho: spent * 2.0,
+                researcher: "r".into(),
+                researcher_budget_rho: None,
+                researcher_spent_rho: spent,
+            },
+        )
+        .expect("batch");
         SitePartial {
             site: node.into(),
             batch,

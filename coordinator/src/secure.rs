@@ -79,12 +79,16 @@ pub async fn run(
     let mut members: Vec<&NodeHandle> = Vec::new();
     let mut identities = Vec::new();
     let mut thresholds = Vec::new();
+    let mut proofs = Vec::new();
+    let mut corrupt_peers = Vec::new();
     for (n, r) in answers {
         match r {
             Ok(id) => {
                 members.push(n);
                 identities.push(id.key);
                 thresholds.push(id.min_group_size);
+                proofs.push(id.proof);
+                corrupt_peers.push(id.max_corrupt_peers);
             }
             Err(e) => dropped.push((n.name.clone(), e.message)),
         }
@@ -109,6 +113,8 @@ pub async fn run(
             .map_err(|e| ProtocolError::internal(e.to_string()))?,
         members: members.iter().map(|n| n.name.clone()).collect(),
         identities,
+        proofs,
+        corrupt_peers: corrupt_peers.clone(),
     });
     let signed = sign(&task)?;
     let task_id = task.id;
@@ -152,11 +158,22 @@ pub async fn run(
         .map(|&id| thresholds[id as usize])
         .max()
         .unwrap_or(0);
+    // Each contributor sized its noise share for the honest survivors it
+    // counts on: the threshold less the peers it assumes corrupt.
+    let honest: Vec<usize> = aggregate
+        .contributors
+        .iter()
+        .map(|&id| {
+            config
+                .min_survivors
+                .saturating_sub(corrupt_peers[id as usize])
+                .max(1)
+        })
+        .collect();
     let batch = confer_query::secure::decode(
         plan,
         &aggregate.sum,
-        contributors.len(),
-        config.min_survivors,
+        &honest,
         min_group_size,
         &label,
         task_id,

@@ -66,6 +66,9 @@ struct Checkpoint {
     standardisation: Option<Standardisation>,
     /// Sites that committed, with their secure-aggregation identity keys.
     sites: Vec<(String, String)>,
+    /// Their proofs of those keys, by site (none for nodes without TLS).
+    #[serde(default)]
+    proofs: std::collections::BTreeMap<String, confer_protocol::task::IdentityProof>,
     /// A round (or the moments, as 0) under way when this was written.
     started: Option<u32>,
     /// Failed rounds in a row.
@@ -688,9 +691,16 @@ impl Run<'_> {
                 failures.join("; ")
             )));
         }
-        let sites: Vec<(String, String)> = ready
+        let ready: Vec<_> = ready
             .into_iter()
             .filter(|r| committed.contains(&r.node))
+            .collect();
+        let proofs = ready
+            .iter()
+            .filter_map(|r| r.proof.clone().map(|p| (r.node.clone(), p)))
+            .collect();
+        let sites: Vec<(String, String)> = ready
+            .into_iter()
             .map(|r| (r.node, r.identity))
             .collect();
         let model = Model::with_device(&self.spec.model, self.spec.seed, Device::Cpu)
@@ -704,6 +714,7 @@ impl Run<'_> {
             server,
             standardisation: None,
             sites,
+            proofs,
             started: None,
             failed_rounds: 0,
             pending_evaluation: None,
@@ -743,6 +754,13 @@ impl Run<'_> {
                     .unwrap_or_default(),
                 identities: session
                     .map(|(_, m)| m.iter().map(|(_, k)| k.clone()).collect())
+                    .unwrap_or_default(),
+                proofs: session
+                    .map(|(_, m)| {
+                        m.iter()
+                            .map(|(n, _)| checkpoint.proofs.get(n).cloned())
+                            .collect()
+                    })
                     .unwrap_or_default(),
             }),
             self.state.round_ttl(),

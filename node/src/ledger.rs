@@ -1330,6 +1330,7 @@ mod tests {
             study_budget: budget,
             researcher_budget: None,
             study_delta_budget: 0.0,
+            ..Default::default()
         }
     }
 

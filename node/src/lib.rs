@@ -20,6 +20,7 @@
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod gate;
 pub mod ledger;
 pub mod omop;
 pub mod policy;

@@ -142,6 +142,11 @@ impl SecureSessions {
             .map_err(secagg_error)?;
         let mut sessions = self.lock()?;
         sessions.retain(|_, s| s.touched.elapsed() < SESSION_TTL);
+        if sessions.contains_key(&task_id) {
+            return Err(fail(format!(
+                "a secure-aggregation session for task {task_id} is already open here: refused"
+            )));
+        }
         sessions.insert(
             task_id,
             Session {

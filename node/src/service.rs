@@ -24,7 +24,7 @@ use arrow_flight::{
 use confer_protocol::catalog::{CatalogInfo, Health};
 use confer_protocol::signing::{PublicKey, sha256_hex};
 use confer_protocol::task::{
-    Envelope, QueryCheck, SecaggIdentity, SecaggRound, Task, TaskKind, unix_now,
+    Envelope, QueryCheck, SecaggIdentity, SecaggRound, Task, TaskKind,
 };
 use confer_protocol::{ErrorKind, ProtocolError, actions};
 use confer_query::release::ReleaseOptions;
@@ -37,8 +37,9 @@ use tracing::{info, instrument, warn};
 
 use crate::config::NodeConfig;
 use crate::error::{NodeError, Result};
-use crate::ledger::{AuditEntry, Charge, Cost, Ledger, Refusal, StudyStatus};
-use crate::policy::{Approval, Policy, StudyRules};
+use crate::gate::Failure;
+use crate::ledger::{AuditEntry, Charge, Cost, Ledger, StudyStatus};
+use crate::policy::{Policy, StudyRules};
 
 /// The policy in force and the config file it came from.
 struct PolicyState {
@@ -46,19 +47,8 @@ struct PolicyState {
     modified: Option<SystemTime>,
 }
 
-/// What a ledger stores in place of a release when a DP query failed while
-/// running: the failure was charged, and a retry gets the same refusal.
-const FAILED_RELEASE: &[u8] = b"confer: failed while running, charged";
-
 /// The compiler's words for a table this node's catalog lacks.
 const NOT_IN_CATALOG: &str = "is not in the network catalog";
-
-/// Why a DP query failed while running, without DataFusion's message.
-const FAILED_WHILE_RUNNING: &str = "the query failed while running on this node's rows: an \
-    expression could not be computed for some row (the message is withheld, as it can quote a \
-    value, and the failure is charged like a release, since whether it fails depends on the rows). \
-    Casts of columns are made safe (TRY_CAST) and divisions by zero give NULL; look for functions \
-    that reject some inputs, such as to_timestamp or make_date, and guard them with CASE";
 
 /// Shared state of a running node.
 pub struct NodeState {
@@ -78,6 +68,11 @@ pub struct NodeState {
     pub secure: crate::secure::SecureSessions,
     /// Training jobs prepared here.
     pub train: crate::train::TrainJobs,
+    /// Tasks running now (see [`crate::gate::Slot`]).
+    pub(crate) running: Arc<std::sync::atomic::AtomicUsize>,
+    /// This node's TLS files: its certificate and key prove its
+    /// secure-aggregation identity to peers, and the CA checks theirs.
+    pub(crate) tls: Option<confer_transport::TlsFiles>,
     coordinator: PublicKey,
     policy: RwLock<PolicyState>,
     config_path: Option<PathBuf>,
@@ -115,10 +110,25 @@ impl NodeState {
             started: Instant::now(),
             secure: crate::secure::SecureSessions::open(&config.node.state_dir)?,
             train: crate::train::TrainJobs::default(),
+            running: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            tls: config.tls.clone(),
             coordinator,
             policy: RwLock::new(PolicyState { policy, modified }),
             config_path: config.source.clone(),
         })
+    }
+
+    /// This node's proof of its secure-aggregation identity key: its
+    /// certificate and a signature by its TLS key (none without TLS).
+    pub fn identity_proof(&self) -> Option<confer_protocol::task::IdentityProof> {
+        let files = self.tls.as_ref()?;
+        match confer_transport::identity::bind(files, &self.name, &self.secure.identity()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!("cannot prove this node's secure-aggregation identity: {e}");
+                None
+            }
+        }
     }
 
     /// The coordinator's public key, which signs every task.
@@ -205,103 +215,6 @@ impl NodeService {
         &self.state
     }
 
-    pub(crate) fn refuse(&self, task: Option<&Task>, kind: ErrorKind, reason: String) -> NodeError {
-        let entry = AuditEntry {
-            task_id: task.map(|t| t.id),
-            study: task.map(|t| t.study.clone()),
-            actor: task.map(|t| t.researcher.clone()),
-            kind: task.map(|t| t.kind_name()).unwrap_or("unknown").to_string(),
-            decision: "refused".into(),
-            reason: Some(reason.clone()),
-            ..Default::default()
-        };
-        if let Err(e) = self.state.ledger.audit(&entry) {
-            warn!("cannot audit a refusal: {e}");
-            return e;
-        }
-        let message = format!("node {}: {reason}", self.state.name);
-        NodeError::Protocol(ProtocolError::new(kind, message).with_retryable(false))
-    }
-
-    /// Checks signature, expiry, study approval and researcher; returns the
-    /// verified task and the study's rules. Refusals are audited.
-    pub(crate) fn admit(&self, envelope: &Envelope, policy: &Policy) -> Result<(Task, StudyRules)> {
-        let task = match self.state.coordinator.verify(envelope) {
-            Ok(t) => t,
-            Err(e) => {
-                return Err(self.refuse(None, ErrorKind::PermissionDenied, e.message));
-            }
-        };
-        if task.is_expired_at(unix_now()) {
-            return Err(self.refuse(
-                Some(&task),
-                ErrorKind::FailedPrecondition,
-                format!(
-                    "task {} has expired (it was valid until {} s after the epoch)",
-                    task.id, task.expires_at
-                ),
-            ));
-        }
-        let rules = match policy.study(&task.study) {
-            Ok(r) => r,
-            Err(why) => return Err(self.refuse(Some(&task), ErrorKind::PermissionDenied, why)),
-        };
-        let mut status = self.state.ledger.study_status(&task.study)?;
-        if status == StudyStatus::Unknown {
-            let approve = policy.approval == Approval::Auto;
-            status = self.state.ledger.register_study(
-                &task.study,
-                approve,
-                "policy",
-                task.study_info.as_ref().map(describe_study).as_deref(),
-            )?;
-        }
-        match status {
-            StudyStatus::Pending => {
-                return Err(self.refuse(
-                    Some(&task),
-                    ErrorKind::FailedPrecondition,
-                    format!(
-                        "study {} awaits approval by this node's data steward (`confer node approve {}`)",
-                        task.study, task.study
-                    ),
-                ));
-            }
-            StudyStatus::Denied { reason } => {
-                return Err(self.refuse(
-                    Some(&task),
-                    ErrorKind::PermissionDenied,
-                    format!(
-                        "study {} was denied by this node's data steward: {reason}",
-                        task.study
-                    ),
-                ));
-            }
-            StudyStatus::Approved { .. } | StudyStatus::Unknown => {}
-        }
-        if !rules.allows_researcher(&task.researcher) {
-            return Err(self.refuse(
-                Some(&task),
-                ErrorKind::PermissionDenied,
-                format!(
-                    "researcher {} is not a member of study {} at this node",
-                    task.researcher, task.study
-                ),
-            ));
-        }
-        Ok((task, rules))
-    }
-
-    /// The study's budget at this node (rho): the steward's, else the policy's.
-    pub(crate) fn budget_of(&self, study: &str, rules: &StudyRules) -> Result<f64> {
-        Ok(match self.state.ledger.study_status(study)? {
-            StudyStatus::Approved {
-                budget_rho: Some(b),
-            } => b,
-            _ => rules.budget_rho,
-        })
-    }
-
     /// Runs a task and returns the batch to release. Rows and SQL text never
     /// reach the logs: only ids, study and cost do.
     #[instrument(skip_all, fields(node = %self.state.name))]
@@ -314,7 +227,9 @@ impl NodeService {
                     .await
             }
             TaskKind::Budget(b) => self.report_budget(&task, &b.study, &policy),
-            TaskKind::PublicQuery(query) => self.run_public(&task, &rules, &query.sql).await,
+            TaskKind::PublicQuery(query) => {
+                self.run_public(&task, &rules, &policy, &query.sql).await
+            }
             TaskKind::SecureQuery(_) => Err(self.refuse(
                 Some(&task),
                 ErrorKind::InvalidArgument,
@@ -335,8 +250,8 @@ impl NodeService {
     }
 
     /// [`actions::QUERY_CHECK`]: every check a query task passes before it
-    /// reads data (signature, study, researcher, tables, per-query cap,
-    /// budget), with nothing read, run or charged. Refusals are audited as
+    /// reads data (signature, study, researcher, tables, costs, quota,
+    /// budgets), with nothing read, run or charged. Refusals are audited as
     /// when the query itself is refused.
     async fn check_query(&self, envelope: Envelope) -> Result<QueryCheck> {
         let policy = self.state.policy()?;
@@ -363,8 +278,9 @@ impl NodeService {
             answer.epsilon = plan.cost.epsilon;
             answer.delta = plan.cost.delta;
             if self.state.ledger.stored(task.id)?.is_none() {
+                self.check_quota(&task, &policy)?;
                 let payload_hash = sha256_hex(envelope.payload.as_bytes());
-                self.priced_charge(&task, &payload_hash, &plan, &rules)?;
+                self.priced_charge(&task, &payload_hash, &plan, &rules, &policy)?;
             }
             Ok::<(), NodeError>(())
         }
@@ -383,7 +299,9 @@ impl NodeService {
         Ok(answer)
     }
 
-    /// Round 0 of a secure query: admit, compute, debit, join the session.
+    /// Round 0 of a secure query: admit, check the session (members bound
+    /// to the network, threshold at the policy's floor), charge durably,
+    /// compute, join the session.
     async fn secure_start(&self, round: SecaggRound) -> Result<serde_json::Value> {
         let envelope: Envelope = serde_json::from_value(round.payload).map_err(|e| {
             self.refuse(
@@ -408,6 +326,7 @@ impl NodeService {
                 "the round names another task than the signed one".into(),
             ));
         }
+        let payload_hash = sha256_hex(envelope.payload.as_bytes());
         if self.state.ledger.stored(task.id)?.is_some() {
             return Err(self.refuse(
                 Some(&task),
@@ -433,6 +352,17 @@ impl NodeService {
                 format!("session parameters: {e}"),
             )
         })?;
+        let honest = self
+            .check_session(
+                &task,
+                &policy,
+                &config,
+                &secure.members,
+                &secure.identities,
+                &secure.proofs,
+                None,
+            )
+            .map_err(|why| self.refuse(Some(&task), ErrorKind::PermissionDenied, why))?;
         let plan = self
             .checked_plan(&task, &rules, &policy, &secure.sql)
             .await?;
@@ -443,40 +373,179 @@ impl NodeService {
                 "a secure session carries a query with aggregation = 'secure'".into(),
             ));
         }
-        let payload_hash = sha256_hex(envelope.payload.as_bytes());
-        let charge = self.priced_charge(&task, &payload_hash, &plan, &rules)?;
-        let batches = match self.run_private_sql(&task, &plan.local_sql).await {
-            Ok(b) => b,
-            Err(e) => return Err(self.charge_failure(&task, &charge, e)),
-        };
-        let min_survivors = config.min_survivors;
-        let input = blocking(move || {
-            let mut rng = crate::secure::os_rng()?;
-            confer_query::secure::node_input(&plan, &batches, min_survivors, &mut rng)
-                .map_err(NodeError::from)
-        })
-        .await?;
-        let keys = self.state.secure.start(
-            task.id,
-            &self.state.name,
-            config,
-            &secure.members,
-            &secure.identities,
-            input,
-        )?;
-        // The debit is durable before any round that reveals data-derived values.
-        let marker = format!("secure aggregation session {}", task.id).into_bytes();
-        if let Err(e) = self.record(&charge, marker) {
-            self.state.secure.forget(task.id)?;
-            return Err(e);
+        self.check_quota(&task, &policy)?;
+        let slot = self.slot(&task, &policy)?;
+        let charge = self.priced_charge(&task, &payload_hash, &plan, &rules, &policy)?;
+        // Checked, charged and claimed in one ledger transaction: a second
+        // round 0 for this task, even a concurrent one, finds it on record.
+        if self.begin(&task, &charge)?.is_some() {
+            return Err(self.refuse(
+                Some(&task),
+                ErrorKind::PermissionDenied,
+                format!(
+                    "secure task {} already ran here: a session is never replayed or resumed; ask again",
+                    task.id
+                ),
+            ));
         }
-        self.state.secure.confirm(task.id)?;
-        info!(task = %task.id, study = %task.study, rho = charge.cost.rho, "secure session joined after durable debit");
-        Ok(keys)
+        let this = self.clone();
+        let secure = secure.clone();
+        let worker = tokio::spawn(async move {
+            let _slot = slot;
+            let task = task;
+            let batches = match this.run_limited(&plan.local_sql, &policy.limits).await {
+                Ok(b) => b,
+                Err(f) => return Err(this.charge_failure(&task, &charge, f)),
+            };
+            let input = blocking(move || {
+                let mut rng = crate::secure::os_rng()?;
+                confer_query::secure::node_input(&plan, &batches, honest, &mut rng)
+                    .map_err(NodeError::from)
+            })
+            .await;
+            let input = match input {
+                Ok(i) => i,
+                Err(_) => return Err(this.charge_failure(&task, &charge, Failure::Other)),
+            };
+            let keys = match this.state.secure.start(
+                task.id,
+                &this.state.name,
+                config,
+                &secure.members,
+                &secure.identities,
+                input,
+            ) {
+                Ok(k) => k,
+                Err(_) => return Err(this.charge_failure(&task, &charge, Failure::Other)),
+            };
+            // The debit is durable before any round that reveals data-derived values.
+            let marker = format!("secure aggregation session {}", task.id).into_bytes();
+            if let Err(e) = this.state.ledger.finish(&charge, marker) {
+                this.state.secure.forget(task.id)?;
+                return Err(e);
+            }
+            this.state.secure.confirm(task.id)?;
+            info!(task = %task.id, study = %task.study, rho = charge.cost.rho, "secure session joined after durable debit");
+            Ok(keys)
+        });
+        worker.await.map_err(|e| {
+            NodeError::Protocol(ProtocolError::internal(format!("worker failed: {e}")))
+        })?
     }
 
-    /// Parses and compiles a query task's SQL and applies the policy's
-    /// table and per-query rules.
+    /// Checks a secure-aggregation session a coordinator proposes: this node
+    /// is a member once, every member is a distinct site whose identity key
+    /// the node can check itself (pinned in its policy, or proven by a
+    /// certificate of the network CA), the threshold is at least the
+    /// policy's floor and above the number of peers assumed corrupt, and,
+    /// when `allowed` is given, every member is one of those sites. Returns
+    /// how many honest survivors this node sizes its noise share for.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn check_session(
+        &self,
+        task: &Task,
+        policy: &Policy,
+        config: &confer_privacy::secagg::Config,
+        members: &[String],
+        identities: &[String],
+        proofs: &[Option<confer_protocol::task::IdentityProof>],
+        allowed: Option<&[String]>,
+    ) -> std::result::Result<usize, String> {
+        let _ = task;
+        let rules = &policy.secure;
+        if members.len() != config.n || identities.len() != config.n {
+            return Err(format!(
+                "the session has {} members, {} identities and n = {}",
+                members.len(),
+                identities.len(),
+                config.n
+            ));
+        }
+        if config.min_survivors < rules.min_survivors {
+            return Err(format!(
+                "the session lets {} node(s) make a sum; this node's policy needs at least {} \
+                 (policy.secure.min_survivors)",
+                config.min_survivors, rules.min_survivors
+            ));
+        }
+        if config.min_survivors <= rules.max_corrupt_peers {
+            return Err(format!(
+                "the session's threshold of {} is not above the {} peer(s) this node assumes may collude \
+                 with the coordinator (policy.secure.max_corrupt_peers)",
+                config.min_survivors, rules.max_corrupt_peers
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut keys = std::collections::BTreeSet::new();
+        for (i, member) in members.iter().enumerate() {
+            if !seen.insert(member.as_str()) {
+                return Err(format!("the session lists {member} twice"));
+            }
+            if !keys.insert(identities[i].as_str()) {
+                return Err(format!(
+                    "the session gives {member} the identity key of another member"
+                ));
+            }
+            if let Some(allowed) = allowed
+                && !allowed.contains(member)
+            {
+                return Err(format!("the session lists {member}, which is not a site of this task"));
+            }
+            if *member == self.state.name {
+                if identities[i] != self.state.secure.identity() {
+                    return Err(
+                        "the session lists another identity key for this node: refused".into(),
+                    );
+                }
+                continue;
+            }
+            self.verify_peer(member, &identities[i], proofs.get(i).and_then(Option::as_ref), policy)?;
+        }
+        if !seen.contains(self.state.name.as_str()) {
+            return Err(format!(
+                "this node ({}) is not among the session's members",
+                self.state.name
+            ));
+        }
+        Ok(config.min_survivors - rules.max_corrupt_peers)
+    }
+
+    /// Whether `key` is `site`'s identity key, by this node's own means.
+    fn verify_peer(
+        &self,
+        site: &str,
+        key: &str,
+        proof: Option<&confer_protocol::task::IdentityProof>,
+        policy: &Policy,
+    ) -> std::result::Result<(), String> {
+        if let Some(pinned) = policy.secure.peers.get(site) {
+            return if pinned.eq_ignore_ascii_case(key) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the session gives {site} a key other than the one pinned in policy.secure.peers: refused"
+                ))
+            };
+        }
+        match (&self.state.tls, proof) {
+            (Some(files), Some(proof)) => {
+                confer_transport::identity::verify(&files.ca, site, key, proof)
+                    .map_err(|e| format!("the identity key of {site} cannot be trusted: {e}"))
+            }
+            (Some(_), None) => Err(format!(
+                "{site} offered no certificate for its identity key, and it is not pinned in \
+                 policy.secure.peers: refused"
+            )),
+            (None, _) => Err(format!(
+                "this node cannot check the identity key of {site}: without mutual TLS, pin each peer's key \
+                 in policy.secure.peers (the peer's `confer node identity` prints it)"
+            )),
+        }
+    }
+
+    /// Parses and compiles a query task's SQL against this node's own
+    /// catalog, checks that everything it computes cannot fail on this
+    /// node's tables, and applies the policy's table and cost rules.
     async fn checked_plan(
         &self,
         task: &Task,
@@ -507,6 +576,15 @@ impl NodeService {
                     return Err(self.refuse(Some(task), ErrorKind::InvalidArgument, e.to_string()));
                 }
             };
+        // The same check once more, against this node's tables as they are
+        // read (a Parquet column may be narrower than the catalog says).
+        let here = async {
+            let local = confer_query::engine::analyzed(&self.state.ctx, &plan.local_sql).await?;
+            confer_query::total::check_plan(&local)
+        };
+        if let Err(e) = here.await {
+            return Err(self.refuse(Some(task), ErrorKind::InvalidArgument, e.to_string()));
+        }
         if let Some(table) = rules.forbidden_table(&plan.tables) {
             return Err(self.refuse(
                 Some(task),
@@ -517,19 +595,9 @@ impl NodeService {
                 ),
             ));
         }
-        if let Some(cap) = policy.max_query_epsilon
-            && plan.cost.epsilon > cap * (1.0 + 1e-9)
-        {
-            return Err(self.refuse(
-                Some(task),
-                ErrorKind::ResourceExhausted,
-                format!(
-                    "this query costs epsilon {:.4} (delta {:e}), above this node's per-query cap of epsilon {cap}: \
-                     lower epsilon to at most {cap}",
-                    plan.cost.epsilon, plan.cost.delta
-                ),
-            ));
-        }
+        let pure = (plan.options.mechanism == confer_query::Mechanism::Laplace)
+            .then_some(plan.cost.epsilon);
+        self.check_costs(task, policy, &cost_of(&plan), plan.options.epsilon, pure)?;
         Ok(plan)
     }
 
@@ -542,60 +610,59 @@ impl NodeService {
         sql: &str,
     ) -> Result<RecordBatch> {
         let payload_hash = sha256_hex(envelope.payload.as_bytes());
-        // A retried task gets exactly what was released the first time.
+        // A retried task gets exactly what happened the first time.
         if let Some(stored) = self.state.ledger.stored(task.id)? {
-            if stored.payload_hash != payload_hash {
-                return Err(self.refuse(
-                    Some(task),
-                    ErrorKind::PermissionDenied,
-                    format!(
-                        "task id {} was already used for a different task: refused as a replay",
-                        task.id
-                    ),
-                ));
-            }
-            self.state.ledger.audit(&AuditEntry {
-                task_id: Some(task.id),
-                study: Some(task.study.clone()),
-                actor: Some(task.researcher.clone()),
-                kind: task.kind_name().into(),
-                decision: "retried".into(),
-                reason: Some(
-                    "task seen before: its stored release was sent again, nothing charged".into(),
-                ),
-                result_hash: Some(sha256_hex(&stored.result)),
-                ..Default::default()
-            })?;
-            info!(task = %task.id, "retried task answered from the ledger");
-            if stored.result == FAILED_RELEASE {
-                return Err(self.refuse(
-                    Some(task),
-                    ErrorKind::InvalidArgument,
-                    format!("{FAILED_WHILE_RUNNING} (charged when it first ran)"),
-                ));
-            }
-            return decode_ipc(&stored.result);
+            return decode_ipc(&self.answer_stored(task, stored, &payload_hash)?);
         }
-
         let plan = self.checked_plan(task, rules, policy, sql).await?;
-        let charge = self.priced_charge(task, &payload_hash, &plan, rules)?;
-        let batches = match self.run_private_sql(task, &plan.local_sql).await {
+        self.check_quota(task, policy)?;
+        let slot = self.slot(task, policy)?;
+        let charge = self.priced_charge(task, &payload_hash, &plan, rules, policy)?;
+        if let Some(stored) = self.begin(task, &charge)? {
+            return decode_ipc(&self.answer_stored(task, stored, &payload_hash)?);
+        }
+        // Charged: from here on the task runs to its end (release or
+        // charged failure) even if the caller goes away.
+        let this = self.clone();
+        let (task, policy) = (task.clone(), policy.clone());
+        let worker = tokio::spawn(async move {
+            let _slot = slot;
+            this.execute_query(&task, plan, &charge, &policy).await
+        });
+        worker.await.map_err(|e| {
+            NodeError::Protocol(ProtocolError::internal(format!("worker failed: {e}")))
+        })?
+    }
+
+    /// Runs a charged query, releases it and stores the release, or charges
+    /// its failure.
+    async fn execute_query(
+        &self,
+        task: &Task,
+        plan: confer_query::plan::FederatedPlan,
+        charge: &Charge,
+        policy: &Policy,
+    ) -> Result<RecordBatch> {
+        let batches = match self.run_limited(&plan.local_sql, &policy.limits).await {
             Ok(b) => b,
-            Err(e) => return Err(self.charge_failure(task, &charge, e)),
+            Err(f) => return Err(self.charge_failure(task, charge, f)),
         };
         let name = self.state.name.clone();
         let id = task.id;
         let options = ReleaseOptions {
             min_group_size: policy.min_group_size,
         };
-        let release_plan = plan.clone();
-        let batch = blocking(move || {
-            confer_query::release::release(&release_plan, &batches, &name, id, &options)
+        let released = blocking(move || {
+            confer_query::release::release(&plan, &batches, &name, id, &options)
                 .map_err(NodeError::from)
         })
-        .await?;
-        let bytes = encode_ipc(&batch)?;
-        let released = self.record(&charge, bytes)?;
+        .await
+        .and_then(|batch| encode_ipc(&batch));
+        let bytes = match released {
+            Ok(b) => b,
+            Err(_) => return Err(self.charge_failure(task, charge, Failure::Other)),
+        };
+        let released = self.state.ledger.finish(charge, bytes)?;
         info!(
             task = %task.id,
             study = %task.study,
@@ -610,7 +677,13 @@ impl NodeService {
     /// Runs a query over public tables only: no DP, nothing charged, the
     /// rows audited by hash. Whether the query is public is decided here,
     /// against this node's own catalog, never taken from the coordinator.
-    async fn run_public(&self, task: &Task, rules: &StudyRules, sql: &str) -> Result<RecordBatch> {
+    async fn run_public(
+        &self,
+        task: &Task,
+        rules: &StudyRules,
+        policy: &Policy,
+        sql: &str,
+    ) -> Result<RecordBatch> {
         let refuse_invalid = |why: String| self.refuse(Some(task), ErrorKind::InvalidArgument, why);
         let parsed = match confer_query::parse(sql) {
             Ok(Statement::Query(q)) if q.options.is_none() => q,
@@ -644,7 +717,20 @@ impl NodeService {
                 ),
             ));
         }
-        let batches = self.run_sql(&public.sql).await?;
+        let _slot = self.slot(task, policy)?;
+        // Public rows: a failure here reveals nothing about persons, so it
+        // is reported as it is and charges nothing, but the task still
+        // runs within the node's limits.
+        let batches = match self.run_limited(&public.sql, &policy.limits).await {
+            Ok(b) => b,
+            Err(f) => {
+                return Err(self.refuse(
+                    Some(task),
+                    ErrorKind::ResourceExhausted,
+                    format!("the query over public tables failed: {}", f.describe()),
+                ));
+            }
+        };
         let schema = batches
             .first()
             .map(RecordBatch::schema)
@@ -673,151 +759,22 @@ impl NodeService {
         Ok(batch)
     }
 
-    /// The charge for running `plan` under the study's budgets, refused
-    /// (and audited) early if it would not fit now; the binding check is
-    /// repeated in the transaction that records the release.
+    /// The charge for running `plan` under every budget, refused (and
+    /// audited) early if it would not fit now; the binding check is
+    /// repeated in the transaction that records it.
     fn priced_charge(
         &self,
         task: &Task,
         payload_hash: &str,
         plan: &confer_query::plan::FederatedPlan,
         rules: &StudyRules,
+        policy: &Policy,
     ) -> Result<Charge> {
-        let cost = Cost {
-            rho: plan.cost.rho,
-            epsilon: plan.cost.epsilon,
-            delta: plan.cost.delta,
-            selection_delta: plan.cost.selection_delta,
-        };
-        self.checked_charge(task, payload_hash, rules, cost)
+        self.checked_charge(task, payload_hash, rules, policy, cost_of(plan))
     }
 
-    /// The charge of `cost` for `task` under the study's budgets, refused
-    /// (and audited) early if it would not fit now; the binding check is
-    /// repeated in the transaction that records the release.
-    pub(crate) fn checked_charge(
-        &self,
-        task: &Task,
-        payload_hash: &str,
-        rules: &StudyRules,
-        cost: Cost,
-    ) -> Result<Charge> {
-        let charge = Charge {
-            task_id: task.id,
-            payload_hash: payload_hash.to_string(),
-            study: task.study.clone(),
-            researcher: task.researcher.clone(),
-            kind: task.kind_name().into(),
-            cost,
-            study_budget: self.budget_of(&task.study, rules)?,
-            researcher_budget: rules.researcher_budget_rho,
-            study_delta_budget: rules.budget_delta,
-            ..Default::default()
-        };
-        if let Some(why) = self.state.ledger.check_budget(&charge)? {
-            return Err(self.refuse(Some(task), ErrorKind::ResourceExhausted, why));
-        }
-        Ok(charge)
-    }
-
-    /// Runs SQL on the node's tables and collects the result.
-    async fn run_sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
-        self.state
-            .ctx
-            .sql(sql)
-            .await
-            .map_err(NodeError::from)?
-            .collect()
-            .await
-            .map_err(NodeError::from)
-    }
-
-    /// Runs a DP query's local bounded SQL over person-level tables.
-    ///
-    /// Errors raised while running can quote a row's value (a failed
-    /// conversion names it), so the reason that leaves the node, and what is
-    /// logged or audited, says only what kind of thing failed. Whether an
-    /// expression failed at all still depends on the rows, so such a failure
-    /// is charged like a release (see [`Self::charge_failure`]).
-    async fn run_private_sql(&self, task: &Task, sql: &str) -> Result<Vec<RecordBatch>> {
-        use datafusion::error::DataFusionError as E;
-        let planned = self.state.ctx.sql(sql).await.map_err(NodeError::from)?;
-        let err = match planned.collect().await {
-            Ok(batches) => return Ok(batches),
-            Err(e) => e,
-        };
-        let root = E::find_root(&err);
-        warn!(task = %task.id, "a DP query failed while running (message withheld)");
-        Err(match root {
-            E::ResourcesExhausted(_) => NodeError::Protocol(ProtocolError::new(
-                ErrorKind::ResourceExhausted,
-                format!(
-                    "node {}: the query ran out of memory at this node: ask again later, or with \
-                     fewer groups",
-                    self.state.name
-                ),
-            )),
-            E::IoError(_) | E::ObjectStore(_) => NodeError::Protocol(ProtocolError::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "node {}: the node could not read its tables; ask again later",
-                    self.state.name
-                ),
-            )),
-            _ => NodeError::Protocol(
-                ProtocolError::new(
-                    ErrorKind::InvalidArgument,
-                    format!("node {}: {FAILED_WHILE_RUNNING}", self.state.name),
-                )
-                .with_retryable(false),
-            ),
-        })
-    }
-
-    /// After an expression failed on this node's rows: whether it fails is
-    /// a fact about the rows, so the failure is charged and recorded like a
-    /// release (a retry of the task gets the same answer, charged once), and
-    /// the refusal is audited. Transient failures (memory, reading) are not
-    /// charged: they may pass when asked again.
-    fn charge_failure(&self, task: &Task, charge: &Charge, err: NodeError) -> NodeError {
-        let NodeError::Protocol(e) = &err else {
-            return err;
-        };
-        if e.retryable {
-            return err;
-        }
-        if let Err(e) = self.record(charge, FAILED_RELEASE.to_vec()) {
-            return e;
-        }
-        self.refuse(
-            Some(task),
-            ErrorKind::InvalidArgument,
-            format!("{FAILED_WHILE_RUNNING} (charged)"),
-        )
-    }
-
-    /// Records the release (debit + audit) durably; refusals become errors.
-    pub(crate) fn record(&self, charge: &Charge, bytes: Vec<u8>) -> Result<Vec<u8>> {
-        match self.state.ledger.release(charge, bytes)? {
-            Ok(bytes) => Ok(bytes),
-            Err(Refusal::Budget(why)) => Err(NodeError::Protocol(
-                ProtocolError::new(
-                    ErrorKind::ResourceExhausted,
-                    format!("node {}: {why}", self.state.name),
-                )
-                .with_retryable(false),
-            )),
-            Err(Refusal::Replay(why)) => Err(NodeError::Protocol(
-                ProtocolError::new(
-                    ErrorKind::PermissionDenied,
-                    format!("node {}: {why}", self.state.name),
-                )
-                .with_retryable(false),
-            )),
-        }
-    }
-
-    /// `SHOW PRIVACY BUDGET`: this node's figures for one study.
+    /// `SHOW PRIVACY BUDGET`: this node's figures for one study, and its
+    /// figures over all studies (the node's and the asking researcher's).
     fn report_budget(&self, task: &Task, study: &str, policy: &Policy) -> Result<RecordBatch> {
         let (status, budget) = match policy.study(study) {
             Ok(rules) => {
@@ -850,26 +807,31 @@ impl NodeService {
             ..Default::default()
         })?;
         Ok(confer_protocol::release::budget_report(
-            &self.state.name,
-            study,
-            &status,
-            budget,
-            spent,
-            releases,
+            &confer_protocol::release::BudgetFigures {
+                node: self.state.name.clone(),
+                study: study.to_string(),
+                status,
+                budget_rho: budget,
+                spent_rho: spent,
+                releases,
+                node_budget_rho: policy.node_budget_rho,
+                node_spent_rho: self.state.ledger.spent_total()?,
+                researcher: task.researcher.clone(),
+                researcher_budget_rho: policy.researcher_total_budget_rho,
+                researcher_spent_rho: self.state.ledger.spent_by_researcher(&task.researcher)?,
+            },
         )?)
     }
 }
 
-/// A study as the coordinator describes it, in one line for the steward.
-fn describe_study(info: &confer_protocol::task::StudyInfo) -> String {
-    format!(
-        "\"{}\" (principal investigator {}, ethics approval {}, requests epsilon {} and delta {:e} per node)",
-        info.title,
-        info.principal_investigator,
-        info.ethics_ref,
-        info.requested_epsilon,
-        info.requested_delta
-    )
+/// A plan's cost as the ledger records it.
+fn cost_of(plan: &confer_query::plan::FederatedPlan) -> Cost {
+    Cost {
+        rho: plan.cost.rho,
+        epsilon: plan.cost.epsilon,
+        delta: plan.cost.delta,
+        selection_delta: plan.cost.selection_delta,
+    }
 }
 
 pub(crate) async fn blocking<T: Send + 'static>(
@@ -1010,14 +972,18 @@ impl FlightService for NodeService {
         let action = request.into_inner();
         let result = match action.r#type.as_str() {
             actions::CATALOG => json_result(&self.state.catalog)?,
-            actions::SECAGG_IDENTITY => json_result(&SecaggIdentity {
-                key: self.state.secure.identity(),
-                min_group_size: self
+            actions::SECAGG_IDENTITY => {
+                let policy = self
                     .state
                     .policy()
-                    .map_err(|e| Status::unavailable(e.to_string()))?
-                    .min_group_size,
-            })?,
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                json_result(&SecaggIdentity {
+                    key: self.state.secure.identity(),
+                    min_group_size: policy.min_group_size,
+                    proof: self.state.identity_proof(),
+                    max_corrupt_peers: policy.secure.max_corrupt_peers,
+                })?
+            }
             actions::QUERY_CHECK => {
                 let envelope = Envelope::from_bytes(&action.body).map_err(|e| {
                     Status::from(self.refuse(None, ErrorKind::InvalidArgument, e.message))

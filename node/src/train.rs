@@ -40,12 +40,14 @@ use confer_protocol::train::{
     decode_f32,
 };
 use confer_protocol::{ErrorKind, ProtocolError};
+use confer_query::QueryError;
 use datafusion::execution::context::SQLOptions;
 use tracing::{info, instrument, warn};
 use uuid::Uuid;
 
 use crate::error::{NodeError, Result};
-use crate::ledger::{AuditEntry, Charge, Cost};
+use crate::gate::Failure;
+use crate::ledger::{AuditEntry, Charge, Cost, TaskState};
 use crate::policy::{Policy, StudyRules};
 use crate::service::{NodeService, blocking};
 
@@ -126,6 +128,7 @@ impl NodeService {
         Ok(TrainReady {
             node: self.state().name.clone(),
             identity: self.state().secure.identity(),
+            proof: self.state().identity_proof(),
             cuda: Device::cuda_if_available().is_cuda(),
         })
     }
@@ -142,6 +145,16 @@ impl NodeService {
             .privacy_plan()
             .map_err(|e| self.refuse(Some(&task), ErrorKind::InvalidArgument, e.to_string()))?;
         let repeated = match self.state().ledger.stored(task.id)? {
+            Some(s) if s.payload_hash == payload_hash && s.state == TaskState::Failed => {
+                return Err(self.refuse(
+                    Some(&task),
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "job {} failed while this node prepared it and was charged then; it is not run again",
+                        task.id
+                    ),
+                ));
+            }
             Some(s) if s.payload_hash == payload_hash => true,
             Some(_) => {
                 return Err(self.refuse(
@@ -156,7 +169,7 @@ impl NodeService {
             None => false,
         };
         if !repeated {
-            let charge = self.job_charge(&task, &payload_hash, &rules, &plan)?;
+            let charge = self.job_charge(&task, &payload_hash, &rules, &policy, &plan)?;
             self.record(&charge, b"training job committed".to_vec())?;
             info!(task = %task.id, study = %task.study, rho = plan.rho, "training job charged");
         }
@@ -229,24 +242,38 @@ impl NodeService {
                 ),
             ));
         }
-        // The session's members are the job's sites, each once.
+        // The session's members are the job's sites, each once, with keys
+        // this node can check itself; its threshold is the policy's floor
+        // at least.
         let TaskKind::Train(train) = &task.kind else {
             return Err(NodeError::Protocol(ProtocolError::internal(
                 "checked above",
             )));
         };
-        let mut seen = std::collections::BTreeSet::new();
-        if let Some(m) = r
-            .members
-            .iter()
-            .find(|m| !train.sites.contains(m) || !seen.insert(m.as_str()))
-        {
+        let policy = self.state().policy()?;
+        if policy.secure.max_corrupt_peers > 0 {
             return Err(self.refuse(
                 Some(&round_task),
                 ErrorKind::PermissionDenied,
-                format!("the session lists {m}, which is not a site of this job or appears twice"),
+                format!(
+                    "this node assumes up to {} peer(s) may collude with the coordinator \
+                     (policy.secure.max_corrupt_peers), and training sums size each node's noise for the \
+                     session's threshold alone: a job's sums would protect this node less than its policy \
+                     asks; train with a network whose stewards set max_corrupt_peers = 0",
+                    policy.secure.max_corrupt_peers
+                ),
             ));
         }
+        self.check_session(
+            &round_task,
+            &policy,
+            &session,
+            &r.members,
+            &r.identities,
+            &r.proofs,
+            Some(&train.sites),
+        )
+        .map_err(|why| self.refuse(Some(&round_task), ErrorKind::PermissionDenied, why))?;
         check_round_inputs(r)
             .map_err(|why| self.refuse(Some(&round_task), ErrorKind::InvalidArgument, why))?;
         let _guard = job.round_lock.lock().await;
@@ -495,20 +522,34 @@ impl NodeService {
                 ),
             ));
         }
-        if let Some(cap) = policy.max_query_epsilon
-            && plan.epsilon > cap * (1.0 + 1e-9)
-        {
+        if !spec.privacy.dp_training && !rules.allow_non_dp_training {
             return Err(refuse(
-                ErrorKind::ResourceExhausted,
+                ErrorKind::PermissionDenied,
                 format!(
-                    "this job costs epsilon {} (delta {:e}), above this node's per-task cap of epsilon {cap}: \
-                     lower privacy.epsilon to at most {cap}",
-                    plan.epsilon, plan.delta
+                    "this job trains without DP noise (privacy.dp_training = false), so its model updates \
+                     are protected by secure aggregation alone; study {} may do that at this node only if \
+                     the data steward allows it (allow_non_dp_training = true under \
+                     [policy.studies.{}]): set dp_training = true",
+                    task.study, task.study
                 ),
             ));
         }
-        if self.state().ledger.stored(task.id)?.is_none() {
-            self.job_charge(task, &payload_hash, rules, &plan)?;
+        self.check_costs(task, policy, &job_cost(&plan), spec.privacy.epsilon, None)?;
+        match self.state().ledger.stored(task.id)? {
+            None => {
+                self.check_quota(task, policy)?;
+                self.job_charge(task, &payload_hash, rules, policy, &plan)?;
+            }
+            Some(s) if s.payload_hash == payload_hash && s.state == TaskState::Failed => {
+                return Err(refuse(
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "job {} failed while this node prepared it and was charged then; it is not run again",
+                        task.id
+                    ),
+                ));
+            }
+            Some(_) => {}
         }
         if let Some(job) = cached {
             if let Some(table) = rules.forbidden_table(&job.tables) {
@@ -522,24 +563,44 @@ impl NodeService {
             }
             return Ok(job);
         }
-        let (train_set, test_set, tables) = job_datasets(
-            &self.state().ctx,
-            &self.state().query_catalog,
-            &spec,
-            |tables| rules.forbidden_table(tables).map(str::to_string),
+        let ctx = self.state().task_context(&policy.limits)?;
+        let read = tokio::time::timeout(
+            policy.limits.time_limit,
+            job_datasets(&ctx, &self.state().query_catalog, &spec, |tables| {
+                rules.forbidden_table(tables).map(str::to_string)
+            }),
         )
         .await
-        .map_err(|e| match e {
-            JobDataError::Forbidden(table) => refuse(
-                ErrorKind::PermissionDenied,
-                format!(
-                    "study {} may not read table {table} at this node",
-                    task.study
-                ),
-            ),
-            JobDataError::Invalid(why) => refuse(ErrorKind::InvalidArgument, why),
-            JobDataError::Node(e) => e,
-        })?;
+        .unwrap_or(Err(JobDataError::Failed(Failure::Timeout(
+            policy.limits.time_limit,
+        ))));
+        let (train_set, test_set, tables) = match read {
+            Ok(sets) => sets,
+            Err(JobDataError::Forbidden(table)) => {
+                return Err(refuse(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "study {} may not read table {table} at this node",
+                        task.study
+                    ),
+                ));
+            }
+            Err(JobDataError::Invalid(why)) => return Err(refuse(ErrorKind::InvalidArgument, why)),
+            Err(JobDataError::Node(e)) => return Err(e),
+            // The rows were being read: whether that fails can depend on
+            // them, so the failure is charged (and the job is not run).
+            Err(JobDataError::Failed(failure)) => {
+                let charge = self.job_charge(task, &payload_hash, rules, policy, &plan)?;
+                if let Some(stored) = self.begin(task, &charge)? {
+                    self.answer_stored(task, stored, &payload_hash)?;
+                    return Err(refuse(
+                        ErrorKind::FailedPrecondition,
+                        format!("job {} is already on record here", task.id),
+                    ));
+                }
+                return Err(self.charge_failure(task, &charge, failure));
+            }
+        };
         let bounds = spec
             .data
             .features
@@ -567,15 +628,20 @@ impl NodeService {
         task: &Task,
         payload_hash: &str,
         rules: &StudyRules,
+        policy: &Policy,
         plan: &confer_models::job::PrivacyPlan,
     ) -> Result<Charge> {
-        let cost = Cost {
-            rho: plan.rho,
-            epsilon: plan.epsilon,
-            delta: plan.delta,
-            selection_delta: 0.0,
-        };
-        self.checked_charge(task, payload_hash, rules, cost)
+        self.checked_charge(task, payload_hash, rules, policy, job_cost(plan))
+    }
+}
+
+/// A training job's cost as the ledger records it.
+fn job_cost(plan: &confer_models::job::PrivacyPlan) -> Cost {
+    Cost {
+        rho: plan.rho,
+        epsilon: plan.epsilon,
+        delta: plan.delta,
+        selection_delta: 0.0,
     }
 }
 
@@ -588,6 +654,8 @@ pub enum JobDataError {
     Invalid(String),
     /// The node failed.
     Node(NodeError),
+    /// Reading the rows failed (charged by the node).
+    Failed(Failure),
 }
 
 impl std::fmt::Display for JobDataError {
@@ -598,6 +666,7 @@ impl std::fmt::Display for JobDataError {
             }
             JobDataError::Invalid(why) => f.write_str(why),
             JobDataError::Node(e) => write!(f, "{e}"),
+            JobDataError::Failed(failure) => f.write_str(&failure.describe()),
         }
     }
 }
@@ -623,21 +692,21 @@ pub async fn job_datasets(
         .with_allow_statements(false);
     // Runtime errors can quote values (a failed cast names it): the reason
     // that leaves the node says only what failed, and the value is not logged.
-    let failed = |_: datafusion::error::DataFusionError| {
-        tracing::warn!("a training job's feature query failed to run");
-        JobDataError::Invalid(
-            "the feature query failed while running at this node (a value could not be computed or \
-             converted): check its expressions and casts against the tables' types"
-                .into(),
-        )
+    // Planning reads no row: its errors are the query's, free of charge.
+    let failed = |e: datafusion::error::DataFusionError| {
+        JobDataError::Invalid(format!(
+            "the feature query does not plan at this node: {}",
+            QueryError::from(e)
+        ))
     };
-    let batches = ctx
+    let frame = ctx
         .sql_with_options(&query.sql, options)
         .await
-        .map_err(failed)?
-        .collect()
-        .await
         .map_err(failed)?;
+    let batches = frame.collect().await.map_err(|e| {
+        tracing::warn!("a training job's feature query failed while reading rows");
+        JobDataError::Failed(Failure::of(&e))
+    })?;
     let tables = query.tables.clone();
     let spec = spec.clone();
     blocking(move || {

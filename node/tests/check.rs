@@ -39,7 +39,7 @@ async fn the_check_refuses_answers_or_leaves_the_node_out_and_charges_nothing() 
         format!(
             "[node]\nname = \"n\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\ncoordinator_key = \"{}\"\n\
              [policy]\napproval = \"auto\"\nmax_query_epsilon = 1.0\n\
-             default_study_budget = {{ epsilon = 1.5, delta = 1e-6 }}\n\
+             default_study_budget = {{ epsilon = 1.5, delta = 1e-6 }}\nnode_budget = {{ epsilon = 100.0, delta = 1e-6 }}\n\
              [tables.person]\npath = \"person.csv\"\nprivacy_unit = \"person_id\"\n",
             coordinator.public_hex()
         ),
@@ -78,7 +78,7 @@ async fn the_check_refuses_answers_or_leaves_the_node_out_and_charges_nothing() 
     // Over the per-query cap: refused, with the figures, as an answer.
     let capped = check(count(1.2, "person")).await.expect("check");
     let why = capped.refused.expect("over the cap").message;
-    assert!(why.contains("per-query cap of epsilon 1"), "{why}");
+    assert!(why.contains("per-task cap of epsilon 1"), "{why}");
 
     // Nothing was charged by either check, so the budget still fits 1.0.
     assert_eq!(ledger.spent("s", None).expect("spent"), 0.0);

@@ -64,17 +64,39 @@ pub struct ResultInfo {
     pub confidence: f64,
 }
 
-/// One node's `SHOW PRIVACY BUDGET` report for a study, as the node sends
-/// it and the coordinator reads it: one row of node, study, status,
-/// budget_rho, spent_rho and releases.
-pub fn budget_report(
-    node: &str,
-    study: &str,
-    status: &str,
-    budget_rho: f64,
-    spent_rho: f64,
-    releases: u64,
-) -> Result<RecordBatch, ProtocolError> {
+/// One node's figures for `SHOW PRIVACY BUDGET`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetFigures {
+    /// The node.
+    pub node: String,
+    /// The study reported.
+    pub study: String,
+    /// The study's status at the node.
+    pub status: String,
+    /// The study's budget (rho).
+    pub budget_rho: f64,
+    /// Spent by the study (rho).
+    pub spent_rho: f64,
+    /// The study's releases.
+    pub releases: u64,
+    /// The node's budget over all studies (rho), if its policy sets one.
+    pub node_budget_rho: Option<f64>,
+    /// Spent at the node over all studies (rho).
+    pub node_spent_rho: f64,
+    /// The researcher who asked.
+    pub researcher: String,
+    /// That researcher's budget over all studies (rho), if any.
+    pub researcher_budget_rho: Option<f64>,
+    /// Spent by that researcher over all studies (rho).
+    pub researcher_spent_rho: f64,
+}
+
+/// One node's `SHOW PRIVACY BUDGET` report, as the node sends it and the
+/// coordinator reads it: one row of node, study, status, budget_rho,
+/// spent_rho and releases, then the node-wide figures (node_budget_rho,
+/// node_spent_rho; NULL budget: none set) and the asking researcher's over
+/// all studies (researcher, researcher_budget_rho, researcher_spent_rho).
+pub fn budget_report(f: &BudgetFigures) -> Result<RecordBatch, ProtocolError> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("node", DataType::Utf8, false),
         Field::new("study", DataType::Utf8, false),
@@ -82,16 +104,26 @@ pub fn budget_report(
         Field::new("budget_rho", DataType::Float64, false),
         Field::new("spent_rho", DataType::Float64, false),
         Field::new("releases", DataType::UInt64, false),
+        Field::new("node_budget_rho", DataType::Float64, true),
+        Field::new("node_spent_rho", DataType::Float64, false),
+        Field::new("researcher", DataType::Utf8, false),
+        Field::new("researcher_budget_rho", DataType::Float64, true),
+        Field::new("researcher_spent_rho", DataType::Float64, false),
     ]));
     RecordBatch::try_new(
         schema,
         vec![
-            Arc::new(StringArray::from(vec![node])),
-            Arc::new(StringArray::from(vec![study])),
-            Arc::new(StringArray::from(vec![status])),
-            Arc::new(Float64Array::from(vec![budget_rho])),
-            Arc::new(Float64Array::from(vec![spent_rho])),
-            Arc::new(UInt64Array::from(vec![releases])),
+            Arc::new(StringArray::from(vec![f.node.as_str()])),
+            Arc::new(StringArray::from(vec![f.study.as_str()])),
+            Arc::new(StringArray::from(vec![f.status.as_str()])),
+            Arc::new(Float64Array::from(vec![f.budget_rho])),
+            Arc::new(Float64Array::from(vec![f.spent_rho])),
+            Arc::new(UInt64Array::from(vec![f.releases])),
+            Arc::new(Float64Array::from(vec![f.node_budget_rho])),
+            Arc::new(Float64Array::from(vec![f.node_spent_rho])),
+            Arc::new(StringArray::from(vec![f.researcher.as_str()])),
+            Arc::new(Float64Array::from(vec![f.researcher_budget_rho])),
+            Arc::new(Float64Array::from(vec![f.researcher_spent_rho])),
         ],
     )
     .map_err(|e| ProtocolError::internal(e.to_string()))

@@ -85,6 +85,10 @@ pub struct TrainRoundTask {
     /// The members' secure-aggregation identity keys (hex), by id.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<String>,
+    /// Each member's proof of its key (its certificate and a signature), by
+    /// id: a node accepts a peer's key only if it can check it itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proofs: Vec<Option<crate::task::IdentityProof>>,
 }
 
 /// Feature standardisation as it travels.
@@ -113,6 +117,9 @@ pub struct TrainReady {
     pub node: String,
     /// Its secure-aggregation identity key (hex).
     pub identity: String,
+    /// Its proof of that key (none without TLS).
+    #[serde(default)]
+    pub proof: Option<crate::task::IdentityProof>,
     /// Whether a CUDA device trains there.
     pub cuda: bool,
 }

@@ -101,13 +101,17 @@ pub fn summed_noise_stddev(plan: &FederatedPlan, min_survivors: usize) -> Result
 }
 
 /// A node's input: its exact partials, encoded, plus its share of the noise,
-/// as elements modulo 2^64.
+/// as elements modulo 2^64. `honest` is the number of survivors whose noise
+/// the node counts on (the session's `min_survivors` less the peers its
+/// policy assumes may collude with the coordinator): its share is sized so
+/// that `honest` such shares alone give the query's guarantee.
 pub fn node_input<R: CryptoRng + ?Sized>(
     plan: &FederatedPlan,
     batches: &[RecordBatch],
-    min_survivors: usize,
+    honest: usize,
     rng: &mut R,
 ) -> Result<Vec<u64>> {
+    let min_survivors = honest.max(1);
     let codes = codes(plan, min_survivors)?;
     let rows = read_rows(plan, batches)?;
     let keys = plan.group_keys()?;
@@ -137,20 +141,38 @@ pub fn node_input<R: CryptoRng + ?Sized>(
     Ok(out)
 }
 
-/// Decodes the sum of `survivors` nodes' inputs into one release batch, as
-/// if a single site had released it (`site` names the contributors). Groups
-/// whose noisy counts fall below `min_group_size` are suppressed (NULL), as
-/// a node does with its own release.
+/// Decodes the sum of the contributors' inputs into one release batch, as
+/// if a single site had released it (`site` names the contributors).
+/// `honest` holds, for each contributor, the number of honest survivors it
+/// sized its noise share for (see [`node_input`]); the declared spread is
+/// the sum of their shares. Groups whose noisy counts fall below
+/// `min_group_size` are suppressed (NULL), as a node does with its own
+/// release.
 pub fn decode(
     plan: &FederatedPlan,
     sum: &[u64],
-    survivors: usize,
-    min_survivors: usize,
+    honest: &[usize],
     min_group_size: u64,
     site: &str,
     task_id: Uuid,
 ) -> Result<RecordBatch> {
-    let codes = codes(plan, min_survivors)?;
+    if honest.is_empty() {
+        return Err(QueryError::Internal("a secure sum without contributors".into()));
+    }
+    // The layout and granularity do not depend on the shares; the noise does.
+    let codes = codes(plan, honest[0].max(1))?;
+    let mut variance = vec![0.0f64; codes.len()];
+    let mut cache: std::collections::HashMap<usize, Vec<PartialCode>> =
+        std::collections::HashMap::new();
+    for &h in honest {
+        let h = h.max(1);
+        if !cache.contains_key(&h) {
+            cache.insert(h, self::codes(plan, h)?);
+        }
+        for (v, c) in variance.iter_mut().zip(&cache[&h]) {
+            *v += c.sigma * c.sigma / h as f64;
+        }
+    }
     let want: usize = codes.iter().map(|c| c.len).sum();
     if sum.len() != want {
         return Err(QueryError::Internal(format!(
@@ -162,9 +184,7 @@ pub fn decode(
     let mut at = 0;
     let mut noisy = Vec::with_capacity(codes.len());
     let mut info = Vec::new();
-    // Each survivor added variance σ²/t; the sum holds survivors × that.
-    let spread = (survivors as f64 / min_survivors as f64).sqrt();
-    for (code, spec) in codes.iter().zip(&plan.partials) {
+    for ((code, spec), var) in codes.iter().zip(&plan.partials).zip(&variance) {
         let values = &sum[at..at + code.len];
         at += code.len;
         let ints = values.iter().map(|&v| v as i64);
@@ -177,8 +197,8 @@ pub fn decode(
             info.push(PartialNoise {
                 column: column.clone(),
                 mechanism: "gaussian".into(),
-                noise_stddev: code.sigma * code.granularity * spread,
-                scale: code.sigma * code.granularity,
+                noise_stddev: var.sqrt() * code.granularity,
+                scale: var.sqrt() * code.granularity,
                 sensitivity: spec.l2,
             });
         }

@@ -38,6 +38,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
+use datafusion::arrow::compute::can_cast_types;
 use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{DFSchema, ScalarValue};
@@ -438,7 +439,7 @@ pub fn check_expr(expr: &Expr, schema: &DFSchema) -> Result<()> {
                     | DataType::Time32(_)
                     | DataType::Time64(_)
             );
-            if datafusion::arrow::compute::can_cast_types(&from, to) && !(temporal && is_text(to)) {
+            if can_cast_types(&from, to) && !(temporal && is_text(to)) {
                 Ok(())
             } else {
                 Err(refuse(format!(

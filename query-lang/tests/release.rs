@@ -300,7 +300,7 @@ async fn secure_sums_follow_the_small_cell_rule() {
     let b = confer_query::secure::node_input(&plan, &batches, 2, &mut rng).expect("input");
     let sum: Vec<u64> = a.iter().zip(&b).map(|(x, y)| x.wrapping_add(*y)).collect();
     let decode = |threshold| {
-        confer_query::secure::decode(&plan, &sum, 2, 2, threshold, "a+b", Uuid::new_v4())
+        confer_query::secure::decode(&plan, &sum, &[2, 2], threshold, "a+b", Uuid::new_v4())
             .expect("decode")
     };
     let kept = decode(1);
