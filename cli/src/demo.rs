@@ -247,12 +247,46 @@ pub async fn start_nodes(
     start_nodes_from(program, configs, options.log_level).await
 }
 
-/// Starts one node per `(site name, node.toml)`, concurrently.
+/// Pins every node's secure-aggregation identity key in every other node's
+/// `policy.secure.peers`, as a steward of a plaintext network does (with
+/// mutual TLS, certificates prove the keys instead). Each node's key is
+/// created in its state directory now, as the node would on first start.
+pub fn pin_peers(configs: &[(String, PathBuf)]) -> anyhow::Result<()> {
+    let mut keys = toml::Table::new();
+    for (_, path) in configs {
+        let config = confer_node::NodeConfig::load(path)?;
+        let secure = confer_node::secure::SecureSessions::open(&config.node.state_dir)?;
+        keys.insert(config.node.name.clone(), secure.identity().into());
+    }
+    for (_, path) in configs {
+        let text = std::fs::read_to_string(path)?;
+        let mut config: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        let policy = config
+            .entry("policy")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("{}: [policy] is not a table", path.display()))?;
+        let secure = policy
+            .entry("secure")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("{}: [policy.secure] is not a table", path.display()))?;
+        secure.insert("peers".into(), toml::Value::Table(keys.clone()));
+        std::fs::write(path, toml::to_string(&config)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Starts one node per `(site name, node.toml)`, concurrently, each with
+/// the others' secure-aggregation keys pinned ([`pin_peers`]).
 pub async fn start_nodes_from(
     program: &Path,
     configs: Vec<(String, PathBuf)>,
     log_level: &str,
 ) -> anyhow::Result<NodeSet> {
+    pin_peers(&configs)?;
     let labels: Vec<String> = configs
         .iter()
         .map(|(name, _)| format!("node {name}"))

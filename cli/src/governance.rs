@@ -1,5 +1,5 @@
-//! The data steward's commands: `confer node approve|deny|studies`,
-//! `confer audit verify|show|export`, and `confer keygen`.
+//! The data steward's commands: `confer node approve|deny|studies|failures|
+//! lift|identity`, `confer audit verify|show|export`, and `confer keygen`.
 //!
 //! They open the node's ledger directly (the steward works on the node's
 //! machine), so they work whether the node is running or not.
@@ -47,6 +47,25 @@ pub enum NodeAction {
     },
     /// List the studies this node knows, with approval state and spending.
     Studies,
+    /// List the tasks that failed after admission (each charged), by
+    /// researcher, with how many count toward each one's quota.
+    Failures,
+    /// After reviewing a researcher's charged failures, let the node take
+    /// their tasks again (their count starts from zero). Audited.
+    Lift {
+        /// The researcher.
+        #[arg(long)]
+        researcher: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// Who decides (recorded in the audit log).
+        #[arg(long, default_value = "steward")]
+        by: String,
+    },
+    /// Print this node's secure-aggregation identity key (created on first
+    /// use), for peers that pin it in policy.secure.peers.
+    Identity,
 }
 
 /// `confer audit ...`.
@@ -144,6 +163,60 @@ pub fn node_action(config: Option<&Path>, action: NodeAction) -> anyhow::Result<
         NodeAction::Deny { study, reason, by } => {
             ledger.deny(&study, &reason, &by)?;
             println!("study {study} denied at node {}: {reason}", node.node.name);
+        }
+        NodeAction::Lift {
+            researcher,
+            reason,
+            by,
+        } => {
+            let n = ledger.lift(&researcher, &by, &reason)?;
+            println!(
+                "researcher {researcher} may use node {} again ({n} charged failure(s) reviewed)",
+                node.node.name
+            );
+        }
+        NodeAction::Identity => {
+            let secure = confer_node::secure::SecureSessions::open(&node.node.state_dir)?;
+            println!("{}", secure.identity());
+        }
+        NodeAction::Failures => {
+            let policy = confer_node::policy::Policy::from_config(&node.policy)?;
+            let failed: Vec<AuditRecord> = ledger
+                .audit_records(&AuditFilter::default())?
+                .into_iter()
+                .filter(|r| r.decision == "failed")
+                .collect();
+            if failed.is_empty() {
+                println!("no task has failed after admission at node {}", node.node.name);
+                return Ok(());
+            }
+            let mut researchers: Vec<String> =
+                failed.iter().filter_map(|r| r.actor.clone()).collect();
+            researchers.sort();
+            researchers.dedup();
+            for r in &researchers {
+                let counted = ledger.failures_since_lift(r)?;
+                println!(
+                    "{r}: {counted} charged failure(s) count toward the quota of {}{}",
+                    policy.max_failures_per_researcher,
+                    if counted >= policy.max_failures_per_researcher {
+                        " (refused until lifted)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            for r in failed {
+                println!(
+                    "  {}  {}  study {}  task {}  rho {:.6}  {}",
+                    format_ms(r.at_ms),
+                    r.actor.as_deref().unwrap_or("-"),
+                    r.study.as_deref().unwrap_or("-"),
+                    r.task_id.as_deref().unwrap_or("-"),
+                    r.rho,
+                    r.reason.as_deref().unwrap_or("")
+                );
+            }
         }
         NodeAction::Studies => {
             let rows = ledger.studies()?;
@@ -256,12 +329,15 @@ fn write_jsonl(records: &[AuditRecord], out: &mut dyn std::io::Write) -> anyhow:
     Ok(())
 }
 
+/// A time in the audit log, as people read it (UTC).
+fn format_ms(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
 fn table(records: &[AuditRecord]) -> anyhow::Result<RecordBatch> {
-    let time = |ms: i64| {
-        DateTime::<Utc>::from_timestamp_millis(ms)
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-            .unwrap_or_default()
-    };
+    let time = format_ms;
     let cost = |r: &AuditRecord| {
         if r.rho > 0.0 {
             format!("eps {:.3}, delta {:e}", r.epsilon, r.delta)
