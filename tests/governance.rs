@@ -97,7 +97,7 @@ async fn budgets_drain_then_refuse_and_refusals_are_audited() {
 
     // Policy refusals, each with its reason.
     let cases = [
-        ("alice", "small", count_query(3.0), "per-query cap"),
+        ("alice", "small", count_query(3.0), "per-task cap"),
         (
             "mallory",
             "small",
@@ -132,7 +132,7 @@ async fn budgets_drain_then_refuse_and_refusals_are_audited() {
     let (ok, log) = confer(&["audit", "show", "--config", &cfg, "--format", "jsonl"]);
     assert!(ok, "{log}");
     for want in [
-        "per-query cap",
+        "per-task cap",
         "researcher mallory is not a member",
         "study other is not admitted",
         "may not read table condition_occurrence",
@@ -207,7 +207,7 @@ async fn a_refusal_at_one_node_spends_nothing_anywhere() {
     assert!(
         err.contains("refused before any node ran it, nothing spent")
             && err.contains("node site-b")
-            && err.contains("per-query cap of epsilon 0.3"),
+            && err.contains("per-task cap of epsilon 0.3"),
         "{err}"
     );
     assert!(

@@ -34,6 +34,11 @@ approval = "auto"
 default_study_budget = { rho = 1e12, delta = 0.5 }
 node_budget = { rho = 1e15 }
 default_models = ["logistic_regression", "mlp"]
+
+[policy.studies.bench]
+budget = { rho = 1e12, delta = 0.5 }
+models = ["logistic_regression", "mlp"]
+allow_non_dp_training = true
 "#;
 
 fn arg(name: &str) -> Option<String> {

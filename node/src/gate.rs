@@ -7,11 +7,11 @@
 //!                        rho ≤ the per-task cap (in rho, at max_query_delta)
 //!              ─▶ quota: the researcher's charged failures below the policy's limit
 //!              ─▶ slot: fewer than max_concurrent_tasks running (else "busy", nothing charged)
-//!              ─▶ begin: the ledger reserves max(cost, failure floor) against every budget
-//!                        (study, researcher in study, researcher over all studies, node),
+//!              ─▶ begin: the ledger charges the cost against every budget (study,
+//!                        researcher in study, researcher over all studies, node),
 //!                        durably, before any row is read
 //!              ─▶ run under the task's memory pool and time limit
-//!              ─▶ finish (release stored, charge settled at its cost) or fail (charge kept)
+//!              ─▶ finish (release stored) or fail (charge raised to the failure floor)
 //! ```
 //!
 //! Everything that fails after `begin` (an expression, the memory pool,
@@ -348,9 +348,7 @@ impl NodeService {
             researcher_total_budget: policy.researcher_total_budget_rho,
             failure_rho: policy.min_charge_rho,
         };
-        let mut reserving = charge.clone();
-        reserving.cost.rho = charge.reserved_rho();
-        if let Some(why) = self.state().ledger.check_budget(&reserving)? {
+        if let Some(why) = self.state().ledger.check_budget(&charge)? {
             return Err(self.refuse(Some(task), ErrorKind::ResourceExhausted, why));
         }
         Ok(charge)
@@ -438,9 +436,9 @@ impl NodeService {
         }
     }
 
-    /// After a task failed past admission: its reserved charge stays (at
-    /// least the node's floor), the failure is stored so a retry gets it
-    /// again, and the refusal names only what kind of thing failed.
+    /// After a task failed past admission: its charge rises to at least the
+    /// node's floor, the failure is stored so a retry gets it again, and the
+    /// refusal names only what kind of thing failed.
     pub(crate) fn charge_failure(&self, task: &Task, charge: &Charge, failure: Failure) -> NodeError {
         let reason = failure.describe();
         warn!(task = %task.id, "a task failed after admission and was charged (message withheld)");
@@ -451,7 +449,7 @@ impl NodeService {
             "node {}: {reason}. The task was charged (rho {:.6}, this node's floor for a failure) and \
              is not run again",
             self.state().name,
-            charge.reserved_rho()
+            charge.failure_charge()
         );
         NodeError::Protocol(ProtocolError::new(ErrorKind::FailedPrecondition, message).with_retryable(false))
     }

@@ -74,16 +74,16 @@ pub struct Charge {
     pub node_budget: Option<f64>,
     /// The researcher's budget over all studies (rho), if any.
     pub researcher_total_budget: Option<f64>,
-    /// What the task costs if it fails after it was admitted (rho): at
-    /// least the node's floor. Reserved when the task starts, so that a
-    /// failure, a timeout or a crash is charged within the budgets.
+    /// The node's floor for a task that fails after it was admitted (rho):
+    /// a failure is charged the larger of the task's cost and this, even
+    /// beyond the budgets (a failure is a penalty, not a purchase).
     pub failure_rho: f64,
 }
 
 impl Charge {
-    /// What is reserved while the task runs: the larger of its cost and
-    /// its failure charge.
-    pub fn reserved_rho(&self) -> f64 {
+    /// What a failure of this task costs: the larger of its cost and the
+    /// node's floor.
+    pub fn failure_charge(&self) -> f64 {
         self.cost.rho.max(self.failure_rho)
     }
 }
@@ -91,7 +91,7 @@ impl Charge {
 /// The state of a task in the ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TaskState {
-    /// Charged (the larger of its cost and its failure charge) and running.
+    /// Charged its cost, and running.
     Running,
     /// Released: its bytes are stored.
     Released,
@@ -377,16 +377,16 @@ impl Ledger {
     }
 
     /// Tasks that were running when the node stopped (a crash, a kill by
-    /// the system for memory) failed: they keep their reserved charge, and
-    /// a retry gets the failure. Whether a task kills the node can depend
+    /// the system for memory) failed: their charge rises to the failure
+    /// floor recorded with them, and a retry gets the failure. Whether a task kills the node can depend
     /// on the rows, so such a stop is never free.
     fn recover(&self) -> Result<()> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let running: Vec<(String, String, String, String, f64, f64, f64)> = {
             let mut stmt = tx.prepare(
-                "SELECT task_id, study, researcher, kind, rho, epsilon, delta FROM releases
-                 WHERE state = 'running' ORDER BY created_ms",
+                "SELECT task_id, study, researcher, kind, MAX(rho, failure_rho), epsilon, delta
+                 FROM releases WHERE state = 'running' ORDER BY created_ms",
             )?;
             let rows = stmt.query_map([], |row| {
                 Ok((
@@ -408,7 +408,8 @@ impl Ledger {
         let failed_hash = sha256_hex(FAILED_MARKER);
         for (task, study, researcher, kind, rho, epsilon, delta) in running {
             tx.execute(
-                "UPDATE releases SET state = 'failed', result = ?2, result_hash = ?3 WHERE task_id = ?1",
+                "UPDATE releases SET state = 'failed', result = ?2, result_hash = ?3,
+                        rho = MAX(rho, failure_rho) WHERE task_id = ?1",
                 params![task, FAILED_MARKER, failed_hash],
             )?;
             head = Some(append(
@@ -545,11 +546,11 @@ impl Ledger {
         Ok(Ok(result))
     }
 
-    /// Charges a task before it runs: checks the budgets against what it
-    /// reserves ([`Charge::reserved_rho`]) and records it as running, with
-    /// its audit record, in one durable transaction. Nothing derived from
-    /// the rows exists yet. A task already on record is returned as it is
-    /// (a retry); a different task under its id is refused as a replay.
+    /// Charges a task before it runs: checks every budget against its cost
+    /// and records it as running, with its audit record, in one durable
+    /// transaction. Nothing derived from the rows exists yet. A task
+    /// already on record is returned as it is (a retry); a different task
+    /// under its id is refused as a replay.
     pub fn begin(&self, charge: &Charge) -> Result<std::result::Result<Begun, Refusal>> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -577,9 +578,7 @@ impl Ledger {
             self.write_head(head);
             return Ok(Err(Refusal::Replay(why)));
         }
-        let mut reserving = charge.clone();
-        reserving.cost.rho = charge.reserved_rho();
-        if let Some(why) = budget_refusal(&tx, &reserving)? {
+        if let Some(why) = budget_refusal(&tx, charge)? {
             let head = append(&tx, &refusal_entry(charge, &why))?;
             tx.commit()?;
             self.write_head(head);
@@ -596,7 +595,7 @@ impl Ledger {
                 charge.study,
                 charge.researcher,
                 charge.kind,
-                reserving.cost.rho,
+                charge.cost.rho,
                 charge.cost.epsilon,
                 charge.cost.delta,
                 now_ms(),
@@ -615,10 +614,11 @@ impl Ledger {
                 kind: charge.kind.clone(),
                 decision: "charged".into(),
                 reason: Some(format!(
-                    "charged before running: rho {:.6} reserved (cost {:.6}, at least {:.6} if it fails)",
-                    reserving.cost.rho, charge.cost.rho, charge.failure_rho
+                    "charged before running: rho {:.6} (at least {:.6} if it fails)",
+                    charge.cost.rho,
+                    charge.failure_charge()
                 )),
-                cost: Some(reserving.cost),
+                cost: Some(charge.cost),
                 result_hash: Some(marker_hash),
             },
         )?;
@@ -678,23 +678,29 @@ impl Ledger {
         Ok(result)
     }
 
-    /// Records that a running task failed after it was admitted: it keeps
-    /// its reserved charge (at least the node's floor), and a retry gets
-    /// the same failure. `reason` must not quote any value.
+    /// Records that a running task failed after it was admitted: its charge
+    /// rises to [`Charge::failure_charge`] (at least the node's floor, even
+    /// beyond the budgets), and a retry gets the same failure. `reason`
+    /// must not quote any value.
     pub fn fail(&self, charge: &Charge, reason: &str) -> Result<()> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let failed_hash = sha256_hex(FAILED_MARKER);
         let changed = tx.execute(
-            "UPDATE releases SET state = 'failed', result = ?2, result_hash = ?3
+            "UPDATE releases SET state = 'failed', result = ?2, result_hash = ?3, rho = MAX(rho, ?4)
              WHERE task_id = ?1 AND state = 'running'",
-            params![charge.task_id.to_string(), FAILED_MARKER, failed_hash],
+            params![
+                charge.task_id.to_string(),
+                FAILED_MARKER,
+                failed_hash,
+                charge.failure_charge()
+            ],
         )?;
         if changed == 0 {
             return Ok(());
         }
         let mut cost = charge.cost;
-        cost.rho = charge.reserved_rho();
+        cost.rho = charge.failure_charge();
         let head = append(
             &tx,
             &AuditEntry {

@@ -2,7 +2,7 @@
 //! aggregation, and the sessions in flight.
 //!
 //! Round 0 carries the signed task. The node admits it like any task
-//! (signature, expiry, study, policy, tables, per-query cap, budget), runs
+//! (signature, expiry, study, policy, tables, per-task cap, budget), runs
 //! the bounded query, encodes its partials with its share of the noise
 //! ([`confer_query::secure::node_input`]) and commits the debit to its
 //! ledger **before** it answers: the masked input of round 2 is the only
