@@ -13,6 +13,8 @@ mod faults;
 mod fixture;
 /// Budgets, policy, approval, signatures, replays and the audit log.
 mod governance;
+/// Issue 13's attack shapes, one regression test each: refused, bounded or charged.
+mod guarantee;
 /// A slow link and a rogue node, for the fault tests.
 mod proxy;
 /// aggregation = 'secure' over real nodes: exact sums up to noise, dropouts.

@@ -146,6 +146,19 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         (format!("{DP} site, COUNT(*) FROM person GROUP BY site").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')"), "GROUP BY site with aggregation = 'secure'"),
         (format!("{DP} care_site_id, COUNT(*) FROM person GROUP BY care_site_id").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')"), "cannot select partitions"),
         (format!("{DP} COUNT(*) FROM person").replace("delta = 1e-6)", "delta = 1e-6, privacy_unit_column = care_site_id)"), "privacy_unit_column = care_site_id"),
+        // The privacy unit travels only unchanged (issue 13, shapes 1 and 2).
+        (format!("{DP} COUNT(*) FROM (SELECT DISTINCT ON (condition_concept_id) person_id, condition_concept_id FROM condition_occurrence) d"), "DISTINCT ON over person-level rows must list the privacy unit"),
+        (format!("{DP} COUNT(*) FROM person WHERE CAST(person_id AS BOOLEAN) IN (SELECT CAST(person_id AS BOOLEAN) FROM condition_occurrence)"), "must compare the privacy unit"),
+        (format!("{DP} COUNT(*) FROM person p JOIN condition_occurrence c ON CAST(c.person_id AS DOUBLE) = CAST(p.person_id AS DOUBLE)"), "joined only on the privacy unit"),
+        (format!("{DP} COUNT(*) FROM (SELECT CAST(person_id AS BOOLEAN) AS b, COUNT(*) AS n FROM condition_occurrence GROUP BY CAST(person_id AS BOOLEAN)) t"), "aggregates person-level rows across persons"),
+        (format!("{DP} COUNT(*) FROM (SELECT CAST(person_id AS DOUBLE) AS person_id FROM condition_occurrence) t"), "drops the privacy unit"),
+        // Nothing may fail on a row (issue 13, shapes 4 to 6).
+        (format!("{DP} COUNT(*) FROM person WHERE to_timestamp(CAST(year_of_birth AS VARCHAR)) IS NULL"), "to_timestamp may fail on some rows"),
+        (format!("{DP} COUNT(*) FROM person WHERE year_of_birth / care_site_id > 1"), "divide as floating point"),
+        (format!("{DP} COUNT(*) FROM condition_occurrence c JOIN concept k ON k.concept_id = c.condition_concept_id WHERE k.concept_name = 5"), "quoted literal"),
+        (format!("{DP} COUNT(*) FROM person WHERE gender_concept_id = (SELECT concept_id FROM concept)"), "at most one row"),
+        (format!("{DP} SUM(year_of_birth, contribution_bounds_per_group => (0, 1e300)) FROM person"), "beyond"),
+        (format!("{DP} COUNT(*) FROM person WHERE year_of_birth / 0 > 1"), "divides by zero"),
         // Functions.
         (format!("{DP} COUNT(*) FROM person WHERE my_risk_score(year_of_birth) > 1"), "my_risk_score is not a built-in SQL function"),
         (format!("{DP} my_band(year_of_birth) AS band, COUNT(*) FROM person GROUP BY my_band(year_of_birth)"), "user-defined functions are not allowed"),
