@@ -128,7 +128,10 @@ async fn failing_expressions_never_quote_a_row() {
             "divide as floating point",
         ),
         ("person_source_value = 5", "quoted literal"),
-        ("make_date(year_of_birth, 1, 1) > DATE '2000-01-01'", "make_date"),
+        (
+            "make_date(year_of_birth, 1, 1) > DATE '2000-01-01'",
+            "make_date",
+        ),
     ];
     let source =
         std::fs::read_to_string(crate::fixture::gibleed().join("PERSON.csv")).expect("PERSON.csv");

@@ -54,7 +54,10 @@ fn handle(fed: &crate::fixture::Running, site: &str) -> NodeHandle {
 
 async fn spent(client: &mut confer_cli::client::Client, study: &str) -> Vec<(String, f64)> {
     let show = client
-        .run(&format!("SHOW PRIVACY BUDGET FOR STUDY {study}"), Some(study))
+        .run(
+            &format!("SHOW PRIVACY BUDGET FOR STUDY {study}"),
+            Some(study),
+        )
         .await
         .expect("show budget");
     keyed(&show.batches, 1, &["spent_rho"])
@@ -235,14 +238,19 @@ async fn failures_after_admission_are_charged_stored_and_counted() {
     let envelope = coordinator.sign(&task).expect("sign");
     let err = node.run(&envelope, timeout).await.expect_err("times out");
     assert!(
-        err.message.contains("ran longer than this node's limit of 2 s")
+        err.message
+            .contains("ran longer than this node's limit of 2 s")
             && err.message.contains("charged"),
         "{}",
         err.message
     );
     // The retry gets the stored failure; nothing runs or is charged again.
     let again = node.run(&envelope, timeout).await.expect_err("stored");
-    assert!(again.message.contains("failed while it ran"), "{}", again.message);
+    assert!(
+        again.message.contains("failed while it ran"),
+        "{}",
+        again.message
+    );
     let db = work.join("state").join("site-a").join("ledger.sqlite");
     let ledger = || rusqlite::Connection::open(&db).expect("ledger");
     let (rows, rho): (i64, f64) = ledger()
@@ -260,21 +268,33 @@ async fn failures_after_admission_are_charged_stored_and_counted() {
 
     // A second failure reaches the quota: alice is refused, bob is not.
     let second = coordinator
-        .sign(&Task::query("test", "alice", slow, Duration::from_secs(600)))
+        .sign(&Task::query(
+            "test",
+            "alice",
+            slow,
+            Duration::from_secs(600),
+        ))
         .expect("sign");
     node.run(&second, timeout).await.expect_err("times out");
     let count = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5, delta = 1e-6) COUNT(*) AS n FROM person";
     let blocked = node
         .run(
             &coordinator
-                .sign(&Task::query("test", "alice", count, Duration::from_secs(600)))
+                .sign(&Task::query(
+                    "test",
+                    "alice",
+                    count,
+                    Duration::from_secs(600),
+                ))
                 .expect("sign"),
             timeout,
         )
         .await
         .expect_err("over the quota");
     assert!(
-        blocked.message.contains("confer node lift --researcher alice"),
+        blocked
+            .message
+            .contains("confer node lift --researcher alice"),
         "{}",
         blocked.message
     );
@@ -305,7 +325,12 @@ async fn failures_after_admission_are_charged_stored_and_counted() {
     assert!(ok, "{out}");
     node.run(
         &coordinator
-            .sign(&Task::query("test", "alice", count, Duration::from_secs(600)))
+            .sign(&Task::query(
+                "test",
+                "alice",
+                count,
+                Duration::from_secs(600),
+            ))
             .expect("sign"),
         timeout,
     )
@@ -366,7 +391,10 @@ async fn a_node_budget_caps_every_study_together() {
             }
         }
     }
-    assert_eq!(answered, fits, "each fresh study fits one query; the node fits {fits}");
+    assert_eq!(
+        answered, fits,
+        "each fresh study fits one query; the node fits {fits}"
+    );
     let refusal = refusal.expect("the node budget refused one");
     assert!(refusal.contains("budget exhausted for node"), "{refusal}");
     let show = client
@@ -388,7 +416,11 @@ async fn one_row_per_person_is_enforced_by_the_plan() {
     let mut client = fed.client().await;
     let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1e9, delta = 1e-6) \
                gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id";
-    let before = keyed(&client.run(sql, Some("test")).await.expect("runs").batches, 1, &["n"]);
+    let before = keyed(
+        &client.run(sql, Some("test")).await.expect("runs").batches,
+        1,
+        &["n"],
+    );
     // Every person listed twice, the second time with the other sex.
     let file = fed
         .federation
@@ -408,8 +440,13 @@ async fn one_row_per_person_is_enforced_by_the_plan() {
         doubled.push('\n');
     }
     std::fs::write(&file, doubled).expect("write");
-    let after = keyed(&client.run(sql, Some("test")).await.expect("runs").batches, 1, &["n"]);
-    let total = |m: &std::collections::BTreeMap<String, Vec<f64>>| m.values().map(|v| v[0]).sum::<f64>();
+    let after = keyed(
+        &client.run(sql, Some("test")).await.expect("runs").batches,
+        1,
+        &["n"],
+    );
+    let total =
+        |m: &std::collections::BTreeMap<String, Vec<f64>>| m.values().map(|v| v[0]).sum::<f64>();
     assert_eq!(
         total(&before),
         total(&after),
@@ -475,15 +512,27 @@ async fn secure_sessions_a_dishonest_coordinator_proposes_are_checked() {
     let forged = "ab".repeat(32);
     let cases = [
         (
-            round0(vec!["site-a", "site-b"], vec![key_a.clone(), forged.clone()], 2),
+            round0(
+                vec!["site-a", "site-b"],
+                vec![key_a.clone(), forged.clone()],
+                2,
+            ),
             "other than the one pinned",
         ),
         (
-            round0(vec!["site-a", "mallory"], vec![key_a.clone(), forged.clone()], 2),
+            round0(
+                vec!["site-a", "mallory"],
+                vec![key_a.clone(), forged.clone()],
+                2,
+            ),
             "cannot check the identity key of mallory",
         ),
         (
-            round0(vec!["site-a", "site-a"], vec![key_a.clone(), key_b.clone()], 2),
+            round0(
+                vec!["site-a", "site-a"],
+                vec![key_a.clone(), key_b.clone()],
+                2,
+            ),
             "lists site-a twice",
         ),
     ];
@@ -493,7 +542,11 @@ async fn secure_sessions_a_dishonest_coordinator_proposes_are_checked() {
     }
 
     // Two concurrent round 0 calls for one valid task: one input, one debit.
-    let body = round0(vec!["site-a", "site-b"], vec![key_a.clone(), key_b.clone()], 2);
+    let body = round0(
+        vec!["site-a", "site-b"],
+        vec![key_a.clone(), key_b.clone()],
+        2,
+    );
     let task_id = serde_json::from_slice::<SecaggRound>(&body)
         .expect("round")
         .task_id;
@@ -518,20 +571,20 @@ async fn secure_sessions_a_dishonest_coordinator_proposes_are_checked() {
     // A threshold under the node's floor.
     let config = work.join("site-a.toml");
     let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(&config, text.replacen("min_survivors = 2", "min_survivors = 3", 1))
-        .expect("write");
+    std::fs::write(
+        &config,
+        text.replacen("min_survivors = 2", "min_survivors = 3", 1),
+    )
+    .expect("write");
     let file = std::fs::File::options()
         .write(true)
         .open(&config)
         .expect("open");
     file.set_modified(std::time::SystemTime::now() + Duration::from_secs(10))
         .expect("mtime");
-    let err = start(
-        &a,
-        round0(vec!["site-a", "site-b"], vec![key_a, key_b], 2),
-    )
-    .await
-    .expect_err("under the floor");
+    let err = start(&a, round0(vec!["site-a", "site-b"], vec![key_a, key_b], 2))
+        .await
+        .expect_err("under the floor");
     assert!(
         err.message.contains("policy needs at least 3"),
         "{}",

@@ -69,8 +69,12 @@ fn job(edit: impl Fn(String) -> String) -> JobSpec {
 }
 
 async fn submit(client: &mut Client, spec: &JobSpec) -> anyhow::Result<JobStatus> {
+    submit_in(client, spec, "test").await
+}
+
+async fn submit_in(client: &mut Client, spec: &JobSpec, study: &str) -> anyhow::Result<JobStatus> {
     let body = serde_json::to_vec(&TrainSubmit {
-        study: "test".into(),
+        study: study.into(),
         job: serde_json::to_value(spec)?,
     })?;
     Ok(serde_json::from_value(
@@ -412,6 +416,34 @@ async fn bad_jobs_are_refused_naming_the_node_and_charge_nothing() {
         .expect_err("unknown column")
         .to_string();
     assert!(err.contains("nosuch"), "{err}");
+
+    // A feature query computing what can fail on a row is refused at
+    // submit: a prepare that failed on one person's row would tell so, for
+    // free (issue 13, shape 5).
+    let spec = job(|t| {
+        t.replace(
+            "AS label\n",
+            "AS label, to_timestamp(CAST(age AS VARCHAR)) AS t\n",
+        )
+    });
+    let err = submit(&mut client, &spec)
+        .await
+        .expect_err("not total")
+        .to_string();
+    assert!(err.contains("to_timestamp may fail on some rows"), "{err}");
+
+    // Training without DP noise needs the steward's consent for the study
+    // (issue 13, shape 11): `test` has it, `other` (the default budget) not.
+    let status = submit_in(&mut client, &job(|t| t), "other")
+        .await
+        .expect("accepted for preparation");
+    let done = wait(&mut client, status.job_id, |_| false).await;
+    assert_eq!(done.state, JobState::Failed);
+    let error = done.error.expect("error");
+    assert!(
+        error.contains("allow_non_dp_training") && error.contains("nothing was charged"),
+        "{error}"
+    );
 
     // Refused by every node while preparing: nothing charged anywhere.
     let everyone = &confer_cli::heart::CENTRES[..];

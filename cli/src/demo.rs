@@ -271,10 +271,12 @@ pub fn pin_peers(configs: &[(String, PathBuf)]) -> anyhow::Result<()> {
             continue;
         }
         // Appended as its own table, leaving the rest of the file as written.
-        text.push_str("
+        text.push_str(
+            "
 # Peers' secure-aggregation keys, pinned by the federation's set-up.
 [policy.secure.peers]
-");
+",
+        );
         for (name, key) in &keys {
             text.push_str(&format!("{name:?} = \"{key}\"\n"));
         }

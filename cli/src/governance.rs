@@ -187,7 +187,10 @@ pub fn node_action(config: Option<&Path>, action: NodeAction) -> anyhow::Result<
                 .filter(|r| r.decision == "failed")
                 .collect();
             if failed.is_empty() {
-                println!("no task has failed after admission at node {}", node.node.name);
+                println!(
+                    "no task has failed after admission at node {}",
+                    node.node.name
+                );
                 return Ok(());
             }
             let mut researchers: Vec<String> =

@@ -177,8 +177,8 @@ mod tests {
     use super::*;
 
     fn report(node: &str, budget: f64, spent: f64) -> SitePartial {
-        let batch = confer_protocol::release::budget_report(
-            &confer_protocol::release::BudgetFigures {
+        let batch =
+            confer_protocol::release::budget_report(&confer_protocol::release::BudgetFigures {
                 node: node.into(),
                 study: "s".into(),
                 status: "approved".into(),
@@ -190,9 +190,8 @@ mod tests {
                 researcher: "r".into(),
                 researcher_budget_rho: None,
                 researcher_spent_rho: spent,
-            },
-        )
-        .expect("batch");
+            })
+            .expect("batch");
         SitePartial {
             site: node.into(),
             batch,

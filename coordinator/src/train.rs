@@ -699,10 +699,8 @@ impl Run<'_> {
             .iter()
             .filter_map(|r| r.proof.clone().map(|p| (r.node.clone(), p)))
             .collect();
-        let sites: Vec<(String, String)> = ready
-            .into_iter()
-            .map(|r| (r.node, r.identity))
-            .collect();
+        let sites: Vec<(String, String)> =
+            ready.into_iter().map(|r| (r.node, r.identity)).collect();
         let model = Model::with_device(&self.spec.model, self.spec.seed, Device::Cpu)
             .map_err(|e| ProtocolError::invalid(e.to_string()))?;
         let weights = model.parameters().map_err(internal)?;

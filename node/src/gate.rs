@@ -439,7 +439,12 @@ impl NodeService {
     /// After a task failed past admission: its charge rises to at least the
     /// node's floor, the failure is stored so a retry gets it again, and the
     /// refusal names only what kind of thing failed.
-    pub(crate) fn charge_failure(&self, task: &Task, charge: &Charge, failure: Failure) -> NodeError {
+    pub(crate) fn charge_failure(
+        &self,
+        task: &Task,
+        charge: &Charge,
+        failure: Failure,
+    ) -> NodeError {
         let reason = failure.describe();
         warn!(task = %task.id, "a task failed after admission and was charged (message withheld)");
         if let Err(e) = self.state().ledger.fail(charge, &reason) {
@@ -451,7 +456,9 @@ impl NodeService {
             self.state().name,
             charge.failure_charge()
         );
-        NodeError::Protocol(ProtocolError::new(ErrorKind::FailedPrecondition, message).with_retryable(false))
+        NodeError::Protocol(
+            ProtocolError::new(ErrorKind::FailedPrecondition, message).with_retryable(false),
+        )
     }
 
     /// Records a release in one step (no run in between): training rounds
@@ -483,7 +490,10 @@ impl NodeService {
         sql: &str,
         limits: &Limits,
     ) -> std::result::Result<Vec<RecordBatch>, Failure> {
-        let ctx = self.state().task_context(limits).map_err(|_| Failure::Other)?;
+        let ctx = self
+            .state()
+            .task_context(limits)
+            .map_err(|_| Failure::Other)?;
         let work = async move {
             let frame = ctx.sql(sql).await?;
             frame.collect().await

@@ -744,13 +744,11 @@ impl Ledger {
             |row| row.get(0),
         )?;
         // Strictly after every failure recorded so far.
-        let at = now_ms().max(
-            tx.query_row(
-                "SELECT COALESCE(MAX(created_ms), 0) + 1 FROM releases WHERE researcher = ?1",
-                params![researcher],
-                |row| row.get::<_, i64>(0),
-            )?,
-        );
+        let at = now_ms().max(tx.query_row(
+            "SELECT COALESCE(MAX(created_ms), 0) + 1 FROM releases WHERE researcher = ?1",
+            params![researcher],
+            |row| row.get::<_, i64>(0),
+        )?);
         tx.execute(
             "INSERT INTO lifts (researcher, at_ms, by) VALUES (?1, ?2, ?3)",
             params![researcher, at, by],

@@ -422,7 +422,9 @@ impl Policy {
         };
         let min_query_epsilon = positive(
             "min_query_epsilon",
-            config.min_query_epsilon.unwrap_or(DEFAULT_MIN_QUERY_EPSILON),
+            config
+                .min_query_epsilon
+                .unwrap_or(DEFAULT_MIN_QUERY_EPSILON),
         )?;
         let min_charge_epsilon = positive(
             "min_charge_epsilon",

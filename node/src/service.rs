@@ -23,9 +23,7 @@ use arrow_flight::{
 };
 use confer_protocol::catalog::{CatalogInfo, Health};
 use confer_protocol::signing::{PublicKey, sha256_hex};
-use confer_protocol::task::{
-    Envelope, QueryCheck, SecaggIdentity, SecaggRound, Task, TaskKind,
-};
+use confer_protocol::task::{Envelope, QueryCheck, SecaggIdentity, SecaggRound, Task, TaskKind};
 use confer_protocol::{ErrorKind, ProtocolError, actions};
 use confer_query::release::ReleaseOptions;
 use confer_query::{Catalog, QueryError, Statement};
@@ -489,7 +487,9 @@ impl NodeService {
             if let Some(allowed) = allowed
                 && !allowed.contains(member)
             {
-                return Err(format!("the session lists {member}, which is not a site of this task"));
+                return Err(format!(
+                    "the session lists {member}, which is not a site of this task"
+                ));
             }
             if *member == self.state.name {
                 if identities[i] != self.state.secure.identity() {
@@ -499,7 +499,12 @@ impl NodeService {
                 }
                 continue;
             }
-            self.verify_peer(member, &identities[i], proofs.get(i).and_then(Option::as_ref), policy)?;
+            self.verify_peer(
+                member,
+                &identities[i],
+                proofs.get(i).and_then(Option::as_ref),
+                policy,
+            )?;
         }
         if !seen.contains(self.state.name.as_str()) {
             return Err(format!(

@@ -290,7 +290,8 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
             if left.is_private() && right.is_private() {
                 let keyed = join.on.iter().any(|(l, r)| {
                     unit_index(l, &join.left).is_some_and(|i| left.unit_fields.contains(&i))
-                        && unit_index(r, &join.right).is_some_and(|i| right.unit_fields.contains(&i))
+                        && unit_index(r, &join.right)
+                            .is_some_and(|i| right.unit_fields.contains(&i))
                 }) || join
                     .filter
                     .as_ref()

@@ -1287,7 +1287,10 @@ fn row_order(l: &LocalSql<'_>) -> String {
     if !l.deterministic {
         return "random()".into();
     }
-    let mut parts = vec![format!("'{}'", l.salt), "CAST(__unit AS VARCHAR)".to_string()];
+    let mut parts = vec![
+        format!("'{}'", l.salt),
+        "CAST(__unit AS VARCHAR)".to_string(),
+    ];
     for i in 0..l.groups.len() {
         parts.push(format!("coalesce(CAST(__g{i} AS VARCHAR), '\u{1}')"));
     }

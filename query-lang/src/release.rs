@@ -55,7 +55,11 @@ pub fn release(
     };
     let index = FederatedPlan::key_index(&keys);
     let mut exact = exact_partials(plan, &rows, &index, keys.len())?;
-    saturate(plan, &mut exact, &persons_by_slot(&rows, &index, keys.len()));
+    saturate(
+        plan,
+        &mut exact,
+        &persons_by_slot(&rows, &index, keys.len()),
+    );
 
     let mut noise_info = Vec::with_capacity(plan.partials.len());
     let mut noisy: Vec<Exact> = Vec::with_capacity(plan.partials.len());

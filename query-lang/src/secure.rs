@@ -117,7 +117,11 @@ pub fn node_input<R: CryptoRng + ?Sized>(
     let keys = plan.group_keys()?;
     let index = FederatedPlan::key_index(&keys);
     let mut exact = exact_partials(plan, &rows, &index, keys.len())?;
-    saturate(plan, &mut exact, &persons_by_slot(&rows, &index, keys.len()));
+    saturate(
+        plan,
+        &mut exact,
+        &persons_by_slot(&rows, &index, keys.len()),
+    );
     let mut out = Vec::with_capacity(codes.iter().map(|c| c.len).sum());
     for (code, values) in codes.iter().zip(exact) {
         let ints: Vec<i64> = match values {
@@ -157,7 +161,9 @@ pub fn decode(
     task_id: Uuid,
 ) -> Result<RecordBatch> {
     if honest.is_empty() {
-        return Err(QueryError::Internal("a secure sum without contributors".into()));
+        return Err(QueryError::Internal(
+            "a secure sum without contributors".into(),
+        ));
     }
     // The layout and granularity do not depend on the shares; the noise does.
     let codes = codes(plan, honest[0].max(1))?;
@@ -166,10 +172,11 @@ pub fn decode(
         std::collections::HashMap::new();
     for &h in honest {
         let h = h.max(1);
-        if !cache.contains_key(&h) {
-            cache.insert(h, self::codes(plan, h)?);
-        }
-        for (v, c) in variance.iter_mut().zip(&cache[&h]) {
+        let shares = match cache.entry(h) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self::codes(plan, h)?),
+        };
+        for (v, c) in variance.iter_mut().zip(shares.iter()) {
             *v += c.sigma * c.sigma / h as f64;
         }
     }

@@ -890,10 +890,7 @@ mod tests {
         let run = std::panic::AssertUnwindSafe(df.collect());
         match futures::FutureExt::catch_unwind(run).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => FAILURES
-                .lock()
-                .expect("lock")
-                .push(format!("{expr}: {e}")),
+            Ok(Err(e)) => FAILURES.lock().expect("lock").push(format!("{expr}: {e}")),
             Err(_) => FAILURES
                 .lock()
                 .expect("lock")
@@ -937,7 +934,11 @@ mod tests {
             for arity in 0..=max_arity {
                 // Each position: every column, or every constant where the
                 // rule wants constants (fewer when there are two).
-                let pool: &[&str] = if arity > 2 { SMALL_CONSTANTS } else { CONSTANTS };
+                let pool: &[&str] = if arity > 2 {
+                    SMALL_CONSTANTS
+                } else {
+                    CONSTANTS
+                };
                 let choices: Vec<Vec<&str>> = (0..arity)
                     .map(|i| {
                         if constant_positions.contains(&i) {
@@ -982,8 +983,24 @@ mod tests {
     async fn operators_and_casts_accepted_are_total() {
         let ctx = probe();
         let ops = [
-            "+", "-", "*", "/", "%", "=", "<>", "<", ">=", "||", "&", "|", "#", "AND", "OR",
-            "IS DISTINCT FROM", "<<", ">>",
+            "+",
+            "-",
+            "*",
+            "/",
+            "%",
+            "=",
+            "<>",
+            "<",
+            ">=",
+            "||",
+            "&",
+            "|",
+            "#",
+            "AND",
+            "OR",
+            "IS DISTINCT FROM",
+            "<<",
+            ">>",
         ];
         for l in COLUMNS {
             for r in COLUMNS.iter().chain(&["2", "-1", "0", "2.5", "'a'"]) {
@@ -992,8 +1009,18 @@ mod tests {
                 }
             }
             for t in [
-                "BIGINT", "INT", "SMALLINT", "BIGINT UNSIGNED", "DOUBLE", "REAL", "VARCHAR",
-                "BOOLEAN", "DATE", "TIMESTAMP", "DECIMAL(10, 2)", "DECIMAL(38, 0)",
+                "BIGINT",
+                "INT",
+                "SMALLINT",
+                "BIGINT UNSIGNED",
+                "DOUBLE",
+                "REAL",
+                "VARCHAR",
+                "BOOLEAN",
+                "DATE",
+                "TIMESTAMP",
+                "DECIMAL(10, 2)",
+                "DECIMAL(38, 0)",
             ] {
                 accepted_runs(&ctx, &format!("CAST({l} AS {t})")).await;
                 accepted_runs(&ctx, &format!("TRY_CAST({l} AS {t})")).await;

@@ -76,7 +76,11 @@ fn catalog() -> Catalog {
     year.bounds = Some((1900.0, 2030.0));
     let mut mconcept = col("measurement_concept_id", int);
     mconcept.domain = Some(Domain::Values {
-        values: vec![DomainValue::Int(1), DomainValue::Int(2), DomainValue::Int(3)],
+        values: vec![
+            DomainValue::Int(1),
+            DomainValue::Int(2),
+            DomainValue::Int(3),
+        ],
     });
     let mut value = col("value_as_number", ColumnType::Float64);
     value.bounds = Some((0.0, 600.0));
@@ -127,15 +131,31 @@ fn catalog() -> Catalog {
     })
 }
 
-/// The rows of the private tables, by person, and the public concept table.
+/// A person row: id, gender, year of birth, care site, source value.
+type PersonRow = (
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+);
+/// A condition row: person, concept, start date (days), provider, source value.
+type ConditionRow = (
+    Option<i64>,
+    Option<i64>,
+    Option<i32>,
+    Option<i64>,
+    Option<String>,
+);
+/// A measurement row: person, concept, value.
+type MeasurementRow = (Option<i64>, Option<i64>, Option<f64>);
+
+/// The rows of the private tables (the public concept table is fixed).
 #[derive(Clone)]
 struct Data {
-    /// (person_id, gender, year, care_site, source)
-    person: Vec<(Option<i64>, Option<i64>, Option<i64>, Option<i64>, Option<String>)>,
-    /// (person_id, concept, date (days), provider, source)
-    condition: Vec<(Option<i64>, Option<i64>, Option<i32>, Option<i64>, Option<String>)>,
-    /// (person_id, concept, value)
-    measurement: Vec<(Option<i64>, Option<i64>, Option<f64>)>,
+    person: Vec<PersonRow>,
+    condition: Vec<ConditionRow>,
+    measurement: Vec<MeasurementRow>,
 }
 
 const PERSONS: i64 = 40;
@@ -197,13 +217,8 @@ fn dataset(rng: &mut Rng) -> Data {
                 NULLS => None,
                 _ => Some(format!("C{}", rng.below(6))),
             };
-            d.condition.push((
-                Some(p),
-                concept,
-                date,
-                Some(rng.below(5) as i64),
-                source,
-            ));
+            d.condition
+                .push((Some(p), concept, date, Some(rng.below(5) as i64), source));
         }
         let measurements = match p {
             MANY_ROWS => 30,
@@ -211,13 +226,9 @@ fn dataset(rng: &mut Rng) -> Data {
         };
         for _ in 0..measurements {
             let value = match p {
-                EXTREMES => Some(*rng.pick(&[
-                    f64::INFINITY,
-                    f64::NEG_INFINITY,
-                    1e300,
-                    -1e300,
-                    f64::MAX,
-                ])),
+                EXTREMES => {
+                    Some(*rng.pick(&[f64::INFINITY, f64::NEG_INFINITY, 1e300, -1e300, f64::MAX]))
+                }
                 NULLS => Some(*rng.pick(&[f64::NAN, f64::NAN])),
                 _ => Some(rng.below(700) as f64 - 50.0),
             };
@@ -284,10 +295,22 @@ impl Data {
         register(
             "person",
             vec![
-                ("person_id", Arc::new(Int64Array::from_iter(p.iter().map(|r| r.0)))),
-                ("gender_concept_id", Arc::new(Int64Array::from_iter(p.iter().map(|r| r.1)))),
-                ("year_of_birth", Arc::new(Int64Array::from_iter(p.iter().map(|r| r.2)))),
-                ("care_site_id", Arc::new(Int64Array::from_iter(p.iter().map(|r| r.3)))),
+                (
+                    "person_id",
+                    Arc::new(Int64Array::from_iter(p.iter().map(|r| r.0))),
+                ),
+                (
+                    "gender_concept_id",
+                    Arc::new(Int64Array::from_iter(p.iter().map(|r| r.1))),
+                ),
+                (
+                    "year_of_birth",
+                    Arc::new(Int64Array::from_iter(p.iter().map(|r| r.2))),
+                ),
+                (
+                    "care_site_id",
+                    Arc::new(Int64Array::from_iter(p.iter().map(|r| r.3))),
+                ),
                 (
                     "person_source_value",
                     Arc::new(StringArray::from_iter(p.iter().map(|r| r.4.clone()))),
@@ -298,10 +321,22 @@ impl Data {
         register(
             "condition_occurrence",
             vec![
-                ("person_id", Arc::new(Int64Array::from_iter(c.iter().map(|r| r.0)))),
-                ("condition_concept_id", Arc::new(Int64Array::from_iter(c.iter().map(|r| r.1)))),
-                ("condition_start_date", Arc::new(Date32Array::from_iter(c.iter().map(|r| r.2)))),
-                ("provider_id", Arc::new(Int64Array::from_iter(c.iter().map(|r| r.3)))),
+                (
+                    "person_id",
+                    Arc::new(Int64Array::from_iter(c.iter().map(|r| r.0))),
+                ),
+                (
+                    "condition_concept_id",
+                    Arc::new(Int64Array::from_iter(c.iter().map(|r| r.1))),
+                ),
+                (
+                    "condition_start_date",
+                    Arc::new(Date32Array::from_iter(c.iter().map(|r| r.2))),
+                ),
+                (
+                    "provider_id",
+                    Arc::new(Int64Array::from_iter(c.iter().map(|r| r.3))),
+                ),
                 (
                     "condition_source_value",
                     Arc::new(StringArray::from_iter(c.iter().map(|r| r.4.clone()))),
@@ -312,9 +347,18 @@ impl Data {
         register(
             "measurement",
             vec![
-                ("person_id", Arc::new(Int64Array::from_iter(m.iter().map(|r| r.0)))),
-                ("measurement_concept_id", Arc::new(Int64Array::from_iter(m.iter().map(|r| r.1)))),
-                ("value_as_number", Arc::new(Float64Array::from_iter(m.iter().map(|r| r.2)))),
+                (
+                    "person_id",
+                    Arc::new(Int64Array::from_iter(m.iter().map(|r| r.0))),
+                ),
+                (
+                    "measurement_concept_id",
+                    Arc::new(Int64Array::from_iter(m.iter().map(|r| r.1))),
+                ),
+                (
+                    "value_as_number",
+                    Arc::new(Float64Array::from_iter(m.iter().map(|r| r.2))),
+                ),
             ],
         );
         let ids: Vec<i64> = (95..115).collect();
@@ -331,7 +375,8 @@ impl Data {
                 (
                     "domain_id",
                     Arc::new(StringArray::from_iter_values(
-                        ids.iter().map(|i| if i % 3 == 0 { "Condition" } else { "Drug" }),
+                        ids.iter()
+                            .map(|i| if i % 3 == 0 { "Condition" } else { "Drug" }),
                     )),
                 ),
             ],
@@ -356,7 +401,11 @@ const SOURCES: &[Source] = &[
         from: "person p",
         unit: "p.person_id",
         numbers: &["p.year_of_birth", "p.care_site_id"],
-        keys: &["p.gender_concept_id", "p.care_site_id", "p.year_of_birth / 10"],
+        keys: &[
+            "p.gender_concept_id",
+            "p.care_site_id",
+            "p.year_of_birth / 10",
+        ],
         texts: &["p.person_source_value"],
     },
     Source {
@@ -364,7 +413,11 @@ const SOURCES: &[Source] = &[
         from: "condition_occurrence c",
         unit: "c.person_id",
         numbers: &["c.condition_concept_id", "c.provider_id"],
-        keys: &["c.condition_concept_id", "c.provider_id", "date_part('year', c.condition_start_date)"],
+        keys: &[
+            "c.condition_concept_id",
+            "c.provider_id",
+            "date_part('year', c.condition_start_date)",
+        ],
         texts: &["c.condition_source_value"],
     },
     Source {
@@ -515,7 +568,9 @@ fn condition(rng: &mut Rng, s: &Source) -> String {
             "{u} NOT IN (SELECT c2.person_id FROM person p2 LEFT JOIN condition_occurrence c2 \
              ON c2.person_id = p2.person_id AND c2.condition_concept_id = 101)"
         ),
-        format!("{u} NOT IN (SELECT person_id FROM condition_occurrence WHERE condition_concept_id = 102)"),
+        format!(
+            "{u} NOT IN (SELECT person_id FROM condition_occurrence WHERE condition_concept_id = 102)"
+        ),
         format!("NOT ({u} IN (SELECT person_id FROM measurement))"),
         format!("({u} IN (SELECT person_id FROM measurement)) IS NOT TRUE"),
         format!("{u} IN (SELECT CAST(person_id AS BOOLEAN) FROM measurement)"),
@@ -554,7 +609,9 @@ fn condition(rng: &mut Rng, s: &Source) -> String {
             Some(t) => format!("CAST({t} AS INT) > 0"),
             None => format!("{number} > -2"),
         },
-        format!("{u} IN (SELECT person_id FROM condition_occurrence c3 WHERE c3.provider_id = 2 GROUP BY person_id HAVING COUNT(*) > 0)"),
+        format!(
+            "{u} IN (SELECT person_id FROM condition_occurrence c3 WHERE c3.provider_id = 2 GROUP BY person_id HAVING COUNT(*) > 0)"
+        ),
     ];
     rng.pick(&forms).clone()
 }
@@ -802,9 +859,7 @@ async fn every_accepted_query_keeps_its_declared_sensitivity() {
             Err(e) => {
                 refused += 1;
                 let text = e.to_string();
-                *refusals
-                    .entry(text.chars().take(60).collect())
-                    .or_default() += 1;
+                *refusals.entry(text.chars().take(60).collect()).or_default() += 1;
                 continue;
             }
         };

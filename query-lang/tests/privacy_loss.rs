@@ -68,7 +68,8 @@ fn measured_epsilon(a: &[f64], b: &[f64], delta: f64) -> f64 {
     // Thresholds tested: quantiles of b's draws; a union bound over them.
     let thresholds: Vec<f64> = (1..200).map(|i| sorted_b[i * n / 200]).collect();
     let slack = hoeffding(n, 1e-9 / thresholds.len() as f64);
-    let above = |s: &[f64], t: f64| (s.len() - s.partition_point(|x| *x < t)) as f64 / s.len() as f64;
+    let above =
+        |s: &[f64], t: f64| (s.len() - s.partition_point(|x| *x < t)) as f64 / s.len() as f64;
     let mut best = f64::NEG_INFINITY;
     for t in thresholds {
         let q_low = above(&sorted_b, t) - slack - delta;
@@ -86,9 +87,7 @@ async fn check(sql: &str, exact: (f64, f64), float: bool, power: Option<f64>) {
     let noise = plan.noise(0).expect("noise");
     let draws = |value: f64| -> Vec<f64> {
         if float {
-            noise
-                .apply_f64(&vec![value; FLOAT_DRAWS])
-                .expect("noise")
+            noise.apply_f64(&vec![value; FLOAT_DRAWS]).expect("noise")
         } else {
             noise
                 .apply_i64(&vec![value as i64; INT_DRAWS])
@@ -102,7 +101,9 @@ async fn check(sql: &str, exact: (f64, f64), float: bool, power: Option<f64>) {
     let charged = plan.cost.epsilon;
     let delta = plan.cost.delta;
     let measured = measured_epsilon(&a, &b, delta);
-    println!("{sql}\n  charged epsilon {charged:.4} (delta {delta:e}), measured at most {measured:.4}");
+    println!(
+        "{sql}\n  charged epsilon {charged:.4} (delta {delta:e}), measured at most {measured:.4}"
+    );
     assert!(
         measured <= charged,
         "{sql}: the releases tell neighbours apart with epsilon {measured} > the charged {charged}"

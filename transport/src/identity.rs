@@ -11,9 +11,9 @@
 
 use std::path::Path;
 
+pub use confer_protocol::task::IdentityProof as IdentityBinding;
 use rustls::SignatureScheme;
 use rustls::pki_types::{CertificateDer, UnixTime};
-pub use confer_protocol::task::IdentityProof as IdentityBinding;
 
 use crate::pki::{self, CertKind};
 use crate::tls::TlsFiles;
@@ -30,9 +30,8 @@ fn bad(msg: impl Into<String>) -> TransportError {
 
 /// Signs `identity_hex` as `site`'s key with the TLS key of `files`.
 pub fn bind(files: &TlsFiles, site: &str, identity_hex: &str) -> Result<IdentityBinding> {
-    let cert_pem = std::fs::read_to_string(&files.cert).map_err(|e| {
-        TransportError::Files(format!("tls.cert = {}: {e}", files.cert.display()))
-    })?;
+    let cert_pem = std::fs::read_to_string(&files.cert)
+        .map_err(|e| TransportError::Files(format!("tls.cert = {}: {e}", files.cert.display())))?;
     let key_pem = std::fs::read(&files.key)
         .map_err(|e| TransportError::Files(format!("tls.key = {}: {e}", files.key.display())))?;
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
@@ -76,7 +75,11 @@ pub fn verify(
         .map_err(|e| TransportError::Files(format!("tls.ca: {e}")))?;
     let anchors: Vec<_> = anchors
         .iter()
-        .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok().map(|a| a.to_owned()))
+        .filter_map(|c| {
+            webpki::anchor_from_trusted_cert(c)
+                .ok()
+                .map(|a| a.to_owned())
+        })
         .collect();
     if anchors.is_empty() {
         return Err(bad("tls.ca holds no usable CA certificate"));
@@ -190,6 +193,9 @@ mod tests {
         init(other.path(), "evil", 30).expect("ca");
         let forged = bind(&files(other.path(), "site-a"), "site-a", &key).expect("bind");
         let err = verify(&a.ca, "site-a", &key, &forged).expect_err("other CA");
-        assert!(err.to_string().contains("not valid under the network CA"), "{err}");
+        assert!(
+            err.to_string().contains("not valid under the network CA"),
+            "{err}"
+        );
     }
 }
