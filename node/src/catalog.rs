@@ -34,6 +34,56 @@ pub async fn load(config: &NodeConfig, ctx: &SessionContext) -> Result<CatalogIn
     })
 }
 
+/// The columns of the public tables that hold no value twice (NULLs
+/// aside), measured on the node's own data: a join of person-level rows
+/// with a public table on such a column matches each row at most once, so
+/// one person cannot multiply a query's work through it (see
+/// `confer_query::analyze::amplification`).
+pub async fn unique_public_columns(
+    ctx: &SessionContext,
+    catalog: &CatalogInfo,
+) -> Result<Vec<(String, String)>> {
+    let mut unique = Vec::new();
+    for table in catalog.tables.iter().filter(|t| !t.is_private()) {
+        let candidates: Vec<&str> = table
+            .columns
+            .iter()
+            .filter(|c| matches!(c.column_type, ColumnType::Int64 | ColumnType::Utf8))
+            .map(|c| c.name.as_str())
+            .collect();
+        if candidates.is_empty() {
+            continue;
+        }
+        let quote = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
+        let counts: Vec<String> = candidates
+            .iter()
+            .map(|c| format!("count({}), count(DISTINCT {})", quote(c), quote(c)))
+            .collect();
+        let sql = format!("SELECT {} FROM {}", counts.join(", "), quote(&table.name));
+        let batches = ctx.sql(&sql).await?.collect().await?;
+        let Some(batch) = batches.first().filter(|b| b.num_rows() == 1) else {
+            continue;
+        };
+        for (i, column) in candidates.iter().enumerate() {
+            let value = |j: usize| {
+                arrow::compute::cast(batch.column(j), &DataType::Int64)
+                    .ok()
+                    .and_then(|a| {
+                        a.as_any()
+                            .downcast_ref::<arrow::array::Int64Array>()
+                            .map(|a| a.value(0))
+                    })
+            };
+            if let (Some(all), Some(distinct)) = (value(2 * i), value(2 * i + 1))
+                && all == distinct
+            {
+                unique.push((table.name.clone(), column.to_string()));
+            }
+        }
+    }
+    Ok(unique)
+}
+
 async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Result<TableInfo> {
     let source_err = |path: &Path, message: String| NodeError::Source {
         table: name.to_string(),

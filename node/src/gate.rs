@@ -346,6 +346,7 @@ impl NodeService {
             study_delta_budget: rules.budget_delta,
             node_budget: policy.node_budget_rho,
             researcher_total_budget: policy.researcher_total_budget_rho,
+            failure_quota: Some(policy.max_failures_per_researcher),
             failure_rho: policy.min_charge_rho,
         };
         if let Some(why) = self.state().ledger.check_budget(&charge)? {
@@ -367,7 +368,7 @@ impl NodeService {
                 )
                 .with_retryable(false),
             )),
-            Err(Refusal::Replay(why)) => {
+            Err(Refusal::Replay(why) | Refusal::Quota(why)) => {
                 let _ = task;
                 Err(NodeError::Protocol(
                     ProtocolError::new(
@@ -473,7 +474,7 @@ impl NodeService {
                 )
                 .with_retryable(false),
             )),
-            Err(Refusal::Replay(why)) => Err(NodeError::Protocol(
+            Err(Refusal::Replay(why) | Refusal::Quota(why)) => Err(NodeError::Protocol(
                 ProtocolError::new(
                     ErrorKind::PermissionDenied,
                     format!("node {}: {why}", self.state().name),

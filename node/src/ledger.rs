@@ -74,6 +74,10 @@ pub struct Charge {
     pub node_budget: Option<f64>,
     /// The researcher's budget over all studies (rho), if any.
     pub researcher_total_budget: Option<f64>,
+    /// Charged failures the researcher may have (failed since the steward's
+    /// last lift, plus tasks still running), checked in the transaction
+    /// that charges the task; `None`: no quota.
+    pub failure_quota: Option<u64>,
     /// The node's floor for a task that fails after it was admitted (rho):
     /// a failure is charged the larger of the task's cost and this, even
     /// beyond the budgets (a failure is a penalty, not a purchase).
@@ -123,6 +127,8 @@ pub enum Refusal {
     Budget(String),
     /// The task id was used for a different task.
     Replay(String),
+    /// The researcher's charged failures reached the node's quota.
+    Quota(String),
 }
 
 /// What [`Ledger::begin`] did.
@@ -577,6 +583,30 @@ impl Ledger {
             tx.commit()?;
             self.write_head(head);
             return Ok(Err(Refusal::Replay(why)));
+        }
+        if let Some(quota) = charge.failure_quota {
+            let (failed, running): (i64, i64) = tx.query_row(
+                "SELECT
+                   COUNT(*) FILTER (WHERE state = 'failed' AND created_ms >=
+                     COALESCE((SELECT MAX(at_ms) FROM lifts WHERE researcher = ?1), 0)),
+                   COUNT(*) FILTER (WHERE state = 'running')
+                 FROM releases WHERE researcher = ?1",
+                params![charge.researcher],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?;
+            if (failed + running).max(0) as u64 >= quota {
+                let why = format!(
+                    "researcher {} has {failed} charged failure(s) and {running} task(s) running at this \
+                     node, which reach its quota of {quota}: the node takes no more of their tasks until \
+                     these finish, or its data steward has reviewed the failures \
+                     (`confer node lift --researcher {}`)",
+                    charge.researcher, charge.researcher
+                );
+                let head = append(&tx, &refusal_entry(charge, &why))?;
+                tx.commit()?;
+                self.write_head(head);
+                return Ok(Err(Refusal::Quota(why)));
+            }
         }
         if let Some(why) = budget_refusal(&tx, charge)? {
             let head = append(&tx, &refusal_entry(charge, &why))?;

@@ -19,6 +19,7 @@
 //! memory_mb = 2048                  # DataFusion memory pool of one task
 //! time_limit_secs = 600             # a task still running then fails (charged)
 //! max_concurrent_tasks = 4          # more are refused as busy (nothing charged)
+//! padded_secs = 30                  # tasks one person could slow down: answered at this time
 //!
 //! [policy.secure]                   # aggregation = 'secure' and training sums
 //! min_survivors = 2                 # fewest nodes whose noise makes a sum
@@ -119,6 +120,12 @@ pub struct LimitsConfig {
     /// Tasks that may run at once; more are refused as busy (default 4).
     #[serde(default)]
     pub max_concurrent_tasks: Option<usize>,
+    /// A task whose work one person's rows could multiply (a join on a
+    /// column that is not unique, see `confer_query::analyze::amplification`)
+    /// runs within this many seconds and is answered exactly then, whatever
+    /// its real run time, so that its latency tells nothing (default 30).
+    #[serde(default)]
+    pub padded_secs: Option<u64>,
 }
 
 /// `[policy.secure]`: whom this node sums with.
@@ -260,6 +267,8 @@ pub const DEFAULT_MEMORY_MB: u64 = 2048;
 pub const DEFAULT_TIME_LIMIT_SECS: u64 = 600;
 /// Default of `limits.max_concurrent_tasks`.
 pub const DEFAULT_MAX_CONCURRENT_TASKS: usize = 4;
+/// Default of `limits.padded_secs`.
+pub const DEFAULT_PADDED_SECS: u64 = 30;
 /// Default of `secure.min_survivors`.
 pub const DEFAULT_SECURE_MIN_SURVIVORS: usize = 2;
 
@@ -306,6 +315,24 @@ pub struct Limits {
     pub time_limit: std::time::Duration,
     /// Tasks at once.
     pub max_concurrent_tasks: usize,
+    /// Time limit of a task one person could slow down, and when it is
+    /// answered.
+    pub padded: std::time::Duration,
+}
+
+impl Limits {
+    /// The limits of a task: `amplified` ones run within, and are
+    /// answered at, the padded time.
+    pub fn for_task(&self, amplified: bool) -> Limits {
+        if amplified {
+            Limits {
+                time_limit: self.padded,
+                ..*self
+            }
+        } else {
+            *self
+        }
+    }
 }
 
 /// Secure-aggregation rules, validated.
@@ -472,9 +499,12 @@ impl Policy {
         let max_concurrent_tasks = limits
             .max_concurrent_tasks
             .unwrap_or(DEFAULT_MAX_CONCURRENT_TASKS);
-        if memory_mb == 0 || time_limit_secs == 0 || max_concurrent_tasks == 0 {
+        let padded_secs = limits.padded_secs.unwrap_or(DEFAULT_PADDED_SECS);
+        if memory_mb == 0 || time_limit_secs == 0 || max_concurrent_tasks == 0 || padded_secs == 0 {
             return Err(NodeError::Config(
-                "policy.limits: memory_mb, time_limit_secs and max_concurrent_tasks must be at least 1".into(),
+                "policy.limits: memory_mb, time_limit_secs, max_concurrent_tasks and padded_secs must be at \
+                 least 1"
+                    .into(),
             ));
         }
         let secure = SecureRules {
@@ -524,6 +554,7 @@ impl Policy {
                 memory_bytes: (memory_mb as usize).saturating_mul(1024 * 1024),
                 time_limit: std::time::Duration::from_secs(time_limit_secs),
                 max_concurrent_tasks,
+                padded: std::time::Duration::from_secs(padded_secs),
             },
             secure,
             default_budget,

@@ -81,8 +81,13 @@ impl NodeState {
     pub async fn open(config: &NodeConfig) -> Result<Self> {
         let ctx = SessionContext::new();
         let catalog = crate::catalog::load(config, &ctx).await?;
+        let unique = crate::catalog::unique_public_columns(&ctx, &catalog).await?;
         let ledger = Arc::new(Ledger::open(&config.node.state_dir)?);
-        Self::new(config, ctx, catalog, ledger)
+        let mut state = Self::new(config, ctx, catalog, ledger)?;
+        for (table, column) in unique {
+            state.query_catalog.set_unique(&table, &column);
+        }
+        Ok(state)
     }
 
     /// State for a loaded config.
@@ -388,10 +393,22 @@ impl NodeService {
         }
         let this = self.clone();
         let secure = secure.clone();
+        let padded = plan.amplification.is_some();
+        let limits = policy.limits.for_task(padded);
+        let started = tokio::time::Instant::now();
         let worker = tokio::spawn(async move {
             let _slot = slot;
             let task = task;
-            let batches = match this.run_limited(&plan.local_sql, &policy.limits).await {
+            let run = std::panic::AssertUnwindSafe(this.run_limited(&plan.local_sql, &limits));
+            let batches = futures::FutureExt::catch_unwind(run)
+                .await
+                .unwrap_or(Err(Failure::Other));
+            // Round 0 of a query one person could slow down is answered at
+            // a fixed time (see run_query).
+            if padded {
+                tokio::time::sleep_until(started + limits.padded).await;
+            }
+            let batches = match batches {
                 Ok(b) => b,
                 Err(f) => return Err(this.charge_failure(&task, &charge, f)),
             };
@@ -426,9 +443,7 @@ impl NodeService {
             info!(task = %task.id, study = %task.study, rho = charge.cost.rho, "secure session joined after durable debit");
             Ok(keys)
         });
-        worker.await.map_err(|e| {
-            NodeError::Protocol(ProtocolError::internal(format!("worker failed: {e}")))
-        })?
+        worker.await.map_err(|_| worker_stopped())?
     }
 
     /// Checks a secure-aggregation session a coordinator proposes: this node
@@ -627,16 +642,35 @@ impl NodeService {
             return decode_ipc(&self.answer_stored(task, stored, &payload_hash)?);
         }
         // Charged: from here on the task runs to its end (release or
-        // charged failure) even if the caller goes away.
+        // charged failure) even if the caller goes away. A query whose work
+        // one person could multiply is answered at a fixed time, whatever
+        // its real run time, so that its latency tells nothing.
+        let padded = plan.amplification.is_some();
+        let limits = policy.limits.for_task(padded);
+        let started = tokio::time::Instant::now();
         let this = self.clone();
         let (task, policy) = (task.clone(), policy.clone());
         let worker = tokio::spawn(async move {
-            let _slot = slot;
-            this.execute_query(&task, plan, &charge, &policy).await
+            // A panic while running is a failure like any other: charged,
+            // stored, and told without its message.
+            let run = std::panic::AssertUnwindSafe(this.execute_query(
+                &task,
+                plan,
+                &charge,
+                &limits,
+                policy.min_group_size,
+            ));
+            let result = match futures::FutureExt::catch_unwind(run).await {
+                Ok(result) => result,
+                Err(_) => Err(this.charge_failure(&task, &charge, Failure::Other)),
+            };
+            drop(slot);
+            if padded {
+                tokio::time::sleep_until(started + limits.padded).await;
+            }
+            result
         });
-        worker.await.map_err(|e| {
-            NodeError::Protocol(ProtocolError::internal(format!("worker failed: {e}")))
-        })?
+        worker.await.map_err(|_| worker_stopped())?
     }
 
     /// Runs a charged query, releases it and stores the release, or charges
@@ -646,17 +680,16 @@ impl NodeService {
         task: &Task,
         plan: confer_query::plan::FederatedPlan,
         charge: &Charge,
-        policy: &Policy,
+        limits: &crate::policy::Limits,
+        min_group_size: u64,
     ) -> Result<RecordBatch> {
-        let batches = match self.run_limited(&plan.local_sql, &policy.limits).await {
+        let batches = match self.run_limited(&plan.local_sql, limits).await {
             Ok(b) => b,
             Err(f) => return Err(self.charge_failure(task, charge, f)),
         };
         let name = self.state.name.clone();
         let id = task.id;
-        let options = ReleaseOptions {
-            min_group_size: policy.min_group_size,
-        };
+        let options = ReleaseOptions { min_group_size };
         let released = blocking(move || {
             confer_query::release::release(&plan, &batches, &name, id, &options)
                 .map_err(NodeError::from)
@@ -827,6 +860,15 @@ impl NodeService {
             },
         )?)
     }
+}
+
+/// A task's worker that stopped without an answer (the runtime shutting
+/// down): the task stays charged, and the node's restart records it as
+/// failed. No engine message is passed on.
+fn worker_stopped() -> NodeError {
+    NodeError::Protocol(ProtocolError::internal(
+        "the task's worker stopped before it answered (the task stays charged)",
+    ))
 }
 
 /// A plan's cost as the ledger records it.

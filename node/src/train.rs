@@ -371,7 +371,10 @@ impl NodeService {
         let _guard = job.round_lock.lock().await;
         let record_id = round_record_id(task.id, r.phase, r.round);
         let charge = zero_charge(&round_task, record_id, &round_envelope);
-        if let Some(stored) = self.state().ledger.stored(record_id)? {
+        // On record before anything is computed: an evaluation is computed
+        // once, whatever happens (a coordinator cannot ask again with other
+        // inputs after a failure).
+        if let Some(stored) = self.begin(&round_task, &charge)? {
             if stored.payload_hash != charge.payload_hash {
                 return Err(self.refuse(
                     Some(&round_task),
@@ -382,8 +385,24 @@ impl NodeService {
                     ),
                 ));
             }
-            return serde_json::from_slice(&stored.result)
-                .map_err(|e| NodeError::Ledger(format!("stored evaluation unreadable: {e}")));
+            return match stored.state {
+                TaskState::Released => serde_json::from_slice(&stored.result)
+                    .map_err(|e| NodeError::Ledger(format!("stored evaluation unreadable: {e}"))),
+                TaskState::Running => Err(self.refuse_with(
+                    Some(&round_task),
+                    ErrorKind::Unavailable,
+                    format!("the evaluation of round {} is still running here", r.round),
+                    true,
+                )),
+                TaskState::Failed => Err(self.refuse(
+                    Some(&round_task),
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "the evaluation of round {} failed here and is not computed again",
+                        r.round
+                    ),
+                )),
+            };
         }
         let min_group_size = self.state().policy()?.min_group_size;
         let r = r.clone();
@@ -391,16 +410,26 @@ impl NodeService {
         let me = self.state().name.clone();
         let release = blocking(move || evaluation(&eval_job, &r, &me, min_group_size))
             .await
-            .map_err(|e| {
-                self.refuse(
+            .and_then(|release| {
+                serde_json::to_vec(&release)
+                    .map_err(|e| NodeError::Protocol(ProtocolError::internal(e.to_string())))
+            });
+        let bytes = match release {
+            Ok(b) => b,
+            Err(_) => {
+                warn!(job = %task.id, "an evaluation failed at this node (message withheld)");
+                self.state()
+                    .ledger
+                    .fail(&charge, "the evaluation failed at this node")?;
+                return Err(self.refuse(
                     Some(&round_task),
-                    ErrorKind::InvalidArgument,
-                    ProtocolError::from(e).message,
-                )
-            })?;
-        let bytes = serde_json::to_vec(&release)
-            .map_err(|e| NodeError::Protocol(ProtocolError::internal(e.to_string())))?;
-        let sent = self.record(&charge, bytes)?;
+                    ErrorKind::FailedPrecondition,
+                    "the evaluation failed at this node (the message is withheld); it is not computed again"
+                        .into(),
+                ));
+            }
+        };
+        let sent = self.state().ledger.finish(&charge, bytes)?;
         serde_json::from_slice(&sent)
             .map_err(|e| NodeError::Ledger(format!("stored evaluation unreadable: {e}")))
     }
@@ -563,17 +592,35 @@ impl NodeService {
             }
             return Ok(job);
         }
-        let ctx = self.state().task_context(&policy.limits)?;
-        let read = tokio::time::timeout(
-            policy.limits.time_limit,
-            job_datasets(&ctx, &self.state().query_catalog, &spec, |tables| {
-                rules.forbidden_table(tables).map(str::to_string)
-            }),
+        // A feature query whose work one person could multiply is read
+        // within, and answered at, the padded time: its latency tells nothing.
+        let padded = confer_query::features::feature_query(
+            &spec.data.query,
+            &spec.columns(),
+            &self.state().query_catalog,
         )
         .await
-        .unwrap_or(Err(JobDataError::Failed(Failure::Timeout(
-            policy.limits.time_limit,
-        ))));
+        .map(|q| q.amplification.is_some())
+        .unwrap_or(false);
+        let limits = policy.limits.for_task(padded);
+        let started = tokio::time::Instant::now();
+        let ctx = self.state().task_context(&limits)?;
+        let reading = std::panic::AssertUnwindSafe(job_datasets(
+            &ctx,
+            &self.state().query_catalog,
+            &spec,
+            |tables| rules.forbidden_table(tables).map(str::to_string),
+        ));
+        let read =
+            tokio::time::timeout(limits.time_limit, futures::FutureExt::catch_unwind(reading))
+                .await
+                .unwrap_or(Ok(Err(JobDataError::Failed(Failure::Timeout(
+                    limits.time_limit,
+                )))))
+                .unwrap_or(Err(JobDataError::Failed(Failure::Other)));
+        if padded {
+            tokio::time::sleep_until(started + limits.padded).await;
+        }
         let (train_set, test_set, tables) = match read {
             Ok(sets) => sets,
             Err(JobDataError::Forbidden(table)) => {
@@ -709,6 +756,9 @@ pub async fn job_datasets(
     })?;
     let tables = query.tables.clone();
     let spec = spec.clone();
+    // The rows are read: whatever fails from here on may depend on them, so
+    // it is a charged failure whose message quotes neither a value nor a
+    // row number (unusable rows are dropped by read_rows, so nothing should).
     blocking(move || {
         let (features, targets) = read_rows(&spec, &batches)?;
         let (train, test) = split_datasets(&spec, features, targets)
@@ -716,11 +766,9 @@ pub async fn job_datasets(
         Ok((train, test, tables))
     })
     .await
-    .map_err(|e| match e {
-        NodeError::Protocol(p) if p.kind == ErrorKind::InvalidArgument => {
-            JobDataError::Invalid(p.message)
-        }
-        other => JobDataError::Node(other),
+    .map_err(|_| {
+        tracing::warn!("a training job's rows could not be prepared (message withheld)");
+        JobDataError::Failed(Failure::Other)
     })
 }
 
@@ -792,7 +840,13 @@ fn read_rows(spec: &JobSpec, batches: &[RecordBatch]) -> Result<(Vec<f32>, Targe
                 .as_any()
                 .downcast_ref::<Float64Array>()
                 .ok_or_else(|| bad(format!("column {name} cannot be read as numbers")))?;
-            out.extend(values.iter().map(|v| v.filter(|x| x.is_finite())));
+            // Missing where not finite, also as the f32 the model trains on
+            // (1e39 is a finite double but an infinite float).
+            out.extend(
+                values
+                    .iter()
+                    .map(|v| v.filter(|x| x.is_finite() && (*x as f32).is_finite())),
+            );
         }
         Ok(out)
     };
@@ -836,7 +890,7 @@ fn read_rows(spec: &JobSpec, batches: &[RecordBatch]) -> Result<(Vec<f32>, Targe
         let time = column(target_at)?;
         let event = column(target_at + 1)?;
         for ((k, t), e) in keep.iter_mut().zip(&time).zip(&event) {
-            *k &= t.is_some() && binary(e);
+            *k &= t.is_some_and(|t| t >= 0.0) && binary(e);
         }
         (Vec::new(), time, event)
     };
@@ -874,6 +928,32 @@ fn standardised(job: &JobData, round: &TrainRoundTask) -> Result<Standardised> {
         && *k == key
     {
         return Ok(sets.clone());
+    }
+    // The coordinator's standardisation must be one its own rule can give
+    // (means within the bounds, deviations at least 1% of the half-range):
+    // a tiny deviation would turn values into infinities, and the node's
+    // answers into a comparison of one row with a value of the coordinator's
+    // choice.
+    if wire.mean.len() != job.bounds.len() || wire.std.len() != job.bounds.len() {
+        return Err(NodeError::Protocol(invalid(format!(
+            "the standardisation has {} means and {} deviations for {} features",
+            wire.mean.len(),
+            wire.std.len(),
+            job.bounds.len()
+        ))));
+    }
+    for (j, &[lo, hi]) in job.bounds.iter().enumerate() {
+        let half = (hi - lo) / 2.0;
+        if !(wire.mean[j] >= lo && wire.mean[j] <= hi)
+            || wire.std[j] < 0.01 * half * (1.0 - 1e-9)
+            || wire.std[j] > 2.0 * (hi - lo).max(f64::MIN_POSITIVE)
+        {
+            return Err(NodeError::Protocol(invalid(format!(
+                "the standardisation of feature {j} (mean {}, sd {}) is outside what the job's bounds \
+                 [{lo}, {hi}] allow: refused",
+                wire.mean[j], wire.std[j]
+            ))));
+        }
     }
     let s = Standardisation {
         mean: wire.mean.clone(),

@@ -70,6 +70,9 @@ pub struct Provenance {
     /// per person, read alone, or a per-person summary). The local query
     /// still enforces it: see `crate::compile`.
     pub one_row_per_unit: bool,
+    /// Output columns of a public relation known to hold no value twice
+    /// (see [`amplification`]).
+    pub unique_fields: BTreeSet<usize>,
 }
 
 impl Provenance {
@@ -84,6 +87,7 @@ impl Provenance {
             origins: HashMap::new(),
             tables,
             one_row_per_unit: false,
+            unique_fields: BTreeSet::new(),
         }
     }
 }
@@ -154,10 +158,14 @@ fn project(exprs: &[Expr], input: &LogicalPlan, input_prov: &Provenance) -> Prov
         origins: HashMap::new(),
         tables: input_prov.tables.clone(),
         one_row_per_unit: input_prov.one_row_per_unit,
+        unique_fields: BTreeSet::new(),
     };
     for (i, e) in exprs.iter().enumerate() {
         if unit_index(e, input).is_some_and(|j| input_prov.unit_fields.contains(&j)) {
             out.unit_fields.insert(i);
+        }
+        if unit_index(e, input).is_some_and(|j| input_prov.unique_fields.contains(&j)) {
+            out.unique_fields.insert(i);
         }
         if let Some(o) = origin_index(e, input).and_then(|j| input_prov.origins.get(&j)) {
             out.origins.insert(i, o.clone());
@@ -172,6 +180,39 @@ const DROPS_UNIT: &str = "a CTE or subquery drops the privacy unit column: keep 
 
 /// Analyzes a planned (and analysed) relation.
 pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
+    let p = relation(plan, catalog)?;
+    // Whatever the node: rows computed from person-level rows are never
+    // public. (A semi join of a public table filtered by one person's rows,
+    // for one, would otherwise pass for public rows.)
+    if !p.is_private() && reads_private_rows(plan, catalog) {
+        return Err(refuse(
+            "this part of the query keeps or drops public rows according to person-level rows, so its \
+             rows depend on persons without belonging to one: filter person-level rows with \
+             person_id IN (SELECT person_id FROM ...) instead",
+        ));
+    }
+    Ok(p)
+}
+
+/// Whether a relation reads a person-level table itself (subqueries in its
+/// expressions aside: they are checked where they are used).
+fn reads_private_rows(plan: &LogicalPlan, catalog: &Catalog) -> bool {
+    let mut private = false;
+    let _ = plan.apply(|p| {
+        if let LogicalPlan::TableScan(scan) = p
+            && catalog
+                .table(scan.table_name.table())
+                .is_some_and(|t| t.is_private())
+        {
+            private = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    private
+}
+
+fn relation(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
     let p = match plan {
         LogicalPlan::TableScan(scan) => {
             let name = scan.table_name.table().to_ascii_lowercase();
@@ -180,6 +221,7 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
             })?;
             let schema = plan.schema();
             let mut unit_fields = BTreeSet::new();
+            let mut unique_fields = BTreeSet::new();
             let mut origins = HashMap::new();
             for (i, field) in schema.fields().iter().enumerate() {
                 origins.insert(
@@ -192,6 +234,9 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
                 if table.privacy_unit.as_deref() == Some(field.name().as_str()) {
                     unit_fields.insert(i);
                 }
+                if !table.is_private() && catalog.is_unique(&table.name, field.name()) {
+                    unique_fields.insert(i);
+                }
             }
             let one_row_per_unit = table.one_row_per_unit && !unit_fields.is_empty();
             Provenance {
@@ -199,6 +244,7 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
                 origins,
                 tables: BTreeSet::from([table.name.clone()]),
                 one_row_per_unit,
+                unique_fields,
             }
         }
         LogicalPlan::Projection(proj) => {
@@ -230,7 +276,13 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
         LogicalPlan::SubqueryAlias(a) => provenance(&a.input, catalog)?,
         LogicalPlan::Subquery(s) => provenance(&s.subquery, catalog)?,
         LogicalPlan::Repartition(r) => provenance(&r.input, catalog)?,
-        LogicalPlan::Distinct(Distinct::All(input)) => provenance(input, catalog)?,
+        LogicalPlan::Distinct(Distinct::All(input)) => {
+            let mut p = provenance(input, catalog)?;
+            if input.schema().fields().len() == 1 {
+                p.unique_fields.insert(0);
+            }
+            p
+        }
         LogicalPlan::Distinct(Distinct::On(on)) => {
             let input = provenance(&on.input, catalog)?;
             let mut tables = input.tables.clone();
@@ -310,9 +362,26 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
                     p.origins.iter().map(|(i, o)| (i + by, o.clone())).collect(),
                 )
             };
+            let semi_refusal = || {
+                refuse(
+                    "a semi or anti join that keeps public rows according to person-level rows is not \
+                     allowed: its rows would depend on persons; filter person-level rows with \
+                     person_id IN (SELECT person_id FROM ...) instead",
+                )
+            };
             match join.join_type {
-                JoinType::LeftSemi | JoinType::LeftAnti => Provenance { tables, ..left },
-                JoinType::RightSemi | JoinType::RightAnti => Provenance { tables, ..right },
+                JoinType::LeftSemi | JoinType::LeftAnti => {
+                    if right.is_private() && !left.is_private() {
+                        return Err(semi_refusal());
+                    }
+                    Provenance { tables, ..left }
+                }
+                JoinType::RightSemi | JoinType::RightAnti => {
+                    if left.is_private() && !right.is_private() {
+                        return Err(semi_refusal());
+                    }
+                    Provenance { tables, ..right }
+                }
                 JoinType::LeftMark | JoinType::RightMark => {
                     return Err(refuse(format!(
                         "{} joins are not allowed in a DP query",
@@ -330,6 +399,7 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
                         tables,
                         // A join may repeat a person's rows.
                         one_row_per_unit: false,
+                        unique_fields: BTreeSet::new(),
                     }
                 }
             }
@@ -346,7 +416,12 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
                 }
             }
             if !input.is_private() {
-                return Ok(Provenance::public(tables));
+                let mut out = Provenance::public(tables);
+                // Grouped by one key: each value of it once.
+                if agg.group_expr.len() == 1 {
+                    out.unique_fields.insert(0);
+                }
+                return Ok(out);
             }
             let mut out = Provenance {
                 unit_fields: BTreeSet::new(),
@@ -354,6 +429,7 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
                 tables,
                 // Grouped by the unit alone: one row per person.
                 one_row_per_unit: agg.group_expr.len() == 1,
+                unique_fields: BTreeSet::new(),
             };
             for (i, g) in agg.group_expr.iter().enumerate() {
                 if unit_index(g, &agg.input).is_some_and(|j| input.unit_fields.contains(&j)) {
@@ -401,6 +477,7 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
                 origins: HashMap::new(),
                 tables,
                 one_row_per_unit: false,
+                unique_fields: BTreeSet::new(),
             }
         }
         LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => {
@@ -448,6 +525,103 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
         }
     };
     Ok(p)
+}
+
+/// Whether one person's rows can multiply the work of a query: the reason,
+/// or `None` when every join keeps it proportional to the rows read.
+///
+/// A query whose run time one person could amplify (a join that matches one
+/// person's row with any number of rows, so that a property of one person
+/// makes the query slow) would tell that property by its latency, outside
+/// any DP mechanism. A node answers such a query only at a fixed time after
+/// it started, whatever its real run time (`policy.limits.padded_secs`).
+/// The joins that cannot amplify:
+///
+/// * joins of public relations with each other (their cost is the same
+///   for any persons' data);
+/// * semi and anti joins (`IN` and `EXISTS` subqueries): a row is kept or
+///   not;
+/// * a person-level relation with a public one on an equality whose public
+///   side holds no value twice (a node measures this on its own public
+///   tables: `concept.concept_id`, `care_site.care_site_id`, ...);
+/// * two person-level relations on the unit when one of them has one row
+///   per person (`person`, or a per-person summary).
+pub fn amplification(plan: &LogicalPlan, catalog: &Catalog) -> Option<String> {
+    let mut reason = None;
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::Join(join) = node
+            && let Some(why) = join_amplifies(join, catalog)
+        {
+            reason = Some(why);
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    reason
+}
+
+fn join_amplifies(
+    join: &datafusion::logical_expr::logical_plan::Join,
+    catalog: &Catalog,
+) -> Option<String> {
+    if matches!(
+        join.join_type,
+        JoinType::LeftSemi | JoinType::LeftAnti | JoinType::RightSemi | JoinType::RightAnti
+    ) {
+        return None;
+    }
+    let left = provenance(&join.left, catalog).ok()?;
+    let right = provenance(&join.right, catalog).ok()?;
+    let names = |p: &Provenance| p.tables.iter().cloned().collect::<Vec<_>>().join(", ");
+    match (left.is_private(), right.is_private()) {
+        (false, false) => None,
+        (true, true) => {
+            if left.one_row_per_unit || right.one_row_per_unit {
+                None
+            } else {
+                Some(format!(
+                    "a join of {} with {}, which both hold several rows per person: one person's rows \
+                     multiply",
+                    names(&left),
+                    names(&right)
+                ))
+            }
+        }
+        (left_private, _) => {
+            let (public, public_plan) = if left_private {
+                (&right, &join.right)
+            } else {
+                (&left, &join.left)
+            };
+            let unique = |e: &Expr| {
+                unit_index(e, public_plan).is_some_and(|i| public.unique_fields.contains(&i))
+            };
+            // Equalities of the join: its keys, and (before DataFusion's
+            // optimizer extracts them) the top-level equalities of its filter.
+            let keyed = join
+                .on
+                .iter()
+                .any(|(l, r)| unique(if left_private { r } else { l }))
+                || join.filter.as_ref().is_some_and(|f| {
+                    datafusion::logical_expr::utils::split_conjunction(f)
+                        .into_iter()
+                        .any(|c| {
+                            matches!(c, Expr::BinaryExpr(b)
+                                if b.op == datafusion::logical_expr::Operator::Eq
+                                    && (unique(&b.left) || unique(&b.right)))
+                        })
+                });
+            if keyed {
+                None
+            } else {
+                Some(format!(
+                    "the join with {} is not on a column of it that holds each value once: one \
+                     person's row can match any number of its rows",
+                    names(public)
+                ))
+            }
+        }
+    }
 }
 
 /// Whether a join filter equates a left unit column with a right one.

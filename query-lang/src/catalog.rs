@@ -1,6 +1,6 @@
 //! The network catalog: the tables every node publishes, merged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arrow::datatypes::{Field, Schema, SchemaRef};
@@ -15,6 +15,9 @@ pub struct Catalog {
     sites: Vec<String>,
     /// For each table, the sites that publish it.
     published_by: BTreeMap<String, Vec<String>>,
+    /// Columns of public tables known to hold no value twice (table,
+    /// column): a node measures its own; the network catalog knows none.
+    unique: BTreeSet<(String, String)>,
 }
 
 impl Catalog {
@@ -32,7 +35,22 @@ impl Catalog {
                 .iter()
                 .map(|t| (t.name.to_ascii_lowercase(), vec![info.node.clone()]))
                 .collect(),
+            unique: BTreeSet::new(),
         }
+    }
+
+    /// Records that `column` of public table `table` holds no value twice
+    /// (a node measures this on its own tables; see
+    /// [`crate::analyze::Provenance::amplified`]).
+    pub fn set_unique(&mut self, table: &str, column: &str) {
+        self.unique
+            .insert((table.to_ascii_lowercase(), column.to_ascii_lowercase()));
+    }
+
+    /// Whether `column` of `table` is known to hold no value twice.
+    pub fn is_unique(&self, table: &str, column: &str) -> bool {
+        self.unique
+            .contains(&(table.to_ascii_lowercase(), column.to_ascii_lowercase()))
     }
 
     /// Merges the catalogs nodes publish. A table may be missing at some
@@ -69,6 +87,7 @@ impl Catalog {
             tables: tables.into_iter().map(|(k, (_, t))| (k, t)).collect(),
             sites: infos.iter().map(|i| i.node.clone()).collect(),
             published_by,
+            unique: BTreeSet::new(),
         })
     }
 

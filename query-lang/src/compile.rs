@@ -619,6 +619,7 @@ pub async fn compile_with(
         max_groups,
         max_rows,
         tables: source_prov.tables.iter().cloned().collect(),
+        amplification: analyze::amplification(&src_plan, catalog),
     })
 }
 

@@ -19,6 +19,9 @@ pub struct FeatureQuery {
     pub tables: Vec<String>,
     /// The schema of the rows: `columns` in order.
     pub schema: SchemaRef,
+    /// Why one person's rows could multiply the query's work, if they can
+    /// (the node then answers the preparation at a fixed time).
+    pub amplification: Option<String>,
 }
 
 /// Quotes an identifier for SQL.
@@ -117,6 +120,7 @@ pub async fn feature_query(
         sql,
         tables: provenance.tables.into_iter().collect(),
         schema: std::sync::Arc::new(schema),
+        amplification: crate::analyze::amplification(&inner, catalog),
     })
 }
 

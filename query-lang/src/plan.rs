@@ -49,6 +49,10 @@ pub struct FederatedPlan {
     pub max_rows: usize,
     /// The tables the query reads.
     pub tables: Vec<String>,
+    /// Why one person's rows could multiply the query's work (and so its
+    /// run time), if they can: a node then answers only at a fixed time
+    /// after it started (see [`crate::analyze::amplification`]).
+    pub amplification: Option<String>,
 }
 
 /// A group key.

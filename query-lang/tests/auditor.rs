@@ -518,6 +518,15 @@ const SOURCES: &[Source] = &[
         keys: &[],
         texts: &[],
     },
+    // Public rows kept by one person's rows (a semi join).
+    Source {
+        ctes: "",
+        from: "person p CROSS JOIN (SELECT k.concept_id FROM concept k LEFT SEMI JOIN condition_occurrence c ON c.condition_concept_id = k.concept_id AND c.person_id = 3) s",
+        unit: "p.person_id",
+        numbers: &["s.concept_id"],
+        keys: &["p.gender_concept_id"],
+        texts: &[],
+    },
     Source {
         ctes: "",
         from: "(SELECT person_id FROM condition_occurrence UNION SELECT person_id FROM measurement) u",

@@ -159,6 +159,8 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         (format!("{DP} COUNT(*) FROM person WHERE gender_concept_id = (SELECT concept_id FROM concept)"), "at most one row"),
         (format!("{DP} SUM(year_of_birth, contribution_bounds_per_group => (0, 1e300)) FROM person"), "beyond"),
         (format!("{DP} COUNT(*) FROM person WHERE year_of_birth / 0 > 1"), "divides by zero"),
+        (format!("{DP} COUNT(*) FROM person p CROSS JOIN (SELECT k.concept_id FROM concept k LEFT SEMI JOIN condition_occurrence c ON c.condition_concept_id = k.concept_id AND c.person_id = 42) s"), "semi or anti join"),
+        (format!("{DP} COUNT(*) FROM person WHERE length(repeat(CAST(year_of_birth AS VARCHAR), 10000)) > 1"), "repeat may fail on some rows"),
         // Functions.
         (format!("{DP} COUNT(*) FROM person WHERE my_risk_score(year_of_birth) > 1"), "my_risk_score is not a built-in SQL function"),
         (format!("{DP} my_band(year_of_birth) AS band, COUNT(*) FROM person GROUP BY my_band(year_of_birth)"), "user-defined functions are not allowed"),
@@ -182,4 +184,49 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         cases.len(),
         failures.join("\n")
     );
+}
+
+/// Joins through which one person's rows could multiply the work are
+/// marked (a node then answers the query at a fixed time); the usual
+/// shapes are not.
+#[tokio::test]
+async fn joins_one_person_could_slow_down_are_marked() {
+    let mut catalog = catalog();
+    catalog.set_unique("concept", "concept_id");
+    let cases = [
+        (
+            "FROM person p JOIN condition_occurrence c ON c.person_id = p.person_id",
+            false,
+        ),
+        (
+            "FROM condition_occurrence c JOIN concept k ON k.concept_id = c.condition_concept_id",
+            false,
+        ),
+        (
+            "FROM person WHERE person_id IN (SELECT person_id FROM condition_occurrence)",
+            false,
+        ),
+        (
+            "FROM condition_occurrence c JOIN concept k ON k.concept_name = 'x'",
+            true,
+        ),
+        ("FROM condition_occurrence c CROSS JOIN concept k", true),
+        (
+            "FROM condition_occurrence c1 JOIN condition_occurrence c2 ON c1.person_id = c2.person_id",
+            true,
+        ),
+    ];
+    for (from, marked) in cases {
+        let sql = format!("{DP} COUNT(*) AS n {from}");
+        let Ok(Statement::Query(q)) = parse(&sql) else {
+            panic!("{sql}")
+        };
+        let plan = compile(&q, &catalog, None).await.expect(&sql);
+        assert_eq!(
+            plan.amplification.is_some(),
+            marked,
+            "{from}: {:?}",
+            plan.amplification
+        );
+    }
 }
