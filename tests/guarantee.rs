@@ -221,7 +221,7 @@ async fn not_in_cannot_be_emptied_by_one_persons_null() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_after_admission_are_charged_stored_and_counted() {
     let policy = "[policy]\napproval = \"auto\"\nmax_failures_per_researcher = 2\nmin_charge_epsilon = 2.0\n\n\
-                  [policy.limits]\ntime_limit_secs = 2\n\n\
+                  [policy.limits]\ntime_limit_secs = 2\npadded_secs = 2\n\n\
                   [policy.studies.test]\nbudget = { epsilon = 1000.0, delta = 1e-5 }\n";
     let fed = federation_with(1, policy).await;
     let work = fed.federation.work_dir.clone();
@@ -591,5 +591,35 @@ async fn secure_sessions_a_dishonest_coordinator_proposes_are_checked() {
         err.message
     );
     let _ = Path::new(&work);
+    fed.federation.stop().await.expect("clean stop");
+}
+
+/// Shape 7, latency: a query through whose joins one person's rows could
+/// multiply the work is answered at a fixed time after it started, whether
+/// its rows are few or many, so its latency tells nothing about a person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_one_person_could_slow_down_answer_at_a_fixed_time() {
+    let policy = "[policy]\napproval = \"auto\"\n\n[policy.limits]\npadded_secs = 6\n\n\
+                  [policy.studies.test]\nbudget = { epsilon = 1000.0, delta = 1e-5 }\n";
+    let fed = federation_with(1, policy).await;
+    let mut client = fed.client().await;
+    let join = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) COUNT(*) AS n \
+                FROM condition_occurrence c1 JOIN condition_occurrence c2 ON c1.person_id = c2.person_id";
+    async fn timed(client: &mut confer_cli::client::Client, sql: String) -> f64 {
+        let started = std::time::Instant::now();
+        client.run(&sql, Some("test")).await.expect(&sql);
+        started.elapsed().as_secs_f64()
+    }
+    // Almost no rows, and every person's rows multiplied with each other.
+    let few = timed(&mut client, format!("{join} WHERE c1.person_id = 1")).await;
+    let many = timed(&mut client, format!("{join} WHERE c1.condition_concept_id = 192671")).await;
+    assert!(few >= 6.0 && many >= 6.0, "{few} s, {many} s");
+    assert!(
+        (few - many).abs() < 1.5,
+        "the latency depends on the rows: {few} s against {many} s"
+    );
+    // A query no person can slow down is not held.
+    let plain = timed(&mut client, format!("{DP} COUNT(*) AS n FROM condition_occurrence")).await;
+    assert!(plain < 6.0, "{plain} s");
     fed.federation.stop().await.expect("clean stop");
 }

@@ -68,8 +68,8 @@ impl Failure {
                 (policy.limits.memory_mb): group by fewer or coarser keys, or read fewer rows"
                 .into(),
             Failure::Timeout(limit) => format!(
-                "the task ran longer than this node's limit of {} s (policy.limits.time_limit_secs): \
-                 simplify the joins or read fewer rows",
+                "the task ran longer than this node's limit of {} s (policy.limits.time_limit_secs, or \
+                 padded_secs for a query one person could slow down): simplify the joins or read fewer rows",
                 limit.as_secs()
             ),
             Failure::Io => "reading this node's tables failed".into(),
