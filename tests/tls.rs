@@ -338,7 +338,42 @@ async fn mutual_tls_tokens_certificates_and_roles() {
     let log = wait_for_log(&d.join("site-a").join("node.log"), "has expired").await;
     assert!(log.contains("certificate has expired"), "{log}");
 
-    for child in [coord, stranger, expired, site_a, site_b] {
+    // Secure aggregation over mutual TLS: no key is pinned; each node
+    // proves its secure-aggregation key with its certificate, and its peer
+    // checks the certificate against the network CA (issue 13, shape 12).
+    let (c_cert, c_key) = issue(&ca_dir, CertKind::Node, "site-c", 30);
+    let site_c = node(
+        d,
+        "site-c",
+        &tls_section(&c_cert, &c_key, &ca, "required"),
+        &public,
+    )
+    .await;
+    let pair = coordinator(
+        d,
+        "pair",
+        &tls_section(&coord_cert, &coord_key, &ca, "optional"),
+        &[("site-a", &site_a), ("site-c", &site_c)],
+    )
+    .await;
+    let mut researcher = Client::connect_with(&connect(
+        &pair,
+        &ca,
+        Some(token(d, "pair", "tester")),
+        None,
+    ))
+    .await
+    .expect("connect");
+    let secure = SQL.replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')");
+    let answer = researcher
+        .run(&secure, Some("test"))
+        .await
+        .expect("a secure sum over certificate-proven keys");
+    let counts = crate::fixture::keyed(&answer.batches, 1, &["n"]);
+    assert_eq!(counts["8507"][0], 20.0, "{counts:?}");
+    assert_eq!(counts["8532"][0], 60.0, "{counts:?}");
+
+    for child in [coord, stranger, expired, pair, site_a, site_b, site_c] {
         child
             .stop(Duration::from_secs(10))
             .await
