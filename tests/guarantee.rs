@@ -612,14 +612,22 @@ async fn queries_one_person_could_slow_down_answer_at_a_fixed_time() {
     }
     // Almost no rows, and every person's rows multiplied with each other.
     let few = timed(&mut client, format!("{join} WHERE c1.person_id = 1")).await;
-    let many = timed(&mut client, format!("{join} WHERE c1.condition_concept_id = 192671")).await;
+    let many = timed(
+        &mut client,
+        format!("{join} WHERE c1.condition_concept_id = 192671"),
+    )
+    .await;
     assert!(few >= 6.0 && many >= 6.0, "{few} s, {many} s");
     assert!(
         (few - many).abs() < 1.5,
         "the latency depends on the rows: {few} s against {many} s"
     );
     // A query no person can slow down is not held.
-    let plain = timed(&mut client, format!("{DP} COUNT(*) AS n FROM condition_occurrence")).await;
+    let plain = timed(
+        &mut client,
+        format!("{DP} COUNT(*) AS n FROM condition_occurrence"),
+    )
+    .await;
     assert!(plain < 6.0, "{plain} s");
     fed.federation.stop().await.expect("clean stop");
 }

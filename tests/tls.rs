@@ -356,14 +356,10 @@ async fn mutual_tls_tokens_certificates_and_roles() {
         &[("site-a", &site_a), ("site-c", &site_c)],
     )
     .await;
-    let mut researcher = Client::connect_with(&connect(
-        &pair,
-        &ca,
-        Some(token(d, "pair", "tester")),
-        None,
-    ))
-    .await
-    .expect("connect");
+    let mut researcher =
+        Client::connect_with(&connect(&pair, &ca, Some(token(d, "pair", "tester")), None))
+            .await
+            .expect("connect");
     let secure = SQL.replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')");
     let answer = researcher
         .run(&secure, Some("test"))

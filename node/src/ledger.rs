@@ -75,8 +75,8 @@ pub struct Charge {
     /// The researcher's budget over all studies (rho), if any.
     pub researcher_total_budget: Option<f64>,
     /// Charged failures the researcher may have (failed since the steward's
-    /// last lift, plus tasks still running), checked in the transaction
-    /// that charges the task; `None`: no quota.
+    /// last lift; once there is one, tasks still running count too),
+    /// checked in the transaction that charges the task; `None`: no quota.
     pub failure_quota: Option<u64>,
     /// The node's floor for a task that fails after it was admitted (rho):
     /// a failure is charged the larger of the task's cost and this, even
@@ -594,7 +594,11 @@ impl Ledger {
                 params![charge.researcher],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )?;
-            if (failed + running).max(0) as u64 >= quota {
+            // Tasks still running count once a researcher has failed:
+            // concurrent tasks cannot then slip past the quota together.
+            let failed = failed.max(0) as u64;
+            let running = running.max(0) as u64;
+            if failed >= quota || (failed > 0 && failed + running >= quota) {
                 let why = format!(
                     "researcher {} has {failed} charged failure(s) and {running} task(s) running at this \
                      node, which reach its quota of {quota}: the node takes no more of their tasks until \
@@ -1392,6 +1396,139 @@ mod tests {
             ledger.release(&replay, vec![]).expect("db"),
             Err(Refusal::Replay(_))
         ));
+    }
+
+    #[test]
+    fn tasks_are_charged_before_they_run_and_failures_raise_the_charge() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        let mut c = charge(Uuid::new_v4(), 0.1, 10.0);
+        c.failure_rho = 0.5;
+        assert_eq!(ledger.begin(&c).expect("db"), Ok(Begun::Charged));
+        assert_eq!(ledger.spent("s", None).expect("spent"), 0.1);
+        let stored = ledger.stored(c.task_id).expect("db").expect("on record");
+        assert_eq!(stored.state, TaskState::Running);
+        // A second begin is the same task: it finds it running.
+        assert!(matches!(
+            ledger.begin(&c).expect("db"),
+            Ok(Begun::Existing(Stored {
+                state: TaskState::Running,
+                ..
+            }))
+        ));
+        ledger.fail(&c, "time limit").expect("fail");
+        assert_eq!(
+            ledger.spent("s", None).expect("spent"),
+            0.5,
+            "raised to the floor"
+        );
+        let stored = ledger.stored(c.task_id).expect("db").expect("on record");
+        assert_eq!(stored.state, TaskState::Failed);
+        assert_eq!(ledger.failures_since_lift("r").expect("count"), 1);
+
+        // A released task keeps its cost.
+        let ok = charge(Uuid::new_v4(), 0.2, 10.0);
+        ledger.begin(&ok).expect("db").expect("charged");
+        assert_eq!(
+            ledger.finish(&ok, b"bytes".to_vec()).expect("finish"),
+            b"bytes"
+        );
+        let stored = ledger.stored(ok.task_id).expect("db").expect("on record");
+        assert_eq!(
+            (stored.state, stored.result),
+            (TaskState::Released, b"bytes".to_vec())
+        );
+        assert!((ledger.spent("s", None).expect("spent") - 0.7).abs() < 1e-12);
+        assert!(ledger.verify().expect("verify").problem.is_none());
+    }
+
+    #[test]
+    fn a_restart_turns_running_tasks_into_charged_failures() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = Uuid::new_v4();
+        {
+            let ledger = Ledger::open(dir.path()).expect("open");
+            let mut c = charge(id, 0.1, 10.0);
+            c.failure_rho = 0.3;
+            ledger.begin(&c).expect("db").expect("charged");
+        }
+        let ledger = Ledger::open(dir.path()).expect("reopen");
+        let stored = ledger.stored(id).expect("db").expect("on record");
+        assert_eq!(stored.state, TaskState::Failed);
+        assert_eq!(ledger.spent("s", None).expect("spent"), 0.3);
+        assert!(ledger.verify().expect("verify").problem.is_none());
+    }
+
+    #[test]
+    fn the_failure_quota_holds_until_the_steward_lifts_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        let quota = |id| {
+            let mut c = charge(id, 0.01, 10.0);
+            c.failure_quota = Some(2);
+            c
+        };
+        // No failures: concurrent tasks are not limited by the quota.
+        for _ in 0..3 {
+            ledger
+                .begin(&quota(Uuid::new_v4()))
+                .expect("db")
+                .expect("charged");
+        }
+        let failing = quota(Uuid::new_v4());
+        ledger.begin(&failing).expect("db").expect("charged");
+        ledger.fail(&failing, "x").expect("fail");
+        // One failure and three running reach the quota of 2.
+        assert!(matches!(
+            ledger.begin(&quota(Uuid::new_v4())).expect("db"),
+            Err(Refusal::Quota(_))
+        ));
+        assert_eq!(ledger.lift("r", "steward", "reviewed").expect("lift"), 1);
+        assert_eq!(ledger.failures_since_lift("r").expect("count"), 0);
+        ledger
+            .begin(&quota(Uuid::new_v4()))
+            .expect("db")
+            .expect("lifted");
+    }
+
+    #[test]
+    fn node_and_researcher_totals_cap_every_study() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        let in_study = |study: &str, researcher: &str| {
+            let mut c = charge(Uuid::new_v4(), 0.4, 1.0);
+            c.study = study.into();
+            c.researcher = researcher.into();
+            c.node_budget = Some(1.0);
+            c.researcher_total_budget = Some(0.5);
+            c
+        };
+        ledger
+            .begin(&in_study("a", "r"))
+            .expect("db")
+            .expect("fits");
+        let err = ledger
+            .begin(&in_study("b", "r"))
+            .expect("db")
+            .expect_err("researcher total");
+        assert!(
+            matches!(&err, Refusal::Budget(m) if m.contains("all studies")),
+            "{err:?}"
+        );
+        ledger
+            .begin(&in_study("b", "q"))
+            .expect("db")
+            .expect("another researcher");
+        let err = ledger
+            .begin(&in_study("c", "z"))
+            .expect("db")
+            .expect_err("node total");
+        assert!(
+            matches!(&err, Refusal::Budget(m) if m.contains("budget exhausted for node")),
+            "{err:?}"
+        );
+        assert!((ledger.spent_total().expect("total") - 0.8).abs() < 1e-12);
+        assert!((ledger.spent_by_researcher("r").expect("r") - 0.4).abs() < 1e-12);
     }
 
     #[test]
