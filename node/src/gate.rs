@@ -462,28 +462,6 @@ impl NodeService {
         )
     }
 
-    /// Records a release in one step (no run in between): training rounds
-    /// and commits. Refusals become errors.
-    pub(crate) fn record(&self, charge: &Charge, bytes: Vec<u8>) -> Result<Vec<u8>> {
-        match self.state().ledger.release(charge, bytes)? {
-            Ok(bytes) => Ok(bytes),
-            Err(Refusal::Budget(why)) => Err(NodeError::Protocol(
-                ProtocolError::new(
-                    ErrorKind::ResourceExhausted,
-                    format!("node {}: {why}", self.state().name),
-                )
-                .with_retryable(false),
-            )),
-            Err(Refusal::Replay(why) | Refusal::Quota(why)) => Err(NodeError::Protocol(
-                ProtocolError::new(
-                    ErrorKind::PermissionDenied,
-                    format!("node {}: {why}", self.state().name),
-                )
-                .with_retryable(false),
-            )),
-        }
-    }
-
     /// Runs SQL over the node's tables within one task's memory pool and
     /// time limit.
     pub(crate) async fn run_limited(

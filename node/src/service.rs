@@ -664,10 +664,12 @@ impl NodeService {
                 Ok(result) => result,
                 Err(_) => Err(this.charge_failure(&task, &charge, Failure::Other)),
             };
-            drop(slot);
+            // The slot is held until the answer goes: its release would
+            // otherwise show when the work really ended.
             if padded {
                 tokio::time::sleep_until(started + limits.padded).await;
             }
+            drop(slot);
             result
         });
         worker.await.map_err(|_| worker_stopped())?

@@ -42,7 +42,7 @@ use confer_protocol::train::{
 use confer_protocol::{ErrorKind, ProtocolError};
 use confer_query::QueryError;
 use datafusion::execution::context::SQLOptions;
-use tracing::{info, instrument, warn};
+use tracing::{info, instrument};
 use uuid::Uuid;
 
 use crate::error::{NodeError, Result};
@@ -60,8 +60,6 @@ pub(crate) struct JobData {
     /// The job's budget split (computed once).
     plan: confer_models::job::PrivacyPlan,
     payload_hash: String,
-    /// Tables the feature query reads.
-    tables: Vec<String>,
     bounds: Vec<[f64; 2]>,
     train: Dataset,
     test: Dataset,
@@ -115,14 +113,16 @@ impl NodeService {
     pub(crate) async fn train_prepare(&self, envelope: Envelope) -> Result<TrainReady> {
         let policy = self.state().policy()?;
         let (task, rules) = self.admit(&envelope, &policy)?;
-        self.prepared(&envelope, &task, &rules, &policy).await?;
+        // Everything that depends on no row: nothing is read or charged
+        // here (the rows are read after the job's durable charge, at commit).
+        self.checked_job(&envelope, &task, &rules, &policy).await?;
         self.state().ledger.audit(&AuditEntry {
             task_id: Some(task.id),
             study: Some(task.study.clone()),
             actor: Some(task.researcher.clone()),
             kind: task.kind_name().into(),
             decision: "recorded".into(),
-            reason: Some("training job prepared: data checked, nothing charged".into()),
+            reason: Some("training job checked: no row read, nothing charged".into()),
             ..Default::default()
         })?;
         Ok(TrainReady {
@@ -139,24 +139,9 @@ impl NodeService {
         let policy = self.state().policy()?;
         let (task, rules) = self.admit(&envelope, &policy)?;
         let payload_hash = sha256_hex(envelope.payload.as_bytes());
-        let job = self.prepared(&envelope, &task, &rules, &policy).await?;
-        let plan = job
-            .spec
-            .privacy_plan()
-            .map_err(|e| self.refuse(Some(&task), ErrorKind::InvalidArgument, e.to_string()))?;
+        let (spec, plan) = self.checked_job(&envelope, &task, &rules, &policy).await?;
         let repeated = match self.state().ledger.stored(task.id)? {
-            Some(s) if s.payload_hash == payload_hash && s.state == TaskState::Failed => {
-                return Err(self.refuse(
-                    Some(&task),
-                    ErrorKind::FailedPrecondition,
-                    format!(
-                        "job {} failed while this node prepared it and was charged then; it is not run again",
-                        task.id
-                    ),
-                ));
-            }
-            Some(s) if s.payload_hash == payload_hash => true,
-            Some(_) => {
+            Some(s) if s.payload_hash != payload_hash => {
                 return Err(self.refuse(
                     Some(&task),
                     ErrorKind::PermissionDenied,
@@ -166,11 +151,63 @@ impl NodeService {
                     ),
                 ));
             }
+            Some(s) if s.state == TaskState::Failed => {
+                return Err(self.refuse(
+                    Some(&task),
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "job {} failed while this node read its rows and was charged then; it is not run again",
+                        task.id
+                    ),
+                ));
+            }
+            Some(s) if s.state == TaskState::Running => {
+                return Err(self.refuse_with(
+                    Some(&task),
+                    ErrorKind::Unavailable,
+                    format!(
+                        "job {} is being committed at this node: ask again shortly",
+                        task.id
+                    ),
+                    true,
+                ));
+            }
+            Some(_) => true,
             None => false,
         };
-        if !repeated {
+        if repeated {
+            // Committed before (its rows may need reading again after a
+            // restart: the job paid for that).
+            self.job_data(&task, &rules, &policy, &spec, plan, &payload_hash, None)
+                .await?;
+        } else {
+            // Charged durably before a row is read; reading may fail (a
+            // charged failure) or take long (padded if one person could
+            // slow it down).
             let charge = self.job_charge(&task, &payload_hash, &rules, &policy, &plan)?;
-            self.record(&charge, b"training job committed".to_vec())?;
+            let slot = self.slot(&task, &policy)?;
+            if let Some(stored) = self.begin(&task, &charge)? {
+                self.answer_stored(&task, stored, &payload_hash)?;
+                return Err(self.refuse(
+                    Some(&task),
+                    ErrorKind::FailedPrecondition,
+                    format!("job {} is already on record here", task.id),
+                ));
+            }
+            self.job_data(
+                &task,
+                &rules,
+                &policy,
+                &spec,
+                plan,
+                &payload_hash,
+                Some(&charge),
+            )
+            .await?;
+            drop(slot);
+            self.state()
+                .ledger
+                .finish(&charge, b"training job committed".to_vec())?;
             info!(task = %task.id, study = %task.study, rho = plan.rho, "training job charged");
         }
         Ok(TrainCommitted {
@@ -292,25 +329,33 @@ impl NodeService {
         }
         // The round is on record before anything is computed from the data:
         // whatever happens next, it is spent and never computed again.
-        let charge = zero_charge(&round_task, record_id, &round_envelope);
-        self.record(
-            &charge,
-            format!("{} of round {}", r.phase.name(), r.round).into_bytes(),
-        )?;
+        let charge = zero_charge(&round_task, record_id, &round_envelope, &policy);
+        if self.begin(&round_task, &charge)?.is_some() {
+            return Err(self.refuse(
+                Some(&round_task),
+                ErrorKind::PermissionDenied,
+                format!(
+                    "{} of round {} of job {} is already on record here: each is computed once",
+                    r.phase.name(),
+                    r.round,
+                    task.id
+                ),
+            ));
+        }
+        let marker = format!("{} of round {}", r.phase.name(), r.round).into_bytes();
         let r = r.clone();
         let input_job = job.clone();
         let me = self.state().name.clone();
         let config = session.clone();
-        let (input, note) = blocking(move || node_input(&input_job, &r, &config, &me))
-            .await
-            .map_err(|e| {
-                warn!(job = %task.id, "a training round failed at this node: {:?}", ProtocolError::from(e).kind);
-                self.refuse(
-                    Some(&round_task),
-                    ErrorKind::Internal,
-                    "this node could not compute its input to the round (the round is spent here)".into(),
-                )
-            })?;
+        let (input, note) = match blocking(move || node_input(&input_job, &r, &config, &me)).await {
+            Ok(input) => {
+                self.state().ledger.finish(&charge, marker)?;
+                input
+            }
+            // Whether it fails may depend on the rows: charged at the node's
+            // floor and counted, and the message withheld.
+            Err(_) => return Err(self.charge_failure(&round_task, &charge, Failure::Other)),
+        };
         let TaskKind::TrainRound(r) = &round_task.kind else {
             return Err(NodeError::Protocol(ProtocolError::internal(
                 "checked above",
@@ -370,7 +415,8 @@ impl NodeService {
             .map_err(|why| self.refuse(Some(&round_task), ErrorKind::InvalidArgument, why))?;
         let _guard = job.round_lock.lock().await;
         let record_id = round_record_id(task.id, r.phase, r.round);
-        let charge = zero_charge(&round_task, record_id, &round_envelope);
+        let policy = self.state().policy()?;
+        let charge = zero_charge(&round_task, record_id, &round_envelope, &policy);
         // On record before anything is computed: an evaluation is computed
         // once, whatever happens (a coordinator cannot ask again with other
         // inputs after a failure).
@@ -404,7 +450,7 @@ impl NodeService {
                 )),
             };
         }
-        let min_group_size = self.state().policy()?.min_group_size;
+        let min_group_size = policy.min_group_size;
         let r = r.clone();
         let eval_job = job.clone();
         let me = self.state().name.clone();
@@ -416,18 +462,7 @@ impl NodeService {
             });
         let bytes = match release {
             Ok(b) => b,
-            Err(_) => {
-                warn!(job = %task.id, "an evaluation failed at this node (message withheld)");
-                self.state()
-                    .ledger
-                    .fail(&charge, "the evaluation failed at this node")?;
-                return Err(self.refuse(
-                    Some(&round_task),
-                    ErrorKind::FailedPrecondition,
-                    "the evaluation failed at this node (the message is withheld); it is not computed again"
-                        .into(),
-                ));
-            }
+            Err(_) => return Err(self.charge_failure(&round_task, &charge, Failure::Other)),
         };
         let sent = self.state().ledger.finish(&charge, bytes)?;
         serde_json::from_slice(&sent)
@@ -454,7 +489,12 @@ impl NodeService {
                 ));
             }
         }
-        let job = self.prepared(&request.job, &task, &rules, &policy).await?;
+        let (spec, plan) = self
+            .checked_job(&request.job, &task, &rules, &policy)
+            .await?;
+        let job = self
+            .job_data(&task, &rules, &policy, &spec, plan, &payload_hash, None)
+            .await?;
         let envelope = request.round.clone().ok_or_else(|| {
             self.refuse(
                 Some(&task),
@@ -497,14 +537,17 @@ impl NodeService {
         Ok((task, job, round, envelope))
     }
 
-    /// The job's data, prepared now if this node has not (or has restarted).
-    async fn prepared(
+    /// Every check of a training job that depends on no row: its sites,
+    /// spec, architecture, DP, costs, feature query (compiled against this
+    /// node's catalog, tables allowed) and, before it is charged, quota and
+    /// budgets. Returns the spec and its privacy plan.
+    async fn checked_job(
         &self,
         envelope: &Envelope,
         task: &Task,
         rules: &StudyRules,
         policy: &Policy,
-    ) -> Result<Arc<JobData>> {
+    ) -> Result<(JobSpec, confer_models::job::PrivacyPlan)> {
         let payload_hash = sha256_hex(envelope.payload.as_bytes());
         let refuse = |kind, why: String| self.refuse(Some(task), kind, why);
         let TaskKind::Train(train) = &task.kind else {
@@ -522,8 +565,8 @@ impl NodeService {
                 ),
             ));
         }
-        // The job is parsed and its data read once; the policy is checked on
-        // every request (it may have been reloaded since).
+        // The job is parsed once; the policy is checked on every request (it
+        // may have been reloaded since).
         let cached = self.state().train.get(task.id, &payload_hash);
         let (spec, plan) = match &cached {
             Some(job) => (job.spec.clone(), job.plan),
@@ -564,6 +607,22 @@ impl NodeService {
             ));
         }
         self.check_costs(task, policy, &job_cost(&plan), spec.privacy.epsilon, None)?;
+        let query = confer_query::features::feature_query(
+            &spec.data.query,
+            &spec.columns(),
+            &self.state().query_catalog,
+        )
+        .await
+        .map_err(|e| refuse(ErrorKind::InvalidArgument, e.to_string()))?;
+        if let Some(table) = rules.forbidden_table(&query.tables) {
+            return Err(refuse(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "study {} may not read table {table} at this node",
+                    task.study
+                ),
+            ));
+        }
         match self.state().ledger.stored(task.id)? {
             None => {
                 self.check_quota(task, policy)?;
@@ -573,24 +632,49 @@ impl NodeService {
                 return Err(refuse(
                     ErrorKind::FailedPrecondition,
                     format!(
-                        "job {} failed while this node prepared it and was charged then; it is not run again",
+                        "job {} failed while this node read its rows and was charged then; it is not run again",
                         task.id
                     ),
                 ));
             }
             Some(_) => {}
         }
-        if let Some(job) = cached {
-            if let Some(table) = rules.forbidden_table(&job.tables) {
+        Ok((spec, plan))
+    }
+
+    /// The job's data: cached, else its rows read now. Call only once the
+    /// job's charge is on record: at commit, with `charging` the charge just
+    /// begun (a failure is then charged and stored); afterwards (a node
+    /// that restarted mid-job) with `None`, and the job must be committed.
+    #[allow(clippy::too_many_arguments)]
+    async fn job_data(
+        &self,
+        task: &Task,
+        rules: &StudyRules,
+        policy: &Policy,
+        spec: &JobSpec,
+        plan: confer_models::job::PrivacyPlan,
+        payload_hash: &str,
+        charging: Option<&Charge>,
+    ) -> Result<Arc<JobData>> {
+        let refuse = |kind, why: String| self.refuse(Some(task), kind, why);
+        if let Some(job) = self.state().train.get(task.id, payload_hash) {
+            return Ok(job);
+        }
+        if charging.is_none() {
+            let committed =
+                self.state().ledger.stored(task.id)?.is_some_and(|s| {
+                    s.payload_hash == payload_hash && s.state == TaskState::Released
+                });
+            if !committed {
                 return Err(refuse(
-                    ErrorKind::PermissionDenied,
+                    ErrorKind::FailedPrecondition,
                     format!(
-                        "study {} may not read table {table} at this node",
-                        task.study
+                        "job {} is not committed at this node: its rows are read only after its charge",
+                        task.id
                     ),
                 ));
             }
-            return Ok(job);
         }
         // A feature query whose work one person could multiply is read
         // within, and answered at, the padded time: its latency tells nothing.
@@ -601,14 +685,14 @@ impl NodeService {
         )
         .await
         .map(|q| q.amplification.is_some())
-        .unwrap_or(false);
+        .unwrap_or(true);
         let limits = policy.limits.for_task(padded);
         let started = tokio::time::Instant::now();
         let ctx = self.state().task_context(&limits)?;
         let reading = std::panic::AssertUnwindSafe(job_datasets(
             &ctx,
             &self.state().query_catalog,
-            &spec,
+            spec,
             |tables| rules.forbidden_table(tables).map(str::to_string),
         ));
         let read =
@@ -621,31 +705,24 @@ impl NodeService {
         if padded {
             tokio::time::sleep_until(started + limits.padded).await;
         }
-        let (train_set, test_set, tables) = match read {
+        let (train_set, test_set, _tables) = match read {
             Ok(sets) => sets,
-            Err(JobDataError::Forbidden(table)) => {
-                return Err(refuse(
-                    ErrorKind::PermissionDenied,
-                    format!(
-                        "study {} may not read table {table} at this node",
-                        task.study
-                    ),
-                ));
-            }
-            Err(JobDataError::Invalid(why)) => return Err(refuse(ErrorKind::InvalidArgument, why)),
-            Err(JobDataError::Node(e)) => return Err(e),
-            // The rows were being read: whether that fails can depend on
-            // them, so the failure is charged (and the job is not run).
-            Err(JobDataError::Failed(failure)) => {
-                let charge = self.job_charge(task, &payload_hash, rules, policy, &plan)?;
-                if let Some(stored) = self.begin(task, &charge)? {
-                    self.answer_stored(task, stored, &payload_hash)?;
-                    return Err(refuse(
+            Err(e) => {
+                // The rows were being read (or were about to be): charged.
+                let failure = match e {
+                    JobDataError::Failed(f) => f,
+                    _ => Failure::Other,
+                };
+                return Err(match charging {
+                    Some(charge) => self.charge_failure(task, charge, failure),
+                    None => refuse(
                         ErrorKind::FailedPrecondition,
-                        format!("job {} is already on record here", task.id),
-                    ));
-                }
-                return Err(self.charge_failure(task, &charge, failure));
+                        format!(
+                            "this node could not read the job's rows again: {}",
+                            failure.describe()
+                        ),
+                    ),
+                });
             }
         };
         let bounds = spec
@@ -655,10 +732,9 @@ impl NodeService {
             .map(|f| spec.data.bounds[f])
             .collect();
         let job = Arc::new(JobData {
-            spec,
+            spec: spec.clone(),
             plan,
-            payload_hash,
-            tables,
+            payload_hash: payload_hash.to_string(),
             bounds,
             train: train_set,
             test: test_set,
@@ -795,8 +871,9 @@ fn check_round_inputs(round: &TrainRoundTask) -> std::result::Result<(), String>
     Ok(())
 }
 
-/// A round's ledger record: no cost (the job paid), keyed by the round.
-fn zero_charge(round: &Task, record_id: Uuid, envelope: &Envelope) -> Charge {
+/// A round's ledger record: no cost (the job paid), keyed by the round; a
+/// round that fails is charged the node's floor.
+fn zero_charge(round: &Task, record_id: Uuid, envelope: &Envelope, policy: &Policy) -> Charge {
     Charge {
         task_id: record_id,
         payload_hash: sha256_hex(envelope.payload.as_bytes()),
@@ -812,6 +889,7 @@ fn zero_charge(round: &Task, record_id: Uuid, envelope: &Envelope) -> Charge {
         study_budget: f64::INFINITY,
         researcher_budget: None,
         study_delta_budget: f64::INFINITY,
+        failure_rho: policy.min_charge_rho,
         ..Default::default()
     }
 }

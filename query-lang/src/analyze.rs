@@ -180,7 +180,10 @@ const DROPS_UNIT: &str = "a CTE or subquery drops the privacy unit column: keep 
 
 /// Analyzes a planned (and analysed) relation.
 pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
-    let p = relation(plan, catalog)?;
+    let mut p = relation(plan, catalog)?;
+    // Every catalog table the relation reads, subqueries in any of its
+    // expressions included (for the study's table rules).
+    p.tables.extend(tables_read(plan, catalog).0);
     // Whatever the node: rows computed from person-level rows are never
     // public. (A semi join of a public table filtered by one person's rows,
     // for one, would otherwise pass for public rows.)
@@ -194,11 +197,11 @@ pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
     Ok(p)
 }
 
-/// Whether a relation reads a person-level table itself (subqueries in its
-/// expressions aside: they are checked where they are used).
+/// Whether a relation reads a person-level table, itself or through a
+/// subquery in any of its expressions.
 fn reads_private_rows(plan: &LogicalPlan, catalog: &Catalog) -> bool {
     let mut private = false;
-    let _ = plan.apply(|p| {
+    let _ = plan.apply_with_subqueries(|p| {
         if let LogicalPlan::TableScan(scan) = p
             && catalog
                 .table(scan.table_name.table())
@@ -275,7 +278,14 @@ fn relation(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
         }
         LogicalPlan::SubqueryAlias(a) => provenance(&a.input, catalog)?,
         LogicalPlan::Subquery(s) => provenance(&s.subquery, catalog)?,
-        LogicalPlan::Repartition(r) => provenance(&r.input, catalog)?,
+        LogicalPlan::Repartition(r) => {
+            let input = provenance(&r.input, catalog)?;
+            let mut tables = BTreeSet::new();
+            for e in plan.expressions() {
+                check_subqueries(&e, &r.input, &input, catalog, &mut tables)?;
+            }
+            input
+        }
         LogicalPlan::Distinct(Distinct::All(input)) => {
             let mut p = provenance(input, catalog)?;
             if input.schema().fields().len() == 1 {
@@ -481,10 +491,19 @@ fn relation(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
             }
         }
         LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => {
-            Provenance::public(BTreeSet::new())
+            let mut tables = BTreeSet::new();
+            let empty = Provenance::public(BTreeSet::new());
+            for e in plan.expressions() {
+                check_subqueries(&e, plan, &empty, catalog, &mut tables)?;
+            }
+            Provenance::public(tables)
         }
         LogicalPlan::Limit(l) => {
             let input = provenance(&l.input, catalog)?;
+            let mut tables = BTreeSet::new();
+            for e in l.skip.iter().chain(l.fetch.iter()) {
+                check_subqueries(e, &l.input, &input, catalog, &mut tables)?;
+            }
             if input.is_private() {
                 return Err(refuse(
                     "LIMIT inside a CTE or subquery picks persons by the other rows: move LIMIT to the \
@@ -495,6 +514,11 @@ fn relation(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
         }
         LogicalPlan::Sort(s) => {
             let input = provenance(&s.input, catalog)?;
+            // Its expressions may hold subqueries too (ORDER BY (SELECT ...)).
+            let mut tables = BTreeSet::new();
+            for e in &s.expr {
+                check_subqueries(&e.expr, &s.input, &input, catalog, &mut tables)?;
+            }
             if input.is_private() {
                 return Err(refuse(
                     "ORDER BY before aggregation is not allowed: order the released values in the \
@@ -528,55 +552,155 @@ fn relation(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
 }
 
 /// Whether one person's rows can multiply the work of a query: the reason,
-/// or `None` when every join keeps it proportional to the rows read.
+/// or `None` when the work stays proportional to the rows read.
 ///
 /// A query whose run time one person could amplify (a join that matches one
 /// person's row with any number of rows, so that a property of one person
 /// makes the query slow) would tell that property by its latency, outside
 /// any DP mechanism. A node answers such a query only at a fixed time after
 /// it started, whatever its real run time (`policy.limits.padded_secs`).
-/// The joins that cannot amplify:
+/// What keeps the work proportional:
 ///
-/// * joins of public relations with each other (their cost is the same
-///   for any persons' data);
-/// * semi and anti joins (`IN` and `EXISTS` subqueries): a row is kept or
-///   not;
-/// * a person-level relation with a public one on an equality whose public
-///   side holds no value twice (a node measures this on its own public
-///   tables: `concept.concept_id`, `care_site.care_site_id`, ...);
+/// * joins of public relations with each other, when they are not joined
+///   with person-level rows afterwards (the engine may skip a public
+///   relation whose other side is empty, so an expensive one joined with
+///   person-level rows is marked);
+/// * semi and anti joins on equalities (`IN` subqueries, hash joins): a row
+///   is kept or not;
+/// * a person-level relation with a public table on an equality between a
+///   column of the person-level side and a column of the public table that
+///   holds no value twice (a node measures this on its own public tables:
+///   `concept.concept_id`, `care_site.care_site_id`, ...);
 /// * two person-level relations on the unit when one of them has one row
 ///   per person (`person`, or a per-person summary).
+///
+/// Also marked: correlated subqueries (evaluated against other rows for
+/// every row), subqueries that join, and text concatenation of values
+/// read from rows (`a || b`, `concat`: chained in CTEs, one person's text
+/// can grow exponentially).
 pub fn amplification(plan: &LogicalPlan, catalog: &Catalog) -> Option<String> {
     let mut reason = None;
     let _ = plan.apply_with_subqueries(|node| {
-        if let LogicalPlan::Join(join) = node
-            && let Some(why) = join_amplifies(join, catalog)
-        {
-            reason = Some(why);
+        let found = match node {
+            LogicalPlan::Join(join) => join_amplifies(join, catalog),
+            _ => None,
+        }
+        .or_else(|| expressions_amplify(node));
+        match found {
+            Some(why) => {
+                reason = Some(why);
+                Ok(TreeNodeRecursion::Stop)
+            }
+            None => Ok(TreeNodeRecursion::Continue),
+        }
+    });
+    reason
+}
+
+/// Expressions of a plan node that can multiply one person's work.
+fn expressions_amplify(node: &LogicalPlan) -> Option<String> {
+    let mut reason = None;
+    let _ = node.apply_expressions(|e| {
+        let _ = e.apply(|x| {
+            let why = match x {
+                Expr::BinaryExpr(b)
+                    if b.op == datafusion::logical_expr::Operator::StringConcat
+                        && x.any_column_refs() =>
+                {
+                    Some(
+                        "text concatenation of values read from rows (one person's text can grow)"
+                            .into(),
+                    )
+                }
+                Expr::ScalarFunction(f)
+                    if matches!(f.func.name(), "concat" | "concat_ws") && x.any_column_refs() =>
+                {
+                    Some(
+                        "text concatenation of values read from rows (one person's text can grow)"
+                            .into(),
+                    )
+                }
+                Expr::ScalarSubquery(q) => subquery_amplifies(q),
+                Expr::Exists(q) => subquery_amplifies(&q.subquery),
+                Expr::InSubquery(q) => subquery_amplifies(&q.subquery),
+                _ => None,
+            };
+            match why {
+                Some(w) => {
+                    reason = Some(w);
+                    Ok(TreeNodeRecursion::Stop)
+                }
+                None => Ok(TreeNodeRecursion::Continue),
+            }
+        });
+        Ok(if reason.is_some() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    reason
+}
+
+/// A subquery that is correlated (evaluated against other rows for each
+/// row), or that joins (its work could run only when rows reach it).
+fn subquery_amplifies(q: &datafusion::logical_expr::Subquery) -> Option<String> {
+    if !q.outer_ref_columns.is_empty() {
+        return Some(
+            "a correlated subquery (evaluated against other rows for every row); write it as an IN \
+             subquery on a key"
+                .into(),
+        );
+    }
+    let mut joins = false;
+    let _ = q.subquery.apply(|p| {
+        if matches!(p, LogicalPlan::Join(_)) {
+            joins = true;
             return Ok(TreeNodeRecursion::Stop);
         }
         Ok(TreeNodeRecursion::Continue)
     });
-    reason
+    joins.then(|| "a subquery that joins tables".to_string())
+}
+
+/// Whether a public relation does more than read one table (a join, an
+/// aggregate, a union...): work that may run only when person-level rows
+/// reach it.
+fn costly_public(plan: &LogicalPlan) -> bool {
+    let mut costly = false;
+    let _ = plan.apply(|p| {
+        if !matches!(
+            p,
+            LogicalPlan::TableScan(_)
+                | LogicalPlan::Projection(_)
+                | LogicalPlan::Filter(_)
+                | LogicalPlan::SubqueryAlias(_)
+                | LogicalPlan::Values(_)
+                | LogicalPlan::EmptyRelation(_)
+        ) {
+            costly = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    costly
 }
 
 fn join_amplifies(
     join: &datafusion::logical_expr::logical_plan::Join,
     catalog: &Catalog,
 ) -> Option<String> {
-    if matches!(
-        join.join_type,
-        JoinType::LeftSemi | JoinType::LeftAnti | JoinType::RightSemi | JoinType::RightAnti
-    ) {
-        return None;
-    }
     let left = provenance(&join.left, catalog).ok()?;
     let right = provenance(&join.right, catalog).ok()?;
     let names = |p: &Provenance| p.tables.iter().cloned().collect::<Vec<_>>().join(", ");
+    let semi = matches!(
+        join.join_type,
+        JoinType::LeftSemi | JoinType::LeftAnti | JoinType::RightSemi | JoinType::RightAnti
+    );
     match (left.is_private(), right.is_private()) {
         (false, false) => None,
         (true, true) => {
-            if left.one_row_per_unit || right.one_row_per_unit {
+            if semi || left.one_row_per_unit || right.one_row_per_unit {
                 None
             } else {
                 Some(format!(
@@ -588,30 +712,68 @@ fn join_amplifies(
             }
         }
         (left_private, _) => {
-            let (public, public_plan) = if left_private {
-                (&right, &join.right)
+            let (public, public_plan, private_plan) = if left_private {
+                (&right, &join.right, &join.left)
             } else {
-                (&left, &join.left)
+                (&left, &join.left, &join.right)
             };
+            if costly_public(public_plan) {
+                return Some(format!(
+                    "a join with a public relation that itself joins or aggregates ({}): its work runs \
+                     only when persons' rows reach it",
+                    names(public)
+                ));
+            }
             let unique = |e: &Expr| {
                 unit_index(e, public_plan).is_some_and(|i| public.unique_fields.contains(&i))
             };
+            // The other side of the equality reads the person-level side
+            // only (not `k.concept_id = k.concept_id`).
+            let private_side = |e: &Expr| {
+                let refs = e.column_refs();
+                !refs.is_empty()
+                    && refs
+                        .iter()
+                        .all(|c| private_plan.schema().index_of_column(c).is_ok())
+            };
+            let keyed_pair = |a: &Expr, b: &Expr| {
+                (unique(a) && private_side(b)) || (unique(b) && private_side(a))
+            };
             // Equalities of the join: its keys, and (before DataFusion's
             // optimizer extracts them) the top-level equalities of its filter.
-            let keyed = join
-                .on
-                .iter()
-                .any(|(l, r)| unique(if left_private { r } else { l }))
+            let keyed = join.on.iter().any(|(l, r)| keyed_pair(l, r))
                 || join.filter.as_ref().is_some_and(|f| {
                     datafusion::logical_expr::utils::split_conjunction(f)
                         .into_iter()
                         .any(|c| {
                             matches!(c, Expr::BinaryExpr(b)
                                 if b.op == datafusion::logical_expr::Operator::Eq
-                                    && (unique(&b.left) || unique(&b.right)))
+                                    && keyed_pair(&b.left, &b.right))
                         })
                 });
-            if keyed {
+            // A semi join on an equality between the two sides is a hash
+            // join: each row is kept or not, whatever the other side holds.
+            let equi = |a: &Expr, b: &Expr| {
+                let reads = |e: &Expr, plan: &LogicalPlan| {
+                    let refs = e.column_refs();
+                    !refs.is_empty()
+                        && refs
+                            .iter()
+                            .all(|c| plan.schema().index_of_column(c).is_ok())
+                };
+                (reads(a, public_plan) && reads(b, private_plan))
+                    || (reads(b, public_plan) && reads(a, private_plan))
+            };
+            let hashed = !join.on.is_empty()
+                || join.filter.as_ref().is_some_and(|f| {
+                    datafusion::logical_expr::utils::split_conjunction(f)
+                        .into_iter()
+                        .any(|c| {
+                            matches!(c, Expr::BinaryExpr(b)
+                                if b.op == datafusion::logical_expr::Operator::Eq && equi(&b.left, &b.right))
+                        })
+                });
+            if keyed || (semi && hashed) {
                 None
             } else {
                 Some(format!(

@@ -161,6 +161,7 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         (format!("{DP} COUNT(*) FROM person WHERE year_of_birth / 0 > 1"), "divides by zero"),
         (format!("{DP} COUNT(*) FROM person p CROSS JOIN (SELECT k.concept_id FROM concept k LEFT SEMI JOIN condition_occurrence c ON c.condition_concept_id = k.concept_id AND c.person_id = 42) s"), "semi or anti join"),
         (format!("{DP} COUNT(*) FROM person WHERE length(repeat(CAST(year_of_birth AS VARCHAR), 10000)) > 1"), "repeat may fail on some rows"),
+        (format!("WITH pick AS (SELECT concept_id FROM concept ORDER BY concept_id * (SELECT COUNT(*) FROM condition_occurrence x WHERE x.person_id = 42) LIMIT 1) {DP} COUNT(*) FROM person p JOIN pick ON pick.concept_id = p.gender_concept_id").replace(&format!("{DP} COUNT"), &format!("{DP} COUNT")), "scalar subquery over person-level tables"),
         // Functions.
         (format!("{DP} COUNT(*) FROM person WHERE my_risk_score(year_of_birth) > 1"), "my_risk_score is not a built-in SQL function"),
         (format!("{DP} my_band(year_of_birth) AS band, COUNT(*) FROM person GROUP BY my_band(year_of_birth)"), "user-defined functions are not allowed"),
@@ -214,6 +215,29 @@ async fn joins_one_person_could_slow_down_are_marked() {
         (
             "FROM condition_occurrence c1 JOIN condition_occurrence c2 ON c1.person_id = c2.person_id",
             true,
+        ),
+        // A self-equality of the public side keys nothing.
+        (
+            "FROM condition_occurrence c JOIN concept k ON k.concept_id = k.concept_id",
+            true,
+        ),
+        // Correlated subqueries, concatenation, costly public relations.
+        (
+            "FROM condition_occurrence c WHERE EXISTS (SELECT 1 FROM concept k WHERE k.concept_id > c.provider_id)",
+            true,
+        ),
+        (
+            "FROM condition_occurrence c WHERE CAST(c.provider_id AS VARCHAR) || 'x' = 'a'",
+            true,
+        ),
+        (
+            "FROM condition_occurrence c JOIN (SELECT k1.concept_id FROM concept k1 JOIN concept k2 \
+             ON k1.concept_name = k2.concept_name) j ON j.concept_id = c.condition_concept_id",
+            true,
+        ),
+        (
+            "FROM condition_occurrence c WHERE c.condition_concept_id IN (SELECT concept_id FROM concept)",
+            false,
         ),
     ];
     for (from, marked) in cases {
