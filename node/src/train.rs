@@ -1135,6 +1135,19 @@ fn node_input(
             // update rather than an error that would depend on the data.
             // So does a node without training rows (no error says so).
             let (update, examples, diverged) = if sets.0.is_empty() {
+                // Train on one neutral row and discard the result, so that
+                // having no row takes about as long as having one: the
+                // round's latency does not tell whether a feature query
+                // selected someone.
+                let width = sets.0.width();
+                let dummy = match sets.0.targets() {
+                    Targets::Survival { .. } => {
+                        Dataset::survival(vec![0.0; width], width, vec![1.0], vec![false])
+                    }
+                    Targets::Binary(_) => Dataset::binary(vec![0.0; width], width, vec![0.0]),
+                }
+                .map_err(model_error)?;
+                let _ = confer_models::train_local(&mut model, &dummy, &config);
                 (vec![0.0; weights.len()], 0, false)
             } else {
                 match confer_models::train_local(&mut model, &sets.0, &config) {
