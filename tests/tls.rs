@@ -365,9 +365,11 @@ async fn mutual_tls_tokens_certificates_and_roles() {
         .run(&secure, Some("test"))
         .await
         .expect("a secure sum over certificate-proven keys");
+    // Each node's noise share keeps a standard deviation of at least 1/2,
+    // whatever epsilon: the sum is exact within a few units.
     let counts = crate::fixture::keyed(&answer.batches, 1, &["n"]);
-    assert_eq!(counts["8507"][0], 20.0, "{counts:?}");
-    assert_eq!(counts["8532"][0], 60.0, "{counts:?}");
+    assert!((counts["8507"][0] - 20.0).abs() <= 5.0, "{counts:?}");
+    assert!((counts["8532"][0] - 60.0).abs() <= 5.0, "{counts:?}");
 
     for child in [coord, stranger, expired, pair, site_a, site_b, site_c] {
         child
