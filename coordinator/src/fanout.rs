@@ -153,23 +153,30 @@ impl NodeHandle {
         let ticket = Ticket::new(envelope.to_bytes()?);
         let call = async {
             let mut client = self.client();
-            let batches: Vec<RecordBatch> = client
-                .do_get(ticket)
-                .await
-                .map_err(|e| self.failure(e))?
-                .try_collect()
-                .await
-                .map_err(|e| self.failure(e))?;
-            let batch = match batches.as_slice() {
-                [one] => one.clone(),
-                _ => {
+            let mut stream = client.do_get(ticket).await.map_err(|e| self.failure(e))?;
+            let mut batches: Vec<RecordBatch> = Vec::new();
+            while let Some(batch) = stream.try_next().await.map_err(|e| self.failure(e))? {
+                batches.push(batch);
+            }
+            // Flight sends a release as any number of batches: none when it
+            // has no row (only its schema, which carries the release's
+            // metadata), several when it is large.
+            let schema = match (batches.first(), stream.schema()) {
+                (Some(first), _) => first.schema(),
+                (None, Some(schema)) => schema.clone(),
+                (None, None) => {
                     return Err(ProtocolError::internal(format!(
-                        "node {} sent {} batches where one was expected",
-                        self.name,
-                        batches.len()
+                        "node {} sent neither a schema nor a batch",
+                        self.name
                     )));
                 }
             };
+            let batch = arrow::compute::concat_batches(&schema, &batches).map_err(|e| {
+                ProtocolError::internal(format!(
+                    "node {} sent batches that do not fit together: {e}",
+                    self.name
+                ))
+            })?;
             Ok(SitePartial {
                 site: self.name.clone(),
                 batch,

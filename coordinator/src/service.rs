@@ -956,7 +956,11 @@ fn explain(plan: &FederatedPlan, sites: usize) -> Result<RecordBatch, ProtocolEr
                 )
             } else {
                 let noise = plan.noise(p).map_err(ProtocolError::from)?;
-                let node_sd = noise.stddev();
+                let node_sd = if spec.integer {
+                    noise.stddev()
+                } else {
+                    noise.stddev_f64()
+                };
                 let spread = if per_site_groups {
                     "per group from its one site".to_string()
                 } else if !plan.public_groups() {

@@ -260,17 +260,34 @@ mod tests {
         assert!(noise.cost_rho().expect("cost") <= rho * (1.0 + 1e-6));
     }
 
+    /// Floats are noised far below the scale: their spread is the
+    /// continuous one at every scale, also well below 1 where the integer
+    /// distribution is almost all zeros (and its SD almost 0).
     #[test]
-    fn float_gaussian_spread_matches_declared_scale() {
-        let noise = Noise::gaussian(0.5, 0.01).expect("calibrate");
-        let n = 40_000;
-        let sd = empirical_sd(&noise, n, true);
-        let rel = (sd / noise.stddev() - 1.0).abs();
-        assert!(
-            rel < tolerance(n, 3.0),
-            "sd {sd} vs declared {}",
-            noise.stddev()
-        );
+    fn float_spread_matches_declared_spread_at_every_scale() {
+        let n = 10_000;
+        for scale in [0.05, 0.3, 40.0] {
+            for (noise, kurtosis) in [
+                (
+                    Noise::gaussian(1.0, 0.5 / (scale * scale)).expect("calibrate"),
+                    3.0,
+                ),
+                (Noise::laplace(1.0, 1.0 / scale).expect("calibrate"), 6.0),
+            ] {
+                assert!((noise.scale / scale - 1.0).abs() < 1e-6, "{noise:?}");
+                let sd = empirical_sd(&noise, n, true);
+                let rel = (sd / noise.stddev_f64() - 1.0).abs();
+                assert!(
+                    rel < tolerance(n, kurtosis),
+                    "{:?} at scale {scale}: sd {sd} vs declared {}",
+                    noise.mechanism,
+                    noise.stddev_f64()
+                );
+            }
+        }
+        // The integer spread is far below it at small scales.
+        let small = Noise::gaussian(1.0, 0.5 / (0.1 * 0.1)).expect("calibrate");
+        assert!(small.stddev() < 1e-6 && small.stddev_f64() > 0.09);
     }
 
     #[test]

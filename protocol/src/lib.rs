@@ -80,6 +80,9 @@ pub mod metadata {
     pub const CONFIDENCE: &str = "confer.confidence";
     /// On a DP value column: the names of its interval columns.
     pub const INTERVAL: &str = "confer.interval";
+    /// On a post-processed DP value whose interval is not derived: why
+    /// (its interval columns are then NULL).
+    pub const INTERVAL_NOTE: &str = "confer.interval_note";
     /// On a coordinator result: sites that did not answer (comma-separated).
     pub const MISSING_SITES: &str = "confer.missing_sites";
     /// On an `EXPLAIN PRIVACY` answer (item, value rows): `"true"`.

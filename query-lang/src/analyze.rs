@@ -180,6 +180,29 @@ const DROPS_UNIT: &str = "a CTE or subquery drops the privacy unit column: keep 
 
 /// Analyzes a planned (and analysed) relation.
 pub fn provenance(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
+    provenance_inner(plan, catalog).map_err(|e| in_unit_terms(e, plan, catalog))
+}
+
+/// Refusals name the unit column `person_id` (OMOP's); where the tables
+/// read call it something else, they name that.
+fn in_unit_terms(e: QueryError, plan: &LogicalPlan, catalog: &Catalog) -> QueryError {
+    let QueryError::Rejected(msg) = e else {
+        return e;
+    };
+    let units: BTreeSet<String> = tables_read(plan, catalog)
+        .0
+        .iter()
+        .filter_map(|t| catalog.table(t).and_then(|t| t.privacy_unit.clone()))
+        .collect();
+    match units.iter().collect::<Vec<_>>().as_slice() {
+        [unit] if !unit.contains("person_id") => {
+            QueryError::Rejected(msg.replace("person_id", unit))
+        }
+        _ => QueryError::Rejected(msg),
+    }
+}
+
+fn provenance_inner(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
     let mut p = relation(plan, catalog)?;
     // Every catalog table the relation reads, subqueries in any of its
     // expressions included (for the study's table rules).

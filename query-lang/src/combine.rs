@@ -231,10 +231,20 @@ fn estimate(agg: &AggregateSpec, t: &Totals, key: usize, z: f64) -> Option<Estim
         high: v + z * se,
     };
     match agg.kind {
-        AggregateKind::CountStar
-        | AggregateKind::Count
-        | AggregateKind::CountDistinctUnit
-        | AggregateKind::Sum => Some(around(single(parts[0]), var(parts[0]).sqrt())),
+        AggregateKind::CountStar | AggregateKind::Count | AggregateKind::CountDistinctUnit => {
+            // Counts carry integer noise: a half-width below 1 would
+            // cover only a zero draw (which, near a scale of 1/2, is far
+            // rarer than the confidence), so it is rounded up to a whole
+            // number (see `integer_intervals_cover_at_every_scale`).
+            let v = single(parts[0]);
+            let half = integer_half_width(z * var(parts[0]).sqrt());
+            Some(Estimate {
+                value: v,
+                low: v - half,
+                high: v + half,
+            })
+        }
+        AggregateKind::Sum => Some(around(single(parts[0]), var(parts[0]).sqrt())),
         AggregateKind::Avg => {
             let b = bounds?;
             let (s, n) = (single(parts[0]), single(parts[1]));
@@ -318,6 +328,12 @@ fn estimate(agg: &AggregateSpec, t: &Totals, key: usize, z: f64) -> Option<Estim
     }
 }
 
+/// The half-width of an interval around a sum of integer noise draws:
+/// `z·sd` rounded up to a whole number.
+fn integer_half_width(half: f64) -> f64 {
+    (half - 1e-9).ceil().max(0.0)
+}
+
 /// The multiple of a released value's noise sd that its interval spans on
 /// each side, for the query's confidence and mechanism.
 pub fn interval_multiplier(options: &crate::options::DpOptions) -> f64 {
@@ -384,7 +400,7 @@ pub fn combine(
         cost_per_site: plan.cost.to_cost(),
         confidence: plan.options.confidence,
     };
-    let schema = plan.output_schema();
+    let schema = plan.release_schema();
     let mut schema_meta = schema.metadata().clone();
     schema_meta.insert(
         metadata::RESULT.to_string(),
@@ -482,6 +498,79 @@ mod tests {
         )
         .expect("estimate");
         assert!((s.value - (2.0f64 / 3.0).sqrt()).abs() < 1e-12);
+    }
+
+    /// The exact distribution of a sum of `sites` discrete Gaussian or
+    /// Laplace draws, on -limit..=limit.
+    fn sum_pmf(laplace: bool, scale: f64, sites: usize, limit: i64) -> Vec<f64> {
+        let one: Vec<f64> = (-limit..=limit)
+            .map(|x| {
+                let x = x as f64;
+                if laplace {
+                    (-x.abs() / scale).exp()
+                } else {
+                    (-x * x / (2.0 * scale * scale)).exp()
+                }
+            })
+            .collect();
+        let total: f64 = one.iter().sum();
+        let one: Vec<f64> = one.iter().map(|p| p / total).collect();
+        let mut pmf = one.clone();
+        for _ in 1..sites {
+            let mut next = vec![0.0; pmf.len()];
+            let mid = limit as usize;
+            for (i, &a) in pmf.iter().enumerate() {
+                for (j, &b) in one.iter().enumerate() {
+                    let k = i as i64 + j as i64 - mid as i64;
+                    if (0..next.len() as i64).contains(&k) {
+                        next[k as usize] += a * b;
+                    }
+                }
+            }
+            pmf = next;
+        }
+        pmf
+    }
+
+    /// Intervals of counts cover at least their confidence for every
+    /// scale, small ones included, summed over one to four sites: computed
+    /// exactly from the noise distributions, not sampled.
+    #[test]
+    fn integer_intervals_cover_at_every_scale() {
+        use confer_privacy::stats::{discrete_gaussian_variance, discrete_laplace_variance};
+        for laplace in [false, true] {
+            for step in 1..=60 {
+                let scale = 0.05 * step as f64;
+                for sites in 1..=4 {
+                    let var = sites as f64
+                        * if laplace {
+                            discrete_laplace_variance(scale)
+                        } else {
+                            discrete_gaussian_variance(scale)
+                        };
+                    let limit = 100;
+                    let pmf = sum_pmf(laplace, scale, sites, limit);
+                    for confidence in [0.8, 0.9, 0.95, 0.99] {
+                        let z = if laplace {
+                            laplace_multiplier(confidence)
+                        } else {
+                            z_for_confidence(confidence)
+                        };
+                        let half = integer_half_width(z * var.sqrt());
+                        let covered: f64 = pmf
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| (*i as i64 - limit).abs() as f64 <= half)
+                            .map(|(_, p)| p)
+                            .sum();
+                        assert!(
+                            covered >= confidence - 1e-9,
+                            "laplace {laplace}, scale {scale}, {sites} site(s), confidence {confidence}: covered {covered} with half-width {half}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -42,13 +42,14 @@ use datafusion::sql::sqlparser::parser::Parser;
 
 use crate::analyze::{self, Origin};
 use crate::catalog::Catalog;
+use crate::derive;
 use crate::engine;
 use crate::error::{QueryError, Result};
 use crate::options::{Aggregation, DpOptions, Mechanism};
 use crate::parse::ParsedQuery;
 use crate::plan::{
-    AggregateKind, AggregateSpec, Bounds, FederatedPlan, GroupSpec, OutputItem, PERCENTILE_BINS,
-    PartialSpec, PlanCost, PostProcess,
+    AggregateKind, AggregateSpec, Bounds, CI_HIGH_SUFFIX, CI_LOW_SUFFIX, FederatedPlan,
+    FinalColumn, GroupSpec, OutputItem, PERCENTILE_BINS, PartialSpec, PlanCost, PostProcess,
 };
 
 /// Name of the pseudo-column that holds the node's site name.
@@ -66,6 +67,96 @@ struct Agg {
     value: Option<usize>,
     bounds: Option<(f64, f64, bool)>,
     percentile: Option<f64>,
+}
+
+/// An item of the SELECT list as the researcher sees it.
+enum Final {
+    /// A released key or aggregate, as released.
+    Released(OutputItem),
+    /// An expression of released values, evaluated after release.
+    Derived {
+        /// Its output name.
+        name: String,
+        /// The expression over released column names.
+        sql: Expr,
+        /// As written (for HAVING / ORDER BY to refer to it).
+        written: Expr,
+    },
+}
+
+/// Rewrites a post-processing item over released names: keys to their
+/// released columns, aggregates to released (perhaps hidden) values.
+struct ToReleased<'a> {
+    names: &'a derive::Names,
+    group_keys: &'a [String],
+    group_exprs: &'a [Expr],
+    group_names: &'a [Option<String>],
+    hidden_groups: &'a mut Vec<usize>,
+    agg_keys: &'a mut Vec<String>,
+    aggs: &'a mut Vec<Agg>,
+    values: &'a mut Vec<String>,
+    raw_values: &'a mut Vec<Option<String>>,
+    error: Option<QueryError>,
+}
+
+impl VisitorMut for ToReleased<'_> {
+    type Break = ();
+    fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        let key = self.names.key(expr);
+        let released = |name: &str| Expr::Identifier(Ident::with_quote('"', name));
+        if let Some(g) = self.group_keys.iter().position(|k| *k == key) {
+            if !self.hidden_groups.contains(&g) {
+                self.hidden_groups.push(g);
+            }
+            *expr = released(self.group_names[g].as_deref().unwrap_or_default());
+            return ControlFlow::Continue(());
+        }
+        if is_aggregate_call(expr) {
+            if let Some(a) = self.agg_keys.iter().position(|k| *k == key) {
+                *expr = released(&self.aggs[a].name);
+                return ControlFlow::Continue(());
+            }
+            match classify(derive::strip(expr), self.values, self.raw_values) {
+                Ok(Some(mut agg)) => {
+                    agg.name = format!("__agg{}", self.aggs.len());
+                    *expr = released(&agg.name);
+                    self.agg_keys.push(key);
+                    self.aggs.push(agg);
+                    return ControlFlow::Continue(());
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.error = Some(e);
+                    return ControlFlow::Break(());
+                }
+            }
+        }
+        match expr {
+            Expr::Identifier(_) | Expr::CompoundIdentifier(_) => {
+                let keys: Vec<String> = self.group_exprs.iter().map(ToString::to_string).collect();
+                self.error = Some(QueryError::Rejected(format!(
+                    "{expr} is neither a GROUP BY key nor inside a DP aggregate: releasing it would reveal \
+                     person-level values; add it to GROUP BY{} or aggregate it",
+                    if keys.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (now: {})", keys.join(", "))
+                    }
+                )));
+                ControlFlow::Break(())
+            }
+            Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => {
+                self.error = Some(unsupported("subqueries in the SELECT list"));
+                ControlFlow::Break(())
+            }
+            _ => ControlFlow::Continue(()),
+        }
+    }
+}
+
+/// Whether `expr` (outer parentheses aside) calls an aggregate function.
+fn is_aggregate_call(expr: &Expr) -> bool {
+    matches!(derive::strip(expr), Expr::Function(f) if AGGREGATE_NAMES.contains(&function_name(&f.name).as_str()))
 }
 
 /// How to compile, beyond the query and the catalog.
@@ -199,8 +290,9 @@ pub async fn compile_with(
     }
     let unit_sql = unit_column(&source, &source_prov, &options, catalog)?;
 
-    // 2. Group keys and aggregates, as written.
-    let group_exprs = match &select.group_by {
+    // 2. Group keys and aggregates, as written, compared as resolved.
+    let names_in_source = derive::Names::new(source.schema());
+    let mut group_exprs = match &select.group_by {
         GroupByExpr::Expressions(exprs, modifiers) => {
             if !modifiers.is_empty() {
                 return Err(unsupported(
@@ -215,6 +307,12 @@ pub async fn compile_with(
             ));
         }
     };
+    derive::resolve_group_by(
+        &mut group_exprs,
+        &select.projection,
+        &names_in_source,
+        is_aggregate_call,
+    )?;
     for g in &group_exprs {
         reject_aggregates_in(g, "GROUP BY")?;
         if matches!(g, Expr::Rollup(_) | Expr::Cube(_) | Expr::GroupingSets(_))
@@ -225,15 +323,21 @@ pub async fn compile_with(
             ));
         }
     }
+    let group_keys: Vec<String> = group_exprs.iter().map(|g| names_in_source.key(g)).collect();
     // The value columns of the local query (as it computes them), and the
     // argument as written where the local query converts it (to check its
     // type before converting).
     let mut values: Vec<String> = Vec::new();
     let mut raw_values: Vec<Option<String>> = Vec::new();
     let mut aggs: Vec<Agg> = Vec::new();
+    let mut agg_keys: Vec<String> = Vec::new();
     let mut select_items: Vec<OutputItem> = Vec::new();
     let mut names: Vec<String> = Vec::new();
     let mut group_names: Vec<Option<String>> = vec![None; group_exprs.len()];
+    // What the SELECT list releases, in its order: released columns, or
+    // expressions of them (post-processing).
+    let mut finals: Vec<Final> = Vec::new();
+    let mut pending: Vec<(usize, &Expr, Option<&Ident>)> = Vec::new();
     for item in &select.projection {
         let (expr, alias) = match item {
             SelectItem::UnnamedExpr(e) => (e, None),
@@ -245,32 +349,81 @@ pub async fn compile_with(
                 ));
             }
         };
-        if let Some(mut agg) = classify(expr, &mut values, &mut raw_values)? {
+        let bare = derive::strip(expr);
+        let key = names_in_source.key(bare);
+        if let Some(mut agg) = classify(bare, &mut values, &mut raw_values)? {
             agg.name = unique_name(&mut names, alias.map(ident_name).unwrap_or(agg.name));
             select_items.push(OutputItem::Aggregate(aggs.len()));
+            finals.push(Final::Released(OutputItem::Aggregate(aggs.len())));
+            agg_keys.push(key);
             aggs.push(agg);
-        } else if let Some(index) = group_exprs.iter().position(|g| same_expr(g, expr)) {
+        } else if let Some(index) = group_keys.iter().position(|g| *g == key)
+            && group_names[index].is_none()
+        {
             let default = group_default_name(&group_exprs[index], index);
             let name = unique_name(&mut names, alias.map(ident_name).unwrap_or(default));
             group_names[index] = Some(name);
             select_items.push(OutputItem::Group(index));
+            finals.push(Final::Released(OutputItem::Group(index)));
         } else {
-            reject_aggregates_in(expr, "an expression around it")?;
-            return Err(QueryError::Rejected(format!(
-                "{expr} is neither a GROUP BY key nor a DP aggregate: releasing it would reveal person-level \
-                 values; add it to GROUP BY or aggregate it"
-            )));
+            pending.push((finals.len(), expr, alias));
+            finals.push(Final::Derived {
+                name: String::new(),
+                sql: Expr::Value(Value::Null.into()),
+                written: expr.clone(),
+            });
+        }
+    }
+    for (i, g) in group_exprs.iter().enumerate() {
+        if group_names[i].is_none() {
+            group_names[i] = Some(unique_name(&mut names, group_default_name(g, i)));
+        }
+    }
+    // Post-processing items: each aggregate in them becomes a released
+    // value (hidden unless selected itself), each key a released key.
+    let mut hidden_groups: Vec<usize> = Vec::new();
+    for (slot, expr, alias) in pending {
+        let mut rewritten = expr.clone();
+        let mut to_released = ToReleased {
+            names: &names_in_source,
+            group_keys: &group_keys,
+            group_exprs: &group_exprs,
+            group_names: &group_names,
+            hidden_groups: &mut hidden_groups,
+            agg_keys: &mut agg_keys,
+            aggs: &mut aggs,
+            values: &mut values,
+            raw_values: &mut raw_values,
+            error: None,
+        };
+        let _ = VisitMut::visit(&mut rewritten, &mut to_released);
+        if let Some(e) = to_released.error {
+            return Err(e);
+        }
+        let name = unique_name(
+            &mut names,
+            alias.map(ident_name).unwrap_or_else(|| expr.to_string()),
+        );
+        finals[slot] = Final::Derived {
+            name,
+            sql: rewritten,
+            written: expr.clone(),
+        };
+    }
+    for g in &hidden_groups {
+        if !select_items.contains(&OutputItem::Group(*g)) {
+            select_items.push(OutputItem::Group(*g));
+        }
+    }
+    for a in 0..aggs.len() {
+        if !select_items.contains(&OutputItem::Aggregate(a)) {
+            select_items.push(OutputItem::Aggregate(a));
         }
     }
     if aggs.is_empty() {
         return Err(QueryError::Rejected(
             "a DP query must release at least one aggregate, such as COUNT(*)".into(),
         ));
-    }
-    for (i, g) in group_exprs.iter().enumerate() {
-        if group_names[i].is_none() {
-            group_names[i] = Some(unique_name(&mut names, group_default_name(g, i)));
-        }
     }
 
     // 3. The source projection, planned: key types, origins (for domains and
@@ -598,15 +751,90 @@ pub async fn compile_with(
             g.name
         )));
     }
-    let post = compile_post(
-        &query,
-        &select,
-        &select_items,
-        &aggregates,
-        &named_groups,
-        &group_exprs,
-    )?;
-    Ok(FederatedPlan {
+    // 7. What the researcher sees: the released table itself, or the
+    //    SELECT list's expressions of it (post-processing).
+    let mut post_items: Vec<(String, String)> = Vec::new();
+    for (key, agg) in agg_keys.iter().zip(&aggregates) {
+        post_items.push((key.clone(), agg.name.clone()));
+    }
+    for (key, g) in group_keys.iter().zip(&named_groups) {
+        post_items.push((key.clone(), g.name.clone()));
+    }
+    let noisy: Vec<(String, String, String)> = aggregates
+        .iter()
+        .map(|a| {
+            (
+                a.name.clone(),
+                format!("{}{CI_LOW_SUFFIX}", a.name),
+                format!("{}{CI_HIGH_SUFFIX}", a.name),
+            )
+        })
+        .collect();
+    let mut item_names: Vec<String> = Vec::new();
+    let mut columns: Vec<FinalColumn> = Vec::new();
+    let passthrough = |name: &str| FinalColumn {
+        name: name.to_string(),
+        sql: None,
+        noisy: false,
+        interval_note: None,
+    };
+    for f in &finals {
+        match f {
+            Final::Released(OutputItem::Group(i)) => {
+                let name = &named_groups[*i].name;
+                item_names.push(name.clone());
+                columns.push(passthrough(name));
+            }
+            Final::Released(OutputItem::Aggregate(a)) => {
+                let name = &aggregates[*a].name;
+                item_names.push(name.clone());
+                columns.push(passthrough(name));
+                columns.push(passthrough(&format!("{name}{CI_LOW_SUFFIX}")));
+                columns.push(passthrough(&format!("{name}{CI_HIGH_SUFFIX}")));
+            }
+            Final::Derived { name, sql, written } => {
+                item_names.push(name.clone());
+                post_items.push((names_in_source.key(written), name.clone()));
+                let interval = derive::interval(sql, &noisy);
+                let noisy_value = interval != derive::Interval::Exact;
+                let note = match &interval {
+                    derive::Interval::Omitted(why) => Some(why.clone()),
+                    _ => None,
+                };
+                columns.push(FinalColumn {
+                    name: name.clone(),
+                    sql: Some(sql.to_string()),
+                    noisy: noisy_value,
+                    interval_note: note.clone(),
+                });
+                let (low, high) = match interval {
+                    derive::Interval::Exact => continue,
+                    derive::Interval::Derived { low, high } => (low, high),
+                    derive::Interval::Omitted(_) => (
+                        "CAST(NULL AS DOUBLE)".to_string(),
+                        "CAST(NULL AS DOUBLE)".to_string(),
+                    ),
+                };
+                for (suffix, sql) in [(CI_LOW_SUFFIX, low), (CI_HIGH_SUFFIX, high)] {
+                    columns.push(FinalColumn {
+                        name: format!("{name}{suffix}"),
+                        sql: Some(sql),
+                        noisy: false,
+                        interval_note: None,
+                    });
+                }
+            }
+        }
+    }
+    let post = compile_post(&query, &select, &post_items, &item_names, &names_in_source)?;
+    let derived = if finals.len() == select_items.len()
+        && finals.iter().all(|f| matches!(f, Final::Released(_)))
+    {
+        None
+    } else {
+        Some(columns)
+    };
+    let mut plan = FederatedPlan {
         options,
         local_sql,
         groups: named_groups,
@@ -615,12 +843,17 @@ pub async fn compile_with(
         selection,
         select: select_items,
         post,
+        derived: None,
         cost,
         max_groups,
         max_rows,
         tables: source_prov.tables.iter().cloned().collect(),
         amplification: analyze::amplification(&src_plan, catalog),
-    })
+    };
+    if let Some(columns) = derived {
+        plan.derived = Some(engine::derive(&plan, columns).await?);
+    }
+    Ok(plan)
 }
 
 /// Plans SQL in DataFusion and applies its analyzer (type coercion: the
@@ -1590,10 +1823,6 @@ fn unique_name(names: &mut Vec<String>, wanted: String) -> String {
     name
 }
 
-fn same_expr(a: &Expr, b: &Expr) -> bool {
-    a.to_string().eq_ignore_ascii_case(&b.to_string())
-}
-
 /// Rejects identifiers that could collide with the names the compiler generates.
 fn reject_reserved_names(query: &Query) -> Result<()> {
     struct Finder(Option<String>);
@@ -1812,20 +2041,21 @@ fn domain_condition(expr: &str, domain: &[DomainValue]) -> String {
 /// Rewrites post-processing expressions (HAVING, ORDER BY) to refer to
 /// released columns by name.
 pub(crate) struct ReleasedNames<'a> {
-    pub(crate) items: Vec<(&'a Expr, String)>,
+    /// (resolved expression, released name)
+    pub(crate) items: &'a [(String, String)],
+    pub(crate) names: &'a derive::Names,
     pub(crate) missing: Option<String>,
 }
 
 impl VisitorMut for ReleasedNames<'_> {
     type Break = ();
-    fn post_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
-        if let Some((_, name)) = self.items.iter().find(|(e, _)| same_expr(e, expr)) {
+    fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        let key = self.names.key(expr);
+        if let Some((_, name)) = self.items.iter().find(|(k, _)| *k == key) {
             *expr = Expr::Identifier(Ident::with_quote('"', name.clone()));
             return ControlFlow::Continue(());
         }
-        if let Expr::Function(f) = expr
-            && AGGREGATE_NAMES.contains(&function_name(&f.name).as_str())
-        {
+        if is_aggregate_call(expr) {
             self.missing = Some(expr.to_string());
             return ControlFlow::Break(());
         }
@@ -1833,38 +2063,42 @@ impl VisitorMut for ReleasedNames<'_> {
     }
 }
 
-/// Compiles HAVING / ORDER BY / LIMIT into post-processing over the released table.
+/// Compiles HAVING / ORDER BY / LIMIT into post-processing over the
+/// released table (`items`: what each released name computes;
+/// `item_names`: the SELECT list's names, for ORDER BY positions).
 pub(crate) fn compile_post(
     query: &Query,
     select: &Select,
-    select_items: &[OutputItem],
-    aggregates: &[AggregateSpec],
-    groups: &[GroupSpec],
-    group_exprs: &[Expr],
+    items: &[(String, String)],
+    item_names: &[String],
+    names: &derive::Names,
 ) -> Result<PostProcess> {
-    let mut items: Vec<(&Expr, String)> = Vec::new();
-    for (item, out) in select.projection.iter().zip(select_items) {
-        let expr = match item {
-            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
-            _ => continue,
-        };
-        let name = match out {
-            OutputItem::Aggregate(i) => aggregates[*i].name.clone(),
-            OutputItem::Group(i) => groups[*i].name.clone(),
-        };
-        items.push((expr, name));
-    }
-    for (expr, g) in group_exprs.iter().zip(groups) {
-        items.push((expr, g.name.clone()));
-    }
     let rewrite = |expr: &Expr, clause: &str| -> Result<String> {
+        if clause == "ORDER BY"
+            && let Expr::Value(v) = derive::strip(expr)
+            && let Value::Number(n, _) = &v.value
+        {
+            let name = n
+                .parse::<usize>()
+                .ok()
+                .and_then(|k| k.checked_sub(1))
+                .and_then(|k| item_names.get(k))
+                .ok_or_else(|| {
+                    QueryError::Rejected(format!(
+                        "ORDER BY {n}: the SELECT list has {} item(s), numbered from 1",
+                        item_names.len()
+                    ))
+                })?;
+            return Ok(Expr::Identifier(Ident::with_quote('"', name.clone())).to_string());
+        }
         let mut e = expr.clone();
-        let mut names = ReleasedNames {
-            items: items.clone(),
+        let mut released = ReleasedNames {
+            items,
+            names,
             missing: None,
         };
-        let _ = VisitMut::visit(&mut e, &mut names);
-        if let Some(agg) = names.missing {
+        let _ = VisitMut::visit(&mut e, &mut released);
+        if let Some(agg) = released.missing {
             return Err(QueryError::Rejected(format!(
                 "{clause} uses {agg}, which the query does not release: add it to the SELECT list \
                  (with an alias) and refer to that"

@@ -10,7 +10,10 @@ use datafusion::prelude::SessionContext;
 
 use crate::catalog::Catalog;
 use crate::error::{QueryError, Result};
-use crate::plan::FederatedPlan;
+use crate::plan::{CI_HIGH_SUFFIX, CI_LOW_SUFFIX, Derived, FederatedPlan, FinalColumn};
+use arrow::datatypes::{Field, Schema};
+use confer_protocol::metadata;
+use std::collections::HashMap;
 
 /// A session whose tables have the catalog's schemas and no rows.
 pub fn empty_context(catalog: &Catalog) -> Result<SessionContext> {
@@ -43,16 +46,39 @@ pub async fn validate(plan: &FederatedPlan, catalog: &Catalog) -> Result<()> {
     Ok(())
 }
 
-/// Applies HAVING, ORDER BY, LIMIT and OFFSET to the combined result.
-pub async fn post_process(plan: &FederatedPlan, batch: RecordBatch) -> Result<Vec<RecordBatch>> {
-    if plan.post.is_empty() {
-        return Ok(vec![batch]);
-    }
-    let schema = batch.schema();
-    let ctx = SessionContext::new();
-    let mem = MemTable::try_new(schema.clone(), vec![vec![batch]])?;
-    ctx.register_table("__confer_result", Arc::new(mem))?;
-    let mut sql = String::from("SELECT * FROM __confer_result");
+/// The SQL that turns the combined release (`__confer_result`) into the
+/// researcher's result: the SELECT list's expressions, HAVING, ORDER BY,
+/// LIMIT and OFFSET.
+fn final_sql(plan: &FederatedPlan, columns: Option<&[FinalColumn]>) -> String {
+    let quote = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
+    let (outer, inner) = match columns {
+        None => ("*".to_string(), "__confer_result".to_string()),
+        Some(columns) => {
+            let computed: Vec<String> = columns
+                .iter()
+                .filter_map(|c| {
+                    c.sql
+                        .as_ref()
+                        .map(|sql| format!("{sql} AS {}", quote(&c.name)))
+                })
+                .collect();
+            let outer = columns
+                .iter()
+                .map(|c| quote(&c.name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let inner = if computed.is_empty() {
+                "__confer_result".to_string()
+            } else {
+                format!(
+                    "(SELECT *, {} FROM __confer_result) AS __confer_released",
+                    computed.join(", ")
+                )
+            };
+            (outer, inner)
+        }
+    };
+    let mut sql = format!("SELECT {outer} FROM {inner}");
     if let Some(having) = &plan.post.having {
         sql.push_str(&format!(" WHERE {having}"));
     }
@@ -65,15 +91,29 @@ pub async fn post_process(plan: &FederatedPlan, batch: RecordBatch) -> Result<Ve
     if let Some(offset) = &plan.post.offset {
         sql.push_str(&format!(" OFFSET {offset}"));
     }
+    sql
+}
+
+async fn run_final(
+    plan: &FederatedPlan,
+    columns: Option<&[FinalColumn]>,
+    batch: RecordBatch,
+) -> Result<Vec<RecordBatch>> {
+    let schema = batch.schema();
+    let ctx = SessionContext::new();
+    let mem = MemTable::try_new(schema.clone(), vec![vec![batch]])?;
+    ctx.register_table("__confer_result", Arc::new(mem))?;
+    let sql = final_sql(plan, columns);
     let batches = ctx
         .sql(&sql)
         .await
         .map_err(|e| {
             QueryError::Rejected(format!(
-                "HAVING / ORDER BY / LIMIT may use only the released columns ({}): {}",
+                "the SELECT list, HAVING, ORDER BY and LIMIT may use only released values and keys ({}): {}",
                 schema
                     .fields()
                     .iter()
+                    .filter(|f| !f.name().starts_with("__"))
                     .map(|f| f.name().as_str())
                     .collect::<Vec<_>>()
                     .join(", "),
@@ -82,10 +122,123 @@ pub async fn post_process(plan: &FederatedPlan, batch: RecordBatch) -> Result<Ve
         })?
         .collect()
         .await?;
+    Ok(batches)
+}
+
+/// Checks the SELECT list's expressions of released values against the
+/// released table's schema (no data) and gives the result's schema.
+pub(crate) async fn derive(plan: &FederatedPlan, columns: Vec<FinalColumn>) -> Result<Derived> {
+    let release = plan.release_schema();
+    let empty = RecordBatch::new_empty(release.clone());
+    let batches = run_final(plan, Some(&columns), empty).await?;
+    let planned = match batches.first() {
+        Some(b) => b.schema(),
+        None => {
+            // No batch for an empty input: plan it for the schema.
+            let ctx = SessionContext::new();
+            let mem = MemTable::try_new(release.clone(), vec![vec![]])?;
+            ctx.register_table("__confer_result", Arc::new(mem))?;
+            Arc::new(
+                ctx.sql(&final_sql(plan, Some(&columns)))
+                    .await?
+                    .schema()
+                    .as_arrow()
+                    .clone(),
+            )
+        }
+    };
+    let mut fields = Vec::with_capacity(columns.len());
+    for (c, field) in columns.iter().zip(planned.fields()) {
+        let field = match &c.sql {
+            None => release
+                .field_with_name(&c.name)
+                .map(|f| f.clone())
+                .unwrap_or_else(|_| field.as_ref().clone()),
+            Some(_) => {
+                let mut field = field
+                    .as_ref()
+                    .clone()
+                    .with_name(&c.name)
+                    .with_nullable(true);
+                if c.noisy {
+                    let mut meta = HashMap::from([
+                        (
+                            metadata::MECHANISM.to_string(),
+                            plan.options.mechanism.name().to_string(),
+                        ),
+                        (
+                            metadata::CONFIDENCE.to_string(),
+                            plan.options.confidence.to_string(),
+                        ),
+                        (
+                            metadata::INTERVAL.to_string(),
+                            format!("{0}{CI_LOW_SUFFIX},{0}{CI_HIGH_SUFFIX}", c.name),
+                        ),
+                    ]);
+                    if let Some(note) = &c.interval_note {
+                        meta.insert(metadata::INTERVAL_NOTE.to_string(), note.clone());
+                    }
+                    field = field.with_metadata(meta);
+                }
+                field
+            }
+        };
+        fields.push(field);
+    }
+    Ok(Derived {
+        columns,
+        schema: Arc::new(Schema::new(fields)),
+    })
+}
+
+/// Applies the SELECT list's expressions, HAVING, ORDER BY, LIMIT and
+/// OFFSET to the combined result.
+pub async fn post_process(plan: &FederatedPlan, batch: RecordBatch) -> Result<Vec<RecordBatch>> {
+    if plan.post.is_empty() && plan.derived.is_none() {
+        return Ok(vec![batch]);
+    }
+    let released = batch.schema();
+    let schema = match &plan.derived {
+        None => released.clone(),
+        Some(d) => {
+            // Released columns keep what combining put on them (noise sd);
+            // the result keeps the release's metadata (cost, sites).
+            let fields: Vec<Field> = d
+                .columns
+                .iter()
+                .zip(d.schema.fields())
+                .map(|(c, f)| match &c.sql {
+                    None => released
+                        .field_with_name(&c.name)
+                        .map(|r| r.clone())
+                        .unwrap_or_else(|_| f.as_ref().clone()),
+                    Some(_) => f.as_ref().clone(),
+                })
+                .collect();
+            Arc::new(Schema::new_with_metadata(
+                fields,
+                released.metadata().clone(),
+            ))
+        }
+    };
+    let batches = run_final(
+        plan,
+        plan.derived.as_ref().map(|d| d.columns.as_slice()),
+        batch,
+    )
+    .await?;
     // Put back the schema with its metadata (intervals, noise, cost).
     batches
         .into_iter()
-        .map(|b| Ok(RecordBatch::try_new(schema.clone(), b.columns().to_vec())?))
+        .map(|b| {
+            let columns = b
+                .columns()
+                .iter()
+                .zip(schema.fields())
+                .map(|(c, f)| Ok(arrow::compute::cast(c, f.data_type())?))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(RecordBatch::try_new(schema.clone(), columns)?)
+        })
         .collect()
 }
 

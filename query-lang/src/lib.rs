@@ -46,6 +46,7 @@ pub mod analyze;
 pub mod catalog;
 pub mod combine;
 pub mod compile;
+mod derive;
 pub mod engine;
 pub mod error;
 pub mod features;

@@ -41,6 +41,9 @@ pub struct FederatedPlan {
     pub select: Vec<OutputItem>,
     /// HAVING / ORDER BY / LIMIT, applied to released values.
     pub post: PostProcess,
+    /// The SELECT list's columns when they are not the released table
+    /// itself (expressions of released values, hidden values they use).
+    pub derived: Option<Derived>,
     /// The cost at each node.
     pub cost: PlanCost,
     /// Effective groups per person (the option, capped by the number of public groups).
@@ -148,6 +151,30 @@ pub enum OutputItem {
     Group(usize),
     /// The i-th aggregate.
     Aggregate(usize),
+}
+
+/// The columns the researcher gets, computed from the released table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Derived {
+    /// In output order, interval columns included.
+    pub columns: Vec<FinalColumn>,
+    /// Their schema (with each noisy value's metadata).
+    pub schema: SchemaRef,
+}
+
+/// One output column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinalColumn {
+    /// Its name.
+    pub name: String,
+    /// SQL over the released table's columns, or `None` for the released
+    /// column of this name.
+    pub sql: Option<String>,
+    /// Whether it is computed from a noisy value (it then carries the
+    /// mechanism and confidence).
+    pub noisy: bool,
+    /// Why its interval is not given, where it is not.
+    pub interval_note: Option<String>,
 }
 
 /// Post-processing over the released table, as SQL fragments that refer to
@@ -276,9 +303,17 @@ impl FederatedPlan {
         Arc::new(Schema::new(fields))
     }
 
-    /// Schema of the combined result: the SELECT list, each DP value followed
-    /// by its interval columns.
+    /// Schema of the result the researcher gets.
     pub fn output_schema(&self) -> SchemaRef {
+        match &self.derived {
+            Some(d) => d.schema.clone(),
+            None => self.release_schema(),
+        }
+    }
+
+    /// Schema of the combined release: the released keys and values, each
+    /// DP value followed by its interval columns.
+    pub fn release_schema(&self) -> SchemaRef {
         let mut fields: Vec<Field> = Vec::new();
         for item in &self.select {
             match item {

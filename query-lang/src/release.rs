@@ -70,11 +70,20 @@ pub fn release(
             Exact::Int(v) => Exact::Int(noise.apply_i64(&v).map_err(fail)?),
             Exact::Float(v) => Exact::Float(noise.apply_f64(&v).map_err(fail)?),
         });
+        // Integer partials get the integer sampler's spread; float partials
+        // are noised at a granularity far below the scale, with the
+        // continuous spread (which the integer one would understate below a
+        // scale of about 1/2, down to zero).
+        let stddev = if plan.partials[i].integer {
+            noise.stddev()
+        } else {
+            noise.stddev_f64()
+        };
         for column in &plan.partials[i].columns {
             noise_info.push(PartialNoise {
                 column: column.clone(),
                 mechanism: noise.mechanism.name().to_string(),
-                noise_stddev: noise.stddev(),
+                noise_stddev: stddev,
                 scale: noise.scale,
                 sensitivity: noise.sensitivity,
             });

@@ -99,7 +99,7 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         ("SELECT DIFFERENTIAL_PRIVACY COUNT(*) FROM person".into(), "SELECT WITH DIFFERENTIAL_PRIVACY"),
         ("DELETE FROM person".into(), "only queries"),
         // What may be released.
-        (format!("{DP} person_id, COUNT(*) FROM person GROUP BY gender_concept_id"), "neither a GROUP BY key nor a DP aggregate"),
+        (format!("{DP} person_id, COUNT(*) FROM person GROUP BY gender_concept_id"), "person_id is neither a GROUP BY key nor inside a DP aggregate"),
         (format!("{DP} * FROM person"), "SELECT * would release private columns"),
         ("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) DISTINCT gender_concept_id FROM person".to_string(), "SELECT DISTINCT releases private keys"),
         (format!("{DP} gender_concept_id FROM person GROUP BY gender_concept_id"), "at least one aggregate"),
@@ -124,6 +124,14 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         (format!("{DP} gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id HAVING SUM(year_of_birth) > 0"), "does not release"),
         (format!("{DP} COUNT(*) FROM person WHERE __unit > 0"), "reserved for confer"),
         (format!("{DP} my_udf(year_of_birth) FROM person"), "neither a GROUP BY key"),
+        // The SELECT list as written: positions, aliases, post-processing.
+        (format!("{DP} gender_concept_id, COUNT(*) FROM person GROUP BY 3"), "the SELECT list has only 2 item(s)"),
+        (format!("{DP} COUNT(*) AS n, gender_concept_id FROM person GROUP BY 1"), "an aggregate"),
+        (format!("{DP} COUNT(*) AS n FROM person GROUP BY n"), "an aggregate"),
+        (format!("{DP} year_of_birth + COUNT(*) AS n FROM person GROUP BY gender_concept_id"), "year_of_birth is neither a GROUP BY key nor inside a DP aggregate"),
+        (format!("{DP} COUNT(*) * (SELECT 2) AS n FROM person"), "subqueries in the SELECT list"),
+        (format!("{DP} gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id ORDER BY 4"), "ORDER BY 4: the SELECT list has 2 item(s)"),
+        (format!("{DP} 3 AS three FROM person"), "at least one aggregate"),
         // Tables, joins, subqueries.
         (format!("{DP} COUNT(*) FROM persons"), "table persons is not in the network catalog"),
         (format!("{DP} COUNT(*) FROM person WHERE yob > 1950"), "yob"),
@@ -253,4 +261,151 @@ async fn joins_one_person_could_slow_down_are_marked() {
             plan.amplification
         );
     }
+}
+
+async fn plan_of(sql: &str) -> confer_query::FederatedPlan {
+    let Ok(Statement::Query(q)) = parse(sql) else {
+        panic!("{sql}")
+    };
+    compile(&q, &catalog(), None)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+fn columns(plan: &confer_query::FederatedPlan) -> Vec<String> {
+    plan.output_schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect()
+}
+
+/// The SELECT list as people write it is accepted, and means what it
+/// means in plain SQL: positions and aliases in GROUP BY name SELECT
+/// items, qualification and parentheses do not change an expression.
+#[tokio::test]
+async fn group_by_positions_aliases_and_qualified_names_are_the_keys() {
+    let plain = plan_of(&format!(
+        "{DP} gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id"
+    ))
+    .await;
+    for sql in [
+        format!("{DP} gender_concept_id, COUNT(*) AS n FROM person GROUP BY 1 ORDER BY 1"),
+        format!("{DP} gender_concept_id AS g, COUNT(*) AS n FROM person GROUP BY g"),
+        format!("{DP} p.gender_concept_id, COUNT(*) AS n FROM person p GROUP BY gender_concept_id"),
+        format!("{DP} gender_concept_id, COUNT(*) AS n FROM person p GROUP BY p.gender_concept_id"),
+        format!("{DP} GENDER_CONCEPT_ID, (COUNT(*)) AS n FROM person GROUP BY (gender_concept_id)"),
+    ] {
+        let plan = plan_of(&sql).await;
+        assert_eq!(plan.groups.len(), 1, "{sql}");
+        assert_eq!(plan.groups[0].domain, plain.groups[0].domain, "{sql}");
+        assert_eq!(plan.aggregates.len(), 1, "{sql}");
+        assert_eq!(plan.aggregates[0].name, "n", "{sql}");
+        assert!(plan.derived.is_none(), "{sql}: nothing to post-process");
+        assert_eq!(columns(&plan).len(), 4, "{sql}: {:?}", columns(&plan));
+    }
+    // A name that is both an alias and a column is the column (as in
+    // PostgreSQL): the aliased item is then not a key.
+    let msg = refusal(&format!(
+        "{DP} year_of_birth AS gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id"
+    ))
+    .await;
+    assert!(
+        msg.contains("year_of_birth is neither a GROUP BY key"),
+        "{msg}"
+    );
+}
+
+/// Expressions of released values in the SELECT list are post-processing:
+/// the aggregates in them are released (once each), the expression is
+/// evaluated over them, and intervals follow monotone maps of one value.
+#[tokio::test]
+async fn expressions_of_released_values_are_post_processing() {
+    let plan = plan_of(&format!(
+        "{DP} gender_concept_id + 0 AS g, COUNT(*) * 2 AS twice, 3 AS three, \
+         100.0 * COUNT(year_of_birth) / COUNT(*) AS pct, COUNT(*) AS n, \
+         POWER(AVG(year_of_birth, contribution_bounds_per_group => (1900, 2030)), 2) AS sq \
+         FROM person GROUP BY gender_concept_id"
+    ))
+    .await;
+    // COUNT(*) once, COUNT(year_of_birth) and AVG (two partials each).
+    assert_eq!(plan.aggregates.len(), 3, "{:?}", plan.aggregates);
+    let derived = plan.derived.as_ref().expect("post-processed");
+    let names = columns(&plan);
+    assert_eq!(
+        names,
+        [
+            "g",
+            "twice",
+            "twice_ci_low",
+            "twice_ci_high",
+            "three",
+            "pct",
+            "pct_ci_low",
+            "pct_ci_high",
+            "n",
+            "n_ci_low",
+            "n_ci_high",
+            "sq",
+            "sq_ci_low",
+            "sq_ci_high"
+        ],
+        "{derived:?}"
+    );
+    let column = |name: &str| derived.columns.iter().find(|c| c.name == name).expect(name);
+    assert!(column("twice").interval_note.is_none());
+    assert!(
+        column("twice_ci_low")
+            .sql
+            .as_deref()
+            .unwrap()
+            .contains("LEAST")
+    );
+    assert!(
+        column("pct")
+            .interval_note
+            .as_deref()
+            .unwrap()
+            .contains("several released values")
+    );
+    assert!(!column("three").noisy && !column("g").noisy);
+    // x^2 is monotone only where x >= 0: its interval is guarded.
+    assert!(column("sq_ci_low").sql.as_deref().unwrap().contains(">= 0"));
+    let meta = plan
+        .output_schema()
+        .field_with_name("pct")
+        .unwrap()
+        .metadata()
+        .clone();
+    assert!(
+        meta.contains_key(confer_protocol::metadata::INTERVAL_NOTE),
+        "{meta:?}"
+    );
+}
+
+/// A refusal names the unit column the tables have, not OMOP's.
+#[tokio::test]
+async fn refusals_name_the_tables_own_unit_column() {
+    let int = ColumnType::Int64;
+    let catalog = Catalog::for_node(&CatalogInfo {
+        node: "site-a".into(),
+        tables: vec![TableInfo {
+            name: "pums".into(),
+            privacy_unit: Some("pid".into()),
+            columns: vec![col("pid", int), col("age", int)],
+            one_row_per_unit: true,
+        }],
+    });
+    let sql = format!("{DP} COUNT(*) AS n FROM (SELECT age FROM pums) t");
+    let Ok(Statement::Query(q)) = parse(&sql) else {
+        panic!("{sql}")
+    };
+    let msg = compile(&q, &catalog, None)
+        .await
+        .expect_err("drops the unit")
+        .to_string();
+    assert!(
+        msg.contains("keep pid itself") && !msg.contains("person_id"),
+        "{msg}"
+    );
 }
