@@ -17,6 +17,8 @@ mod governance;
 mod guarantee;
 /// A slow link and a rogue node, for the fault tests.
 mod proxy;
+/// Intervals that cover at small scales; empty and multi-batch releases.
+mod releases;
 /// aggregation = 'secure' over real nodes: exact sums up to noise, dropouts.
 mod secure_query;
 /// The dialect's semantics as .slt files: DP answers equal plain bounded queries.

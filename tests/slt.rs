@@ -26,7 +26,7 @@ use sqllogictest::{AsyncDB, DBOutput, DefaultColumnType, Runner};
 
 use crate::fixture::{Running, federation_with_tables, gibleed, plain_with_tables};
 
-fn shared(path: &str) -> PathBuf {
+pub fn shared(path: &str) -> PathBuf {
     gibleed()
         .join("../..")
         .join(path)
@@ -36,7 +36,7 @@ fn shared(path: &str) -> PathBuf {
 
 /// The research tables beside GiBleed: the SmartNoise PUMS sample (one row
 /// per person) and a ZetaSQL DP test table (NULLs, several rows per person).
-fn extra_tables() -> Vec<(String, PathBuf, &'static str, &'static str)> {
+pub fn extra_tables() -> Vec<(String, PathBuf, &'static str, &'static str)> {
     vec![
         (
             "pums".into(),

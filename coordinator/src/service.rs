@@ -672,9 +672,8 @@ impl CoordinatorState {
                 }
                 let combined = combine(plan, &partials, *task_id).map_err(ProtocolError::from)?;
                 let combined = with_missing_sites(combined, &missing)?;
-                let schema = combined.schema();
                 let ipc = encode_ipc(&combined)?;
-                let batches = confer_query::engine::post_process(plan, combined)
+                let (schema, batches) = confer_query::engine::post_process(plan, combined)
                     .await
                     .map_err(ProtocolError::from)?;
                 let mut sites: Vec<String> = partials.iter().map(|p| p.site.clone()).collect();

@@ -78,9 +78,9 @@ enum Final {
         /// Its output name.
         name: String,
         /// The expression over released column names.
-        sql: Expr,
+        sql: Box<Expr>,
         /// As written (for HAVING / ORDER BY to refer to it).
-        written: Expr,
+        written: Box<Expr>,
     },
 }
 
@@ -369,8 +369,8 @@ pub async fn compile_with(
             pending.push((finals.len(), expr, alias));
             finals.push(Final::Derived {
                 name: String::new(),
-                sql: Expr::Value(Value::Null.into()),
-                written: expr.clone(),
+                sql: Box::new(Expr::Value(Value::Null.into())),
+                written: Box::new(expr.clone()),
             });
         }
     }
@@ -406,8 +406,8 @@ pub async fn compile_with(
         );
         finals[slot] = Final::Derived {
             name,
-            sql: rewritten,
-            written: expr.clone(),
+            sql: Box::new(rewritten),
+            written: Box::new(expr.clone()),
         };
     }
     for g in &hidden_groups {
@@ -2033,9 +2033,45 @@ fn reject_subqueries(expr: &Expr, clause: &str) -> Result<()> {
     Ok(())
 }
 
+/// The filter that keeps rows whose key is in the public domain: runs of
+/// consecutive integers as BETWEEN (a range domain of any size is one
+/// comparison), other values as an IN list.
 fn domain_condition(expr: &str, domain: &[DomainValue]) -> String {
-    let values: Vec<String> = domain.iter().map(|v| v.to_string()).collect();
-    format!("({expr}) IN ({})", values.join(", "))
+    let mut ints: Vec<i64> = domain
+        .iter()
+        .filter_map(|v| match v {
+            DomainValue::Int(i) => Some(*i),
+            DomainValue::Text(_) => None,
+        })
+        .collect();
+    ints.sort_unstable();
+    ints.dedup();
+    let mut singles: Vec<String> = domain
+        .iter()
+        .filter(|v| matches!(v, DomainValue::Text(_)))
+        .map(ToString::to_string)
+        .collect();
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ints.len() {
+        let mut j = i;
+        while j + 1 < ints.len() && ints[j + 1] == ints[j] + 1 {
+            j += 1;
+        }
+        if j - i >= 3 {
+            parts.push(format!("({expr}) BETWEEN {} AND {}", ints[i], ints[j]));
+        } else {
+            singles.extend(ints[i..=j].iter().map(ToString::to_string));
+        }
+        i = j + 1;
+    }
+    if !singles.is_empty() {
+        parts.push(format!("({expr}) IN ({})", singles.join(", ")));
+    }
+    if parts.is_empty() {
+        return "FALSE".into();
+    }
+    format!("({})", parts.join(" OR "))
 }
 
 /// Rewrites post-processing expressions (HAVING, ORDER BY) to refer to

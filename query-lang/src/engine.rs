@@ -11,7 +11,7 @@ use datafusion::prelude::SessionContext;
 use crate::catalog::Catalog;
 use crate::error::{QueryError, Result};
 use crate::plan::{CI_HIGH_SUFFIX, CI_LOW_SUFFIX, Derived, FederatedPlan, FinalColumn};
-use arrow::datatypes::{Field, Schema};
+use arrow::datatypes::{Field, Schema, SchemaRef};
 use confer_protocol::metadata;
 use std::collections::HashMap;
 
@@ -152,7 +152,7 @@ pub(crate) async fn derive(plan: &FederatedPlan, columns: Vec<FinalColumn>) -> R
         let field = match &c.sql {
             None => release
                 .field_with_name(&c.name)
-                .map(|f| f.clone())
+                .cloned()
                 .unwrap_or_else(|_| field.as_ref().clone()),
             Some(_) => {
                 let mut field = field
@@ -193,9 +193,12 @@ pub(crate) async fn derive(plan: &FederatedPlan, columns: Vec<FinalColumn>) -> R
 
 /// Applies the SELECT list's expressions, HAVING, ORDER BY, LIMIT and
 /// OFFSET to the combined result.
-pub async fn post_process(plan: &FederatedPlan, batch: RecordBatch) -> Result<Vec<RecordBatch>> {
+pub async fn post_process(
+    plan: &FederatedPlan,
+    batch: RecordBatch,
+) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     if plan.post.is_empty() && plan.derived.is_none() {
-        return Ok(vec![batch]);
+        return Ok((batch.schema(), vec![batch]));
     }
     let released = batch.schema();
     let schema = match &plan.derived {
@@ -210,7 +213,7 @@ pub async fn post_process(plan: &FederatedPlan, batch: RecordBatch) -> Result<Ve
                 .map(|(c, f)| match &c.sql {
                     None => released
                         .field_with_name(&c.name)
-                        .map(|r| r.clone())
+                        .cloned()
                         .unwrap_or_else(|_| f.as_ref().clone()),
                     Some(_) => f.as_ref().clone(),
                 })
@@ -228,7 +231,7 @@ pub async fn post_process(plan: &FederatedPlan, batch: RecordBatch) -> Result<Ve
     )
     .await?;
     // Put back the schema with its metadata (intervals, noise, cost).
-    batches
+    let batches = batches
         .into_iter()
         .map(|b| {
             let columns = b
@@ -239,7 +242,8 @@ pub async fn post_process(plan: &FederatedPlan, batch: RecordBatch) -> Result<Ve
                 .collect::<Result<Vec<_>>>()?;
             Ok(RecordBatch::try_new(schema.clone(), columns)?)
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((schema, batches))
 }
 
 impl QueryError {

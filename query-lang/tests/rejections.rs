@@ -409,3 +409,64 @@ async fn refusals_name_the_tables_own_unit_column() {
         "{msg}"
     );
 }
+
+/// The SELECT list's expressions are evaluated over the released table,
+/// with intervals mapped through monotone functions.
+#[tokio::test]
+async fn post_processing_evaluates_over_the_released_table() {
+    use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
+    use std::sync::Arc;
+    let plan = plan_of(&format!(
+        "{DP} gender_concept_id + 0 AS g, COUNT(*) * 2 AS twice, 3 AS three, \
+         100.0 * COUNT(year_of_birth) / COUNT(*) AS pct \
+         FROM person GROUP BY gender_concept_id ORDER BY twice DESC"
+    ))
+    .await;
+    let release = plan.release_schema();
+    let names: Vec<String> = release.fields().iter().map(|f| f.name().clone()).collect();
+    // Two groups: counts 10 (interval 8..12) and 20 (18..22), COUNT(year) 5 and 10.
+    let columns: Vec<ArrayRef> = names
+        .iter()
+        .map(|n| -> ArrayRef {
+            let (a, b) = match n.as_str() {
+                "gender_concept_id" => return Arc::new(Int64Array::from(vec![8507, 8532])),
+                "twice" | "__agg0" => (10.0, 20.0),
+                "twice_ci_low" | "__agg0_ci_low" => (8.0, 18.0),
+                "twice_ci_high" | "__agg0_ci_high" => (12.0, 22.0),
+                _ if n.ends_with("_ci_low") => (4.0, 9.0),
+                _ if n.ends_with("_ci_high") => (6.0, 11.0),
+                _ => (5.0, 10.0),
+            };
+            if release.field_with_name(n).unwrap().data_type() == &arrow::datatypes::DataType::Int64
+            {
+                Arc::new(Int64Array::from(vec![a as i64, b as i64]))
+            } else {
+                Arc::new(Float64Array::from(vec![a, b]))
+            }
+        })
+        .collect();
+    let batch = RecordBatch::try_new(release.clone(), columns).expect("batch");
+    let (schema, out) = confer_query::engine::post_process(&plan, batch)
+        .await
+        .expect("post");
+    let out = arrow::compute::concat_batches(&schema, &out).expect("concat");
+    let f = |name: &str| -> Vec<f64> {
+        let c = arrow::compute::cast(
+            out.column_by_name(name).expect(name),
+            &arrow::datatypes::DataType::Float64,
+        )
+        .unwrap();
+        c.as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap()
+            .values()
+            .to_vec()
+    };
+    assert_eq!(f("g"), [8532.0, 8507.0], "{names:?}");
+    assert_eq!(f("twice"), [40.0, 20.0]);
+    assert_eq!(f("twice_ci_low"), [36.0, 16.0]);
+    assert_eq!(f("twice_ci_high"), [44.0, 24.0]);
+    assert_eq!(f("three"), [3.0, 3.0]);
+    assert_eq!(f("pct"), [50.0, 50.0]);
+    assert!(out.column_by_name("pct_ci_low").unwrap().is_null(0));
+}
