@@ -214,6 +214,23 @@ struct Estimate {
     high: f64,
 }
 
+/// Counts, and sums whose bounds are not negative, cannot be below 0:
+/// shown clamped there (value and interval), unless the query asks for
+/// raw values (`nonnegative = 'false'`).
+fn clamped_at_zero(agg: &AggregateSpec, nonnegative: bool, e: Estimate) -> Estimate {
+    let clamp = nonnegative
+        && (agg.kind.is_count()
+            || agg.kind == AggregateKind::Sum && agg.bounds.is_some_and(|b| b.lo >= 0.0));
+    if !clamp {
+        return e;
+    }
+    Estimate {
+        value: e.value.max(0.0),
+        low: e.low.max(0.0),
+        high: e.high.max(0.0),
+    }
+}
+
 fn estimate(agg: &AggregateSpec, t: &Totals, key: usize, z: f64) -> Option<Estimate> {
     let parts = &agg.partials;
     if parts
@@ -372,7 +389,10 @@ pub fn combine(
             OutputItem::Aggregate(a) => {
                 let agg = &plan.aggregates[*a];
                 let est: Vec<Option<Estimate>> = (0..keys.len())
-                    .map(|k| estimate(agg, &totals, k, z))
+                    .map(|k| {
+                        estimate(agg, &totals, k, z)
+                            .map(|e| clamped_at_zero(agg, plan.options.nonnegative, e))
+                    })
                     .collect();
                 if agg.kind.is_count() {
                     columns.push(Arc::new(Int64Array::from_iter(
@@ -571,6 +591,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn counts_and_nonnegative_sums_are_shown_at_zero_or_above() {
+        let e = Estimate {
+            value: -3.0,
+            low: -7.0,
+            high: 1.0,
+        };
+        let count = agg(AggregateKind::CountStar, vec![0], 0.0, 0.0);
+        let shown = clamped_at_zero(&count, true, e);
+        assert_eq!((shown.value, shown.low, shown.high), (0.0, 0.0, 1.0));
+        assert_eq!(clamped_at_zero(&count, false, e), e, "raw on request");
+        let sum = agg(AggregateKind::Sum, vec![0], 0.0, 5.0);
+        assert_eq!(clamped_at_zero(&sum, true, e).value, 0.0);
+        let signed = agg(AggregateKind::Sum, vec![0], -1.0, 5.0);
+        assert_eq!(
+            clamped_at_zero(&signed, true, e),
+            e,
+            "a sum that can be negative"
+        );
     }
 
     #[test]

@@ -57,6 +57,15 @@ pub struct DpOptions {
     pub confidence: f64,
     /// Fewest sites that must answer (confer extension; default: the study's, else all).
     pub min_sites: Option<usize>,
+    /// Counts, and sums whose bounds are not negative, are shown clamped
+    /// at 0 with their intervals (post-processing); `false` keeps the raw
+    /// noisy values (unbiased, for summing results downstream).
+    #[serde(default = "yes")]
+    pub nonnegative: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Upper limit on contribution bounds: beyond this the noise swamps any answer
@@ -74,6 +83,7 @@ impl DpOptions {
         let mut aggregation = Aggregation::PerSite;
         let mut confidence = 0.95;
         let mut min_sites = None;
+        let mut nonnegative = true;
         let mut seen: Vec<String> = Vec::new();
         for (name, value) in pairs {
             if seen.contains(&name) {
@@ -138,10 +148,23 @@ impl DpOptions {
                     confidence = v;
                 }
                 "min_sites" => min_sites = Some(count(&name, &value)? as usize),
+                "nonnegative" => {
+                    nonnegative = match text(&name, &value)?.to_ascii_lowercase().as_str() {
+                        "true" => true,
+                        "false" => false,
+                        other => {
+                            return Err(QueryError::Rejected(format!(
+                                "nonnegative = '{other}': use 'true' (counts shown clamped at 0, the default) \
+                                 or 'false' (raw noisy values, for unbiased sums downstream)"
+                            )));
+                        }
+                    }
+                }
                 other => {
                     return Err(QueryError::Rejected(format!(
                         "unknown option {other}: the options are epsilon, delta, privacy_unit_column, \
-                         max_groups_contributed, max_rows_contributed, mechanism, aggregation, confidence, min_sites"
+                         max_groups_contributed, max_rows_contributed, mechanism, aggregation, confidence, min_sites, \
+                         nonnegative"
                     )));
                 }
             }
@@ -179,6 +202,7 @@ impl DpOptions {
             aggregation,
             confidence,
             min_sites,
+            nonnegative,
         })
     }
 }
