@@ -124,9 +124,10 @@ async fn intervals_cover_at_small_noise_scales_for_every_aggregate() {
 
 /// A node whose release has no row (no group of a private key survives
 /// there) and releases larger than one Flight batch (a public domain of
-/// 300,000 keys) are combined like any other.
+/// 300,000 keys) are combined like any other; keys-only queries release
+/// keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn empty_and_large_releases_are_answered() {
+async fn empty_large_and_keys_only_releases_are_answered() {
     let mut extras = extra_owned(&extra_tables());
     extras.push(ExtraOwned {
         name: "pums_ids".into(),
@@ -170,5 +171,39 @@ async fn empty_and_large_releases_are_answered() {
         .downcast_ref::<Int64Array>()
         .expect("counts");
     assert_eq!(n.iter().map(|v| v.unwrap()).sum::<i64>(), 1000);
+
+    // Keys only. A private key: the keys partition selection keeps, paid
+    // for selection alone; each is a real age.
+    let plain_ctx = plain_with_tables(&extras).await;
+    let truth = plain(
+        &plain_ctx,
+        "SELECT age, COUNT(*) AS n FROM pums GROUP BY age",
+    )
+    .await;
+    let truth = crate::fixture::keyed(&truth, 1, &["n"]);
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1e9, delta = 1e-6) age FROM pums GROUP BY age";
+    let answer = client.run(sql, Some("test")).await.expect(sql);
+    assert_eq!(answer.schema.fields().len(), 1, "{:?}", answer.schema);
+    let released = crate::fixture::keyed(&answer.batches, 1, &[]);
+    assert!(
+        released.keys().all(|k| truth.contains_key(k)),
+        "{released:?}"
+    );
+    let common = truth.values().filter(|v| v[0] >= 30.0).count();
+    assert!(released.len() >= common, "{} of {common}", released.len());
+    assert!(cost_epsilon(&answer.schema) > 0.0);
+    // A public key: its domain, from no node, for nothing.
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) educ FROM pums GROUP BY 1";
+    let answer = client.run(sql, Some("test")).await.expect(sql);
+    let released = crate::fixture::keyed(&answer.batches, 1, &[]);
+    assert_eq!(released.len(), 16);
+    assert_eq!(cost_epsilon(&answer.schema), 0.0);
     fed.federation.stop().await.expect("clean stop");
+}
+
+fn cost_epsilon(schema: &arrow::datatypes::Schema) -> f64 {
+    let info: confer_protocol::release::ResultInfo =
+        serde_json::from_str(&schema.metadata()[confer_protocol::metadata::RESULT])
+            .expect("result info");
+    info.cost_per_site.epsilon
 }

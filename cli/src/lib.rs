@@ -175,12 +175,21 @@ pub struct DemoArgs {
     pub no_training: bool,
 }
 
+/// Stack of each runtime thread (see [`main`]).
+const WORKER_STACK_BYTES: usize = 64 << 20;
+
 /// Parses arguments, runs the command, and maps errors to exit codes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    // Planning and running a query recurse over its expressions (DataFusion's
+    // planner, optimizer and evaluators); the parser admits at most
+    // `confer_query::parse::MAX_OPERATORS` operators, and this stack holds
+    // their recursion with a wide margin (tokio's default of 2 MiB did not
+    // hold 400 terms in a debug build). Pages are committed only as used.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_stack_size(WORKER_STACK_BYTES)
         .build()
     {
         Ok(rt) => rt,

@@ -594,6 +594,22 @@ impl CoordinatorState {
                 statement_hash,
             } => {
                 let started = Instant::now();
+                if plan.public_keys_only() {
+                    // The groups of public domains: nothing to ask a node,
+                    // nothing spent.
+                    let combined = combine(plan, &[], *task_id).map_err(ProtocolError::from)?;
+                    let (schema, batches) = confer_query::engine::post_process(plan, combined)
+                        .await
+                        .map_err(ProtocolError::from)?;
+                    self.audit(
+                        asked_by,
+                        Some(study),
+                        "query",
+                        "ok",
+                        format!("task {task_id}; keys of public domains only, no node asked, nothing spent"),
+                    );
+                    return Ok((schema, batches));
+                }
                 let mut partials = Vec::new();
                 let (ready, mut missing, mut failures) = match self
                     .precheck(envelope, *min_sites, policy)

@@ -420,9 +420,11 @@ pub async fn compile_with(
             select_items.push(OutputItem::Aggregate(a));
         }
     }
-    if aggs.is_empty() {
+    if aggs.is_empty() && group_exprs.is_empty() {
         return Err(QueryError::Rejected(
-            "a DP query must release at least one aggregate, such as COUNT(*)".into(),
+            "a DP query must release at least one aggregate, such as COUNT(*), or group keys \
+             (SELECT k FROM t GROUP BY k)"
+                .into(),
         ));
     }
 
@@ -703,8 +705,22 @@ pub async fn compile_with(
             value: agg.value,
         });
     }
-    let (cost, selection) =
-        split_budget(&options, partials.len(), private_keys.then_some(max_groups))?;
+    // Keys only: private keys cost their partition selection alone; the
+    // keys of public domains are the domains, released for nothing.
+    let (cost, selection) = if partials.is_empty() && !private_keys {
+        (
+            PlanCost {
+                rho: 0.0,
+                epsilon: 0.0,
+                delta: 0.0,
+                selection_delta: 0.0,
+                per_partial: 0.0,
+            },
+            None,
+        )
+    } else {
+        split_budget(&options, partials.len(), private_keys.then_some(max_groups))?
+    };
 
     // 6. The local bounded query.
     let salt = match (options_in.sampling_salt, site) {

@@ -48,12 +48,60 @@ pub struct ParsedQuery {
     pub query: Box<Query>,
 }
 
+/// Longest statement accepted, in bytes: every byte costs about 90 bytes
+/// of memory in each process that plans it.
+pub const MAX_SQL_BYTES: usize = 256 * 1024;
+
+/// Most operators (arithmetic, comparison, AND / OR / NOT, concatenation)
+/// in one statement. Planning recurses once per operator of a chain such
+/// as `a + b + c + ...` and some passes take time quadratic in its length
+/// (a chain of 400 `+` plans in about 2 s in a debug build); the servers'
+/// stacks hold this many with a wide margin, and real queries stay far
+/// below it (a long list of values is one `IN (...)`).
+pub const MAX_OPERATORS: usize = 500;
+
 /// Parses one statement of the dialect.
 pub fn parse(sql: &str) -> Result<Statement> {
+    if sql.len() > MAX_SQL_BYTES {
+        return Err(QueryError::Syntax(format!(
+            "the statement is {} bytes long; at most {MAX_SQL_BYTES} are accepted: shorten it (a long \
+             list of values can often be a table or a range)",
+            sql.len()
+        )));
+    }
     let dialect = GenericDialect {};
     let tokens = Tokenizer::new(&dialect, sql)
         .tokenize_with_location()
         .map_err(|e| QueryError::Syntax(e.to_string()))?;
+    let operators = tokens
+        .iter()
+        .filter(|t| match &t.token {
+            Token::Plus
+            | Token::Minus
+            | Token::Mul
+            | Token::Div
+            | Token::Mod
+            | Token::Eq
+            | Token::DoubleEq
+            | Token::Neq
+            | Token::Lt
+            | Token::Gt
+            | Token::LtEq
+            | Token::GtEq
+            | Token::StringConcat
+            | Token::Caret
+            | Token::Ampersand
+            | Token::Pipe => true,
+            Token::Word(w) => matches!(w.keyword, Keyword::AND | Keyword::OR | Keyword::NOT),
+            _ => false,
+        })
+        .count();
+    if operators > MAX_OPERATORS {
+        return Err(QueryError::Syntax(format!(
+            "the statement has {operators} operators (arithmetic, comparisons, AND, OR, NOT); at most \
+             {MAX_OPERATORS} are accepted: write long lists of alternatives as IN (...), or split the query"
+        )));
+    }
     let mut tokens = tokens;
     let mut words = significant(&tokens);
 

@@ -245,6 +245,12 @@ impl FederatedPlan {
         result.map_err(|e| QueryError::Rejected(format!("cannot calibrate noise: {e}")))
     }
 
+    /// Whether the query releases only the keys of public domains: its
+    /// answer is the domains themselves, and no node need be asked.
+    pub fn public_keys_only(&self) -> bool {
+        self.partials.is_empty() && self.selection.is_none()
+    }
+
     /// Whether every group key has a public domain.
     pub fn public_groups(&self) -> bool {
         self.groups.iter().all(|g| g.domain.is_some())

@@ -102,7 +102,6 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         (format!("{DP} person_id, COUNT(*) FROM person GROUP BY gender_concept_id"), "person_id is neither a GROUP BY key nor inside a DP aggregate"),
         (format!("{DP} * FROM person"), "SELECT * would release private columns"),
         ("SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) DISTINCT gender_concept_id FROM person".to_string(), "SELECT DISTINCT releases private keys"),
-        (format!("{DP} gender_concept_id FROM person GROUP BY gender_concept_id"), "at least one aggregate"),
         (format!("{DP} MAX(year_of_birth) FROM person"), "MAX on private values is not allowed"),
         (format!("{DP} MIN(year_of_birth) FROM person"), "MIN on private values is not allowed"),
         (format!("{DP} COUNT(DISTINCT care_site_id) FROM person"), "only for the privacy unit"),
@@ -469,4 +468,50 @@ async fn post_processing_evaluates_over_the_released_table() {
     assert_eq!(f("three"), [3.0, 3.0]);
     assert_eq!(f("pct"), [50.0, 50.0]);
     assert!(out.column_by_name("pct_ci_low").unwrap().is_null(0));
+}
+
+/// Keys-only queries: private keys cost their partition selection alone,
+/// public ones nothing (their answer is the domain).
+#[tokio::test]
+async fn keys_only_queries_release_keys() {
+    let private = plan_of(&format!(
+        "{DP} care_site_id FROM person GROUP BY care_site_id"
+    ))
+    .await;
+    assert!(private.partials.is_empty() && private.aggregates.is_empty());
+    assert!(
+        private.selection.is_some(),
+        "private keys: partition selection"
+    );
+    assert!(private.cost.rho > 0.0);
+    assert!(!private.public_keys_only());
+    let public = plan_of(&format!(
+        "{DP} gender_concept_id AS g FROM person GROUP BY 1"
+    ))
+    .await;
+    assert!(public.public_keys_only());
+    assert_eq!(public.cost.rho, 0.0);
+    assert_eq!(columns(&public), ["g"]);
+}
+
+/// Statements too long, or with too many operators to plan safely, are
+/// refused before planning.
+#[test]
+fn oversized_statements_are_refused_before_planning() {
+    let chain = vec!["year_of_birth"; 600].join(" + ");
+    let msg = parse(&format!("{DP} COUNT(*) FROM person WHERE {chain} > 0"))
+        .expect_err("too many operators")
+        .to_string();
+    assert!(
+        msg.contains("at most 500 are accepted") && msg.contains("IN (...)"),
+        "{msg}"
+    );
+    let ok = vec!["year_of_birth"; 400].join(" + ");
+    assert!(parse(&format!("{DP} COUNT(*) FROM person WHERE {ok} > 0")).is_ok());
+    let long = format!(
+        "{DP} COUNT(*) FROM person WHERE year_of_birth IN ({})",
+        vec!["1"; 140_000].join(", ")
+    );
+    let msg = parse(&long).expect_err("too long").to_string();
+    assert!(msg.contains("bytes long"), "{msg}");
 }
