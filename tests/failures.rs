@@ -264,6 +264,18 @@ async fn deep_and_long_statements_never_abort_a_server() {
         .expect_err("too long")
         .to_string();
     assert!(err.contains("bytes long"), "{err}");
+    // Larger than any request: refused as it is decoded, before the token
+    // is read.
+    let huge = format!(
+        "{dp} COUNT(*) AS n FROM person WHERE year_of_birth IN ({})",
+        vec!["1"; 2_000_000].join(", ")
+    );
+    let err = client
+        .run(&huge, Some("test"))
+        .await
+        .expect_err("too large")
+        .to_string();
+    assert!(err.contains("too large"), "{err}");
     // Everyone is still up.
     let answer = client
         .run(&format!("{dp} COUNT(*) AS n FROM person"), Some("test"))

@@ -38,8 +38,15 @@ pub use error::{CoordinatorError, Result};
 
 use crate::service::{CoordinatorService, CoordinatorState};
 
-/// Largest gRPC message the coordinator accepts or sends to clients.
+/// Largest gRPC message the coordinator sends to clients (results).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Largest gRPC message the coordinator accepts from a client. Requests
+/// are statements (at most `confer_query::parse::MAX_SQL_BYTES`), job specs
+/// and tickets; tonic decodes a message before any handler checks its
+/// token, so anything larger is refused at decoding, before
+/// authentication, with "decoded message length too large".
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// How the coordinator's connections are secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,7 +162,7 @@ pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<Ru
         .local_addr()
         .map_err(|e| CoordinatorError::Network(e.to_string()))?;
     let service = FlightServiceServer::new(CoordinatorService::new(state.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = oneshot::channel::<()>();
     let checker = state.clone();
