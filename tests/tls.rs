@@ -31,6 +31,7 @@ fn issue(dir: &Path, kind: CertKind, name: &str, days: i64) -> (PathBuf, PathBuf
                 &hosts
             },
             days,
+            replace: false,
         },
     )
     .expect("issue");

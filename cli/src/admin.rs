@@ -513,6 +513,9 @@ pub enum PkiAction {
         /// Validity in days.
         #[arg(long, default_value_t = 365, allow_hyphen_values = true)]
         days: i64,
+        /// Replace the name's existing key and certificate.
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -537,6 +540,7 @@ pub fn pki(args: PkiArgs) -> anyhow::Result<()> {
             name,
             hosts,
             days,
+            replace,
         } => {
             if days == 0 {
                 bail!("--days must not be 0");
@@ -548,6 +552,7 @@ pub fn pki(args: PkiArgs) -> anyhow::Result<()> {
                     name: &name,
                     hosts: &hosts,
                     days,
+                    replace,
                 },
             )?;
             println!(

@@ -166,6 +166,7 @@ mod tests {
                 name,
                 hosts: &[],
                 days: 30,
+                replace: false,
             },
         )
         .expect("issue");

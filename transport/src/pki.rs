@@ -91,6 +91,16 @@ fn write_file(path: &Path, contents: &str, private: bool) -> Result<()> {
     let mut file = options
         .open(path)
         .map_err(|e| TransportError::Files(format!("cannot write {}: {e}", path.display())))?;
+    // The mode above applies only to a file it creates: a key written over
+    // an existing file is made private too.
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt as _;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| {
+                TransportError::Files(format!("cannot restrict {}: {e}", path.display()))
+            })?;
+    }
     file.write_all(contents.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| TransportError::Files(format!("cannot write {}: {e}", path.display())))
@@ -144,6 +154,8 @@ pub struct IssueRequest<'a> {
     pub hosts: &'a [String],
     /// Validity from now, in days (may be negative, for tests of expiry).
     pub days: i64,
+    /// Replace the name's existing key and certificate (otherwise refused).
+    pub replace: bool,
 }
 
 /// Issues a certificate from the CA in `dir`, written as `<name>.pem` / `<name>.key`.
@@ -170,6 +182,26 @@ pub fn issue(dir: &Path, request: &IssueRequest<'_>) -> Result<Issued> {
         return Err(TransportError::Certificate(format!(
             "name {:?}: use letters, digits, '-', '_', '.' or '@'",
             request.name
+        )));
+    }
+    if request.name == "ca" {
+        return Err(TransportError::Certificate(
+            "the name ca is the network CA's own files (ca.pem / ca.key): choose another name"
+                .into(),
+        ));
+    }
+    let issued = Issued {
+        cert: dir.join(format!("{}.pem", request.name)),
+        key: dir.join(format!("{}.key", request.name)),
+    };
+    if !request.replace && (issued.cert.exists() || issued.key.exists()) {
+        return Err(TransportError::Files(format!(
+            "{} already has a certificate or key for {} ({} / {}): keep them, or pass --replace to issue \
+             a new key and certificate in their place",
+            dir.display(),
+            request.name,
+            issued.cert.display(),
+            issued.key.display()
         )));
     }
     let mut hosts = request.hosts.to_vec();
@@ -204,10 +236,6 @@ pub fn issue(dir: &Path, request: &IssueRequest<'_>) -> Result<Issued> {
         params.not_after = now + Duration::days(request.days);
     }
     let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
-    let issued = Issued {
-        cert: dir.join(format!("{}.pem", request.name)),
-        key: dir.join(format!("{}.key", request.name)),
-    };
     write_file(&issued.key, &key.serialize_pem(), true)?;
     write_file(&issued.cert, &cert.pem(), false)?;
     Ok(issued)
@@ -249,6 +277,7 @@ mod tests {
                 name: "site-a",
                 hosts: &[],
                 days: 30,
+                replace: false,
             },
         )
         .expect("issue");
@@ -268,9 +297,52 @@ mod tests {
                 name: "bad name",
                 hosts: &[],
                 days: 1,
+                replace: false,
             },
         )
         .expect_err("bad name");
         assert!(err.to_string().contains("name"));
+    }
+
+    /// Issuing never overwrites the CA nor, unasked, an existing key; a key
+    /// written over an existing file is private all the same.
+    #[test]
+    fn issuing_replaces_nothing_unasked_and_keys_stay_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path(), "test network", 30).expect("ca");
+        let request = |name: &'static str, replace: bool| IssueRequest {
+            kind: CertKind::Node,
+            name,
+            hosts: &[],
+            days: 30,
+            replace,
+        };
+        let ca_key = std::fs::read(dir.path().join("ca.key")).expect("ca key");
+        let err = issue(dir.path(), &request("ca", true)).expect_err("the CA's name");
+        assert!(err.to_string().contains("choose another name"), "{err}");
+        assert_eq!(
+            std::fs::read(dir.path().join("ca.key")).expect("ca key"),
+            ca_key
+        );
+
+        let first = issue(dir.path(), &request("site-a", false)).expect("issue");
+        let key = std::fs::read(&first.key).expect("key");
+        let err = issue(dir.path(), &request("site-a", false)).expect_err("exists");
+        assert!(err.to_string().contains("--replace"), "{err}");
+        assert_eq!(std::fs::read(&first.key).expect("key"), key, "kept");
+
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&first.key, std::fs::Permissions::from_mode(0o644))
+                .expect("chmod");
+            let again = issue(dir.path(), &request("site-a", true)).expect("replace");
+            assert_ne!(std::fs::read(&again.key).expect("key"), key, "a new key");
+            let mode = std::fs::metadata(&again.key)
+                .expect("meta")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        }
     }
 }
