@@ -146,6 +146,19 @@ fn origin_index(expr: &Expr, plan: &LogicalPlan) -> Option<usize> {
         Expr::Alias(a) => origin_index(&a.expr, plan),
         Expr::Cast(c) => origin_index(&c.expr, plan),
         Expr::TryCast(c) => origin_index(&c.expr, plan),
+        // `CASE WHEN c THEN x END` (an aggregate's FILTER): x or NULL, so
+        // x's declared bounds and domain still describe it (values are
+        // clamped into the bounds in any case).
+        Expr::Case(case)
+            if case.expr.is_none()
+                && case.when_then_expr.len() == 1
+                && case
+                    .else_expr
+                    .as_deref()
+                    .is_none_or(|e| matches!(e, Expr::Literal(v, _) if v.is_null())) =>
+        {
+            origin_index(&case.when_then_expr[0].1, plan)
+        }
         _ => None,
     }
 }

@@ -1179,14 +1179,56 @@ fn classify(
     if !AGGREGATE_NAMES.contains(&name.as_str()) {
         return Ok(None);
     }
-    if f.filter.is_some()
-        || f.null_treatment.is_some()
-        || !f.within_group.is_empty()
-        || f.over.is_some()
-    {
+    if f.null_treatment.is_some() || !f.within_group.is_empty() || f.over.is_some() {
         return Err(unsupported(
-            "FILTER, WITHIN GROUP, OVER and null treatments on aggregates",
+            "WITHIN GROUP, OVER and null treatments on aggregates",
         ));
+    }
+    // `AGG(x) FILTER (WHERE c)` is `AGG(CASE WHEN c THEN x END)`: rows
+    // outside the filter count as NULL, after contribution bounding as
+    // any NULL does.
+    if let Some(cond) = &f.filter {
+        reject_aggregates_in(cond, "FILTER")?;
+        let mut unfiltered = f.clone();
+        unfiltered.filter = None;
+        let FunctionArguments::List(list) = &mut unfiltered.args else {
+            return Err(QueryError::Rejected(format!(
+                "{expr}: aggregates take an argument list"
+            )));
+        };
+        if matches!(list.duplicate_treatment, Some(DuplicateTreatment::Distinct)) {
+            return Err(QueryError::Rejected(format!(
+                "{expr}: FILTER with DISTINCT is not supported: put the condition in WHERE"
+            )));
+        }
+        let filtered = |value: &str| {
+            parse_sql_expr(&format!("CASE WHEN ({cond}) THEN ({value}) END"))
+                .map_err(|e| QueryError::Internal(format!("cannot rewrite FILTER of {expr}: {e}")))
+        };
+        let first = list.args.iter_mut().find(|a| {
+            matches!(
+                a,
+                FunctionArg::Unnamed(FunctionArgExpr::Wildcard | FunctionArgExpr::Expr(_))
+            )
+        });
+        match first {
+            Some(arg @ FunctionArg::Unnamed(FunctionArgExpr::Wildcard)) => {
+                *arg = FunctionArg::Unnamed(FunctionArgExpr::Expr(filtered("1")?));
+            }
+            Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(e))) => {
+                *e = filtered(&e.to_string())?;
+            }
+            _ => {
+                return Err(QueryError::Rejected(format!(
+                    "{expr}: FILTER needs an aggregate with an argument"
+                )));
+            }
+        }
+        let mut agg = classify(&Expr::Function(unfiltered), values, raw_values)?;
+        if let Some(agg) = agg.as_mut() {
+            agg.expr = expr.to_string();
+        }
+        return Ok(agg);
     }
     let FunctionArguments::List(list) = &f.args else {
         return Err(QueryError::Rejected(format!(

@@ -131,6 +131,8 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         (format!("{DP} COUNT(*) * (SELECT 2) AS n FROM person"), "subqueries in the SELECT list"),
         (format!("{DP} gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id ORDER BY 4"), "ORDER BY 4: the SELECT list has 2 item(s)"),
         (format!("{DP} 3 AS three FROM person"), "at least one aggregate"),
+        (format!("{DP} COUNT(DISTINCT person_id) FILTER (WHERE year_of_birth > 1950) AS n FROM person"), "FILTER with DISTINCT"),
+        (format!("{DP} COUNT(*) FILTER (WHERE COUNT(*) > 1) AS n FROM person"), "may not appear in FILTER"),
         // Tables, joins, subqueries.
         (format!("{DP} COUNT(*) FROM persons"), "table persons is not in the network catalog"),
         (format!("{DP} COUNT(*) FROM person WHERE yob > 1950"), "yob"),
