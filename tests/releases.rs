@@ -9,9 +9,7 @@ use arrow::datatypes::DataType;
 use confer_cli::demo::ExtraTable;
 
 use crate::fixture::{federation_with_tables, plain, plain_with_tables};
-use crate::slt::{ExtraOwned, extra_owned, extra_tables, shared};
-
-const POLICY: &str = "[policy]\napproval = \"auto\"\n\n[policy.studies.test]\nbudget = { rho = 1e30, delta = 0.5 }\n";
+use crate::slt::{ExtraOwned, POLICY, extra_owned, extra_tables, shared};
 
 fn column_f64(batches: &[RecordBatch], name: &str) -> Vec<Option<f64>> {
     let schema = batches[0].schema();

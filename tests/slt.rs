@@ -57,7 +57,8 @@ pub fn extra_tables() -> Vec<(String, PathBuf, &'static str, &'static str)> {
     ]
 }
 
-const POLICY: &str = "[policy]\napproval = \"auto\"\n\n[policy.studies.test]\nbudget = { rho = 1e30, delta = 0.5 }\n";
+/// A study that may spend (almost) anything, for noise-free semantics.
+pub const POLICY: &str = "[policy]\napproval = \"auto\"\n\n[policy.studies.test]\nbudget = { rho = 1e30, delta = 0.5 }\n";
 
 struct SltDb {
     client: Client,

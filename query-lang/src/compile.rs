@@ -2014,10 +2014,7 @@ fn reject_aggregates_in(expr: &Expr, clause: &str) -> Result<()> {
             ControlFlow::Continue(())
         }
         fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
-            if self.1 == 0
-                && let Expr::Function(f) = expr
-                && AGGREGATE_NAMES.contains(&function_name(&f.name).as_str())
-            {
+            if self.1 == 0 && is_aggregate_call(expr) {
                 self.0 = Some(expr.to_string());
                 return ControlFlow::Break(());
             }

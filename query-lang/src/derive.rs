@@ -202,7 +202,7 @@ pub(crate) fn interval(expr: &Expr, noisy: &[(String, String, String)]) -> Inter
     let uses = found.1;
     match uses.as_slice() {
         [] => Interval::Exact,
-        [one] if uses.len() == 1 => {
+        [one] => {
             let (name, low_col, high_col) = &noisy[*one];
             let mut guards = Vec::new();
             match monotone(expr, name, &mut guards) {
@@ -279,9 +279,8 @@ impl VisitorMut for Rename<'_> {
 }
 
 fn mentions(expr: &Expr, name: &str) -> bool {
-    let mut found = Uses(&[], Vec::new());
     let noisy = [(name.to_string(), String::new(), String::new())];
-    found.0 = &noisy;
+    let mut found = Uses(&noisy, Vec::new());
     let _ = VisitMut::visit(&mut expr.clone(), &mut found);
     !found.1.is_empty()
 }

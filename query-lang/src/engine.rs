@@ -4,16 +4,15 @@
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use confer_protocol::metadata;
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::LogicalPlan;
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{DataFrame, SessionContext};
 
 use crate::catalog::Catalog;
 use crate::error::{QueryError, Result};
-use crate::plan::{CI_HIGH_SUFFIX, CI_LOW_SUFFIX, Derived, FederatedPlan, FinalColumn};
-use arrow::datatypes::{Field, Schema, SchemaRef};
-use confer_protocol::metadata;
-use std::collections::HashMap;
+use crate::plan::{Derived, FederatedPlan, FinalColumn};
 
 /// A session whose tables have the catalog's schemas and no rows.
 pub fn empty_context(catalog: &Catalog) -> Result<SessionContext> {
@@ -94,59 +93,44 @@ fn final_sql(plan: &FederatedPlan, columns: Option<&[FinalColumn]>) -> String {
     sql
 }
 
-async fn run_final(
+/// Plans the researcher's result over `batch` (the combined release).
+async fn final_frame(
     plan: &FederatedPlan,
     columns: Option<&[FinalColumn]>,
     batch: RecordBatch,
-) -> Result<Vec<RecordBatch>> {
+) -> Result<DataFrame> {
     let schema = batch.schema();
     let ctx = SessionContext::new();
     let mem = MemTable::try_new(schema.clone(), vec![vec![batch]])?;
     ctx.register_table("__confer_result", Arc::new(mem))?;
-    let sql = final_sql(plan, columns);
-    let batches = ctx
-        .sql(&sql)
-        .await
-        .map_err(|e| {
-            QueryError::Rejected(format!(
-                "the SELECT list, HAVING, ORDER BY and LIMIT may use only released values and keys ({}): {}",
-                schema
-                    .fields()
-                    .iter()
-                    .filter(|f| !f.name().starts_with("__"))
-                    .map(|f| f.name().as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                QueryError::from(e)
-            ))
-        })?
-        .collect()
-        .await?;
-    Ok(batches)
+    ctx.sql(&final_sql(plan, columns)).await.map_err(|e| {
+        QueryError::Rejected(format!(
+            "the SELECT list, HAVING, ORDER BY and LIMIT may use only released values and keys ({}): {}",
+            schema
+                .fields()
+                .iter()
+                .filter(|f| !f.name().starts_with("__"))
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            QueryError::from(e)
+        ))
+    })
 }
 
 /// Checks the SELECT list's expressions of released values against the
 /// released table's schema (no data) and gives the result's schema.
 pub(crate) async fn derive(plan: &FederatedPlan, columns: Vec<FinalColumn>) -> Result<Derived> {
     let release = plan.release_schema();
-    let empty = RecordBatch::new_empty(release.clone());
-    let batches = run_final(plan, Some(&columns), empty).await?;
-    let planned = match batches.first() {
-        Some(b) => b.schema(),
-        None => {
-            // No batch for an empty input: plan it for the schema.
-            let ctx = SessionContext::new();
-            let mem = MemTable::try_new(release.clone(), vec![vec![]])?;
-            ctx.register_table("__confer_result", Arc::new(mem))?;
-            Arc::new(
-                ctx.sql(&final_sql(plan, Some(&columns)))
-                    .await?
-                    .schema()
-                    .as_arrow()
-                    .clone(),
-            )
-        }
-    };
+    let planned = final_frame(
+        plan,
+        Some(&columns),
+        RecordBatch::new_empty(release.clone()),
+    )
+    .await?
+    .schema()
+    .as_arrow()
+    .clone();
     let mut fields = Vec::with_capacity(columns.len());
     for (c, field) in columns.iter().zip(planned.fields()) {
         let field = match &c.sql {
@@ -155,32 +139,20 @@ pub(crate) async fn derive(plan: &FederatedPlan, columns: Vec<FinalColumn>) -> R
                 .cloned()
                 .unwrap_or_else(|_| field.as_ref().clone()),
             Some(_) => {
-                let mut field = field
+                let field = field
                     .as_ref()
                     .clone()
                     .with_name(&c.name)
                     .with_nullable(true);
                 if c.noisy {
-                    let mut meta = HashMap::from([
-                        (
-                            metadata::MECHANISM.to_string(),
-                            plan.options.mechanism.name().to_string(),
-                        ),
-                        (
-                            metadata::CONFIDENCE.to_string(),
-                            plan.options.confidence.to_string(),
-                        ),
-                        (
-                            metadata::INTERVAL.to_string(),
-                            format!("{0}{CI_LOW_SUFFIX},{0}{CI_HIGH_SUFFIX}", c.name),
-                        ),
-                    ]);
+                    let mut meta = plan.value_metadata(&c.name);
                     if let Some(note) = &c.interval_note {
                         meta.insert(metadata::INTERVAL_NOTE.to_string(), note.clone());
                     }
-                    field = field.with_metadata(meta);
+                    field.with_metadata(meta)
+                } else {
+                    field
                 }
-                field
             }
         };
         fields.push(field);
@@ -224,11 +196,13 @@ pub async fn post_process(
             ))
         }
     };
-    let batches = run_final(
+    let batches = final_frame(
         plan,
         plan.derived.as_ref().map(|d| d.columns.as_slice()),
         batch,
     )
+    .await?
+    .collect()
     .await?;
     // Put back the schema with its metadata (intervals, noise, cost).
     let batches = batches

@@ -309,6 +309,25 @@ impl FederatedPlan {
         Arc::new(Schema::new(fields))
     }
 
+    /// The metadata of a DP value column `name`: mechanism, confidence and
+    /// the names of its interval columns.
+    pub fn value_metadata(&self, name: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (
+                metadata::MECHANISM.to_string(),
+                self.options.mechanism.name().to_string(),
+            ),
+            (
+                metadata::CONFIDENCE.to_string(),
+                self.options.confidence.to_string(),
+            ),
+            (
+                metadata::INTERVAL.to_string(),
+                format!("{name}{CI_LOW_SUFFIX},{name}{CI_HIGH_SUFFIX}"),
+            ),
+        ])
+    }
+
     /// Schema of the result the researcher gets.
     pub fn output_schema(&self) -> SchemaRef {
         match &self.derived {
@@ -329,20 +348,7 @@ impl FederatedPlan {
                 }
                 OutputItem::Aggregate(i) => {
                     let a = &self.aggregates[*i];
-                    let meta = HashMap::from([
-                        (
-                            metadata::MECHANISM.to_string(),
-                            self.options.mechanism.name().to_string(),
-                        ),
-                        (
-                            metadata::CONFIDENCE.to_string(),
-                            self.options.confidence.to_string(),
-                        ),
-                        (
-                            metadata::INTERVAL.to_string(),
-                            format!("{0}{CI_LOW_SUFFIX},{0}{CI_HIGH_SUFFIX}", a.name),
-                        ),
-                    ]);
+                    let meta = self.value_metadata(&a.name);
                     fields.push(Field::new(&a.name, a.kind.value_type(), true).with_metadata(meta));
                     fields.push(Field::new(
                         format!("{}{CI_LOW_SUFFIX}", a.name),
