@@ -493,6 +493,7 @@ async fn secure_sessions_a_dishonest_coordinator_proposes_are_checked() {
             identities,
             proofs: vec![None; members.len()],
             corrupt_peers: vec![0; members.len()],
+            step: None,
         });
         let envelope: Envelope = coordinator.sign(&task).expect("sign");
         serde_json::to_vec(&SecaggRound {

@@ -111,3 +111,94 @@ async fn secure_sums_equal_the_plain_bounded_query() {
     assert!(err.contains("site-c"), "{err}");
     fed.federation.stop().await.expect("clean stop");
 }
+
+/// A private group key under `aggregation = 'secure'`: the keys are found
+/// from the network's securely summed counts, level by level, and the
+/// counts released over them equal the plain ones up to the distributed
+/// noise. Every node's ledger is charged the query's cost (the levels and
+/// the release together), never more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_selection_finds_private_keys_from_the_combined_counts() {
+    let mut fed = federation(3).await;
+    let mut client = fed.client().await;
+    // procedure_concept_id has no public domain; no person has more than
+    // 15 procedures: nothing is cut by bounding.
+    let sql = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1e9, delta = 1e-6, \
+               aggregation = 'secure', max_groups_contributed = 15) \
+               procedure_concept_id, COUNT(DISTINCT person_id) AS persons \
+               FROM procedure_occurrence GROUP BY procedure_concept_id ORDER BY 1";
+    let explain = client
+        .run(&format!("EXPLAIN PRIVACY {sql}"), Some("test"))
+        .await
+        .expect("explain");
+    let text = crate::fixture::keyed(&explain.batches, 2, &[]);
+    assert!(
+        text.keys()
+            .any(|k| k.contains("secure, over the network's combined counts")),
+        "{text:?}"
+    );
+    let spent = |batches: &[arrow::array::RecordBatch]| {
+        crate::fixture::keyed(batches, 1, &["spent_rho"])
+    };
+    let before = spent(
+        &client
+            .run("SHOW PRIVACY BUDGET FOR STUDY test", Some("test"))
+            .await
+            .expect("budget")
+            .batches,
+    );
+    let answer = client.run(sql, Some("test")).await.expect("secure selection");
+    let after = spent(
+        &client
+            .run("SHOW PRIVACY BUDGET FOR STUDY test", Some("test"))
+            .await
+            .expect("budget")
+            .batches,
+    );
+    let ctx = plain_gibleed().await;
+    let want: BTreeMap<i64, f64> = {
+        let b = plain(
+            &ctx,
+            "SELECT procedure_concept_id, COUNT(DISTINCT person_id) FROM procedure_occurrence \
+             GROUP BY procedure_concept_id ORDER BY 1",
+        )
+        .await;
+        keys(&b).into_iter().zip(column(&b, 1)).collect()
+    };
+    let got: BTreeMap<i64, f64> = keys(&answer.batches)
+        .into_iter()
+        .zip(column(&answer.batches, 1))
+        .collect();
+    // Summed noise has sd below 1 here (three nodes at their floor): a key
+    // nobody holds passes the threshold with probability below delta, and
+    // every key of 20 persons or more clears it by far.
+    for (k, n) in &got {
+        let exact = want.get(k).unwrap_or_else(|| panic!("key {k} is held by nobody"));
+        assert!((n - exact).abs() <= 8.0, "key {k}: {n} vs {exact}");
+    }
+    for (k, n) in &want {
+        if *n >= 20.0 {
+            assert!(got.contains_key(k), "key {k} with {n} persons not found");
+        }
+    }
+    assert!(got.len() >= 44, "{} keys found of {}", got.len(), want.len());
+    // Every node paid the query's cost once (selection levels + release).
+    let cost = text
+        .keys()
+        .find_map(|k| {
+            k.split("rho (zCDP) = ")
+                .nth(1)
+                .and_then(|t| t.split(|c: char| c != '.' && !c.is_ascii_digit() && c != 'e' && c != '+').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .expect("cost in EXPLAIN");
+    for (node, b) in &before {
+        let a = after.get(node).expect("node still reported");
+        let paid = a[0] - b[0];
+        assert!(
+            paid > 0.5 * cost && paid <= cost * (1.0 + 1e-6),
+            "{node} paid {paid} for a query that costs {cost}"
+        );
+    }
+    fed.federation.stop().await.expect("clean stop");
+}

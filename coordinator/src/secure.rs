@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use confer_privacy::secagg::{Aggregate, Config, Server, VerifyingKey};
 use confer_protocol::task::{
-    Envelope, SecaggIdentity, SecaggRound, SecureQueryTask, Task, TaskKind,
+    Envelope, SecaggIdentity, SecaggRound, SecureQueryTask, SecureStep, Task, TaskKind,
 };
 use confer_protocol::{ErrorKind, ProtocolError, actions};
 use confer_query::FederatedPlan;
+use confer_query::secure_select::Selector;
 use confer_query::combine::SitePartial;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -22,8 +23,9 @@ use crate::fanout::NodeHandle;
 
 /// The outcome: one release standing for the contributors, and who dropped.
 pub struct SecureOutcome {
-    /// The decoded sum as a release.
-    pub partial: SitePartial,
+    /// The decoded sum as a release (`None` when there was nothing to
+    /// release beyond the keys secure partition selection found).
+    pub partial: Option<SitePartial>,
     /// Nodes that contributed.
     pub contributors: Vec<String>,
     /// Nodes that did not (with the reason).
@@ -46,7 +48,11 @@ pub fn min_survivors(members: usize, min_sites: usize) -> usize {
     (members / 2 + 1).max(min_sites).max(2)
 }
 
-/// Runs a secure query across `nodes`.
+/// Runs a secure query across `nodes`: one session when every group key
+/// has a public domain; otherwise secure partition selection, level by
+/// level, then the release over the keys found (see
+/// [`confer_query::secure_select`]). Returns the outcome and the plan the
+/// release was made for (the query's own, or the query over the keys found).
 pub async fn run(
     nodes: &[NodeHandle],
     plan: &FederatedPlan,
@@ -54,13 +60,131 @@ pub async fn run(
     sign: impl Fn(&Task) -> Result<Envelope, ProtocolError>,
     min_sites: usize,
     timeout: Duration,
-) -> Result<SecureOutcome, ProtocolError> {
-    let mut task: Task = serde_json::from_str(&envelope.payload)
+) -> Result<(SecureOutcome, FederatedPlan), ProtocolError> {
+    let task: Task = serde_json::from_str(&envelope.payload)
         .map_err(|e| ProtocolError::internal(format!("stored task unreadable: {e}")))?;
+    if plan.public_groups() {
+        let session = session(nodes, &task, None, plan, &sign, min_sites, timeout).await?;
+        let partial = release(plan, &session, task.id)?;
+        return Ok((partial, plan.clone()));
+    }
+    let mut selector = Selector::new(plan).map_err(ProtocolError::from)?;
+    let mut dropped: Vec<(String, String)> = Vec::new();
+    while let Some(step) = selector.next_step() {
+        let mut level_task = task.clone();
+        level_task.id = uuid::Uuid::new_v4();
+        let s = session(
+            nodes,
+            &level_task,
+            Some(SecureStep::Select(step.clone())),
+            plan,
+            &sign,
+            min_sites,
+            timeout,
+        )
+        .await
+        .map_err(|mut e| {
+            e.message = format!("secure partition selection, level {}: {}", step.level, e.message);
+            e
+        })?;
+        dropped.extend(s.dropped.iter().cloned());
+        let sigma = confer_query::secure_select::level_sum_sigma(plan, &step, &s.honest)
+            .map_err(ProtocolError::from)?;
+        let sum: Vec<i64> = s.sum.iter().map(|&v| v as i64).collect();
+        selector
+            .absorb(&step, &sum, sigma)
+            .map_err(ProtocolError::from)?;
+        info!(task = %task.id, level = step.level, "secure partition selection level done");
+    }
+    let keys = selector.keys();
+    let selected = confer_query::secure_select::with_selected_keys(plan, &keys)
+        .map_err(ProtocolError::from)?;
+    if keys.is_empty() || selected.partials.is_empty() {
+        // Nothing to release beyond the keys themselves.
+        dropped.sort();
+        dropped.dedup();
+        return Ok((
+            SecureOutcome {
+                partial: None,
+                contributors: Vec::new(),
+                dropped,
+            },
+            selected,
+        ));
+    }
+    let s = session(
+        nodes,
+        &task,
+        Some(SecureStep::Release { keys }),
+        &selected,
+        &sign,
+        min_sites,
+        timeout,
+    )
+    .await?;
+    let mut outcome = release(&selected, &s, task.id)?;
+    dropped.extend(outcome.dropped);
+    dropped.sort();
+    dropped.dedup();
+    outcome.dropped = dropped;
+    Ok((outcome, selected))
+}
+
+/// What one secure session gave.
+struct Session {
+    sum: Vec<u64>,
+    contributors: Vec<String>,
+    dropped: Vec<(String, String)>,
+    /// Per contributor, the honest survivors its noise share counts on.
+    honest: Vec<usize>,
+    /// The strictest small-cell rule among the contributors.
+    min_group_size: u64,
+}
+
+/// Decodes a release session into the outcome.
+fn release(
+    plan: &FederatedPlan,
+    s: &Session,
+    task_id: uuid::Uuid,
+) -> Result<SecureOutcome, ProtocolError> {
+    let label = format!("secure sum of {}", s.contributors.join("+"));
+    let batch = confer_query::secure::decode(
+        plan,
+        &s.sum,
+        &s.honest,
+        s.min_group_size,
+        &label,
+        task_id,
+    )
+    .map_err(ProtocolError::from)?;
+    info!(task = %task_id, contributors = s.contributors.len(), dropped = s.dropped.len(), "secure sum decoded");
+    Ok(SecureOutcome {
+        partial: Some(SitePartial { site: label, batch }),
+        contributors: s.contributors.clone(),
+        dropped: s.dropped.clone(),
+    })
+}
+
+/// One secure-aggregation session of `task` (a query task) at `step`.
+async fn session(
+    nodes: &[NodeHandle],
+    task: &Task,
+    step: Option<SecureStep>,
+    plan: &FederatedPlan,
+    sign: &impl Fn(&Task) -> Result<Envelope, ProtocolError>,
+    min_sites: usize,
+    timeout: Duration,
+) -> Result<Session, ProtocolError> {
+    let mut task = task.clone();
     let sql = match &task.kind {
         TaskKind::Query(q) => q.sql.clone(),
         _ => return Err(ProtocolError::internal("a secure query needs a query task")),
     };
+    let len = match &step {
+        Some(SecureStep::Select(level)) => confer_query::secure_select::level_len(level),
+        _ => confer_query::secure::vector_len(plan),
+    }
+    .map_err(ProtocolError::from)?;
     let mut dropped: Vec<(String, String)> = Vec::new();
 
     // Identities of the nodes that answer now.
@@ -103,7 +227,6 @@ pub async fn run(
     }
     let keys = parse_keys(&identities)?;
     let session = session_id()?;
-    let len = confer_query::secure::vector_len(plan).map_err(ProtocolError::from)?;
     let config = Config::new(members.len(), confer_query::secure::BITS, len, session)
         .and_then(|c| c.min_survivors(min_survivors(members.len(), min_sites)))
         .map_err(|e| err(format!("secure aggregation: {e}")))?;
@@ -115,6 +238,7 @@ pub async fn run(
         identities,
         proofs,
         corrupt_peers: corrupt_peers.clone(),
+        step,
     });
     let signed = sign(&task)?;
     let task_id = task.id;
@@ -150,7 +274,6 @@ pub async fn run(
             names(&dropped)
         )));
     }
-    let label = format!("secure sum of {}", contributors.join("+"));
     // The strictest small-cell rule among the contributors applies to the sum.
     let min_group_size = aggregate
         .contributors
@@ -170,20 +293,12 @@ pub async fn run(
                 .max(1)
         })
         .collect();
-    let batch = confer_query::secure::decode(
-        plan,
-        &aggregate.sum,
-        &honest,
-        min_group_size,
-        &label,
-        task_id,
-    )
-    .map_err(ProtocolError::from)?;
-    info!(task = %task_id, contributors = contributors.len(), dropped = dropped.len(), "secure sum decoded");
-    Ok(SecureOutcome {
-        partial: SitePartial { site: label, batch },
+    Ok(Session {
+        sum: aggregate.sum,
         contributors,
         dropped,
+        honest,
+        min_group_size,
     })
 }
 

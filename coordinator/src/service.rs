@@ -621,6 +621,7 @@ impl CoordinatorState {
                         return Err(e);
                     }
                 };
+                let mut selected: Option<FederatedPlan> = None;
                 if plan.options.aggregation == confer_query::options::Aggregation::Secure {
                     let outcome = crate::secure::run(
                         &ready,
@@ -632,11 +633,14 @@ impl CoordinatorState {
                     )
                     .await;
                     match outcome {
-                        Ok(o) => {
+                        Ok((o, released)) => {
                             missing.extend(o.dropped.iter().map(|(n, _)| n.clone()));
                             missing.sort();
                             missing.dedup();
-                            partials.push(o.partial);
+                            partials.extend(o.partial);
+                            if !released.public_groups() || released != **plan {
+                                selected = Some(released);
+                            }
                         }
                         Err(e) => {
                             self.audit(asked_by, Some(study), "query", "failed", e.message.clone());
@@ -686,6 +690,9 @@ impl CoordinatorState {
                         return Err(err);
                     }
                 }
+                // Under secure partition selection the release is the
+                // query over the keys found.
+                let plan = selected.as_ref().unwrap_or(plan);
                 let combined = combine(plan, &partials, *task_id).map_err(ProtocolError::from)?;
                 let combined = with_missing_sites(combined, &missing)?;
                 let ipc = encode_ipc(&combined)?;
@@ -916,7 +923,23 @@ fn explain(plan: &FederatedPlan, sites: usize) -> Result<RecordBatch, ProtocolEr
             groups.join(", ")
         },
     ));
-    if let Some(sel) = &plan.selection {
+    if let Some(sel) = &plan.selection
+        && o.aggregation == confer_query::options::Aggregation::Secure
+    {
+        rows.push((
+            "partition selection".into(),
+            format!(
+                "secure, over the network's combined counts: the keys are found level by level from \
+                 securely summed noisy person counts (rho {:.6} of the cost, level 1 over key classes \
+                 spends {:.0}% of it); a candidate is kept when its summed noisy count reaches the \
+                 threshold a trusted curator's {} selection would use at that level's noise; no delta \
+                 is spent on selection",
+                plan.cost.per_partial,
+                confer_query::secure_select::FIRST_LEVEL_SHARE * 100.0,
+                sel.mechanism.name(),
+            ),
+        ));
+    } else if let Some(sel) = &plan.selection {
         rows.push((
             "partition selection".into(),
             format!(
@@ -939,8 +962,16 @@ fn explain(plan: &FederatedPlan, sites: usize) -> Result<RecordBatch, ProtocolEr
     )
     .min(sites.max(2));
     let secure_sd = if secure {
+        // Under secure partition selection the spread is that of the
+        // release over the keys found (it hardly depends on how many).
+        let released = if plan.public_groups() {
+            plan.clone()
+        } else {
+            confer_query::secure_select::with_selected_keys(plan, &[0])
+                .map_err(ProtocolError::from)?
+        };
         Some(
-            confer_query::secure::summed_noise_stddev(plan, min_survivors)
+            confer_query::secure::summed_noise_stddev(&released, min_survivors)
                 .map_err(ProtocolError::from)?,
         )
     } else {

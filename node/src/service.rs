@@ -376,9 +376,11 @@ impl NodeService {
                 "a secure session carries a query with aggregation = 'secure'".into(),
             ));
         }
+        let work = SecureWork::new(plan, secure.step.as_ref())
+            .map_err(|why| self.refuse(Some(&task), ErrorKind::InvalidArgument, why))?;
         self.check_quota(&task, &policy)?;
         let slot = self.slot(&task, &policy)?;
-        let charge = self.priced_charge(&task, &payload_hash, &plan, &rules, &policy)?;
+        let charge = self.checked_charge(&task, &payload_hash, &rules, &policy, work.cost())?;
         // Checked, charged and claimed in one ledger transaction: a second
         // round 0 for this task, even a concurrent one, finds it on record.
         if self.begin(&task, &charge)?.is_some() {
@@ -393,13 +395,13 @@ impl NodeService {
         }
         let this = self.clone();
         let secure = secure.clone();
-        let padded = plan.amplification.is_some();
+        let padded = work.plan().amplification.is_some();
         let limits = policy.limits.for_task(padded);
         let started = tokio::time::Instant::now();
         let worker = tokio::spawn(async move {
             let _slot = slot;
             let task = task;
-            let run = std::panic::AssertUnwindSafe(this.run_limited(&plan.local_sql, &limits));
+            let run = std::panic::AssertUnwindSafe(this.run_limited(work.sql(), &limits));
             let batches = futures::FutureExt::catch_unwind(run)
                 .await
                 .unwrap_or(Err(Failure::Other));
@@ -414,8 +416,7 @@ impl NodeService {
             };
             let input = blocking(move || {
                 let mut rng = crate::secure::os_rng()?;
-                confer_query::secure::node_input(&plan, &batches, honest, &mut rng)
-                    .map_err(NodeError::from)
+                work.input(&batches, honest, &mut rng)
             })
             .await;
             let input = match input {
@@ -875,11 +876,108 @@ fn worker_stopped() -> NodeError {
 
 /// A plan's cost as the ledger records it.
 fn cost_of(plan: &confer_query::plan::FederatedPlan) -> Cost {
+    plan_cost(&plan.cost)
+}
+
+fn plan_cost(cost: &confer_query::plan::PlanCost) -> Cost {
     Cost {
-        rho: plan.cost.rho,
-        epsilon: plan.cost.epsilon,
-        delta: plan.cost.delta,
-        selection_delta: plan.cost.selection_delta,
+        rho: cost.rho,
+        epsilon: cost.epsilon,
+        delta: cost.delta,
+        selection_delta: cost.selection_delta,
+    }
+}
+
+/// What one secure session of a query computes at this node: the release
+/// of its aggregates (over public domains, or over the keys secure
+/// partition selection found), or one level of that selection.
+enum SecureWork {
+    Release(confer_query::plan::FederatedPlan),
+    Select(
+        confer_query::plan::FederatedPlan,
+        confer_protocol::task::SelectStep,
+        confer_query::plan::PlanCost,
+    ),
+}
+
+impl SecureWork {
+    /// The work of `step` for the query `plan` this node compiled itself;
+    /// refuses a step the query does not have, or a level that would spend
+    /// more than the query's whole share for partition selection.
+    fn new(
+        plan: confer_query::plan::FederatedPlan,
+        step: Option<&confer_protocol::task::SecureStep>,
+    ) -> std::result::Result<Self, String> {
+        use confer_protocol::task::SecureStep;
+        use confer_query::secure_select;
+        match (step, plan.public_groups()) {
+            (None, true) => Ok(Self::Release(plan)),
+            (None, false) => Err(
+                "this query groups by a private key: under aggregation = 'secure' it runs as \
+                 secure partition selection steps, and this session names none"
+                    .into(),
+            ),
+            (Some(_), true) => Err(
+                "this query's keys all have public domains: its secure session has no selection step"
+                    .into(),
+            ),
+            (Some(SecureStep::Release { keys }), false) => {
+                secure_select::with_selected_keys(&plan, keys)
+                    .map(Self::Release)
+                    .map_err(|e| e.to_string())
+            }
+            (Some(SecureStep::Select(level)), false) => {
+                if plan.key_sql.is_none() {
+                    return Err("this query has no private key to select".into());
+                }
+                // Never more than the query's whole selection share in one level.
+                if level.rho > plan.cost.per_partial * (1.0 + 1e-9) {
+                    return Err(format!(
+                        "selection level {} asks for rho {} and the query's share for partition \
+                         selection is {}: refused",
+                        level.level, level.rho, plan.cost.per_partial
+                    ));
+                }
+                secure_select::Level::new(level).map_err(|e| e.to_string())?;
+                let cost = secure_select::level_cost(&plan, level).map_err(|e| e.to_string())?;
+                Ok(Self::Select(plan, level.clone(), cost))
+            }
+        }
+    }
+
+    fn plan(&self) -> &confer_query::plan::FederatedPlan {
+        match self {
+            Self::Release(p) | Self::Select(p, _, _) => p,
+        }
+    }
+
+    fn cost(&self) -> Cost {
+        match self {
+            Self::Release(p) => cost_of(p),
+            Self::Select(_, _, c) => plan_cost(c),
+        }
+    }
+
+    fn sql(&self) -> &str {
+        match self {
+            Self::Release(p) => &p.local_sql,
+            Self::Select(p, _, _) => p.key_sql.as_deref().unwrap_or_default(),
+        }
+    }
+
+    fn input(
+        &self,
+        batches: &[RecordBatch],
+        honest: usize,
+        rng: &mut confer_privacy::secagg::ChaCha20Rng,
+    ) -> Result<Vec<u64>> {
+        match self {
+            Self::Release(p) => confer_query::secure::node_input(p, batches, honest, rng),
+            Self::Select(p, level, _) => {
+                confer_query::secure_select::level_input(p, level, batches, honest, rng)
+            }
+        }
+        .map_err(NodeError::from)
     }
 }
 

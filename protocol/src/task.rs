@@ -156,6 +156,55 @@ pub struct SecureQueryTask {
     /// Each member's `max_corrupt_peers`, by id (how much noise it adds).
     #[serde(default)]
     pub corrupt_peers: Vec<usize>,
+    /// For a query whose group key is private: which step of secure
+    /// partition selection this session is (`None` for a query whose keys
+    /// all have public domains).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<SecureStep>,
+}
+
+/// One secure-aggregation session of a query with a private group key:
+/// first the key values are found level by level from securely summed,
+/// noisy person counts (each level a public list of candidates, so each
+/// level is a plain Gaussian release), then the aggregates are released
+/// over the keys found, which are public by then.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum SecureStep {
+    /// Count persons per candidate prefix of the private key.
+    Select(SelectStep),
+    /// Release the query's aggregates over these keys.
+    Release {
+        /// The selected key values, ascending.
+        keys: Vec<i64>,
+    },
+}
+
+/// One level of secure partition selection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SelectStep {
+    /// 1 for the first level.
+    pub level: u32,
+    /// zCDP rho this level spends at each node.
+    pub rho: f64,
+    /// The prefixes whose children are counted; empty at the first level,
+    /// whose candidates are the key classes (sign and bit length).
+    pub parents: Vec<KeyPrefix>,
+    /// Bits each parent is extended by (at most to its full length).
+    pub width: u32,
+}
+
+/// The leading bits of whole-number keys: a key's class is its sign and
+/// bit length (`class` = bit length, negated for negative keys; 0 for the
+/// key 0), and `value` holds the first `depth` bits after the leading one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct KeyPrefix {
+    /// Sign and bit length of the keys.
+    pub class: i8,
+    /// Bits of `value`.
+    pub depth: u8,
+    /// The bits.
+    pub value: u64,
 }
 
 /// A request for a study's budget figures.

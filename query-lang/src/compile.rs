@@ -728,7 +728,7 @@ pub async fn compile_with(
         (None, Some(_)) => fresh_salt(),
         (None, None) => 0,
     };
-    let local_sql = local_sql(&LocalSql {
+    let (person_groups, partials_select) = local_sql(&LocalSql {
         with: query.with.as_ref().map(|w| {
             w.cte_tables
                 .iter()
@@ -753,20 +753,26 @@ pub async fn compile_with(
         salt,
         deterministic: options_in.sampling_salt.is_some(),
     });
+    let local_sql = format!("{person_groups}\n{partials_select}");
     // Nothing in the query a node will run may fail on a row: every
     // expression, ours and the researcher's, after type coercion.
     let local_plan = plan_sql(&ctx, &local_sql, catalog).await?;
     crate::total::check_plan(&local_plan)?;
 
     let named_groups: Vec<GroupSpec> = groups;
-    if options.aggregation == Aggregation::Secure
-        && let Some(g) = named_groups.iter().find(|g| g.domain.is_none())
-    {
-        return Err(QueryError::Rejected(format!(
-            "GROUP BY {} with aggregation = 'secure': its keys are private and secure aggregation cannot select partitions; declare a public domain for it in node.toml or use aggregation = 'per_site'",
-            g.name
-        )));
-    }
+    let private: Vec<usize> = (0..named_groups.len())
+        .filter(|&i| named_groups[i].domain.is_none())
+        .collect();
+    let key_sql = if options.aggregation == Aggregation::Secure && !private.is_empty() {
+        let i = crate::secure_select::secure_private_key(&named_groups)?;
+        let sql = format!(
+            "{person_groups}\nSELECT DISTINCT __unit, __g{i} AS __key FROM __confer_pg WHERE __g{i} IS NOT NULL"
+        );
+        crate::total::check_plan(&plan_sql(&ctx, &sql, catalog).await?)?;
+        Some(sql)
+    } else {
+        None
+    };
     // 7. What the researcher sees: the released table itself, or the
     //    SELECT list's expressions of it (post-processing).
     let mut post_items: Vec<(String, String)> = Vec::new();
@@ -853,6 +859,7 @@ pub async fn compile_with(
     let mut plan = FederatedPlan {
         options,
         local_sql,
+        key_sql,
         groups: named_groups,
         aggregates,
         partials,
@@ -1592,7 +1599,10 @@ fn row_order(l: &LocalSql<'_>) -> String {
     format!("md5(concat({}))", parts.join(", '\u{2}', "))
 }
 
-fn local_sql(l: &LocalSql<'_>) -> String {
+/// The local bounded query as its `WITH` part (ending with `__confer_pg`,
+/// one row per person and group after contribution bounding) and the final
+/// `SELECT` of the partials over it.
+fn local_sql(l: &LocalSql<'_>) -> (String, String) {
     let gcols: Vec<String> = (0..l.groups.len()).map(|i| format!("__g{i}")).collect();
     let mut sql = String::from("WITH ");
     if let Some(w) = &l.with
@@ -1831,11 +1841,11 @@ fn local_sql(l: &LocalSql<'_>) -> String {
         let _ = write!(sql, " FROM {rows_table} GROUP BY {person_group})");
     }
     finals.push("CAST(count(*) AS BIGINT) AS __persons".into());
-    let _ = write!(sql, "\nSELECT {} FROM __confer_pg", finals.join(", "));
+    let mut last = format!("SELECT {} FROM __confer_pg", finals.join(", "));
     if !gcols.is_empty() {
-        let _ = write!(sql, " GROUP BY {}", gcols.join(", "));
+        let _ = write!(last, " GROUP BY {}", gcols.join(", "));
     }
-    sql
+    (sql, last)
 }
 
 /// The value column an aggregate reads (`__v{j}`), from its partial's position.

@@ -56,6 +56,7 @@ pub mod plan;
 pub mod public;
 pub mod release;
 pub mod secure;
+pub mod secure_select;
 pub mod total;
 
 pub use catalog::Catalog;

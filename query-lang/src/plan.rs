@@ -29,6 +29,11 @@ pub struct FederatedPlan {
     /// partials named in [`PartialSpec::columns`], and `__persons` (the
     /// number of persons in the group, for partition selection).
     pub local_sql: String,
+    /// Under `aggregation = 'secure'` with a private group key: the query
+    /// that gives each person's values of that key (columns `__unit`,
+    /// `__key`) after the same contribution bounding, for secure partition
+    /// selection ([`crate::secure_select`]).
+    pub key_sql: Option<String>,
     /// Group keys, in GROUP BY order.
     pub groups: Vec<GroupSpec>,
     /// DP aggregates, in SELECT order.
