@@ -119,7 +119,7 @@ async fn secure_sums_equal_the_plain_bounded_query() {
 /// the release together), never more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secure_selection_finds_private_keys_from_the_combined_counts() {
-    let mut fed = federation(3).await;
+    let fed = federation(3).await;
     let mut client = fed.client().await;
     // procedure_concept_id has no public domain; no person has more than
     // 15 procedures: nothing is cut by bounding.
@@ -137,9 +137,8 @@ async fn secure_selection_finds_private_keys_from_the_combined_counts() {
             .any(|k| k.contains("secure, over the network's combined counts")),
         "{text:?}"
     );
-    let spent = |batches: &[arrow::array::RecordBatch]| {
-        crate::fixture::keyed(batches, 1, &["spent_rho"])
-    };
+    let spent =
+        |batches: &[arrow::array::RecordBatch]| crate::fixture::keyed(batches, 1, &["spent_rho"]);
     let before = spent(
         &client
             .run("SHOW PRIVACY BUDGET FOR STUDY test", Some("test"))
@@ -147,7 +146,10 @@ async fn secure_selection_finds_private_keys_from_the_combined_counts() {
             .expect("budget")
             .batches,
     );
-    let answer = client.run(sql, Some("test")).await.expect("secure selection");
+    let answer = client
+        .run(sql, Some("test"))
+        .await
+        .expect("secure selection");
     let after = spent(
         &client
             .run("SHOW PRIVACY BUDGET FOR STUDY test", Some("test"))
@@ -173,7 +175,9 @@ async fn secure_selection_finds_private_keys_from_the_combined_counts() {
     // nobody holds passes the threshold with probability below delta, and
     // every key of 20 persons or more clears it by far.
     for (k, n) in &got {
-        let exact = want.get(k).unwrap_or_else(|| panic!("key {k} is held by nobody"));
+        let exact = want
+            .get(k)
+            .unwrap_or_else(|| panic!("key {k} is held by nobody"));
         assert!((n - exact).abs() <= 8.0, "key {k}: {n} vs {exact}");
     }
     for (k, n) in &want {
@@ -181,14 +185,22 @@ async fn secure_selection_finds_private_keys_from_the_combined_counts() {
             assert!(got.contains_key(k), "key {k} with {n} persons not found");
         }
     }
-    assert!(got.len() >= 44, "{} keys found of {}", got.len(), want.len());
+    assert!(
+        got.len() >= 44,
+        "{} keys found of {}",
+        got.len(),
+        want.len()
+    );
     // Every node paid the query's cost once (selection levels + release).
     let cost = text
         .keys()
         .find_map(|k| {
             k.split("rho (zCDP) = ")
                 .nth(1)
-                .and_then(|t| t.split(|c: char| c != '.' && !c.is_ascii_digit() && c != 'e' && c != '+').next())
+                .and_then(|t| {
+                    t.split(|c: char| c != '.' && !c.is_ascii_digit() && c != 'e' && c != '+')
+                        .next()
+                })
                 .and_then(|v| v.parse::<f64>().ok())
         })
         .expect("cost in EXPLAIN");

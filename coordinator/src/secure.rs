@@ -13,8 +13,8 @@ use confer_protocol::task::{
 };
 use confer_protocol::{ErrorKind, ProtocolError, actions};
 use confer_query::FederatedPlan;
-use confer_query::secure_select::Selector;
 use confer_query::combine::SitePartial;
+use confer_query::secure_select::Selector;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
@@ -84,7 +84,10 @@ pub async fn run(
         )
         .await
         .map_err(|mut e| {
-            e.message = format!("secure partition selection, level {}: {}", step.level, e.message);
+            e.message = format!(
+                "secure partition selection, level {}: {}",
+                step.level, e.message
+            );
             e
         })?;
         dropped.extend(s.dropped.iter().cloned());
@@ -148,15 +151,9 @@ fn release(
     task_id: uuid::Uuid,
 ) -> Result<SecureOutcome, ProtocolError> {
     let label = format!("secure sum of {}", s.contributors.join("+"));
-    let batch = confer_query::secure::decode(
-        plan,
-        &s.sum,
-        &s.honest,
-        s.min_group_size,
-        &label,
-        task_id,
-    )
-    .map_err(ProtocolError::from)?;
+    let batch =
+        confer_query::secure::decode(plan, &s.sum, &s.honest, s.min_group_size, &label, task_id)
+            .map_err(ProtocolError::from)?;
     info!(task = %task_id, contributors = s.contributors.len(), dropped = s.dropped.len(), "secure sum decoded");
     Ok(SecureOutcome {
         partial: Some(SitePartial { site: label, batch }),

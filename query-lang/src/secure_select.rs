@@ -26,14 +26,16 @@
 //! list changes which keys are found, never how much is revealed. A
 //! candidate is kept when its summed noisy count reaches the threshold a
 //! trusted curator's Gaussian partition selection would use at that level's
-//! noise, with the plan's selection δ shared out over the level's
-//! candidates: a key nobody holds is kept with probability below δ over the
-//! whole level. That δ bounds false keys only; as a privacy cost it is not
-//! spent at all (every level's candidates are public).
+//! noise and the plan's selection δ; for whole keys that δ is shared out
+//! over the level's whole-key candidates, so a key nobody holds is released
+//! with probability below δ over the whole level (a false prefix only
+//! widens the next level). That δ bounds false keys only; as a privacy cost
+//! it is not spent at all (every level's candidates are public).
 //!
 //! Budget: selection has the same share of the query's rho as it has under
-//! per-site selection; level 1 spends [`FIRST_LEVEL_SHARE`] of it, and each
-//! later level the rest divided by the levels still needed. Each level is
+//! per-site selection; level 1 spends [`FIRST_LEVEL_SHARE`] of it (its
+//! classes pool many keys, so their counts are large), and each later level
+//! the rest divided by the levels still needed. Each level is
 //! its own task, charged at each node before the node answers.
 
 use std::collections::{HashMap, HashSet};
@@ -56,7 +58,7 @@ pub const LEVEL_CAP: usize = 1 << 18;
 pub const MAX_WIDTH: u32 = 16;
 
 /// Share of the selection budget the first level (key classes) spends.
-pub const FIRST_LEVEL_SHARE: f64 = 1.0 / 3.0;
+pub const FIRST_LEVEL_SHARE: f64 = 0.1;
 
 /// Most keys a release step may name.
 pub const MAX_KEYS: usize = LEVEL_CAP;
@@ -71,7 +73,8 @@ pub fn secure_private_key(groups: &[GroupSpec]) -> Result<usize> {
     let private: Vec<usize> = (0..groups.len())
         .filter(|&i| groups[i].domain.is_none())
         .collect();
-    let advice = "declare a public domain in node.toml for the others or use aggregation = 'per_site'";
+    let advice =
+        "declare a public domain in node.toml for the others or use aggregation = 'per_site'";
     match private.as_slice() {
         [i] if groups[*i].column_type == ColumnType::Int64 => Ok(*i),
         [i] => Err(QueryError::Rejected(format!(
@@ -148,7 +151,9 @@ impl Level {
     /// The candidates of `step`, checked: prefixes that exist, no parent
     /// twice, at most [`LEVEL_CAP`] candidates.
     pub fn new(step: &SelectStep) -> Result<Self> {
-        let bad = |why: String| QueryError::Rejected(format!("secure selection level {}: {why}", step.level));
+        let bad = |why: String| {
+            QueryError::Rejected(format!("secure selection level {}: {why}", step.level))
+        };
         if !(step.rho > 0.0 && step.rho.is_finite()) {
             return Err(bad(format!("rho must be positive, not {}", step.rho)));
         }
@@ -272,10 +277,9 @@ pub fn level_input<R: CryptoRng + ?Sized>(
                 "the key query gives (unit, key) rows".into(),
             ));
         }
-        let converter = RowConverter::new(vec![SortField::new(
-            batch.column(0).data_type().clone(),
-        )])
-        .map_err(|e| QueryError::Internal(e.to_string()))?;
+        let converter =
+            RowConverter::new(vec![SortField::new(batch.column(0).data_type().clone())])
+                .map_err(|e| QueryError::Internal(e.to_string()))?;
         let units = converter
             .convert_columns(&[batch.column(0).clone()])
             .map_err(|e| QueryError::Internal(e.to_string()))?;
@@ -412,7 +416,7 @@ impl Selector {
             width -= 1;
         }
         if (self.pending.len() << width) > LEVEL_CAP {
-            self.pending.sort_by(|a, b| b.1.cmp(&a.1));
+            self.pending.sort_by_key(|b| std::cmp::Reverse(b.1));
             let keep = LEVEL_CAP >> width;
             self.truncated += self.pending.len() - keep;
             self.pending.truncate(keep);
@@ -447,12 +451,21 @@ impl Selector {
                 level.candidates.len()
             )));
         }
-        let threshold = self.threshold(sigma, level.candidates.len())?;
+        // A false prefix only widens the next level; a false whole key
+        // would be released: whole keys face the stricter threshold.
+        let whole = level.candidates.iter().filter(|p| is_whole(p)).count();
+        let for_prefix = self.threshold(sigma, 1)?;
+        let for_key = self.threshold(sigma, whole)?;
         self.level = step.level;
         self.spent += step.rho;
         self.pending.clear();
         let mut kept = 0;
         for (prefix, &count) in level.candidates.iter().zip(sum) {
+            let threshold = if is_whole(prefix) {
+                for_key
+            } else {
+                for_prefix
+            };
             if count < threshold {
                 continue;
             }
@@ -588,7 +601,19 @@ mod tests {
 
     #[test]
     fn levels_find_exactly_the_keys_present() {
-        let keys = vec![0, 1, -1, 5, 6, 192671, 4_112_343, 4_112_344, -9000, i64::MAX, i64::MIN];
+        let keys = vec![
+            0,
+            1,
+            -1,
+            5,
+            6,
+            192671,
+            4_112_343,
+            4_112_344,
+            -9000,
+            i64::MAX,
+            i64::MIN,
+        ];
         let mut want = keys.clone();
         want.sort_unstable();
         assert_eq!(descend(&keys), want);
@@ -639,6 +664,88 @@ mod tests {
             ..step
         };
         assert!(Level::new(&bad).is_err());
+    }
+
+    async fn secure_plan() -> FederatedPlan {
+        use confer_protocol::catalog::{CatalogInfo, ColumnInfo, TableInfo};
+        let catalog = crate::Catalog::for_node(&CatalogInfo {
+            node: "n".into(),
+            tables: vec![TableInfo {
+                name: "t".into(),
+                privacy_unit: Some("pid".into()),
+                columns: ["pid", "code"]
+                    .iter()
+                    .map(|c| ColumnInfo {
+                        name: (*c).into(),
+                        column_type: ColumnType::Int64,
+                        bounds: None,
+                        domain: None,
+                    })
+                    .collect(),
+                one_row_per_unit: false,
+            }],
+        });
+        let crate::Statement::Query(q) = crate::parse(
+            "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1e9, delta = 1e-6, aggregation = 'secure') \
+             code, COUNT(*) AS n FROM t GROUP BY code",
+        )
+        .expect("parse") else {
+            panic!("a query")
+        };
+        crate::compile(&q, &catalog, None).await.expect("compile")
+    }
+
+    #[tokio::test]
+    async fn the_selector_finds_large_keys_within_the_selection_share() {
+        let plan = secure_plan().await;
+        assert!(plan.key_sql.as_deref().unwrap_or("").contains("__key"));
+        // Keys of every sign and size; counts far above the threshold, one
+        // key held by a single person.
+        let held: Vec<(i64, i64)> = vec![
+            (0, 50),
+            (-1, 50),
+            (7, 50),
+            (192_671, 50),
+            (4_112_343, 50),
+            (-9_000_000_000, 50),
+            (i64::MAX, 50),
+            (44_782_520, 1),
+        ];
+        let mut selector = Selector::new(&plan).expect("selector");
+        let mut levels = 0;
+        while let Some(step) = selector.next_step() {
+            levels += 1;
+            let level = Level::new(&step).expect("level");
+            let mut sum = vec![0i64; level.candidates().len()];
+            for &(k, n) in &held {
+                if let Some(s) = level.slot(k) {
+                    sum[s] += n;
+                }
+            }
+            // The noise here is the node floor: sd below 1 for the test's
+            // epsilon; the sum is taken as exact.
+            selector.absorb(&step, &sum, 0.9).expect("absorb");
+            assert!(levels < 20, "selection ends");
+        }
+        let mut want: Vec<i64> = held.iter().filter(|h| h.1 > 1).map(|h| h.0).collect();
+        want.sort_unstable();
+        assert_eq!(selector.keys(), want);
+        assert!(selector.spent() <= plan.cost.per_partial * (1.0 + 1e-9));
+        assert!(
+            selector.spent() >= plan.cost.per_partial * 0.999,
+            "the share is used"
+        );
+        // The release over the keys found costs the partials' share: the
+        // levels and the release together cost the plan.
+        let release = with_selected_keys(&plan, &selector.keys()).expect("release plan");
+        assert!(release.public_groups());
+        assert!(
+            (release.cost.rho + selector.spent() - plan.cost.rho).abs() <= plan.cost.rho * 1e-9
+        );
+        assert!(
+            with_selected_keys(&plan, &[3, 2]).is_err(),
+            "keys ascending"
+        );
     }
 
     #[test]

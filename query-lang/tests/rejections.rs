@@ -153,7 +153,8 @@ async fn at_least_thirty_refusals_each_say_what_to_change() {
         (format!("{DP} care_site_id, COUNT(*) FROM person GROUP BY care_site_id").replace("delta = 1e-6", "delta = 0, mechanism = 'laplace'"), "partition selection"),
         (format!("{DP} COUNT(*) FROM person").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure', mechanism = 'laplace')"), "drop mechanism = 'laplace'"),
         (format!("{DP} site, COUNT(*) FROM person GROUP BY site").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')"), "GROUP BY site with aggregation = 'secure'"),
-        (format!("{DP} care_site_id, COUNT(*) FROM person GROUP BY care_site_id").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')"), "cannot select partitions"),
+        (format!("{DP} condition_concept_id, provider_id, COUNT(*) FROM condition_occurrence GROUP BY condition_concept_id, provider_id").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')"), "one private column at a time"),
+        (format!("{DP} CAST(care_site_id AS VARCHAR) AS site_code, COUNT(*) FROM person GROUP BY site_code").replace("delta = 1e-6)", "delta = 1e-6, aggregation = 'secure')"), "finds whole-number keys"),
         (format!("{DP} COUNT(*) FROM person").replace("delta = 1e-6)", "delta = 1e-6, privacy_unit_column = care_site_id)"), "privacy_unit_column = care_site_id"),
         // The privacy unit travels only unchanged (issue 13, shapes 1 and 2).
         (format!("{DP} COUNT(*) FROM (SELECT DISTINCT ON (condition_concept_id) person_id, condition_concept_id FROM condition_occurrence) d"), "DISTINCT ON over person-level rows must list the privacy unit"),
