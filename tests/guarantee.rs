@@ -13,7 +13,8 @@ use confer_coordinator::fanout::NodeHandle;
 use confer_protocol::actions;
 use confer_protocol::signing::Identity;
 use confer_protocol::task::{
-    Envelope, SecaggIdentity, SecaggRound, SecureQueryTask, Task, TaskKind,
+    Envelope, KeyPrefix, SecaggIdentity, SecaggRound, SecureQueryTask, SecureStep, SelectStep,
+    Task, TaskKind,
 };
 
 use crate::fixture::{TEST_POLICY, federation_with, keyed, plain, plain_gibleed, single_i64};
@@ -483,7 +484,11 @@ async fn secure_sessions_a_dishonest_coordinator_proposes_are_checked() {
             .and_then(|c| c.min_survivors(t))
             .expect("config")
     };
-    let round0 = |members: Vec<&str>, identities: Vec<String>, t: usize| {
+    let round0_step = |sql: &str,
+                       step: Option<SecureStep>,
+                       members: Vec<&str>,
+                       identities: Vec<String>,
+                       t: usize| {
         let config = session(members.len(), t);
         let mut task = Task::query("test", "alice", sql, Duration::from_secs(600));
         task.kind = TaskKind::SecureQuery(SecureQueryTask {
@@ -493,7 +498,7 @@ async fn secure_sessions_a_dishonest_coordinator_proposes_are_checked() {
             identities,
             proofs: vec![None; members.len()],
             corrupt_peers: vec![0; members.len()],
-            step: None,
+            step,
         });
         let envelope: Envelope = coordinator.sign(&task).expect("sign");
         serde_json::to_vec(&SecaggRound {
@@ -502,6 +507,9 @@ async fn secure_sessions_a_dishonest_coordinator_proposes_are_checked() {
             payload: serde_json::to_value(&envelope).expect("json"),
         })
         .expect("json")
+    };
+    let round0 = |members: Vec<&str>, identities: Vec<String>, t: usize| {
+        round0_step(sql, None, members, identities, t)
     };
     let start = |h: &NodeHandle, body: Vec<u8>| {
         let h = h.clone();
@@ -538,6 +546,57 @@ async fn secure_sessions_a_dishonest_coordinator_proposes_are_checked() {
         ),
     ];
     for (body, want) in cases {
+        let err = start(&a, body).await.expect_err(want);
+        assert!(err.message.contains(want), "{want}: {}", err.message);
+    }
+
+    // Secure partition selection: the node runs only the steps the query
+    // has, never a level over the query's share for selection, never a
+    // level whose candidates are not prefixes.
+    let private = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6, aggregation = 'secure') \
+                   procedure_concept_id, COUNT(*) AS n FROM procedure_occurrence GROUP BY procedure_concept_id";
+    let level = |rho: f64, parents: Vec<KeyPrefix>| {
+        Some(SecureStep::Select(SelectStep {
+            level: 1,
+            rho,
+            parents,
+            width: 4,
+        }))
+    };
+    let members = || vec!["site-a", "site-b"];
+    let keys = || vec![key_a.clone(), key_b.clone()];
+    let steps = [
+        (
+            round0_step(private, None, members(), keys(), 2),
+            "runs as secure partition selection steps",
+        ),
+        (
+            round0_step(private, level(1e6, Vec::new()), members(), keys(), 2),
+            "asks for rho 1000000",
+        ),
+        (
+            round0_step(
+                private,
+                level(
+                    1e-3,
+                    vec![KeyPrefix {
+                        class: 20,
+                        depth: 3,
+                        value: 8,
+                    }],
+                ),
+                members(),
+                keys(),
+                2,
+            ),
+            "is not a prefix that can be extended",
+        ),
+        (
+            round0_step(sql, level(1e-3, Vec::new()), members(), keys(), 2),
+            "has no selection step",
+        ),
+    ];
+    for (body, want) in steps {
         let err = start(&a, body).await.expect_err(want);
         assert!(err.message.contains(want), "{want}: {}", err.message);
     }
