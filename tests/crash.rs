@@ -86,7 +86,8 @@ async fn sigkill_at_random_moments_never_loses_or_doubles_a_debit() {
         // Three new tasks, plus a retry of one earlier task now and then.
         let mut batch: Vec<(Uuid, Envelope)> = (0..3)
             .map(|_| {
-                let task = Task::query("crash", "r", SQL, Duration::from_secs(3600));
+                let task =
+                    Task::query("crash", "r", SQL, Duration::from_secs(3600)).for_nodes(["crash"]);
                 (task.id, identity.sign(&task).expect("sign"))
             })
             .collect();

@@ -335,7 +335,8 @@ async fn signatures_expiry_retries_and_replays() {
     .expect("handle");
     let timeout = Duration::from_secs(30);
     let coordinator = Identity::load(&work.join("coordinator.key")).expect("key");
-    let task = Task::query("small", "alice", &count_query(0.1), Duration::from_secs(60));
+    let task = Task::query("small", "alice", &count_query(0.1), Duration::from_secs(60))
+        .for_nodes(["site-a"]);
 
     // A task signed by another key is refused.
     let forged = Identity::generate()
@@ -351,13 +352,30 @@ async fn signatures_expiry_retries_and_replays() {
     );
 
     // An expired task is refused.
-    let mut old = Task::query("small", "alice", &count_query(0.1), Duration::from_secs(60));
+    let mut old = Task::query("small", "alice", &count_query(0.1), Duration::from_secs(60))
+        .for_nodes(["site-a"]);
     old.expires_at = old.issued_at - 1;
     let err = handle
         .run(&coordinator.sign(&old).expect("sign"), timeout)
         .await
         .expect_err("expired");
     assert!(err.message.contains("expired"), "{}", err.message);
+
+    // A task signed for another node (captured and replayed here), or for
+    // no node at all, is refused: a task runs only where it was sent.
+    for nodes in [vec!["site-b"], vec![]] {
+        let elsewhere = Task::query("small", "alice", &count_query(0.1), Duration::from_secs(60))
+            .for_nodes(nodes.clone());
+        let err = handle
+            .run(&coordinator.sign(&elsewhere).expect("sign"), timeout)
+            .await
+            .expect_err("not addressed here");
+        assert!(
+            err.message.contains("not for this node"),
+            "{nodes:?}: {}",
+            err.message
+        );
+    }
 
     // A retried task is answered with the same release and charged once.
     let envelope = coordinator.sign(&task).expect("sign");

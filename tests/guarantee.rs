@@ -235,7 +235,7 @@ async fn failures_after_admission_are_charged_stored_and_counted() {
                 JOIN concept b ON b.concept_id > a.concept_id";
     let floor = confer_privacy::accounting::rho_for_epsilon_delta(2.0, 1e-5).expect("rho");
 
-    let task = Task::query("test", "alice", slow, Duration::from_secs(600));
+    let task = Task::query("test", "alice", slow, Duration::from_secs(600)).for_nodes(["site-a"]);
     let envelope = coordinator.sign(&task).expect("sign");
     let err = node.run(&envelope, timeout).await.expect_err("times out");
     assert!(
@@ -269,24 +269,17 @@ async fn failures_after_admission_are_charged_stored_and_counted() {
 
     // A second failure reaches the quota: alice is refused, bob is not.
     let second = coordinator
-        .sign(&Task::query(
-            "test",
-            "alice",
-            slow,
-            Duration::from_secs(600),
-        ))
+        .sign(&Task::query("test", "alice", slow, Duration::from_secs(600)).for_nodes(["site-a"]))
         .expect("sign");
     node.run(&second, timeout).await.expect_err("times out");
     let count = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5, delta = 1e-6) COUNT(*) AS n FROM person";
     let blocked = node
         .run(
             &coordinator
-                .sign(&Task::query(
-                    "test",
-                    "alice",
-                    count,
-                    Duration::from_secs(600),
-                ))
+                .sign(
+                    &Task::query("test", "alice", count, Duration::from_secs(600))
+                        .for_nodes(["site-a"]),
+                )
                 .expect("sign"),
             timeout,
         )
@@ -301,7 +294,9 @@ async fn failures_after_admission_are_charged_stored_and_counted() {
     );
     node.run(
         &coordinator
-            .sign(&Task::query("test", "bob", count, Duration::from_secs(600)))
+            .sign(
+                &Task::query("test", "bob", count, Duration::from_secs(600)).for_nodes(["site-a"]),
+            )
             .expect("sign"),
         timeout,
     )
@@ -326,12 +321,10 @@ async fn failures_after_admission_are_charged_stored_and_counted() {
     assert!(ok, "{out}");
     node.run(
         &coordinator
-            .sign(&Task::query(
-                "test",
-                "alice",
-                count,
-                Duration::from_secs(600),
-            ))
+            .sign(
+                &Task::query("test", "alice", count, Duration::from_secs(600))
+                    .for_nodes(["site-a"]),
+            )
             .expect("sign"),
         timeout,
     )
@@ -351,7 +344,8 @@ async fn failures_after_admission_are_charged_stored_and_counted() {
                 .into(),
         }),
         Duration::from_secs(600),
-    );
+    )
+    .for_nodes(["site-a"]);
     let err = node
         .run(&coordinator.sign(&public).expect("sign"), timeout)
         .await
@@ -490,7 +484,8 @@ async fn secure_sessions_a_dishonest_coordinator_proposes_are_checked() {
                        identities: Vec<String>,
                        t: usize| {
         let config = session(members.len(), t);
-        let mut task = Task::query("test", "alice", sql, Duration::from_secs(600));
+        let mut task =
+            Task::query("test", "alice", sql, Duration::from_secs(600)).for_nodes(&members);
         task.kind = TaskKind::SecureQuery(SecureQueryTask {
             sql: sql.into(),
             session: serde_json::to_value(&config).expect("json"),

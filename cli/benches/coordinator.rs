@@ -83,12 +83,10 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let mut direct_ms = Vec::new();
     for i in 0..queries + 10 {
-        let envelope = identity.sign(&Task::query(
-            "bench",
-            "bench",
-            SQL,
-            Duration::from_secs(600),
-        ))?;
+        let envelope = identity.sign(
+            &Task::query("bench", "bench", SQL, Duration::from_secs(600))
+                .for_nodes([nodes[0].name.as_str()]),
+        )?;
         let t = Instant::now();
         direct
             .run(&envelope, Duration::from_secs(30))

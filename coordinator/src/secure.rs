@@ -100,6 +100,9 @@ pub async fn run(
         info!(task = %task.id, level = step.level, "secure partition selection level done");
     }
     let keys = selector.keys();
+    if selector.dropped_keys() > 0 {
+        warn!(task = %task.id, dropped = selector.dropped_keys(), "secure partition selection found more keys than one release carries; the largest are released");
+    }
     let selected = confer_query::secure_select::with_selected_keys(plan, &keys)
         .map_err(ProtocolError::from)?;
     if keys.is_empty() || selected.partials.is_empty() {
@@ -227,6 +230,7 @@ async fn session(
     let config = Config::new(members.len(), confer_query::secure::BITS, len, session)
         .and_then(|c| c.min_survivors(min_survivors(members.len(), min_sites)))
         .map_err(|e| err(format!("secure aggregation: {e}")))?;
+    task.nodes = members.iter().map(|n| n.name.clone()).collect();
     task.kind = TaskKind::SecureQuery(SecureQueryTask {
         sql,
         session: serde_json::to_value(&config)

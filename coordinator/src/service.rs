@@ -176,6 +176,24 @@ impl CoordinatorState {
         self.identity.sign(task)
     }
 
+    /// The names of the configured nodes.
+    fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// `envelope`'s task, signed again for `nodes` only: the nodes a query
+    /// runs at, so that a captured task cannot be replayed to another.
+    fn bound_to(
+        &self,
+        envelope: &Envelope,
+        nodes: &[NodeHandle],
+    ) -> Result<Envelope, ProtocolError> {
+        let task: Task = serde_json::from_str(&envelope.payload)
+            .map_err(|e| ProtocolError::internal(format!("stored task unreadable: {e}")))?;
+        self.identity
+            .sign(&task.for_nodes(nodes.iter().map(|n| &n.name)))
+    }
+
     /// Training jobs running in this process.
     pub(crate) fn training(&self) -> &crate::train::Training {
         &self.training
@@ -347,7 +365,8 @@ impl CoordinatorState {
                     );
                     let schema = Arc::new(Schema::new(fields));
                     let mut task =
-                        Task::query(&study.name, &user.name, &public.sql, self.task_ttl());
+                        Task::query(&study.name, &user.name, &public.sql, self.task_ttl())
+                            .for_nodes(self.node_names());
                     task.kind = TaskKind::PublicQuery(QueryTask { sql: public.sql });
                     task.study_info = Some(study_info(&study));
                     let envelope = self.identity.sign(&task)?;
@@ -385,7 +404,10 @@ impl CoordinatorState {
                     .unwrap_or(default_min_sites)
                     .min(all);
                 let schema = plan.output_schema();
-                let mut task = Task::query(&study.name, &user.name, sql, self.task_ttl());
+                // Signed for every node now; bound to the nodes that pass
+                // the pre-check when it runs.
+                let mut task = Task::query(&study.name, &user.name, sql, self.task_ttl())
+                    .for_nodes(self.node_names());
                 task.study_info = Some(study_info(&study));
                 let task_id = task.id;
                 let envelope = self.identity.sign(&task)?;
@@ -423,7 +445,8 @@ impl CoordinatorState {
                     None => need_study("SHOW PRIVACY BUDGET")?,
                 };
                 let study = self.auth.study(user, name)?;
-                let mut task = Task::budget(&study.name, &user.name, self.task_ttl());
+                let mut task = Task::budget(&study.name, &user.name, self.task_ttl())
+                    .for_nodes(self.node_names());
                 task.study_info = Some(study_info(&study));
                 let envelope = self.identity.sign(&task)?;
                 let handle = self.store_statement(Prepared::Budget { envelope }, user)?;
@@ -622,6 +645,7 @@ impl CoordinatorState {
                     }
                 };
                 let mut selected: Option<FederatedPlan> = None;
+                let envelope = &self.bound_to(envelope, &ready)?;
                 if plan.options.aggregation == confer_query::options::Aggregation::Secure {
                     let outcome = crate::secure::run(
                         &ready,

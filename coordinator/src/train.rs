@@ -177,7 +177,8 @@ pub async fn submit(
             sites: sites.clone(),
         }),
         JOB_TTL,
-    );
+    )
+    .for_nodes(&sites);
     task.study_info = Some(crate::service::study_info(&study));
     let envelope = state.sign(&task)?;
     let now = now_ms();
@@ -762,7 +763,8 @@ impl Run<'_> {
                     .unwrap_or_default(),
             }),
             self.state.round_ttl(),
-        );
+        )
+        .for_nodes(checkpoint.sites.iter().map(|(n, _)| n));
         let signed = self.state.sign(&task)?;
         Ok((
             task.id,

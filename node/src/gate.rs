@@ -165,6 +165,22 @@ impl NodeService {
                 ),
             ));
         }
+        if !task.is_for(&state.name) {
+            return Err(self.refuse(
+                Some(&task),
+                ErrorKind::PermissionDenied,
+                format!(
+                    "task {} is signed for {}, not for this node: a node runs only the tasks the \
+                     coordinator addressed to it",
+                    task.id,
+                    if task.nodes.is_empty() {
+                        "no node".to_string()
+                    } else {
+                        task.nodes.join(", ")
+                    }
+                ),
+            ));
+        }
         let rules = match policy.study(&task.study) {
             Ok(r) => r,
             Err(why) => return Err(self.refuse(Some(&task), ErrorKind::PermissionDenied, why)),

@@ -377,6 +377,7 @@ impl NodeService {
             ));
         }
         let work = SecureWork::new(plan, secure.step.as_ref())
+            .and_then(|w| w.check(honest, config.vector_len).map(|()| w))
             .map_err(|why| self.refuse(Some(&task), ErrorKind::InvalidArgument, why))?;
         self.check_quota(&task, &policy)?;
         let slot = self.slot(&task, &policy)?;
@@ -943,6 +944,22 @@ impl SecureWork {
                 Ok(Self::Select(plan, level.clone(), cost))
             }
         }
+    }
+
+    /// Everything that can fail without reading a row, before the charge:
+    /// the vector's length against the session's, the noise calibration.
+    fn check(&self, honest: usize, session_len: usize) -> std::result::Result<(), String> {
+        let len = match self {
+            Self::Release(p) => confer_query::secure::check_input(p, honest),
+            Self::Select(p, level, _) => confer_query::secure_select::check_level(p, level, honest),
+        }
+        .map_err(|e| e.to_string())?;
+        if len != session_len {
+            return Err(format!(
+                "the session expects vectors of {session_len} elements; this step gives {len}"
+            ));
+        }
+        Ok(())
     }
 
     fn plan(&self) -> &confer_query::plan::FederatedPlan {

@@ -50,7 +50,7 @@ async fn the_check_refuses_answers_or_leaves_the_node_out_and_charges_nothing() 
     let ledger = state.ledger.clone();
     let service = NodeService::new(Arc::new(state));
     let check = |sql: String| {
-        let task = Task::query("s", "alice", &sql, Duration::from_secs(60));
+        let task = Task::query("s", "alice", &sql, Duration::from_secs(60)).for_nodes(["n"]);
         let body = coordinator
             .sign(&task)
             .expect("sign")

@@ -33,6 +33,11 @@ pub struct Task {
     /// What the coordinator knows of the study (for the node's steward).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub study_info: Option<StudyInfo>,
+    /// The nodes the task is for. A node refuses a task that does not name
+    /// it, so a captured task cannot be replayed to a node the coordinator
+    /// did not ask.
+    #[serde(default)]
+    pub nodes: Vec<String>,
 }
 
 /// A study as the coordinator describes it to nodes.
@@ -241,7 +246,19 @@ impl Task {
             expires_at: now.saturating_add(ttl.as_secs().max(1)),
             kind,
             study_info: None,
+            nodes: Vec::new(),
         }
+    }
+
+    /// The same task, for `nodes` only.
+    pub fn for_nodes<S: AsRef<str>>(mut self, nodes: impl IntoIterator<Item = S>) -> Self {
+        self.nodes = nodes.into_iter().map(|n| n.as_ref().to_string()).collect();
+        self
+    }
+
+    /// Whether the task names `node` among the nodes it is for.
+    pub fn is_for(&self, node: &str) -> bool {
+        self.nodes.iter().any(|n| n == node)
     }
 
     /// A new budget report task with a fresh id, valid for `ttl`.

@@ -876,6 +876,15 @@ pub async fn compile_with(
     if let Some(columns) = derived {
         plan.derived = Some(engine::derive(&plan, columns).await?);
     }
+    if plan.options.aggregation == Aggregation::Secure {
+        // The vector each node sends must fit (per key found, under
+        // secure partition selection).
+        if plan.public_groups() {
+            crate::secure::vector_len(&plan)?;
+        } else {
+            crate::secure_select::with_selected_keys(&plan, &[0])?;
+        }
+    }
     Ok(plan)
 }
 

@@ -46,10 +46,45 @@ struct PartialCode {
     sigma: f64,
 }
 
-/// The length of the vector every node sends for `plan`.
+/// Most elements one node's secure-aggregation vector may have (about
+/// 48 MiB as the JSON of a masked input, within a node's message limit).
+pub const MAX_VECTOR_LEN: usize = 4 << 20;
+
+/// Elements per group: the partials' widths summed.
+pub fn width(plan: &FederatedPlan) -> usize {
+    plan.partials.iter().map(|p| p.columns.len()).sum()
+}
+
+/// The length of the vector every node sends for `plan`, refused past
+/// [`MAX_VECTOR_LEN`].
 pub fn vector_len(plan: &FederatedPlan) -> Result<usize> {
-    let groups = plan.group_keys()?.len();
-    Ok(plan.partials.iter().map(|p| groups * p.columns.len()).sum())
+    let groups = plan
+        .groups
+        .iter()
+        .try_fold(1usize, |n, g| {
+            n.checked_mul(g.domain.as_ref().map_or(1, Vec::len))
+        })
+        .and_then(|n| n.checked_mul(width(plan)))
+        .filter(|n| *n <= MAX_VECTOR_LEN);
+    groups.ok_or_else(|| {
+        QueryError::Rejected(format!(
+            "aggregation = 'secure': the groups times the values per group exceed {MAX_VECTOR_LEN} \
+             elements per node: group by fewer or coarser columns, or use aggregation = 'per_site'"
+        ))
+    })
+}
+
+/// What a node checks before it charges a secure release: the vector's
+/// length (returned), and that its noise share can be calibrated and
+/// sampled for `honest` survivors. Nothing here depends on the rows.
+pub fn check_input(plan: &FederatedPlan, honest: usize) -> Result<usize> {
+    let len = vector_len(plan)?;
+    let h = honest.max(1);
+    for code in codes(plan, h)? {
+        DiscreteGaussian::with_variance(code.sigma * code.sigma / h as f64)
+            .map_err(|e| QueryError::Rejected(format!("secure-aggregation noise: {e}")))?;
+    }
+    Ok(len)
 }
 
 fn codes(plan: &FederatedPlan, min_survivors: usize) -> Result<Vec<PartialCode>> {

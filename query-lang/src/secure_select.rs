@@ -28,8 +28,8 @@
 //! trusted curator's Gaussian partition selection would use at that level's
 //! noise and the plan's selection δ; for whole keys that δ is shared out
 //! over the level's whole-key candidates, so a key nobody holds is released
-//! with probability below δ over the whole level (a false prefix only
-//! widens the next level). That δ bounds false keys only; as a privacy cost
+//! with probability below δ per level, L·δ over a query's L levels (a false
+//! prefix only widens the next level). That δ bounds false keys only; as a privacy cost
 //! it is not spent at all (every level's candidates are public).
 //!
 //! Budget: selection has the same share of the query's rho as it has under
@@ -256,6 +256,21 @@ fn level_sigma(plan: &FederatedPlan, step: &SelectStep, len: usize, honest: usiz
     .map_err(|e| QueryError::Rejected(format!("cannot calibrate secure selection noise: {e}")))
 }
 
+/// What a node checks before it charges a level: its candidates (their
+/// number is returned), and that its noise share can be calibrated and
+/// sampled for `honest` survivors. Nothing here depends on the rows.
+pub fn check_level(plan: &FederatedPlan, step: &SelectStep, honest: usize) -> Result<usize> {
+    let len = Level::new(step)?.candidates.len();
+    let sigma = level_sigma(plan, step, len, honest)?;
+    DiscreteGaussian::with_variance(sigma * sigma / honest.max(1) as f64).map_err(|e| {
+        QueryError::Rejected(format!(
+            "secure selection level {}: noise share: {e}",
+            step.level
+        ))
+    })?;
+    Ok(len)
+}
+
 /// A node's input to one level: per candidate, the number of persons whose
 /// bounded rows hold a key under it, plus the node's share of the noise.
 /// `batches` are the rows of [`FederatedPlan::key_sql`].
@@ -339,6 +354,7 @@ pub fn with_selected_keys(plan: &FederatedPlan, keys: &[i64]) -> Result<Federate
     }
     let mut out = plan.clone();
     out.groups[i].domain = Some(keys.iter().map(|&k| DomainValue::Int(k)).collect());
+    crate::secure::vector_len(&out)?;
     out.selection = None;
     let shares = plan.partials.len() as f64;
     let rho = plan.cost.per_partial * shares;
@@ -368,7 +384,9 @@ pub struct Selector {
     delta: f64,
     level: u32,
     pending: Vec<(KeyPrefix, i64)>,
-    keys: Vec<i64>,
+    keys: Vec<(i64, i64)>,
+    /// Most keys the release can carry.
+    max_keys: usize,
     /// Candidates counted and kept, per level (for the result's note).
     pub trail: Vec<(usize, usize)>,
     /// Prefixes left out because a level would have exceeded [`LEVEL_CAP`].
@@ -382,7 +400,18 @@ impl Selector {
         let selection = plan.selection.as_ref().ok_or_else(|| {
             QueryError::Internal("a private key without partition selection".into())
         })?;
+        // Elements each key adds to the release: the other keys' domains
+        // times the values per group.
+        let mut one = plan.clone();
+        let i = secure_private_key(&plan.groups)?;
+        one.groups[i].domain = Some(vec![DomainValue::Int(0)]);
+        let per_key = if plan.partials.is_empty() {
+            1
+        } else {
+            crate::secure::vector_len(&one)?.max(1)
+        };
         Ok(Self {
+            max_keys: MAX_KEYS.min(crate::secure::MAX_VECTOR_LEN / per_key),
             max_groups: plan.max_groups.max(1) as u32,
             budget: plan.cost.per_partial,
             spent: 0.0,
@@ -469,12 +498,15 @@ impl Selector {
             if count < threshold {
                 continue;
             }
-            kept += 1;
             if is_whole(prefix) {
-                self.keys.push(join(*prefix)?);
+                // Under class -64 only i64::MIN is a key: a noisy candidate
+                // beyond it names no key and is passed over.
+                let Ok(key) = join(*prefix) else { continue };
+                self.keys.push((key, count));
             } else {
                 self.pending.push((*prefix, count));
             }
+            kept += 1;
         }
         self.trail.push((level.candidates.len(), kept));
         Ok(())
@@ -483,7 +515,7 @@ impl Selector {
     /// The threshold a trusted curator's Gaussian partition selection
     /// would use at noise `sigma` and the plan's selection δ shared out
     /// over the level's `candidates`: a key nobody holds is then kept with
-    /// probability below δ in all.
+    /// probability below δ per level.
     pub fn threshold(&self, sigma: f64, candidates: usize) -> Result<i64> {
         let k = self.max_groups as f64;
         let rho = k / (2.0 * sigma * sigma);
@@ -493,12 +525,23 @@ impl Selector {
             .threshold)
     }
 
-    /// The keys found, ascending.
+    /// The keys found, ascending; past what one release can carry, those
+    /// with the largest noisy counts (the others are counted in
+    /// [`Selector::dropped_keys`]).
     pub fn keys(&self) -> Vec<i64> {
         let mut k = self.keys.clone();
-        k.sort_unstable();
-        k.dedup();
-        k
+        k.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+        k.truncate(self.max_keys);
+        let mut keys: Vec<i64> = k.into_iter().map(|(key, _)| key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Keys found but left out of the release because it would exceed
+    /// [`crate::secure::MAX_VECTOR_LEN`] elements.
+    pub fn dropped_keys(&self) -> usize {
+        self.keys.len().saturating_sub(self.max_keys)
     }
 
     /// Rho spent so far.
