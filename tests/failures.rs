@@ -287,3 +287,86 @@ async fn deep_and_long_statements_never_abort_a_server() {
     );
     fed.federation.stop().await.expect("clean stop");
 }
+
+/// Garbage tickets: the coordinator says what to send instead of a decode
+/// error, and a node audits a burst of them as one record (and one summary
+/// once its window ends), so nobody without the coordinator's key can grow
+/// its audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_tickets_get_a_clear_answer_and_one_audit_record() {
+    use arrow_flight::Ticket;
+    use arrow_flight::flight_service_client::FlightServiceClient;
+    let fed = federation(1).await;
+    let connect = |url: String| async move {
+        tonic::transport::Endpoint::from_shared(url)
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
+    };
+    let mut coordinator = FlightServiceClient::new(connect(fed.federation.url()).await);
+    let err = coordinator
+        .do_get(Ticket::new(b"\xff\xff garbage".to_vec()))
+        .await
+        .expect_err("garbage ticket");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("GetFlightInfo"), "{}", err.message());
+
+    // Planned statements are capped per user: past the cap the oldest is
+    // forgotten, with a message that says what to do.
+    let mut sql =
+        arrow_flight::sql::client::FlightSqlServiceClient::new(connect(fed.federation.url()).await);
+    sql.set_token(fed.federation.tokens["tester"].clone());
+    sql.set_header(confer_coordinator::service::STUDY_HEADER, "test");
+    let count = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) COUNT(*) AS n FROM person";
+    let mut tickets = Vec::new();
+    for _ in 0..=confer_coordinator::service::MAX_STATEMENTS_PER_USER {
+        let info = sql.execute(count.to_string(), None).await.expect("planned");
+        tickets.push(info.endpoint[0].ticket.clone().expect("ticket"));
+    }
+    let err = match sql.do_get(tickets[0].clone()).await {
+        Ok(_) => panic!("the oldest is forgotten"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains("unknown or expired"), "{err}");
+    let newest = sql.do_get(tickets[tickets.len() - 1].clone()).await;
+    assert!(newest.is_ok(), "the newest is kept");
+
+    let node = &fed.federation.nodes[0];
+    let mut client = FlightServiceClient::new(connect(format!("http://{}", node.addr)).await);
+    let audit = fed
+        .federation
+        .work_dir
+        .join("state")
+        .join("site-a")
+        .join("ledger.sqlite");
+    let unverified = || -> i64 {
+        rusqlite::Connection::open(&audit)
+            .expect("ledger")
+            .query_row(
+                "SELECT COUNT(*) FROM audit WHERE task_id IS NULL AND decision = 'refused'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count")
+    };
+    let before = unverified();
+    for i in 0..50 {
+        let err = client
+            .do_get(Ticket::new(format!("garbage {i}").into_bytes()))
+            .await
+            .expect_err("garbage ticket");
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{}",
+            err.message()
+        );
+    }
+    assert!(
+        unverified() - before <= 1,
+        "50 garbage tickets wrote {} audit records",
+        unverified() - before
+    );
+    fed.federation.stop().await.expect("clean stop");
+}

@@ -59,6 +59,22 @@ impl Client {
         let mut endpoint = Endpoint::from_shared(url.clone())
             .with_context(|| format!("{url} is not a valid coordinator URL"))?
             .connect_timeout(Duration::from_secs(10));
+        if args.token.is_some() && !url.starts_with("https://") {
+            let host = url
+                .parse::<tonic::codegen::http::Uri>()
+                .ok()
+                .and_then(|u| {
+                    u.host()
+                        .map(|h| h.trim_matches(|c| c == '[' || c == ']').to_string())
+                })
+                .unwrap_or_default();
+            if !is_loopback_host(&host) {
+                return Err(anyhow!(
+                    "refusing to send a bearer token in plaintext to {host}: connect with https:// and \
+                     --ca (the network CA certificate), or use a loopback address"
+                ));
+            }
+        }
         if url.starts_with("https://") {
             let ca = args.ca.as_deref().ok_or_else(|| {
                 anyhow!("an https coordinator needs --ca <network CA certificate> (or CONFER_CA)")
@@ -324,9 +340,17 @@ pub fn footer(schema: &Schema) -> Option<String> {
     ))
 }
 
+/// Whether `host` (a name or an address, without brackets) is this machine.
+pub fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::display_float;
+    use super::*;
 
     #[test]
     fn floats_display_readably() {
@@ -336,5 +360,20 @@ mod tests {
         assert_eq!(display_float(1.5, false), "1.5");
         assert_eq!(display_float(9.87654321, false), "9.87654");
         assert_eq!(display_float(0.0, false), "0");
+    }
+
+    #[tokio::test]
+    async fn a_token_never_travels_in_plaintext_beyond_this_machine() {
+        for url in ["http://10.1.2.3:50051", "http://coordinator.example:50051"] {
+            let err = Client::connect(url, Some("secret"))
+                .await
+                .err()
+                .expect("refused");
+            assert!(err.to_string().contains("plaintext"), "{err}");
+        }
+        assert!(is_loopback_host("127.0.0.1"));
+        assert!(is_loopback_host("::1"));
+        assert!(is_loopback_host("localhost"));
+        assert!(!is_loopback_host("10.0.0.1"));
     }
 }

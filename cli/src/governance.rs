@@ -240,10 +240,10 @@ pub fn node_action(config: Option<&Path>, action: NodeAction) -> anyhow::Result<
                 schema,
                 vec![
                     Arc::new(StringArray::from_iter_values(
-                        rows.iter().map(|r| r.study.as_str()),
+                        rows.iter().map(|r| printable(&r.study)),
                     )),
                     Arc::new(StringArray::from_iter_values(
-                        rows.iter().map(|r| r.status.as_str()),
+                        rows.iter().map(|r| printable(&r.status)),
                     )),
                     Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.budget_rho))),
                     Arc::new(Float64Array::from_iter_values(
@@ -253,10 +253,10 @@ pub fn node_action(config: Option<&Path>, action: NodeAction) -> anyhow::Result<
                         rows.iter().map(|r| r.releases as i64),
                     )),
                     Arc::new(StringArray::from_iter(
-                        rows.iter().map(|r| r.reason.as_deref()),
+                        rows.iter().map(|r| r.reason.as_deref().map(printable)),
                     )),
                     Arc::new(StringArray::from_iter(
-                        rows.iter().map(|r| r.description.as_deref()),
+                        rows.iter().map(|r| r.description.as_deref().map(printable)),
                     )),
                 ],
             )?;
@@ -367,26 +367,41 @@ fn table(records: &[AuditRecord]) -> anyhow::Result<RecordBatch> {
                 records.iter().map(|r| time(r.at_ms)),
             )),
             Arc::new(StringArray::from_iter(
-                records.iter().map(|r| r.study.as_deref()),
+                records.iter().map(|r| r.study.as_deref().map(printable)),
             )),
             Arc::new(StringArray::from_iter(
-                records.iter().map(|r| r.actor.as_deref()),
+                records.iter().map(|r| r.actor.as_deref().map(printable)),
             )),
             Arc::new(StringArray::from_iter_values(
-                records.iter().map(|r| r.kind.as_str()),
+                records.iter().map(|r| printable(&r.kind)),
             )),
             Arc::new(StringArray::from_iter_values(
-                records.iter().map(|r| r.decision.as_str()),
+                records.iter().map(|r| printable(&r.decision)),
             )),
             Arc::new(StringArray::from_iter_values(records.iter().map(cost))),
             Arc::new(StringArray::from_iter(
                 records.iter().map(|r| r.task_id.as_deref()),
             )),
             Arc::new(StringArray::from_iter(
-                records.iter().map(|r| r.reason.as_deref()),
+                records.iter().map(|r| r.reason.as_deref().map(printable)),
             )),
         ],
     )?)
+}
+
+/// Text from elsewhere (a coordinator's study title, a researcher name),
+/// safe to print on the steward's terminal: control characters (escape
+/// sequences, carriage returns, newlines) are shown escaped, never obeyed.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 /// Parses `--since`: a date, an RFC 3339 time, or an age like `90m`, `2h`, `3d`.
@@ -448,6 +463,15 @@ pub fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn text_from_a_coordinator_cannot_drive_the_terminal() {
+        let title = "Study\u{1b}[2J\u{1b}]0;pwned\u{7}\r\nfake row";
+        let shown = printable(title);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.contains("\\u{1b}[2J"), "{shown}");
+        assert_eq!(printable("Étude 研究"), "Étude 研究");
+    }
+
     use super::*;
 
     #[test]

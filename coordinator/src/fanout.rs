@@ -1,6 +1,7 @@
 //! Talking to nodes: catalogs and tasks, concurrently, each under a deadline.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow_flight::{Action, FlightClient, Ticket};
@@ -18,6 +19,11 @@ use crate::error::{CoordinatorError, Result};
 /// Largest message exchanged with a node.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// How long a node that did not answer in time is left out before it is
+/// asked again (the health check asks it meanwhile, and clears the mark as
+/// soon as it answers).
+pub const DOWN_FOR: Duration = Duration::from_secs(30);
+
 /// A node the coordinator knows, with a lazily connected channel.
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
@@ -26,6 +32,11 @@ pub struct NodeHandle {
     /// Flight URL.
     pub url: String,
     channel: Channel,
+    /// Circuit breaker: when the node last missed a deadline, while that
+    /// was less than [`DOWN_FOR`] ago (shared by every clone).
+    down: Arc<Mutex<Option<(Instant, String)>>>,
+    /// Whether a probe of a node marked down is in flight.
+    probing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl NodeHandle {
@@ -57,7 +68,75 @@ impl NodeHandle {
             name: entry.name.clone(),
             url: entry.url.clone(),
             channel,
+            down: Arc::new(Mutex::new(None)),
+            probing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
+    }
+
+    /// Refuses at once while the node is marked down (see [`DOWN_FOR`]),
+    /// and meanwhile probes it in the background (one probe at a time,
+    /// under the caller's deadline): an answer clears the mark, another
+    /// missed deadline renews it. So a hung node costs one deadline, not
+    /// one per call, and a node that is back is used again at once.
+    fn check_up(&self, timeout: Duration) -> std::result::Result<(), ProtocolError> {
+        use std::sync::atomic::Ordering;
+        let Ok(mut down) = self.down.lock() else {
+            return Ok(());
+        };
+        match &*down {
+            Some((at, why)) if at.elapsed() < DOWN_FOR => {
+                if !self.probing.swap(true, Ordering::SeqCst) {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let answer = node
+                            .call_action::<Health>(
+                                actions::HEALTH,
+                                Vec::new(),
+                                "health report",
+                                timeout,
+                            )
+                            .await;
+                        node.record(answer).ok();
+                        node.probing.store(false, Ordering::SeqCst);
+                    });
+                }
+                Err(ProtocolError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "{why} ({:.0} s ago), so it is left out for up to {} s (until it answers a probe, \
+                     or {:.0} s from now)",
+                    at.elapsed().as_secs_f64(),
+                    DOWN_FOR.as_secs(),
+                    (DOWN_FOR - at.elapsed()).as_secs_f64()
+                ),
+            )
+            .with_retryable(false))
+            }
+            Some(_) => {
+                *down = None;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Records the outcome of a call: a missed deadline marks the node
+    /// down, an answer clears the mark.
+    fn record<T>(
+        &self,
+        result: std::result::Result<T, ProtocolError>,
+    ) -> std::result::Result<T, ProtocolError> {
+        if let Ok(mut down) = self.down.lock() {
+            match &result {
+                Err(e) if e.kind == ErrorKind::DeadlineExceeded => {
+                    warn!(node = %self.name, "marked down for {} s: {}", DOWN_FOR.as_secs(), e.message);
+                    *down = Some((Instant::now(), e.message.clone()));
+                }
+                Ok(_) => *down = None,
+                Err(_) => {}
+            }
+        }
+        result
     }
 
     fn client(&self) -> FlightClient {
@@ -150,6 +229,7 @@ impl NodeHandle {
         envelope: &Envelope,
         timeout: Duration,
     ) -> std::result::Result<SitePartial, ProtocolError> {
+        self.check_up(timeout)?;
         let ticket = Ticket::new(envelope.to_bytes()?);
         let call = async {
             let mut client = self.client();
@@ -182,9 +262,11 @@ impl NodeHandle {
                 batch,
             })
         };
-        tokio::time::timeout(timeout, call)
+        let result = tokio::time::timeout(timeout, call)
             .await
-            .map_err(|_| self.timed_out(timeout))?
+            .map_err(|_| self.timed_out(timeout))
+            .and_then(|r| r);
+        self.record(result)
     }
 }
 
@@ -251,6 +333,18 @@ impl NodeHandle {
         what: &str,
         timeout: Duration,
     ) -> std::result::Result<T, ProtocolError> {
+        self.check_up(timeout)?;
+        self.record(self.call_action(kind, body, what, timeout).await)
+    }
+
+    /// One action call, whether or not the node is marked down.
+    async fn call_action<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+        body: Vec<u8>,
+        what: &str,
+        timeout: Duration,
+    ) -> std::result::Result<T, ProtocolError> {
         let call = async {
             let mut client = self.client();
             let bodies: Vec<_> = client
@@ -290,10 +384,13 @@ impl NodeHandle {
         .await
     }
 
-    /// The node's health report.
+    /// The node's health report; asked also while the node is marked
+    /// down, whose mark an answer clears.
     pub async fn health(&self, timeout: Duration) -> std::result::Result<Health, ProtocolError> {
-        self.action_json(actions::HEALTH, Vec::new(), "health report", timeout)
-            .await
+        self.record(
+            self.call_action(actions::HEALTH, Vec::new(), "health report", timeout)
+                .await,
+        )
     }
 }
 

@@ -20,6 +20,7 @@ pub mod catalog_view;
 pub mod config;
 pub mod error;
 pub mod fanout;
+pub mod front;
 pub mod secure;
 pub mod service;
 pub mod store;
@@ -161,7 +162,7 @@ pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<Ru
     let addr = listener
         .local_addr()
         .map_err(|e| CoordinatorError::Network(e.to_string()))?;
-    let service = FlightServiceServer::new(CoordinatorService::new(state.clone()))
+    let service = FlightServiceServer::new(front::Front(CoordinatorService::new(state.clone())))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = oneshot::channel::<()>();

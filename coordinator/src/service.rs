@@ -37,6 +37,7 @@ use arrow_flight::{
     Action, ActionType, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
     HandshakeResponse, Ticket,
 };
+use confer_protocol::catalog::CatalogInfo;
 use confer_protocol::signing::{Identity, sha256_hex};
 use confer_protocol::task::{Envelope, QueryCheck, QueryTask, StudyInfo, Task, TaskKind};
 use confer_protocol::{ErrorKind, ProtocolError, actions, metadata};
@@ -66,6 +67,10 @@ const CATALOG_TTL: Duration = Duration::from_secs(30);
 /// How long a planned statement waits for its DoGet.
 const STATEMENT_TTL: Duration = Duration::from_secs(3600);
 
+/// Most statements one user may have planned and not yet fetched; past it
+/// the oldest is forgotten.
+pub const MAX_STATEMENTS_PER_USER: usize = 64;
+
 /// A statement planned by GetFlightInfo, waiting for DoGet.
 enum Prepared {
     /// A DP query: the plan, the signed task, and who asked.
@@ -91,9 +96,19 @@ enum Prepared {
     Ready(RecordBatch),
 }
 
+/// The network catalog, and each node's last good catalog (used while
+/// the node does not answer). No lock is held across a network call.
+#[derive(Default)]
+struct CatalogCache {
+    merged: Option<(Instant, Arc<Catalog>)>,
+    nodes: HashMap<String, CatalogInfo>,
+}
+
 struct Entry {
     prepared: Arc<Prepared>,
     created: Instant,
+    /// A statement that carries a signed task lives as long as the task.
+    ttl: Duration,
     user: String,
 }
 
@@ -102,7 +117,7 @@ pub struct CoordinatorState {
     config: CoordinatorConfig,
     identity: Identity,
     nodes: Vec<NodeHandle>,
-    catalog: tokio::sync::Mutex<Option<(Instant, Arc<Catalog>)>>,
+    catalog: Mutex<CatalogCache>,
     statements: Mutex<HashMap<Uuid, Entry>>,
     store: Arc<dyn Store>,
     auth: Authenticator,
@@ -148,7 +163,7 @@ impl CoordinatorState {
             identity,
             config,
             nodes,
-            catalog: tokio::sync::Mutex::new(None),
+            catalog: Mutex::new(CatalogCache::default()),
             statements: Mutex::new(HashMap::new()),
             health: RwLock::new(HashMap::new()),
             sql_info,
@@ -215,23 +230,35 @@ impl CoordinatorState {
     /// node that does not answer is left out, and named in the log; the
     /// catalog fails only if no node answers.
     pub async fn network_catalog(&self) -> Result<Arc<Catalog>, ProtocolError> {
-        let mut cached = self.catalog.lock().await;
-        if let Some((at, catalog)) = cached.as_ref()
+        let lock = || {
+            self.catalog
+                .lock()
+                .map_err(|_| ProtocolError::internal("catalog cache lock poisoned"))
+        };
+        if let Some((at, catalog)) = lock()?.merged.as_ref()
             && at.elapsed() < CATALOG_TTL
         {
             return Ok(catalog.clone());
         }
         let timeout = self.config.node_timeout().min(Duration::from_secs(15));
         let results = fanout::each(&self.nodes, |n| async move { n.catalog(timeout).await }).await;
+        let mut cache = lock()?;
         let mut infos = Vec::new();
         let mut failures = Vec::new();
         for (name, r) in results {
             match r {
-                Ok(info) => infos.push(info),
-                Err(e) => {
-                    warn!(node = %name, "no catalog from node: {}", e.message);
-                    failures.push(e);
+                Ok(info) => {
+                    cache.nodes.insert(name, info.clone());
+                    infos.push(info);
                 }
+                Err(e) => match cache.nodes.get(&name) {
+                    // A node that does not answer now keeps its last catalog.
+                    Some(last) => infos.push(last.clone()),
+                    None => {
+                        warn!(node = %name, "no catalog from node: {}", e.message);
+                        failures.push(e);
+                    }
+                },
             }
         }
         if infos.is_empty() {
@@ -240,23 +267,40 @@ impl CoordinatorState {
         let catalog = Arc::new(Catalog::merge(&infos).map_err(ProtocolError::from)?);
         // A partial catalog is used but not cached, so a returning node is seen soon.
         if failures.is_empty() {
-            *cached = Some((Instant::now(), catalog.clone()));
+            cache.merged = Some((Instant::now(), catalog.clone()));
         }
         Ok(catalog)
     }
 
     fn store_statement(&self, prepared: Prepared, user: &User) -> Result<Uuid, ProtocolError> {
         let handle = Uuid::new_v4();
+        let ttl = match &prepared {
+            Prepared::Ready(_) => STATEMENT_TTL,
+            _ => self.task_ttl().min(STATEMENT_TTL),
+        };
         let mut map = self
             .statements
             .lock()
             .map_err(|_| ProtocolError::internal("statement table lock poisoned"))?;
-        map.retain(|_, e| e.created.elapsed() < STATEMENT_TTL);
+        map.retain(|_, e| e.created.elapsed() < e.ttl);
+        // One user cannot fill the table: past the cap, their oldest goes.
+        let mut mine: Vec<(Instant, Uuid)> = map
+            .iter()
+            .filter(|(_, e)| e.user == user.name)
+            .map(|(id, e)| (e.created, *id))
+            .collect();
+        if mine.len() >= MAX_STATEMENTS_PER_USER {
+            mine.sort();
+            for (_, id) in &mine[..=mine.len() - MAX_STATEMENTS_PER_USER] {
+                map.remove(id);
+            }
+        }
         map.insert(
             handle,
             Entry {
                 prepared: Arc::new(prepared),
                 created: Instant::now(),
+                ttl,
                 user: user.name.clone(),
             },
         );
@@ -272,13 +316,20 @@ impl CoordinatorState {
             .statements
             .lock()
             .map_err(|_| ProtocolError::internal("statement table lock poisoned"))?;
-        let entry = map.get(&id).ok_or_else(|| {
-            ProtocolError::new(
-                ErrorKind::NotFound,
-                "this statement is unknown or expired (tickets last one hour, and do not survive a \
-                 coordinator restart): execute the query again",
-            )
-        })?;
+        let entry = map
+            .get(&id)
+            .filter(|e| e.created.elapsed() < e.ttl)
+            .ok_or_else(|| {
+                ProtocolError::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "this statement is unknown or expired (a ticket lasts as long as its task, \
+                         task_ttl_secs = {} s, EXPLAIN output one hour; the newest {MAX_STATEMENTS_PER_USER} \
+                         per user are kept; none survive a coordinator restart): execute the query again",
+                        self.task_ttl().as_secs()
+                    ),
+                )
+            })?;
         if entry.user != user.name {
             return Err(ProtocolError::new(
                 ErrorKind::PermissionDenied,

@@ -112,6 +112,20 @@ pub async fn start(config: NodeConfig, transport: Transport) -> Result<RunningNo
         }
     };
     let state = Arc::new(NodeState::open(&config).await?);
+    // Summaries of refused unverified requests, once a window ends; stops
+    // with the service.
+    let weak = Arc::downgrade(&state);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(gate::UNVERIFIED_WINDOW).await;
+            let Some(state) = weak.upgrade() else { break };
+            if let Some(summary) = state.unverified.flush()
+                && let Err(e) = state.audit_unverified(vec![summary])
+            {
+                tracing::warn!("cannot audit refused unverified requests: {e}");
+            }
+        }
+    });
 
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -68,6 +68,8 @@ pub struct NodeState {
     pub train: crate::train::TrainJobs,
     /// Tasks running now (see [`crate::gate::Slot`]).
     pub(crate) running: Arc<std::sync::atomic::AtomicUsize>,
+    /// Refusals of requests without a verified task, audited in summary.
+    pub unverified: crate::gate::Unverified,
     /// This node's TLS files: its certificate and key prove its
     /// secure-aggregation identity to peers, and the CA checks theirs.
     pub(crate) tls: Option<confer_transport::TlsFiles>,
@@ -114,6 +116,7 @@ impl NodeState {
             secure: crate::secure::SecureSessions::open(&config.node.state_dir)?,
             train: crate::train::TrainJobs::default(),
             running: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            unverified: crate::gate::Unverified::default(),
             tls: config.tls.clone(),
             coordinator,
             policy: RwLock::new(PolicyState { policy, modified }),
