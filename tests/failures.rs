@@ -329,8 +329,48 @@ async fn garbage_tickets_get_a_clear_answer_and_one_audit_record() {
         Err(e) => e,
     };
     assert!(err.to_string().contains("unknown or expired"), "{err}");
-    let newest = sql.do_get(tickets[tickets.len() - 1].clone()).await;
-    assert!(newest.is_ok(), "the newest is kept");
+    let newest = tickets[tickets.len() - 1].clone();
+    let fetch =
+        |sql: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+         ticket: Ticket| {
+            let mut sql = sql.clone();
+            async move {
+                use futures::TryStreamExt;
+                let stream = sql.do_get(ticket).await.expect("the newest is kept");
+                stream
+                    .try_collect::<Vec<arrow::array::RecordBatch>>()
+                    .await
+                    .expect("answer")
+            }
+        };
+    let first = fetch(&mut sql, newest.clone()).await;
+    // A client's retry of the same statement is the same task: the node
+    // answers from its ledger, charging nothing more.
+    let ledger = fed
+        .federation
+        .work_dir
+        .join("state")
+        .join("site-a")
+        .join("ledger.sqlite");
+    let debits = || -> (i64, f64) {
+        rusqlite::Connection::open(&ledger)
+            .expect("ledger")
+            .query_row("SELECT COUNT(*), SUM(rho) FROM releases", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("sum")
+    };
+    let before = debits();
+    let again = fetch(&mut sql, newest).await;
+    assert_eq!(debits(), before, "a retry is not charged again");
+    let columns = |b: &[arrow::array::RecordBatch]| -> Vec<arrow::array::ArrayRef> {
+        b.iter().flat_map(|b| b.columns().to_vec()).collect()
+    };
+    assert_eq!(
+        columns(&first),
+        columns(&again),
+        "a retry gets the same answer"
+    );
 
     let node = &fed.federation.nodes[0];
     let mut client = FlightServiceClient::new(connect(format!("http://{}", node.addr)).await);

@@ -149,6 +149,37 @@ async fn budgets_drain_then_refuse_and_refusals_are_audited() {
     // Tampering with the database is detected and the record named.
     let db = work.join("state").join("site-a").join("ledger.sqlite");
     let conn = rusqlite::Connection::open(&db).expect("open ledger");
+
+    // Deleting the debits (which refunds the budget) is detected from the
+    // audit log, and the node refuses to start on such a ledger.
+    conn.execute("DELETE FROM releases", [])
+        .expect("delete debits");
+    let (ok, out) = confer(&["audit", "verify", "--config", &cfg]);
+    assert!(!ok && out.contains("refunded"), "verify must fail: {out}");
+    let mut restart = Command::new(CONFER)
+        .args(["node", "--config", &cfg, "--insecure-loopback"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start a node");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = restart.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = restart.kill();
+            panic!("a node started on a ledger whose debits were deleted");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = restart.wait_with_output().expect("output");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !status.success() && text.contains("fails its check"),
+        "{text}"
+    );
     conn.execute(
         "UPDATE audit SET reason = 'nothing happened' WHERE seq = 3",
         [],

@@ -149,8 +149,34 @@ impl Client {
             let ticket = endpoint
                 .ticket
                 .ok_or_else(|| anyhow!("the coordinator sent an endpoint without a ticket"))?;
-            let stream = self.inner.do_get(ticket).await.map_err(explain)?;
-            let got: Vec<RecordBatch> = stream.try_collect().await.map_err(explain)?;
+            // A failure marked retryable (a node went away mid-query) is
+            // retried with the same ticket: the same task, which nodes that
+            // already answered serve from their ledgers at no charge. A new
+            // statement would be a new task, charged again.
+            let mut attempt = 0u32;
+            let got = loop {
+                let fetched = async {
+                    let stream = self.inner.do_get(ticket.clone()).await?;
+                    stream.try_collect::<Vec<RecordBatch>>().await
+                }
+                .await;
+                match fetched {
+                    Ok(got) => break got,
+                    Err(FlightError::Tonic(status))
+                        if attempt < FETCH_RETRIES
+                            && confer_protocol::ProtocolError::from_status(&status).retryable =>
+                    {
+                        attempt += 1;
+                        tracing::warn!(
+                            attempt,
+                            "retrying the same statement after: {}",
+                            status.message()
+                        );
+                        tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+                    }
+                    Err(e) => return Err(explain(e)),
+                }
+            };
             batches.extend(got);
         }
         let schema = batches.first().map(|b| b.schema()).unwrap_or(schema);
@@ -339,6 +365,9 @@ pub fn footer(schema: &Schema) -> Option<String> {
         info.sites.join(", ")
     ))
 }
+
+/// Further attempts at a statement whose failure is marked retryable.
+pub const FETCH_RETRIES: u32 = 2;
 
 /// Whether `host` (a name or an address, without brackets) is this machine.
 pub fn is_loopback_host(host: &str) -> bool {

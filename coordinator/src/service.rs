@@ -82,6 +82,9 @@ enum Prepared {
         user: String,
         min_sites: usize,
         statement_hash: String,
+        /// The task as bound to the nodes that passed the pre-check at the
+        /// first DoGet (see `bound_to`).
+        bound: std::sync::OnceLock<Envelope>,
     },
     /// SHOW PRIVACY BUDGET: the signed budget task for every node.
     Budget { envelope: Envelope },
@@ -471,6 +474,7 @@ impl CoordinatorState {
                         user: user.name.clone(),
                         min_sites,
                         statement_hash: sha256_hex(sql.as_bytes()),
+                        bound: std::sync::OnceLock::new(),
                     },
                     user,
                 )?;
@@ -666,6 +670,7 @@ impl CoordinatorState {
                 user: asked_by,
                 min_sites,
                 statement_hash,
+                bound,
             } => {
                 let started = Instant::now();
                 if plan.public_keys_only() {
@@ -696,7 +701,17 @@ impl CoordinatorState {
                     }
                 };
                 let mut selected: Option<FederatedPlan> = None;
-                let envelope = &self.bound_to(envelope, &ready)?;
+                // Bound once: a second DoGet of this statement (a client's
+                // retry) sends the very same task, so a node that already
+                // released it answers from its ledger at no charge, and a
+                // node left out the first time stays out.
+                let envelope = &match bound.get() {
+                    Some(e) => e.clone(),
+                    None => {
+                        let e = self.bound_to(envelope, &ready)?;
+                        bound.get_or_init(|| e).clone()
+                    }
+                };
                 if plan.options.aggregation == confer_query::options::Aggregation::Secure {
                     let outcome = crate::secure::run(
                         &ready,

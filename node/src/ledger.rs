@@ -1090,6 +1090,33 @@ impl Ledger {
                 )),
             });
         }
+        // And the reverse: every charge the audit log records is in the
+        // releases, for the same study and researcher, at no less than the
+        // log says (budgets read the releases: a deleted or cheapened debit
+        // would refund budget).
+        let refunded: Option<(String, f64)> = conn
+            .query_row(
+                "SELECT a.task_id, a.rho FROM audit a
+                 WHERE a.task_id IS NOT NULL AND a.decision IN ('charged', 'released', 'failed')
+                   AND (a.rho > 0 OR a.delta > 0)
+                   AND NOT EXISTS (SELECT 1 FROM releases r WHERE r.task_id = a.task_id
+                       AND r.study = a.study AND r.researcher = a.actor
+                       AND r.rho >= a.rho * (1.0 - 1e-12) AND r.delta >= a.delta * (1.0 - 1e-12))
+                 ORDER BY a.seq LIMIT 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        if let Some((task, rho)) = refunded {
+            return Ok(Verification {
+                records: records.len(),
+                problem: Some(format!(
+                    "the audit log charges task {task} rho {rho} but the releases do not hold that \
+                     debit (deleted, moved to another study or researcher, or made cheaper): budget \
+                     would be refunded"
+                )),
+            });
+        }
         Ok(Verification {
             records: records.len(),
             problem: None,
@@ -1626,6 +1653,45 @@ mod tests {
             .expect("delete");
         let problem = ledger.verify().expect("verify").problem.expect("detected");
         assert!(problem.contains("record 2 is missing"), "{problem}");
+    }
+
+    #[test]
+    fn debits_deleted_or_cheapened_are_detected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        let tasks: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        for t in &tasks {
+            ledger
+                .release(&charge(*t, 0.1, 10.0), vec![7])
+                .expect("db")
+                .expect("released");
+        }
+        assert_eq!(ledger.verify().expect("verify").problem, None);
+        let conn = Connection::open(ledger.path()).expect("open raw");
+        let id = tasks[1].to_string();
+        for (tamper, undo) in [
+            (
+                "UPDATE releases SET rho = 0 WHERE task_id = ?1",
+                "UPDATE releases SET rho = 0.1 WHERE task_id = ?1",
+            ),
+            (
+                "UPDATE releases SET study = 'other' WHERE task_id = ?1",
+                "UPDATE releases SET study = 's' WHERE task_id = ?1",
+            ),
+        ] {
+            conn.execute(tamper, [&id]).expect("tamper");
+            let problem = ledger.verify().expect("verify").problem.expect("detected");
+            assert!(
+                problem.contains(&id) && problem.contains("refunded"),
+                "{problem}"
+            );
+            conn.execute(undo, [&id]).expect("undo");
+            assert_eq!(ledger.verify().expect("verify").problem, None);
+        }
+        conn.execute("DELETE FROM releases WHERE task_id = ?1", [&id])
+            .expect("delete");
+        let problem = ledger.verify().expect("verify").problem.expect("detected");
+        assert!(problem.contains(&id), "{problem}");
     }
 
     #[test]

@@ -85,6 +85,18 @@ impl NodeState {
         let catalog = crate::catalog::load(config, &ctx).await?;
         let unique = crate::catalog::unique_public_columns(&ctx, &catalog).await?;
         let ledger = Arc::new(Ledger::open(&config.node.state_dir)?);
+        // A node never serves on a ledger that fails its own check: an
+        // edited, truncated or replaced ledger could refund budget.
+        let check = ledger.verify()?;
+        if let Some(problem) = check.problem {
+            return Err(NodeError::Config(format!(
+                "the ledger in {} fails its check after {} good audit records: {problem}. The node \
+                 does not start on a ledger that may have been reset or edited: restore node.state_dir \
+                 from a backup (`confer audit verify --config ...` checks it)",
+                config.node.state_dir.display(),
+                check.records
+            )));
+        }
         let mut state = Self::new(config, ctx, catalog, ledger)?;
         for (table, column) in unique {
             state.query_catalog.set_unique(&table, &column);
