@@ -42,8 +42,15 @@ pub enum UserAction {
     },
     /// List users.
     List,
-    /// Revoke a user: its token and certificates stop working.
+    /// Revoke a user: its token and certificates stop working (the name
+    /// may be given again later, with a new token).
     Revoke {
+        /// Login name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Give a user a new token (printed once); the old one stops working.
+    Rotate {
         /// Login name.
         #[arg(long)]
         name: String,
@@ -122,6 +129,12 @@ pub fn coordinator_action(config: &Path, action: CoordinatorAction) -> anyhow::R
         UserAction::Revoke { name } => {
             store.revoke_user(&name)?;
             println!("user {name} revoked");
+        }
+        UserAction::Rotate { name } => {
+            let token = store.rotate_token(&name)?;
+            println!(
+                "user {name} has a new token (shown once, keep it secret; the old one no longer works):\n{token}"
+            );
         }
     }
     Ok(())

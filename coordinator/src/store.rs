@@ -186,6 +186,9 @@ pub trait Store: Send + Sync {
     fn users(&self) -> Result<Vec<User>>;
     /// Revokes a user (its token and certificates stop working).
     fn revoke_user(&self, name: &str) -> Result<()>;
+    /// Gives an active user a new token (the old one stops working) and
+    /// returns it (shown only now).
+    fn rotate_token(&self, name: &str) -> Result<String>;
     /// Registers a client certificate (by SHA-256 of its DER) to a user.
     fn add_certificate(&self, user: &str, fingerprint: &str) -> Result<()>;
     /// The user a client certificate is registered to, unless revoked.
@@ -325,18 +328,57 @@ impl Store for SqliteStore {
             )));
         }
         let token = new_token()?;
-        let conn = self.conn()?;
-        let inserted = conn.execute(
-            "INSERT INTO users (name, role, token_hash, created_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(name) DO NOTHING",
-            params![name, role.name(), sha256_hex(token.as_bytes()), now_ms()],
-        );
-        match inserted.map_err(db)? {
-            0 => Err(CoordinatorError::Invalid(format!(
-                "user {name} exists: revoke it first, or choose another name"
-            ))),
-            _ => Ok(token),
+        let mut conn = self.conn()?;
+        let tx = conn.transaction().map_err(db)?;
+        // A revoked name may be given again: a new token, a new role, and
+        // none of the old certificates (they stay revoked).
+        let revoked: bool = tx
+            .query_row(
+                "SELECT revoked_ms IS NOT NULL FROM users WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?
+            .unwrap_or(false);
+        if revoked {
+            tx.execute("DELETE FROM certificates WHERE user = ?1", params![name])
+                .map_err(db)?;
+            tx.execute("DELETE FROM users WHERE name = ?1", params![name])
+                .map_err(db)?;
         }
+        let inserted = tx
+            .execute(
+                "INSERT INTO users (name, role, token_hash, created_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO NOTHING",
+                params![name, role.name(), sha256_hex(token.as_bytes()), now_ms()],
+            )
+            .map_err(db)?;
+        if inserted == 0 {
+            return Err(CoordinatorError::Invalid(format!(
+                "user {name} exists: revoke it first, rotate its token (`confer coordinator user \
+                 rotate --name {name}`), or choose another name"
+            )));
+        }
+        tx.commit().map_err(db)?;
+        Ok(token)
+    }
+
+    fn rotate_token(&self, name: &str) -> Result<String> {
+        let token = new_token()?;
+        let changed = self
+            .conn()?
+            .execute(
+                "UPDATE users SET token_hash = ?2 WHERE name = ?1 AND revoked_ms IS NULL",
+                params![name, sha256_hex(token.as_bytes())],
+            )
+            .map_err(db)?;
+        if changed == 0 {
+            return Err(CoordinatorError::Invalid(format!(
+                "no active user {name}: `confer coordinator user list` shows the users"
+            )));
+        }
+        Ok(token)
     }
 
     fn user_by_token(&self, token: &str) -> Result<Option<User>> {
@@ -580,6 +622,34 @@ mod tests {
         s.revoke_user("alice").expect("revoke");
         assert!(s.user_by_token(&token).expect("lookup").is_none());
         assert!(s.revoke_user("alice").is_err());
+    }
+
+    #[test]
+    fn a_revoked_name_can_be_given_again_and_tokens_rotate() {
+        let (_dir, s) = store();
+        let first = s.add_user("bob", Role::Researcher).expect("add");
+        s.add_certificate("bob", "f1").expect("cert");
+        let rotated = s.rotate_token("bob").expect("rotate");
+        assert!(
+            s.user_by_token(&first).expect("lookup").is_none(),
+            "old token stops"
+        );
+        assert!(s.user_by_token(&rotated).expect("lookup").is_some());
+        s.revoke_user("bob").expect("revoke");
+        assert!(
+            s.rotate_token("bob").is_err(),
+            "a revoked user has no token to rotate"
+        );
+        let again = s
+            .add_user("bob", Role::Analyst)
+            .expect("a revoked name is free again");
+        let user = s.user_by_token(&again).expect("lookup").expect("active");
+        assert_eq!(user.role, Role::Analyst);
+        assert!(s.user_by_token(&rotated).expect("lookup").is_none());
+        assert!(
+            s.user_by_certificate("f1").expect("lookup").is_none(),
+            "the old certificate stays revoked"
+        );
     }
 
     #[test]
