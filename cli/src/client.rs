@@ -60,15 +60,8 @@ impl Client {
             .with_context(|| format!("{url} is not a valid coordinator URL"))?
             .connect_timeout(Duration::from_secs(10));
         if args.token.is_some() && !url.starts_with("https://") {
-            let host = url
-                .parse::<tonic::codegen::http::Uri>()
-                .ok()
-                .and_then(|u| {
-                    u.host()
-                        .map(|h| h.trim_matches(|c| c == '[' || c == ']').to_string())
-                })
-                .unwrap_or_default();
-            if !is_loopback_host(&host) {
+            let host = confer_transport::url_host(&url).unwrap_or_default();
+            if !confer_transport::is_loopback_host(&host) {
                 return Err(anyhow!(
                     "refusing to send a bearer token in plaintext to {host}: connect with https:// and \
                      --ca (the network CA certificate), or use a loopback address"
@@ -81,14 +74,8 @@ impl Client {
             })?;
             let identity = args.cert.as_deref().zip(args.key.as_deref());
             let tls = confer_transport::ClientTls::new(ca, identity)?;
-            let host = url
-                .parse::<tonic::codegen::http::Uri>()
-                .ok()
-                .and_then(|u| {
-                    u.host()
-                        .map(|h| h.trim_matches(|c| c == '[' || c == ']').to_string())
-                })
-                .ok_or_else(|| anyhow!("{url} has no host"))?;
+            let host =
+                confer_transport::url_host(&url).ok_or_else(|| anyhow!("{url} has no host"))?;
             endpoint = endpoint.tls_config(tls.for_host(&host))?;
         }
         let channel = endpoint.connect().await.map_err(|e| {
@@ -369,14 +356,6 @@ pub fn footer(schema: &Schema) -> Option<String> {
 /// Further attempts at a statement whose failure is marked retryable.
 pub const FETCH_RETRIES: u32 = 2;
 
-/// Whether `host` (a name or an address, without brackets) is this machine.
-pub fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,6 +379,7 @@ mod tests {
                 .expect("refused");
             assert!(err.to_string().contains("plaintext"), "{err}");
         }
+        use confer_transport::is_loopback_host;
         assert!(is_loopback_host("127.0.0.1"));
         assert!(is_loopback_host("::1"));
         assert!(is_loopback_host("localhost"));

@@ -50,14 +50,7 @@ impl NodeHandle {
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
         if let Some(tls) = tls {
-            let host = entry
-                .url
-                .parse::<tonic::codegen::http::Uri>()
-                .ok()
-                .and_then(|u| {
-                    u.host()
-                        .map(|h| h.trim_matches(|c| c == '[' || c == ']').to_string())
-                })
+            let host = confer_transport::url_host(&entry.url)
                 .ok_or_else(|| bad("no host in the URL".into()))?;
             endpoint = endpoint
                 .tls_config(tls.for_host(&host))

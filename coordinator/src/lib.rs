@@ -90,16 +90,7 @@ impl RunningCoordinator {
 }
 
 fn is_loopback_url(url: &str) -> bool {
-    let host = url
-        .parse::<tonic::codegen::http::Uri>()
-        .ok()
-        .and_then(|u| u.host().map(str::to_string))
-        .unwrap_or_default();
-    host == "localhost"
-        || host
-            .trim_matches(|c| c == '[' || c == ']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    confer_transport::url_host(url).is_some_and(|h| confer_transport::is_loopback_host(&h))
 }
 
 /// Starts serving.

@@ -51,8 +51,9 @@ pub fn min_survivors(members: usize, min_sites: usize) -> usize {
 /// Runs a secure query across `nodes`: one session when every group key
 /// has a public domain; otherwise secure partition selection, level by
 /// level, then the release over the keys found (see
-/// [`confer_query::secure_select`]). Returns the outcome and the plan the
-/// release was made for (the query's own, or the query over the keys found).
+/// [`confer_query::secure_select`]). Returns the outcome and, under secure
+/// partition selection, the plan the release was made for (the query over
+/// the keys found).
 pub async fn run(
     nodes: &[NodeHandle],
     plan: &FederatedPlan,
@@ -60,13 +61,13 @@ pub async fn run(
     sign: impl Fn(&Task) -> Result<Envelope, ProtocolError>,
     min_sites: usize,
     timeout: Duration,
-) -> Result<(SecureOutcome, FederatedPlan), ProtocolError> {
+) -> Result<(SecureOutcome, Option<FederatedPlan>), ProtocolError> {
     let task: Task = serde_json::from_str(&envelope.payload)
         .map_err(|e| ProtocolError::internal(format!("stored task unreadable: {e}")))?;
     if plan.public_groups() {
         let session = session(nodes, &task, None, plan, &sign, min_sites, timeout).await?;
         let partial = release(plan, &session, task.id)?;
-        return Ok((partial, plan.clone()));
+        return Ok((partial, None));
     }
     let mut selector = Selector::new(plan).map_err(ProtocolError::from)?;
     let mut dropped: Vec<(String, String)> = Vec::new();
@@ -100,8 +101,8 @@ pub async fn run(
         info!(task = %task.id, level = step.level, "secure partition selection level done");
     }
     let keys = selector.keys();
-    if selector.dropped_keys() > 0 {
-        warn!(task = %task.id, dropped = selector.dropped_keys(), "secure partition selection found more keys than one release carries; the largest are released");
+    if selector.dropped_keys() > 0 || selector.truncated > 0 {
+        warn!(task = %task.id, keys = selector.dropped_keys(), prefixes = selector.truncated, "secure partition selection left out keys or prefixes past its caps; those with the largest counts were kept");
     }
     let selected = confer_query::secure_select::with_selected_keys(plan, &keys)
         .map_err(ProtocolError::from)?;
@@ -115,7 +116,7 @@ pub async fn run(
                 contributors: Vec::new(),
                 dropped,
             },
-            selected,
+            Some(selected),
         ));
     }
     let s = session(
@@ -133,7 +134,7 @@ pub async fn run(
     dropped.sort();
     dropped.dedup();
     outcome.dropped = dropped;
-    Ok((outcome, selected))
+    Ok((outcome, Some(selected)))
 }
 
 /// What one secure session gave.

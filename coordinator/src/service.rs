@@ -728,9 +728,7 @@ impl CoordinatorState {
                             missing.sort();
                             missing.dedup();
                             partials.extend(o.partial);
-                            if !released.public_groups() || released != **plan {
-                                selected = Some(released);
-                            }
+                            selected = released;
                         }
                         Err(e) => {
                             self.audit(asked_by, Some(study), "query", "failed", e.message.clone());

@@ -217,32 +217,25 @@ impl NodeService {
         reason: String,
         retryable: bool,
     ) -> NodeError {
-        let Some(task) = task else {
-            let state = self.state();
-            if let Err(e) = state.audit_unverified(state.unverified.note(&reason)) {
-                warn!("cannot audit a refusal: {e}");
-                return e;
-            }
-            let message = format!("node {}: {reason}", state.name);
-            return NodeError::Protocol(
-                ProtocolError::new(kind, message).with_retryable(retryable),
-            );
+        let state = self.state();
+        let audited = match task {
+            // Without a verified task: audited in summary (see Unverified).
+            None => state.audit_unverified(state.unverified.note(&reason)),
+            Some(task) => state.ledger.audit(&AuditEntry {
+                task_id: Some(task.id),
+                study: Some(task.study.clone()),
+                actor: Some(task.researcher.clone()),
+                kind: task.kind_name().to_string(),
+                decision: "refused".into(),
+                reason: Some(reason.clone()),
+                ..Default::default()
+            }),
         };
-        let task = Some(task);
-        let entry = AuditEntry {
-            task_id: task.map(|t| t.id),
-            study: task.map(|t| t.study.clone()),
-            actor: task.map(|t| t.researcher.clone()),
-            kind: task.map(|t| t.kind_name()).unwrap_or("unknown").to_string(),
-            decision: "refused".into(),
-            reason: Some(reason.clone()),
-            ..Default::default()
-        };
-        if let Err(e) = self.state().ledger.audit(&entry) {
+        if let Err(e) = audited {
             warn!("cannot audit a refusal: {e}");
             return e;
         }
-        let message = format!("node {}: {reason}", self.state().name);
+        let message = format!("node {}: {reason}", state.name);
         NodeError::Protocol(ProtocolError::new(kind, message).with_retryable(retryable))
     }
 

@@ -954,7 +954,6 @@ impl SecureWork {
                         level.level, level.rho, plan.cost.per_partial
                     ));
                 }
-                secure_select::Level::new(level).map_err(|e| e.to_string())?;
                 let cost = secure_select::level_cost(&plan, level).map_err(|e| e.to_string())?;
                 Ok(Self::Select(plan, level.clone(), cost))
             }

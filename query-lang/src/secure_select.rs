@@ -387,8 +387,6 @@ pub struct Selector {
     keys: Vec<(i64, i64)>,
     /// Most keys the release can carry.
     max_keys: usize,
-    /// Candidates counted and kept, per level (for the result's note).
-    pub trail: Vec<(usize, usize)>,
     /// Prefixes left out because a level would have exceeded [`LEVEL_CAP`].
     pub truncated: usize,
 }
@@ -419,7 +417,6 @@ impl Selector {
             level: 0,
             pending: Vec::new(),
             keys: Vec::new(),
-            trail: Vec::new(),
             truncated: 0,
         })
     }
@@ -488,7 +485,6 @@ impl Selector {
         self.level = step.level;
         self.spent += step.rho;
         self.pending.clear();
-        let mut kept = 0;
         for (prefix, &count) in level.candidates.iter().zip(sum) {
             let threshold = if is_whole(prefix) {
                 for_key
@@ -506,9 +502,7 @@ impl Selector {
             } else {
                 self.pending.push((*prefix, count));
             }
-            kept += 1;
         }
-        self.trail.push((level.candidates.len(), kept));
         Ok(())
     }
 

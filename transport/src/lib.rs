@@ -52,6 +52,21 @@ pub fn plaintext_allowed(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
 
+/// The host of a URL, without the brackets of an IPv6 address.
+pub fn url_host(url: &str) -> Option<String> {
+    let uri = url.parse::<tonic::codegen::http::Uri>().ok()?;
+    uri.host()
+        .map(|h| h.trim_matches(|c| c == '[' || c == ']').to_string())
+}
+
+/// Whether `host` (a name or an address, without brackets) is this machine.
+pub fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Serves `router` on `listener` until `shutdown` fires: plaintext when
 /// `tls` is `None`, else mutual TLS.
 pub fn spawn(
