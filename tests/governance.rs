@@ -7,8 +7,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use confer_cli::children::ServerChild;
 use confer_coordinator::config::NodeEntry;
 use confer_coordinator::fanout::NodeHandle;
+use confer_coordinator::service::custom;
+use confer_coordinator::store::NodeStatus;
 use confer_protocol::ErrorKind;
 use confer_protocol::signing::Identity;
 use confer_protocol::task::Task;
@@ -452,7 +455,7 @@ async fn signatures_expiry_retries_and_replays() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_queries_never_overspend() {
+async fn concurrent_queries_never_overspend_nor_pay_for_refused_ones() {
     let fed = federation_with(2, POLICY).await;
     let per_query = confer_privacy::accounting::rho_for_epsilon_delta(0.3, 1e-6).expect("rho");
     let budget = confer_privacy::accounting::rho_for_epsilon_delta(1.0, 1e-6).expect("rho");
@@ -490,6 +493,249 @@ async fn concurrent_queries_never_overspend() {
             spent <= budget * (1.0 + 1e-9),
             "{site} spent {spent} of {budget}"
         );
+        // Budget is held at the check, so a query refused at one node is
+        // charged nowhere: every debit bought an answer.
+        assert!(
+            (spent - ok as f64 * per_query).abs() < 1e-9,
+            "{site} spent {spent} for {ok} answers of {per_query} each"
+        );
     }
+    fed.federation.stop().await.expect("clean stop");
+}
+
+/// Restarts a node stopped by the test on the address it had.
+async fn restart_node(work: &Path, site: &str, addr: std::net::SocketAddr) -> ServerChild {
+    let config = work.join(format!("{site}.toml"));
+    let text = std::fs::read_to_string(&config).expect("node config");
+    let text = text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    std::fs::write(&config, text).expect("node config");
+    ServerChild::start(
+        Path::new(CONFER),
+        "node",
+        &format!("node {site}"),
+        &config,
+        "warn",
+    )
+    .await
+    .expect("node restarts")
+}
+
+const LEDGER_FILES: [&str; 4] = [
+    "ledger.sqlite",
+    "ledger.sqlite-wal",
+    "ledger.sqlite-shm",
+    "audit.head",
+];
+
+async fn nodes_report(c: &mut confer_cli::client::Client) -> Vec<NodeStatus> {
+    serde_json::from_value(
+        c.action(custom::NODES, Vec::new())
+            .await
+            .expect("node registry"),
+    )
+    .expect("statuses")
+}
+
+fn status_of<'a>(statuses: &'a [NodeStatus], site: &str) -> &'a NodeStatus {
+    statuses
+        .iter()
+        .find(|s| s.name == site)
+        .expect("site listed")
+}
+
+/// A node whose ledger is deleted would start again with every budget full.
+/// The coordinator anchors each node's audit chain at every health check
+/// and holds a node whose chain does not extend it out of every task, until
+/// the steward restores the ledger or an operator accepts the loss (both
+/// audited in the coordinator's own, hash-chained, log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_ledger_was_reset_is_held_until_restored_or_accepted() {
+    let mut fed = federation_with(2, POLICY).await;
+    let work = fed.federation.work_dir.clone();
+    let state = work.join("state").join("site-a");
+    let coordinator_config = work.join("coordinator.toml");
+    let mut c = fed.client_as("alice").await;
+    c.run(&count_query(0.3), Some("small"))
+        .await
+        .expect("first query");
+    let statuses = nodes_report(&mut c).await;
+    assert!(status_of(&statuses, "site-a").healthy, "{statuses:?}");
+
+    // The steward keeps a backup; then the ledger is deleted.
+    let node = fed.federation.take_node("site-a").expect("site-a");
+    let addr = node.addr;
+    node.stop(Duration::from_secs(20)).await.expect("stop");
+    let backup = tempfile::tempdir().expect("tempdir");
+    for f in LEDGER_FILES {
+        if state.join(f).exists() {
+            std::fs::copy(state.join(f), backup.path().join(f)).expect("backup");
+        }
+    }
+    for f in LEDGER_FILES {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    fed.federation
+        .nodes
+        .push(restart_node(&work, "site-a", addr).await);
+
+    // Held at once by the query's check (its chain is shorter than the anchor).
+    let err = c
+        .run(&count_query(0.3), Some("small"))
+        .await
+        .expect_err("a reset node is held")
+        .to_string();
+    assert!(err.contains("left out of every task"), "{err}");
+    assert!(err.contains("reset"), "{err}");
+    let statuses = nodes_report(&mut c).await;
+    let a = status_of(&statuses, "site-a");
+    assert!(!a.healthy, "{a:?}");
+    assert!(
+        a.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("accept-ledger"),
+        "{a:?}"
+    );
+
+    // Restored from the backup: used again at the next health check.
+    let node = fed.federation.take_node("site-a").expect("site-a");
+    node.stop(Duration::from_secs(20)).await.expect("stop");
+    for f in LEDGER_FILES {
+        let _ = std::fs::remove_file(state.join(f));
+        if backup.path().join(f).exists() {
+            std::fs::copy(backup.path().join(f), state.join(f)).expect("restore");
+        }
+    }
+    fed.federation
+        .nodes
+        .push(restart_node(&work, "site-a", addr).await);
+    let statuses = nodes_report(&mut c).await;
+    assert!(status_of(&statuses, "site-a").healthy, "{statuses:?}");
+    c.run(&count_query(0.3), Some("small"))
+        .await
+        .expect("a restored node answers");
+
+    // Lost for good: held until an operator accepts the loss.
+    let node = fed.federation.take_node("site-a").expect("site-a");
+    node.stop(Duration::from_secs(20)).await.expect("stop");
+    for f in LEDGER_FILES {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    fed.federation
+        .nodes
+        .push(restart_node(&work, "site-a", addr).await);
+    let statuses = nodes_report(&mut c).await;
+    assert!(!status_of(&statuses, "site-a").healthy, "{statuses:?}");
+    let config = coordinator_config.to_str().expect("utf-8");
+    let (ok, out) = confer(&[
+        "coordinator",
+        "node",
+        "accept-ledger",
+        "--name",
+        "site-a",
+        "--reason",
+        "disk failed, no backup (ticket 42)",
+        "--config",
+        config,
+    ]);
+    assert!(ok, "{out}");
+    let statuses = nodes_report(&mut c).await;
+    assert!(status_of(&statuses, "site-a").healthy, "{statuses:?}");
+    c.run(&count_query(0.3), Some("small"))
+        .await
+        .expect("used again after the loss is accepted");
+
+    // Every step is in the coordinator's audit log, whose chain holds and
+    // catches an edit.
+    let (ok, out) = confer(&["coordinator", "audit", "verify", "--config", config]);
+    assert!(ok && out.contains("hash chain intact"), "{out}");
+    let db = work.join("state").join("coordinator.sqlite");
+    let conn = rusqlite::Connection::open(&db).expect("coordinator state");
+    let outcomes: Vec<String> = conn
+        .prepare("SELECT outcome FROM audit WHERE action = 'node_ledger' ORDER BY seq")
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(
+        outcomes,
+        ["held", "restored", "held", "accepted", "restored"],
+        "{outcomes:?}"
+    );
+    conn.execute(
+        "UPDATE audit SET detail = 'nothing happened' WHERE action = 'node_ledger'",
+        [],
+    )
+    .expect("tamper");
+    let (ok, out) = confer(&["coordinator", "audit", "verify", "--config", config]);
+    assert!(!ok && out.contains("was edited"), "{out}");
+    fed.federation.stop().await.expect("clean stop");
+}
+
+/// A study's title, principal investigator, members and min_sites change
+/// (audited); what stewards approved does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn studies_can_be_edited_within_what_stewards_approved() {
+    let fed = federation_with(2, POLICY).await;
+    let mut admin = fed.client_as("admin").await;
+    let edit = |body: serde_json::Value| serde_json::to_vec(&body).expect("json");
+    let study: confer_coordinator::store::Study = serde_json::from_value(
+        admin
+            .action(
+                custom::STUDY_EDIT,
+                edit(serde_json::json!({
+                    "name": "small",
+                    "title": "Small, amended",
+                    "remove_members": ["mallory"],
+                    "min_sites": 1
+                })),
+            )
+            .await
+            .expect("edit"),
+    )
+    .expect("study");
+    assert_eq!(study.title, "Small, amended");
+    assert!(!study.members.contains(&"mallory".to_string()));
+    assert_eq!(study.min_sites, Some(1));
+    // Mallory is no longer a member.
+    let mut mallory = fed.client_as("mallory").await;
+    let err = mallory
+        .run(&count_query(0.3), Some("small"))
+        .await
+        .expect_err("not a member")
+        .to_string();
+    assert!(err.contains("small"), "{err}");
+    // The approved budget is not editable, and unknown fields are named.
+    for bad in [
+        serde_json::json!({"name": "small", "requested_epsilon": 9.0}),
+        serde_json::json!({"name": "small", "add_members": ["nobody"]}),
+        serde_json::json!({"name": "small"}),
+        serde_json::json!({"name": "nope", "title": "x"}),
+    ] {
+        let err = admin
+            .action(custom::STUDY_EDIT, edit(bad.clone()))
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("nothing to change")
+                || err.contains("not an active user")
+                || err.contains("does not exist")
+                || err.contains("create a new study"),
+            "{bad}: {err}"
+        );
+    }
+    // Researchers cannot edit.
+    let mut alice = fed.client_as("alice").await;
+    assert!(
+        alice
+            .action(
+                custom::STUDY_EDIT,
+                edit(serde_json::json!({"name": "small", "title": "x"}))
+            )
+            .await
+            .is_err()
+    );
     fed.federation.stop().await.expect("clean stop");
 }

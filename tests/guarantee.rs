@@ -355,9 +355,85 @@ async fn failures_after_admission_are_charged_stored_and_counted() {
         .query_row("SELECT SUM(rho) FROM releases", [], |r| r.get(0))
         .expect("sum");
     assert_eq!(spent_before, spent_after, "a public query is never charged");
-    node.health(timeout).await.expect("the node is still up");
+    node.health(timeout, None)
+        .await
+        .expect("the node is still up");
     let (ok, out) = confer(&["audit", "verify", "--config", config]);
     assert!(ok, "{out}");
+    fed.federation.stop().await.expect("clean stop");
+}
+
+/// A node survives what a query over public tables can ask of it: an
+/// answer longer than the node returns is refused (nothing charged), a
+/// health check answers while long work runs, and a stopping node cuts the
+/// work off after its grace instead of waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_queries_are_bounded_and_never_hold_a_node() {
+    let policy = "[policy]\napproval = \"auto\"\n\n[policy.limits]\ntime_limit_secs = 300\n\
+                  max_public_rows = 50000\n\n[policy.studies.test]\nbudget = { epsilon = 10.0, delta = 1e-5 }\n";
+    let mut fed = federation_with(1, policy).await;
+    let work = fed.federation.work_dir.clone();
+    let node = handle(&fed, "site-a");
+    let coordinator = Identity::load(&work.join("coordinator.key")).expect("key");
+    let timeout = Duration::from_secs(60);
+    let public = |sql: &str| {
+        let task = Task::new(
+            "test",
+            "alice",
+            TaskKind::PublicQuery(confer_protocol::task::QueryTask { sql: sql.into() }),
+            Duration::from_secs(600),
+        )
+        .for_nodes(["site-a"]);
+        coordinator.sign(&task).expect("sign")
+    };
+    // 444 x 444 rows: past the cap, refused with what to change.
+    let err = node
+        .run(
+            &public("SELECT a.concept_id AS x, b.concept_id AS y FROM concept a, concept b"),
+            timeout,
+        )
+        .await
+        .expect_err("too many rows");
+    assert!(
+        err.message.contains("more than 50000 rows") && err.message.contains("max_public_rows"),
+        "{}",
+        err.message
+    );
+    let fine = node
+        .run(&public("SELECT concept_id FROM concept"), timeout)
+        .await
+        .expect("under the cap");
+    assert_eq!(fine.batch.num_rows(), 444);
+
+    // Long work (444^3 rows): health checks answer meanwhile...
+    let heavy = public(
+        "SELECT COUNT(*) AS n FROM concept a, concept b, concept c \
+         WHERE length(a.concept_name || b.concept_name || c.concept_name) > 3",
+    );
+    let running = tokio::spawn({
+        let node = node.clone();
+        async move { node.run(&heavy, Duration::from_secs(300)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!running.is_finished(), "the heavy query should still run");
+    for _ in 0..3 {
+        node.health(Duration::from_secs(5), None)
+            .await
+            .expect("a node under load still answers its health check");
+    }
+    // ...and a stop does not wait for it.
+    let child = fed.federation.take_node("site-a").expect("site-a");
+    let stopping = std::time::Instant::now();
+    child
+        .stop(Duration::from_secs(40))
+        .await
+        .expect("the node stops by itself");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(25),
+        "the node took {:?} to stop",
+        stopping.elapsed()
+    );
+    assert!(running.await.expect("join").is_err());
     fed.federation.stop().await.expect("clean stop");
 }
 

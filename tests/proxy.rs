@@ -198,6 +198,7 @@ impl FlightService for RogueNode {
         let body = match request.into_inner().r#type.as_str() {
             actions::CATALOG => serde_json::to_vec(&self.catalog),
             actions::HEALTH => serde_json::to_vec(&Health {
+                audit: None,
                 node: self.catalog.node.clone(),
                 version: "rogue".into(),
                 uptime_secs: 0,
@@ -205,6 +206,7 @@ impl FlightService for RogueNode {
             }),
             // It agrees to every query, then answers with garbage.
             actions::QUERY_CHECK => serde_json::to_vec(&confer_protocol::task::QueryCheck {
+                audit: None,
                 node: self.catalog.node.clone(),
                 rho: 0.0,
                 epsilon: 0.0,

@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow, bail};
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use chrono::{DateTime, Utc};
-use confer_coordinator::service::{CatalogListing, NewStudy, custom};
+use confer_coordinator::service::{CatalogListing, NewStudy, StudyEdit, custom};
 use confer_coordinator::store::{NodeStatus, Role, SqliteStore, Store, Study, User};
 use confer_protocol::catalog::Domain;
 use confer_transport::pki::{self, CertKind, IssueRequest};
@@ -23,6 +23,39 @@ pub enum CoordinatorAction {
     /// Manage users (run on the coordinator's machine; it opens the state database).
     #[command(subcommand)]
     User(UserAction),
+    /// Nodes as the coordinator keeps them (run on the coordinator's machine).
+    #[command(subcommand)]
+    Node(NodeAction),
+    /// The coordinator's own audit log (run on the coordinator's machine).
+    #[command(subcommand)]
+    Audit(CoordinatorAuditAction),
+}
+
+/// The coordinator's audit log.
+#[derive(Debug, clap::Subcommand)]
+pub enum CoordinatorAuditAction {
+    /// Check the log's hash chain: exits non-zero if a record was edited,
+    /// deleted, inserted or moved.
+    Verify,
+}
+
+/// Node administration at the coordinator.
+#[derive(Debug, clap::Subcommand)]
+pub enum NodeAction {
+    /// Show the audit record each node's chain is anchored at.
+    Anchors,
+    /// Accept that a node's ledger was lost for good: forget its anchor, so
+    /// the node is used again (with the ledger it has now) at the next
+    /// health check. Only when its steward cannot restore the ledger from
+    /// a backup; recorded in the coordinator's audit log.
+    AcceptLedger {
+        /// The node's site name.
+        #[arg(long)]
+        name: String,
+        /// Why (for the audit log), e.g. the incident ticket.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 /// User administration.
@@ -91,7 +124,26 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> anyhow::Result<String> {
 pub fn coordinator_action(config: &Path, action: CoordinatorAction) -> anyhow::Result<()> {
     let config = confer_coordinator::CoordinatorConfig::load(config)?;
     let store = SqliteStore::open(&config.coordinator.state)?;
-    let CoordinatorAction::User(action) = action;
+    let action = match action {
+        CoordinatorAction::User(action) => action,
+        CoordinatorAction::Node(action) => return node_action(&config, &store, action),
+        CoordinatorAction::Audit(CoordinatorAuditAction::Verify) => {
+            let (records, problem) = store.verify_audit()?;
+            return match problem {
+                None => {
+                    println!(
+                        "coordinator audit log {}: {records} records, hash chain intact",
+                        config.coordinator.state.display()
+                    );
+                    Ok(())
+                }
+                Some(problem) => bail!(
+                    "coordinator audit log {}: the first {records} records hold, then {problem}",
+                    config.coordinator.state.display()
+                ),
+            };
+        }
+    };
     match action {
         UserAction::Add { name, role, cert } => {
             let token = store.add_user(&name, role)?;
@@ -138,6 +190,81 @@ pub fn coordinator_action(config: &Path, action: CoordinatorAction) -> anyhow::R
         }
     }
     Ok(())
+}
+
+/// Runs `confer coordinator node ...`.
+fn node_action(
+    config: &confer_coordinator::CoordinatorConfig,
+    store: &SqliteStore,
+    action: NodeAction,
+) -> anyhow::Result<()> {
+    match action {
+        NodeAction::Anchors => {
+            let rows = config
+                .nodes
+                .iter()
+                .map(|n| {
+                    let anchor = store.anchor(&n.name)?;
+                    Ok(match anchor {
+                        Some((seq, hash)) => {
+                            vec![
+                                n.name.clone(),
+                                seq.to_string(),
+                                hash.chars().take(16).collect(),
+                            ]
+                        }
+                        None => vec![n.name.clone(), "none yet".into(), String::new()],
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            println!("{}", table(&["node", "anchored record", "hash"], rows)?);
+        }
+        NodeAction::AcceptLedger { name, reason } => {
+            if !config.nodes.iter().any(|n| n.name == name) {
+                bail!(
+                    "coordinator.toml names no node {name:?}; its nodes are {}",
+                    config
+                        .nodes
+                        .iter()
+                        .map(|n| n.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            if reason.trim().is_empty() {
+                bail!(
+                    "--reason must say why the ledger's loss is accepted (it goes to the audit log)"
+                );
+            }
+            let had = store.anchor(&name)?;
+            store.forget_anchor(&name)?;
+            store.audit(&confer_coordinator::store::CoordinatorAudit {
+                at_ms: confer_coordinator::store::now_ms(),
+                user: whoami(),
+                study: None,
+                action: "node_ledger".into(),
+                outcome: "accepted".into(),
+                detail: format!(
+                    "node {name}: the loss of its ledger is accepted and its anchor {} forgotten: {reason}",
+                    had.map(|(s, _)| format!("at record {s}"))
+                        .unwrap_or_else(|| "(none)".into())
+                ),
+            })?;
+            println!(
+                "node {name}: anchor forgotten; the coordinator uses the node again, with the ledger it has \
+                 now, at its next health check"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Who runs this command, for the audit log.
+fn whoami() -> String {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .map(|u| format!("operator {u}"))
+        .unwrap_or_else(|_| "operator".into())
 }
 
 fn rustls_pem_first(pem: &[u8]) -> Option<Vec<u8>> {
@@ -214,6 +341,32 @@ pub enum StudyAction {
         #[arg(long)]
         min_sites: Option<usize>,
     },
+    /// Change a study (admin): its title, principal investigator, members
+    /// or min_sites. The ethics reference, requested budget and tables that
+    /// stewards approved do not change; for those, create a new study.
+    Edit {
+        /// The study.
+        #[arg(long)]
+        name: String,
+        /// A new title.
+        #[arg(long)]
+        title: Option<String>,
+        /// A new principal investigator (a user).
+        #[arg(long)]
+        pi: Option<String>,
+        /// Users to add as members, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        add_members: Vec<String>,
+        /// Members to remove, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        remove_members: Vec<String>,
+        /// Fewest sites that must answer a query.
+        #[arg(long, conflicts_with = "all_sites")]
+        min_sites: Option<usize>,
+        /// Every site must answer (the default min_sites).
+        #[arg(long)]
+        all_sites: bool,
+    },
     /// Studies you may use.
     List,
     /// One study.
@@ -256,6 +409,35 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
             )?;
             println!("study {} created", created.name);
             print_study(&created);
+        }
+        StudyAction::Edit {
+            name,
+            title,
+            pi,
+            add_members,
+            remove_members,
+            min_sites,
+            all_sites,
+        } => {
+            let edit = StudyEdit {
+                name,
+                title,
+                principal_investigator: pi,
+                add_members,
+                remove_members,
+                min_sites: if all_sites {
+                    Some(None)
+                } else {
+                    min_sites.map(Some)
+                },
+            };
+            let study: Study = serde_json::from_value(
+                client
+                    .action(custom::STUDY_EDIT, serde_json::to_vec(&edit)?)
+                    .await?,
+            )?;
+            println!("study {} changed", study.name);
+            print_study(&study);
         }
         StudyAction::List => {
             let studies: Vec<Study> =

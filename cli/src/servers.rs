@@ -24,8 +24,7 @@ pub(crate) async fn node(config_path: PathBuf, serve: ServeOptions) -> anyhow::R
         node.name, node.addr
     ))?;
     wait_for_stop(serve.stop_on_stdin_eof).await;
-    node.shutdown().await?;
-    Ok(())
+    stop_within("node", node.shutdown()).await
 }
 
 pub(crate) async fn coordinator(config_path: PathBuf, serve: ServeOptions) -> anyhow::Result<()> {
@@ -43,8 +42,34 @@ pub(crate) async fn coordinator(config_path: PathBuf, serve: ServeOptions) -> an
         coordinator.addr
     ))?;
     wait_for_stop(serve.stop_on_stdin_eof).await;
-    coordinator.shutdown().await?;
-    Ok(())
+    stop_within("coordinator", coordinator.shutdown()).await
+}
+
+/// How long a stopping server lets the calls under way finish.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Stops a server: new calls are refused at once, and calls under way get
+/// [`SHUTDOWN_GRACE`] (or until a second Ctrl-C or SIGTERM) to finish;
+/// then the process exits anyway. A DP task cut off so is a charged
+/// failure when the node starts again (its debit is already on disk).
+async fn stop_within<E: Into<anyhow::Error>>(
+    what: &str,
+    shutdown: impl Future<Output = Result<(), E>>,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        done = shutdown => done.map_err(Into::into),
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!(
+                "{what}: calls still under way after {} s of shutdown are cut off",
+                SHUTDOWN_GRACE.as_secs()
+            );
+            std::process::exit(0)
+        }
+        _ = wait_for_stop(false) => {
+            tracing::warn!("{what}: asked again to stop: calls under way are cut off");
+            std::process::exit(0)
+        }
+    }
 }
 
 fn announce(line: &str) -> anyhow::Result<()> {

@@ -37,6 +37,9 @@ pub struct NodeHandle {
     down: Arc<Mutex<Option<(Instant, String)>>>,
     /// Whether a probe of a node marked down is in flight.
     probing: Arc<std::sync::atomic::AtomicBool>,
+    /// Why the node is left out of every task until its steward acts (its
+    /// audit chain does not extend the record the coordinator anchored).
+    held: Arc<Mutex<Option<String>>>,
 }
 
 impl NodeHandle {
@@ -63,6 +66,7 @@ impl NodeHandle {
             channel,
             down: Arc::new(Mutex::new(None)),
             probing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            held: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -73,6 +77,11 @@ impl NodeHandle {
     /// one per call, and a node that is back is used again at once.
     fn check_up(&self, timeout: Duration) -> std::result::Result<(), ProtocolError> {
         use std::sync::atomic::Ordering;
+        if let Some(why) = self.held() {
+            return Err(
+                ProtocolError::new(ErrorKind::FailedPrecondition, why).with_retryable(false)
+            );
+        }
         let Ok(mut down) = self.down.lock() else {
             return Ok(());
         };
@@ -84,7 +93,7 @@ impl NodeHandle {
                         let answer = node
                             .call_action::<Health>(
                                 actions::HEALTH,
-                                Vec::new(),
+                                b"{}".to_vec(),
                                 "health report",
                                 timeout,
                             )
@@ -377,13 +386,32 @@ impl NodeHandle {
         .await
     }
 
-    /// The node's health report; asked also while the node is marked
-    /// down, whose mark an answer clears.
-    pub async fn health(&self, timeout: Duration) -> std::result::Result<Health, ProtocolError> {
+    /// The node's health report, with the hash of its audit record
+    /// `anchor_seq`; asked also while the node is marked down (an answer
+    /// clears the mark) or held.
+    pub async fn health(
+        &self,
+        timeout: Duration,
+        anchor_seq: Option<i64>,
+    ) -> std::result::Result<Health, ProtocolError> {
+        let body = serde_json::to_vec(&confer_protocol::catalog::HealthRequest { anchor_seq })
+            .map_err(|e| ProtocolError::internal(e.to_string()))?;
         self.record(
-            self.call_action(actions::HEALTH, Vec::new(), "health report", timeout)
+            self.call_action(actions::HEALTH, body, "health report", timeout)
                 .await,
         )
+    }
+
+    /// Why the node is held out of every task, if it is.
+    pub fn held(&self) -> Option<String> {
+        self.held.lock().ok().and_then(|h| h.clone())
+    }
+
+    /// Holds the node out of every task (`Some(why)`) or lets it back (`None`).
+    pub fn hold(&self, why: Option<String>) {
+        if let Ok(mut h) = self.held.lock() {
+            *h = why;
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 //! The coordinator holds no records and adds no noise: nodes release, the
 //! coordinator only does post-processing.
 
+pub mod anchor;
 pub mod auth;
 pub mod budget;
 pub mod catalog_view;
@@ -139,6 +140,14 @@ pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<Ru
     };
     let store: Arc<dyn store::Store> =
         Arc::new(store::SqliteStore::open(&config.coordinator.state)?);
+    match store.verify_audit()? {
+        (records, None) => info!(records, "coordinator audit log chain intact"),
+        (records, Some(problem)) => tracing::error!(
+            "the coordinator audit log ({}) fails its check after {records} records: {problem}; \
+             restore it from a backup (`confer coordinator audit verify` checks it)",
+            config.coordinator.state.display()
+        ),
+    }
     let nodes = config
         .nodes
         .iter()

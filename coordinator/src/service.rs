@@ -520,12 +520,13 @@ impl CoordinatorState {
     /// nodes to ask, and the names and failures of those left out.
     async fn precheck(
         &self,
+        nodes: &[NodeHandle],
         envelope: &Envelope,
         min_sites: usize,
         policy: fanout::RetryPolicy,
     ) -> Result<(Vec<NodeHandle>, Vec<String>, Vec<ProtocolError>), ProtocolError> {
         let body = envelope.to_bytes()?;
-        let answers = fanout::each(&self.nodes, |n| {
+        let answers = fanout::each(nodes, |n| {
             let body = body.clone();
             async move {
                 let answer = n
@@ -544,6 +545,7 @@ impl CoordinatorState {
                         epsilon: 0.0,
                         delta: 0.0,
                         refused: None,
+                        audit: None,
                     }),
                     other => other,
                 }
@@ -554,7 +556,16 @@ impl CoordinatorState {
         let mut missing = Vec::new();
         let mut failures = Vec::new();
         let mut refusals = Vec::new();
-        for (node, (name, answer)) in self.nodes.iter().zip(answers) {
+        for (node, (name, answer)) in nodes.iter().zip(answers) {
+            // A chain shorter than its anchor: reset or cut back since the
+            // last health check, so held now (the full check of the
+            // anchored record's hash runs with every health check).
+            let answer =
+                answer.and_then(|a| match self.chain_cut_back(node, a.audit.as_ref()) {
+                    Some(why) => Err(ProtocolError::new(ErrorKind::FailedPrecondition, why)
+                        .with_retryable(false)),
+                    None => Ok(a),
+                });
             match answer {
                 Ok(QueryCheck {
                     refused: Some(why), ..
@@ -566,6 +577,11 @@ impl CoordinatorState {
                     failures.push(e);
                 }
             }
+        }
+        if !refusals.is_empty() || ready.len() < min_sites {
+            // The query will not run: the nodes that passed give back the
+            // budget they hold for it, so it spends nothing anywhere.
+            self.release_leases(&ready, &body).await;
         }
         if !refusals.is_empty() {
             let mut err = fanout::joined(refusals);
@@ -591,6 +607,74 @@ impl CoordinatorState {
             .with_retryable(err.retryable));
         }
         Ok((ready, missing, failures))
+    }
+
+    /// The nodes a planned query may run at: every node, except that a
+    /// query grouped by `site` runs only at the sites its plan named (a
+    /// node that was down when it was planned and is back now has no group
+    /// in the answer, so it is not asked, charged or thrown away). Returns
+    /// those nodes, and the others with why they were left out.
+    fn planned_sites(
+        &self,
+        plan: &FederatedPlan,
+    ) -> (Vec<NodeHandle>, Vec<(String, ProtocolError)>) {
+        let Some(domain) = plan
+            .groups
+            .iter()
+            .find(|g| g.is_site)
+            .and_then(|g| g.domain.as_ref())
+        else {
+            return (self.nodes.clone(), Vec::new());
+        };
+        let named = |n: &NodeHandle| {
+            domain.iter().any(
+                |v| matches!(v, confer_protocol::catalog::DomainValue::Text(t) if *t == n.name),
+            )
+        };
+        let (asked, left): (Vec<NodeHandle>, Vec<NodeHandle>) =
+            self.nodes.iter().cloned().partition(|n| named(n));
+        let left = left
+            .into_iter()
+            .map(|n| {
+                let why = ProtocolError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "node {} was not in the network when this query was planned, so its groups by site \
+                         do not include it: plan the query again to include it",
+                        n.name
+                    ),
+                )
+                .with_retryable(false);
+                (n.name, why)
+            })
+            .collect();
+        (asked, left)
+    }
+
+    /// Asks `nodes` to give back the budget they hold for a checked task
+    /// that will not run (best effort: a lease also ends when its task
+    /// expires, and a node that is not asked checks every budget again if
+    /// the task ever runs).
+    async fn release_leases(&self, nodes: &[NodeHandle], body: &[u8]) {
+        let timeout = self.config.node_timeout().min(Duration::from_secs(5));
+        let answers = fanout::each(nodes, |n| {
+            let body = body.to_vec();
+            async move {
+                n.action_json::<serde_json::Value>(
+                    actions::QUERY_RELEASE,
+                    body,
+                    "budget release",
+                    timeout,
+                )
+                .await
+            }
+        })
+        .await;
+        for (name, answer) in answers {
+            if let Err(e) = answer {
+                warn!(node = %name, "the budget held for a refused query stays held until the task expires: {}", e.message);
+            }
+        }
     }
 
     /// Runs a planned statement and returns its result.
@@ -690,11 +774,20 @@ impl CoordinatorState {
                     return Ok((schema, batches));
                 }
                 let mut partials = Vec::new();
+                let (asked, planned_without) = self.planned_sites(plan);
                 let (ready, mut missing, mut failures) = match self
-                    .precheck(envelope, *min_sites, policy)
+                    .precheck(&asked, envelope, *min_sites, policy)
                     .await
                 {
-                    Ok(checked) => checked,
+                    Ok(mut checked) => {
+                        checked
+                            .1
+                            .extend(planned_without.iter().map(|(n, _)| n.clone()));
+                        checked
+                            .2
+                            .extend(planned_without.into_iter().map(|(_, e)| e));
+                        checked
+                    }
                     Err(e) => {
                         self.audit(asked_by, Some(study), "query", "refused", e.message.clone());
                         return Err(e);
@@ -829,15 +922,33 @@ impl CoordinatorState {
     /// Checks every node's health once and records it.
     pub async fn check_health(&self) {
         let timeout = Duration::from_secs(5);
+        let store = &self.store;
         let results = fanout::each(&self.nodes, |n| async move {
+            let anchor = store.anchor(&n.name).ok().flatten();
             let started = Instant::now();
-            n.health(timeout).await.map(|h| (h, started.elapsed()))
+            n.health(timeout, anchor.as_ref().map(|a| a.0))
+                .await
+                .map(|h| (h, started.elapsed(), anchor))
         })
         .await;
         for (handle, (name, r)) in self.nodes.iter().zip(results) {
             let previous = self.health.read().ok().and_then(|m| m.get(&name).cloned());
+            let r = r.map(|(h, rtt, anchor)| {
+                let held = self.judge_anchor(handle, anchor.as_ref(), h.audit.as_ref());
+                (h, rtt, held)
+            });
             let status = match r {
-                Ok((h, rtt)) => NodeStatus {
+                Ok((h, rtt, Some(held))) => NodeStatus {
+                    name: name.clone(),
+                    url: handle.url.clone(),
+                    healthy: false,
+                    checked_ms: now_ms(),
+                    last_seen_ms: Some(now_ms()),
+                    latency_ms: Some(rtt.as_secs_f64() * 1000.0),
+                    version: Some(h.version),
+                    error: Some(held),
+                },
+                Ok((h, rtt, None)) => NodeStatus {
                     name: name.clone(),
                     url: handle.url.clone(),
                     healthy: true,
@@ -864,6 +975,66 @@ impl CoordinatorState {
             if let Ok(mut m) = self.health.write() {
                 m.insert(name, status);
             }
+        }
+    }
+
+    /// Why `node` is held now, if its audit chain is shorter than its
+    /// anchor (the node is then held as at a health check).
+    fn chain_cut_back(
+        &self,
+        node: &NodeHandle,
+        head: Option<&confer_protocol::catalog::AuditHead>,
+    ) -> Option<String> {
+        let head = head?;
+        let anchor = self.store.anchor(&node.name).ok().flatten()?;
+        if head.seq >= anchor.0 {
+            return None;
+        }
+        self.judge_anchor(node, Some(&anchor), Some(head))
+    }
+
+    /// Moves `node`'s anchor along its audit chain, or holds the node out
+    /// of every task when its chain does not extend the anchor (see
+    /// [`crate::anchor`]); changes of state are audited. Returns why the
+    /// node is held, if it is.
+    fn judge_anchor(
+        &self,
+        node: &NodeHandle,
+        anchor: Option<&(i64, String)>,
+        head: Option<&confer_protocol::catalog::AuditHead>,
+    ) -> Option<String> {
+        let was_held = node.held();
+        match crate::anchor::judge(anchor, head) {
+            crate::anchor::Verdict::Extend { seq, hash } => {
+                if let Err(e) = self.store.set_anchor(&node.name, seq, &hash) {
+                    warn!(node = %node.name, "cannot record the node's audit anchor: {e}");
+                }
+                if was_held.is_some() {
+                    node.hold(None);
+                    info!(node = %node.name, "the node's audit chain extends its anchor again: used again");
+                    self.audit(
+                        "coordinator",
+                        None,
+                        "node_ledger",
+                        "restored",
+                        format!(
+                            "node {}: its audit chain extends its anchor again (record {seq})",
+                            node.name
+                        ),
+                    );
+                }
+                None
+            }
+            crate::anchor::Verdict::Hold(why) => {
+                let message = crate::anchor::held_message(&node.name, &why);
+                if was_held.as_deref() != Some(message.as_str()) {
+                    warn!(node = %node.name, "{message}");
+                    self.audit("coordinator", None, "node_ledger", "held", message.clone());
+                }
+                node.hold(Some(message.clone()));
+                Some(message)
+            }
+            crate::anchor::Verdict::Unknown => was_held,
         }
     }
 
@@ -1212,6 +1383,9 @@ pub mod custom {
     pub const WHOAMI: &str = "confer.whoami";
     /// Create a study (admin). Body: JSON study.
     pub const STUDY_CREATE: &str = "confer.study.create";
+    /// Change a study's title, principal investigator, members or
+    /// min_sites (admin). Body: JSON [`super::StudyEdit`]; answer the study.
+    pub const STUDY_EDIT: &str = "confer.study.edit";
     /// Studies the caller may use (all for admins).
     pub const STUDY_LIST: &str = "confer.study.list";
     /// One study. Body: its name.
@@ -1281,7 +1455,141 @@ pub struct NewStudy {
     pub min_sites: Option<usize>,
 }
 
+/// A change to a study ([`custom::STUDY_EDIT`]). What every node's
+/// steward approved (the ethics reference, the requested budget, the
+/// tables) is not editable: such a change is a new study, which the
+/// stewards approve anew.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudyEdit {
+    /// The study.
+    pub name: String,
+    /// A new title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// A new principal investigator (a user).
+    #[serde(default)]
+    pub principal_investigator: Option<String>,
+    /// Users to add as members.
+    #[serde(default)]
+    pub add_members: Vec<String>,
+    /// Members to remove.
+    #[serde(default)]
+    pub remove_members: Vec<String>,
+    /// A new min_sites; `Some(None)` (JSON `null`) goes back to the
+    /// default (every site).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub min_sites: Option<Option<usize>>,
+}
+
+/// A field that is present, even as `null`, is `Some`.
+fn present<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
+}
+
 impl CoordinatorService {
+    /// Applies a [`StudyEdit`]; returns the study and the changes in words.
+    fn edit_study(&self, body: &[u8]) -> Result<(Study, String), ProtocolError> {
+        let edit: StudyEdit = serde_json::from_slice(body).map_err(|e| {
+            ProtocolError::invalid(format!(
+                "the study change is not valid JSON: {e} (it takes name, title, principal_investigator, \
+                 add_members, remove_members and min_sites; the ethics reference, requested budget and \
+                 tables that stewards approved cannot change: create a new study for those)"
+            ))
+        })?;
+        let store = &self.state.store;
+        let mut study = store
+            .study(&edit.name)
+            .map_err(ProtocolError::from)?
+            .ok_or_else(|| {
+                ProtocolError::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "study {} does not exist: `confer study list` shows the studies",
+                        edit.name
+                    ),
+                )
+            })?;
+        let is_user = |name: &str| -> Result<bool, ProtocolError> {
+            Ok(store
+                .user_by_name(name)
+                .map_err(ProtocolError::from)?
+                .is_some_and(|u| u.revoked_ms.is_none()))
+        };
+        let mut changes = Vec::new();
+        if let Some(title) = edit.title {
+            if title.trim().is_empty() {
+                return Err(ProtocolError::invalid("a study's title cannot be empty"));
+            }
+            changes.push(format!("title {:?} -> {:?}", study.title, title));
+            study.title = title;
+        }
+        if let Some(pi) = edit.principal_investigator {
+            if !is_user(&pi)? {
+                return Err(ProtocolError::invalid(format!(
+                    "{pi} is not an active user: add users before naming them in a study"
+                )));
+            }
+            changes.push(format!(
+                "principal investigator {} -> {pi}",
+                study.principal_investigator
+            ));
+            study.principal_investigator = pi;
+        }
+        for member in &edit.add_members {
+            if !is_user(member)? {
+                return Err(ProtocolError::invalid(format!(
+                    "{member} is not an active user: add users before naming them in a study"
+                )));
+            }
+            if !study.members.contains(member) {
+                study.members.push(member.clone());
+                changes.push(format!("member {member} added"));
+            }
+        }
+        for member in &edit.remove_members {
+            let before = study.members.len();
+            study.members.retain(|m| m != member);
+            if study.members.len() == before {
+                return Err(ProtocolError::invalid(format!(
+                    "{member} is not a member of study {}: its members are {}",
+                    study.name,
+                    study.members.join(", ")
+                )));
+            }
+            changes.push(format!("member {member} removed"));
+        }
+        if let Some(min_sites) = edit.min_sites {
+            if min_sites == Some(0) {
+                return Err(ProtocolError::invalid("min_sites must be at least 1"));
+            }
+            changes.push(format!(
+                "min_sites {} -> {}",
+                study
+                    .min_sites
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "all".into()),
+                min_sites
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "all".into())
+            ));
+            study.min_sites = min_sites;
+        }
+        if changes.is_empty() {
+            return Err(ProtocolError::invalid(
+                "nothing to change: give a title, principal investigator, members to add or remove, or min_sites",
+            ));
+        }
+        store.update_study(&study).map_err(ProtocolError::from)?;
+        Ok((study, changes.join("; ")))
+    }
+
     fn create_study(&self, user: &User, body: &[u8]) -> Result<Study, ProtocolError> {
         let new: NewStudy = serde_json::from_slice(body).map_err(|e| {
             ProtocolError::invalid(format!("the study description is not valid JSON: {e}"))
@@ -1550,7 +1858,7 @@ impl FlightSqlService for CoordinatorService {
             custom::WHOAMI | custom::STUDY_LIST | custom::STUDY_SHOW | custom::CATALOG => {
                 Perm::ReadStudies
             }
-            custom::STUDY_CREATE => Perm::ManageStudies,
+            custom::STUDY_CREATE | custom::STUDY_EDIT => Perm::ManageStudies,
             custom::USER_LIST => Perm::ManageUsers,
             custom::TRAIN_SUBMIT | custom::TRAIN_CANCEL => Perm::Train,
             custom::TRAIN_STATUS | custom::TRAIN_LIST | custom::MODEL_EXPORT => Perm::ReadStudies,
@@ -1562,6 +1870,7 @@ impl FlightSqlService for CoordinatorService {
                         custom::CATALOG,
                         custom::WHOAMI,
                         custom::STUDY_CREATE,
+                        custom::STUDY_EDIT,
                         custom::STUDY_LIST,
                         custom::STUDY_SHOW,
                         custom::USER_LIST,
@@ -1624,6 +1933,12 @@ impl FlightSqlService for CoordinatorService {
                     .audit(&user.name, Some(&study.name), &kind, "ok", String::new());
                 json_result(&study)?
             }
+            custom::STUDY_EDIT => {
+                let (study, changes) = self.edit_study(&body)?;
+                self.state
+                    .audit(&user.name, Some(&study.name), &kind, "ok", changes);
+                json_result(&study)?
+            }
             custom::STUDY_LIST => {
                 let studies: Vec<Study> = self
                     .state
@@ -1666,6 +1981,10 @@ impl FlightSqlService for CoordinatorService {
                 (custom::WHOAMI, "the calling user (JSON)"),
                 (custom::CATALOG, "the network catalog (JSON)"),
                 (custom::STUDY_CREATE, "create a study (admin; body: JSON)"),
+                (
+                    custom::STUDY_EDIT,
+                    "change a study's title, PI, members or min_sites (admin; body: JSON)",
+                ),
                 (custom::STUDY_LIST, "studies you may use (JSON)"),
                 (custom::STUDY_SHOW, "one study (body: its name)"),
                 (custom::USER_LIST, "users (admin; JSON)"),

@@ -195,6 +195,8 @@ pub trait Store: Send + Sync {
     fn user_by_certificate(&self, fingerprint: &str) -> Result<Option<User>>;
     /// Creates a study.
     fn create_study(&self, study: &Study) -> Result<()>;
+    /// Replaces an existing study's record (the caller checked the change).
+    fn update_study(&self, study: &Study) -> Result<()>;
     /// A study by name.
     fn study(&self, name: &str) -> Result<Option<Study>>;
     /// Every study.
@@ -205,10 +207,20 @@ pub trait Store: Send + Sync {
     fn set_node_status(&self, status: &NodeStatus) -> Result<()>;
     /// The node registry.
     fn node_statuses(&self) -> Result<Vec<NodeStatus>>;
+    /// The audit record a node's chain is anchored at (`seq`, hash), if any.
+    fn anchor(&self, node: &str) -> Result<Option<(i64, String)>>;
+    /// Moves a node's anchor to its chain's newest record.
+    fn set_anchor(&self, node: &str, seq: i64, hash: &str) -> Result<()>;
+    /// Forgets a node's anchor (its steward could not restore the ledger
+    /// and the network accepts the loss); `true` if there was one.
+    fn forget_anchor(&self, node: &str) -> Result<bool>;
     /// Appends to the coordinator's audit log.
     fn audit(&self, entry: &CoordinatorAudit) -> Result<()>;
     /// The audit log, oldest first.
     fn audit_log(&self) -> Result<Vec<CoordinatorAudit>>;
+    /// Checks the audit log's hash chain: how many records hold, and the
+    /// first problem found (a record edited, deleted, inserted or moved).
+    fn verify_audit(&self) -> Result<(usize, Option<String>)>;
     /// Creates or replaces a training job (durably: a checkpoint survives a crash).
     fn save_job(&self, job: &JobRecord) -> Result<()>;
     /// A training job with its checkpoint.
@@ -263,6 +275,8 @@ impl SqliteStore {
                  statement_hash TEXT NOT NULL, sites TEXT NOT NULL, created_ms INTEGER NOT NULL,
                  result BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS anchors (
+                 node TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL, at_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS train_jobs (
                  id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, body TEXT NOT NULL,
                  checkpoint TEXT);
@@ -271,6 +285,7 @@ impl SqliteStore {
                  action TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL);",
         )
         .map_err(db)?;
+        chain_legacy_audit(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -306,6 +321,82 @@ fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
         created_ms: row.get(2)?,
         revoked_ms: row.get(3)?,
     })
+}
+
+/// The hash a coordinator audit chain starts from.
+const AUDIT_GENESIS: &str = "confer coordinator audit genesis";
+
+/// The chain hash of coordinator audit record `seq`.
+fn audit_hash(seq: i64, e: &CoordinatorAudit, prev: &str) -> String {
+    let canonical = serde_json::json!([
+        seq, e.at_ms, e.user, e.study, e.action, e.outcome, e.detail, prev
+    ]);
+    sha256_hex(canonical.to_string().as_bytes())
+}
+
+/// The newest record's sequence number and hash (0 and the genesis hash
+/// for an empty log).
+fn last_link(conn: &Connection) -> Result<(i64, String)> {
+    Ok(conn
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?)),
+        )
+        .optional()
+        .map_err(db)?
+        .map(|(seq, hash)| (seq, hash.unwrap_or_default()))
+        .unwrap_or((0, AUDIT_GENESIS.to_string())))
+}
+
+/// Adds the chain columns to a log written before the coordinator chained
+/// it, and chains the records it holds (renumbered 1, 2, ... in order).
+fn chain_legacy_audit(conn: &Connection) -> Result<()> {
+    let has_hash = conn.prepare("SELECT hash FROM audit LIMIT 0").is_ok();
+    if has_hash {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "ALTER TABLE audit ADD COLUMN prev_hash TEXT;
+         ALTER TABLE audit ADD COLUMN hash TEXT;",
+    )
+    .map_err(db)?;
+    let rows: Vec<(i64, CoordinatorAudit)> = {
+        let mut stmt = conn
+            .prepare(
+                "SELECT seq, at_ms, user, study, action, outcome, detail FROM audit ORDER BY seq",
+            )
+            .map_err(db)?;
+        stmt.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                CoordinatorAudit {
+                    at_ms: r.get(1)?,
+                    user: r.get(2)?,
+                    study: r.get(3)?,
+                    action: r.get(4)?,
+                    outcome: r.get(5)?,
+                    detail: r.get(6)?,
+                },
+            ))
+        })
+        .map_err(db)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(db)?
+    };
+    let mut prev = AUDIT_GENESIS.to_string();
+    for (i, (old_seq, entry)) in rows.iter().enumerate() {
+        let seq = i as i64 + 1;
+        let hash = audit_hash(seq, entry, &prev);
+        // Renumbered downwards in order, so no number is taken twice.
+        conn.execute(
+            "UPDATE audit SET seq = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
+            params![seq, prev, hash, old_seq],
+        )
+        .map_err(db)?;
+        prev = hash;
+    }
+    Ok(())
 }
 
 /// A fresh bearer token: 32 random bytes, hex, with a recognisable prefix.
@@ -476,6 +567,25 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn update_study(&self, study: &Study) -> Result<()> {
+        let body =
+            serde_json::to_string(study).map_err(|e| CoordinatorError::State(e.to_string()))?;
+        let conn = self.conn()?;
+        let n = conn
+            .execute(
+                "UPDATE studies SET body = ?2 WHERE name = ?1",
+                params![study.name, body],
+            )
+            .map_err(db)?;
+        if n == 0 {
+            return Err(CoordinatorError::Invalid(format!(
+                "study {} does not exist",
+                study.name
+            )));
+        }
+        Ok(())
+    }
+
     fn study(&self, name: &str) -> Result<Option<Study>> {
         let conn = self.conn()?;
         let body: Option<String> = conn
@@ -521,14 +631,120 @@ impl Store for SqliteStore {
         self.json_rows("SELECT body FROM nodes ORDER BY name")
     }
 
-    fn audit(&self, e: &CoordinatorAudit) -> Result<()> {
+    fn anchor(&self, node: &str) -> Result<Option<(i64, String)>> {
+        let conn = self.conn()?;
+        conn.query_row(
+            "SELECT seq, hash FROM anchors WHERE node = ?1",
+            params![node],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(db)
+    }
+
+    fn set_anchor(&self, node: &str, seq: i64, hash: &str) -> Result<()> {
         let conn = self.conn()?;
         conn.execute(
-            "INSERT INTO audit (at_ms, user, study, action, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![e.at_ms, e.user, e.study, e.action, e.outcome, e.detail],
+            "INSERT INTO anchors (node, seq, hash, at_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(node) DO UPDATE SET seq = ?2, hash = ?3, at_ms = ?4",
+            params![node, seq, hash, now_ms()],
         )
         .map_err(db)?;
         Ok(())
+    }
+
+    fn forget_anchor(&self, node: &str) -> Result<bool> {
+        let conn = self.conn()?;
+        let n = conn
+            .execute("DELETE FROM anchors WHERE node = ?1", params![node])
+            .map_err(db)?;
+        Ok(n > 0)
+    }
+
+    fn audit(&self, e: &CoordinatorAudit) -> Result<()> {
+        let mut conn = self.conn()?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let (seq, prev) = last_link(&tx)?;
+        let hash = audit_hash(seq + 1, e, &prev);
+        tx.execute(
+            "INSERT INTO audit (seq, at_ms, user, study, action, outcome, detail, prev_hash, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                seq + 1,
+                e.at_ms,
+                e.user,
+                e.study,
+                e.action,
+                e.outcome,
+                e.detail,
+                prev,
+                hash
+            ],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+
+    fn verify_audit(&self) -> Result<(usize, Option<String>)> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT seq, at_ms, user, study, action, outcome, detail, prev_hash, hash FROM audit ORDER BY seq",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    CoordinatorAudit {
+                        at_ms: r.get(1)?,
+                        user: r.get(2)?,
+                        study: r.get(3)?,
+                        action: r.get(4)?,
+                        outcome: r.get(5)?,
+                        detail: r.get(6)?,
+                    },
+                    r.get::<_, Option<String>>(7)?,
+                    r.get::<_, Option<String>>(8)?,
+                ))
+            })
+            .map_err(db)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db)?;
+        let mut prev = AUDIT_GENESIS.to_string();
+        for (i, (seq, entry, prev_hash, hash)) in rows.iter().enumerate() {
+            let expected = i as i64 + 1;
+            if *seq != expected {
+                return Ok((
+                    i,
+                    Some(format!(
+                        "record {expected} is missing (the next record present is {seq}): records were deleted"
+                    )),
+                ));
+            }
+            if prev_hash.as_deref() != Some(prev.as_str()) {
+                return Ok((
+                    i,
+                    Some(format!(
+                        "record {seq} does not follow record {}: records were deleted, inserted or reordered",
+                        seq - 1
+                    )),
+                ));
+            }
+            if hash.as_deref() != Some(audit_hash(*seq, entry, &prev).as_str()) {
+                return Ok((
+                    i,
+                    Some(format!(
+                        "record {seq} was edited: its contents do not match its hash"
+                    )),
+                ));
+            }
+            prev = hash.clone().unwrap_or_default();
+        }
+        Ok((rows.len(), None))
     }
 
     fn audit_log(&self) -> Result<Vec<CoordinatorAudit>> {
@@ -650,6 +866,65 @@ mod tests {
             s.user_by_certificate("f1").expect("lookup").is_none(),
             "the old certificate stays revoked"
         );
+    }
+
+    #[test]
+    fn the_audit_log_is_chained_and_edits_or_deletions_are_found() {
+        let (dir, s) = store();
+        for i in 0..5 {
+            s.audit(&CoordinatorAudit {
+                at_ms: i,
+                user: "alice".into(),
+                study: Some("gi".into()),
+                action: "query".into(),
+                outcome: "ok".into(),
+                detail: format!("task {i}"),
+            })
+            .expect("audit");
+        }
+        assert_eq!(s.verify_audit().expect("verify"), (5, None));
+        let raw = Connection::open(dir.path().join("state.sqlite")).expect("open");
+        raw.execute("UPDATE audit SET outcome = 'refused' WHERE seq = 3", [])
+            .expect("edit");
+        let (good, problem) = s.verify_audit().expect("verify");
+        assert_eq!(good, 2);
+        assert!(problem.expect("found").contains("record 3 was edited"));
+        raw.execute("UPDATE audit SET outcome = 'ok' WHERE seq = 3", [])
+            .expect("undo");
+        raw.execute("DELETE FROM audit WHERE seq = 2", [])
+            .expect("delete");
+        let (_, problem) = s.verify_audit().expect("verify");
+        assert!(problem.expect("found").contains("record 2 is missing"));
+    }
+
+    #[test]
+    fn a_log_from_before_the_chain_is_chained_when_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.sqlite");
+        {
+            let raw = Connection::open(&path).expect("open");
+            raw.execute_batch(
+                "CREATE TABLE audit (
+                     seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, user TEXT NOT NULL, study TEXT,
+                     action TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL);
+                 INSERT INTO audit VALUES (4, 1, 'a', NULL, 'query', 'ok', 'x');
+                 INSERT INTO audit VALUES (9, 2, 'b', NULL, 'query', 'ok', 'y');",
+            )
+            .expect("old log");
+        }
+        let s = SqliteStore::open(&path).expect("open");
+        assert_eq!(s.verify_audit().expect("verify"), (2, None));
+        s.audit(&CoordinatorAudit {
+            at_ms: 3,
+            user: "c".into(),
+            study: None,
+            action: "explain".into(),
+            outcome: "ok".into(),
+            detail: String::new(),
+        })
+        .expect("audit");
+        assert_eq!(s.verify_audit().expect("verify"), (3, None));
+        assert_eq!(s.audit_log().expect("log").len(), 3);
     }
 
     #[test]

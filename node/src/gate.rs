@@ -51,6 +51,8 @@ pub enum Failure {
     Timeout(Duration),
     /// Reading the node's files failed.
     Io,
+    /// An answer over public tables had more rows than the node returns.
+    Rows(usize),
     /// Anything else (a bug in confer, an engine error); the message is
     /// withheld from the researcher since it could quote a value.
     Other,
@@ -73,6 +75,10 @@ impl Failure {
                 limit.as_secs()
             ),
             Failure::Io => "reading this node's tables failed".into(),
+            Failure::Rows(cap) => format!(
+                "the answer has more than {cap} rows, the most this node returns for one query over public \
+                 tables (policy.limits.max_public_rows): aggregate, filter or add a LIMIT"
+            ),
             Failure::Other => "the task failed while it ran (the engine's message is withheld)".into(),
         }
     }
@@ -583,14 +589,58 @@ impl NodeService {
             .state()
             .task_context(limits)
             .map_err(|_| Failure::Other)?;
+        self.run_within(ctx, sql, limits, None).await
+    }
+
+    /// Runs a query over public tables only within `limits`: at most
+    /// `limits.max_public_rows` rows come back.
+    pub(crate) async fn run_public_limited(
+        &self,
+        sql: &str,
+        limits: &Limits,
+    ) -> std::result::Result<Vec<RecordBatch>, Failure> {
+        let ctx = self
+            .state()
+            .task_context(limits)
+            .map_err(|_| Failure::Other)?;
+        self.run_within(ctx, sql, limits, Some(limits.max_public_rows))
+            .await
+    }
+
+    /// Streams `sql`'s answer under the task's time limit: the batches it
+    /// holds count against the task's memory too (the engine's pool covers
+    /// only its operators), and past `max_rows` it stops.
+    async fn run_within(
+        &self,
+        ctx: SessionContext,
+        sql: &str,
+        limits: &Limits,
+        max_rows: Option<usize>,
+    ) -> std::result::Result<Vec<RecordBatch>, Failure> {
+        use futures::StreamExt;
+        let memory = limits.memory_bytes;
         let work = async move {
-            let frame = ctx.sql(sql).await?;
-            frame.collect().await
+            let frame = ctx.sql(sql).await.map_err(|e| Failure::of(&e))?;
+            let mut stream = frame.execute_stream().await.map_err(|e| Failure::of(&e))?;
+            let mut batches = Vec::new();
+            let (mut rows, mut bytes) = (0usize, 0usize);
+            while let Some(batch) = stream.next().await {
+                let batch = batch.map_err(|e| Failure::of(&e))?;
+                rows += batch.num_rows();
+                bytes += batch.get_array_memory_size();
+                if max_rows.is_some_and(|cap| rows > cap) {
+                    return Err(Failure::Rows(max_rows.unwrap_or_default()));
+                }
+                if bytes > memory {
+                    return Err(Failure::Memory);
+                }
+                batches.push(batch);
+            }
+            Ok(batches)
         };
         match tokio::time::timeout(limits.time_limit, work).await {
             Err(_) => Err(Failure::Timeout(limits.time_limit)),
-            Ok(Err(e)) => Err(Failure::of(&e)),
-            Ok(Ok(batches)) => Ok(batches),
+            Ok(result) => result,
         }
     }
 }

@@ -16,6 +16,7 @@
 //!   record's sequence number and hash are also written to `audit.head`
 //!   beside the database, so deleting records at the end is detected too.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -267,6 +268,31 @@ pub struct Ledger {
     conn: Mutex<Connection>,
     path: PathBuf,
     head_path: PathBuf,
+    /// Budget reserved by tasks that passed their check and have not run
+    /// yet, by task id. Read and written only while `conn` is locked, so a
+    /// lease and the charges it competes with are decided in one order. In
+    /// memory: a restart drops them, and `begin` checks every budget again.
+    leases: Mutex<HashMap<Uuid, Lease>>,
+}
+
+/// Budget a checked task holds until it runs, is released, or expires.
+#[derive(Debug, Clone)]
+struct Lease {
+    study: String,
+    researcher: String,
+    rho: f64,
+    selection_delta: f64,
+    expires_ms: i64,
+}
+
+/// Budget reserved by other tasks' leases, in the shapes budgets read.
+#[derive(Debug, Default)]
+struct Reserved {
+    study_rho: f64,
+    study_delta: f64,
+    researcher_in_study: f64,
+    researcher_total: f64,
+    node_total: f64,
 }
 
 fn now_ms() -> i64 {
@@ -377,6 +403,7 @@ impl Ledger {
             conn: Mutex::new(conn),
             head_path: state_dir.join("audit.head"),
             path,
+            leases: Mutex::new(HashMap::new()),
         };
         ledger.recover()?;
         Ok(ledger)
@@ -508,7 +535,8 @@ impl Ledger {
             self.write_head(head);
             return Ok(Err(Refusal::Replay(why)));
         }
-        if let Some(why) = budget_refusal(&tx, charge)? {
+        let reserved = self.reserved_for(charge)?;
+        if let Some(why) = budget_refusal(&tx, charge, &reserved)? {
             let head = append(&tx, &refusal_entry(charge, &why))?;
             tx.commit()?;
             self.write_head(head);
@@ -548,6 +576,7 @@ impl Ledger {
             },
         )?;
         tx.commit()?;
+        self.leases()?.remove(&charge.task_id);
         self.write_head(head);
         Ok(Ok(result))
     }
@@ -612,7 +641,8 @@ impl Ledger {
                 return Ok(Err(Refusal::Quota(why)));
             }
         }
-        if let Some(why) = budget_refusal(&tx, charge)? {
+        let reserved = self.reserved_for(charge)?;
+        if let Some(why) = budget_refusal(&tx, charge, &reserved)? {
             let head = append(&tx, &refusal_entry(charge, &why))?;
             tx.commit()?;
             self.write_head(head);
@@ -657,6 +687,8 @@ impl Ledger {
             },
         )?;
         tx.commit()?;
+        // The lease became a charge.
+        self.leases()?.remove(&charge.task_id);
         self.write_head(head);
         Ok(Ok(Begun::Charged))
     }
@@ -816,10 +848,88 @@ impl Ledger {
         spent_total_in(&conn, Some(researcher))
     }
 
-    /// Why `charge` would exceed a budget now, if it would (read only).
+    /// Why `charge` would exceed a budget now, counting what other tasks
+    /// hold on lease, if it would (read only).
     pub fn check_budget(&self, charge: &Charge) -> Result<Option<String>> {
         let conn = self.conn()?;
-        budget_refusal(&conn, charge)
+        let reserved = self.reserved_for(charge)?;
+        budget_refusal(&conn, charge, &reserved)
+    }
+
+    /// Reserves `charge`'s cost until `expires_ms` (ms since the epoch), if
+    /// every budget still has room for it beside what is spent and what
+    /// other tasks hold; else says why not, and reserves nothing. A task
+    /// that passes its check at every node so holds its budget there until
+    /// it runs: a query refused at one node is released at the others
+    /// ([`Ledger::release_lease`]) and spends nothing anywhere, instead of
+    /// being charged where it happened to run first. A second lease for
+    /// the same task replaces the first.
+    pub fn reserve(&self, charge: &Charge, expires_ms: i64) -> Result<Option<String>> {
+        let conn = self.conn()?;
+        let reserved = self.reserved_for(charge)?;
+        if let Some(why) = budget_refusal(&conn, charge, &reserved)? {
+            return Ok(Some(why));
+        }
+        self.leases()?.insert(
+            charge.task_id,
+            Lease {
+                study: charge.study.clone(),
+                researcher: charge.researcher.clone(),
+                rho: charge.cost.rho,
+                selection_delta: charge.cost.selection_delta,
+                expires_ms,
+            },
+        );
+        drop(conn);
+        Ok(None)
+    }
+
+    /// Gives up a task's lease (the query will not run); `true` if it held one.
+    pub fn release_lease(&self, task_id: Uuid) -> Result<bool> {
+        let _conn = self.conn()?;
+        Ok(self.leases()?.remove(&task_id).is_some())
+    }
+
+    /// Budget held on lease now, in rho (all studies).
+    pub fn leased_total(&self) -> Result<f64> {
+        let _conn = self.conn()?;
+        let mut leases = self.leases()?;
+        let now = now_ms();
+        leases.retain(|_, l| l.expires_ms > now);
+        Ok(leases.values().map(|l| l.rho).sum())
+    }
+
+    fn leases(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Uuid, Lease>>> {
+        self.leases
+            .lock()
+            .map_err(|_| NodeError::Ledger("lease table lock poisoned".into()))
+    }
+
+    /// What tasks other than `charge`'s hold on lease, in the shapes the
+    /// budgets of `charge` read; expired leases are dropped on the way.
+    /// Call with `conn` locked.
+    fn reserved_for(&self, charge: &Charge) -> Result<Reserved> {
+        let mut leases = self.leases()?;
+        let now = now_ms();
+        leases.retain(|_, l| l.expires_ms > now);
+        let mut r = Reserved::default();
+        for (id, l) in leases.iter() {
+            if *id == charge.task_id {
+                continue;
+            }
+            r.node_total += l.rho;
+            if l.researcher == charge.researcher {
+                r.researcher_total += l.rho;
+            }
+            if l.study == charge.study {
+                r.study_rho += l.rho;
+                r.study_delta += l.selection_delta;
+                if l.researcher == charge.researcher {
+                    r.researcher_in_study += l.rho;
+                }
+            }
+        }
+        Ok(r)
     }
 
     /// Appends an audit record in its own transaction.
@@ -830,6 +940,34 @@ impl Ledger {
         tx.commit()?;
         self.write_head(head);
         Ok(())
+    }
+
+    /// The head of the audit chain (`seq` 0 and the genesis hash when it
+    /// is empty), with the hash of record `anchor` if asked and present.
+    pub fn head(&self, anchor: Option<i64>) -> Result<confer_protocol::catalog::AuditHead> {
+        let conn = self.conn()?;
+        let (seq, hash) = conn
+            .query_row(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional()?
+            .unwrap_or((0, GENESIS.to_string()));
+        let at_anchor = match anchor {
+            Some(0) => Some(GENESIS.to_string()),
+            Some(a) => conn
+                .query_row("SELECT hash FROM audit WHERE seq = ?1", params![a], |r| {
+                    r.get(0)
+                })
+                .optional()?,
+            None => None,
+        };
+        Ok(confer_protocol::catalog::AuditHead {
+            seq,
+            hash,
+            at_anchor,
+        })
     }
 
     fn write_head(&self, (seq, hash): (i64, String)) {
@@ -1271,13 +1409,20 @@ fn spent_total_in(conn: &Connection, researcher: Option<&str>) -> Result<f64> {
     Ok(spent.unwrap_or(0.0))
 }
 
-fn budget_refusal(conn: &Connection, charge: &Charge) -> Result<Option<String>> {
+/// Why `charge` would exceed a budget, beside what is spent and what
+/// other tasks hold on lease (`reserved`), if it would.
+fn budget_refusal(
+    conn: &Connection,
+    charge: &Charge,
+    reserved: &Reserved,
+) -> Result<Option<String>> {
     if charge.cost.selection_delta > 0.0 {
         let spent: f64 = conn.query_row(
             "SELECT COALESCE(SUM(selection_delta), 0) FROM releases WHERE study = ?1",
             params![charge.study],
             |row| row.get(0),
         )?;
+        let spent = spent + reserved.study_delta;
         if exceeds(
             spent,
             charge.cost.selection_delta,
@@ -1285,7 +1430,7 @@ fn budget_refusal(conn: &Connection, charge: &Charge) -> Result<Option<String>> 
         ) {
             return Ok(Some(format!(
                 "delta budget exhausted for study {}: this query's partition selection needs delta {:e} but only \
-                 {:e} of the study's delta {:e} remains; {spent:e} is spent. Group by columns with a public \
+                 {:e} of the study's delta {:e} remains; {spent:e} is spent or held by queries about to run. Group by columns with a public \
                  domain (they need no delta), lower delta, or ask the data steward to raise the study's delta budget",
                 charge.study,
                 charge.cost.selection_delta,
@@ -1294,47 +1439,48 @@ fn budget_refusal(conn: &Connection, charge: &Charge) -> Result<Option<String>> 
             )));
         }
     }
-    let spent = spent_in(conn, &charge.study, None)?;
+    let spent = spent_in(conn, &charge.study, None)? + reserved.study_rho;
     if exceeds(spent, charge.cost.rho, charge.study_budget) {
         return Ok(Some(budget_message(
             "study",
             &charge.study,
-            spent,
+            (spent, reserved.study_rho),
             charge,
             charge.study_budget,
         )));
     }
     if let Some(limit) = charge.node_budget {
-        let all = spent_total_in(conn, None)?;
+        let all = spent_total_in(conn, None)? + reserved.node_total;
         if exceeds(all, charge.cost.rho, limit) {
             return Ok(Some(budget_message(
                 "node",
                 "(all studies at this node together)",
-                all,
+                (all, reserved.node_total),
                 charge,
                 limit,
             )));
         }
     }
     if let Some(limit) = charge.researcher_total_budget {
-        let by = spent_total_in(conn, Some(&charge.researcher))?;
+        let by = spent_total_in(conn, Some(&charge.researcher))? + reserved.researcher_total;
         if exceeds(by, charge.cost.rho, limit) {
             return Ok(Some(budget_message(
                 "researcher",
                 &format!("{} (all studies at this node together)", charge.researcher),
-                by,
+                (by, reserved.researcher_total),
                 charge,
                 limit,
             )));
         }
     }
     if let Some(limit) = charge.researcher_budget {
-        let by = spent_in(conn, &charge.study, Some(&charge.researcher))?;
+        let by =
+            spent_in(conn, &charge.study, Some(&charge.researcher))? + reserved.researcher_in_study;
         if exceeds(by, charge.cost.rho, limit) {
             return Ok(Some(budget_message(
                 "researcher",
                 &format!("{} in study {}", charge.researcher, charge.study),
-                by,
+                (by, reserved.researcher_in_study),
                 charge,
                 limit,
             )));
@@ -1347,7 +1493,13 @@ fn exceeds(spent: f64, cost: f64, budget: f64) -> bool {
     spent + cost > budget * (1.0 + BUDGET_TOLERANCE)
 }
 
-fn budget_message(what: &str, name: &str, spent: f64, charge: &Charge, budget: f64) -> String {
+fn budget_message(
+    what: &str,
+    name: &str,
+    (spent, held): (f64, f64),
+    charge: &Charge,
+    budget: f64,
+) -> String {
     let remaining = (budget - spent).max(0.0);
     let task = if charge.kind.starts_with("train") {
         "training job"
@@ -1365,13 +1517,18 @@ fn budget_message(what: &str, name: &str, spent: f64, charge: &Charge, budget: f
     };
     format!(
         "budget exhausted for {what} {name}: this {task} needs rho {:.6} (epsilon {:.4}, delta {:e}) but only \
-         rho {remaining:.6} (epsilon {} at that delta) of rho {budget:.6} (epsilon {}) remains; {spent:.6} is spent. \
+         rho {remaining:.6} (epsilon {} at that delta) of rho {budget:.6} (epsilon {}) remains; {spent:.6} is spent{}. \
          Ask for less (lower epsilon) or for a larger budget",
         charge.cost.rho,
         charge.cost.epsilon,
         charge.cost.delta,
         eps(remaining),
         eps(budget),
+        if held > 0.0 {
+            format!(" or held by queries that passed their check and are about to run ({held:.6})")
+        } else {
+            String::new()
+        },
     )
 }
 
@@ -1599,6 +1756,74 @@ mod tests {
             ledger.release(&with_delta(1e-9), vec![1]).expect("db"),
             Err(Refusal::Budget(_))
         ));
+    }
+
+    #[test]
+    fn leases_hold_budget_until_run_released_or_expired() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        let later = now_ms() + 60_000;
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        // Two of three queries of 0.4 fit a budget of 1.0.
+        assert_eq!(
+            ledger.reserve(&charge(a, 0.4, 1.0), later).expect("db"),
+            None
+        );
+        assert_eq!(
+            ledger.reserve(&charge(b, 0.4, 1.0), later).expect("db"),
+            None
+        );
+        let why = ledger
+            .reserve(&charge(c, 0.4, 1.0), later)
+            .expect("db")
+            .expect("the third does not fit beside two leases");
+        assert!(why.contains("held by queries"), "{why}");
+        // A lease renewed for the same task does not count twice.
+        assert_eq!(
+            ledger.reserve(&charge(a, 0.4, 1.0), later).expect("db"),
+            None
+        );
+        // The holders run; an unchecked charge cannot take their room.
+        assert!(matches!(
+            ledger.begin(&charge(c, 0.4, 1.0)).expect("db"),
+            Err(Refusal::Budget(_))
+        ));
+        assert!(matches!(
+            ledger.begin(&charge(a, 0.4, 1.0)).expect("db"),
+            Ok(Begun::Charged)
+        ));
+        assert!(
+            !ledger.release_lease(a).expect("db"),
+            "the lease became a charge"
+        );
+        // b is released (refused elsewhere): its room is free again.
+        assert!(ledger.release_lease(b).expect("db"));
+        assert_eq!(
+            ledger.reserve(&charge(c, 0.4, 1.0), later).expect("db"),
+            None
+        );
+        // An expired lease holds nothing.
+        let d = Uuid::new_v4();
+        assert!(
+            ledger
+                .reserve(&charge(d, 0.4, 1.0), later)
+                .expect("db")
+                .is_some()
+        );
+        ledger.release_lease(c).expect("db");
+        assert_eq!(
+            ledger
+                .reserve(&charge(d, 0.4, 1.0), now_ms() - 1)
+                .expect("db"),
+            None
+        );
+        assert_eq!(ledger.leased_total().expect("db"), 0.0);
+        assert_eq!(
+            ledger.reserve(&charge(c, 0.4, 1.0), later).expect("db"),
+            None
+        );
+        assert!((ledger.leased_total().expect("db") - 0.4).abs() < 1e-12);
+        assert_eq!(ledger.spent("s", None).expect("spent"), 0.4);
     }
 
     #[test]

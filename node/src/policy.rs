@@ -20,6 +20,7 @@
 //! time_limit_secs = 600             # a task still running then fails (charged)
 //! max_concurrent_tasks = 4          # more are refused as busy (nothing charged)
 //! padded_secs = 30                  # tasks one person could slow down: answered at this time
+//! max_public_rows = 100000          # most rows a query over public tables returns
 //!
 //! [policy.secure]                   # aggregation = 'secure' and training sums
 //! min_survivors = 2                 # fewest nodes whose noise makes a sum
@@ -126,6 +127,10 @@ pub struct LimitsConfig {
     /// its real run time, so that its latency tells nothing (default 30).
     #[serde(default)]
     pub padded_secs: Option<u64>,
+    /// The most rows a query over public tables returns (default 100000);
+    /// a longer answer is refused, nothing charged.
+    #[serde(default)]
+    pub max_public_rows: Option<usize>,
 }
 
 /// `[policy.secure]`: whom this node sums with.
@@ -267,6 +272,8 @@ pub const DEFAULT_MEMORY_MB: u64 = 2048;
 pub const DEFAULT_TIME_LIMIT_SECS: u64 = 600;
 /// Default of `limits.max_concurrent_tasks`.
 pub const DEFAULT_MAX_CONCURRENT_TASKS: usize = 4;
+/// Default of `limits.max_public_rows`.
+pub const DEFAULT_MAX_PUBLIC_ROWS: usize = 100_000;
 /// Default of `limits.padded_secs`.
 pub const DEFAULT_PADDED_SECS: u64 = 30;
 /// Default of `secure.min_survivors`.
@@ -318,6 +325,8 @@ pub struct Limits {
     /// Time limit of a task one person could slow down, and when it is
     /// answered.
     pub padded: std::time::Duration,
+    /// Rows a query over public tables may return.
+    pub max_public_rows: usize,
 }
 
 impl Limits {
@@ -500,10 +509,16 @@ impl Policy {
             .max_concurrent_tasks
             .unwrap_or(DEFAULT_MAX_CONCURRENT_TASKS);
         let padded_secs = limits.padded_secs.unwrap_or(DEFAULT_PADDED_SECS);
-        if memory_mb == 0 || time_limit_secs == 0 || max_concurrent_tasks == 0 || padded_secs == 0 {
+        let max_public_rows = limits.max_public_rows.unwrap_or(DEFAULT_MAX_PUBLIC_ROWS);
+        if memory_mb == 0
+            || time_limit_secs == 0
+            || max_concurrent_tasks == 0
+            || padded_secs == 0
+            || max_public_rows == 0
+        {
             return Err(NodeError::Config(
-                "policy.limits: memory_mb, time_limit_secs, max_concurrent_tasks and padded_secs must be at \
-                 least 1"
+                "policy.limits: memory_mb, time_limit_secs, max_concurrent_tasks, padded_secs and \
+                 max_public_rows must be at least 1"
                     .into(),
             ));
         }
@@ -555,6 +570,7 @@ impl Policy {
                 time_limit: std::time::Duration::from_secs(time_limit_secs),
                 max_concurrent_tasks,
                 padded: std::time::Duration::from_secs(padded_secs),
+                max_public_rows,
             },
             secure,
             default_budget,

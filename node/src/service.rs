@@ -287,6 +287,7 @@ impl NodeService {
             epsilon: 0.0,
             delta: 0.0,
             refused: None,
+            audit: Some(self.state.ledger.head(None)?),
         };
         let checked = async {
             let plan = self
@@ -298,7 +299,17 @@ impl NodeService {
             if self.state.ledger.stored(task.id)?.is_none() {
                 self.check_quota(&task, &policy)?;
                 let payload_hash = sha256_hex(envelope.payload.as_bytes());
-                self.priced_charge(&task, &payload_hash, &plan, &rules, &policy)?;
+                let charge = self.priced_charge(&task, &payload_hash, &plan, &rules, &policy)?;
+                // Held until the task runs here, is released, or expires.
+                // A secure query is charged in sessions of their own task
+                // ids (its selection levels), so it holds nothing here.
+                if plan.options.aggregation != confer_query::options::Aggregation::Secure {
+                    let expires_ms =
+                        i64::try_from(task.expires_at.saturating_mul(1000)).unwrap_or(i64::MAX);
+                    if let Some(why) = self.state.ledger.reserve(&charge, expires_ms)? {
+                        return Err(self.refuse(Some(&task), ErrorKind::ResourceExhausted, why));
+                    }
+                }
             }
             Ok::<(), NodeError>(())
         }
@@ -315,6 +326,20 @@ impl NodeService {
             Err(e) => return Err(e),
         }
         Ok(answer)
+    }
+
+    /// [`actions::QUERY_RELEASE`]: a checked query will not run (another
+    /// node refused it), so the budget it holds here is given back. Only a
+    /// task the coordinator signed can be released, and releasing charges
+    /// and reads nothing: a task that runs later is checked again in full.
+    fn release_query(&self, envelope: Envelope) -> Result<bool> {
+        let policy = self.state.policy()?;
+        let (task, _rules) = self.admit(&envelope, &policy)?;
+        let released = self.state.ledger.release_lease(task.id)?;
+        if released {
+            info!(task = %task.id, study = %task.study, "budget held for a checked query released");
+        }
+        Ok(released)
     }
 
     /// Round 0 of a secure query: admit, check the session (members bound
@@ -778,7 +803,7 @@ impl NodeService {
         // Public rows: a failure here reveals nothing about persons, so it
         // is reported as it is and charges nothing, but the task still
         // runs within the node's limits.
-        let batches = match self.run_limited(&public.sql, &policy.limits).await {
+        let batches = match self.run_public_limited(&public.sql, &policy.limits).await {
             Ok(b) => b,
             Err(f) => {
                 return Err(self.refuse(
@@ -1168,6 +1193,12 @@ impl FlightService for NodeService {
                 })?;
                 json_result(&self.check_query(envelope).await?)?
             }
+            actions::QUERY_RELEASE => {
+                let envelope = Envelope::from_bytes(&action.body).map_err(|e| {
+                    Status::from(self.refuse(None, ErrorKind::InvalidArgument, e.message))
+                })?;
+                json_result(&serde_json::json!({ "released": self.release_query(envelope)? }))?
+            }
             actions::SECAGG_ROUND => {
                 let round: SecaggRound = serde_json::from_slice(&action.body).map_err(|e| {
                     Status::invalid_argument(format!("unreadable secure-aggregation round: {e}"))
@@ -1222,12 +1253,22 @@ impl FlightService for NodeService {
                     })?;
                 json_result(&self.train_evaluate(request).await?)?
             }
-            actions::HEALTH => json_result(&Health {
-                node: self.state.name.clone(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                uptime_secs: self.state.started.elapsed().as_secs(),
-                tables: self.state.catalog.tables.len(),
-            })?,
+            actions::HEALTH => {
+                let request: confer_protocol::catalog::HealthRequest = if action.body.is_empty() {
+                    Default::default()
+                } else {
+                    serde_json::from_slice(&action.body).map_err(|e| {
+                        Status::invalid_argument(format!("unreadable health request: {e}"))
+                    })?
+                };
+                json_result(&Health {
+                    node: self.state.name.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    uptime_secs: self.state.started.elapsed().as_secs(),
+                    tables: self.state.catalog.tables.len(),
+                    audit: Some(self.state.ledger.head(request.anchor_seq)?),
+                })?
+            }
             other => {
                 return Err(Status::invalid_argument(format!(
                     "unknown action {other}: this node serves {} (list_actions describes each)",
@@ -1235,6 +1276,7 @@ impl FlightService for NodeService {
                         actions::CATALOG,
                         actions::HEALTH,
                         actions::QUERY_CHECK,
+                        actions::QUERY_RELEASE,
                         actions::SECAGG_IDENTITY,
                         actions::SECAGG_ROUND,
                         actions::TRAIN_PREPARE,
@@ -1258,7 +1300,11 @@ impl FlightService for NodeService {
             (actions::HEALTH, "liveness and basic facts (JSON)"),
             (
                 actions::QUERY_CHECK,
-                "checks a signed DP query task without running or charging it",
+                "checks a signed DP query task without running or charging it, and holds its budget",
+            ),
+            (
+                actions::QUERY_RELEASE,
+                "gives up the budget a checked query task holds",
             ),
             (
                 actions::SECAGG_IDENTITY,

@@ -209,6 +209,33 @@ pub struct Health {
     pub uptime_secs: u64,
     /// Number of tables in its catalog.
     pub tables: usize,
+    /// The head of the node's audit chain, and the hash of the record the
+    /// coordinator anchored (see [`HealthRequest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditHead>,
+}
+
+/// The body of a health check (JSON; an empty body asks for no anchor).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthRequest {
+    /// The sequence number of the audit record the coordinator holds as
+    /// this node's anchor: the node answers with that record's hash, so
+    /// the coordinator can tell a chain that grew from one that was reset,
+    /// cut back or rewritten.
+    #[serde(default)]
+    pub anchor_seq: Option<i64>,
+}
+
+/// A node's audit chain as a health check reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditHead {
+    /// Sequence number of the newest record (0: none).
+    pub seq: i64,
+    /// Its chain hash.
+    pub hash: String,
+    /// The chain hash of the record at the requested anchor, if there is one.
+    #[serde(default)]
+    pub at_anchor: Option<String>,
 }
 
 #[cfg(test)]

@@ -51,6 +51,11 @@ pub mod actions {
     /// approved, table not published there) answers with an error and is
     /// left out.
     pub const QUERY_CHECK: &str = "confer.query.check";
+    /// Gives up the budget a query task holds since it passed its check at
+    /// this node (the query will not run: it was refused elsewhere). Body:
+    /// the same signed [`crate::task::Envelope`]; answer `{"released": bool}`.
+    /// A lease also ends when the task runs or expires.
+    pub const QUERY_RELEASE: &str = "confer.query.release";
     /// Checks a training job without charging: body a signed
     /// [`crate::task::Envelope`] of a [`crate::train::TrainTask`], answer
     /// [`crate::train::TrainReady`].

@@ -96,6 +96,10 @@ pub struct QueryCheck {
     /// answers the check with an error instead.
     #[serde(default)]
     pub refused: Option<ProtocolError>,
+    /// The head of the node's audit chain now: a chain shorter than the
+    /// one the coordinator anchored means the ledger was reset or cut back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::catalog::AuditHead>,
 }
 
 /// One message of a secure-aggregation session, either way. Round 0 carries
