@@ -739,3 +739,70 @@ async fn studies_can_be_edited_within_what_stewards_approved() {
     );
     fed.federation.stop().await.expect("clean stop");
 }
+
+/// A statement grouped by `site` planned while a node was unknown runs only
+/// at the sites it names: the node that is back by then is not asked, so it
+/// is not charged for a release the answer has no place for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_grouping_runs_only_at_the_sites_it_was_planned_for() {
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use futures::TryStreamExt;
+    let mut fed = federation_with(2, POLICY).await;
+    let work = fed.federation.work_dir.clone();
+    // site-b is down before the coordinator ever saw its catalog.
+    let node = fed.federation.take_node("site-b").expect("site-b");
+    let addr = node.addr;
+    node.kill().await.expect("kill");
+    let channel = tonic::transport::Endpoint::from_shared(fed.federation.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = FlightSqlServiceClient::new(channel);
+    client.set_token(fed.federation.tokens["alice"].clone());
+    client.set_header(confer_coordinator::service::STUDY_HEADER, "small");
+    let info = client
+        .execute(
+            "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.3, delta = 1e-6, min_sites = 1) \
+             site, COUNT(*) AS n FROM person GROUP BY site"
+                .into(),
+            None,
+        )
+        .await
+        .expect("planned with site-a only");
+    fed.federation
+        .nodes
+        .push(restart_node(&work, "site-b", addr).await);
+    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+    let batches: Vec<arrow::array::RecordBatch> = client
+        .do_get(ticket)
+        .await
+        .expect("runs")
+        .try_collect()
+        .await
+        .expect("answer");
+    let sites: Vec<String> = batches
+        .iter()
+        .flat_map(|b| {
+            let a =
+                arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).expect("text");
+            let a = a
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .expect("strings")
+                .clone();
+            (0..arrow::array::Array::len(&a)).map(move |i| a.value(i).to_string())
+        })
+        .collect();
+    assert_eq!(sites, ["site-a"]);
+    let db = work.join("state").join("site-b").join("ledger.sqlite");
+    let charged: i64 = rusqlite::Connection::open(&db)
+        .expect("ledger")
+        .query_row("SELECT COUNT(*) FROM releases", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(
+        charged, 0,
+        "site-b was charged for a query planned without it"
+    );
+    fed.federation.stop().await.expect("clean stop");
+}
