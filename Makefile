@@ -16,12 +16,13 @@ export LIBTORCH_USE_PYTORCH := 1
 
 CONFER := $(CARGO_TARGET_DIR)/debug/confer
 
-.PHONY: help bootstrap build demo demo-serve test fmt lint test-rust test-python
+.PHONY: help bootstrap build demo demo-serve test fmt lint test-rust test-python fuzz
 
 help:
 	@echo "make demo        start a local federation over GiBleed, run DP queries, stop"
 	@echo "make demo-serve  the same, then keep it running for your own queries"
 	@echo "make test        formatting, clippy, Rust tests, Python tests"
+	@echo "make fuzz        every fuzz target for FUZZ_SECS seconds (60), with a table of executions and findings"
 
 bootstrap:
 	@deploy/bootstrap.sh
@@ -51,3 +52,9 @@ test-python: bootstrap
 	fi
 
 test: lint build test-rust test-python
+
+# Fuzzing (not part of `make test`): needs the nightly toolchain and cargo-fuzz.
+FUZZ_SECS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	fuzz/run.sh $(FUZZ_SECS)

@@ -152,6 +152,34 @@ impl NodeHandle {
     fn failure(&self, err: arrow_flight::error::FlightError) -> ProtocolError {
         match err {
             arrow_flight::error::FlightError::Tonic(status) => {
+                // A node's own answers carry the retry flag; a failure
+                // without it and with one of these codes is the link (a
+                // node killed or restarting mid-call). Asking again is safe:
+                // it is the same task, which a node never charges twice.
+                let from_node = status
+                    .metadata()
+                    .get(confer_protocol::error::RETRYABLE_KEY)
+                    .is_some();
+                if !from_node
+                    && matches!(
+                        status.code(),
+                        tonic::Code::Unknown
+                            | tonic::Code::Internal
+                            | tonic::Code::Cancelled
+                            | tonic::Code::Aborted
+                    )
+                {
+                    return ProtocolError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "node {} ({}): the connection failed during the call: {}",
+                            self.name,
+                            self.url,
+                            status.message()
+                        ),
+                    )
+                    .with_retryable(true);
+                }
                 let e = ProtocolError::from_status(&status);
                 let detail = format!("{status:?}");
                 if detail.contains("invalid peer certificate")
@@ -471,5 +499,33 @@ where
         Ok(ok)
     } else {
         Err(joined(failures))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_link_that_fails_mid_call_is_retried_and_a_nodes_refusal_is_not() {
+        let node = NodeHandle::new(
+            &NodeEntry {
+                name: "site-a".into(),
+                url: "http://127.0.0.1:9".into(),
+            },
+            None,
+        )
+        .expect("handle");
+        let broken = node.failure(arrow_flight::error::FlightError::Tonic(Box::new(
+            tonic::Status::internal("h2 protocol error: stream closed because of a broken pipe"),
+        )));
+        assert!(broken.retryable, "{broken:?}");
+        assert_eq!(broken.kind, ErrorKind::Unavailable);
+        assert!(broken.message.contains("node site-a"), "{}", broken.message);
+        let refused: tonic::Status =
+            ProtocolError::internal("the task failed while it ran").into();
+        let refused = node.failure(arrow_flight::error::FlightError::Tonic(Box::new(refused)));
+        assert!(!refused.retryable, "{refused:?}");
+        assert_eq!(refused.kind, ErrorKind::Internal);
     }
 }

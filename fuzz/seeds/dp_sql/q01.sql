@@ -1,0 +1,1 @@
+SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id

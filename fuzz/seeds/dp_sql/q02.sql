@@ -1,0 +1,1 @@
+SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 0.5, delta = 1e-6, max_groups_contributed = 5) condition_concept_id, COUNT(DISTINCT person_id) AS n FROM condition_occurrence GROUP BY condition_concept_id

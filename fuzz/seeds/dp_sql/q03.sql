@@ -1,0 +1,1 @@
+SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6, mechanism = 'laplace') AVG(year_of_birth) AS y, SUM(year_of_birth) AS s FROM person

@@ -1,0 +1,1 @@
+SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6, max_rows_per_group = 10) gender_concept_id, SUM(value_as_number) AS s, AVG(value_as_number) AS a, VAR_POP(value_as_number) AS v, STDDEV_POP(value_as_number) AS sd FROM condition_occurrence c JOIN person p ON c.person_id = p.person_id GROUP BY gender_concept_id

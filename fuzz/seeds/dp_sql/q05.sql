@@ -1,0 +1,1 @@
+EXPLAIN PRIVACY SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) COUNT(*) AS n FROM person WHERE year_of_birth BETWEEN 1950 AND 1960 AND gender_concept_id IN (8507)

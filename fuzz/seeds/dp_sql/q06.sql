@@ -1,0 +1,1 @@
+SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) CASE WHEN year_of_birth < 1950 THEN 'old' ELSE 'young' END AS band, COUNT(*) AS n FROM person GROUP BY 1

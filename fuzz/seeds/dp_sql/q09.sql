@@ -1,0 +1,1 @@
+SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) COUNT(*) AS n FROM person WHERE person_id IN (SELECT person_id FROM condition_occurrence WHERE condition_concept_id = 192671)

@@ -1,0 +1,1 @@
+SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) EXTRACT(YEAR FROM condition_start_date) AS y, COUNT(*) AS n FROM condition_occurrence GROUP BY EXTRACT(YEAR FROM condition_start_date)

@@ -1,0 +1,1 @@
+SELECT concept_id, concept_name FROM concept WHERE concept_name LIKE '%bleed%' ORDER BY concept_id LIMIT 10

@@ -1,0 +1,1 @@
+SELECT COUNT(*) FROM concept a JOIN concept b ON a.concept_id = b.concept_id

@@ -1,0 +1,1 @@
+WITH c AS (SELECT person_id, MIN(condition_start_date) AS d FROM condition_occurrence GROUP BY person_id) SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) COUNT(*) AS n FROM c
