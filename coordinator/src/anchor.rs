@@ -26,7 +26,8 @@ pub enum Verdict {
     },
     /// The chain does not extend the anchor: why, for the operator.
     Hold(String),
-    /// The node reports no audit head (an older node): nothing to judge.
+    /// Neither an anchor nor an audit head (a node from before anchors):
+    /// nothing to judge.
     Unknown,
 }
 
@@ -34,7 +35,15 @@ pub enum Verdict {
 /// saw last).
 pub fn judge(anchor: Option<&(i64, String)>, head: Option<&AuditHead>) -> Verdict {
     let Some(head) = head else {
-        return Verdict::Unknown;
+        return match anchor {
+            // It reported its chain before: an older binary now, or the
+            // report withheld, is not a chain that extends the anchor.
+            Some((seq, _)) => Verdict::Hold(format!(
+                "it no longer reports its audit chain, which had reached record {seq} (is it running an \
+                 older confer?)"
+            )),
+            None => Verdict::Unknown,
+        };
     };
     let extend = Verdict::Extend {
         seq: head.seq,
@@ -107,7 +116,7 @@ mod tests {
                 hash: "h3".into()
             }
         );
-        assert_eq!(judge(Some(&anchor), None), Verdict::Unknown);
+        assert_eq!(judge(None, None), Verdict::Unknown);
     }
 
     #[test]
@@ -128,6 +137,8 @@ mod tests {
             judge(Some(&anchor), Some(&head(4, "h4", None))),
             Verdict::Hold(_)
         ));
+        // An anchored node that stops reporting its chain.
+        assert!(matches!(judge(Some(&anchor), None), Verdict::Hold(_)));
         // A record missing at the anchor.
         assert!(matches!(
             judge(Some(&anchor), Some(&head(7, "h7", None))),

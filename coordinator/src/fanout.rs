@@ -152,6 +152,9 @@ impl NodeHandle {
     fn failure(&self, err: arrow_flight::error::FlightError) -> ProtocolError {
         match err {
             arrow_flight::error::FlightError::Tonic(status) => {
+                let detail = format!("{status:?}");
+                let tls =
+                    detail.contains("invalid peer certificate") || detail.contains("certificate");
                 // A node's own answers carry the retry flag; a failure
                 // without it and with one of these codes is the link (a
                 // node killed or restarting mid-call). Asking again is safe:
@@ -161,6 +164,7 @@ impl NodeHandle {
                     .get(confer_protocol::error::RETRYABLE_KEY)
                     .is_some();
                 if !from_node
+                    && !tls
                     && matches!(
                         status.code(),
                         tonic::Code::Unknown
@@ -181,7 +185,6 @@ impl NodeHandle {
                     .with_retryable(true);
                 }
                 let e = ProtocolError::from_status(&status);
-                let detail = format!("{status:?}");
                 if detail.contains("invalid peer certificate")
                     || detail.contains("certificate") && e.kind == ErrorKind::Unavailable
                 {
@@ -522,8 +525,7 @@ mod tests {
         assert!(broken.retryable, "{broken:?}");
         assert_eq!(broken.kind, ErrorKind::Unavailable);
         assert!(broken.message.contains("node site-a"), "{}", broken.message);
-        let refused: tonic::Status =
-            ProtocolError::internal("the task failed while it ran").into();
+        let refused: tonic::Status = ProtocolError::internal("the task failed while it ran").into();
         let refused = node.failure(arrow_flight::error::FlightError::Tonic(Box::new(refused)));
         assert!(!refused.retryable, "{refused:?}");
         assert_eq!(refused.kind, ErrorKind::Internal);

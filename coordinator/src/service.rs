@@ -160,6 +160,13 @@ impl CoordinatorState {
         let sql_info = info
             .build()
             .map_err(|e| crate::CoordinatorError::Config(format!("sql info: {e}")))?;
+        // Nodes held when the coordinator stopped stay held until a health
+        // check finds their chains extend their anchors again.
+        for (name, why) in store.holds()? {
+            if let Some(node) = nodes.iter().find(|n| n.name == name) {
+                node.hold(Some(why));
+            }
+        }
         Ok(Self {
             auth: Authenticator::new(store.clone()),
             store,
@@ -526,6 +533,17 @@ impl CoordinatorState {
         policy: fanout::RetryPolicy,
     ) -> Result<(Vec<NodeHandle>, Vec<String>, Vec<ProtocolError>), ProtocolError> {
         let body = envelope.to_bytes()?;
+        // Read before any node is asked: a node's chain only grows from here.
+        let anchors: HashMap<String, (i64, String)> = nodes
+            .iter()
+            .filter_map(|n| {
+                self.store
+                    .anchor(&n.name)
+                    .ok()
+                    .flatten()
+                    .map(|a| (n.name.clone(), a))
+            })
+            .collect();
         let answers = fanout::each(nodes, |n| {
             let body = body.clone();
             async move {
@@ -560,12 +578,15 @@ impl CoordinatorState {
             // A chain shorter than its anchor: reset or cut back since the
             // last health check, so held now (the full check of the
             // anchored record's hash runs with every health check).
+            let anchor = anchors.get(&name);
             let answer =
-                answer.and_then(|a| match self.chain_cut_back(node, a.audit.as_ref()) {
-                    Some(why) => Err(ProtocolError::new(ErrorKind::FailedPrecondition, why)
-                        .with_retryable(false)),
-                    None => Ok(a),
-                });
+                answer.and_then(
+                    |a| match self.chain_cut_back(node, anchor, a.audit.as_ref()) {
+                        Some(why) => Err(ProtocolError::new(ErrorKind::FailedPrecondition, why)
+                            .with_retryable(false)),
+                        None => Ok(a),
+                    },
+                );
             match answer {
                 Ok(QueryCheck {
                     refused: Some(why), ..
@@ -579,9 +600,21 @@ impl CoordinatorState {
             }
         }
         if !refusals.is_empty() || ready.len() < min_sites {
-            // The query will not run: the nodes that passed give back the
-            // budget they hold for it, so it spends nothing anywhere.
-            self.release_leases(&ready, &body).await;
+            // The query will not run: every node asked gives back the budget
+            // it may hold for it (a node left out may have passed after the
+            // deadline), so it spends nothing anywhere.
+            self.release_leases(nodes, &body).await;
+        } else if ready.len() < nodes.len() {
+            // It runs without the nodes left out, which can then never run
+            // it (it is bound to the others): what they may hold goes back.
+            let left: Vec<NodeHandle> = nodes
+                .iter()
+                .filter(|n| !ready.iter().any(|r: &NodeHandle| r.name == n.name))
+                .cloned()
+                .collect();
+            let timeout = self.config.node_timeout().min(Duration::from_secs(5));
+            let body = body.clone();
+            tokio::spawn(async move { release_leases_at(&left, &body, timeout).await });
         }
         if !refusals.is_empty() {
             let mut err = fanout::joined(refusals);
@@ -657,24 +690,7 @@ impl CoordinatorState {
     /// the task ever runs).
     async fn release_leases(&self, nodes: &[NodeHandle], body: &[u8]) {
         let timeout = self.config.node_timeout().min(Duration::from_secs(5));
-        let answers = fanout::each(nodes, |n| {
-            let body = body.to_vec();
-            async move {
-                n.action_json::<serde_json::Value>(
-                    actions::QUERY_RELEASE,
-                    body,
-                    "budget release",
-                    timeout,
-                )
-                .await
-            }
-        })
-        .await;
-        for (name, answer) in answers {
-            if let Err(e) = answer {
-                warn!(node = %name, "the budget held for a refused query stays held until the task expires: {}", e.message);
-            }
-        }
+        release_leases_at(nodes, body, timeout).await;
     }
 
     /// Runs a planned statement and returns its result.
@@ -852,6 +868,14 @@ impl CoordinatorState {
                         }
                     }
                     if partials.len() < *min_sites {
+                        // Nodes that took no charge give back what they hold.
+                        if let Ok(body) = envelope.to_bytes() {
+                            let ready = ready.clone();
+                            let timeout = policy.timeout.min(Duration::from_secs(5));
+                            tokio::spawn(
+                                async move { release_leases_at(&ready, &body, timeout).await },
+                            );
+                        }
                         let mut err = fanout::joined(failures);
                         err.message = format!(
                             "only {} of {} sites answered and this query needs {} (min_sites); missing {}: {}",
@@ -924,17 +948,26 @@ impl CoordinatorState {
         let timeout = Duration::from_secs(5);
         let store = &self.store;
         let results = fanout::each(&self.nodes, |n| async move {
-            let anchor = store.anchor(&n.name).ok().flatten();
+            // An anchor that cannot be read now (the store busy) is not
+            // "no anchor": the node is then not judged this time.
+            let anchor = store.anchor(&n.name);
+            if let Err(e) = &anchor {
+                warn!(node = %n.name, "cannot read the node's audit anchor: {e}");
+            }
             let started = Instant::now();
-            n.health(timeout, anchor.as_ref().map(|a| a.0))
+            let seq = anchor.as_ref().ok().and_then(|a| a.as_ref().map(|a| a.0));
+            n.health(timeout, seq)
                 .await
-                .map(|h| (h, started.elapsed(), anchor))
+                .map(|h| (h, started.elapsed(), anchor.ok()))
         })
         .await;
         for (handle, (name, r)) in self.nodes.iter().zip(results) {
             let previous = self.health.read().ok().and_then(|m| m.get(&name).cloned());
             let r = r.map(|(h, rtt, anchor)| {
-                let held = self.judge_anchor(handle, anchor.as_ref(), h.audit.as_ref());
+                let held = match anchor {
+                    Some(anchor) => self.judge_anchor(handle, anchor.as_ref(), h.audit.as_ref()),
+                    None => handle.held(),
+                };
                 (h, rtt, held)
             });
             let status = match r {
@@ -978,19 +1011,20 @@ impl CoordinatorState {
         }
     }
 
-    /// Why `node` is held now, if its audit chain is shorter than its
-    /// anchor (the node is then held as at a health check).
+    /// Why `node` is held now, if its audit chain is shorter than `anchor`,
+    /// its anchor as read before the check was sent (a health check may
+    /// move it on meanwhile); the node is then held as at a health check.
     fn chain_cut_back(
         &self,
         node: &NodeHandle,
+        anchor: Option<&(i64, String)>,
         head: Option<&confer_protocol::catalog::AuditHead>,
     ) -> Option<String> {
-        let head = head?;
-        let anchor = self.store.anchor(&node.name).ok().flatten()?;
+        let (head, anchor) = (head?, anchor?);
         if head.seq >= anchor.0 {
             return None;
         }
-        self.judge_anchor(node, Some(&anchor), Some(head))
+        self.judge_anchor(node, Some(anchor), Some(head))
     }
 
     /// Moves `node`'s anchor along its audit chain, or holds the node out
@@ -1011,6 +1045,9 @@ impl CoordinatorState {
                 }
                 if was_held.is_some() {
                     node.hold(None);
+                    if let Err(e) = self.store.set_hold(&node.name, None) {
+                        warn!(node = %node.name, "cannot record that the node is used again: {e}");
+                    }
                     info!(node = %node.name, "the node's audit chain extends its anchor again: used again");
                     self.audit(
                         "coordinator",
@@ -1032,6 +1069,9 @@ impl CoordinatorState {
                     self.audit("coordinator", None, "node_ledger", "held", message.clone());
                 }
                 node.hold(Some(message.clone()));
+                if let Err(e) = self.store.set_hold(&node.name, Some(&message)) {
+                    warn!(node = %node.name, "cannot record that the node is held: {e}");
+                }
                 Some(message)
             }
             crate::anchor::Verdict::Unknown => was_held,
@@ -1069,7 +1109,29 @@ pub(crate) fn study_info(study: &Study) -> StudyInfo {
     }
 }
 
-/// Notes the sites that did not answer in the result's metadata.
+/// Asks `nodes` to give back the budget they hold for the task in `body`
+/// (best effort, each under `timeout`).
+async fn release_leases_at(nodes: &[NodeHandle], body: &[u8], timeout: Duration) {
+    let answers = fanout::each(nodes, |n| {
+        let body = body.to_vec();
+        async move {
+            n.action_json::<serde_json::Value>(
+                actions::QUERY_RELEASE,
+                body,
+                "budget release",
+                timeout,
+            )
+            .await
+        }
+    })
+    .await;
+    for (name, answer) in answers {
+        if let Err(e) = answer {
+            warn!(node = %name, "budget held for a query that will not run there stays held until its task expires: {}", e.message);
+        }
+    }
+}
+
 /// Refuses reading a table outside the study's list (an empty list allows all).
 fn study_reads(study: &Study, tables: &[String]) -> Result<(), ProtocolError> {
     if !study.tables.is_empty()

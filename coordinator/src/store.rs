@@ -214,6 +214,11 @@ pub trait Store: Send + Sync {
     /// Forgets a node's anchor (its steward could not restore the ledger
     /// and the network accepts the loss); `true` if there was one.
     fn forget_anchor(&self, node: &str) -> Result<bool>;
+    /// Records why a node is held out of every task (`None`: it is not),
+    /// so that a restarted coordinator holds it too.
+    fn set_hold(&self, node: &str, why: Option<&str>) -> Result<()>;
+    /// The nodes held, with why.
+    fn holds(&self) -> Result<Vec<(String, String)>>;
     /// Appends to the coordinator's audit log.
     fn audit(&self, entry: &CoordinatorAudit) -> Result<()>;
     /// The audit log, oldest first.
@@ -276,7 +281,8 @@ impl SqliteStore {
                  result BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, body TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS anchors (
-                 node TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL, at_ms INTEGER NOT NULL);
+                 node TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL, at_ms INTEGER NOT NULL,
+                 held TEXT);
              CREATE TABLE IF NOT EXISTS train_jobs (
                  id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, body TEXT NOT NULL,
                  checkpoint TEXT);
@@ -356,6 +362,9 @@ fn chain_legacy_audit(conn: &Connection) -> Result<()> {
     if has_hash {
         return Ok(());
     }
+    // One transaction: a crash half way leaves the log as it was.
+    let tx = conn.unchecked_transaction().map_err(db)?;
+    let conn = &*tx;
     conn.execute_batch(
         "ALTER TABLE audit ADD COLUMN prev_hash TEXT;
          ALTER TABLE audit ADD COLUMN hash TEXT;",
@@ -396,6 +405,7 @@ fn chain_legacy_audit(conn: &Connection) -> Result<()> {
         .map_err(db)?;
         prev = hash;
     }
+    tx.commit().map_err(db)?;
     Ok(())
 }
 
@@ -651,6 +661,29 @@ impl Store for SqliteStore {
         )
         .map_err(db)?;
         Ok(())
+    }
+
+    fn set_hold(&self, node: &str, why: Option<&str>) -> Result<()> {
+        let conn = self.conn()?;
+        conn.execute(
+            "UPDATE anchors SET held = ?2 WHERE node = ?1",
+            params![node, why],
+        )
+        .map_err(db)?;
+        Ok(())
+    }
+
+    fn holds(&self) -> Result<Vec<(String, String)>> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT node, held FROM anchors WHERE held IS NOT NULL ORDER BY node")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db)?;
+        Ok(rows)
     }
 
     fn forget_anchor(&self, node: &str) -> Result<bool> {

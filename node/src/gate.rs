@@ -626,13 +626,19 @@ impl NodeService {
             let (mut rows, mut bytes) = (0usize, 0usize);
             while let Some(batch) = stream.next().await {
                 let batch = batch.map_err(|e| Failure::of(&e))?;
-                rows += batch.num_rows();
-                bytes += batch.get_array_memory_size();
-                if max_rows.is_some_and(|cap| rows > cap) {
-                    return Err(Failure::Rows(max_rows.unwrap_or_default()));
-                }
-                if bytes > memory {
-                    return Err(Failure::Memory);
+                // Answers over public tables can be as long as a cross
+                // join: capped in rows, and what is held counts against the
+                // task's memory. A DP task's answer is its groups, which
+                // its plan bounds; it is not failed (and charged) here.
+                if let Some(cap) = max_rows {
+                    rows += batch.num_rows();
+                    bytes += batch.get_array_memory_size();
+                    if rows > cap {
+                        return Err(Failure::Rows(cap));
+                    }
+                    if bytes > memory {
+                        return Err(Failure::Memory);
+                    }
                 }
                 batches.push(batch);
             }

@@ -273,6 +273,9 @@ pub struct Ledger {
     /// lease and the charges it competes with are decided in one order. In
     /// memory: a restart drops them, and `begin` checks every budget again.
     leases: Mutex<HashMap<Uuid, Lease>>,
+    /// Tasks whose leases were released, until they expire (ms): a check
+    /// that arrives after its release (a slow node) reserves nothing.
+    released: Mutex<HashMap<Uuid, i64>>,
 }
 
 /// Budget a checked task holds until it runs, is released, or expires.
@@ -404,6 +407,7 @@ impl Ledger {
             head_path: state_dir.join("audit.head"),
             path,
             leases: Mutex::new(HashMap::new()),
+            released: Mutex::new(HashMap::new()),
         };
         ledger.recover()?;
         Ok(ledger)
@@ -866,6 +870,28 @@ impl Ledger {
     /// the same task replaces the first.
     pub fn reserve(&self, charge: &Charge, expires_ms: i64) -> Result<Option<String>> {
         let conn = self.conn()?;
+        // Charged already (a retry's check raced its run), or released (the
+        // query will not run): nothing to hold.
+        let on_record = conn
+            .query_row(
+                "SELECT 1 FROM releases WHERE task_id = ?1",
+                params![charge.task_id.to_string()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        let released = {
+            let mut released = self
+                .released
+                .lock()
+                .map_err(|_| NodeError::Ledger("lease table lock poisoned".into()))?;
+            let now = now_ms();
+            released.retain(|_, until| *until > now);
+            released.contains_key(&charge.task_id)
+        };
+        if on_record || released {
+            return Ok(None);
+        }
         let reserved = self.reserved_for(charge)?;
         if let Some(why) = budget_refusal(&conn, charge, &reserved)? {
             return Ok(Some(why));
@@ -884,9 +910,14 @@ impl Ledger {
         Ok(None)
     }
 
-    /// Gives up a task's lease (the query will not run); `true` if it held one.
-    pub fn release_lease(&self, task_id: Uuid) -> Result<bool> {
+    /// Gives up a task's lease (the query will not run), and holds none
+    /// for it until `expires_ms`; `true` if it held one.
+    pub fn release_lease(&self, task_id: Uuid, expires_ms: i64) -> Result<bool> {
         let _conn = self.conn()?;
+        self.released
+            .lock()
+            .map_err(|_| NodeError::Ledger("lease table lock poisoned".into()))?
+            .insert(task_id, expires_ms);
         Ok(self.leases()?.remove(&task_id).is_some())
     }
 
@@ -1763,26 +1794,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let ledger = Ledger::open(dir.path()).expect("open");
         let later = now_ms() + 60_000;
+        let reserve =
+            |id: Uuid, until: i64| ledger.reserve(&charge(id, 0.4, 1.0), until).expect("db");
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         // Two of three queries of 0.4 fit a budget of 1.0.
-        assert_eq!(
-            ledger.reserve(&charge(a, 0.4, 1.0), later).expect("db"),
-            None
-        );
-        assert_eq!(
-            ledger.reserve(&charge(b, 0.4, 1.0), later).expect("db"),
-            None
-        );
-        let why = ledger
-            .reserve(&charge(c, 0.4, 1.0), later)
-            .expect("db")
-            .expect("the third does not fit beside two leases");
+        assert_eq!(reserve(a, later), None);
+        assert_eq!(reserve(b, later), None);
+        let why = reserve(c, later).expect("the third does not fit beside two leases");
         assert!(why.contains("held by queries"), "{why}");
         // A lease renewed for the same task does not count twice.
-        assert_eq!(
-            ledger.reserve(&charge(a, 0.4, 1.0), later).expect("db"),
-            None
-        );
+        assert_eq!(reserve(a, later), None);
         // The holders run; an unchecked charge cannot take their room.
         assert!(matches!(
             ledger.begin(&charge(c, 0.4, 1.0)).expect("db"),
@@ -1793,35 +1814,26 @@ mod tests {
             Ok(Begun::Charged)
         ));
         assert!(
-            !ledger.release_lease(a).expect("db"),
+            !ledger.release_lease(a, later).expect("db"),
             "the lease became a charge"
         );
-        // b is released (refused elsewhere): its room is free again.
-        assert!(ledger.release_lease(b).expect("db"));
-        assert_eq!(
-            ledger.reserve(&charge(c, 0.4, 1.0), later).expect("db"),
-            None
-        );
+        // A check of a task already charged (a retry) holds nothing more.
+        assert_eq!(reserve(a, later), None);
+        assert_eq!(ledger.leased_total().expect("db"), 0.4, "b only");
+        // b is released (refused elsewhere): its room is free again, and a
+        // check of b that arrives late holds nothing.
+        assert!(ledger.release_lease(b, later).expect("db"));
+        assert_eq!(reserve(b, later), None);
+        assert_eq!(ledger.leased_total().expect("db"), 0.0);
+        assert_eq!(reserve(c, later), None);
         // An expired lease holds nothing.
         let d = Uuid::new_v4();
-        assert!(
-            ledger
-                .reserve(&charge(d, 0.4, 1.0), later)
-                .expect("db")
-                .is_some()
-        );
-        ledger.release_lease(c).expect("db");
-        assert_eq!(
-            ledger
-                .reserve(&charge(d, 0.4, 1.0), now_ms() - 1)
-                .expect("db"),
-            None
-        );
+        assert!(reserve(d, later).is_some(), "a charged and c held: no room");
+        ledger.release_lease(c, later).expect("db");
+        assert_eq!(reserve(d, now_ms() - 1), None);
         assert_eq!(ledger.leased_total().expect("db"), 0.0);
-        assert_eq!(
-            ledger.reserve(&charge(c, 0.4, 1.0), later).expect("db"),
-            None
-        );
+        let e = Uuid::new_v4();
+        assert_eq!(reserve(e, later), None);
         assert!((ledger.leased_total().expect("db") - 0.4).abs() < 1e-12);
         assert_eq!(ledger.spent("s", None).expect("spent"), 0.4);
     }

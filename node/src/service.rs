@@ -304,8 +304,7 @@ impl NodeService {
                 // A secure query is charged in sessions of their own task
                 // ids (its selection levels), so it holds nothing here.
                 if plan.options.aggregation != confer_query::options::Aggregation::Secure {
-                    let expires_ms =
-                        i64::try_from(task.expires_at.saturating_mul(1000)).unwrap_or(i64::MAX);
+                    let expires_ms = lease_expiry_ms(&task);
                     if let Some(why) = self.state.ledger.reserve(&charge, expires_ms)? {
                         return Err(self.refuse(Some(&task), ErrorKind::ResourceExhausted, why));
                     }
@@ -333,9 +332,15 @@ impl NodeService {
     /// task the coordinator signed can be released, and releasing charges
     /// and reads nothing: a task that runs later is checked again in full.
     fn release_query(&self, envelope: Envelope) -> Result<bool> {
-        let policy = self.state.policy()?;
-        let (task, _rules) = self.admit(&envelope, &policy)?;
-        let released = self.state.ledger.release_lease(task.id)?;
+        // The signature is all a release needs: it only gives budget back,
+        // so an expired task or a study denied since its check may release.
+        let task = self
+            .state
+            .coordinator()
+            .verify(&envelope)
+            .map_err(|e| self.refuse(None, ErrorKind::PermissionDenied, e.message))?;
+        let expires_ms = lease_expiry_ms(&task);
+        let released = self.state.ledger.release_lease(task.id, expires_ms)?;
         if released {
             info!(task = %task.id, study = %task.study, "budget held for a checked query released");
         }
@@ -930,6 +935,12 @@ fn plan_cost(cost: &confer_query::plan::PlanCost) -> Cost {
 }
 
 /// What one secure session of a query computes at this node: the release
+/// When a lease of `task` ends (ms since the epoch): when the task itself
+/// is no longer accepted (its `expires_at` second has passed).
+fn lease_expiry_ms(task: &Task) -> i64 {
+    i64::try_from(task.expires_at.saturating_add(1).saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
 /// of its aggregates (over public domains, or over the keys secure
 /// partition selection found), or one level of that selection.
 enum SecureWork {
