@@ -20,11 +20,16 @@ pub mod budget;
 pub mod catalog_view;
 pub mod config;
 pub mod error;
+mod explain;
 pub mod fanout;
 pub mod front;
+mod health;
+mod query;
 pub mod secure;
 pub mod service;
+mod state;
 pub mod store;
+mod studies;
 pub mod train;
 
 use std::net::SocketAddr;

@@ -195,6 +195,28 @@ mod tests {
     }
 
     #[test]
+    fn the_task_a_node_verifies_is_the_task_the_coordinator_signed() {
+        // Found by the task_envelope fuzz target: without exact float
+        // parsing, 1e-86 read back one unit in the last place off.
+        let identity = Identity::generate().expect("key");
+        for delta in [1e-86, 1e-6, 0.1 + 0.2, f64::MIN_POSITIVE, 5e-324, 1e300] {
+            let mut task = Task::query("s", "r", "SELECT 1", Duration::from_secs(60));
+            task.study_info = Some(crate::task::StudyInfo {
+                title: "t".into(),
+                principal_investigator: "p".into(),
+                ethics_ref: "e".into(),
+                requested_epsilon: delta * 3.0,
+                requested_delta: delta,
+            });
+            let verified = identity
+                .public()
+                .verify(&identity.sign(&task).expect("sign"))
+                .expect("verify");
+            assert_eq!(verified, task, "{delta:e}");
+        }
+    }
+
+    #[test]
     fn keys_round_trip_through_files() {
         let dir = std::env::temp_dir().join(format!("confer-key-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
