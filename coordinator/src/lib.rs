@@ -3,11 +3,17 @@
 //! noisy partials into answers with confidence intervals.
 //!
 //! ```text
-//! client ──Flight SQL──▶ service::plan     parse + compile + validate (no node contacted
-//!                                          beyond fetching catalogs), returns schema + ticket
-//! client ──DoGet───────▶ service::execute  fanout::all(nodes, run task, per-node deadline)
-//!                                          combine (sums, SE, CI) ─▶ post-process ─▶ stream
+//! client ──Flight SQL──▶ service (Flight adapter) ─▶ query::plan   parse + compile + validate
+//!                                   (no node contacted beyond fetching catalogs): schema + ticket
+//! client ──DoGet───────▶ service ─▶ query::execute  check at every node (budget held there),
+//!                                   run at those that passed (fanout, per-node deadline),
+//!                                   combine (sums, SE, CI) ─▶ post-process ─▶ stream
 //! ```
+//!
+//! `state` holds what every request shares (config, key, nodes, catalog
+//! cache, planned statements, store); `health` checks nodes and anchors
+//! their audit chains ([`anchor`]); `explain` answers EXPLAIN PRIVACY;
+//! `studies` creates and edits studies.
 //!
 //! Training jobs ([`train`]) run in the background over the same nodes.
 //!
