@@ -295,10 +295,27 @@ impl NodeHandle {
                 batch,
             })
         };
+        // Arrow's IPC reader panics on some malformed buffers (an offset past
+        // the end) instead of failing: a node's answer must not take the
+        // coordinator's request down with it, so such an answer is set
+        // aside as that node's failure.
+        let call = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(call));
         let result = tokio::time::timeout(timeout, call)
             .await
             .map_err(|_| self.timed_out(timeout))
-            .and_then(|r| r);
+            .and_then(|r| {
+                r.unwrap_or_else(|_| {
+                    Err(ProtocolError::new(
+                        ErrorKind::Internal,
+                        format!(
+                            "node {} sent an answer the coordinator cannot decode (malformed Arrow data), \
+                             set aside",
+                            self.name
+                        ),
+                    )
+                    .with_retryable(false))
+                })
+            });
         self.record(result)
     }
 }

@@ -24,8 +24,11 @@ pub mod gate;
 pub mod ledger;
 pub mod omop;
 pub mod policy;
+mod query;
 pub mod secure;
+mod secure_query;
 pub mod service;
+mod state;
 pub mod train;
 
 use std::net::SocketAddr;

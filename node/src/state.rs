@@ -1,0 +1,195 @@
+//! What every request at a node shares: its name, tables, catalog,
+//! ledger, the policy in force (reloaded when its file changes) and the
+//! coordinator's key.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime};
+
+use confer_protocol::catalog::CatalogInfo;
+use confer_protocol::signing::PublicKey;
+use confer_query::Catalog;
+use datafusion::prelude::SessionContext;
+use tracing::{info, warn};
+
+use crate::config::NodeConfig;
+use crate::error::{NodeError, Result};
+use crate::ledger::{AuditEntry, Ledger};
+use crate::policy::Policy;
+
+/// The policy in force and the config file it came from.
+pub(crate) struct PolicyState {
+    policy: Policy,
+    modified: Option<SystemTime>,
+}
+
+/// The compiler's words for a table this node's catalog lacks.
+pub(crate) const NOT_IN_CATALOG: &str = "is not in the network catalog";
+
+/// Shared state of a running node.
+pub struct NodeState {
+    /// Site name.
+    pub name: String,
+    /// DataFusion session with the node's tables.
+    pub ctx: SessionContext,
+    /// The published catalog.
+    pub catalog: CatalogInfo,
+    /// The catalog as the query compiler sees it.
+    pub query_catalog: Catalog,
+    /// The privacy ledger and audit log.
+    pub ledger: Arc<Ledger>,
+    /// When the node started.
+    pub started: Instant,
+    /// Secure-aggregation identity and sessions.
+    pub secure: crate::secure::SecureSessions,
+    /// Training jobs prepared here.
+    pub train: crate::train::TrainJobs,
+    /// Tasks running now (see [`crate::gate::Slot`]).
+    pub(crate) running: Arc<std::sync::atomic::AtomicUsize>,
+    /// Refusals of requests without a verified task, audited in summary.
+    pub unverified: crate::gate::Unverified,
+    /// This node's TLS files: its certificate and key prove its
+    /// secure-aggregation identity to peers, and the CA checks theirs.
+    pub(crate) tls: Option<confer_transport::TlsFiles>,
+    coordinator: PublicKey,
+    policy: RwLock<PolicyState>,
+    config_path: Option<PathBuf>,
+}
+
+impl NodeState {
+    /// Loads the config's tables (validating them) and opens its ledger.
+    pub async fn open(config: &NodeConfig) -> Result<Self> {
+        let ctx = SessionContext::new();
+        let catalog = crate::catalog::load(config, &ctx).await?;
+        let unique = crate::catalog::unique_public_columns(&ctx, &catalog).await?;
+        let ledger = Arc::new(Ledger::open(&config.node.state_dir)?);
+        // A node never serves on a ledger that fails its own check: an
+        // edited, truncated or replaced ledger could refund budget.
+        let check = ledger.verify()?;
+        if let Some(problem) = check.problem {
+            return Err(NodeError::Config(format!(
+                "the ledger in {} fails its check after {} good audit records: {problem}. The node \
+                 does not start on a ledger that may have been reset or edited: restore node.state_dir \
+                 from a backup (`confer audit verify --config ...` checks it)",
+                config.node.state_dir.display(),
+                check.records
+            )));
+        }
+        let mut state = Self::new(config, ctx, catalog, ledger)?;
+        for (table, column) in unique {
+            state.query_catalog.set_unique(&table, &column);
+        }
+        Ok(state)
+    }
+
+    /// State for a loaded config.
+    pub fn new(
+        config: &NodeConfig,
+        ctx: SessionContext,
+        catalog: CatalogInfo,
+        ledger: Arc<Ledger>,
+    ) -> Result<Self> {
+        let coordinator = config.coordinator_key()?;
+        let policy = Policy::from_config(&config.policy)?;
+        let modified = config
+            .source
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .and_then(|m| m.modified().ok());
+        Ok(Self {
+            name: config.node.name.clone(),
+            query_catalog: Catalog::for_node(&catalog),
+            catalog,
+            ctx,
+            ledger,
+            started: Instant::now(),
+            secure: crate::secure::SecureSessions::open(&config.node.state_dir)?,
+            train: crate::train::TrainJobs::default(),
+            running: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            unverified: crate::gate::Unverified::default(),
+            tls: config.tls.clone(),
+            coordinator,
+            policy: RwLock::new(PolicyState { policy, modified }),
+            config_path: config.source.clone(),
+        })
+    }
+
+    /// This node's proof of its secure-aggregation identity key: its
+    /// certificate and a signature by its TLS key (none without TLS).
+    pub fn identity_proof(&self) -> Option<confer_protocol::task::IdentityProof> {
+        let files = self.tls.as_ref()?;
+        match confer_transport::identity::bind(files, &self.name, &self.secure.identity()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!("cannot prove this node's secure-aggregation identity: {e}");
+                None
+            }
+        }
+    }
+
+    /// The coordinator's public key, which signs every task.
+    pub fn coordinator(&self) -> &PublicKey {
+        &self.coordinator
+    }
+
+    /// The policy in force, re-read from node.toml if the file changed. A
+    /// file that no longer parses keeps the previous policy (and says so in
+    /// the log and the audit log).
+    pub fn policy(&self) -> Result<Policy> {
+        let modified = self
+            .config_path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .and_then(|m| m.modified().ok());
+        {
+            let state = self
+                .policy
+                .read()
+                .map_err(|_| NodeError::Ledger("policy lock poisoned".into()))?;
+            if modified.is_none() || modified == state.modified {
+                return Ok(state.policy.clone());
+            }
+        }
+        let mut state = self
+            .policy
+            .write()
+            .map_err(|_| NodeError::Ledger("policy lock poisoned".into()))?;
+        if modified != state.modified {
+            state.modified = modified;
+            let path = self
+                .config_path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let reloaded = self
+                .config_path
+                .as_ref()
+                .ok_or_else(|| NodeError::Config("no config file".into()))
+                .and_then(|p| NodeConfig::load(p))
+                .and_then(|c| Policy::from_config(&c.policy));
+            let (decision, reason) = match reloaded {
+                Ok(policy) if policy == state.policy => return Ok(state.policy.clone()),
+                Ok(policy) => {
+                    info!(file = %path, "policy reloaded");
+                    state.policy = policy;
+                    ("recorded", format!("policy reloaded from {path}"))
+                }
+                Err(e) => {
+                    warn!(file = %path, "policy reload failed, keeping the previous policy: {e}");
+                    (
+                        "refused",
+                        format!("policy reload failed, previous policy kept: {e}"),
+                    )
+                }
+            };
+            self.ledger.audit(&AuditEntry {
+                actor: Some("steward".into()),
+                kind: "policy".into(),
+                decision: decision.into(),
+                reason: Some(reason),
+                ..Default::default()
+            })?;
+        }
+        Ok(state.policy.clone())
+    }
+}
