@@ -237,6 +237,13 @@ fn node_action(
                 );
             }
             let had = store.anchor(&name)?;
+            if had.is_none() {
+                println!(
+                    "node {name} has no anchor at this coordinator (it is not held for its ledger): \
+                     nothing to accept"
+                );
+                return Ok(());
+            }
             store.forget_anchor(&name)?;
             store.audit(&confer_coordinator::store::CoordinatorAudit {
                 at_ms: confer_coordinator::store::now_ms(),

@@ -280,7 +280,7 @@ impl CoordinatorState {
                     "only {} of {} sites can answer and this query needs {min_sites} (min_sites); nothing was \
                      spent; missing {}: {}",
                     ready.len(),
-                    self.nodes.len(),
+                    nodes.len(),
                     missing.join(", "),
                     err.message
                 ),
