@@ -9,9 +9,10 @@ use anyhow::{Context, anyhow, bail};
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use chrono::{DateTime, Utc};
-use confer_coordinator::service::{CatalogListing, NewStudy, StudyEdit, custom};
 use confer_coordinator::store::{NodeStatus, Role, SqliteStore, Store, Study, User};
 use confer_protocol::catalog::Domain;
+use confer_protocol::coordinator::actions as custom;
+use confer_protocol::coordinator::{CatalogListing, NewStudy, StudyEdit};
 use confer_transport::pki::{self, CertKind, IssueRequest};
 
 use crate::ConnectArgs;

@@ -119,7 +119,7 @@ impl Client {
     pub async fn run(&mut self, sql: &str, study: Option<&str>) -> anyhow::Result<Answer> {
         if let Some(study) = study {
             self.inner
-                .set_header(confer_coordinator::service::STUDY_HEADER, study);
+                .set_header(confer_protocol::coordinator::STUDY_HEADER, study);
         }
         let info = self
             .inner

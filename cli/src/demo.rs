@@ -567,7 +567,7 @@ async fn training(program: &Path, work: &Path, log_level: &str) -> anyhow::Resul
         let status: confer_protocol::train::JobStatus = serde_json::from_value(
             client
                 .action(
-                    confer_coordinator::service::custom::TRAIN_SUBMIT,
+                    confer_protocol::coordinator::actions::TRAIN_SUBMIT,
                     serde_json::to_vec(&submit)?,
                 )
                 .await?,

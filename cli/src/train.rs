@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use confer_coordinator::service::custom;
 use confer_models::job::JobSpec;
 use confer_models::{Device, Model, ModelSpec};
+use confer_protocol::coordinator::actions as custom;
 use confer_protocol::train::{
     JobRef, JobState, JobStatus, ModelExport, RoundRecord, TrainSubmit, decode_f32,
 };

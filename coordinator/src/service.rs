@@ -42,10 +42,7 @@ use crate::auth::Action as Perm;
 pub(crate) use crate::state::study_info;
 pub use crate::state::{CoordinatorState, MAX_STATEMENTS_PER_USER};
 use crate::store::Study;
-pub use crate::studies::{NewStudy, StudyEdit};
-
-/// gRPC header naming the study a request runs under.
-pub const STUDY_HEADER: &str = "x-confer-study";
+pub use confer_protocol::coordinator::{NewStudy, STUDY_HEADER, StudyEdit};
 
 /// The catalog and schema names clients browse.
 pub const CATALOG_NAME: &str = "confer";
@@ -106,59 +103,8 @@ fn json_result<T: serde::Serialize>(value: &T) -> Result<Stream_<arrow_flight::R
     )])))
 }
 
-/// Names of the custom actions.
-pub mod custom {
-    /// Node registry and health.
-    pub const NODES: &str = "confer.nodes";
-    /// The calling user.
-    pub const WHOAMI: &str = "confer.whoami";
-    /// Create a study (admin). Body: JSON study.
-    pub const STUDY_CREATE: &str = "confer.study.create";
-    /// Change a study's title, principal investigator, members or
-    /// min_sites (admin). Body: JSON [`super::StudyEdit`]; answer the study.
-    pub const STUDY_EDIT: &str = "confer.study.edit";
-    /// Studies the caller may use (all for admins).
-    pub const STUDY_LIST: &str = "confer.study.list";
-    /// One study. Body: its name.
-    pub const STUDY_SHOW: &str = "confer.study.show";
-    /// Users (admin).
-    pub const USER_LIST: &str = "confer.user.list";
-    /// The network catalog (JSON [`super::CatalogListing`]): tables, columns,
-    /// types, bounds, domains and the sites publishing each table. Never
-    /// row counts or values of private tables.
-    pub const CATALOG: &str = "confer.catalog";
-    /// Start a training job. Body: JSON `TrainSubmit`; answer `JobStatus`.
-    pub const TRAIN_SUBMIT: &str = "confer.train.submit";
-    /// A job's status and history. Body: JSON `JobRef`.
-    pub const TRAIN_STATUS: &str = "confer.train.status";
-    /// The jobs the caller may see.
-    pub const TRAIN_LIST: &str = "confer.train.list";
-    /// Stop a job after the step under way. Body: JSON `JobRef`.
-    pub const TRAIN_CANCEL: &str = "confer.train.cancel";
-    /// A job's latest model, standardisation and privacy statement. Body: JSON `JobRef`.
-    pub const MODEL_EXPORT: &str = "confer.model.export";
-}
-
-/// The network catalog as `confer.catalog` returns it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct CatalogListing {
-    /// Sites that answered, in configuration order.
-    pub sites: Vec<String>,
-    /// Sites that did not answer (their tables may be missing here).
-    pub missing_sites: Vec<String>,
-    /// Tables, by name.
-    pub tables: Vec<CatalogTable>,
-}
-
-/// One table of [`CatalogListing`].
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct CatalogTable {
-    /// The table as published (columns, privacy unit, bounds, domains).
-    #[serde(flatten)]
-    pub info: confer_protocol::catalog::TableInfo,
-    /// The sites that publish it.
-    pub sites: Vec<String>,
-}
+pub use confer_protocol::coordinator::actions as custom;
+pub use confer_protocol::coordinator::{CatalogListing, CatalogTable};
 
 #[tonic::async_trait]
 impl FlightSqlService for CoordinatorService {
@@ -374,23 +320,8 @@ impl FlightSqlService for CoordinatorService {
             custom::TRAIN_STATUS | custom::TRAIN_LIST | custom::MODEL_EXPORT => Perm::ReadStudies,
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown action {other}: the coordinator serves {}",
-                    [
-                        custom::NODES,
-                        custom::CATALOG,
-                        custom::WHOAMI,
-                        custom::STUDY_CREATE,
-                        custom::STUDY_EDIT,
-                        custom::STUDY_LIST,
-                        custom::STUDY_SHOW,
-                        custom::USER_LIST,
-                        custom::TRAIN_SUBMIT,
-                        custom::TRAIN_STATUS,
-                        custom::TRAIN_LIST,
-                        custom::TRAIN_CANCEL,
-                        custom::MODEL_EXPORT,
-                    ]
-                    .join(", ")
+                    "unknown action {other}: the coordinator serves {} (list_actions describes each)",
+                    confer_protocol::coordinator::action_names()
                 )));
             }
         };
@@ -486,35 +417,15 @@ impl FlightSqlService for CoordinatorService {
 
     async fn list_custom_actions(&self) -> Option<Vec<Result<ActionType, Status>>> {
         Some(
-            [
-                (custom::NODES, "node registry and health (JSON)"),
-                (custom::WHOAMI, "the calling user (JSON)"),
-                (custom::CATALOG, "the network catalog (JSON)"),
-                (custom::STUDY_CREATE, "create a study (admin; body: JSON)"),
-                (
-                    custom::STUDY_EDIT,
-                    "change a study's title, PI, members or min_sites (admin; body: JSON)",
-                ),
-                (custom::STUDY_LIST, "studies you may use (JSON)"),
-                (custom::STUDY_SHOW, "one study (body: its name)"),
-                (custom::USER_LIST, "users (admin; JSON)"),
-                (custom::TRAIN_SUBMIT, "start a training job (body: JSON)"),
-                (custom::TRAIN_STATUS, "a training job's status and history"),
-                (custom::TRAIN_LIST, "training jobs you may see"),
-                (custom::TRAIN_CANCEL, "stop a training job"),
-                (
-                    custom::MODEL_EXPORT,
-                    "a training job's model and privacy statement",
-                ),
-            ]
-            .into_iter()
-            .map(|(t, d)| {
-                Ok(ActionType {
-                    r#type: t.into(),
-                    description: d.into(),
+            confer_protocol::coordinator::ACTIONS
+                .iter()
+                .map(|a| {
+                    Ok(ActionType {
+                        r#type: a.name.into(),
+                        description: a.doc.into(),
+                    })
                 })
-            })
-            .collect(),
+                .collect(),
         )
     }
 

@@ -4,70 +4,7 @@ use confer_protocol::{ErrorKind, ProtocolError};
 
 use crate::service::CoordinatorService;
 use crate::store::{Study, User, now_ms};
-
-/// What a client sends to create a study.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct NewStudy {
-    /// Short name.
-    pub name: String,
-    /// Title.
-    pub title: String,
-    /// Principal investigator (user name).
-    pub principal_investigator: String,
-    /// Members.
-    #[serde(default)]
-    pub members: Vec<String>,
-    /// Tables (empty: any).
-    #[serde(default)]
-    pub tables: Vec<String>,
-    /// Requested epsilon per node.
-    pub requested_epsilon: f64,
-    /// Requested delta per node.
-    pub requested_delta: f64,
-    /// Ethics approval reference.
-    pub ethics_ref: String,
-    /// Fewest sites that must answer.
-    #[serde(default)]
-    pub min_sites: Option<usize>,
-}
-
-/// A change to a study ([`custom::STUDY_EDIT`]). What every node's
-/// steward approved (the ethics reference, the requested budget, the
-/// tables) is not editable: such a change is a new study, which the
-/// stewards approve anew.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StudyEdit {
-    /// The study.
-    pub name: String,
-    /// A new title.
-    #[serde(default)]
-    pub title: Option<String>,
-    /// A new principal investigator (a user).
-    #[serde(default)]
-    pub principal_investigator: Option<String>,
-    /// Users to add as members.
-    #[serde(default)]
-    pub add_members: Vec<String>,
-    /// Members to remove.
-    #[serde(default)]
-    pub remove_members: Vec<String>,
-    /// A new min_sites; `Some(None)` (JSON `null`) goes back to the
-    /// default (every site).
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub min_sites: Option<Option<usize>>,
-}
-
-/// A field that is present, even as `null`, is `Some`.
-fn present<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
-    d: D,
-) -> Result<Option<T>, D::Error> {
-    serde::Deserialize::deserialize(d).map(Some)
-}
+use confer_protocol::coordinator::{NewStudy, StudyEdit};
 
 impl CoordinatorService {
     /// Applies a [`StudyEdit`]; returns the study and the changes in words.

@@ -23,6 +23,7 @@
 //! Arrow IPC inside Flight.
 
 pub mod catalog;
+pub mod coordinator;
 pub mod error;
 pub mod release;
 pub mod signing;
