@@ -260,7 +260,7 @@ impl CoordinatorState {
                 .filter(|n| !ready.iter().any(|r: &NodeHandle| r.name == n.name))
                 .cloned()
                 .collect();
-            let timeout = self.config.node_timeout().min(Duration::from_secs(5));
+            let timeout = self.release_timeout();
             let body = body.clone();
             tokio::spawn(async move { release_leases_at(&left, &body, timeout).await });
         }
@@ -332,12 +332,18 @@ impl CoordinatorState {
         (asked, left)
     }
 
+    /// The deadline of one node's budget release (best effort: a hold
+    /// also ends with its task).
+    pub(crate) fn release_timeout(&self) -> Duration {
+        self.config.node_timeout().min(Duration::from_secs(5))
+    }
+
     /// Asks `nodes` to give back the budget they hold for a checked task
     /// that will not run (best effort: a lease also ends when its task
     /// expires, and a node that is not asked checks every budget again if
     /// the task ever runs).
     pub(crate) async fn release_leases(&self, nodes: &[NodeHandle], body: &[u8]) {
-        let timeout = self.config.node_timeout().min(Duration::from_secs(5));
+        let timeout = self.release_timeout();
         release_leases_at(nodes, body, timeout).await;
     }
 
@@ -519,7 +525,7 @@ impl CoordinatorState {
                         // Nodes that took no charge give back what they hold.
                         if let Ok(body) = envelope.to_bytes() {
                             let ready = ready.clone();
-                            let timeout = policy.timeout.min(Duration::from_secs(5));
+                            let timeout = self.release_timeout();
                             tokio::spawn(
                                 async move { release_leases_at(&ready, &body, timeout).await },
                             );

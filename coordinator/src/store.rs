@@ -329,6 +329,19 @@ fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
     })
 }
 
+/// The coordinator audit record in columns `at..at + 6` of `row`
+/// (at_ms, user, study, action, outcome, detail).
+fn audit_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<CoordinatorAudit> {
+    Ok(CoordinatorAudit {
+        at_ms: row.get(at)?,
+        user: row.get(at + 1)?,
+        study: row.get(at + 2)?,
+        action: row.get(at + 3)?,
+        outcome: row.get(at + 4)?,
+        detail: row.get(at + 5)?,
+    })
+}
+
 /// The hash a coordinator audit chain starts from.
 const AUDIT_GENESIS: &str = "confer coordinator audit genesis";
 
@@ -376,22 +389,10 @@ fn chain_legacy_audit(conn: &Connection) -> Result<()> {
                 "SELECT seq, at_ms, user, study, action, outcome, detail FROM audit ORDER BY seq",
             )
             .map_err(db)?;
-        stmt.query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                CoordinatorAudit {
-                    at_ms: r.get(1)?,
-                    user: r.get(2)?,
-                    study: r.get(3)?,
-                    action: r.get(4)?,
-                    outcome: r.get(5)?,
-                    detail: r.get(6)?,
-                },
-            ))
-        })
-        .map_err(db)?
-        .collect::<rusqlite::Result<_>>()
-        .map_err(db)?
+        stmt.query_map([], |r| Ok((r.get(0)?, audit_from_row(r, 1)?)))
+            .map_err(db)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(db)?
     };
     let mut prev = AUDIT_GENESIS.to_string();
     for (i, (old_seq, entry)) in rows.iter().enumerate() {
@@ -732,14 +733,7 @@ impl Store for SqliteStore {
             .query_map([], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
-                    CoordinatorAudit {
-                        at_ms: r.get(1)?,
-                        user: r.get(2)?,
-                        study: r.get(3)?,
-                        action: r.get(4)?,
-                        outcome: r.get(5)?,
-                        detail: r.get(6)?,
-                    },
+                    audit_from_row(r, 1)?,
                     r.get::<_, Option<String>>(7)?,
                     r.get::<_, Option<String>>(8)?,
                 ))
@@ -785,18 +779,7 @@ impl Store for SqliteStore {
         let mut stmt = conn
             .prepare("SELECT at_ms, user, study, action, outcome, detail FROM audit ORDER BY seq")
             .map_err(db)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(CoordinatorAudit {
-                    at_ms: r.get(0)?,
-                    user: r.get(1)?,
-                    study: r.get(2)?,
-                    action: r.get(3)?,
-                    outcome: r.get(4)?,
-                    detail: r.get(5)?,
-                })
-            })
-            .map_err(db)?;
+        let rows = stmt.query_map([], |r| audit_from_row(r, 0)).map_err(db)?;
         rows.collect::<rusqlite::Result<_>>().map_err(db)
     }
 

@@ -585,11 +585,7 @@ impl NodeService {
         sql: &str,
         limits: &Limits,
     ) -> std::result::Result<Vec<RecordBatch>, Failure> {
-        let ctx = self
-            .state()
-            .task_context(limits)
-            .map_err(|_| Failure::Other)?;
-        self.run_within(ctx, sql, limits, None).await
+        self.run_within(sql, limits, None).await
     }
 
     /// Runs a query over public tables only within `limits`: at most
@@ -599,25 +595,25 @@ impl NodeService {
         sql: &str,
         limits: &Limits,
     ) -> std::result::Result<Vec<RecordBatch>, Failure> {
-        let ctx = self
-            .state()
-            .task_context(limits)
-            .map_err(|_| Failure::Other)?;
-        self.run_within(ctx, sql, limits, Some(limits.max_public_rows))
+        self.run_within(sql, limits, Some(limits.max_public_rows))
             .await
     }
 
-    /// Streams `sql`'s answer under the task's time limit: the batches it
-    /// holds count against the task's memory too (the engine's pool covers
-    /// only its operators), and past `max_rows` it stops.
+    /// Streams `sql`'s answer in a session with the task's memory pool,
+    /// under its time limit; with `max_rows` (a query over public tables),
+    /// the batches it holds count against the task's memory too (the
+    /// engine's pool covers only its operators), and past `max_rows` it stops.
     async fn run_within(
         &self,
-        ctx: SessionContext,
         sql: &str,
         limits: &Limits,
         max_rows: Option<usize>,
     ) -> std::result::Result<Vec<RecordBatch>, Failure> {
         use futures::StreamExt;
+        let ctx = self
+            .state()
+            .task_context(limits)
+            .map_err(|_| Failure::Other)?;
         let memory = limits.memory_bytes;
         let work = async move {
             let frame = ctx.sql(sql).await.map_err(|e| Failure::of(&e))?;

@@ -881,10 +881,7 @@ impl Ledger {
             .optional()?
             .is_some();
         let released = {
-            let mut released = self
-                .released
-                .lock()
-                .map_err(|_| NodeError::Ledger("lease table lock poisoned".into()))?;
+            let mut released = self.released()?;
             let now = now_ms();
             released.retain(|_, until| *until > now);
             released.contains_key(&charge.task_id)
@@ -914,10 +911,7 @@ impl Ledger {
     /// for it until `expires_ms`; `true` if it held one.
     pub fn release_lease(&self, task_id: Uuid, expires_ms: i64) -> Result<bool> {
         let _conn = self.conn()?;
-        self.released
-            .lock()
-            .map_err(|_| NodeError::Ledger("lease table lock poisoned".into()))?
-            .insert(task_id, expires_ms);
+        self.released()?.insert(task_id, expires_ms);
         Ok(self.leases()?.remove(&task_id).is_some())
     }
 
@@ -932,6 +926,12 @@ impl Ledger {
 
     fn leases(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Uuid, Lease>>> {
         self.leases
+            .lock()
+            .map_err(|_| NodeError::Ledger("lease table lock poisoned".into()))
+    }
+
+    fn released(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Uuid, i64>>> {
+        self.released
             .lock()
             .map_err(|_| NodeError::Ledger("lease table lock poisoned".into()))
     }
