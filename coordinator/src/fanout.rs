@@ -7,7 +7,7 @@ use arrow::array::RecordBatch;
 use arrow_flight::{Action, FlightClient, Ticket};
 use confer_protocol::catalog::{CatalogInfo, Health};
 use confer_protocol::task::Envelope;
-use confer_protocol::{ErrorKind, ProtocolError, actions};
+use confer_protocol::{ErrorKind, ProtocolError, Reason, actions};
 use confer_query::combine::SitePartial;
 use futures::TryStreamExt;
 use tonic::transport::{Channel, Endpoint};
@@ -149,78 +149,82 @@ impl NodeHandle {
         )
     }
 
+    /// A failed call as a typed error naming this node: a node's own
+    /// answer keeps its kind, hint and reason; a failure of the link gets
+    /// [`Reason::Certificate`] or [`Reason::Connect`] where that is the cause.
     fn failure(&self, err: arrow_flight::error::FlightError) -> ProtocolError {
-        match err {
-            arrow_flight::error::FlightError::Tonic(status) => {
-                let detail = format!("{status:?}");
-                let tls =
-                    detail.contains("invalid peer certificate") || detail.contains("certificate");
-                // A node's own answers carry the retry flag; a failure
-                // without it and with one of these codes is the link (a
-                // node killed or restarting mid-call). Asking again is safe:
-                // it is the same task, which a node never charges twice.
-                let from_node = status
-                    .metadata()
-                    .get(confer_protocol::error::RETRYABLE_KEY)
-                    .is_some();
-                if !from_node
-                    && !tls
-                    && matches!(
-                        status.code(),
-                        tonic::Code::Unknown
-                            | tonic::Code::Internal
-                            | tonic::Code::Cancelled
-                            | tonic::Code::Aborted
-                    )
-                {
-                    return ProtocolError::new(
-                        ErrorKind::Unavailable,
-                        format!(
-                            "node {} ({}): the connection failed during the call: {}",
-                            self.name,
-                            self.url,
-                            status.message()
-                        ),
-                    )
-                    .with_retryable(true);
-                }
-                let e = ProtocolError::from_status(&status);
-                if detail.contains("invalid peer certificate")
-                    || detail.contains("certificate") && e.kind == ErrorKind::Unavailable
-                {
-                    ProtocolError::new(
-                        ErrorKind::Unavailable,
-                        format!(
-                            "node {} ({}): TLS refused: {}",
-                            self.name,
-                            self.url,
-                            confer_transport::tls::explain_handshake_error(&std::io::Error::other(
-                                detail
-                            ))
-                        ),
-                    )
-                    .with_retryable(false)
-                } else if e.kind == ErrorKind::Unavailable && e.message.contains("connect") {
-                    ProtocolError::new(
-                        ErrorKind::Unavailable,
-                        format!(
-                            "node {} ({}) is unreachable: {}",
-                            self.name, self.url, e.message
-                        ),
-                    )
-                } else {
-                    let prefix = format!("node {}", self.name);
-                    if e.message.starts_with(&prefix) {
-                        e
-                    } else {
-                        e.context(prefix)
-                    }
-                }
-            }
+        let e = match err {
+            arrow_flight::error::FlightError::Tonic(status) => self.status_failure(&status),
             other => ProtocolError::new(
                 ErrorKind::Internal,
                 format!("node {} sent an invalid answer: {other}", self.name),
             ),
+        };
+        e.with_site(self.name.clone())
+    }
+
+    fn status_failure(&self, status: &tonic::Status) -> ProtocolError {
+        // A node's own answers carry the retry flag; everything else is the
+        // link, classified once here (tonic reports transport failures as
+        // text only).
+        let from_node = status
+            .metadata()
+            .get(confer_protocol::error::RETRYABLE_KEY)
+            .is_some();
+        if from_node {
+            let e = ProtocolError::from_status(status);
+            let prefix = format!("node {}", self.name);
+            return if e.message.starts_with(&prefix) {
+                e
+            } else {
+                e.context(prefix)
+            };
+        }
+        let detail = format!("{status:?}");
+        match link_reason(status.code(), &detail) {
+            Some(Reason::Certificate) => ProtocolError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "node {} ({}): TLS refused: {}",
+                    self.name,
+                    self.url,
+                    confer_transport::tls::explain_handshake_error(&std::io::Error::other(detail))
+                ),
+            )
+            .with_retryable(false)
+            .with_reason(Reason::Certificate),
+            Some(Reason::Connect) => ProtocolError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "node {} ({}) is unreachable: {}",
+                    self.name,
+                    self.url,
+                    status.message()
+                ),
+            )
+            .with_reason(Reason::Connect),
+            // Cut mid-call (a node killed or restarting). Asking again is
+            // safe: it is the same task, which a node never charges twice.
+            _ if matches!(
+                status.code(),
+                tonic::Code::Unknown
+                    | tonic::Code::Internal
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Aborted
+            ) =>
+            {
+                ProtocolError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "node {} ({}): the connection failed during the call: {}",
+                        self.name,
+                        self.url,
+                        status.message()
+                    ),
+                )
+                .with_retryable(true)
+            }
+            _ => ProtocolError::from_status(status).context(format!("node {}", self.name)),
         }
     }
 
@@ -519,6 +523,18 @@ where
         Ok(ok)
     } else {
         Err(joined(failures))
+    }
+}
+
+/// Why a call failed on the link, from tonic's status for a transport
+/// failure: a certificate refused in the TLS handshake, or no connection.
+fn link_reason(code: tonic::Code, detail: &str) -> Option<Reason> {
+    if detail.contains("certificate") {
+        Some(Reason::Certificate)
+    } else if code == tonic::Code::Unavailable && detail.contains("connect") {
+        Some(Reason::Connect)
+    } else {
+        None
     }
 }
 

@@ -205,7 +205,7 @@ impl CoordinatorState {
                     .await;
                 match answer {
                     // A node from before the check: it checks when it runs.
-                    Err(e) if e.message.contains("unknown action") => Ok(QueryCheck {
+                    Err(e) if e.kind == ErrorKind::Unimplemented => Ok(QueryCheck {
                         node: n.name.clone(),
                         rho: 0.0,
                         epsilon: 0.0,

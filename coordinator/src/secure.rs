@@ -32,20 +32,10 @@ pub struct SecureOutcome {
     pub dropped: Vec<(String, String)>,
 }
 
+pub use confer_query::secure::{default_min_sites, min_survivors};
+
 fn err(message: String) -> ProtocolError {
     ProtocolError::new(ErrorKind::FailedPrecondition, message).with_retryable(false)
-}
-
-/// `min_sites` when neither the query nor the study sets it: a majority of
-/// the `nodes`, the protocol's default threshold, so a minority may drop out.
-pub fn default_min_sites(nodes: usize) -> usize {
-    nodes / 2 + 1
-}
-
-/// The session's threshold for `members` nodes: a majority, at least
-/// `min_sites`, and at least 2.
-pub fn min_survivors(members: usize, min_sites: usize) -> usize {
-    (members / 2 + 1).max(min_sites).max(2)
 }
 
 /// Runs a secure query across `nodes`: one session when every group key

@@ -319,10 +319,11 @@ impl FlightSqlService for CoordinatorService {
             custom::TRAIN_SUBMIT | custom::TRAIN_CANCEL => Perm::Train,
             custom::TRAIN_STATUS | custom::TRAIN_LIST | custom::MODEL_EXPORT => Perm::ReadStudies,
             other => {
-                return Err(Status::invalid_argument(format!(
+                return Err(ProtocolError::unimplemented(format!(
                     "unknown action {other}: the coordinator serves {} (list_actions describes each)",
                     confer_protocol::coordinator::action_names()
-                )));
+                ))
+                .into());
             }
         };
         let user = match self.state.auth.authorize(&request, perm) {

@@ -223,10 +223,17 @@ impl NodeService {
         reason: String,
         retryable: bool,
     ) -> NodeError {
+        self.refuse_error(task, ProtocolError::new(kind, reason).with_retryable(retryable))
+    }
+
+    /// Refuses a task with a typed error (its kind, retry hint and reason
+    /// kept): audited like [`Self::refuse`], and named as this node's.
+    pub(crate) fn refuse_error(&self, task: Option<&Task>, err: ProtocolError) -> NodeError {
         let state = self.state();
+        let reason = &err.message;
         let audited = match task {
             // Without a verified task: audited in summary (see Unverified).
-            None => state.audit_unverified(state.unverified.note(&reason)),
+            None => state.audit_unverified(state.unverified.note(reason)),
             Some(task) => state.ledger.audit(&AuditEntry {
                 task_id: Some(task.id),
                 study: Some(task.study.clone()),
@@ -242,7 +249,13 @@ impl NodeService {
             return e;
         }
         let message = format!("node {}: {reason}", state.name);
-        NodeError::Protocol(ProtocolError::new(kind, message).with_retryable(retryable))
+        NodeError::Protocol(
+            ProtocolError {
+                message,
+                ..err
+            }
+            .with_site(state.name.clone()),
+        )
     }
 
     /// Checks signature, expiry, study approval and researcher; returns the

@@ -7,7 +7,7 @@ use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use confer_protocol::signing::sha256_hex;
 use confer_protocol::task::{Envelope, QueryCheck, Task, TaskKind};
-use confer_protocol::{ErrorKind, ProtocolError, actions};
+use confer_protocol::{ErrorKind, ProtocolError, Reason, actions};
 use confer_query::release::ReleaseOptions;
 use confer_query::{QueryError, Statement};
 use tracing::info;
@@ -18,7 +18,6 @@ use crate::ledger::{AuditEntry, Charge, Cost, StudyStatus};
 use crate::policy::{Policy, StudyRules};
 
 use crate::service::{NodeService, blocking};
-use crate::state::NOT_IN_CATALOG;
 
 impl NodeService {
     /// [`actions::QUERY_CHECK`]: every check a query task passes before it
@@ -71,7 +70,7 @@ impl NodeService {
             Ok(()) => {}
             // A table this node does not publish: it takes no part, as when
             // the query itself runs (the network catalog is the union).
-            Err(NodeError::Protocol(e)) if e.message.contains(NOT_IN_CATALOG) => {
+            Err(NodeError::Protocol(e)) if e.is(Reason::NotInCatalog) => {
                 return Err(NodeError::Protocol(e));
             }
             // A refusal of this query (already audited): say why, as an answer.
@@ -129,9 +128,7 @@ impl NodeService {
                 .await
             {
                 Ok(p) => p,
-                Err(e) => {
-                    return Err(self.refuse(Some(task), ErrorKind::InvalidArgument, e.to_string()));
-                }
+                Err(e) => return Err(self.refuse_error(Some(task), e.into())),
             };
         // The same check once more, against this node's tables as they are
         // read (a Parquet column may be narrower than the catalog says).
@@ -140,7 +137,7 @@ impl NodeService {
             confer_query::total::check_plan(&local)
         };
         if let Err(e) = here.await {
-            return Err(self.refuse(Some(task), ErrorKind::InvalidArgument, e.to_string()));
+            return Err(self.refuse_error(Some(task), e.into()));
         }
         if let Some(table) = rules.forbidden_table(&plan.tables) {
             return Err(self.refuse(

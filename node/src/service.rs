@@ -286,22 +286,11 @@ impl FlightService for NodeService {
                 })?
             }
             other => {
-                return Err(Status::invalid_argument(format!(
+                return Err(ProtocolError::unimplemented(format!(
                     "unknown action {other}: this node serves {} (list_actions describes each)",
-                    [
-                        actions::CATALOG,
-                        actions::HEALTH,
-                        actions::QUERY_CHECK,
-                        actions::QUERY_RELEASE,
-                        actions::SECAGG_IDENTITY,
-                        actions::SECAGG_ROUND,
-                        actions::TRAIN_PREPARE,
-                        actions::TRAIN_COMMIT,
-                        actions::TRAIN_START,
-                        actions::TRAIN_EVALUATE,
-                    ]
-                    .join(", ")
-                )));
+                    confer_protocol::names_of(confer_protocol::NODE_ACTIONS)
+                ))
+                .into());
             }
         };
         Ok(Response::new(futures::stream::iter([Ok(result)]).boxed()))
@@ -311,45 +300,15 @@ impl FlightService for NodeService {
         &self,
         _request: Request<Empty>,
     ) -> std::result::Result<Response<Self::ListActionsStream>, Status> {
-        let list = [
-            (actions::CATALOG, "the node's public catalog (JSON)"),
-            (actions::HEALTH, "liveness and basic facts (JSON)"),
-            (
-                actions::QUERY_CHECK,
-                "checks a signed DP query task without running or charging it, and holds its budget",
-            ),
-            (
-                actions::QUERY_RELEASE,
-                "gives up the budget a checked query task holds",
-            ),
-            (
-                actions::SECAGG_IDENTITY,
-                "this node's secure-aggregation identity key",
-            ),
-            (
-                actions::SECAGG_ROUND,
-                "one round of a secure-aggregation session",
-            ),
-            (
-                actions::TRAIN_PREPARE,
-                "checks a signed training job, nothing charged",
-            ),
-            (
-                actions::TRAIN_COMMIT,
-                "charges a prepared training job once",
-            ),
-            (actions::TRAIN_START, "round 0 of a training secure sum"),
-            (
-                actions::TRAIN_EVALUATE,
-                "a DP evaluation of a training job's model",
-            ),
-        ]
-        .map(|(t, d)| {
-            Ok(ActionType {
-                r#type: t.to_string(),
-                description: d.to_string(),
+        let list: Vec<_> = confer_protocol::NODE_ACTIONS
+            .iter()
+            .map(|a| {
+                Ok(ActionType {
+                    r#type: a.name.to_string(),
+                    description: format!("{} (request: {}; answer: {})", a.doc, a.request, a.response),
+                })
             })
-        });
+            .collect();
         Ok(Response::new(futures::stream::iter(list).boxed()))
     }
 }

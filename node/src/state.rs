@@ -23,9 +23,6 @@ pub(crate) struct PolicyState {
     modified: Option<SystemTime>,
 }
 
-/// The compiler's words for a table this node's catalog lacks.
-pub(crate) const NOT_IN_CATALOG: &str = "is not in the network catalog";
-
 /// Shared state of a running node.
 pub struct NodeState {
     /// Site name.

@@ -8,18 +8,7 @@
 /// gRPC header naming the study a request runs under.
 pub const STUDY_HEADER: &str = "x-confer-study";
 
-/// One custom action of the coordinator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ActionSpec {
-    /// Its name (`Action.type`).
-    pub name: &'static str,
-    /// What it does, for `list_actions`.
-    pub doc: &'static str,
-    /// Its body.
-    pub request: &'static str,
-    /// Its answer (JSON).
-    pub response: &'static str,
-}
+pub use crate::ActionSpec;
 
 /// Names of the coordinator's custom actions.
 pub mod actions {
@@ -141,11 +130,7 @@ pub fn action(name: &str) -> Option<&'static ActionSpec> {
 
 /// The names of every action, comma-separated (for error messages).
 pub fn action_names() -> String {
-    ACTIONS
-        .iter()
-        .map(|a| a.name)
-        .collect::<Vec<_>>()
-        .join(", ")
+    crate::names_of(ACTIONS)
 }
 
 /// What a client sends to create a study.

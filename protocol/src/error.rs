@@ -5,6 +5,11 @@
 //! in both directions, so a node's refusal reaches the researcher with its
 //! message intact and the coordinator can tell a retryable failure (a node
 //! restarting) from a final one (a bad query, an exhausted budget).
+//!
+//! Where a caller decides something on an error, it reads a typed field,
+//! never the message: the [`ErrorKind`], the retry hint, a [`Reason`] (a
+//! finer cause the kind cannot say) and the `site` that answered. All four
+//! travel as the status code and metadata.
 
 use std::fmt;
 
@@ -13,6 +18,10 @@ use tonic::{Code, Status};
 
 /// gRPC metadata key that marks a status as worth retrying.
 pub const RETRYABLE_KEY: &str = "confer-retryable";
+/// gRPC metadata key for an error's [`Reason`].
+pub const REASON_KEY: &str = "confer-reason";
+/// gRPC metadata key for the site (node) an error comes from.
+pub const SITE_KEY: &str = "confer-site";
 
 /// What went wrong, coarsely: decides the gRPC code and the default retry policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,8 +43,43 @@ pub enum ErrorKind {
     Unavailable,
     /// A peer did not answer in time.
     DeadlineExceeded,
+    /// The peer does not serve the action asked for (an older or newer
+    /// version of confer).
+    Unimplemented,
     /// A broken invariant: a bug in confer.
     Internal,
+}
+
+/// A finer cause than the [`ErrorKind`], for the callers that act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// A table the task names is not in the answering node's catalog: that
+    /// node takes no part (the network catalog is the union of the nodes').
+    NotInCatalog,
+    /// The TLS handshake failed on a certificate: the peer's was refused,
+    /// or ours by the peer.
+    Certificate,
+    /// No connection could be made to the peer.
+    Connect,
+}
+
+impl Reason {
+    /// The reason's name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::NotInCatalog => "not_in_catalog",
+            Reason::Certificate => "certificate",
+            Reason::Connect => "connect",
+        }
+    }
+
+    /// The reason for a name on the wire (unknown names: none).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Reason::NotInCatalog, Reason::Certificate, Reason::Connect]
+            .into_iter()
+            .find(|r| r.name() == name)
+    }
 }
 
 impl ErrorKind {
@@ -50,6 +94,7 @@ impl ErrorKind {
             ErrorKind::FailedPrecondition => Code::FailedPrecondition,
             ErrorKind::Unavailable => Code::Unavailable,
             ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+            ErrorKind::Unimplemented => Code::Unimplemented,
             ErrorKind::Internal => Code::Internal,
         }
     }
@@ -67,6 +112,7 @@ impl ErrorKind {
             }
             Code::Unavailable | Code::Cancelled => ErrorKind::Unavailable,
             Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            Code::Unimplemented => ErrorKind::Unimplemented,
             _ => ErrorKind::Internal,
         }
     }
@@ -86,6 +132,12 @@ pub struct ProtocolError {
     pub message: String,
     /// Whether the same request may succeed if sent again unchanged.
     pub retryable: bool,
+    /// A finer cause, where a caller acts on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// The site (node) the error comes from, where it comes from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 impl ProtocolError {
@@ -95,6 +147,8 @@ impl ProtocolError {
             kind,
             message: message.into(),
             retryable: kind.retryable_by_default(),
+            reason: None,
+            site: None,
         }
     }
 
@@ -106,6 +160,28 @@ impl ProtocolError {
     /// A broken invariant.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
+    }
+
+    /// An action the peer does not serve.
+    pub fn unimplemented(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unimplemented, message)
+    }
+
+    /// Sets the finer cause.
+    pub fn with_reason(mut self, reason: Reason) -> Self {
+        self.reason = Some(reason);
+        self
+    }
+
+    /// Names the site the error comes from.
+    pub fn with_site(mut self, site: impl Into<String>) -> Self {
+        self.site = Some(site.into());
+        self
+    }
+
+    /// Whether the error has this finer cause.
+    pub fn is(&self, reason: Reason) -> bool {
+        self.reason == Some(reason)
     }
 
     /// Overrides the retry hint.
@@ -132,10 +208,19 @@ impl ProtocolError {
         } else {
             status.message().to_string()
         };
+        let text = |key: &str| {
+            status
+                .metadata()
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
         Self {
             kind,
             message,
             retryable,
+            reason: text(REASON_KEY).and_then(|r| Reason::from_name(&r)),
+            site: text(SITE_KEY),
         }
     }
 }
@@ -156,6 +241,20 @@ impl From<ProtocolError> for Status {
             RETRYABLE_KEY,
             tonic::metadata::MetadataValue::from_static(flag),
         );
+        if let Some(reason) = err.reason {
+            status.metadata_mut().insert(
+                REASON_KEY,
+                tonic::metadata::MetadataValue::from_static(reason.name()),
+            );
+        }
+        // A site name that is no valid header value stays out of the metadata.
+        if let Some(value) = err
+            .site
+            .as_deref()
+            .and_then(|s| tonic::metadata::MetadataValue::try_from(s).ok())
+        {
+            status.metadata_mut().insert(SITE_KEY, value);
+        }
         status
     }
 }
@@ -178,6 +277,22 @@ mod tests {
         let err = ProtocolError::new(ErrorKind::Internal, "restarting").with_retryable(true);
         let back = ProtocolError::from_status(&Status::from(err));
         assert!(back.retryable);
+    }
+
+    #[test]
+    fn reason_and_site_survive_the_status() {
+        let err = ProtocolError::invalid("table x is not in the network catalog")
+            .with_reason(Reason::NotInCatalog)
+            .with_site("site-a");
+        let back = ProtocolError::from_status(&Status::from(err.clone()));
+        assert_eq!(back, err);
+        assert!(back.is(Reason::NotInCatalog));
+
+        let back = ProtocolError::from_status(&Status::from(ProtocolError::unimplemented(
+            "unknown action x",
+        )));
+        assert_eq!(back.kind, ErrorKind::Unimplemented);
+        assert!(!back.retryable);
     }
 
     #[test]

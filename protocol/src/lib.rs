@@ -30,7 +30,92 @@ pub mod signing;
 pub mod task;
 pub mod train;
 
-pub use error::{ErrorKind, ProtocolError};
+pub use error::{ErrorKind, ProtocolError, Reason};
+
+/// One Flight action a service serves: its name, what it does, its
+/// request and its answer. The service's `list_actions`, its
+/// unknown-action error and its clients are made from one table of these
+/// ([`NODE_ACTIONS`], [`coordinator::ACTIONS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActionSpec {
+    /// Its name (`Action.type`).
+    pub name: &'static str,
+    /// What it does, for `list_actions`.
+    pub doc: &'static str,
+    /// Its body.
+    pub request: &'static str,
+    /// Its answer (JSON).
+    pub response: &'static str,
+}
+
+/// The names in a table of actions, for error messages.
+pub fn names_of(table: &[ActionSpec]) -> String {
+    table.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+}
+
+/// Every action a node serves, in the order its `list_actions` gives them.
+pub const NODE_ACTIONS: &[ActionSpec] = &[
+    ActionSpec {
+        name: actions::CATALOG,
+        doc: "the node's public catalog (JSON)",
+        request: "empty",
+        response: "CatalogInfo",
+    },
+    ActionSpec {
+        name: actions::HEALTH,
+        doc: "liveness and basic facts (JSON)",
+        request: "HealthRequest or empty",
+        response: "Health",
+    },
+    ActionSpec {
+        name: actions::QUERY_CHECK,
+        doc: "checks a signed DP query task without running or charging it, and holds its budget",
+        request: "Envelope (query task)",
+        response: "QueryCheck",
+    },
+    ActionSpec {
+        name: actions::QUERY_RELEASE,
+        doc: "gives up the budget a checked query task holds",
+        request: "Envelope (query task)",
+        response: "{\"released\": bool}",
+    },
+    ActionSpec {
+        name: actions::SECAGG_IDENTITY,
+        doc: "this node's secure-aggregation identity key",
+        request: "empty",
+        response: "SecaggIdentity",
+    },
+    ActionSpec {
+        name: actions::SECAGG_ROUND,
+        doc: "one round of a secure-aggregation session",
+        request: "SecaggRound",
+        response: "SecaggRound",
+    },
+    ActionSpec {
+        name: actions::TRAIN_PREPARE,
+        doc: "checks a signed training job, nothing charged",
+        request: "Envelope (TrainTask)",
+        response: "TrainReady",
+    },
+    ActionSpec {
+        name: actions::TRAIN_COMMIT,
+        doc: "charges a prepared training job once",
+        request: "Envelope (TrainTask)",
+        response: "TrainCommitted",
+    },
+    ActionSpec {
+        name: actions::TRAIN_START,
+        doc: "round 0 of a training secure sum",
+        request: "SecaggRound (payload TrainRequest)",
+        response: "SecaggRound",
+    },
+    ActionSpec {
+        name: actions::TRAIN_EVALUATE,
+        doc: "a DP evaluation of a training job's model",
+        request: "TrainRequest",
+        response: "TrainEvaluation",
+    },
+];
 
 /// Names of the Flight actions a node serves.
 pub mod actions {

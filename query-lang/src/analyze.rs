@@ -256,7 +256,7 @@ fn relation(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
         LogicalPlan::TableScan(scan) => {
             let name = scan.table_name.table().to_ascii_lowercase();
             let table = catalog.table(&name).ok_or_else(|| {
-                QueryError::Plan(format!("table {name} is not in the network catalog"))
+                QueryError::NotInCatalog(format!("table {name} is not in the network catalog"))
             })?;
             let schema = plan.schema();
             let mut unit_fields = BTreeSet::new();

@@ -1,6 +1,6 @@
 //! Errors of the dialect: each says what to change.
 
-use confer_protocol::{ErrorKind, ProtocolError};
+use confer_protocol::{ProtocolError, Reason};
 
 /// Why a statement cannot be compiled or combined.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -11,9 +11,13 @@ pub enum QueryError {
     /// Valid SQL that the DP dialect refuses (with what to change).
     #[error("{0}")]
     Rejected(String),
-    /// Names a table or column that does not exist, or types that do not fit.
+    /// Names a column that does not exist, or types that do not fit.
     #[error("{0}")]
     Plan(String),
+    /// Names a table the catalog lacks (at a node: one it does not publish,
+    /// so it takes no part).
+    #[error("{0}")]
+    NotInCatalog(String),
     /// A broken invariant: a bug in confer.
     #[error("internal error (a bug in confer, please report it): {0}")]
     Internal(String),
@@ -24,11 +28,13 @@ pub type Result<T, E = QueryError> = std::result::Result<T, E>;
 
 impl From<QueryError> for ProtocolError {
     fn from(err: QueryError) -> Self {
-        let kind = match err {
-            QueryError::Internal(_) => ErrorKind::Internal,
-            _ => ErrorKind::InvalidArgument,
-        };
-        ProtocolError::new(kind, err.to_string())
+        match err {
+            QueryError::Internal(_) => ProtocolError::internal(err.to_string()),
+            QueryError::NotInCatalog(_) => {
+                ProtocolError::invalid(err.to_string()).with_reason(Reason::NotInCatalog)
+            }
+            _ => ProtocolError::invalid(err.to_string()),
+        }
     }
 }
 

@@ -49,6 +49,7 @@ pub mod compile;
 mod derive;
 pub mod engine;
 pub mod error;
+pub mod explain;
 pub mod features;
 pub mod options;
 pub mod parse;

@@ -50,6 +50,19 @@ struct PartialCode {
 /// 48 MiB as the JSON of a masked input, within a node's message limit).
 pub const MAX_VECTOR_LEN: usize = 4 << 20;
 
+
+/// `min_sites` when neither the query nor the study sets it: a majority of
+/// the `nodes`, the protocol's default threshold, so a minority may drop out.
+pub fn default_min_sites(nodes: usize) -> usize {
+    nodes / 2 + 1
+}
+
+/// The session's threshold for `members` nodes: a majority, at least
+/// `min_sites`, and at least 2.
+pub fn min_survivors(members: usize, min_sites: usize) -> usize {
+    (members / 2 + 1).max(min_sites).max(2)
+}
+
 /// Elements per group: the partials' widths summed.
 pub fn width(plan: &FederatedPlan) -> usize {
     plan.partials.iter().map(|p| p.columns.len()).sum()

@@ -14,13 +14,28 @@ use crate::error::{NodeError, Result};
 
 use super::*;
 
+/// What a node notes about its input to one training round.
+pub(super) struct RoundNote {
+    /// For the ledger record.
+    pub(super) text: String,
+    /// Whether something happened worth its own audit entry (clipping,
+    /// divergence).
+    pub(super) notable: bool,
+}
+
+impl RoundNote {
+    fn new(text: String, notable: bool) -> Self {
+        Self { text, notable }
+    }
+}
+
 /// The node's input to a training sum, and a note for its ledger record.
 pub(super) fn node_input(
     job: &JobData,
     round: &TrainRoundTask,
     session: &confer_privacy::secagg::Config,
     me: &str,
-) -> Result<(Vec<u64>, String)> {
+) -> Result<(Vec<u64>, RoundNote)> {
     let model_error = |e: confer_models::Error| NodeError::Protocol(invalid(e.to_string()));
     let mut rng = crate::secure::os_rng()?;
     let t = session.min_survivors;
@@ -42,7 +57,7 @@ pub(super) fn node_input(
                     .map_err(privacy_error)?;
             }
             let input = encoding.encode(&sums, &mut rng).map_err(privacy_error)?;
-            Ok((input, "standardisation moments".into()))
+            Ok((input, RoundNote::new("standardisation moments".into(), false)))
         }
         TrainPhase::Update => {
             let weights = round
@@ -80,12 +95,15 @@ pub(super) fn node_input(
                     .encode(&sums, &mut rng)
                     .map_err(|e| NodeError::Protocol(invalid(e.to_string())))?;
                 let note = if grads.clipped > 0 {
-                    format!(
-                        "round {} gradients: some were clipped to clip_norm {clip}",
-                        round.round
+                    RoundNote::new(
+                        format!(
+                            "round {} gradients: some were clipped to clip_norm {clip}",
+                            round.round
+                        ),
+                        true,
                     )
                 } else {
-                    format!("round {} gradients", round.round)
+                    RoundNote::new(format!("round {} gradients", round.round), false)
                 };
                 return Ok((input, note));
             }
@@ -141,15 +159,21 @@ pub(super) fn node_input(
                 .encode(&vector, &mut rng)
                 .map_err(|e| NodeError::Protocol(invalid(e.to_string())))?;
             let note = match (diverged, clipped) {
-                (true, _) => format!(
-                    "round {} training diverged: a zero update was sent",
-                    round.round
+                (true, _) => RoundNote::new(
+                    format!(
+                        "round {} training diverged: a zero update was sent",
+                        round.round
+                    ),
+                    true,
                 ),
-                (false, true) => format!(
-                    "round {} update clipped to clip_norm {}",
-                    round.round, job.spec.privacy.clip_norm
+                (false, true) => RoundNote::new(
+                    format!(
+                        "round {} update clipped to clip_norm {}",
+                        round.round, job.spec.privacy.clip_norm
+                    ),
+                    true,
                 ),
-                (false, false) => format!("round {} update", round.round),
+                (false, false) => RoundNote::new(format!("round {} update", round.round), false),
             };
             Ok((encoded.values, note))
         }

@@ -8,7 +8,8 @@ use confer_models::job::JobSpec;
 use confer_protocol::signing::sha256_hex;
 use confer_protocol::task::{Envelope, SecaggRound, Task, TaskKind, unix_now};
 use confer_protocol::train::{
-    TrainCommitted, TrainEvaluation, TrainPhase, TrainReady, TrainRequest,
+    TrainCommitted, TrainEvaluation, TrainPhase, TrainReady, TrainRequest, TrainRoundTask,
+    TrainTask,
 };
 use confer_protocol::{ErrorKind, ProtocolError};
 use tracing::{info, instrument};
@@ -20,6 +21,23 @@ use crate::policy::{Policy, StudyRules};
 use crate::service::{NodeService, blocking};
 
 use super::*;
+
+/// A round request that passed every check ([`NodeService::train_round`]):
+/// the job, admitted and committed here, and one signed round of it.
+pub(super) struct AdmittedRound {
+    /// The job's task.
+    pub(super) task: Task,
+    /// The job, as signed.
+    pub(super) train: TrainTask,
+    /// The job's data at this node.
+    pub(super) job: Arc<JobData>,
+    /// The round's task.
+    pub(super) round_task: Task,
+    /// The round, as signed.
+    pub(super) round: TrainRoundTask,
+    /// The round's envelope.
+    pub(super) envelope: Envelope,
+}
 
 impl NodeService {
     /// `confer.train.prepare`.
@@ -53,7 +71,7 @@ impl NodeService {
         let policy = self.state().policy()?;
         let (task, rules) = self.admit(&envelope, &policy)?;
         let payload_hash = sha256_hex(envelope.payload.as_bytes());
-        let (spec, plan) = self.checked_job(&envelope, &task, &rules, &policy).await?;
+        let (_, spec, plan) = self.checked_job(&envelope, &task, &rules, &policy).await?;
         let repeated = match self.state().ledger.stored(task.id)? {
             Some(s) if s.payload_hash != payload_hash => {
                 return Err(self.refuse(
@@ -144,7 +162,14 @@ impl NodeService {
                 format!("round 0 of a training sum needs the job and round envelopes: {e}"),
             )
         })?;
-        let (task, job, round_task, round_envelope) = self.train_round(&request).await?;
+        let AdmittedRound {
+            task,
+            train,
+            job,
+            round_task,
+            round: r,
+            envelope: round_envelope,
+        } = self.train_round(&request).await?;
         if round_task.id != round.task_id {
             return Err(self.refuse(
                 Some(&round_task),
@@ -152,11 +177,6 @@ impl NodeService {
                 "the session names another task than the signed round".into(),
             ));
         }
-        let TaskKind::TrainRound(r) = &round_task.kind else {
-            return Err(NodeError::Protocol(ProtocolError::internal(
-                "checked above",
-            )));
-        };
         if r.phase == TrainPhase::Evaluate {
             return Err(self.refuse(
                 Some(&round_task),
@@ -196,11 +216,6 @@ impl NodeService {
         // The session's members are the job's sites, each once, with keys
         // this node can check itself; its threshold is the policy's floor
         // at least.
-        let TaskKind::Train(train) = &task.kind else {
-            return Err(NodeError::Protocol(ProtocolError::internal(
-                "checked above",
-            )));
-        };
         let policy = self.state().policy()?;
         if policy.secure.max_corrupt_peers > 0 {
             return Err(self.refuse(
@@ -225,7 +240,7 @@ impl NodeService {
             Some(&train.sites),
         )
         .map_err(|why| self.refuse(Some(&round_task), ErrorKind::PermissionDenied, why))?;
-        check_round_inputs(r)
+        check_round_inputs(&r)
             .map_err(|why| self.refuse(Some(&round_task), ErrorKind::InvalidArgument, why))?;
         let _guard = job.round_lock.lock().await;
         let record_id = round_record_id(task.id, r.phase, r.round);
@@ -257,11 +272,11 @@ impl NodeService {
             ));
         }
         let marker = format!("{} of round {}", r.phase.name(), r.round).into_bytes();
-        let r = r.clone();
+        let input_round = r.clone();
         let input_job = job.clone();
         let me = self.state().name.clone();
         let config = session.clone();
-        let (input, note) = match blocking(move || node_input(&input_job, &r, &config, &me)).await {
+        let (input, note) = match blocking(move || node_input(&input_job, &input_round, &config, &me)).await {
             Ok(input) => {
                 self.state().ledger.finish(&charge, marker)?;
                 input
@@ -269,11 +284,6 @@ impl NodeService {
             // Whether it fails may depend on the rows: charged at the node's
             // floor and counted, and the message withheld.
             Err(_) => return Err(self.charge_failure(&round_task, &charge, Failure::Other)),
-        };
-        let TaskKind::TrainRound(r) = &round_task.kind else {
-            return Err(NodeError::Protocol(ProtocolError::internal(
-                "checked above",
-            )));
         };
         self.state().secure.start(
             round_task.id,
@@ -288,14 +298,14 @@ impl NodeService {
             Ok(keys)
         })
         .inspect(|_| {
-            if note.contains("clipped") || note.contains("diverged") {
+            if note.notable {
                 let _ = self.state().ledger.audit(&AuditEntry {
                     task_id: Some(round_task.id),
                     study: Some(task.study.clone()),
                     actor: Some(task.researcher.clone()),
                     kind: round_task.kind_name().into(),
                     decision: "recorded".into(),
-                    reason: Some(note.clone()),
+                    reason: Some(note.text.clone()),
                     ..Default::default()
                 });
             }
@@ -306,12 +316,14 @@ impl NodeService {
     /// `confer.train.evaluate`.
     #[instrument(skip_all, fields(node = %self.state().name))]
     pub(crate) async fn train_evaluate(&self, request: TrainRequest) -> Result<TrainEvaluation> {
-        let (task, job, round_task, round_envelope) = self.train_round(&request).await?;
-        let TaskKind::TrainRound(r) = &round_task.kind else {
-            return Err(NodeError::Protocol(ProtocolError::internal(
-                "checked above",
-            )));
-        };
+        let AdmittedRound {
+            task,
+            job,
+            round_task,
+            round: r,
+            envelope: round_envelope,
+            ..
+        } = self.train_round(&request).await?;
         if r.phase != TrainPhase::Evaluate || !job.spec.evaluation_rounds().contains(&r.round) {
             return Err(self.refuse(
                 Some(&round_task),
@@ -325,7 +337,7 @@ impl NodeService {
                 ),
             ));
         }
-        check_round_inputs(r)
+        check_round_inputs(&r)
             .map_err(|why| self.refuse(Some(&round_task), ErrorKind::InvalidArgument, why))?;
         let _guard = job.round_lock.lock().await;
         let record_id = round_record_id(task.id, r.phase, r.round);
@@ -384,12 +396,8 @@ impl NodeService {
     }
 
     /// Checks a round request: the job admitted and committed here, the
-    /// round signed, of this job and within it. Returns the job task, its
-    /// data, the round task and the round's envelope.
-    pub(super) async fn train_round(
-        &self,
-        request: &TrainRequest,
-    ) -> Result<(Task, Arc<JobData>, Task, Envelope)> {
+    /// round signed, of this job and within it.
+    pub(super) async fn train_round(&self, request: &TrainRequest) -> Result<AdmittedRound> {
         let policy = self.state().policy()?;
         let (task, rules) = self.admit(&request.job, &policy)?;
         let payload_hash = sha256_hex(request.job.payload.as_bytes());
@@ -403,7 +411,7 @@ impl NodeService {
                 ));
             }
         }
-        let (spec, plan) = self
+        let (train, spec, plan) = self
             .checked_job(&request.job, &task, &rules, &policy)
             .await?;
         let job = self
@@ -428,17 +436,19 @@ impl NodeService {
             ));
         }
         let fits = match &round.kind {
-            TaskKind::TrainRound(r) => {
-                r.job_id == task.id
+            TaskKind::TrainRound(r)
+                if r.job_id == task.id
                     && round.study == task.study
                     && round.researcher == task.researcher
                     && (r.phase == TrainPhase::Moments && r.round == 0
                         || r.phase != TrainPhase::Moments
-                            && (1..=job.spec.rounds).contains(&r.round))
+                            && (1..=job.spec.rounds).contains(&r.round)) =>
+            {
+                Some(r.clone())
             }
-            _ => false,
+            _ => None,
         };
-        if !fits {
+        let Some(phase) = fits else {
             return Err(self.refuse(
                 Some(&round),
                 ErrorKind::InvalidArgument,
@@ -447,8 +457,15 @@ impl NodeService {
                     task.id, task.study, job.spec.rounds
                 ),
             ));
-        }
-        Ok((task, job, round, envelope))
+        };
+        Ok(AdmittedRound {
+            task,
+            train,
+            job,
+            round_task: round,
+            round: phase,
+            envelope,
+        })
     }
 
     /// Every check of a training job that depends on no row: its sites,
@@ -461,7 +478,7 @@ impl NodeService {
         task: &Task,
         rules: &StudyRules,
         policy: &Policy,
-    ) -> Result<(JobSpec, confer_models::job::PrivacyPlan)> {
+    ) -> Result<(TrainTask, JobSpec, confer_models::job::PrivacyPlan)> {
         let payload_hash = sha256_hex(envelope.payload.as_bytes());
         let refuse = |kind, why: String| self.refuse(Some(task), kind, why);
         let TaskKind::Train(train) = &task.kind else {
@@ -553,7 +570,7 @@ impl NodeService {
             }
             Some(_) => {}
         }
-        Ok((spec, plan))
+        Ok((train.clone(), spec, plan))
     }
 
     /// The job's data: cached, else its rows read now. Call only once the
