@@ -1,6 +1,6 @@
 //! Coordinator errors and their gRPC statuses.
 
-use confer_protocol::ProtocolError;
+use confer_protocol::{ErrorKind, ProtocolError};
 use confer_query::QueryError;
 
 /// What can go wrong at the coordinator.
@@ -12,9 +12,14 @@ pub enum CoordinatorError {
     /// Listening or serving failed.
     #[error("network: {0}")]
     Network(String),
-    /// The coordinator's state store failed.
+    /// The coordinator's state store (SQLite) failed: it may pass (disk
+    /// full, locked), so the client may retry, as with a node's ledger.
     #[error("coordinator state: {0}")]
     State(String),
+    /// A broken invariant (a lock poisoned by an earlier panic, a stored
+    /// record that does not read back): a bug in confer, not retryable.
+    #[error("internal error (a bug in confer, please report it): {0}")]
+    Internal(String),
     /// A request or command is invalid; the message says what to change.
     #[error("{0}")]
     Invalid(String),
@@ -35,6 +40,9 @@ impl From<CoordinatorError> for ProtocolError {
             CoordinatorError::Protocol(p) => p,
             CoordinatorError::Query(q) => q.into(),
             CoordinatorError::Invalid(m) => ProtocolError::invalid(m),
+            CoordinatorError::State(_) => {
+                ProtocolError::new(ErrorKind::Unavailable, err.to_string()).with_retryable(true)
+            }
             other => ProtocolError::internal(other.to_string()),
         }
     }

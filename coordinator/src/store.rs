@@ -308,14 +308,14 @@ impl SqliteStore {
             .map_err(db)?;
         bodies
             .iter()
-            .map(|b| serde_json::from_str(b).map_err(|e| CoordinatorError::State(e.to_string())))
+            .map(|b| serde_json::from_str(b).map_err(|e| CoordinatorError::Internal(e.to_string())))
             .collect()
     }
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
         self.conn
             .lock()
-            .map_err(|_| CoordinatorError::State("state lock poisoned by an earlier panic".into()))
+            .map_err(|_| CoordinatorError::Internal("state lock poisoned by an earlier panic".into()))
     }
 }
 
@@ -414,7 +414,7 @@ fn chain_legacy_audit(conn: &Connection) -> Result<()> {
 pub fn new_token() -> Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes)
-        .map_err(|e| CoordinatorError::State(format!("no randomness from the OS: {e}")))?;
+        .map_err(|e| CoordinatorError::Internal(format!("no randomness from the OS: {e}")))?;
     Ok(format!("cft_{}", hex::encode(bytes)))
 }
 
@@ -561,7 +561,7 @@ impl Store for SqliteStore {
 
     fn create_study(&self, study: &Study) -> Result<()> {
         let body =
-            serde_json::to_string(study).map_err(|e| CoordinatorError::State(e.to_string()))?;
+            serde_json::to_string(study).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
         let conn = self.conn()?;
         let n = conn
             .execute(
@@ -580,7 +580,7 @@ impl Store for SqliteStore {
 
     fn update_study(&self, study: &Study) -> Result<()> {
         let body =
-            serde_json::to_string(study).map_err(|e| CoordinatorError::State(e.to_string()))?;
+            serde_json::to_string(study).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
         let conn = self.conn()?;
         let n = conn
             .execute(
@@ -607,7 +607,7 @@ impl Store for SqliteStore {
             )
             .optional()
             .map_err(db)?;
-        body.map(|b| serde_json::from_str(&b).map_err(|e| CoordinatorError::State(e.to_string())))
+        body.map(|b| serde_json::from_str(&b).map_err(|e| CoordinatorError::Internal(e.to_string())))
             .transpose()
     }
 
@@ -628,7 +628,7 @@ impl Store for SqliteStore {
 
     fn set_node_status(&self, status: &NodeStatus) -> Result<()> {
         let body =
-            serde_json::to_string(status).map_err(|e| CoordinatorError::State(e.to_string()))?;
+            serde_json::to_string(status).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
         let conn = self.conn()?;
         conn.execute(
             "INSERT INTO nodes (name, body) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET body = ?2",
@@ -785,7 +785,7 @@ impl Store for SqliteStore {
 
     fn save_job(&self, job: &JobRecord) -> Result<()> {
         let body =
-            serde_json::to_string(job).map_err(|e| CoordinatorError::State(e.to_string()))?;
+            serde_json::to_string(job).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
         let conn = self.conn()?;
         conn.execute(
             "INSERT INTO train_jobs (id, created_ms, body, checkpoint) VALUES (?1, ?2, ?3, ?4)
@@ -813,7 +813,7 @@ impl Store for SqliteStore {
             .map_err(db)?;
         row.map(|(body, checkpoint)| {
             let mut job: JobRecord =
-                serde_json::from_str(&body).map_err(|e| CoordinatorError::State(e.to_string()))?;
+                serde_json::from_str(&body).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
             job.checkpoint = checkpoint;
             Ok(job)
         })

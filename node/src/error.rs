@@ -31,6 +31,10 @@ pub enum NodeError {
     /// Listening or serving failed.
     #[error("network: {0}")]
     Network(String),
+    /// A broken invariant (a lock poisoned by an earlier panic): a bug in
+    /// confer, not retryable.
+    #[error("internal error (a bug in confer, please report it): {0}")]
+    Internal(String),
 }
 
 /// Convenience alias.

@@ -487,7 +487,7 @@ impl Ledger {
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
         self.conn
             .lock()
-            .map_err(|_| NodeError::Ledger("ledger lock poisoned by an earlier panic".into()))
+            .map_err(|_| NodeError::Internal("ledger lock poisoned by an earlier panic".into()))
     }
 
     /// A release already on record for `task_id`.
@@ -927,13 +927,13 @@ impl Ledger {
     fn leases(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Uuid, Lease>>> {
         self.leases
             .lock()
-            .map_err(|_| NodeError::Ledger("lease table lock poisoned".into()))
+            .map_err(|_| NodeError::Internal("lease table lock poisoned".into()))
     }
 
     fn released(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Uuid, i64>>> {
         self.released
             .lock()
-            .map_err(|_| NodeError::Ledger("lease table lock poisoned".into()))
+            .map_err(|_| NodeError::Internal("lease table lock poisoned".into()))
     }
 
     /// What tasks other than `charge`'s hold on lease, in the shapes the

@@ -142,7 +142,7 @@ impl NodeState {
             let state = self
                 .policy
                 .read()
-                .map_err(|_| NodeError::Ledger("policy lock poisoned".into()))?;
+                .map_err(|_| NodeError::Internal("policy lock poisoned".into()))?;
             if modified.is_none() || modified == state.modified {
                 return Ok(state.policy.clone());
             }
@@ -150,7 +150,7 @@ impl NodeState {
         let mut state = self
             .policy
             .write()
-            .map_err(|_| NodeError::Ledger("policy lock poisoned".into()))?;
+            .map_err(|_| NodeError::Internal("policy lock poisoned".into()))?;
         if modified != state.modified {
             state.modified = modified;
             let path = self
