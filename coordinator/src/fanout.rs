@@ -481,6 +481,86 @@ where
     names.into_iter().zip(results).collect()
 }
 
+/// Calls every node concurrently and sorts the outcomes ([`Gathered`]).
+pub async fn gather<T, F, Fut>(nodes: &[NodeHandle], what: &str, f: F) -> Gathered<T>
+where
+    F: Fn(NodeHandle) -> Fut,
+    Fut: Future<Output = std::result::Result<T, ProtocolError>>,
+{
+    Gathered::of(each(nodes, f).await, what)
+}
+
+/// The answers of a fan-out: what came back, by node, and who is missing
+/// and why. Every caller that asks many nodes decides from this one type
+/// whether it has enough ([`Gathered::require`], [`Gathered::all`]).
+#[derive(Debug)]
+pub struct Gathered<T> {
+    /// The nodes that answered, with their answers, in the order asked.
+    pub ok: Vec<(String, T)>,
+    /// The nodes that did not, in the order asked.
+    pub missing: Vec<String>,
+    /// Why each of [`Gathered::missing`] did not (same order).
+    pub failures: Vec<ProtocolError>,
+}
+
+impl<T> Gathered<T> {
+    /// Sorts outcomes by name; each failure is logged, saying what was asked.
+    pub fn of(results: Vec<(String, std::result::Result<T, ProtocolError>)>, what: &str) -> Self {
+        let mut gathered = Gathered {
+            ok: Vec::with_capacity(results.len()),
+            missing: Vec::new(),
+            failures: Vec::new(),
+        };
+        for (name, r) in results {
+            match r {
+                Ok(v) => gathered.ok.push((name, v)),
+                Err(e) => {
+                    warn!(node = %name, kind = ?e.kind, "node left out of {what}: {}", e.message);
+                    gathered.missing.push(name);
+                    gathered.failures.push(e);
+                }
+            }
+        }
+        gathered
+    }
+
+    /// The answers alone.
+    pub fn values(self) -> Vec<T> {
+        self.ok.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// The answers if every node answered; else one error naming every
+    /// failure.
+    pub fn all(self) -> std::result::Result<Vec<T>, ProtocolError> {
+        if self.failures.is_empty() {
+            Ok(self.values())
+        } else {
+            Err(joined(self.failures))
+        }
+    }
+
+    /// Itself if at least `min_sites` nodes answered; else an error saying
+    /// how many `did` (for example "answered") out of how many asked, who
+    /// is missing and why, with the failures' kind and retry hint.
+    pub fn require(self, min_sites: usize, did: &str) -> std::result::Result<Self, ProtocolError> {
+        if self.ok.len() >= min_sites {
+            return Ok(self);
+        }
+        let asked = self.ok.len() + self.missing.len();
+        let answered = self.ok.len();
+        let missing = self.missing.join(", ");
+        let err = joined(self.failures);
+        Err(ProtocolError::new(
+            err.kind,
+            format!(
+                "only {answered} of {asked} sites {did} and this needs {min_sites} (min_sites); missing {missing}: {}",
+                err.message
+            ),
+        )
+        .with_retryable(err.retryable))
+    }
+}
+
 /// One error naming every failure (kind of the first; retryable if all are).
 pub fn joined(mut failures: Vec<ProtocolError>) -> ProtocolError {
     match failures.len() {
@@ -508,22 +588,7 @@ where
     F: Fn(NodeHandle) -> Fut,
     Fut: Future<Output = std::result::Result<T, ProtocolError>>,
 {
-    let mut ok = Vec::with_capacity(nodes.len());
-    let mut failures = Vec::new();
-    for (name, r) in each(nodes, f).await {
-        match r {
-            Ok(v) => ok.push(v),
-            Err(e) => {
-                warn!(node = %name, kind = ?e.kind, "node call failed: {}", e.message);
-                failures.push(e);
-            }
-        }
-    }
-    if failures.is_empty() {
-        Ok(ok)
-    } else {
-        Err(joined(failures))
-    }
+    gather(nodes, "the call", f).await.all()
 }
 
 /// Why a call failed on the link, from tonic's status for a transport

@@ -218,35 +218,40 @@ impl CoordinatorState {
             }
         })
         .await;
-        let mut ready = Vec::new();
-        let mut missing = Vec::new();
-        let mut failures = Vec::new();
-        let mut refusals = Vec::new();
-        for (node, (name, answer)) in nodes.iter().zip(answers) {
-            // A chain shorter than its anchor: reset or cut back since the
-            // last health check, so held now (the full check of the
-            // anchored record's hash runs with every health check).
-            let anchor = anchors.get(&name);
-            let answer =
-                answer.and_then(
-                    |a| match self.chain_cut_back(node, anchor, a.audit.as_ref()) {
+        let checked: Vec<(String, Result<QueryCheck, ProtocolError>)> = nodes
+            .iter()
+            .zip(answers)
+            .map(|(node, (name, answer))| {
+                // A chain shorter than its anchor: reset or cut back since
+                // the last health check, so held now (the full check of the
+                // anchored record's hash runs with every health check).
+                let anchor = anchors.get(&name);
+                let answer = answer.and_then(|a| {
+                    match self.chain_cut_back(node, anchor, a.audit.as_ref()) {
                         Some(why) => Err(ProtocolError::new(ErrorKind::FailedPrecondition, why)
                             .with_retryable(false)),
                         None => Ok(a),
-                    },
-                );
-            match answer {
-                Ok(QueryCheck {
-                    refused: Some(why), ..
-                }) => refusals.push(why),
-                Ok(_) => ready.push(node.clone()),
-                Err(e) => {
-                    warn!(node = %name, "node left out of the query at its check: {}", e.message);
-                    missing.push(name);
-                    failures.push(e);
-                }
-            }
-        }
+                    }
+                });
+                (name, answer)
+            })
+            .collect();
+        let gathered = fanout::Gathered::of(checked, "the query at its check");
+        let (refused, fine): (Vec<_>, Vec<_>) = gathered
+            .ok
+            .into_iter()
+            .partition(|(_, a)| a.refused.is_some());
+        let refusals: Vec<ProtocolError> = refused.into_iter().filter_map(|(_, a)| a.refused).collect();
+        let ready: Vec<NodeHandle> = nodes
+            .iter()
+            .filter(|n| fine.iter().any(|(name, _)| *name == n.name))
+            .cloned()
+            .collect();
+        let gathered = fanout::Gathered {
+            ok: fine,
+            missing: gathered.missing,
+            failures: gathered.failures,
+        };
         if !refusals.is_empty() || ready.len() < min_sites {
             // The query will not run: every node asked gives back the budget
             // it may hold for it (a node left out may have passed after the
@@ -272,22 +277,8 @@ impl CoordinatorState {
             );
             return Err(err.with_retryable(false));
         }
-        if ready.len() < min_sites {
-            let err = fanout::joined(failures);
-            return Err(ProtocolError::new(
-                err.kind,
-                format!(
-                    "only {} of {} sites can answer and this query needs {min_sites} (min_sites); nothing was \
-                     spent; missing {}: {}",
-                    ready.len(),
-                    nodes.len(),
-                    missing.join(", "),
-                    err.message
-                ),
-            )
-            .with_retryable(err.retryable));
-        }
-        Ok((ready, missing, failures))
+        let gathered = gathered.require(min_sites, "can answer (nothing was spent)")?;
+        Ok((ready, gathered.missing, gathered.failures))
     }
 
     /// The nodes a planned query may run at: every node, except that a
@@ -376,34 +367,26 @@ impl CoordinatorState {
                 schema,
                 study,
             } => {
-                let results = fanout::each(&self.nodes, |n| async move {
-                    n.run_with_retries(envelope, policy).await
+                let gathered = fanout::gather(&self.nodes, "the public answer", |n| async move {
+                    let part = n.run_with_retries(envelope, policy).await?;
+                    with_site(schema, &n.name, &part.batch)
                 })
                 .await;
-                let mut batches = Vec::new();
-                let mut missing = Vec::new();
-                let mut failures = Vec::new();
-                for (name, r) in results {
-                    match r.and_then(|p| with_site(schema, &name, &p.batch)) {
-                        Ok(b) => batches.push(b),
-                        Err(e) => {
-                            warn!(node = %name, "node left out of the public answer: {}", e.message);
-                            missing.push(name);
-                            failures.push(e);
-                        }
+                let gathered = match gathered.require(1, "answered") {
+                    Ok(g) => g,
+                    Err(err) => {
+                        self.audit(
+                            &user.name,
+                            Some(study),
+                            "public_query",
+                            "failed",
+                            err.message.clone(),
+                        );
+                        return Err(err);
                     }
-                }
-                if batches.is_empty() {
-                    let err = fanout::joined(failures);
-                    self.audit(
-                        &user.name,
-                        Some(study),
-                        "public_query",
-                        "failed",
-                        err.message.clone(),
-                    );
-                    return Err(err);
-                }
+                };
+                let missing = gathered.missing.clone();
+                let batches = gathered.values();
                 let batch = arrow::compute::concat_batches(schema, &batches)
                     .map_err(|e| ProtocolError::internal(e.to_string()))?;
                 let batch = with_missing_sites(batch, &missing)?;
@@ -445,7 +428,7 @@ impl CoordinatorState {
                 }
                 let mut partials = Vec::new();
                 let (asked, planned_without) = self.planned_sites(plan);
-                let (ready, mut missing, mut failures) = match self
+                let (ready, mut missing, failures) = match self
                     .precheck(&asked, envelope, *min_sites, policy)
                     .await
                 {
@@ -499,54 +482,38 @@ impl CoordinatorState {
                         }
                     }
                 } else {
-                    let results = fanout::each(&ready, |n| async move {
-                        n.run_with_retries(envelope, policy).await
+                    let mut gathered = fanout::gather(&ready, "the answer", |n| async move {
+                        let p = n.run_with_retries(envelope, policy).await?;
+                        confer_query::combine::check(plan, &p).map_err(|e| {
+                            ProtocolError::new(
+                                ErrorKind::Internal,
+                                format!(
+                                    "node {} sent a release that does not fit the query, set aside: {e}",
+                                    n.name
+                                ),
+                            )
+                        })?;
+                        Ok(p)
                     })
                     .await;
-                    for (name, r) in results {
-                        match r.and_then(|p| {
-                            confer_query::combine::check(plan, &p).map_err(|e| {
-                                ProtocolError::new(
-                                    ErrorKind::Internal,
-                                    format!("node {name} sent a release that does not fit the query, set aside: {e}"),
-                                )
-                            })?;
-                            Ok(p)
-                        }) {
-                            Ok(p) => partials.push(p),
-                            Err(e) => {
-                                warn!(node = %name, "node left out of the answer: {}", e.message);
-                                missing.push(name);
-                                failures.push(e);
+                    // Those left out at the check count as missing too.
+                    gathered.missing.splice(0..0, missing.iter().cloned());
+                    gathered.failures.splice(0..0, failures);
+                    missing = gathered.missing.clone();
+                    match gathered.require(*min_sites, "answered") {
+                        Ok(g) => partials.extend(g.values()),
+                        Err(err) => {
+                            // Nodes that took no charge give back what they hold.
+                            if let Ok(body) = envelope.to_bytes() {
+                                let ready = ready.clone();
+                                let timeout = self.release_timeout();
+                                tokio::spawn(async move {
+                                    release_leases_at(&ready, &body, timeout).await
+                                });
                             }
+                            self.audit(asked_by, Some(study), "query", "failed", err.message.clone());
+                            return Err(err);
                         }
-                    }
-                    if partials.len() < *min_sites {
-                        // Nodes that took no charge give back what they hold.
-                        if let Ok(body) = envelope.to_bytes() {
-                            let ready = ready.clone();
-                            let timeout = self.release_timeout();
-                            tokio::spawn(
-                                async move { release_leases_at(&ready, &body, timeout).await },
-                            );
-                        }
-                        let mut err = fanout::joined(failures);
-                        err.message = format!(
-                            "only {} of {} sites answered and this query needs {} (min_sites); missing {}: {}",
-                            partials.len(),
-                            self.nodes.len(),
-                            min_sites,
-                            missing.join(", "),
-                            err.message
-                        );
-                        self.audit(
-                            asked_by,
-                            Some(study),
-                            "query",
-                            "failed",
-                            err.message.clone(),
-                        );
-                        return Err(err);
                     }
                 }
                 // Under secure partition selection the release is the

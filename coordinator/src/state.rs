@@ -209,24 +209,21 @@ impl CoordinatorState {
             return Ok(catalog.clone());
         }
         let timeout = self.config.node_timeout().min(Duration::from_secs(15));
-        let results = fanout::each(&self.nodes, |n| async move { n.catalog(timeout).await }).await;
+        let gathered =
+            fanout::gather(&self.nodes, "the catalog", |n| async move { n.catalog(timeout).await })
+                .await;
         let mut cache = lock()?;
         let mut infos = Vec::new();
         let mut failures = Vec::new();
-        for (name, r) in results {
-            match r {
-                Ok(info) => {
-                    cache.nodes.insert(name, info.clone());
-                    infos.push(info);
-                }
-                Err(e) => match cache.nodes.get(&name) {
-                    // A node that does not answer now keeps its last catalog.
-                    Some(last) => infos.push(last.clone()),
-                    None => {
-                        warn!(node = %name, "no catalog from node: {}", e.message);
-                        failures.push(e);
-                    }
-                },
+        for (name, info) in gathered.ok {
+            cache.nodes.insert(name, info.clone());
+            infos.push(info);
+        }
+        for (name, e) in gathered.missing.into_iter().zip(gathered.failures) {
+            // A node that does not answer now keeps its last catalog.
+            match cache.nodes.get(&name) {
+                Some(last) => infos.push(last.clone()),
+                None => failures.push(e),
             }
         }
         if infos.is_empty() {

@@ -2,6 +2,8 @@
 //! releasing a hold, running a DP query under the gate, queries over public
 //! tables, and budget reports.
 
+use std::sync::Arc;
+
 use arrow::array::RecordBatch;
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
@@ -49,6 +51,13 @@ impl NodeService {
             answer.rho = plan.cost.rho;
             answer.epsilon = plan.cost.epsilon;
             answer.delta = plan.cost.delta;
+            // Kept for the run, which then compiles nothing.
+            self.state.plans.put(
+                task.id,
+                sha256_hex(query.sql.as_bytes()),
+                plan.clone(),
+                task.expires_at,
+            );
             if self.state.ledger.stored(task.id)?.is_none() {
                 self.check_quota(&task, &policy)?;
                 let payload_hash = sha256_hex(envelope.payload.as_bytes());
@@ -99,14 +108,43 @@ impl NodeService {
         }
         Ok(released)
     }
-    /// Parses and compiles a query task's SQL against this node's own
-    /// catalog, checks that everything it computes cannot fail on this
-    /// node's tables, and applies the policy's table and cost rules.
+    /// The plan of a query task: the one compiled when the task was
+    /// checked here, or else compiled now ([`Self::compiled_plan`]); then
+    /// the policy's table and cost rules, applied every time.
     pub(crate) async fn checked_plan(
         &self,
         task: &Task,
         rules: &StudyRules,
         policy: &Policy,
+        sql: &str,
+    ) -> Result<Arc<confer_query::plan::FederatedPlan>> {
+        let sql_hash = sha256_hex(sql.as_bytes());
+        let plan = match self.state.plans.take(task.id, &sql_hash) {
+            Some(plan) => plan,
+            None => Arc::new(self.compiled_plan(task, sql).await?),
+        };
+        if let Some(table) = rules.forbidden_table(&plan.tables) {
+            return Err(self.refuse(
+                Some(task),
+                ErrorKind::PermissionDenied,
+                format!(
+                    "study {} may not read table {table} at this node",
+                    task.study
+                ),
+            ));
+        }
+        let pure = (plan.options.mechanism == confer_query::Mechanism::Laplace)
+            .then_some(plan.cost.epsilon);
+        self.check_costs(task, policy, &cost_of(&plan), plan.options.epsilon, pure)?;
+        Ok(plan)
+    }
+
+    /// Parses and compiles a query task's SQL against this node's own
+    /// catalog, and checks that everything it computes cannot fail on this
+    /// node's tables (refusals audited).
+    async fn compiled_plan(
+        &self,
+        task: &Task,
         sql: &str,
     ) -> Result<confer_query::plan::FederatedPlan> {
         let parsed = match confer_query::parse(sql) {
@@ -139,19 +177,6 @@ impl NodeService {
         if let Err(e) = here.await {
             return Err(self.refuse_error(Some(task), e.into()));
         }
-        if let Some(table) = rules.forbidden_table(&plan.tables) {
-            return Err(self.refuse(
-                Some(task),
-                ErrorKind::PermissionDenied,
-                format!(
-                    "study {} may not read table {table} at this node",
-                    task.study
-                ),
-            ));
-        }
-        let pure = (plan.options.mechanism == confer_query::Mechanism::Laplace)
-            .then_some(plan.cost.epsilon);
-        self.check_costs(task, policy, &cost_of(&plan), plan.options.epsilon, pure)?;
         Ok(plan)
     }
 
@@ -189,7 +214,7 @@ impl NodeService {
             // stored, and told without its message.
             let run = std::panic::AssertUnwindSafe(this.execute_query(
                 &task,
-                plan,
+                Arc::unwrap_or_clone(plan),
                 &charge,
                 &limits,
                 policy.min_group_size,

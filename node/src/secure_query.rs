@@ -91,7 +91,7 @@ impl NodeService {
                 "a secure session carries a query with aggregation = 'secure'".into(),
             ));
         }
-        let work = SecureWork::new(plan, secure.step.as_ref())
+        let work = SecureWork::new(std::sync::Arc::unwrap_or_clone(plan), secure.step.as_ref())
             .and_then(|w| w.check(honest, config.vector_len).map(|()| w))
             .map_err(|why| self.refuse(Some(&task), ErrorKind::InvalidArgument, why))?;
         self.check_quota(&task, &policy)?;

@@ -2,15 +2,17 @@
 //! ledger, the policy in force (reloaded when its file changes) and the
 //! coordinator's key.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime};
 
 use confer_protocol::catalog::CatalogInfo;
 use confer_protocol::signing::PublicKey;
-use confer_query::Catalog;
+use confer_query::{Catalog, FederatedPlan};
 use datafusion::prelude::SessionContext;
 use tracing::{info, warn};
+use uuid::Uuid;
 
 use crate::config::NodeConfig;
 use crate::error::{NodeError, Result};
@@ -33,6 +35,8 @@ pub struct NodeState {
     pub catalog: CatalogInfo,
     /// The catalog as the query compiler sees it.
     pub query_catalog: Catalog,
+    /// Plans compiled at a query's check, kept for its run.
+    pub plans: CheckedPlans,
     /// The privacy ledger and audit log.
     pub ledger: Arc<Ledger>,
     /// When the node started.
@@ -102,6 +106,7 @@ impl NodeState {
             started: Instant::now(),
             secure: crate::secure::SecureSessions::open(&config.node.state_dir)?,
             train: crate::train::TrainJobs::default(),
+            plans: CheckedPlans::default(),
             running: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             unverified: crate::gate::Unverified::default(),
             tls: config.tls.clone(),
@@ -188,5 +193,128 @@ impl NodeState {
             })?;
         }
         Ok(state.policy.clone())
+    }
+}
+
+/// Plans a node compiled when it checked a query task, kept until the task
+/// runs (or expires), so that each task is compiled once. Keyed by the
+/// signed task's id and the hash of its SQL; the catalog a plan was
+/// compiled against does not change while the node runs, and every rule
+/// of the policy is applied again when the task runs.
+#[derive(Default)]
+pub struct CheckedPlans(std::sync::Mutex<HashMap<Uuid, CheckedPlan>>);
+
+struct CheckedPlan {
+    sql_hash: String,
+    plan: Arc<FederatedPlan>,
+    expires_at: u64,
+}
+
+impl CheckedPlans {
+    /// Most plans kept: past it, those expiring first make room.
+    pub const MAX: usize = 1024;
+
+    /// Keeps the plan of a checked task until `expires_at` (unix seconds).
+    pub fn put(&self, task_id: Uuid, sql_hash: String, plan: Arc<FederatedPlan>, expires_at: u64) {
+        let Ok(mut plans) = self.0.lock() else { return };
+        let now = confer_protocol::task::unix_now();
+        plans.retain(|_, p| p.expires_at >= now);
+        while plans.len() >= Self::MAX {
+            let Some(first) = plans
+                .iter()
+                .min_by_key(|(_, p)| p.expires_at)
+                .map(|(id, _)| *id)
+            else {
+                break;
+            };
+            plans.remove(&first);
+        }
+        plans.insert(
+            task_id,
+            CheckedPlan {
+                sql_hash,
+                plan,
+                expires_at,
+            },
+        );
+    }
+
+    /// The plan kept for this task and SQL, if any (taken: a task runs once).
+    pub fn take(&self, task_id: Uuid, sql_hash: &str) -> Option<Arc<FederatedPlan>> {
+        let mut plans = self.0.lock().ok()?;
+        match plans.remove(&task_id) {
+            Some(p) if p.sql_hash == sql_hash => Some(p.plan),
+            _ => None,
+        }
+    }
+
+    /// How many plans are kept.
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|p| p.len()).unwrap_or(0)
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confer_protocol::catalog::{ColumnInfo, ColumnType, TableInfo};
+
+    async fn plan() -> Arc<FederatedPlan> {
+        let catalog = Catalog::for_node(&CatalogInfo {
+            node: "site-a".into(),
+            tables: vec![TableInfo {
+                name: "person".into(),
+                privacy_unit: Some("person_id".into()),
+                columns: vec![ColumnInfo {
+                    name: "person_id".into(),
+                    column_type: ColumnType::Int64,
+                    bounds: None,
+                    domain: None,
+                }],
+                one_row_per_unit: true,
+            }],
+        });
+        let confer_query::Statement::Query(q) = confer_query::parse(
+            "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) COUNT(*) FROM person",
+        )
+        .expect("parses") else {
+            panic!("a query")
+        };
+        Arc::new(
+            confer_query::compile(&q, &catalog, Some("site-a"))
+                .await
+                .expect("compiles"),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_checked_plan_is_reused_once_for_the_same_task_and_sql_only() {
+        let plans = CheckedPlans::default();
+        let far = confer_protocol::task::unix_now() + 600;
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        plans.put(a, "sql-1".into(), plan().await, far);
+        plans.put(b, "sql-2".into(), plan().await, far);
+        assert!(plans.take(a, "sql-other").is_none(), "another SQL under the same id");
+        assert!(plans.take(a, "sql-1").is_none(), "a mismatch drops the plan");
+        assert!(plans.take(b, "sql-2").is_some());
+        assert!(plans.take(b, "sql-2").is_none(), "taken once");
+        assert!(plans.is_empty());
+    }
+
+    #[tokio::test]
+    async fn expired_plans_go_and_the_cache_stays_bounded() {
+        let plans = CheckedPlans::default();
+        let p = plan().await;
+        plans.put(Uuid::new_v4(), "old".into(), p.clone(), 1);
+        let now = confer_protocol::task::unix_now();
+        for i in 0..CheckedPlans::MAX + 10 {
+            plans.put(Uuid::new_v4(), "sql".into(), p.clone(), now + 600 + i as u64);
+        }
+        assert_eq!(plans.len(), CheckedPlans::MAX);
     }
 }

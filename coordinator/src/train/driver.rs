@@ -239,9 +239,9 @@ impl Run<'_> {
         action: &'static str,
         what: &'static str,
         body: Vec<u8>,
-    ) -> Vec<(String, Result<T, ProtocolError>)> {
+    ) -> fanout::Gathered<T> {
         let timeout = self.round_timeout();
-        fanout::each(&self.handles(sites), |n| {
+        fanout::gather(&self.handles(sites), what, |n| {
             let body = body.clone();
             async move { n.action_json::<T>(action, body, what, timeout).await }
         })
@@ -261,18 +261,10 @@ impl Run<'_> {
         commit_sent: bool,
     ) -> Result<Vec<TrainReady>, ProtocolError> {
         let body = self.envelope.to_bytes()?;
-        let mut ready = Vec::new();
-        let mut refusals = Vec::new();
-        for (_, r) in self
+        let gathered = self
             .ask_all::<TrainReady>(sites, actions::TRAIN_PREPARE, "training readiness", body)
-            .await
-        {
-            match r {
-                Ok(r) => ready.push(r),
-                Err(e) => refusals.push(e.message),
-            }
-        }
-        if !refusals.is_empty() {
+            .await;
+        if !gathered.failures.is_empty() {
             let charged = if commit_sent {
                 "nodes that committed it before the coordinator restarted keep their charge"
             } else {
@@ -280,10 +272,10 @@ impl Run<'_> {
             };
             return Err(failed(format!(
                 "the job was refused, {charged}: {}",
-                refusals.join("; ")
+                fanout::joined(gathered.failures).message
             )));
         }
-        Ok(ready)
+        Ok(gathered.values())
     }
 
     /// Commits the prepared job at every site: each node debits it.
@@ -293,17 +285,11 @@ impl Run<'_> {
         ready: Vec<TrainReady>,
     ) -> Result<Checkpoint, ProtocolError> {
         let body = self.envelope.to_bytes()?;
-        let mut committed = Vec::new();
-        let mut failures = Vec::new();
-        for (_, r) in self
+        let gathered = self
             .ask_all::<TrainCommitted>(sites, actions::TRAIN_COMMIT, "training commitment", body)
-            .await
-        {
-            match r {
-                Ok(c) => committed.push(c.node),
-                Err(e) => failures.push(e.message),
-            }
-        }
+            .await;
+        let failures: Vec<String> = gathered.failures.iter().map(|e| e.message.clone()).collect();
+        let committed: Vec<String> = gathered.values().into_iter().map(|c| c.node).collect();
         let need = self
             .spec
             .min_survivors(self.spec.clients_per_round.unwrap_or(sites.len()));

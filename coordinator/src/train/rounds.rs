@@ -327,12 +327,12 @@ impl Run<'_> {
         let mut metrics = Vec::new();
         let mut total: Option<Vec<f64>> = None;
         let mut variance = 0.0;
-        for (name, r) in self
+        let gathered = self
             .ask_all::<TrainEvaluation>(&names, actions::TRAIN_EVALUATE, "evaluation", body)
-            .await
-        {
-            match r {
-                Ok(e) if !e.values.is_empty() => {
+            .await;
+        for (name, e) in gathered.ok {
+            match e {
+                e if !e.values.is_empty() => {
                     metrics.push(site_metrics(
                         &name,
                         &e.values,
@@ -351,7 +351,7 @@ impl Run<'_> {
                         None => total = Some(e.values.clone()),
                     }
                 }
-                Ok(_) => metrics.push(SiteMetrics {
+                _ => metrics.push(SiteMetrics {
                     site: name,
                     examples: 0.0,
                     loss: None,
@@ -359,7 +359,6 @@ impl Run<'_> {
                     auc: None,
                     noise_stddev: 0.0,
                 }),
-                Err(e) => warn!(node = %name, "no evaluation: {}", e.message),
             }
         }
         if let Some(t) = total {
