@@ -42,6 +42,11 @@ fmt: bootstrap
 lint: bootstrap
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p confer-models -p confer-coordinator --no-default-features --all-targets -- -D warnings
+	@# The coordinator (a commission's server) builds without libtorch.
+	@if cargo tree -p confer-coordinator -e normal,build | grep -q 'torch-sys'; then \
+		echo "confer-coordinator depends on libtorch (torch-sys): keep tch behind confer-models' torch feature"; exit 1; \
+	fi
 
 test-rust: bootstrap
 	cargo test --workspace

@@ -1,3 +1,6 @@
 fn main() {
-    confer_build_support::link_libtorch();
+    // Only the trainer links libtorch (the `torch` feature).
+    if std::env::var_os("CARGO_FEATURE_TORCH").is_some() {
+        confer_build_support::link_libtorch();
+    }
 }

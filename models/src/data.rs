@@ -1,5 +1,6 @@
 //! In-memory training data: [`Dataset`].
 
+#[cfg(feature = "torch")]
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -139,6 +140,7 @@ impl Dataset {
     }
 
     /// The feature matrix as an `[n, width]` float tensor on `device`.
+    #[cfg(feature = "torch")]
     pub(crate) fn feature_tensor(&self, device: Device) -> Result<Tensor> {
         let rows = i64::try_from(self.len()).map_err(|_| too_big())?;
         let width = i64::try_from(self.width).map_err(|_| too_big())?;
@@ -149,6 +151,7 @@ impl Dataset {
 
     /// The binary labels as an `[n]` float tensor on `device`, or `None`
     /// for survival data.
+    #[cfg(feature = "torch")]
     pub(crate) fn label_tensor(&self, device: Device) -> Result<Option<Tensor>> {
         match &self.targets {
             Targets::Binary(y) => Ok(Some(
@@ -161,6 +164,7 @@ impl Dataset {
     }
 }
 
+#[cfg(feature = "torch")]
 fn too_big() -> Error {
     Error::InvalidDataset("more rows than libtorch can index".into())
 }

@@ -100,6 +100,7 @@ pub enum Error {
     #[error("training job privacy: {0}")]
     Privacy(String),
     /// libtorch reported an error.
+    #[cfg(feature = "torch")]
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     /// A broken invariant inside this crate.

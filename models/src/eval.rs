@@ -11,11 +11,15 @@
 //! denominator is not positive is `None`.
 
 use serde::{Deserialize, Serialize};
+#[cfg(feature = "torch")]
 use tch::{Device, Tensor};
 
+#[cfg(feature = "torch")]
 use crate::data::{Dataset, Targets};
 use crate::error::{Error, Result};
+#[cfg(feature = "torch")]
 use crate::model::Model;
+#[cfg(feature = "torch")]
 use crate::train::check_data;
 
 /// Histogram bins used unless configured otherwise.
@@ -23,6 +27,7 @@ pub const DEFAULT_BINS: usize = 20;
 /// Per-example loss clamp (nats) used unless configured otherwise.
 pub const DEFAULT_LOSS_CLAMP: f64 = 10.0;
 /// Rows scored per forward pass during evaluation.
+#[cfg(feature = "torch")]
 const EVAL_CHUNK_ROWS: usize = 8192;
 
 /// How evaluation summarises predictions.
@@ -184,11 +189,13 @@ impl EvalCounts {
     }
 }
 
+#[cfg(feature = "torch")]
 /// Evaluates a classifier with [`EvalConfig::default`].
 pub fn evaluate(model: &Model, data: &Dataset) -> Result<EvalCounts> {
     evaluate_with(model, data, &EvalConfig::default())
 }
 
+#[cfg(feature = "torch")]
 /// Evaluates a classifier (logistic regression or MLP) on `data`.
 pub fn evaluate_with(model: &Model, data: &Dataset, config: &EvalConfig) -> Result<EvalCounts> {
     config.validate()?;
@@ -236,6 +243,7 @@ pub fn evaluate_with(model: &Model, data: &Dataset, config: &EvalConfig) -> Resu
     Ok(c)
 }
 
+#[cfg(feature = "torch")]
 /// The model's raw outputs (logits or risk scores) for every row, on CPU.
 fn score(model: &Model, data: &Dataset) -> Result<Vec<f32>> {
     let width = data.width();
@@ -329,6 +337,7 @@ pub fn concordance_index(counts: &SurvivalCounts) -> Option<f64> {
     (total > 0.0).then(|| (c + 0.5 * t) / total)
 }
 
+#[cfg(feature = "torch")]
 /// Evaluates a Cox model on `data`: partial likelihood and concordance.
 pub fn evaluate_survival(
     model: &Model,
@@ -381,6 +390,7 @@ pub fn evaluate_survival(
     })
 }
 
+#[cfg(feature = "torch")]
 fn log_add_exp(a: f64, b: f64) -> f64 {
     if a == f64::NEG_INFINITY {
         return b;
@@ -392,6 +402,7 @@ fn log_add_exp(a: f64, b: f64) -> f64 {
 /// Counts Harrell's pairs in O(n log n): walking times downwards, every row
 /// that outlived the current tie group is in a Fenwick tree keyed by the
 /// rank of its risk score; each event in the group is compared with them.
+#[cfg(feature = "torch")]
 fn concordance_pairs(
     order: &[usize],
     time: &[f32],
@@ -432,8 +443,10 @@ fn concordance_pairs(
 }
 
 /// Counts per rank with prefix sums.
+#[cfg(feature = "torch")]
 struct Fenwick(Vec<u64>);
 
+#[cfg(feature = "torch")]
 impl Fenwick {
     fn new(n: usize) -> Self {
         Fenwick(vec![0; n + 1])
@@ -457,7 +470,7 @@ impl Fenwick {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "torch"))]
 mod tests {
     use super::*;
     use crate::spec::ModelSpec;

@@ -58,7 +58,7 @@ use crate::error::{Error, Result};
 use crate::eval::{EvalConfig, EvalCounts};
 use crate::server::ServerStrategy;
 use crate::spec::ModelSpec;
-use crate::train::LocalConfig;
+use crate::local::LocalConfig;
 
 /// What is clipped, and so what one person can change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -1183,6 +1183,7 @@ delta = 1e-5
     }
 
     #[test]
+    #[cfg(feature = "torch")]
     fn nothing_about_the_rows_is_refused() {
         let job = JobSpec::from_toml_str(JOB).expect("job");
         // One class only, a handful of rows, and none at all: all split.

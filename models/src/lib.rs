@@ -72,31 +72,40 @@ mod data;
 mod error;
 mod eval;
 pub mod job;
+mod local;
+#[cfg(feature = "torch")]
 mod model;
 mod server;
 mod spec;
 pub mod split;
+#[cfg(feature = "torch")]
 mod train;
 
 pub use data::{Dataset, Targets};
 pub use error::{Error, Result};
 pub use eval::{
     DEFAULT_BINS, DEFAULT_LOSS_CLAMP, EvalConfig, EvalCounts, SurvivalCounts, accuracy,
-    auc_from_histograms, concordance_index, evaluate, evaluate_survival, evaluate_with, mean_loss,
+    auc_from_histograms, concordance_index, mean_loss,
 };
+#[cfg(feature = "torch")]
+pub use eval::{evaluate, evaluate_survival, evaluate_with};
+pub use local::{Budget, LocalConfig, LocalOptimizer};
+#[cfg(feature = "torch")]
 pub use model::{Model, spec_sidecar_path};
 pub use server::{ServerOptimizer, ServerStrategy, clip_l2, l2_norm};
 pub use spec::{
     Activation, Architecture, MAX_HIDDEN_LAYERS, MAX_HIDDEN_WIDTH, MAX_INPUTS, MAX_PARAMETERS,
     ModelSpec,
 };
+#[cfg(feature = "torch")]
 pub use tch::Device;
+#[cfg(feature = "torch")]
 pub use train::{
-    Budget, ClippedGradients, LocalConfig, LocalOptimizer, LocalResult, clipped_gradient_sum,
-    clipped_gradients, train_local,
+    ClippedGradients, LocalResult, clipped_gradient_sum, clipped_gradients, train_local,
 };
 
 use serde::Serialize;
+#[cfg(feature = "torch")]
 use tch::{Cuda, Kind, Tensor};
 
 /// What libtorch sees on this machine.
@@ -118,6 +127,7 @@ pub struct TorchRuntime {
 pub const LIBTORCH_VERSION: &str = "2.13.0";
 
 /// Probes libtorch: devices, and that a small computation runs on the chosen one.
+#[cfg(feature = "torch")]
 pub fn runtime() -> Result<TorchRuntime, tch::TchError> {
     let device = Device::cuda_if_available();
     // A real computation, so a broken install fails here and not mid-training.
@@ -137,7 +147,7 @@ pub fn runtime() -> Result<TorchRuntime, tch::TchError> {
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "torch"))]
 mod tests {
     /// The node trains on a blocking thread and the coordinator keeps
     /// optimisers across tasks: both must be able to move between threads.

@@ -3,13 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::spec::{Activation, Architecture, ModelSpec};
+use crate::spec::{Activation, ModelSpec};
 
 /// One linear layer: `y = x W^T + b`.
 #[derive(Debug)]
@@ -57,28 +55,22 @@ impl Model {
 
     /// Builds a model on the given device.
     pub fn with_device(spec: &ModelSpec, seed: u64, device: Device) -> Result<Self> {
-        spec.validate()?;
+        let initial = spec.initial_parameters(seed)?;
         let vs = VarStore::new(device);
         let root = vs.root();
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let zero_init = spec.architecture == Architecture::Cox;
+        let mut values = initial.as_slice();
+        let mut take = |n: usize| {
+            let (head, rest) = values.split_at(n);
+            values = rest;
+            head
+        };
         let mut layers = Vec::new();
         for (i, (out, inp)) in spec.layer_shapes().into_iter().enumerate() {
             let path = root.sub("layers").sub(i);
-            let bound = 1.0 / (inp as f64).sqrt();
-            let mut init = |n: usize| -> Vec<f32> {
-                if zero_init {
-                    vec![0.0; n]
-                } else {
-                    (0..n)
-                        .map(|_| rng.random_range(-bound..bound) as f32)
-                        .collect()
-                }
-            };
-            let w = Tensor::f_from_slice(&init(out * inp))?.f_view([out as i64, inp as i64])?;
+            let w = Tensor::f_from_slice(take(out * inp))?.f_view([out as i64, inp as i64])?;
             let weight = path.f_var_copy("weight", &w)?;
             let bias = if spec.has_bias() {
-                Some(path.f_var_copy("bias", &Tensor::f_from_slice(&init(out))?)?)
+                Some(path.f_var_copy("bias", &Tensor::f_from_slice(take(out))?)?)
             } else {
                 None
             };
@@ -328,6 +320,24 @@ mod tests {
         // relu([0+6, 3+7]) = [6, 10]; 8*6 + 9*10 + 10 = 148
         let y = m.forward(&x, false).unwrap().double_value(&[0]);
         assert_eq!(y, 148.0);
+    }
+
+    #[test]
+    fn the_coordinator_computes_the_same_initial_parameters_without_libtorch() {
+        for spec in [
+            ModelSpec::logistic_regression(5),
+            ModelSpec::mlp(7, [4, 3]),
+            ModelSpec::cox(3),
+        ] {
+            for seed in [0, 1, 42] {
+                let model = Model::with_device(&spec, seed, Device::Cpu).unwrap();
+                assert_eq!(
+                    model.parameters().unwrap(),
+                    spec.initial_parameters(seed).unwrap(),
+                    "{spec:?} seed {seed}"
+                );
+            }
+        }
     }
 
     #[test]

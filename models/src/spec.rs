@@ -201,6 +201,32 @@ impl ModelSpec {
         self.architecture != Architecture::Cox
     }
 
+    /// The model's initial parameters for `seed`, as one flat vector in
+    /// the layout of `Model::parameters`: each layer's weights then its
+    /// bias, drawn from `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` (PyTorch's
+    /// default for `nn.Linear`) by a ChaCha8 stream seeded with `seed`, in
+    /// that order; Cox starts at zero. Pure Rust: the same values on every
+    /// node and at the coordinator, with or without libtorch.
+    pub fn initial_parameters(&self, seed: u64) -> Result<Vec<f32>> {
+        use rand::{Rng, SeedableRng};
+        self.validate()?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let zero = self.architecture == Architecture::Cox;
+        let mut out = Vec::with_capacity(self.num_parameters());
+        for (fan_out, fan_in) in self.layer_shapes() {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let n = fan_out * fan_in + if self.has_bias() { fan_out } else { 0 };
+            for _ in 0..n {
+                out.push(if zero {
+                    0.0
+                } else {
+                    rng.random_range(-bound..bound) as f32
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// The number of parameters (weights and biases) the spec describes.
     /// Saturates rather than overflows; [`ModelSpec::validate`] bounds it.
     pub fn num_parameters(&self) -> usize {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use confer_models::job::{JobSpec, Standardisation};
-use confer_models::{Device, Model, ServerOptimizer};
+use confer_models::ServerOptimizer;
 use confer_protocol::task::Envelope;
 use confer_protocol::train::{JobState, TrainCommitted, TrainReady, decode_f32, encode_f32};
 use confer_protocol::{ProtocolError, actions};
@@ -315,9 +315,11 @@ impl Run<'_> {
             .collect();
         let sites: Vec<(String, String)> =
             ready.into_iter().map(|r| (r.node, r.identity)).collect();
-        let model = Model::with_device(&self.spec.model, self.spec.seed, Device::Cpu)
+        let weights = self
+            .spec
+            .model
+            .initial_parameters(self.spec.seed)
             .map_err(|e| ProtocolError::invalid(e.to_string()))?;
-        let weights = model.parameters().map_err(internal)?;
         let server = ServerOptimizer::new(self.spec.server, weights.len())
             .map_err(|e| ProtocolError::invalid(e.to_string()))?;
         info!(job = %self.id, sites = sites.len(), "training job committed");
