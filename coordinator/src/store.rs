@@ -11,7 +11,8 @@ use std::sync::Mutex;
 
 use confer_protocol::signing::sha256_hex;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
+use confer_models::job::JobSpec;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{CoordinatorError, Result};
 
@@ -156,14 +157,22 @@ pub struct CoordinatorAudit {
     pub detail: String,
 }
 
+/// Reads a stored job spec back through the same validation as on submit.
+fn validated_spec<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<JobSpec, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    JobSpec::from_json_value(value).map_err(serde::de::Error::custom)
+}
+
 /// A training job as stored: its status, its signed task, and the latest
 /// checkpoint (JSON written by [`crate::train`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     /// What clients see.
     pub status: confer_protocol::train::JobStatus,
-    /// The job spec (JSON of `confer_models::job::JobSpec`).
-    pub spec: serde_json::Value,
+    /// The job spec: parsed and validated once, when the job is submitted
+    /// or read back from the store.
+    #[serde(deserialize_with = "validated_spec")]
+    pub spec: JobSpec,
     /// The signed job task (JSON of an `Envelope`), once signed.
     pub envelope: Option<String>,
     /// Whether commits were sent to the nodes (some may have charged it).

@@ -31,7 +31,7 @@ pub(super) async fn drive(
         .job(id)
         .map_err(ProtocolError::from)?
         .ok_or_else(|| internal(format!("job {id} vanished from the store")))?;
-    let spec = JobSpec::from_json_value(record.spec.clone()).map_err(internal)?;
+    let spec = record.spec.clone();
     let envelope: Envelope = record
         .envelope
         .as_deref()

@@ -194,7 +194,7 @@ pub async fn submit(
             history: Vec::new(),
             privacy: Some(serde_json::to_value(&statement).map_err(internal)?),
         },
-        spec: serde_json::to_value(&spec).map_err(internal)?,
+        spec: spec.clone(),
         envelope: Some(serde_json::to_string(&envelope).map_err(internal)?),
         commit_sent: false,
         checkpoint: None,
@@ -373,7 +373,7 @@ pub fn export(
             ))
         })
         .and_then(|c| serde_json::from_str(c).map_err(internal))?;
-    let spec = JobSpec::from_json_value(record.spec.clone()).map_err(internal)?;
+    let spec = &record.spec;
     Ok(ModelExport {
         job_id: id,
         round: record.status.round,
