@@ -241,7 +241,8 @@ impl CoordinatorState {
             .ok
             .into_iter()
             .partition(|(_, a)| a.refused.is_some());
-        let refusals: Vec<ProtocolError> = refused.into_iter().filter_map(|(_, a)| a.refused).collect();
+        let refusals: Vec<ProtocolError> =
+            refused.into_iter().filter_map(|(_, a)| a.refused).collect();
         let ready: Vec<NodeHandle> = nodes
             .iter()
             .filter(|n| fine.iter().any(|(name, _)| *name == n.name))
@@ -511,7 +512,13 @@ impl CoordinatorState {
                                     release_leases_at(&ready, &body, timeout).await
                                 });
                             }
-                            self.audit(asked_by, Some(study), "query", "failed", err.message.clone());
+                            self.audit(
+                                asked_by,
+                                Some(study),
+                                "query",
+                                "failed",
+                                err.message.clone(),
+                            );
                             return Err(err);
                         }
                     }

@@ -209,9 +209,10 @@ impl CoordinatorState {
             return Ok(catalog.clone());
         }
         let timeout = self.config.node_timeout().min(Duration::from_secs(15));
-        let gathered =
-            fanout::gather(&self.nodes, "the catalog", |n| async move { n.catalog(timeout).await })
-                .await;
+        let gathered = fanout::gather(&self.nodes, "the catalog", |n| async move {
+            n.catalog(timeout).await
+        })
+        .await;
         let mut cache = lock()?;
         let mut infos = Vec::new();
         let mut failures = Vec::new();

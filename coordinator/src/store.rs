@@ -9,9 +9,9 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use confer_models::job::JobSpec;
 use confer_protocol::signing::sha256_hex;
 use rusqlite::{Connection, OptionalExtension, params};
-use confer_models::job::JobSpec;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{CoordinatorError, Result};
@@ -322,9 +322,9 @@ impl SqliteStore {
     }
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
-        self.conn
-            .lock()
-            .map_err(|_| CoordinatorError::Internal("state lock poisoned by an earlier panic".into()))
+        self.conn.lock().map_err(|_| {
+            CoordinatorError::Internal("state lock poisoned by an earlier panic".into())
+        })
     }
 }
 
@@ -616,8 +616,10 @@ impl Store for SqliteStore {
             )
             .optional()
             .map_err(db)?;
-        body.map(|b| serde_json::from_str(&b).map_err(|e| CoordinatorError::Internal(e.to_string())))
-            .transpose()
+        body.map(|b| {
+            serde_json::from_str(&b).map_err(|e| CoordinatorError::Internal(e.to_string()))
+        })
+        .transpose()
     }
 
     fn studies(&self) -> Result<Vec<Study>> {
@@ -821,8 +823,8 @@ impl Store for SqliteStore {
             .optional()
             .map_err(db)?;
         row.map(|(body, checkpoint)| {
-            let mut job: JobRecord =
-                serde_json::from_str(&body).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+            let mut job: JobRecord = serde_json::from_str(&body)
+                .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
             job.checkpoint = checkpoint;
             Ok(job)
         })

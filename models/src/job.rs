@@ -56,9 +56,9 @@ use serde::{Deserialize, Serialize};
 use crate::data::{Dataset, Targets};
 use crate::error::{Error, Result};
 use crate::eval::{EvalConfig, EvalCounts};
+use crate::local::LocalConfig;
 use crate::server::ServerStrategy;
 use crate::spec::ModelSpec;
-use crate::local::LocalConfig;
 
 /// What is clipped, and so what one person can change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

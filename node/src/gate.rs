@@ -223,7 +223,10 @@ impl NodeService {
         reason: String,
         retryable: bool,
     ) -> NodeError {
-        self.refuse_error(task, ProtocolError::new(kind, reason).with_retryable(retryable))
+        self.refuse_error(
+            task,
+            ProtocolError::new(kind, reason).with_retryable(retryable),
+        )
     }
 
     /// Refuses a task with a typed error (its kind, retry hint and reason
@@ -249,13 +252,7 @@ impl NodeService {
             return e;
         }
         let message = format!("node {}: {reason}", state.name);
-        NodeError::Protocol(
-            ProtocolError {
-                message,
-                ..err
-            }
-            .with_site(state.name.clone()),
-        )
+        NodeError::Protocol(ProtocolError { message, ..err }.with_site(state.name.clone()))
     }
 
     /// Checks signature, expiry, study approval and researcher; returns the

@@ -305,7 +305,10 @@ impl FlightService for NodeService {
             .map(|a| {
                 Ok(ActionType {
                     r#type: a.name.to_string(),
-                    description: format!("{} (request: {}; answer: {})", a.doc, a.request, a.response),
+                    description: format!(
+                        "{} (request: {}; answer: {})",
+                        a.doc, a.request, a.response
+                    ),
                 })
             })
             .collect();

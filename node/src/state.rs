@@ -299,8 +299,14 @@ mod tests {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         plans.put(a, "sql-1".into(), plan().await, far);
         plans.put(b, "sql-2".into(), plan().await, far);
-        assert!(plans.take(a, "sql-other").is_none(), "another SQL under the same id");
-        assert!(plans.take(a, "sql-1").is_none(), "a mismatch drops the plan");
+        assert!(
+            plans.take(a, "sql-other").is_none(),
+            "another SQL under the same id"
+        );
+        assert!(
+            plans.take(a, "sql-1").is_none(),
+            "a mismatch drops the plan"
+        );
         assert!(plans.take(b, "sql-2").is_some());
         assert!(plans.take(b, "sql-2").is_none(), "taken once");
         assert!(plans.is_empty());
@@ -313,7 +319,12 @@ mod tests {
         plans.put(Uuid::new_v4(), "old".into(), p.clone(), 1);
         let now = confer_protocol::task::unix_now();
         for i in 0..CheckedPlans::MAX + 10 {
-            plans.put(Uuid::new_v4(), "sql".into(), p.clone(), now + 600 + i as u64);
+            plans.put(
+                Uuid::new_v4(),
+                "sql".into(),
+                p.clone(),
+                now + 600 + i as u64,
+            );
         }
         assert_eq!(plans.len(), CheckedPlans::MAX);
     }

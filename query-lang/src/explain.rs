@@ -90,13 +90,12 @@ pub fn explain(plan: &FederatedPlan, sites: usize) -> Result<Vec<(String, String
         let released = if plan.public_groups() {
             plan.clone()
         } else {
-            crate::secure_select::with_selected_keys(plan, &[0])
-                ?
+            crate::secure_select::with_selected_keys(plan, &[0])?
         };
-        Some(
-            crate::secure::summed_noise_stddev(&released, min_survivors)
-                ?,
-        )
+        Some(crate::secure::summed_noise_stddev(
+            &released,
+            min_survivors,
+        )?)
     } else {
         None
     };

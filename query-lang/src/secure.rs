@@ -50,7 +50,6 @@ struct PartialCode {
 /// 48 MiB as the JSON of a masked input, within a node's message limit).
 pub const MAX_VECTOR_LEN: usize = 4 << 20;
 
-
 /// `min_sites` when neither the query nor the study sets it: a majority of
 /// the `nodes`, the protocol's default threshold, so a minority may drop out.
 pub fn default_min_sites(nodes: usize) -> usize {

@@ -214,10 +214,7 @@ async fn compiled(sql: &str, catalog: &Catalog) -> Result<FederatedPlan, String>
 /// Runs the plan's local bounded query over the catalog's empty tables.
 async fn runs(plan: &FederatedPlan, catalog: &Catalog) -> Result<(), String> {
     let ctx = engine::empty_context(catalog).map_err(|e| e.to_string())?;
-    let frame = ctx
-        .sql(&plan.local_sql)
-        .await
-        .map_err(|e| e.to_string())?;
+    let frame = ctx.sql(&plan.local_sql).await.map_err(|e| e.to_string())?;
     frame.collect().await.map_err(|e| e.to_string())?;
     Ok(())
 }

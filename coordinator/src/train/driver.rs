@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use confer_models::job::{JobSpec, Standardisation};
 use confer_models::ServerOptimizer;
+use confer_models::job::{JobSpec, Standardisation};
 use confer_protocol::task::Envelope;
 use confer_protocol::train::{JobState, TrainCommitted, TrainReady, decode_f32, encode_f32};
 use confer_protocol::{ProtocolError, actions};
@@ -288,7 +288,11 @@ impl Run<'_> {
         let gathered = self
             .ask_all::<TrainCommitted>(sites, actions::TRAIN_COMMIT, "training commitment", body)
             .await;
-        let failures: Vec<String> = gathered.failures.iter().map(|e| e.message.clone()).collect();
+        let failures: Vec<String> = gathered
+            .failures
+            .iter()
+            .map(|e| e.message.clone())
+            .collect();
         let committed: Vec<String> = gathered.values().into_iter().map(|c| c.node).collect();
         let need = self
             .spec

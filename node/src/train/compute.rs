@@ -57,7 +57,10 @@ pub(super) fn node_input(
                     .map_err(privacy_error)?;
             }
             let input = encoding.encode(&sums, &mut rng).map_err(privacy_error)?;
-            Ok((input, RoundNote::new("standardisation moments".into(), false)))
+            Ok((
+                input,
+                RoundNote::new("standardisation moments".into(), false),
+            ))
         }
         TrainPhase::Update => {
             let weights = round

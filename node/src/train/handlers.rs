@@ -276,15 +276,16 @@ impl NodeService {
         let input_job = job.clone();
         let me = self.state().name.clone();
         let config = session.clone();
-        let (input, note) = match blocking(move || node_input(&input_job, &input_round, &config, &me)).await {
-            Ok(input) => {
-                self.state().ledger.finish(&charge, marker)?;
-                input
-            }
-            // Whether it fails may depend on the rows: charged at the node's
-            // floor and counted, and the message withheld.
-            Err(_) => return Err(self.charge_failure(&round_task, &charge, Failure::Other)),
-        };
+        let (input, note) =
+            match blocking(move || node_input(&input_job, &input_round, &config, &me)).await {
+                Ok(input) => {
+                    self.state().ledger.finish(&charge, marker)?;
+                    input
+                }
+                // Whether it fails may depend on the rows: charged at the node's
+                // floor and counted, and the message withheld.
+                Err(_) => return Err(self.charge_failure(&round_task, &charge, Failure::Other)),
+            };
         self.state().secure.start(
             round_task.id,
             &self.state().name,

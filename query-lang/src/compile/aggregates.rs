@@ -8,8 +8,8 @@
 use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
-    DuplicateTreatment, Expr, FunctionArg, FunctionArgExpr, FunctionArgOperator,
-    FunctionArguments, GroupByExpr, Ident, SelectItem, Value, VisitMut, VisitorMut,
+    DuplicateTreatment, Expr, FunctionArg, FunctionArgExpr, FunctionArgOperator, FunctionArguments,
+    GroupByExpr, Ident, SelectItem, Value, VisitMut, VisitorMut,
 };
 
 use super::shape::{Shape, reject_aggregates_in};
@@ -183,7 +183,10 @@ pub(super) fn select(shape: &Shape) -> Result<Selected> {
     Ok(Selected {
         group_exprs,
         group_keys,
-        group_names: group_names.into_iter().map(Option::unwrap_or_default).collect(),
+        group_names: group_names
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect(),
         values,
         raw_values,
         aggs,

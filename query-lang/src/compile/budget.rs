@@ -51,9 +51,8 @@ pub(super) fn bound(shape: &Shape, selected: &Selected, keys: &Keys) -> Result<B
     } else {
         (options.max_groups_contributed as usize).min(keys.public_groups)
     };
-    let needs_group_sampling = !single_row
-        && !no_groups
-        && (options.max_groups_contributed as usize) < keys.public_groups;
+    let needs_group_sampling =
+        !single_row && !no_groups && (options.max_groups_contributed as usize) < keys.public_groups;
     let needs_row_sampling = !single_row
         && aggs
             .iter()

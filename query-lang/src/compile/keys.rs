@@ -253,7 +253,11 @@ pub(super) fn column_type_of(ty: &DataType) -> Option<ColumnType> {
     })
 }
 
-pub(super) fn check_domain_type(column: &str, ty: ColumnType, values: &[DomainValue]) -> Result<()> {
+pub(super) fn check_domain_type(
+    column: &str,
+    ty: ColumnType,
+    values: &[DomainValue],
+) -> Result<()> {
     for v in values {
         let ok = matches!(
             (ty, v),

@@ -101,7 +101,8 @@ pub async fn compile_with(
     let mut selected = aggregates::select(&shape)?;
     let keys = keys::resolve(&shape, &mut selected, catalog).await?;
     let bounded = budget::bound(&shape, &selected, &keys)?;
-    let local = local_sql::write(&shape, &selected, &keys, &bounded, site, options, catalog).await?;
+    let local =
+        local_sql::write(&shape, &selected, &keys, &bounded, site, options, catalog).await?;
     let released = post::release(&shape, &selected, &keys, &bounded)?;
 
     let mut plan = FederatedPlan {

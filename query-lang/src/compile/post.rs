@@ -5,7 +5,9 @@
 
 use std::ops::ControlFlow;
 
-use datafusion::sql::sqlparser::ast::{Expr, Ident, Query, Select, Value, Visit, VisitMut, Visitor, VisitorMut};
+use datafusion::sql::sqlparser::ast::{
+    Expr, Ident, Query, Select, Value, Visit, VisitMut, Visitor, VisitorMut,
+};
 
 use super::aggregates::{Final, Selected};
 use super::budget::Bounded;
