@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use confer_protocol::signing::sha256_hex;
-use confer_protocol::task::{Envelope, Task, unix_now};
+use confer_protocol::task::{Envelope, QueryTask, SecureQueryTask, Task, TaskKind, unix_now};
+use confer_protocol::train::TrainTask;
 use confer_protocol::{ErrorKind, ProtocolError};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
@@ -209,6 +210,57 @@ impl NodeState {
     }
 }
 
+/// A task past admission ([`NodeService::admit_as`]): signed by the
+/// coordinator for this node, not expired, its study approved here and its
+/// researcher a member; with the study's rules and its own kind, typed, so
+/// no handler matches on the kind again.
+pub(crate) struct Admitted<K> {
+    /// The verified task.
+    pub(crate) task: Task,
+    /// The study's rules at this node.
+    pub(crate) rules: StudyRules,
+    /// What the task asks, as its kind's own type.
+    pub(crate) kind: K,
+}
+
+/// A kind of task a handler asks admission for.
+pub(crate) trait AdmittedKind: Sized {
+    /// The kind, as a refusal names it.
+    const NAME: &'static str;
+    /// The task's kind, if it is this one.
+    fn of(kind: &TaskKind) -> Option<Self>;
+}
+
+impl AdmittedKind for QueryTask {
+    const NAME: &'static str = "a DP query task";
+    fn of(kind: &TaskKind) -> Option<Self> {
+        match kind {
+            TaskKind::Query(q) => Some(q.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl AdmittedKind for SecureQueryTask {
+    const NAME: &'static str = "a secure query task";
+    fn of(kind: &TaskKind) -> Option<Self> {
+        match kind {
+            TaskKind::SecureQuery(q) => Some(q.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl AdmittedKind for TrainTask {
+    const NAME: &'static str = "a training job task";
+    fn of(kind: &TaskKind) -> Option<Self> {
+        match kind {
+            TaskKind::Train(t) => Some(t.clone()),
+            _ => None,
+        }
+    }
+}
+
 impl NodeService {
     /// Refuses a task (audited, with the reason) before anything was read.
     pub(crate) fn refuse(&self, task: Option<&Task>, kind: ErrorKind, reason: String) -> NodeError {
@@ -253,6 +305,25 @@ impl NodeService {
         }
         let message = format!("node {}: {reason}", state.name);
         NodeError::Protocol(ProtocolError { message, ..err }.with_site(state.name.clone()))
+    }
+
+    /// [`Self::admit`] for a handler that serves one kind of task: a task
+    /// of another kind is refused (audited) saying what `what` carries.
+    pub(crate) fn admit_as<K: AdmittedKind>(
+        &self,
+        envelope: &Envelope,
+        policy: &Policy,
+        what: &str,
+    ) -> Result<Admitted<K>> {
+        let (task, rules) = self.admit(envelope, policy)?;
+        match K::of(&task.kind) {
+            Some(kind) => Ok(Admitted { task, rules, kind }),
+            None => Err(self.refuse(
+                Some(&task),
+                ErrorKind::InvalidArgument,
+                format!("{what} carries {}", K::NAME),
+            )),
+        }
     }
 
     /// Checks signature, expiry, study approval and researcher; returns the

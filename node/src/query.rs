@@ -8,14 +8,14 @@ use arrow::array::RecordBatch;
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use confer_protocol::signing::sha256_hex;
-use confer_protocol::task::{Envelope, QueryCheck, Task, TaskKind};
+use confer_protocol::task::{Envelope, QueryCheck, QueryTask, Task};
 use confer_protocol::{ErrorKind, ProtocolError, Reason, actions};
 use confer_query::release::ReleaseOptions;
 use confer_query::{QueryError, Statement};
 use tracing::info;
 
 use crate::error::{NodeError, Result};
-use crate::gate::Failure;
+use crate::gate::{Admitted, Failure};
 use crate::ledger::{AuditEntry, Charge, Cost, StudyStatus};
 use crate::policy::{Policy, StudyRules};
 
@@ -28,14 +28,11 @@ impl NodeService {
     /// when the query itself is refused.
     pub(crate) async fn check_query(&self, envelope: Envelope) -> Result<QueryCheck> {
         let policy = self.state.policy()?;
-        let (task, rules) = self.admit(&envelope, &policy)?;
-        let TaskKind::Query(query) = &task.kind else {
-            return Err(self.refuse(
-                Some(&task),
-                ErrorKind::InvalidArgument,
-                format!("{} checks query tasks only", actions::QUERY_CHECK),
-            ));
-        };
+        let Admitted {
+            task,
+            rules,
+            kind: query,
+        } = self.admit_as::<QueryTask>(&envelope, &policy, actions::QUERY_CHECK)?;
         let mut answer = QueryCheck {
             node: self.state.name.clone(),
             rho: 0.0,

@@ -5,11 +5,11 @@
 use arrow::array::RecordBatch;
 use confer_protocol::ErrorKind;
 use confer_protocol::signing::sha256_hex;
-use confer_protocol::task::{Envelope, SecaggRound, Task, TaskKind};
+use confer_protocol::task::{Envelope, SecaggRound, SecureQueryTask, Task};
 use tracing::info;
 
 use crate::error::{NodeError, Result};
-use crate::gate::Failure;
+use crate::gate::{Admitted, Failure};
 use crate::ledger::Cost;
 use crate::policy::Policy;
 
@@ -29,14 +29,11 @@ impl NodeService {
             )
         })?;
         let policy = self.state.policy()?;
-        let (task, rules) = self.admit(&envelope, &policy)?;
-        let TaskKind::SecureQuery(secure) = &task.kind else {
-            return Err(self.refuse(
-                Some(&task),
-                ErrorKind::InvalidArgument,
-                "round 0 carries a secure query task".into(),
-            ));
-        };
+        let Admitted {
+            task,
+            rules,
+            kind: secure,
+        } = self.admit_as::<SecureQueryTask>(&envelope, &policy, "round 0 of a secure query")?;
         if task.id != round.task_id {
             return Err(self.refuse(
                 Some(&task),

@@ -11,11 +11,11 @@ use confer_protocol::train::{
     TrainCommitted, TrainEvaluation, TrainPhase, TrainReady, TrainRequest, TrainRoundTask,
     TrainTask,
 };
-use confer_protocol::{ErrorKind, ProtocolError};
+use confer_protocol::{ErrorKind, ProtocolError, actions};
 use tracing::{info, instrument};
 
 use crate::error::{NodeError, Result};
-use crate::gate::Failure;
+use crate::gate::{Admitted, Failure};
 use crate::ledger::{AuditEntry, Charge, TaskState};
 use crate::policy::{Policy, StudyRules};
 use crate::service::{NodeService, blocking};
@@ -44,10 +44,15 @@ impl NodeService {
     #[instrument(skip_all, fields(node = %self.state().name))]
     pub(crate) async fn train_prepare(&self, envelope: Envelope) -> Result<TrainReady> {
         let policy = self.state().policy()?;
-        let (task, rules) = self.admit(&envelope, &policy)?;
+        let Admitted {
+            task,
+            rules,
+            kind: train,
+        } = self.admit_as::<TrainTask>(&envelope, &policy, actions::TRAIN_PREPARE)?;
         // Everything that depends on no row: nothing is read or charged
         // here (the rows are read after the job's durable charge, at commit).
-        self.checked_job(&envelope, &task, &rules, &policy).await?;
+        self.checked_job(&envelope, &task, &train, &rules, &policy)
+            .await?;
         self.state().ledger.audit(&AuditEntry {
             task_id: Some(task.id),
             study: Some(task.study.clone()),
@@ -69,9 +74,15 @@ impl NodeService {
     #[instrument(skip_all, fields(node = %self.state().name))]
     pub(crate) async fn train_commit(&self, envelope: Envelope) -> Result<TrainCommitted> {
         let policy = self.state().policy()?;
-        let (task, rules) = self.admit(&envelope, &policy)?;
+        let Admitted {
+            task,
+            rules,
+            kind: train,
+        } = self.admit_as::<TrainTask>(&envelope, &policy, actions::TRAIN_COMMIT)?;
         let payload_hash = sha256_hex(envelope.payload.as_bytes());
-        let (_, spec, plan) = self.checked_job(&envelope, &task, &rules, &policy).await?;
+        let (spec, plan) = self
+            .checked_job(&envelope, &task, &train, &rules, &policy)
+            .await?;
         let repeated = match self.state().ledger.stored(task.id)? {
             Some(s) if s.payload_hash != payload_hash => {
                 return Err(self.refuse(
@@ -183,7 +194,7 @@ impl NodeService {
                 ErrorKind::InvalidArgument,
                 format!(
                     "evaluation runs through {}, not a secure sum",
-                    confer_protocol::actions::TRAIN_EVALUATE
+                    actions::TRAIN_EVALUATE
                 ),
             ));
         }
@@ -400,7 +411,11 @@ impl NodeService {
     /// round signed, of this job and within it.
     pub(super) async fn train_round(&self, request: &TrainRequest) -> Result<AdmittedRound> {
         let policy = self.state().policy()?;
-        let (task, rules) = self.admit(&request.job, &policy)?;
+        let Admitted {
+            task,
+            rules,
+            kind: train,
+        } = self.admit_as::<TrainTask>(&request.job, &policy, "a training round request")?;
         let payload_hash = sha256_hex(request.job.payload.as_bytes());
         match self.state().ledger.stored(task.id)? {
             Some(s) if s.payload_hash == payload_hash => {}
@@ -412,8 +427,8 @@ impl NodeService {
                 ));
             }
         }
-        let (train, spec, plan) = self
-            .checked_job(&request.job, &task, &rules, &policy)
+        let (spec, plan) = self
+            .checked_job(&request.job, &task, &train, &rules, &policy)
             .await?;
         let job = self
             .job_data(&task, &rules, &policy, &spec, plan, &payload_hash, None)
@@ -477,17 +492,12 @@ impl NodeService {
         &self,
         envelope: &Envelope,
         task: &Task,
+        train: &TrainTask,
         rules: &StudyRules,
         policy: &Policy,
-    ) -> Result<(TrainTask, JobSpec, confer_models::job::PrivacyPlan)> {
+    ) -> Result<(JobSpec, confer_models::job::PrivacyPlan)> {
         let payload_hash = sha256_hex(envelope.payload.as_bytes());
         let refuse = |kind, why: String| self.refuse(Some(task), kind, why);
-        let TaskKind::Train(train) = &task.kind else {
-            return Err(refuse(
-                ErrorKind::InvalidArgument,
-                "a training request carries a training job task".into(),
-            ));
-        };
         if !train.sites.contains(&self.state().name) {
             return Err(refuse(
                 ErrorKind::InvalidArgument,
@@ -571,7 +581,7 @@ impl NodeService {
             }
             Some(_) => {}
         }
-        Ok((train.clone(), spec, plan))
+        Ok((spec, plan))
     }
 
     /// The job's data: cached, else its rows read now. Call only once the
