@@ -34,6 +34,20 @@ pub enum Action {
 }
 
 impl Action {
+    /// What a custom action's declared access needs here (none for a
+    /// node's actions, which the coordinator does not serve).
+    pub fn of(access: confer_protocol::Access) -> Option<Self> {
+        use confer_protocol::Access;
+        Some(match access {
+            Access::Coordinator => return None,
+            Access::Member => Action::ReadStudies,
+            Access::NodeStatus => Action::NodeStatus,
+            Access::ManageStudies => Action::ManageStudies,
+            Access::ManageUsers => Action::ManageUsers,
+            Access::Train => Action::Train,
+        })
+    }
+
     /// Roles allowed to perform the action.
     pub fn allowed(self, role: Role) -> bool {
         match self {

@@ -309,22 +309,14 @@ impl FlightSqlService for CoordinatorService {
         request: Request<Action>,
     ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
         let kind = request.get_ref().r#type.clone();
-        let perm = match kind.as_str() {
-            custom::NODES => Perm::NodeStatus,
-            custom::WHOAMI | custom::STUDY_LIST | custom::STUDY_SHOW | custom::CATALOG => {
-                Perm::ReadStudies
-            }
-            custom::STUDY_CREATE | custom::STUDY_EDIT => Perm::ManageStudies,
-            custom::USER_LIST => Perm::ManageUsers,
-            custom::TRAIN_SUBMIT | custom::TRAIN_CANCEL => Perm::Train,
-            custom::TRAIN_STATUS | custom::TRAIN_LIST | custom::MODEL_EXPORT => Perm::ReadStudies,
-            other => {
-                return Err(ProtocolError::unimplemented(format!(
-                    "unknown action {other}: the coordinator serves {} (list_actions describes each)",
-                    confer_protocol::coordinator::action_names()
-                ))
-                .into());
-            }
+        let Some(perm) =
+            confer_protocol::coordinator::action(&kind).and_then(|a| Perm::of(a.access))
+        else {
+            return Err(ProtocolError::unimplemented(format!(
+                "unknown action {kind}: the coordinator serves {} (list_actions describes each)",
+                confer_protocol::coordinator::action_names()
+            ))
+            .into());
         };
         let user = match self.state.auth.authorize(&request, perm) {
             Ok(u) => u,

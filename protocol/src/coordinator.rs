@@ -2,13 +2,13 @@
 //! header, the custom actions (each declared once: its name, what it does,
 //! its request and its answer) and their JSON types. Clients (the CLI, the
 //! Python client) depend on this, not on the coordinator's internals; the
-//! coordinator's `list_actions` and its unknown-action error are made from
-//! [`ACTIONS`].
+//! coordinator's `list_actions`, its unknown-action error and who may call
+//! each action are made from [`ACTIONS`].
 
 /// gRPC header naming the study a request runs under.
 pub const STUDY_HEADER: &str = "x-confer-study";
 
-pub use crate::ActionSpec;
+pub use crate::{Access, ActionSpec};
 
 /// Names of the coordinator's custom actions.
 pub mod actions {
@@ -48,78 +48,91 @@ pub const ACTIONS: &[ActionSpec] = &[
         doc: "node registry and health (JSON)",
         request: "empty",
         response: "list of node statuses",
+        access: Access::NodeStatus,
     },
     ActionSpec {
         name: actions::WHOAMI,
         doc: "the calling user (JSON)",
         request: "empty",
         response: "user",
+        access: Access::Member,
     },
     ActionSpec {
         name: actions::CATALOG,
         doc: "the network catalog (JSON)",
         request: "empty",
         response: "CatalogListing",
+        access: Access::Member,
     },
     ActionSpec {
         name: actions::STUDY_CREATE,
         doc: "create a study (admin; body: JSON)",
         request: "NewStudy",
         response: "study",
+        access: Access::ManageStudies,
     },
     ActionSpec {
         name: actions::STUDY_EDIT,
         doc: "change a study's title, PI, members or min_sites (admin; body: JSON)",
         request: "StudyEdit",
         response: "study",
+        access: Access::ManageStudies,
     },
     ActionSpec {
         name: actions::STUDY_LIST,
         doc: "studies you may use (JSON)",
         request: "empty",
         response: "list of studies",
+        access: Access::Member,
     },
     ActionSpec {
         name: actions::STUDY_SHOW,
         doc: "one study (body: its name)",
         request: "the study's name",
         response: "study",
+        access: Access::Member,
     },
     ActionSpec {
         name: actions::USER_LIST,
         doc: "users (admin; JSON)",
         request: "empty",
         response: "list of users",
+        access: Access::ManageUsers,
     },
     ActionSpec {
         name: actions::TRAIN_SUBMIT,
         doc: "start a training job (body: JSON)",
         request: "train::TrainSubmit",
         response: "train::JobStatus",
+        access: Access::Train,
     },
     ActionSpec {
         name: actions::TRAIN_STATUS,
         doc: "a training job's status and history",
         request: "train::JobRef",
         response: "train::JobStatus",
+        access: Access::Member,
     },
     ActionSpec {
         name: actions::TRAIN_LIST,
         doc: "training jobs you may see",
         request: "empty",
         response: "list of train::JobStatus",
+        access: Access::Member,
     },
     ActionSpec {
         name: actions::TRAIN_CANCEL,
         doc: "stop a training job",
         request: "train::JobRef",
         response: "train::JobStatus",
+        access: Access::Train,
     },
     ActionSpec {
         name: actions::MODEL_EXPORT,
         doc: "a training job's model and privacy statement",
         request: "train::JobRef",
         response: "train::ModelExport",
+        access: Access::Member,
     },
 ];
 
@@ -242,5 +255,31 @@ mod tests {
         assert!(
             serde_json::from_str::<StudyEdit>(r#"{"name": "s", "requested_epsilon": 2}"#).is_err()
         );
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+
+    #[test]
+    fn each_action_is_declared_once_with_who_may_call_it() {
+        for table in [ACTIONS, crate::NODE_ACTIONS] {
+            let mut names: Vec<&str> = table.iter().map(|a| a.name).collect();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), table.len(), "a name declared twice");
+        }
+        assert!(ACTIONS.iter().all(|a| a.access != Access::Coordinator));
+        assert!(
+            crate::NODE_ACTIONS
+                .iter()
+                .all(|a| a.access == Access::Coordinator)
+        );
+        assert_eq!(
+            action(actions::USER_LIST).map(|a| a.access),
+            Some(Access::ManageUsers)
+        );
+        assert!(action("confer.nope").is_none());
     }
 }

@@ -46,6 +46,27 @@ pub struct ActionSpec {
     pub request: &'static str,
     /// Its answer (JSON).
     pub response: &'static str,
+    /// Who may call it.
+    pub access: Access,
+}
+
+/// Who may call an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The coordinator, over mutual TLS, with tasks it signed (a node's
+    /// actions; the node checks each task itself).
+    Coordinator,
+    /// Any signed-in user, about what they may see (their studies, the
+    /// catalog, their jobs).
+    Member,
+    /// Any signed-in user: the nodes' status.
+    NodeStatus,
+    /// Administrators: create and edit studies.
+    ManageStudies,
+    /// Administrators: users.
+    ManageUsers,
+    /// The roles that train models: start and stop jobs.
+    Train,
 }
 
 /// The names in a table of actions, for error messages.
@@ -60,60 +81,70 @@ pub const NODE_ACTIONS: &[ActionSpec] = &[
         doc: "the node's public catalog (JSON)",
         request: "empty",
         response: "CatalogInfo",
+        access: Access::Coordinator,
     },
     ActionSpec {
         name: actions::HEALTH,
         doc: "liveness and basic facts (JSON)",
         request: "HealthRequest or empty",
         response: "Health",
+        access: Access::Coordinator,
     },
     ActionSpec {
         name: actions::QUERY_CHECK,
         doc: "checks a signed DP query task without running or charging it, and holds its budget",
         request: "Envelope (query task)",
         response: "QueryCheck",
+        access: Access::Coordinator,
     },
     ActionSpec {
         name: actions::QUERY_RELEASE,
         doc: "gives up the budget a checked query task holds",
         request: "Envelope (query task)",
         response: "{\"released\": bool}",
+        access: Access::Coordinator,
     },
     ActionSpec {
         name: actions::SECAGG_IDENTITY,
         doc: "this node's secure-aggregation identity key",
         request: "empty",
         response: "SecaggIdentity",
+        access: Access::Coordinator,
     },
     ActionSpec {
         name: actions::SECAGG_ROUND,
         doc: "one round of a secure-aggregation session",
         request: "SecaggRound",
         response: "SecaggRound",
+        access: Access::Coordinator,
     },
     ActionSpec {
         name: actions::TRAIN_PREPARE,
         doc: "checks a signed training job, nothing charged",
         request: "Envelope (TrainTask)",
         response: "TrainReady",
+        access: Access::Coordinator,
     },
     ActionSpec {
         name: actions::TRAIN_COMMIT,
         doc: "charges a prepared training job once",
         request: "Envelope (TrainTask)",
         response: "TrainCommitted",
+        access: Access::Coordinator,
     },
     ActionSpec {
         name: actions::TRAIN_START,
         doc: "round 0 of a training secure sum",
         request: "SecaggRound (payload TrainRequest)",
         response: "SecaggRound",
+        access: Access::Coordinator,
     },
     ActionSpec {
         name: actions::TRAIN_EVALUATE,
         doc: "a DP evaluation of a training job's model",
         request: "TrainRequest",
         response: "TrainEvaluation",
+        access: Access::Coordinator,
     },
 ];
 

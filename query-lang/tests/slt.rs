@@ -218,11 +218,7 @@ async fn the_dialect_as_data() {
             .lines()
             .filter(|l| l.starts_with("statement ") || l.starts_with("query "))
             .count();
-        let mut runner = Runner::new(|| async {
-            Ok(Dialect {
-                catalog: catalog(),
-            })
-        });
+        let mut runner = Runner::new(|| async { Ok(Dialect { catalog: catalog() }) });
         if std::env::var_os("CONFER_SLT_COMPLETE").is_some() {
             runner
                 .update_test_file(
