@@ -39,7 +39,6 @@ use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Action as Perm;
-pub(crate) use crate::state::study_info;
 pub use crate::state::{CoordinatorState, MAX_STATEMENTS_PER_USER};
 use crate::store::Study;
 pub use confer_protocol::coordinator::{NewStudy, STUDY_HEADER, StudyEdit};

@@ -37,9 +37,10 @@ use datafusion::prelude::SessionContext;
 use tracing::{info, warn};
 
 use crate::error::{NodeError, Result};
+use crate::handler::NodeService;
 use crate::ledger::{AuditEntry, Begun, Charge, Cost, Refusal, Stored, StudyStatus, TaskState};
 use crate::policy::{Approval, Limits, Policy, StudyRules};
-use crate::service::{NodeService, NodeState};
+use crate::state::NodeState;
 
 /// Why a task failed after it was admitted. Every variant is charged.
 #[derive(Debug, Clone, PartialEq, Eq)]

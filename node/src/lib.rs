@@ -21,6 +21,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod gate;
+mod handler;
 pub mod ledger;
 pub mod omop;
 pub mod policy;
@@ -42,7 +43,8 @@ use tracing::info;
 pub use config::NodeConfig;
 pub use error::{NodeError, Result};
 
-use crate::service::{NodeService, NodeState};
+use crate::handler::NodeService;
+use crate::state::NodeState;
 
 /// Largest gRPC message a node accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

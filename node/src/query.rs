@@ -19,7 +19,7 @@ use crate::gate::{Admitted, Failure};
 use crate::ledger::{AuditEntry, Charge, Cost, StudyStatus};
 use crate::policy::{Policy, StudyRules};
 
-use crate::service::{NodeService, blocking};
+use crate::handler::{NodeService, blocking};
 
 impl NodeService {
     /// [`actions::QUERY_CHECK`]: every check a query task passes before it

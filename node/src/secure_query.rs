@@ -13,8 +13,8 @@ use crate::gate::{Admitted, Failure};
 use crate::ledger::Cost;
 use crate::policy::Policy;
 
+use crate::handler::{NodeService, blocking};
 use crate::query::{cost_of, plan_cost, worker_stopped};
-use crate::service::{NodeService, blocking};
 
 impl NodeService {
     /// Round 0 of a secure query: admit, check the session (members bound

@@ -7,9 +7,7 @@
 //!
 //! Every task received is audited, whether it is released, answered from
 //! the ledger (a retry), or refused, with the reason.
-use std::sync::Arc;
 
-use arrow::array::RecordBatch;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
@@ -17,105 +15,44 @@ use arrow_flight::{
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use confer_protocol::catalog::Health;
-use confer_protocol::task::{Envelope, SecaggIdentity, SecaggRound, TaskKind};
+use confer_protocol::task::{Envelope, SecaggIdentity, SecaggRound};
 use confer_protocol::{ErrorKind, ProtocolError, actions};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{instrument, warn};
 
-use crate::error::{NodeError, Result};
-
+pub use crate::handler::NodeService;
 pub use crate::state::NodeState;
-
-/// The Flight service of a node.
-#[derive(Clone)]
-pub struct NodeService {
-    pub(crate) state: Arc<NodeState>,
-}
-
-impl NodeService {
-    /// Wraps the node's state.
-    pub fn new(state: Arc<NodeState>) -> Self {
-        Self { state }
-    }
-
-    /// The node's state.
-    pub(crate) fn state(&self) -> &NodeState {
-        &self.state
-    }
-
-    /// Runs a task and returns the batch to release. Rows and SQL text never
-    /// reach the logs: only ids, study and cost do.
-    #[instrument(skip_all, fields(node = %self.state.name))]
-    pub(crate) async fn run(&self, envelope: Envelope) -> Result<RecordBatch> {
-        let policy = self.state.policy()?;
-        let (task, rules) = self.admit(&envelope, &policy)?;
-        match &task.kind {
-            TaskKind::Query(query) => {
-                self.run_query(&envelope, &task, &rules, &policy, &query.sql)
-                    .await
-            }
-            TaskKind::Budget(b) => self.report_budget(&task, &b.study, &policy),
-            TaskKind::PublicQuery(query) => {
-                self.run_public(&task, &rules, &policy, &query.sql).await
-            }
-            TaskKind::SecureQuery(_) => Err(self.refuse(
-                Some(&task),
-                ErrorKind::InvalidArgument,
-                format!(
-                    "secure queries run through the {} action, not DoGet",
-                    actions::SECAGG_ROUND
-                ),
-            )),
-            TaskKind::Train(_) | TaskKind::TrainRound(_) => Err(self.refuse(
-                Some(&task),
-                ErrorKind::InvalidArgument,
-                format!(
-                    "training runs through the {} actions, not DoGet",
-                    actions::TRAIN_PREPARE
-                ),
-            )),
-        }
-    }
-}
-
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| NodeError::Protocol(ProtocolError::internal(format!("worker failed: {e}"))))?
-}
 
 fn json_result<T: serde::Serialize>(
     value: &T,
-) -> std::result::Result<arrow_flight::Result, Status> {
+) -> Result<arrow_flight::Result, Status> {
     let body = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
     Ok(arrow_flight::Result::new(body))
 }
 
 #[tonic::async_trait]
 impl FlightService for NodeService {
-    type HandshakeStream = BoxStream<'static, std::result::Result<HandshakeResponse, Status>>;
-    type ListFlightsStream = BoxStream<'static, std::result::Result<FlightInfo, Status>>;
-    type DoGetStream = BoxStream<'static, std::result::Result<FlightData, Status>>;
-    type DoPutStream = BoxStream<'static, std::result::Result<PutResult, Status>>;
-    type DoActionStream = BoxStream<'static, std::result::Result<arrow_flight::Result, Status>>;
-    type ListActionsStream = BoxStream<'static, std::result::Result<ActionType, Status>>;
-    type DoExchangeStream = BoxStream<'static, std::result::Result<FlightData, Status>>;
+    type HandshakeStream = BoxStream<'static, Result<HandshakeResponse, Status>>;
+    type ListFlightsStream = BoxStream<'static, Result<FlightInfo, Status>>;
+    type DoGetStream = BoxStream<'static, Result<FlightData, Status>>;
+    type DoPutStream = BoxStream<'static, Result<PutResult, Status>>;
+    type DoActionStream = BoxStream<'static, Result<arrow_flight::Result, Status>>;
+    type ListActionsStream = BoxStream<'static, Result<ActionType, Status>>;
+    type DoExchangeStream = BoxStream<'static, Result<FlightData, Status>>;
 
     async fn handshake(
         &self,
         _request: Request<Streaming<HandshakeRequest>>,
-    ) -> std::result::Result<Response<Self::HandshakeStream>, Status> {
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
         Err(Status::unimplemented("nodes need no handshake"))
     }
 
     async fn list_flights(
         &self,
         _request: Request<Criteria>,
-    ) -> std::result::Result<Response<Self::ListFlightsStream>, Status> {
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
         Err(Status::unimplemented(
             "nodes list no flights: send a task with DoGet",
         ))
@@ -124,21 +61,21 @@ impl FlightService for NodeService {
     async fn get_flight_info(
         &self,
         _request: Request<FlightDescriptor>,
-    ) -> std::result::Result<Response<FlightInfo>, Status> {
+    ) -> Result<Response<FlightInfo>, Status> {
         Err(Status::unimplemented("send a task with DoGet"))
     }
 
     async fn poll_flight_info(
         &self,
         _request: Request<FlightDescriptor>,
-    ) -> std::result::Result<Response<PollInfo>, Status> {
+    ) -> Result<Response<PollInfo>, Status> {
         Err(Status::unimplemented("send a task with DoGet"))
     }
 
     async fn get_schema(
         &self,
         _request: Request<FlightDescriptor>,
-    ) -> std::result::Result<Response<SchemaResult>, Status> {
+    ) -> Result<Response<SchemaResult>, Status> {
         Err(Status::unimplemented("send a task with DoGet"))
     }
 
@@ -146,7 +83,7 @@ impl FlightService for NodeService {
     async fn do_get(
         &self,
         request: Request<Ticket>,
-    ) -> std::result::Result<Response<Self::DoGetStream>, Status> {
+    ) -> Result<Response<Self::DoGetStream>, Status> {
         let envelope = match Envelope::from_bytes(&request.into_inner().ticket) {
             Ok(e) => e,
             Err(e) => {
@@ -173,21 +110,21 @@ impl FlightService for NodeService {
     async fn do_put(
         &self,
         _request: Request<Streaming<FlightData>>,
-    ) -> std::result::Result<Response<Self::DoPutStream>, Status> {
+    ) -> Result<Response<Self::DoPutStream>, Status> {
         Err(Status::permission_denied("nodes accept no data"))
     }
 
     async fn do_exchange(
         &self,
         _request: Request<Streaming<FlightData>>,
-    ) -> std::result::Result<Response<Self::DoExchangeStream>, Status> {
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
         Err(Status::unimplemented("no exchange is served here"))
     }
 
     async fn do_action(
         &self,
         request: Request<Action>,
-    ) -> std::result::Result<Response<Self::DoActionStream>, Status> {
+    ) -> Result<Response<Self::DoActionStream>, Status> {
         let action = request.into_inner();
         let result = match action.r#type.as_str() {
             actions::CATALOG => json_result(&self.state.catalog)?,
@@ -299,7 +236,7 @@ impl FlightService for NodeService {
     async fn list_actions(
         &self,
         _request: Request<Empty>,
-    ) -> std::result::Result<Response<Self::ListActionsStream>, Status> {
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
         let list: Vec<_> = confer_protocol::NODE_ACTIONS
             .iter()
             .map(|a| {

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::fanout::{self, NodeHandle};
-use crate::service::CoordinatorState;
+use crate::state::CoordinatorState;
 use crate::store::{JobRecord, now_ms};
 
 use super::rounds::no_update;

@@ -35,7 +35,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::secure::min_survivors;
-use crate::service::CoordinatorState;
+use crate::state::CoordinatorState;
 use crate::store::{JobRecord, Role, User, now_ms};
 
 /// How long a job's signed task stays valid at the nodes (every round
@@ -174,7 +174,7 @@ pub async fn submit(
         JOB_TTL,
     )
     .for_nodes(&sites);
-    task.study_info = Some(crate::service::study_info(&study));
+    task.study_info = Some(crate::state::study_info(&study));
     let envelope = state.sign(&task)?;
     let now = now_ms();
     let record = JobRecord {

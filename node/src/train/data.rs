@@ -17,9 +17,9 @@ use uuid::Uuid;
 
 use crate::error::{NodeError, Result};
 use crate::gate::Failure;
+use crate::handler::blocking;
 use crate::ledger::{Charge, Cost};
 use crate::policy::Policy;
-use crate::service::blocking;
 
 use super::*;
 

@@ -16,9 +16,9 @@ use tracing::{info, instrument};
 
 use crate::error::{NodeError, Result};
 use crate::gate::{Admitted, Failure};
+use crate::handler::{NodeService, blocking};
 use crate::ledger::{AuditEntry, Charge, TaskState};
 use crate::policy::{Policy, StudyRules};
-use crate::service::{NodeService, blocking};
 
 use super::*;
 
