@@ -94,4 +94,22 @@ async fn the_check_refuses_answers_or_leaves_the_node_out_and_charges_nothing() 
         "{}",
         status.message()
     );
+    // The coordinator decides on the typed reason, not on the words.
+    let err = confer_protocol::ProtocolError::from_status(&status);
+    assert!(err.is(confer_protocol::Reason::NotInCatalog), "{err:?}");
+    assert_eq!(err.site.as_deref(), Some("n"));
+
+    // An action the node does not serve: unimplemented, not retryable.
+    let err = confer_protocol::ProtocolError::from_status(
+        &service
+            .do_action(Request::new(Action::new("confer.nope", Vec::new())))
+            .await
+            .err()
+            .expect("unknown action"),
+    );
+    assert_eq!(err.kind, confer_protocol::ErrorKind::Unimplemented);
+    assert!(
+        !err.retryable && err.message.contains("confer.query.check"),
+        "{err:?}"
+    );
 }
