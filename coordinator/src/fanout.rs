@@ -181,7 +181,8 @@ impl NodeHandle {
             };
         }
         let detail = format!("{status:?}");
-        match link_reason(status.code(), &detail) {
+        let tls = detail.contains("certificate");
+        match link_reason(status, &detail) {
             Some(Reason::Certificate) => ProtocolError::new(
                 ErrorKind::Unavailable,
                 format!(
@@ -205,13 +206,14 @@ impl NodeHandle {
             .with_reason(Reason::Connect),
             // Cut mid-call (a node killed or restarting). Asking again is
             // safe: it is the same task, which a node never charges twice.
-            _ if matches!(
-                status.code(),
-                tonic::Code::Unknown
-                    | tonic::Code::Internal
-                    | tonic::Code::Cancelled
-                    | tonic::Code::Aborted
-            ) =>
+            _ if !tls
+                && matches!(
+                    status.code(),
+                    tonic::Code::Unknown
+                        | tonic::Code::Internal
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Aborted
+                ) =>
             {
                 ProtocolError::new(
                     ErrorKind::Unavailable,
@@ -593,10 +595,12 @@ where
 
 /// Why a call failed on the link, from tonic's status for a transport
 /// failure: a certificate refused in the TLS handshake, or no connection.
-fn link_reason(code: tonic::Code, detail: &str) -> Option<Reason> {
-    if detail.contains("certificate") {
+fn link_reason(status: &tonic::Status, detail: &str) -> Option<Reason> {
+    let unavailable = status.code() == tonic::Code::Unavailable;
+    if detail.contains("invalid peer certificate") || unavailable && detail.contains("certificate")
+    {
         Some(Reason::Certificate)
-    } else if code == tonic::Code::Unavailable && detail.contains("connect") {
+    } else if unavailable && status.message().contains("connect") {
         Some(Reason::Connect)
     } else {
         None

@@ -9,7 +9,7 @@ use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use confer_protocol::signing::sha256_hex;
 use confer_protocol::task::{Envelope, QueryCheck, QueryTask, Task, TaskKind};
-use confer_protocol::{ErrorKind, ProtocolError, actions, metadata};
+use confer_protocol::{ErrorKind, ProtocolError, Reason, actions, metadata};
 use confer_query::combine::combine;
 use confer_query::{FederatedPlan, Statement};
 use tracing::{info, instrument, warn};
@@ -205,7 +205,7 @@ impl CoordinatorState {
                     .await;
                 match answer {
                     // A node from before the check: it checks when it runs.
-                    Err(e) if e.kind == ErrorKind::Unimplemented => Ok(QueryCheck {
+                    Err(e) if e.is(Reason::UnknownAction) => Ok(QueryCheck {
                         node: n.name.clone(),
                         rho: 0.0,
                         epsilon: 0.0,

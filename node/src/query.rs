@@ -48,25 +48,26 @@ impl NodeService {
             answer.rho = plan.cost.rho;
             answer.epsilon = plan.cost.epsilon;
             answer.delta = plan.cost.delta;
-            // Kept for the run, which then compiles nothing.
-            self.state.plans.put(
-                task.id,
-                sha256_hex(query.sql.as_bytes()),
-                plan.clone(),
-                task.expires_at,
-            );
             if self.state.ledger.stored(task.id)?.is_none() {
                 self.check_quota(&task, &policy)?;
                 let payload_hash = sha256_hex(envelope.payload.as_bytes());
                 let charge = self.priced_charge(&task, &payload_hash, &plan, &rules, &policy)?;
                 // Held until the task runs here, is released, or expires.
                 // A secure query is charged in sessions of their own task
-                // ids (its selection levels), so it holds nothing here.
+                // ids (its selection levels), so it holds nothing here,
+                // and its plan is not kept either.
                 if plan.options.aggregation != confer_query::options::Aggregation::Secure {
                     let expires_ms = lease_expiry_ms(&task);
                     if let Some(why) = self.state.ledger.reserve(&charge, expires_ms)? {
                         return Err(self.refuse(Some(&task), ErrorKind::ResourceExhausted, why));
                     }
+                    // Kept for the run, which then compiles nothing.
+                    self.state.plans.put(
+                        task.id,
+                        sha256_hex(query.sql.as_bytes()),
+                        plan.clone(),
+                        task.expires_at,
+                    );
                 }
             }
             Ok::<(), NodeError>(())
@@ -99,12 +100,15 @@ impl NodeService {
             .verify(&envelope)
             .map_err(|e| self.refuse(None, ErrorKind::PermissionDenied, e.message))?;
         let expires_ms = lease_expiry_ms(&task);
+        // The query will not run here: its plan goes too.
+        self.state.plans.forget(task.id);
         let released = self.state.ledger.release_lease(task.id, expires_ms)?;
         if released {
             info!(task = %task.id, study = %task.study, "budget held for a checked query released");
         }
         Ok(released)
     }
+
     /// The plan of a query task: the one compiled when the task was
     /// checked here, or else compiled now ([`Self::compiled_plan`]); then
     /// the policy's table and cost rules, applied every time.

@@ -25,9 +25,7 @@ use tracing::{instrument, warn};
 pub use crate::handler::NodeService;
 pub use crate::state::NodeState;
 
-fn json_result<T: serde::Serialize>(
-    value: &T,
-) -> Result<arrow_flight::Result, Status> {
+fn json_result<T: serde::Serialize>(value: &T) -> Result<arrow_flight::Result, Status> {
     let body = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
     Ok(arrow_flight::Result::new(body))
 }

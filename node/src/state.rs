@@ -197,10 +197,13 @@ impl NodeState {
 }
 
 /// Plans a node compiled when it checked a query task, kept until the task
-/// runs (or expires), so that each task is compiled once. Keyed by the
-/// signed task's id and the hash of its SQL; the catalog a plan was
-/// compiled against does not change while the node runs, and every rule
-/// of the policy is applied again when the task runs.
+/// runs, is released, or expires (at most [`CheckedPlans::KEEP_SECS`]), so
+/// that each task is compiled once. Keyed by the signed task's id and the
+/// hash of its SQL. A kept plan skips compilation and the check of the
+/// local query against this node's tables: both depend only on the SQL,
+/// the node's catalog and its DataFusion session, which are fixed when the
+/// node starts (`NodeState::open`; a catalog reload must clear this
+/// cache). Every rule of the policy is applied again when the task runs.
 #[derive(Default)]
 pub struct CheckedPlans(std::sync::Mutex<HashMap<Uuid, CheckedPlan>>);
 
@@ -214,10 +217,17 @@ impl CheckedPlans {
     /// Most plans kept: past it, those expiring first make room.
     pub const MAX: usize = 1024;
 
-    /// Keeps the plan of a checked task until `expires_at` (unix seconds).
+    /// Longest a plan is kept (seconds), whatever its task's expiry: a
+    /// query runs within seconds of its check.
+    pub const KEEP_SECS: u64 = 600;
+
+    /// Keeps the plan of a checked task until `expires_at` (unix seconds),
+    /// at most [`Self::KEEP_SECS`].
     pub fn put(&self, task_id: Uuid, sql_hash: String, plan: Arc<FederatedPlan>, expires_at: u64) {
         let Ok(mut plans) = self.0.lock() else { return };
         let now = confer_protocol::task::unix_now();
+        let expires_at = expires_at.min(now.saturating_add(Self::KEEP_SECS));
+        plans.remove(&task_id);
         plans.retain(|_, p| p.expires_at >= now);
         while plans.len() >= Self::MAX {
             let Some(first) = plans
@@ -245,6 +255,13 @@ impl CheckedPlans {
         match plans.remove(&task_id) {
             Some(p) if p.sql_hash == sql_hash => Some(p.plan),
             _ => None,
+        }
+    }
+
+    /// Drops the plan kept for a task, if any (its query will not run).
+    pub fn forget(&self, task_id: Uuid) {
+        if let Ok(mut plans) = self.0.lock() {
+            plans.remove(&task_id);
         }
     }
 
@@ -310,6 +327,12 @@ mod tests {
         assert!(plans.take(b, "sql-2").is_some());
         assert!(plans.take(b, "sql-2").is_none(), "taken once");
         assert!(plans.is_empty());
+        // Released: forgotten. Checked twice: kept once.
+        plans.put(a, "sql-1".into(), plan().await, far);
+        plans.put(a, "sql-1".into(), plan().await, far);
+        assert_eq!(plans.len(), 1);
+        plans.forget(a);
+        assert!(plans.take(a, "sql-1").is_none());
     }
 
     #[tokio::test]

@@ -62,6 +62,10 @@ pub enum Reason {
     Certificate,
     /// No connection could be made to the peer.
     Connect,
+    /// The service answered that it does not serve the action asked for
+    /// (an older or newer confer); set by the service itself, so a proxy's
+    /// or a wrong endpoint's "unimplemented" is not taken for it.
+    UnknownAction,
 }
 
 impl Reason {
@@ -71,14 +75,20 @@ impl Reason {
             Reason::NotInCatalog => "not_in_catalog",
             Reason::Certificate => "certificate",
             Reason::Connect => "connect",
+            Reason::UnknownAction => "unknown_action",
         }
     }
 
     /// The reason for a name on the wire (unknown names: none).
     pub fn from_name(name: &str) -> Option<Self> {
-        [Reason::NotInCatalog, Reason::Certificate, Reason::Connect]
-            .into_iter()
-            .find(|r| r.name() == name)
+        [
+            Reason::NotInCatalog,
+            Reason::Certificate,
+            Reason::Connect,
+            Reason::UnknownAction,
+        ]
+        .into_iter()
+        .find(|r| r.name() == name)
     }
 }
 
@@ -162,9 +172,9 @@ impl ProtocolError {
         Self::new(ErrorKind::Internal, message)
     }
 
-    /// An action the peer does not serve.
+    /// An action this service does not serve ([`Reason::UnknownAction`]).
     pub fn unimplemented(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::Unimplemented, message)
+        Self::new(ErrorKind::Unimplemented, message).with_reason(Reason::UnknownAction)
     }
 
     /// Sets the finer cause.
@@ -292,7 +302,12 @@ mod tests {
             "unknown action x",
         )));
         assert_eq!(back.kind, ErrorKind::Unimplemented);
-        assert!(!back.retryable);
+        assert!(!back.retryable && back.is(Reason::UnknownAction));
+        // Another service's "unimplemented" (a proxy, a wrong endpoint)
+        // carries no reason: it is not taken for an older confer.
+        let other = ProtocolError::from_status(&Status::unimplemented("404"));
+        assert_eq!(other.kind, ErrorKind::Unimplemented);
+        assert!(other.reason.is_none());
     }
 
     #[test]
