@@ -21,7 +21,7 @@ CONFER := $(CARGO_TARGET_DIR)/debug/confer
 help:
 	@echo "make demo        start a local federation over GiBleed, run DP queries, stop"
 	@echo "make demo-serve  the same, then keep it running for your own queries"
-	@echo "make test        formatting, clippy, Rust tests, Python tests"
+	@echo "make test        formatting, clippy, Rust tests, Python tests (python/tests, tests/python)"
 	@echo "make fuzz        every fuzz target for FUZZ_SECS seconds (60), with a table of executions and findings"
 
 bootstrap:
@@ -51,10 +51,10 @@ lint: bootstrap
 test-rust: bootstrap
 	cargo test --workspace
 
+# The confer package's tests (python/tests) and the Flight SQL client tests
+# (tests/python), against real federations started from $(CONFER).
 test-python: bootstrap
-	@if ls tests/python/test_*.py >/dev/null 2>&1; then \
-		CONFER_BIN=$(CONFER) $(VENV)/bin/python -m pytest -q tests/python; \
-	fi
+	CONFER_BIN=$(CONFER) $(VENV)/bin/python -m pytest -q python/tests tests/python
 
 test: lint build test-rust test-python
 

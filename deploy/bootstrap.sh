@@ -4,6 +4,9 @@
 #     among them torch==2.13.0, whose libtorch the tch crate links against.
 #   * build/data/synthea27nj: the Synthea27Nj OMOP CDM 5.4 CSVs, unzipped
 #     from ../shared/data (examples/datasets/synthea27nj.toml serves them).
+#   * the Python client `confer` (python/), installed into .venv in
+#     editable mode; skipped (no network needed) when .venv already
+#     imports it from this checkout.
 # Quiet when everything is already in place. Called by every make target.
 set -euo pipefail
 
@@ -55,18 +58,35 @@ PY
 fi
 
 want="$(sha256sum "$req" | cut -d' ' -f1)"
-if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    exit 0
+if ! { [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; }; then
+    if [ ! -x "$venv/bin/python" ]; then
+        say "creating $venv with $($python --version)"
+        "$python" -m venv "$venv"
+    fi
+    say "installing Python requirements (torch 2.13.0 for libtorch, pyarrow, ADBC, polars, pytest); this takes a few minutes the first time"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir -r "$req"
+    "$venv/bin/python" -c 'import torch; assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__' \
+        || die "torch in $venv is not 2.13.0; delete $venv and run again"
+    echo "$want" > "$stamp"
+    say "Python environment ready"
 fi
 
-if [ ! -x "$venv/bin/python" ]; then
-    say "creating $venv with $($python --version)"
-    "$python" -m venv "$venv"
+# The Python client, editable: python/src is imported in place, so edits
+# need no reinstall. Its dependencies are among the requirements above.
+# Nothing to do (and no network needed) when .venv imports it from here.
+if ! "$venv/bin/python" - "$root/python/src" <<'PY' 2>/dev/null
+import pathlib, sys
+import confer
+here = pathlib.Path(sys.argv[1]).resolve()
+sys.exit(0 if pathlib.Path(confer.__file__).resolve().is_relative_to(here) else 1)
+PY
+then
+    say "installing the Python client (python/) into $venv, editable"
+    # With the venv's own setuptools first (no network); if it is too old
+    # for python/pyproject.toml, with an isolated build that fetches one.
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+        --no-build-isolation -e "$root/python" >/dev/null 2>&1 \
+        || "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$root/python" \
+        || die "cannot install python/ into $venv (pip install -e python failed)"
 fi
-say "installing Python requirements (torch 2.13.0 for libtorch, pyarrow, ADBC, polars, pytest); this takes a few minutes the first time"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir -r "$req"
-"$venv/bin/python" -c 'import torch; assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__' \
-    || die "torch in $venv is not 2.13.0; delete $venv and run again"
-echo "$want" > "$stamp"
-say "Python environment ready"
