@@ -20,10 +20,10 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_JOB = REPO / "examples" / "datasets" / "uci-heart" / "job.toml"
 
 
-def tiny_job_text(rounds: int = 3) -> str:
+def tiny_job_text(rounds: int = 3, standardisation_share: float | None = None) -> str:
     """The example FedAvg job, three rounds of 50 steps at a larger learning
-    rate, evaluated after the last round at epsilon 5."""
-    return (
+    rate, evaluated after the last round, at epsilon 5 (the nodes' cap)."""
+    text = (
         EXAMPLE_JOB.read_text()
         .replace("rounds = 15", f"rounds = {rounds}")
         .replace("budget = { steps = 100 }", "budget = { steps = 50 }")
@@ -31,13 +31,20 @@ def tiny_job_text(rounds: int = 3) -> str:
         .replace("every = 5", "every = 0")
         .replace("epsilon = 2.0", "epsilon = 5.0")
     )
+    if standardisation_share is not None:
+        text = text.replace(
+            "epsilon = 5.0", f"epsilon = 5.0\nstandardisation_share = {standardisation_share}"
+        )
+    return text
 
 
 @pytest.fixture(scope="module")
 def finished(heart: confer.LocalNetwork, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One tiny job, submitted from a TOML file and followed to the end."""
     path = tmp_path_factory.mktemp("job") / "job.toml"
-    path.write_text(tiny_job_text())
+    # Most of the budget to the DP standardisation (the rest evaluates):
+    # its noise is what moves the model between runs.
+    path.write_text(tiny_job_text(standardisation_share=0.9))
     job = heart.client.train(path)
     out = io.StringIO()
     status = job.wait(progress=True, timeout=300, stream=out)
