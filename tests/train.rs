@@ -198,10 +198,33 @@ async fn fedavg_reaches_flamby_accuracy_and_each_node_is_charged_once() {
     let accuracy = overall.accuracy.expect("accuracy");
     assert!(accuracy >= 0.72, "overall held-out accuracy {accuracy}");
     assert!(overall.auc.expect("auc") >= 0.75, "{overall:?}");
+
     assert_eq!(last.evaluation.len(), 5, "four sites and overall");
 
     // Every node charged the job's rho once, before round one.
     assert_charged_once(&mut client, &done).await;
+
+    // DP queries over the same table, whose privacy unit the node numbers
+    // itself (unit_from_row_number): every row of each hospital's file is
+    // one patient, so the counts per site are the files' lengths.
+    let answer = client
+        .run(
+            "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1e5, delta = 1e-6) \
+             site, COUNT(*) AS patients FROM heart GROUP BY site",
+            Some("test"),
+        )
+        .await
+        .expect("a DP query over the numbered rows");
+    let counts = crate::fixture::keyed(&answer.batches, 1, &["patients"]);
+    let expected = [
+        ("cleveland", 303.0),
+        ("hungary", 294.0),
+        ("switzerland", 123.0),
+        ("va-long-beach", 200.0),
+    ];
+    for (site, rows) in expected {
+        assert_eq!(counts.get(site), Some(&vec![rows]), "{counts:?}");
+    }
 
     // The exported model: weights, spec sidecar and statement; checked
     // against each centre's held-out rows by the nodes' own data code.

@@ -103,6 +103,8 @@ async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Re
         )
     })?;
 
+    // What the start-up probe reads: every CSV value, converted strictly.
+    let mut probe = String::new();
     let schema = match format {
         Format::Csv => {
             let header = match &table.column_names {
@@ -158,17 +160,22 @@ async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Re
                 ctx.register_csv(name, &path_str(&table.path), options)
                     .await
                     .map_err(|e| source_err(&table.path, format!("cannot register: {e}")))?;
+                probe = format!("SELECT * FROM {name}");
             } else {
                 let raw = format!("__confer_raw_{name}");
                 ctx.register_csv(&raw, &path_str(&table.path), options)
                     .await
                     .map_err(|e| source_err(&table.path, format!("cannot register: {e}")))?;
-                let select = schema
-                    .fields()
-                    .iter()
-                    .map(|f| convert_text_column(f, table, as_text(f.data_type())))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let select = |conversion| {
+                    schema
+                        .fields()
+                        .iter()
+                        .map(|f| convert_text_column(f, table, as_text(f.data_type()), conversion))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                probe = format!("SELECT {} FROM \"{raw}\"", select(Conversion::Strict));
+                let select = select(Conversion::Total);
                 let view = ctx
                     .sql(&format!("SELECT {select} FROM \"{raw}\""))
                     .await
@@ -208,10 +215,9 @@ async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Re
     // (batch by batch: memory stays bounded). Parquet stores types, checked
     // above; a first batch shows that the files can be decoded.
     let started = std::time::Instant::now();
-    let probe = match format {
-        Format::Csv => format!("SELECT * FROM {name}"),
-        Format::Parquet => format!("SELECT * FROM {name} LIMIT 1000"),
-    };
+    if format == Format::Parquet {
+        probe = format!("SELECT * FROM {name} LIMIT 1000");
+    }
     let bad_values = |e: datafusion::error::DataFusionError| {
         source_err(
             &table.path,

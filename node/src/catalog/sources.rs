@@ -50,7 +50,10 @@ pub(super) fn source_files(
 }
 
 /// Serves table `name` with a first column numbering its rows (the privacy
-/// unit of a one-row-per-person source without identifiers).
+/// unit of a one-row-per-person source without identifiers). The number is
+/// converted with TRY_CAST: a row number always fits a BIGINT, and every
+/// DP query's local plan, this view included, must pass the check that no
+/// expression can fail on a row.
 pub(super) async fn number_rows(
     ctx: &SessionContext,
     name: &str,
@@ -72,7 +75,7 @@ pub(super) async fn number_rows(
         .map_err(|e| e.to_string())?;
     let view = ctx
         .sql(&format!(
-            "SELECT CAST(row_number() OVER () AS BIGINT) AS \"{unit}\", * FROM \"{rows}\""
+            "SELECT TRY_CAST(row_number() OVER () AS BIGINT) AS \"{unit}\", * FROM \"{rows}\""
         ))
         .await
         .map_err(|e| format!("cannot number the rows: {e}"))?;
@@ -83,10 +86,30 @@ pub(super) async fn number_rows(
     Ok(Schema::new(fields))
 }
 
+/// How a CSV view converts text to a column's declared type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Conversion {
+    /// Fails on a value that does not convert: the probe at start, so that
+    /// such a value stops the node with a message naming the column.
+    Strict,
+    /// Never fails (TRY_CAST) where SQL can name the type: the view that
+    /// DP queries read, since every expression of a DP query's local plan,
+    /// the views it reads included, must be checked never to fail on a row
+    /// (the probe has shown that every value converts).
+    Total,
+}
+
 /// The SQL that reads column `field` of a CSV view: the null marker
 /// becomes NULL and text becomes the declared type (in the declared date
 /// format). DataFusion 55's CSV scan ignores `null_regex`, hence the view.
-pub(super) fn convert_text_column(field: &Field, table: &TableConfig, from_text: bool) -> String {
+/// Dates in a custom format and timestamps are converted by functions that
+/// fail on bad text either way (DataFusion has no total form of them).
+pub(super) fn convert_text_column(
+    field: &Field,
+    table: &TableConfig,
+    from_text: bool,
+    conversion: Conversion,
+) -> String {
     let quote = |s: &str| s.replace('\'', "''");
     let column = format!("\"{}\"", field.name());
     let mut expr = column.clone();
@@ -107,10 +130,25 @@ pub(super) fn convert_text_column(field: &Field, table: &TableConfig, from_text:
             (DataType::Timestamp(..), _, None) => {
                 format!("arrow_cast({expr}, 'Timestamp(Microsecond, None)')")
             }
-            (ty, _, _) => format!("arrow_cast({expr}, '{ty}')"),
+            (ty, _, _) => match (conversion, sql_type(ty)) {
+                (Conversion::Total, Some(sql)) => format!("TRY_CAST({expr} AS {sql})"),
+                _ => format!("arrow_cast({expr}, '{ty}')"),
+            },
         };
     }
     format!("{expr} AS {column}")
+}
+
+/// The SQL name of a declared column type DataFusion plans as that type.
+fn sql_type(ty: &DataType) -> Option<&'static str> {
+    Some(match ty {
+        DataType::Int64 => "BIGINT",
+        DataType::Float64 => "DOUBLE",
+        DataType::Boolean => "BOOLEAN",
+        DataType::Utf8 => "VARCHAR",
+        DataType::Date32 => "DATE",
+        _ => return None,
+    })
 }
 
 /// The number of fields on the first line of a CSV file without a header.
