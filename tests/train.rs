@@ -215,7 +215,7 @@ async fn fedavg_reaches_flamby_accuracy_and_each_node_is_charged_once() {
         )
         .await
         .expect("a DP query over the numbered rows");
-    let counts = crate::fixture::keyed(&answer.batches, 1, &["patients"]);
+    let counts = keyed(&answer.batches, 1, &["patients"]);
     let expected = [
         ("cleveland", 303.0),
         ("hungary", 294.0),
