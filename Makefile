@@ -16,12 +16,12 @@ export LIBTORCH_USE_PYTORCH := 1
 
 CONFER := $(CARGO_TARGET_DIR)/debug/confer
 
-.PHONY: help bootstrap build demo demo-serve test fmt lint test-rust test-python fuzz
+.PHONY: help bootstrap build demo demo-serve test fmt lint test-rust test-python test-notebooks fuzz
 
 help:
 	@echo "make demo        start a local federation over GiBleed, run DP queries, stop"
 	@echo "make demo-serve  the same, then keep it running for your own queries"
-	@echo "make test        formatting, clippy, Rust tests, Python tests (python/tests, tests/python)"
+	@echo "make test        formatting, clippy, Rust tests, Python tests (python/tests, tests/python), notebooks"
 	@echo "make fuzz        every fuzz target for FUZZ_SECS seconds (60), with a table of executions and findings"
 
 bootstrap:
@@ -56,7 +56,13 @@ test-rust: bootstrap
 test-python: bootstrap
 	CONFER_BIN=$(CONFER) $(VENV)/bin/python -m pytest -q python/tests tests/python
 
-test: lint build test-rust test-python
+# Every notebook (notebooks/*.ipynb) run top to bottom with nbmake against
+# local federations, and each .ipynb checked against its jupytext .py
+# (notebooks/test_pairs.py).
+test-notebooks: bootstrap
+	CONFER_BIN=$(CONFER) $(VENV)/bin/python -m pytest -q --nbmake --nbmake-timeout=300 notebooks/
+
+test: lint build test-rust test-python test-notebooks
 
 # Fuzzing (not part of `make test`): needs the nightly toolchain and cargo-fuzz.
 FUZZ_SECS ?= 60
