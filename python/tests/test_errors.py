@@ -3,6 +3,7 @@ retry hint; nothing hangs."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -122,9 +123,15 @@ def test_tls_files_are_checked(tmp_path) -> None:  # type: ignore[no-untyped-def
 
 
 def test_every_call_has_a_timeout(network: confer.LocalNetwork) -> None:
-    with pytest.raises(confer.DeadlineExceededError) as err:
-        confer.connect(network.url, token=network.token, timeout=0.0001)
-    assert "within 0.0001 s" in str(err.value) and err.value.retryable
+    # A server that accepts the connection and never answers: the call
+    # gives up at its timeout instead of hanging.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with pytest.raises(confer.DeadlineExceededError) as err:
+            confer.connect(f"http://127.0.0.1:{port}", token=network.token, timeout=0.5)
+    assert "within 0.5 s" in str(err.value) and err.value.retryable
     slow = confer.connect(network.url, token=network.token, study=network.study, timeout=0.0001, verify=False)
     with slow, pytest.raises(confer.DeadlineExceededError, match="within 0.0001 s"):
         slow.sql(DP_COUNT)
