@@ -62,7 +62,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 def test_a_federation_that_does_not_come_up_in_time_is_stopped(tmp_path: Path) -> None:
     with pytest.raises(confer.LocalNetworkError, match="did not start in time") as err:
-        with confer.local_network(timeout=0.5, work_dir=tmp_path / "w"):
+        with confer.local_network(timeout=1.5, work_dir=tmp_path / "w"):
             pass
     # The message holds what confer printed so far.
     assert "confer demo" in str(err.value)
