@@ -2,64 +2,15 @@
 //! checked on the compiled plan. The refusal suite itself is data:
 //! `tests/slt/refusals.slt`, run by `tests/slt.rs`.
 
-use confer_protocol::catalog::{
-    CatalogInfo, ColumnInfo, ColumnType, Domain, DomainValue, TableInfo,
-};
+mod common;
+
+use common::{catalog_info, col};
+use confer_protocol::catalog::{CatalogInfo, ColumnType, TableInfo};
 use confer_query::{Catalog, Statement, compile, parse};
 
-fn col(name: &str, ty: ColumnType) -> ColumnInfo {
-    ColumnInfo {
-        name: name.into(),
-        column_type: ty,
-        bounds: None,
-        domain: None,
-    }
-}
-
+/// The tests' catalog at one node.
 fn catalog() -> Catalog {
-    let int = ColumnType::Int64;
-    let mut gender = col("gender_concept_id", int);
-    gender.domain = Some(Domain::Values {
-        values: vec![DomainValue::Int(8507), DomainValue::Int(8532)],
-    });
-    let mut year = col("year_of_birth", int);
-    year.bounds = Some((1900.0, 2030.0));
-    let person = TableInfo {
-        name: "person".into(),
-        privacy_unit: Some("person_id".into()),
-        columns: vec![
-            col("person_id", int),
-            gender,
-            year,
-            col("care_site_id", int),
-        ],
-        one_row_per_unit: true,
-    };
-    let condition = TableInfo {
-        name: "condition_occurrence".into(),
-        privacy_unit: Some("person_id".into()),
-        columns: vec![
-            col("condition_occurrence_id", int),
-            col("person_id", int),
-            col("condition_concept_id", int),
-            col("provider_id", int),
-            col("condition_start_date", ColumnType::Date),
-        ],
-        one_row_per_unit: false,
-    };
-    let concept = TableInfo {
-        name: "concept".into(),
-        privacy_unit: None,
-        columns: vec![
-            col("concept_id", int),
-            col("concept_name", ColumnType::Utf8),
-        ],
-        one_row_per_unit: false,
-    };
-    Catalog::for_node(&CatalogInfo {
-        node: "site-a".into(),
-        tables: vec![concept, condition, person],
-    })
+    Catalog::for_node(&catalog_info("site-a"))
 }
 
 const DP: &str = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6)";
