@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -462,6 +462,12 @@ def _read_pem(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
         raise ConfigurationError(f"cannot read the {what} {os.fspath(path)}: {e.strerror}") from None
 
 
+def _attribute_frame(items: Sequence[Any], schema: dict[str, Any]) -> pl.DataFrame:
+    """One row per item, one column per entry of ``schema``: the item's
+    attribute of that name, with that type."""
+    return pl.DataFrame({name: [getattr(i, name) for i in items] for name in schema}, schema=schema)
+
+
 def _time(ms: Any) -> datetime | None:
     if ms is None:
         return None
@@ -809,21 +815,9 @@ class Client:
         ``tables``, ``requested_epsilon``, ``requested_delta``,
         ``ethics_ref``, ``min_sites``, ``created``, ``created_by``."""
         studies = [Study.from_json(s) for s in self.action("confer.study.list")]
-        return pl.DataFrame(
+        return _attribute_frame(
+            studies,
             {
-                "name": [s.name for s in studies],
-                "title": [s.title for s in studies],
-                "principal_investigator": [s.principal_investigator for s in studies],
-                "members": [s.members for s in studies],
-                "tables": [s.tables for s in studies],
-                "requested_epsilon": [s.requested_epsilon for s in studies],
-                "requested_delta": [s.requested_delta for s in studies],
-                "ethics_ref": [s.ethics_ref for s in studies],
-                "min_sites": [s.min_sites for s in studies],
-                "created": [s.created for s in studies],
-                "created_by": [s.created_by for s in studies],
-            },
-            schema={
                 "name": pl.Utf8,
                 "title": pl.Utf8,
                 "principal_investigator": pl.Utf8,
@@ -923,20 +917,9 @@ class Client:
         from .training import JobStatus
 
         jobs = [JobStatus.from_json(j) for j in self.action("confer.train.list")]
-        return pl.DataFrame(
+        return _attribute_frame(
+            jobs,
             {
-                "job_id": [j.job_id for j in jobs],
-                "name": [j.name for j in jobs],
-                "study": [j.study for j in jobs],
-                "state": [j.state for j in jobs],
-                "round": [j.round for j in jobs],
-                "rounds": [j.rounds for j in jobs],
-                "owner": [j.owner for j in jobs],
-                "created": [j.created for j in jobs],
-                "updated": [j.updated for j in jobs],
-                "error": [j.error for j in jobs],
-            },
-            schema={
                 "job_id": pl.Utf8,
                 "name": pl.Utf8,
                 "study": pl.Utf8,
