@@ -130,14 +130,9 @@ impl Ledger {
 
 pub(super) fn refusal_entry(charge: &Charge, why: &str) -> AuditEntry {
     AuditEntry {
-        task_id: Some(charge.task_id),
-        study: Some(charge.study.clone()),
-        actor: Some(charge.researcher.clone()),
-        kind: charge.kind.clone(),
-        decision: "refused".into(),
         reason: Some(why.to_string()),
         cost: None,
-        result_hash: None,
+        ..charge.audit_entry("refused")
     }
 }
 

@@ -99,6 +99,21 @@ pub struct Charge {
 }
 
 impl Charge {
+    /// The audit record of this charge with `decision`: the task, study,
+    /// researcher, kind and cost; the caller adds the rest.
+    pub(crate) fn audit_entry(&self, decision: &str) -> AuditEntry {
+        AuditEntry {
+            task_id: Some(self.task_id),
+            study: Some(self.study.clone()),
+            actor: Some(self.researcher.clone()),
+            kind: self.kind.clone(),
+            decision: decision.into(),
+            reason: None,
+            cost: Some(self.cost),
+            result_hash: None,
+        }
+    }
+
     /// What a failure of this task costs: the larger of its cost and the
     /// node's floor.
     pub fn failure_charge(&self) -> f64 {

@@ -85,14 +85,8 @@ impl Ledger {
         let head = append(
             &tx,
             &AuditEntry {
-                task_id: Some(charge.task_id),
-                study: Some(charge.study.clone()),
-                actor: Some(charge.researcher.clone()),
-                kind: charge.kind.clone(),
-                decision: "released".into(),
-                reason: None,
-                cost: Some(charge.cost),
                 result_hash: Some(result_hash),
+                ..charge.audit_entry("released")
             },
         )?;
         tx.commit()?;
@@ -192,18 +186,13 @@ impl Ledger {
         let head = append(
             &tx,
             &AuditEntry {
-                task_id: Some(charge.task_id),
-                study: Some(charge.study.clone()),
-                actor: Some(charge.researcher.clone()),
-                kind: charge.kind.clone(),
-                decision: "charged".into(),
                 reason: Some(format!(
                     "charged before running: rho {:.6} (at least {:.6} if it fails)",
                     charge.cost.rho,
                     charge.failure_charge()
                 )),
-                cost: Some(charge.cost),
                 result_hash: Some(marker_hash),
+                ..charge.audit_entry("charged")
             },
         )?;
         tx.commit()?;
@@ -249,14 +238,8 @@ impl Ledger {
         let head = append(
             &tx,
             &AuditEntry {
-                task_id: Some(charge.task_id),
-                study: Some(charge.study.clone()),
-                actor: Some(charge.researcher.clone()),
-                kind: charge.kind.clone(),
-                decision: "released".into(),
-                reason: None,
-                cost: Some(charge.cost),
                 result_hash: Some(result_hash),
+                ..charge.audit_entry("released")
             },
         )?;
         tx.commit()?;
@@ -290,14 +273,10 @@ impl Ledger {
         let head = append(
             &tx,
             &AuditEntry {
-                task_id: Some(charge.task_id),
-                study: Some(charge.study.clone()),
-                actor: Some(charge.researcher.clone()),
-                kind: charge.kind.clone(),
-                decision: "failed".into(),
                 reason: Some(reason.to_string()),
                 cost: Some(cost),
                 result_hash: Some(failed_hash),
+                ..charge.audit_entry("failed")
             },
         )?;
         tx.commit()?;
