@@ -62,12 +62,9 @@ impl NodeService {
                         return Err(self.refuse(Some(&task), ErrorKind::ResourceExhausted, why));
                     }
                     // Kept for the run, which then compiles nothing.
-                    self.state.plans.put(
-                        task.id,
-                        sha256_hex(query.sql.as_bytes()),
-                        plan.clone(),
-                        task.expires_at,
-                    );
+                    self.state
+                        .plans
+                        .put(task.id, &query.sql, plan.clone(), task.expires_at);
                 }
             }
             Ok::<(), NodeError>(())
@@ -119,8 +116,7 @@ impl NodeService {
         policy: &Policy,
         sql: &str,
     ) -> Result<Arc<confer_query::plan::FederatedPlan>> {
-        let sql_hash = sha256_hex(sql.as_bytes());
-        let plan = match self.state.plans.take(task.id, &sql_hash) {
+        let plan = match self.state.plans.take(task.id, sql) {
             Some(plan) => plan,
             None => Arc::new(self.compiled_plan(task, sql).await?),
         };

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime};
 
 use confer_protocol::catalog::CatalogInfo;
-use confer_protocol::signing::PublicKey;
+use confer_protocol::signing::{PublicKey, sha256_hex};
 use confer_query::{Catalog, FederatedPlan};
 use datafusion::prelude::SessionContext;
 use tracing::{info, warn};
@@ -221,9 +221,10 @@ impl CheckedPlans {
     /// query runs within seconds of its check.
     pub const KEEP_SECS: u64 = 600;
 
-    /// Keeps the plan of a checked task until `expires_at` (unix seconds),
-    /// at most [`Self::KEEP_SECS`].
-    pub fn put(&self, task_id: Uuid, sql_hash: String, plan: Arc<FederatedPlan>, expires_at: u64) {
+    /// Keeps the plan of a checked task's `sql` until `expires_at` (unix
+    /// seconds), at most [`Self::KEEP_SECS`].
+    pub fn put(&self, task_id: Uuid, sql: &str, plan: Arc<FederatedPlan>, expires_at: u64) {
+        let sql_hash = sha256_hex(sql.as_bytes());
         let Ok(mut plans) = self.0.lock() else { return };
         let now = confer_protocol::task::unix_now();
         let expires_at = expires_at.min(now.saturating_add(Self::KEEP_SECS));
@@ -250,10 +251,10 @@ impl CheckedPlans {
     }
 
     /// The plan kept for this task and SQL, if any (taken: a task runs once).
-    pub fn take(&self, task_id: Uuid, sql_hash: &str) -> Option<Arc<FederatedPlan>> {
+    pub fn take(&self, task_id: Uuid, sql: &str) -> Option<Arc<FederatedPlan>> {
         let mut plans = self.0.lock().ok()?;
         match plans.remove(&task_id) {
-            Some(p) if p.sql_hash == sql_hash => Some(p.plan),
+            Some(p) if p.sql_hash == sha256_hex(sql.as_bytes()) => Some(p.plan),
             _ => None,
         }
     }
@@ -314,8 +315,8 @@ mod tests {
         let plans = CheckedPlans::default();
         let far = confer_protocol::task::unix_now() + 600;
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        plans.put(a, "sql-1".into(), plan().await, far);
-        plans.put(b, "sql-2".into(), plan().await, far);
+        plans.put(a, "sql-1", plan().await, far);
+        plans.put(b, "sql-2", plan().await, far);
         assert!(
             plans.take(a, "sql-other").is_none(),
             "another SQL under the same id"
@@ -328,8 +329,8 @@ mod tests {
         assert!(plans.take(b, "sql-2").is_none(), "taken once");
         assert!(plans.is_empty());
         // Released: forgotten. Checked twice: kept once.
-        plans.put(a, "sql-1".into(), plan().await, far);
-        plans.put(a, "sql-1".into(), plan().await, far);
+        plans.put(a, "sql-1", plan().await, far);
+        plans.put(a, "sql-1", plan().await, far);
         assert_eq!(plans.len(), 1);
         plans.forget(a);
         assert!(plans.take(a, "sql-1").is_none());
@@ -339,15 +340,10 @@ mod tests {
     async fn expired_plans_go_and_the_cache_stays_bounded() {
         let plans = CheckedPlans::default();
         let p = plan().await;
-        plans.put(Uuid::new_v4(), "old".into(), p.clone(), 1);
+        plans.put(Uuid::new_v4(), "old", p.clone(), 1);
         let now = confer_protocol::task::unix_now();
         for i in 0..CheckedPlans::MAX + 10 {
-            plans.put(
-                Uuid::new_v4(),
-                "sql".into(),
-                p.clone(),
-                now + 600 + i as u64,
-            );
+            plans.put(Uuid::new_v4(), "sql", p.clone(), now + 600 + i as u64);
         }
         assert_eq!(plans.len(), CheckedPlans::MAX);
     }
