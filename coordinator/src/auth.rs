@@ -31,6 +31,8 @@ pub enum Action {
     ManageUsers,
     /// Start or cancel training jobs.
     Train,
+    /// Release supervision statistics.
+    Supervise,
 }
 
 impl Action {
@@ -45,6 +47,7 @@ impl Action {
             Access::ManageStudies => Action::ManageStudies,
             Access::ManageUsers => Action::ManageUsers,
             Access::Train => Action::Train,
+            Access::Supervise => Action::Supervise,
         })
     }
 
@@ -54,6 +57,7 @@ impl Action {
             Action::Query | Action::Browse | Action::NodeStatus | Action::ReadStudies => true,
             Action::ManageStudies | Action::ManageUsers => role == Role::Admin,
             Action::Train => role != Role::Analyst,
+            Action::Supervise => matches!(role, Role::Analyst | Role::Admin),
         }
     }
 
@@ -84,6 +88,7 @@ impl Action {
             Action::ManageStudies => "create studies",
             Action::ManageUsers => "manage users",
             Action::Train => "train models",
+            Action::Supervise => "release supervision statistics",
         }
     }
 }

@@ -38,6 +38,9 @@ pub struct CoordinatorConfig {
     /// nodes as its client certificate), its key, and the network CA.
     #[serde(default)]
     pub tls: Option<confer_transport::TlsFiles>,
+    /// `[supervision]`: the health commission's supervision statistics.
+    #[serde(default)]
+    pub supervision: Option<crate::supervision::SupervisionConfig>,
 }
 
 /// `[coordinator]`.
@@ -134,6 +137,9 @@ impl CoordinatorConfig {
         if let Some(tls) = &mut config.tls {
             tls.resolve(base);
         }
+        if let Some(s) = &mut config.supervision {
+            s.resolve(base);
+        }
         Ok(config)
     }
 
@@ -166,6 +172,9 @@ impl CoordinatorConfig {
             return Err(CoordinatorError::Config(
                 "coordinator.node_timeout_secs and task_ttl_secs must be at least 1".into(),
             ));
+        }
+        if let Some(s) = &self.supervision {
+            s.validate()?;
         }
         for (i, n) in self.nodes.iter().enumerate() {
             if self.nodes[..i].iter().any(|m| m.name == n.name) {

@@ -36,6 +36,7 @@ pub mod service;
 mod state;
 pub mod store;
 mod studies;
+pub mod supervision;
 pub mod train;
 
 use std::net::SocketAddr;
@@ -167,6 +168,7 @@ pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<Ru
     let health_every = std::time::Duration::from_secs(config.coordinator.health_interval_secs);
     let state = Arc::new(CoordinatorState::new(config, store, nodes)?);
     train::resume_all(&state);
+    let schedule = supervision::spawn_schedule(state.clone());
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         CoordinatorError::Network(format!("cannot listen on {addr} (coordinator.listen): {e}"))
     })?;
@@ -188,6 +190,9 @@ pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<Ru
     tokio::spawn(async move {
         let _ = rx.await;
         health.abort();
+        if let Some(s) = schedule {
+            s.abort();
+        }
         let _ = stop_tx.send(());
     });
     let router = tonic::transport::Server::builder().add_service(service);

@@ -402,6 +402,17 @@ impl FlightSqlService for CoordinatorService {
             custom::TRAIN_LIST => json_result(&crate::train::list(&self.state, &user)?)?,
             custom::TRAIN_CANCEL => json_result(&crate::train::cancel(&self.state, &user, &body)?)?,
             custom::MODEL_EXPORT => json_result(&crate::train::export(&self.state, &user, &body)?)?,
+            custom::SUPERVISION_RUN => {
+                let outcome = crate::supervision::run_action(&self.state, &user, &body).await;
+                if let Err(e) = &outcome {
+                    self.state
+                        .audit(&user.name, None, &kind, "refused", e.message.clone());
+                }
+                json_result(&outcome?)?
+            }
+            custom::SUPERVISION_INDICATORS => {
+                json_result(&crate::supervision::overview(&self.state, &body)?)?
+            }
             _ => return Err(Status::internal("unhandled action")),
         };
         Ok(Response::new(stream))

@@ -87,6 +87,8 @@ pub struct CoordinatorState {
     pub(crate) health: RwLock<HashMap<String, NodeStatus>>,
     pub(crate) sql_info: SqlInfoData,
     pub(crate) training: crate::train::Training,
+    /// Supervision statistics, when `[supervision]` is configured.
+    pub(crate) supervision: Option<Arc<crate::supervision::Supervision>>,
 }
 
 impl CoordinatorState {
@@ -125,7 +127,14 @@ impl CoordinatorState {
                 node.hold(Some(why));
             }
         }
+        let supervision = config
+            .supervision
+            .clone()
+            .map(crate::supervision::Supervision::load)
+            .transpose()?
+            .map(Arc::new);
         Ok(Self {
+            supervision,
             auth: Authenticator::new(store.clone()),
             store,
             identity,

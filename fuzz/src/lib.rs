@@ -41,6 +41,7 @@ fn col(name: &str, column_type: ColumnType) -> ColumnInfo {
         column_type,
         bounds: None,
         domain: None,
+        unique: false,
     }
 }
 

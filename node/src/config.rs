@@ -47,6 +47,10 @@ pub struct NodeConfig {
     /// Only the coordinator's certificate may connect.
     #[serde(default)]
     pub tls: Option<confer_transport::TlsFiles>,
+    /// The org units of the region whose records this node holds
+    /// (supervision statistics for the health commission).
+    #[serde(default)]
+    pub supervision: Option<SupervisionSection>,
     /// The file this was read from, if any (for policy reloads).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -70,6 +74,49 @@ pub struct NodeSection {
     /// the secret key, `<key>.pub`).
     #[serde(default)]
     pub coordinator_key_file: Option<PathBuf>,
+}
+
+/// `[supervision]`: which org units of the region's tree (the
+/// coordinator's `region.toml`) this node's records belong to.
+///
+/// ```toml
+/// [supervision]
+/// # org unit code = the OMOP care_site_ids whose records are that unit's
+/// units = { "370101001" = [7], "370101001001" = [12, 13] }
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisionSection {
+    /// Org unit code → care_site_ids.
+    pub units: BTreeMap<String, Vec<i64>>,
+}
+
+impl SupervisionSection {
+    /// Codes are non-empty, each unit names at least one care site, and no
+    /// care site belongs to two units.
+    pub fn validate(&self) -> Result<()> {
+        let mut seen: BTreeMap<i64, &str> = BTreeMap::new();
+        for (code, sites) in &self.units {
+            if code.trim().is_empty() || code.trim() != code {
+                return Err(NodeError::Config(format!(
+                    "supervision.units: org unit code {code:?} is empty or has spaces: use the code of region.toml"
+                )));
+            }
+            if sites.is_empty() {
+                return Err(NodeError::Config(format!(
+                    "supervision.units.\"{code}\" lists no care_site_id: give the care sites whose records are this unit's, or drop the unit"
+                )));
+            }
+            for id in sites {
+                if let Some(other) = seen.insert(*id, code) {
+                    return Err(NodeError::Config(format!(
+                        "supervision.units: care_site_id {id} is listed under both \"{other}\" and \"{code}\": a care site's records belong to one org unit"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The file format of a table source.
@@ -153,6 +200,11 @@ pub struct ColumnConfig {
     /// Public domain: a list of values, or `{ from = a, to = b }`.
     #[serde(default)]
     pub domain: Option<DomainConfig>,
+    /// Each value at most once (NULLs aside), checked when the node starts:
+    /// a join on this column cannot multiply one person's rows (for example
+    /// `visit_occurrence.visit_occurrence_id`, which event tables join on).
+    #[serde(default)]
+    pub unique: bool,
 }
 
 /// A declared domain.
@@ -227,6 +279,9 @@ impl NodeConfig {
         self.listen_addr()?;
         self.coordinator_key()?;
         Policy::from_config(&self.policy)?;
+        if let Some(sup) = &self.supervision {
+            sup.validate()?;
+        }
         for (table, t) in &self.tables {
             if table.is_empty() || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(NodeError::Config(format!(

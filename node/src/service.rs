@@ -126,6 +126,7 @@ impl FlightService for NodeService {
         let action = request.into_inner();
         let result = match action.r#type.as_str() {
             actions::CATALOG => json_result(&self.state.catalog)?,
+            actions::SUPERVISION_UNITS => json_result(&self.state.supervision)?,
             actions::SECAGG_IDENTITY => {
                 let policy = self
                     .state

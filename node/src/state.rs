@@ -35,6 +35,8 @@ pub struct NodeState {
     pub catalog: CatalogInfo,
     /// The catalog as the query compiler sees it.
     pub query_catalog: Catalog,
+    /// The org units whose records this node holds (`[supervision]`).
+    pub supervision: confer_protocol::supervision::SupervisionUnits,
     /// Plans compiled at a query's check, kept for its run.
     pub plans: CheckedPlans,
     /// The privacy ledger and audit log.
@@ -63,6 +65,9 @@ impl NodeState {
         let ctx = SessionContext::new();
         let catalog = crate::catalog::load(config, &ctx).await?;
         let unique = crate::catalog::unique_public_columns(&ctx, &catalog).await?;
+        if let Some(section) = &config.supervision {
+            crate::catalog::check_supervision(&ctx, &catalog, section).await?;
+        }
         let ledger = Arc::new(Ledger::open(&config.node.state_dir)?);
         // A node never serves on a ledger that fails its own check: an
         // edited, truncated or replaced ledger could refund budget.
@@ -100,6 +105,14 @@ impl NodeState {
         Ok(Self {
             name: config.node.name.clone(),
             query_catalog: Catalog::for_node(&catalog),
+            supervision: confer_protocol::supervision::SupervisionUnits {
+                node: config.node.name.clone(),
+                units: config
+                    .supervision
+                    .as_ref()
+                    .map(|s| s.units.clone())
+                    .unwrap_or_default(),
+            },
             catalog,
             ctx,
             ledger,
@@ -293,6 +306,7 @@ mod tests {
                     column_type: ColumnType::Int64,
                     bounds: None,
                     domain: None,
+                    unique: false,
                 }],
                 one_row_per_unit: true,
             }],

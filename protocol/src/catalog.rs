@@ -146,6 +146,10 @@ pub struct ColumnInfo {
     /// Declared public domain, which makes the column a public group key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<Domain>,
+    /// Declared to hold each value at most once (NULLs aside), and checked
+    /// by the node at start: a join on it cannot multiply one person's rows.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unique: bool,
 }
 
 /// One table as published.

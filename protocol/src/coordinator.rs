@@ -39,6 +39,10 @@ pub mod actions {
     pub const TRAIN_CANCEL: &str = "confer.train.cancel";
     /// A job's latest model, standardisation and privacy statement.
     pub const MODEL_EXPORT: &str = "confer.model.export";
+    /// Release (or complete) a period's supervision statistics.
+    pub const SUPERVISION_RUN: &str = "confer.supervision.run";
+    /// The supervision indicator catalogue and org tree.
+    pub const SUPERVISION_INDICATORS: &str = "confer.supervision.indicators";
 }
 
 /// Every custom action of the coordinator, in the order `list_actions` gives them.
@@ -132,6 +136,20 @@ pub const ACTIONS: &[ActionSpec] = &[
         doc: "a training job's model and privacy statement",
         request: "train::JobRef",
         response: "train::ModelExport",
+        access: Access::Member,
+    },
+    ActionSpec {
+        name: actions::SUPERVISION_RUN,
+        doc: "releases a period's supervision statistics (or completes it; a complete period is answered from the store, nothing spent)",
+        request: "{\"period\": \"2026-10\"}",
+        response: "supervision RunReport",
+        access: Access::Supervise,
+    },
+    ActionSpec {
+        name: actions::SUPERVISION_INDICATORS,
+        doc: "the supervision indicators, their definitions, the measures a period needs and its budget",
+        request: "{\"period\": \"month\"} or empty",
+        response: "supervision Overview",
         access: Access::Member,
     },
 ];

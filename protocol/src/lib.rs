@@ -27,6 +27,7 @@ pub mod coordinator;
 pub mod error;
 pub mod release;
 pub mod signing;
+pub mod supervision;
 pub mod task;
 pub mod train;
 
@@ -67,6 +68,9 @@ pub enum Access {
     ManageUsers,
     /// The roles that train models: start and stop jobs.
     Train,
+    /// Commission analysts and administrators: release supervision
+    /// statistics (spends the supervision study's budget).
+    Supervise,
 }
 
 /// The names in a table of actions, for error messages.
@@ -146,6 +150,13 @@ pub const NODE_ACTIONS: &[ActionSpec] = &[
         response: "TrainEvaluation",
         access: Access::Coordinator,
     },
+    ActionSpec {
+        name: actions::SUPERVISION_UNITS,
+        doc: "the org units whose records this node holds, with their care_site_ids (JSON)",
+        request: "empty",
+        response: "SupervisionUnits",
+        access: Access::Coordinator,
+    },
 ];
 
 /// Names of the Flight actions a node serves.
@@ -186,6 +197,9 @@ pub mod actions {
     /// An evaluation release: body [`crate::train::TrainRequest`], answer
     /// [`crate::train::TrainEvaluation`].
     pub const TRAIN_EVALUATE: &str = "confer.train.evaluate";
+    /// Returns the node's [`crate::supervision::SupervisionUnits`] as JSON:
+    /// the org units of the region's tree whose records it holds.
+    pub const SUPERVISION_UNITS: &str = "confer.supervision.units";
 }
 
 /// Arrow schema-metadata keys used on released results.

@@ -70,8 +70,9 @@ pub struct Provenance {
     /// per person, read alone, or a per-person summary). The local query
     /// still enforces it: see `crate::compile`.
     pub one_row_per_unit: bool,
-    /// Output columns of a public relation known to hold no value twice
-    /// (see [`amplification`]).
+    /// Output columns known to hold no value twice: of a public relation
+    /// (measured by the node), or a column declared `unique` (see
+    /// [`amplification`]).
     pub unique_fields: BTreeSet<usize>,
 }
 
@@ -273,7 +274,11 @@ fn relation(plan: &LogicalPlan, catalog: &Catalog) -> Result<Provenance> {
                 if table.privacy_unit.as_deref() == Some(field.name().as_str()) {
                     unit_fields.insert(i);
                 }
-                if !table.is_private() && catalog.is_unique(&table.name, field.name()) {
+                // Measured on a public table by the node, or declared
+                // `unique` (and checked at start) on any table.
+                let declared = table.column(field.name()).is_some_and(|c| c.unique);
+                if declared || (!table.is_private() && catalog.is_unique(&table.name, field.name()))
+                {
                     unique_fields.insert(i);
                 }
             }
@@ -736,7 +741,36 @@ fn join_amplifies(
     match (left.is_private(), right.is_private()) {
         (false, false) => None,
         (true, true) => {
-            if semi || left.one_row_per_unit || right.one_row_per_unit {
+            // An equality with a column one side holds each value of once
+            // (declared `unique`, checked when the node starts): each row
+            // of the other side matches at most one row.
+            let unique_of = |e: &Expr, plan: &LogicalPlan, p: &Provenance| {
+                unit_index(e, plan).is_some_and(|i| p.unique_fields.contains(&i))
+            };
+            let reads = |e: &Expr, plan: &LogicalPlan| {
+                let refs = e.column_refs();
+                !refs.is_empty()
+                    && refs
+                        .iter()
+                        .all(|c| plan.schema().index_of_column(c).is_ok())
+            };
+            let keyed_pair = |a: &Expr, b: &Expr| {
+                (unique_of(a, &join.left, &left) && reads(b, &join.right))
+                    || (unique_of(b, &join.left, &left) && reads(a, &join.right))
+                    || (unique_of(a, &join.right, &right) && reads(b, &join.left))
+                    || (unique_of(b, &join.right, &right) && reads(a, &join.left))
+            };
+            let keyed = join.on.iter().any(|(l, r)| keyed_pair(l, r))
+                || join.filter.as_ref().is_some_and(|f| {
+                    datafusion::logical_expr::utils::split_conjunction(f)
+                        .into_iter()
+                        .any(|c| {
+                            matches!(c, Expr::BinaryExpr(b)
+                                if b.op == datafusion::logical_expr::Operator::Eq
+                                    && keyed_pair(&b.left, &b.right))
+                        })
+                });
+            if semi || keyed || left.one_row_per_unit || right.one_row_per_unit {
                 None
             } else {
                 Some(format!(

@@ -167,6 +167,7 @@ mod tests {
                     column_type: ty,
                     bounds: None,
                     domain: None,
+                    unique: false,
                 }],
                 one_row_per_unit: false,
             }],

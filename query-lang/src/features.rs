@@ -135,6 +135,7 @@ mod tests {
             column_type,
             bounds: None,
             domain: None,
+            unique: false,
         };
         Catalog::for_node(&CatalogInfo {
             node: "a".into(),

@@ -25,9 +25,9 @@
 //!         name: "person".into(),
 //!         privacy_unit: Some("person_id".into()),
 //!         columns: vec![
-//!             ColumnInfo { name: "person_id".into(), column_type: ColumnType::Int64, bounds: None, domain: None },
+//!             ColumnInfo { name: "person_id".into(), column_type: ColumnType::Int64, bounds: None, domain: None, unique: false },
 //!             ColumnInfo { name: "gender_concept_id".into(), column_type: ColumnType::Int64, bounds: None,
-//!                          domain: Some(Domain::Values { values: vec![DomainValue::Int(8507), DomainValue::Int(8532)] }) },
+//!                          domain: Some(Domain::Values { values: vec![DomainValue::Int(8507), DomainValue::Int(8532)] }), unique: false },
 //!         ],
 //!         one_row_per_unit: true,
 //!     }],

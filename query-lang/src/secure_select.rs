@@ -717,6 +717,7 @@ mod tests {
                         column_type: ColumnType::Int64,
                         bounds: None,
                         domain: None,
+                        unique: false,
                     })
                     .collect(),
                 one_row_per_unit: false,

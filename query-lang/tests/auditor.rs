@@ -63,6 +63,7 @@ fn col(name: &str, ty: ColumnType) -> ColumnInfo {
         column_type: ty,
         bounds: None,
         domain: None,
+        unique: false,
     }
 }
 

@@ -28,6 +28,7 @@ fn catalog(node: &str) -> CatalogInfo {
                     column_type: ColumnType::Int64,
                     bounds: None,
                     domain: None,
+                    unique: false,
                 },
                 ColumnInfo {
                     name: "g".into(),
@@ -37,6 +38,7 @@ fn catalog(node: &str) -> CatalogInfo {
                         lo: 0,
                         hi: GROUPS - 1,
                     }),
+                    unique: false,
                 },
             ],
             one_row_per_unit: false,
@@ -437,6 +439,7 @@ fn moments_catalog() -> CatalogInfo {
         column_type: ColumnType::Int64,
         bounds: None,
         domain: None,
+        unique: false,
     };
     let mut g = int("g");
     g.domain = Some(Domain::Range { lo: 0, hi: 999 });

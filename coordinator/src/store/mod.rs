@@ -249,6 +249,17 @@ pub trait Store: Send + Sync {
     fn job(&self, id: uuid::Uuid) -> Result<Option<JobRecord>>;
     /// Every training job, without checkpoints, oldest first.
     fn jobs(&self) -> Result<Vec<JobRecord>>;
+    /// Stores one node's release of one supervision measure for a period
+    /// (JSON), as soon as it arrives: a later run does not ask again.
+    fn save_supervision_partial(&self, period: &str, measure: &str, node: &str, body: &str) -> Result<()>;
+    /// A period's stored node releases: (measure, node, body).
+    fn supervision_partials(&self, period: &str) -> Result<Vec<(String, String, String)>>;
+    /// Stores (replaces) a period's release (JSON).
+    fn save_supervision_release(&self, period: &str, body: &str) -> Result<()>;
+    /// A period's release.
+    fn supervision_release(&self, period: &str) -> Result<Option<String>>;
+    /// Every period's release: (period, body), by period.
+    fn supervision_releases(&self) -> Result<Vec<(String, String)>>;
 }
 
 /// [`Store`] on SQLite.
@@ -303,6 +314,11 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS train_jobs (
                  id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, body TEXT NOT NULL,
                  checkpoint TEXT);
+             CREATE TABLE IF NOT EXISTS supervision_partials (
+                 period TEXT NOT NULL, measure TEXT NOT NULL, node TEXT NOT NULL,
+                 at_ms INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (period, measure, node));
+             CREATE TABLE IF NOT EXISTS supervision_releases (
+                 period TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, body TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS audit (
                  seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, user TEXT NOT NULL, study TEXT,
                  action TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL);",

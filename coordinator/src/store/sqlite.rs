@@ -511,4 +511,63 @@ impl Store for SqliteStore {
     fn jobs(&self) -> Result<Vec<JobRecord>> {
         self.json_rows("SELECT body FROM train_jobs ORDER BY created_ms, id")
     }
+
+    fn save_supervision_partial(&self, period: &str, measure: &str, node: &str, body: &str) -> Result<()> {
+        let conn = self.conn()?;
+        conn.execute(
+            "INSERT INTO supervision_partials (period, measure, node, at_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(period, measure, node) DO NOTHING",
+            params![period, measure, node, now_ms(), body],
+        )
+        .map_err(db)?;
+        Ok(())
+    }
+
+    fn supervision_partials(&self, period: &str) -> Result<Vec<(String, String, String)>> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT measure, node, body FROM supervision_partials WHERE period = ?1 ORDER BY measure, node")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![period], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(db)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db)?;
+        Ok(rows)
+    }
+
+    fn save_supervision_release(&self, period: &str, body: &str) -> Result<()> {
+        let conn = self.conn()?;
+        conn.execute(
+            "INSERT INTO supervision_releases (period, at_ms, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT(period) DO UPDATE SET at_ms = excluded.at_ms, body = excluded.body",
+            params![period, now_ms(), body],
+        )
+        .map_err(db)?;
+        Ok(())
+    }
+
+    fn supervision_release(&self, period: &str) -> Result<Option<String>> {
+        let conn = self.conn()?;
+        conn.query_row(
+            "SELECT body FROM supervision_releases WHERE period = ?1",
+            params![period],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db)
+    }
+
+    fn supervision_releases(&self) -> Result<Vec<(String, String)>> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT period, body FROM supervision_releases ORDER BY period")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db)?;
+        Ok(rows)
+    }
 }

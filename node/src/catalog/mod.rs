@@ -288,6 +288,21 @@ async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Re
             expect
         }
     };
+    for column in columns.iter().filter(|c| c.unique) {
+        let (rows, distinct) = distinct_counts(ctx, name, &column.name)
+            .await
+            .map_err(|m| source_err(&table.path, m))?;
+        if rows != distinct {
+            return Err(source_err(
+                &table.path,
+                format!(
+                    "columns.{col}.unique: {rows} non-NULL values but only {distinct} distinct ones; \
+                     fix the data, or drop unique = true for {col} in node.toml",
+                    col = column.name
+                ),
+            ));
+        }
+    }
     Ok(TableInfo {
         name: name.to_string(),
         privacy_unit: table.privacy_unit.clone(),
@@ -302,8 +317,24 @@ async fn check_one_row_per_unit(
     table: &str,
     unit: &str,
 ) -> std::result::Result<(), String> {
+    let (rows, persons) = distinct_counts(ctx, table, unit).await?;
+    if rows != persons {
+        return Err(format!(
+            "one_row_per_unit: {rows} rows hold only {persons} distinct {unit} values; fix the data, or set \
+             one_row_per_unit = false for this table in node.toml"
+        ));
+    }
+    Ok(())
+}
+
+/// The non-NULL values of `column` and how many of them are distinct.
+async fn distinct_counts(
+    ctx: &SessionContext,
+    table: &str,
+    column: &str,
+) -> std::result::Result<(i64, i64), String> {
     let sql = format!(
-        "SELECT CAST(COUNT(*) AS BIGINT), CAST(COUNT(DISTINCT \"{unit}\") AS BIGINT) FROM \"{table}\" WHERE \"{unit}\" IS NOT NULL"
+        "SELECT CAST(COUNT(*) AS BIGINT), CAST(COUNT(DISTINCT \"{column}\") AS BIGINT) FROM \"{table}\" WHERE \"{column}\" IS NOT NULL"
     );
     let batches = ctx
         .sql(&sql)
@@ -323,14 +354,7 @@ async fn check_one_row_per_unit(
             })
             .unwrap_or(0)
     };
-    let (rows, persons) = (value(0), value(1));
-    if rows != persons {
-        return Err(format!(
-            "one_row_per_unit: {rows} rows hold only {persons} distinct {unit} values; fix the data, or set \
-             one_row_per_unit = false for this table in node.toml"
-        ));
-    }
-    Ok(())
+    Ok((value(0), value(1)))
 }
 
 fn column_type_of(ty: &DataType) -> Option<ColumnType> {
@@ -406,7 +430,72 @@ fn column_info(
         column_type,
         bounds: decl.bounds.map(|[lo, hi]| (lo, hi)),
         domain,
+        unique: decl.unique,
     })
+}
+
+/// Checks a node's `[supervision]` units against its data: the
+/// supervision statistics group `visit_occurrence` by `care_site_id`, so
+/// that column needs a public domain holding every care site listed, and
+/// each listed care site must be in the node's `care_site` table (when it
+/// publishes one).
+pub async fn check_supervision(
+    ctx: &SessionContext,
+    catalog: &CatalogInfo,
+    section: &crate::config::SupervisionSection,
+) -> Result<()> {
+    let visits = catalog.table("visit_occurrence").ok_or_else(|| {
+        NodeError::Config(
+            "[supervision] needs a visit_occurrence table: supervision statistics count visits by care_site_id"
+                .into(),
+        )
+    })?;
+    let domain = visits
+        .column("care_site_id")
+        .and_then(|c| c.domain.as_ref())
+        .ok_or_else(|| {
+            NodeError::Config(
+                "[supervision] needs a public domain on visit_occurrence.care_site_id (for example \
+                 care_site_id = { domain = { from = 1, to = 700 } } under [tables.visit_occurrence.columns], \
+                 the care_site_ids of the whole region, the same at every node)"
+                    .into(),
+            )
+        })?;
+    let values = domain.values();
+    let mut known = None;
+    if catalog.table("care_site").is_some() {
+        let batches = ctx
+            .sql("SELECT DISTINCT CAST(care_site_id AS BIGINT) FROM care_site WHERE care_site_id IS NOT NULL")
+            .await?
+            .collect()
+            .await?;
+        let mut ids = std::collections::BTreeSet::new();
+        for b in &batches {
+            if let Some(a) = b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>() {
+                ids.extend(a.iter().flatten());
+            }
+        }
+        known = Some(ids);
+    }
+    for (code, sites) in &section.units {
+        for id in sites {
+            if !values.contains(&DomainValue::Int(*id)) {
+                return Err(NodeError::Config(format!(
+                    "supervision.units.\"{code}\": care_site_id {id} is outside the domain of \
+                     visit_occurrence.care_site_id: add it to that domain"
+                )));
+            }
+            if let Some(ids) = &known
+                && !ids.contains(id)
+            {
+                return Err(NodeError::Config(format!(
+                    "supervision.units.\"{code}\": care_site_id {id} is not in this node's care_site table: \
+                     fix the id, or add the care site to the table"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub fn col(name: &str, ty: ColumnType) -> ColumnInfo {
         column_type: ty,
         bounds: None,
         domain: None,
+        unique: false,
     }
 }
 
