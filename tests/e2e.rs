@@ -23,6 +23,8 @@ mod releases;
 mod secure_query;
 /// The dialect's semantics as .slt files: DP answers equal plain bounded queries.
 mod slt;
+/// Supervision statistics over a synthetic region: exact at large epsilon.
+mod supervision;
 /// `confer synth` output served by real nodes; `confer catalog`.
 mod synth_network;
 /// Mutual TLS, tokens, client certificates, roles, refused certificates.

@@ -15,6 +15,7 @@ pub mod gibleed;
 pub mod governance;
 pub mod heart;
 mod servers;
+pub mod supervision;
 pub mod synth;
 pub mod train;
 
@@ -65,6 +66,8 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// The network catalog as the nodes publish it: tables, columns, types, bounds, domains.
     Catalog(admin::CatalogArgs),
+    /// The health commission's supervision statistics: indicators, periodic releases, reports.
+    Supervision(supervision::SupervisionArgs),
     /// Train a model across the nodes (federated, secure aggregation, DP), or follow, list or cancel jobs.
     Train(train::TrainArgs),
     /// Export a trained model with its standardisation and privacy statement.
@@ -246,6 +249,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keygen { out, force } => governance::keygen(&out, force),
         Command::Synth(args) => tokio::task::spawn_blocking(move || synth::run(args)).await?,
         Command::Catalog(args) => admin::catalog(args).await,
+        Command::Supervision(args) => supervision::supervision(args).await,
         Command::Train(args) => train::train(args).await,
         Command::Model(args) => train::model(args).await,
         Command::Demo(args) => demo::run(args, cli.verbose).await,

@@ -98,6 +98,60 @@ async fn joins_one_person_could_slow_down_are_marked() {
     }
 }
 
+/// A join of two person-level tables on the person and on a column one of
+/// them declares unique (checked by the node at start) matches each row at
+/// most once, so it is not marked; the same join on a column not declared
+/// unique, or without the unique side, is.
+#[tokio::test]
+async fn joins_on_a_declared_unique_column_are_not_marked() {
+    let mut info = catalog_info("site-a");
+    let int = ColumnType::Int64;
+    let mut visit_id = col("visit_occurrence_id", int);
+    visit_id.unique = true;
+    info.tables.push(TableInfo {
+        name: "visit_occurrence".into(),
+        privacy_unit: Some("person_id".into()),
+        columns: vec![visit_id, col("person_id", int), col("care_site_id", int)],
+        one_row_per_unit: false,
+    });
+    info.tables.push(TableInfo {
+        name: "cost".into(),
+        privacy_unit: Some("person_id".into()),
+        columns: vec![col("cost_event_id", int), col("person_id", int), col("visit_detail_id", int)],
+        one_row_per_unit: false,
+    });
+    let catalog = Catalog::for_node(&info);
+    let cases = [
+        (
+            "FROM cost c JOIN visit_occurrence v ON c.person_id = v.person_id AND c.cost_event_id = v.visit_occurrence_id",
+            false,
+        ),
+        (
+            "FROM visit_occurrence v JOIN cost c ON v.visit_occurrence_id = c.cost_event_id AND v.person_id = c.person_id",
+            false,
+        ),
+        // Not on the unique column: a person's cost rows times their visits.
+        (
+            "FROM cost c JOIN visit_occurrence v ON c.person_id = v.person_id AND c.visit_detail_id = v.care_site_id",
+            true,
+        ),
+        ("FROM cost c JOIN visit_occurrence v ON c.person_id = v.person_id", true),
+        // Two copies of the non-unique side.
+        (
+            "FROM cost c JOIN cost d ON c.person_id = d.person_id AND c.cost_event_id = d.cost_event_id",
+            true,
+        ),
+    ];
+    for (from, marked) in cases {
+        let sql = format!("{DP} COUNT(*) AS n {from}");
+        let Ok(Statement::Query(q)) = parse(&sql) else {
+            panic!("{sql}")
+        };
+        let plan = compile(&q, &catalog, None).await.expect(&sql);
+        assert_eq!(plan.amplification.is_some(), marked, "{from}: {:?}", plan.amplification);
+    }
+}
+
 async fn plan_of(sql: &str) -> confer_query::FederatedPlan {
     let Ok(Statement::Query(q)) = parse(sql) else {
         panic!("{sql}")

@@ -1,0 +1,404 @@
+//! Supervision statistics end to end: a synthetic region (`confer synth
+//! --region`), its nodes and a coordinator with `[supervision]`; at an
+//! epsilon where noise vanishes, every indicator of every org unit at every
+//! level equals the same definition computed exactly by plain DataFusion
+//! over the sites' files; the tree adds up; a re-run charges nothing; the
+//! values are plain Flight SQL tables; bad input is refused before anything
+//! is spent.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use arrow::array::{Array, Float64Array, Int64Array, StringArray};
+use arrow::compute::cast;
+use arrow::datatypes::DataType;
+use confer_cli::demo::{FederationOptions, start_coordinator, start_nodes_from};
+use confer_coordinator::supervision::indicators::{Catalogue, Kind, STANDARD};
+use confer_coordinator::supervision::period::Period;
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+
+use crate::fixture::{STUDIES, USERS};
+
+const PERIOD: &str = "2024-03";
+
+/// Every study may spend anything here; no small-cell suppression.
+const POLICY: &str = r#"[policy]
+approval = "auto"
+
+[policy.studies.supervision]
+budget = { rho = 1e18, delta = 0.5 }
+
+[policy.studies.test]
+budget = { rho = 1e15, delta = 0.5 }
+"#;
+
+fn confer(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_confer"))
+        .args(args)
+        .output()
+        .expect("run confer");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The standard catalogue with bounds that never bind (so that the
+/// bounded query is the plain one): many rows and care sites per person,
+/// sums up to a million.
+fn unbounded_catalogue() -> String {
+    let mut text = String::new();
+    for line in STANDARD.lines() {
+        let l = if line.starts_with("max_rows = ") {
+            "max_rows = 400".to_string()
+        } else if line.starts_with("max_units = ") {
+            "max_units = 12".to_string()
+        } else if line.starts_with("aggregate = \"SUM(") {
+            let head = line.split(", contribution_bounds_per_group").next().expect("sum");
+            format!("{head}, contribution_bounds_per_group => (0, 1000000))\"")
+        } else {
+            line.to_string()
+        };
+        text.push_str(&l);
+        text.push('\n');
+    }
+    text
+}
+
+/// The plain SQL of an aggregate: the same rows, no DP, no bounds.
+fn plain_sql(a: &confer_coordinator::supervision::indicators::Aggregate, period: &Period) -> String {
+    let aggregate = match a.aggregate.split_once(", contribution_bounds_per_group") {
+        Some((head, _)) => format!("{head})"),
+        None => a.aggregate.clone(),
+    };
+    let concepts = a.concepts.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
+    let mut sql = format!(
+        "SELECT CAST({} AS BIGINT) AS care_site_id, CAST({aggregate} AS DOUBLE) AS value FROM {} WHERE {d} >= DATE '{}' AND {d} < DATE '{}'",
+        a.unit_column,
+        a.from,
+        period.start(),
+        period.end(),
+        d = a.date
+    );
+    if let Some(c) = &a.condition {
+        let c = c
+            .replace("{concepts}", &concepts)
+            .replace("{start}", &period.start().to_string())
+            .replace("{end}", &period.end().to_string());
+        sql.push_str(&format!(" AND ({c})"));
+    }
+    sql.push_str(&format!(" GROUP BY {}", a.unit_column));
+    sql
+}
+
+async fn site_context(dir: &Path) -> SessionContext {
+    let ctx = SessionContext::new();
+    for table in [
+        "person",
+        "visit_occurrence",
+        "condition_occurrence",
+        "drug_exposure",
+        "procedure_occurrence",
+        "measurement",
+        "cost",
+        "concept",
+    ] {
+        ctx.register_parquet(
+            table,
+            dir.join(format!("{table}.parquet")).to_str().expect("utf8"),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .expect("register");
+    }
+    ctx
+}
+
+fn column_f64(b: &arrow::array::RecordBatch, name: &str) -> Vec<Option<f64>> {
+    let c = cast(b.column_by_name(name).expect(name), &DataType::Float64).expect("f64");
+    let a = c.as_any().downcast_ref::<Float64Array>().expect("f64");
+    (0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i))).collect()
+}
+
+fn column_str(b: &arrow::array::RecordBatch, name: &str) -> Vec<String> {
+    let c = cast(b.column_by_name(name).expect(name), &DataType::Utf8).expect("utf8");
+    let a = c.as_any().downcast_ref::<StringArray>().expect("str");
+    (0..a.len()).map(|i| a.value(i).to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path();
+    let key = work.join("coordinator.key");
+    assert!(confer(&["keygen", "--out", key.to_str().expect("utf8")]).0);
+    let net = work.join("net");
+    let (ok, out, err) = confer(&[
+        "synth",
+        "--region",
+        "--sites",
+        "12",
+        "--persons",
+        "6000",
+        "--seed",
+        "11",
+        "--out",
+        net.to_str().expect("utf8"),
+        "--coordinator-key-file",
+        work.join("coordinator.key.pub").to_str().expect("utf8"),
+        "--quiet",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(net.join("manifest.json")).expect("manifest"))
+            .expect("json");
+    let mut configs = Vec::new();
+    // Which node holds which unit's care sites, from the nodes' own configs.
+    let mut unit_of_site: HashMap<i64, String> = HashMap::new();
+    let mut node_dirs: Vec<PathBuf> = Vec::new();
+    for site in manifest["sites"].as_array().expect("sites") {
+        let name = site["name"].as_str().expect("name").to_string();
+        let config = net.join(&name).join("node.toml");
+        let mut text = std::fs::read_to_string(&config).expect("node.toml");
+        let parsed: toml::Value = toml::from_str(&text).expect("toml");
+        for (code, sites) in parsed["supervision"]["units"].as_table().expect("units") {
+            for s in sites.as_array().expect("ids") {
+                unit_of_site.insert(s.as_integer().expect("id"), code.clone());
+            }
+        }
+        text.push_str(POLICY);
+        std::fs::write(&config, text).expect("write node.toml");
+        configs.push((name.clone(), config));
+        node_dirs.push(net.join(&name));
+    }
+    assert!(configs.len() >= 5, "at least 5 nodes: {}", configs.len());
+    let catalogue_file = work.join("indicators.toml");
+    std::fs::write(&catalogue_file, unbounded_catalogue()).expect("catalogue");
+    let program = Path::new(env!("CARGO_BIN_EXE_confer"));
+    let nodes = start_nodes_from(program, configs, "warn").await.expect("nodes start");
+    let urls: Vec<String> = nodes.nodes.iter().map(|n| format!("http://{}", n.addr)).collect();
+    let options = FederationOptions {
+        sites: urls.len(),
+        coordinator_port: 0,
+        log_level: "warn",
+        policy: POLICY,
+        users: USERS,
+        studies: STUDIES,
+        extra_tables: &[],
+    };
+    let extra = format!(
+        "node_timeout_secs = 120\n\n[supervision]\nregion = {:?}\nindicators = {:?}\nepsilon_per_year = 1e15\ndelta = 1e-6\n",
+        net.join("region.toml").display().to_string(),
+        catalogue_file.display().to_string()
+    );
+    let federation = start_coordinator(program, work, nodes, &urls, &extra, &options)
+        .await
+        .expect("coordinator starts");
+    let url = federation.url();
+    let admin = federation.tokens["admin"].clone();
+    let tester = federation.tokens["tester"].clone();
+
+    // Bad input first: nothing is spent.
+    let (ok, _, err) = confer(&["supervision", "run", "--period", "2999-01", "--coordinator", &url, "--token", &admin]);
+    assert!(!ok && err.contains("has not ended"), "{err}");
+    let (ok, _, err) = confer(&["supervision", "run", "--period", "2024-13", "--coordinator", &url, "--token", &admin]);
+    assert!(!ok && err.contains("write a month as 2026-10"), "{err}");
+    let (ok, _, err) = confer(&["supervision", "run", "--period", PERIOD, "--coordinator", &url, "--token", &tester]);
+    assert!(!ok && err.contains("release supervision statistics"), "a researcher may not: {err}");
+
+    let (ok, listing, err) = confer(&["supervision", "indicators", "--coordinator", &url, "--token", &tester]);
+    assert!(ok, "{err}");
+    assert!(listing.contains("药占比") && listing.contains("red line 30"), "{listing}");
+
+    // The release.
+    let (ok, report, err) = confer(&[
+        "supervision", "run", "--period", PERIOD, "--depth", "3", "--coordinator", &url, "--token", &admin,
+    ]);
+    assert!(ok, "{report}\n{err}");
+    assert!(report.contains("DP queries at each node"), "{report}");
+    assert!(!report.contains("missing"), "{report}");
+
+    let mut client = federation.client("tester").await.expect("connect");
+    let spent = |batches: &[arrow::array::RecordBatch]| -> Vec<f64> {
+        batches.iter().flat_map(|b| column_f64(b, "spent_rho")).flatten().collect()
+    };
+    let budget = client
+        .run("SHOW PRIVACY BUDGET FOR STUDY supervision", None)
+        .await;
+    // tester is not a member of the supervision study: the admin asks.
+    assert!(budget.is_err());
+    let mut admin_client = federation.client("admin").await.expect("admin");
+    let before = admin_client
+        .run("SHOW PRIVACY BUDGET FOR STUDY supervision", None)
+        .await
+        .expect("budget");
+    let before = spent(&before.batches);
+    assert!(before.iter().any(|s| *s > 0.0), "the release spent: {before:?}");
+
+    // Values through Flight SQL, as any client reads them.
+    let values = client
+        .run(
+            &format!("SELECT unit, indicator, category, value, numerator, denominator, flags FROM supervision.values WHERE period = '{PERIOD}'"),
+            None,
+        )
+        .await
+        .expect("supervision.values");
+    let units = client
+        .run("SELECT code, parent FROM supervision.org_units", None)
+        .await
+        .expect("org units");
+    let mut parent: HashMap<String, Option<String>> = HashMap::new();
+    for b in &units.batches {
+        let code = column_str(b, "code");
+        let p = cast(b.column_by_name("parent").expect("parent"), &DataType::Utf8).expect("utf8");
+        let p = p.as_any().downcast_ref::<StringArray>().expect("str");
+        for i in 0..b.num_rows() {
+            parent.insert(code[i].clone(), (!p.is_null(i)).then(|| p.value(i).to_string()));
+        }
+    }
+    let levels: std::collections::BTreeSet<usize> = parent
+        .keys()
+        .map(|c| {
+            let mut d = 0;
+            let mut at = c.clone();
+            while let Some(Some(p)) = parent.get(&at) {
+                at = p.clone();
+                d += 1;
+            }
+            d
+        })
+        .collect();
+    assert!(levels.len() >= 3, "at least 3 levels: {levels:?}");
+
+    // The exact values: every aggregate per care site, over each node's files.
+    let catalogue = Catalogue::parse(&unbounded_catalogue()).expect("catalogue");
+    let period = Period::parse(PERIOD).expect("period");
+    let mut contexts = Vec::new();
+    for d in &node_dirs {
+        contexts.push(site_context(d).await);
+    }
+    let tiers = unit_tiers(&net);
+    let mut exact: HashMap<String, HashMap<String, f64>> = HashMap::new();
+    for ind in catalogue.indicators.iter().filter(|i| matches!(i.kind, Kind::Count | Kind::Proportion | Kind::Ratio)) {
+        for (part, agg) in [("numerator", &ind.numerator), ("denominator", &ind.denominator)] {
+            let Some(a) = agg else { continue };
+            let sql = plain_sql(a, &period);
+            let mut own: HashMap<String, f64> = HashMap::new();
+            for ctx in &contexts {
+                let batches = ctx
+                    .sql(&sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: {sql}: {e}", ind.id))
+                    .collect()
+                    .await
+                    .expect("collect");
+                for b in &batches {
+                    let site = cast(b.column(0), &DataType::Int64).expect("i64");
+                    let site = site.as_any().downcast_ref::<Int64Array>().expect("i64");
+                    let value = column_f64(b, "value");
+                    for i in 0..b.num_rows() {
+                        let Some(unit) = unit_of_site.get(&site.value(i)) else { continue };
+                        // Group filters (the standard catalogue filters on tier).
+                        let keep = a.units.iter().all(|(set, options)| {
+                            set == "tier" && tiers.get(unit).is_some_and(|t| options.contains(t))
+                        });
+                        if keep {
+                            *own.entry(unit.clone()).or_default() += value[i].unwrap_or(0.0);
+                        }
+                    }
+                }
+            }
+            // Subtree totals.
+            let mut total: HashMap<String, f64> = HashMap::new();
+            for (unit, v) in &own {
+                let mut at = Some(unit.clone());
+                while let Some(u) = at {
+                    *total.entry(u.clone()).or_default() += v;
+                    at = parent.get(&u).cloned().flatten();
+                }
+            }
+            exact.insert(format!("{}/{part}", ind.id), total);
+        }
+    }
+    let mut compared = 0;
+    for b in &values.batches {
+        let (unit, ind, cat, flags) = (column_str(b, "unit"), column_str(b, "indicator"), column_str(b, "category"), column_str(b, "flags"));
+        let (value, num, den) = (column_f64(b, "value"), column_f64(b, "numerator"), column_f64(b, "denominator"));
+        for i in 0..b.num_rows() {
+            assert!(!flags[i].contains("incomplete"), "{} {}: {}", ind[i], unit[i], flags[i]);
+            if !cat[i].is_empty() {
+                continue;
+            }
+            let Some(n_exact) = exact.get(&format!("{}/numerator", ind[i])) else { continue };
+            let n_exact = n_exact.get(&unit[i]).copied().unwrap_or(0.0);
+            let n = num[i].expect("numerator");
+            assert!(
+                (n - n_exact).abs() <= 0.02 + 1e-6 * n_exact.abs(),
+                "{} at {}: numerator {n}, exact {n_exact}",
+                ind[i],
+                unit[i]
+            );
+            if let Some(d_exact) = exact.get(&format!("{}/denominator", ind[i])) {
+                let d_exact = d_exact.get(&unit[i]).copied().unwrap_or(0.0);
+                let d = den[i].expect("denominator");
+                assert!((d - d_exact).abs() <= 0.02 + 1e-6 * d_exact.abs(), "{} at {}: denominator {d}, exact {d_exact}", ind[i], unit[i]);
+                let def = catalogue.indicators.iter().find(|x| x.id == ind[i]).expect("indicator");
+                match value[i] {
+                    Some(v) => {
+                        let want = def.factor * n_exact / d_exact;
+                        assert!((v - want).abs() <= 1e-4 * want.abs().max(1.0), "{} at {}: {v}, exact {want}", ind[i], unit[i]);
+                    }
+                    None => assert!(d_exact == 0.0, "{} at {}: insufficient with denominator {d_exact}", ind[i], unit[i]),
+                }
+            } else {
+                assert_eq!(value[i], Some(n_exact.round()), "{} at {}", ind[i], unit[i]);
+            }
+            compared += 1;
+        }
+    }
+    assert!(compared > 100, "compared {compared} values");
+
+    // A re-run returns the stored release and charges nothing.
+    let (ok, again, err) = confer(&["supervision", "run", "--period", PERIOD, "--coordinator", &url, "--token", &admin]);
+    assert!(ok, "{err}");
+    assert!(again.contains("already released"), "{again}");
+    let after = admin_client
+        .run("SHOW PRIVACY BUDGET FOR STUDY supervision", None)
+        .await
+        .expect("budget");
+    assert_eq!(spent(&after.batches), before, "a re-run spends nothing");
+
+    // Exports.
+    for ext in ["csv", "parquet", "xlsx"] {
+        let path = work.join(format!("report.{ext}"));
+        let (ok, out, err) = confer(&[
+            "supervision", "report", "--period", PERIOD, "--out", path.to_str().expect("utf8"),
+            "--coordinator", &url, "--token", &tester,
+        ]);
+        assert!(ok, "{out}{err}");
+        assert!(std::fs::metadata(&path).expect("written").len() > 100);
+    }
+    let csv = std::fs::read_to_string(work.join("report.csv")).expect("csv");
+    assert!(csv.starts_with("indicator,name,unit"), "{csv}");
+    assert!(csv.contains("drug_share_of_cost"), "{csv}");
+    federation.stop().await.expect("clean stop");
+}
+
+/// Each unit's tier, from region.toml.
+fn unit_tiers(net: &Path) -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(net.join("region.toml")).expect("region");
+    let v: toml::Value = toml::from_str(&text).expect("toml");
+    v["unit"]
+        .as_array()
+        .expect("units")
+        .iter()
+        .map(|u| {
+            (
+                u["code"].as_str().expect("code").to_string(),
+                u["groups"]["tier"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
