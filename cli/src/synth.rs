@@ -1,11 +1,12 @@
-//! `confer synth`: a synthetic OMOP CDM 5.4 network, one directory per site,
-//! each with a `node.toml` a node serves as it is.
+//! `confer synth`: a synthetic OMOP CDM 5.4 network, one directory per site
+//! (or, with `--region`, per node of a regional health network), each with a
+//! `node.toml` a node serves as it is.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use confer_synth::{Format, SynthOptions, generate};
+use confer_synth::{Format, SynthOptions, WindowEnd, generate};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `confer synth`.
@@ -27,9 +28,20 @@ pub struct SynthArgs {
     /// File format of the tables.
     #[arg(long, value_enum, default_value_t = FormatArg::Parquet)]
     pub format: FormatArg,
-    /// Replace the site directories and manifest.json of an earlier run in --out.
+    /// Replace the site directories, manifest.json and region.toml of an earlier run in --out.
     #[arg(long)]
     pub force: bool,
+    /// A regional health network for supervision statistics: village clinics'
+    /// records held by their township centre's node, region.toml with the
+    /// organisation tree, [supervision] in each node.toml, and the model's
+    /// supervision additions (drug costs, in-hospital deaths, referrals down,
+    /// readmissions, registered hypertension and diabetes follow-up).
+    #[arg(long)]
+    pub region: bool,
+    /// The last month simulated, YYYY-MM: the window is the six years ending
+    /// with it.
+    #[arg(long, default_value = "2024-12")]
+    pub window_end: String,
     /// The coordinator's Ed25519 public key file (`confer keygen` writes
     /// `<key>.pub`), written into every node.toml. Without it the configs
     /// hold a placeholder key to replace before the nodes serve.
@@ -60,6 +72,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let window_end: WindowEnd = args.window_end.parse()?;
     let options = SynthOptions {
         sites: args.sites,
         persons: args.persons,
@@ -71,6 +84,8 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
         },
         force: args.force,
         coordinator_key,
+        region: args.region,
+        window_end,
     };
     let bar = if args.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         ProgressBar::hidden()
@@ -93,17 +108,30 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     })?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
+    let outputs = if args.region {
+        format!(
+            "{} nodes ({} institutions)",
+            summary.sites.len(),
+            summary.institutions
+        )
+    } else {
+        format!("{} sites", summary.sites.len())
+    };
     println!(
-        "{} residents, {} sites, {} rows in {secs:.1} s ({:.0} rows/s) into {}",
+        "{} residents, {outputs}, {} rows in {secs:.1} s ({:.0} rows/s) into {}",
         summary.residents,
-        summary.sites.len(),
         summary.rows_written,
         summary.rows_written as f64 / secs.max(1e-9),
         summary.out.display()
     );
     println!(
         "{:<14} {:<10} {:>10} {:>12} {:>14} {:>12}",
-        "site", "tier", "persons", "visits", "conditions", "measurements"
+        if args.region { "node" } else { "site" },
+        "tier",
+        "persons",
+        "visits",
+        "conditions",
+        "measurements"
     );
     for site in &summary.sites {
         let rows = |t: &str| site.rows.get(t).copied().unwrap_or(0);
@@ -115,6 +143,12 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
             rows("visit_occurrence"),
             rows("condition_occurrence"),
             rows("measurement"),
+        );
+    }
+    if args.region {
+        println!(
+            "the organisation tree is in {}; each node.toml's [supervision] names the units it holds",
+            summary.out.join(confer_synth::REGION_FILE).display()
         );
     }
     if args.coordinator_key_file.is_none() {

@@ -174,6 +174,7 @@ mod dates;
 mod model;
 mod network;
 mod output;
+mod region;
 mod schema;
 mod vocab;
 mod write;
@@ -189,8 +190,10 @@ use serde::Serialize;
 pub use network::{Site, Tier, plan_sites};
 pub use output::PLACEHOLDER_COORDINATOR_KEY;
 
-use crate::model::{ID_STRIDE, Life};
+use crate::dates::days_from_civil;
+use crate::model::{ID_STRIDE, Life, MAX_AGE, Settings};
 use crate::network::Network;
+use crate::region::{Layout, Tree};
 use crate::write::{ChunkSink, PersonTable, SiteBatch, TableFile};
 
 /// Residents simulated per chunk (one unit of work for a thread).
@@ -236,6 +239,101 @@ impl FromStr for Format {
     }
 }
 
+/// The last month of the simulated window; the window is the six years
+/// ending with it (2019-01-01 to 2024-12-31 for the default, 2024-12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WindowEnd {
+    year: i32,
+    month: u32,
+}
+
+impl WindowEnd {
+    /// The earliest end month accepted.
+    pub const MIN: WindowEnd = WindowEnd {
+        year: 2000,
+        month: 1,
+    };
+    /// The latest end month accepted.
+    pub const MAX: WindowEnd = WindowEnd {
+        year: 2099,
+        month: 12,
+    };
+
+    /// `year`-`month`, between [`WindowEnd::MIN`] and [`WindowEnd::MAX`].
+    pub fn new(year: i32, month: u32) -> Result<Self> {
+        let end = WindowEnd { year, month };
+        if !(1..=12).contains(&month) || end < Self::MIN || end > Self::MAX {
+            return Err(SynthError::InvalidOptions(format!(
+                "window_end (--window-end) {year:04}-{month:02}: give a month from {} to {} as YYYY-MM (for example 2024-12)",
+                Self::MIN,
+                Self::MAX
+            )));
+        }
+        Ok(end)
+    }
+
+    /// The year.
+    pub fn year(self) -> i32 {
+        self.year
+    }
+
+    /// The month, 1 to 12.
+    pub fn month(self) -> u32 {
+        self.month
+    }
+
+    /// The window's first and last days (day numbers): from the first day of
+    /// the month after the same month six years earlier to the last day of
+    /// this month.
+    fn days(self) -> (i32, i32) {
+        let (next_year, next_month) = if self.month == 12 {
+            (self.year + 1, 1)
+        } else {
+            (self.year, self.month + 1)
+        };
+        let end = days_from_civil(next_year, next_month, 1) - 1;
+        let start = days_from_civil(next_year - 6, next_month, 1);
+        (start, end)
+    }
+}
+
+impl Default for WindowEnd {
+    fn default() -> Self {
+        WindowEnd {
+            year: 2024,
+            month: 12,
+        }
+    }
+}
+
+impl fmt::Display for WindowEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04}-{:02}", self.year, self.month)
+    }
+}
+
+impl FromStr for WindowEnd {
+    type Err = SynthError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let parsed = s.split_once('-').and_then(|(y, m)| {
+            let digits = |t: &str, n: usize| t.len() == n && t.bytes().all(|b| b.is_ascii_digit());
+            if !digits(y, 4) || !digits(m, 2) {
+                return None;
+            }
+            Some((y.parse().ok()?, m.parse().ok()?))
+        });
+        match parsed {
+            Some((year, month)) => WindowEnd::new(year, month),
+            None => Err(SynthError::InvalidOptions(format!(
+                "window_end (--window-end) {s:?}: write it as YYYY-MM, a month from {} to {} (for example 2024-12)",
+                Self::MIN,
+                Self::MAX
+            ))),
+        }
+    }
+}
+
 /// What to generate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SynthOptions {
@@ -251,18 +349,25 @@ pub struct SynthOptions {
     pub out: PathBuf,
     /// File format of the tables.
     pub format: Format,
-    /// Replace the site directories and `manifest.json` of a previous run in
-    /// `out` (other files there are left alone).
+    /// Replace the site directories, `manifest.json` and `region.toml` of a
+    /// previous run in `out` (other files there are left alone).
     pub force: bool,
     /// The coordinator's Ed25519 public key (hex) for every `node.toml`;
     /// `None` writes [`PLACEHOLDER_COORDINATOR_KEY`], which no coordinator
     /// can sign for, with a comment saying to replace it.
     pub coordinator_key: Option<String>,
+    /// Region mode: one node per township (holding its village clinics'
+    /// records) and per hospital, `region.toml` with the organisation tree,
+    /// `[supervision]` in each `node.toml`, and the model's supervision
+    /// additions (see the crate docs). Off, the output is what it always was.
+    pub region: bool,
+    /// The last month simulated (default 2024-12).
+    pub window_end: WindowEnd,
 }
 
 impl SynthOptions {
     /// Defaults: 5 sites, 10,000 residents, seed 42, Parquet, no force, the
-    /// placeholder coordinator key.
+    /// placeholder coordinator key, no region mode, the window ending 2024-12.
     pub fn new(out: impl Into<PathBuf>) -> Self {
         Self {
             sites: 5,
@@ -272,6 +377,8 @@ impl SynthOptions {
             format: Format::Parquet,
             force: false,
             coordinator_key: None,
+            region: false,
+            window_end: WindowEnd::default(),
         }
     }
 }
@@ -287,12 +394,12 @@ pub struct Progress {
     pub rows_written: u64,
 }
 
-/// One site of the generated network.
+/// One output directory: a site, or in region mode a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SiteSummary {
     /// Directory and node name.
     pub name: String,
-    /// Tier.
+    /// Tier (of the institution the node is named after).
     pub tier: Tier,
     /// Its `care_site_id`.
     pub care_site_id: i64,
@@ -300,6 +407,23 @@ pub struct SiteSummary {
     pub persons: u64,
     /// Rows per table, by table name.
     pub rows: BTreeMap<String, u64>,
+    /// Region mode: every institution whose records the node holds, itself
+    /// first; empty otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub institutions: Vec<Institution>,
+}
+
+/// An institution whose records a region-mode node holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Institution {
+    /// Its site name (`village-3`).
+    pub name: String,
+    /// Tier.
+    pub tier: Tier,
+    /// Its `care_site_id`.
+    pub care_site_id: i64,
+    /// Its org unit's code in `region.toml`.
+    pub code: String,
 }
 
 /// What [`generate`] wrote.
@@ -307,8 +431,11 @@ pub struct SiteSummary {
 pub struct SynthSummary {
     /// The output directory.
     pub out: PathBuf,
-    /// The sites, in network order.
+    /// The output directories in network order: one per site, or in region
+    /// mode one per node.
     pub sites: Vec<SiteSummary>,
+    /// Institutions simulated (`options.sites`).
+    pub institutions: usize,
     /// Residents simulated.
     pub residents: u64,
     /// Rows written, all tables and sites.
@@ -323,7 +450,7 @@ pub enum SynthError {
     InvalidOptions(String),
     /// The output directory has files in it and `force` was not given.
     #[error(
-        "{} is not empty: choose a new or empty directory, or pass force (--force) to replace the site directories and manifest.json a previous run wrote there",
+        "{} is not empty: choose a new or empty directory, or pass force (--force) to replace the site directories, manifest.json and region.toml a previous run wrote there",
         path.display()
     )]
     OutputNotEmpty {
@@ -398,22 +525,44 @@ pub fn generate(
     mut progress: impl FnMut(Progress),
 ) -> Result<SynthSummary> {
     validate(options)?;
-    prepare_out(options)?;
     let net = Network::new(options.sites, options.seed);
+    let (tree, layout) = if options.region {
+        let tree = Tree::new(&net, options.seed).map_err(SynthError::InvalidOptions)?;
+        (Some(tree), Layout::region(&net))
+    } else {
+        (None, Layout::per_site(&net))
+    };
+    prepare_out(options)?;
+    let (start, end) = options.window_end.days();
+    let settings = Settings {
+        start,
+        end,
+        region: options.region,
+        dest: layout.node_of.clone(),
+    };
+    let end_year = i64::from(options.window_end.year());
+    let toml_options = output::NodeTomlOptions {
+        format: options.format,
+        seed: options.seed,
+        persons: options.persons,
+        coordinator_key: options.coordinator_key.as_deref(),
+        birth_years: (end_year - MAX_AGE, end_year),
+        tree: tree.as_ref(),
+    };
 
-    // Site directories, public tables and node.toml first; then one open file
-    // per person-level table and site.
-    let mut files: Vec<Vec<TableFile>> = Vec::with_capacity(net.len());
-    let mut public_rows: Vec<BTreeMap<String, u64>> = Vec::with_capacity(net.len());
-    let concept = output::concept_batch().map_err(internal)?;
-    let ancestor = output::concept_ancestor_batch().map_err(internal)?;
+    // Node directories, public tables and node.toml first; then one open file
+    // per person-level table and node.
+    let mut files: Vec<Vec<TableFile>> = Vec::with_capacity(layout.nodes.len());
+    let mut public_rows: Vec<BTreeMap<String, u64>> = Vec::with_capacity(layout.nodes.len());
+    let concept = output::concept_batch(options.region).map_err(internal)?;
+    let ancestor = output::concept_ancestor_batch(options.region).map_err(internal)?;
     let location = output::location_batch(&net, options.seed).map_err(internal)?;
-    for (i, site) in net.sites.iter().enumerate() {
-        let dir = options.out.join(&site.name);
+    for node in &layout.nodes {
+        let dir = options.out.join(&net.sites[node.head].name);
         std::fs::create_dir_all(&dir).map_err(|e| SynthError::io(&dir, e))?;
         let mut counts = BTreeMap::new();
-        let care_site = output::care_site_batch(&net, i).map_err(internal)?;
-        let provider = output::provider_batch(&net, i, options.seed).map_err(internal)?;
+        let care_site = output::care_site_batch(&net, &node.sites).map_err(internal)?;
+        let provider = output::provider_batch(&net, &node.sites, options.seed).map_err(internal)?;
         for (name, batch) in [
             ("concept", &concept),
             ("concept_ancestor", &ancestor),
@@ -424,21 +573,20 @@ pub fn generate(
             let rows = write::write_table(&dir, name, batch, options.format)?;
             counts.insert(name.to_string(), rows);
         }
-        let toml = output::node_toml(
-            &net,
-            i,
-            options.format,
-            options.seed,
-            options.persons,
-            options.coordinator_key.as_deref(),
-        );
+        let toml = output::node_toml(&net, node, &toml_options);
         write::write_text(&dir.join("node.toml"), &toml)?;
-        let site_files = PersonTable::ALL
+        let node_files = PersonTable::ALL
             .iter()
             .map(|t| TableFile::create(&dir, t.name(), t.schema(), options.format))
             .collect::<Result<Vec<_>>>()?;
-        files.push(site_files);
+        files.push(node_files);
         public_rows.push(counts);
+    }
+    if let Some(tree) = &tree {
+        write::write_text(
+            &options.out.join(REGION_FILE),
+            &tree.to_toml(&net, options.seed),
+        )?;
     }
 
     let persons = options.persons;
@@ -447,24 +595,46 @@ pub fn generate(
         persons_total: persons,
         rows_written: 0,
     });
-    let rows_written = run_pipeline(&net, options.seed, persons, &mut files, &mut progress)?;
+    let rows_written = run_pipeline(
+        &net,
+        &settings,
+        options.seed,
+        persons,
+        &mut files,
+        &mut progress,
+    )?;
 
-    let mut sites = Vec::with_capacity(net.len());
-    for ((site, site_files), mut counts) in net.sites.iter().zip(files).zip(public_rows) {
+    let mut sites = Vec::with_capacity(layout.nodes.len());
+    for ((node, node_files), mut counts) in layout.nodes.iter().zip(files).zip(public_rows) {
         let mut persons_here = 0;
-        for (table, file) in PersonTable::ALL.iter().zip(site_files) {
+        for (table, file) in PersonTable::ALL.iter().zip(node_files) {
             let rows = file.close()?;
             if *table == PersonTable::Person {
                 persons_here = rows;
             }
             counts.insert(table.name().to_string(), rows);
         }
+        let site = &net.sites[node.head];
+        let institutions = match &tree {
+            Some(tree) => node
+                .sites
+                .iter()
+                .map(|&i| Institution {
+                    name: net.sites[i].name.clone(),
+                    tier: net.sites[i].tier,
+                    care_site_id: net.sites[i].care_site_id,
+                    code: tree.units[i].code.clone(),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         sites.push(SiteSummary {
             name: site.name.clone(),
             tier: site.tier,
             care_site_id: site.care_site_id,
             persons: persons_here,
             rows: counts,
+            institutions,
         });
     }
     let rows_total = sites.iter().flat_map(|s| s.rows.values()).sum();
@@ -476,10 +646,12 @@ pub fn generate(
         residents: persons,
         format: options.format.extension(),
         window: output::Window {
-            start: output::iso_date(model::WINDOW_START),
-            end: output::iso_date(model::WINDOW_END),
+            start: output::iso_date(start),
+            end: output::iso_date(end),
         },
-        sites: &sites,
+        region: options.region.then_some(REGION_FILE),
+        sites: (!options.region).then_some(&sites[..]),
+        nodes: options.region.then_some(&sites[..]),
         rows_total,
     };
     let path = options.out.join("manifest.json");
@@ -489,10 +661,14 @@ pub fn generate(
     Ok(SynthSummary {
         out: options.out.clone(),
         sites,
+        institutions: net.len(),
         residents: persons,
         rows_written,
     })
 }
+
+/// The organisation tree's file name in region mode.
+pub const REGION_FILE: &str = "region.toml";
 
 fn internal(e: impl fmt::Display) -> SynthError {
     SynthError::Internal(e.to_string())
@@ -562,7 +738,7 @@ fn prepare_out(options: &SynthOptions) -> Result<()> {
                     .is_dir();
                 if is_dir && is_site_dir(&name) {
                     std::fs::remove_dir_all(&path).map_err(|e| SynthError::io(&path, e))?;
-                } else if !is_dir && name == "manifest.json" {
+                } else if !is_dir && (name == "manifest.json" || name == REGION_FILE) {
                     std::fs::remove_file(&path).map_err(|e| SynthError::io(&path, e))?;
                 }
             }
@@ -581,6 +757,7 @@ type ChunkResult = std::result::Result<Vec<SiteBatch>, datafusion::arrow::error:
 /// chunk in order. Returns the rows written.
 fn run_pipeline(
     net: &Network,
+    settings: &Settings,
     seed: u64,
     persons: u64,
     files: &mut [Vec<TableFile>],
@@ -592,6 +769,7 @@ fn run_pipeline(
         .clamp(1, 8);
     let chunks = persons.div_ceil(CHUNK);
     let workers = workers.min(chunks as usize).max(1);
+    let files_len = files.len();
     std::thread::scope(|scope| {
         let mut receivers = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
@@ -599,12 +777,12 @@ fn run_pipeline(
             let (tx, rx) = mpsc::sync_channel::<ChunkResult>(2);
             receivers.push(rx);
             handles.push(scope.spawn(move || {
-                let mut life = Life::new(net, seed);
+                let mut life = Life::new(net, seed, settings);
                 let mut chunk = w as u64;
                 while chunk < chunks {
                     let lo = chunk * CHUNK;
                     let hi = (lo + CHUNK).min(persons);
-                    let mut sink = ChunkSink::new(net.len());
+                    let mut sink = ChunkSink::new(files_len);
                     for pid in lo + 1..=hi {
                         life.run(pid as i64, &mut sink);
                     }
@@ -684,5 +862,39 @@ mod tests {
         );
         assert_eq!("CSV".parse::<Format>().unwrap(), Format::Csv);
         assert!("xlsx".parse::<Format>().is_err());
+    }
+
+    #[test]
+    fn the_window_is_the_six_years_ending_with_its_last_month() {
+        let days = |s: &str| s.parse::<WindowEnd>().unwrap().days();
+        let iso = |(a, b): (i32, i32)| (output::iso_date(a), output::iso_date(b));
+        assert_eq!(
+            iso(WindowEnd::default().days()),
+            ("2019-01-01".into(), "2024-12-31".into())
+        );
+        assert_eq!(
+            iso(days("2026-01")),
+            ("2020-02-01".into(), "2026-01-31".into())
+        );
+        assert_eq!(
+            iso(days("2024-02")),
+            ("2018-03-01".into(), "2024-02-29".into())
+        );
+        assert_eq!("2099-12".parse::<WindowEnd>().unwrap(), WindowEnd::MAX);
+        assert!(WindowEnd::new(2024, 0).is_err());
+        assert!("2024-12-01".parse::<WindowEnd>().is_err());
+        assert!(" 2024-12".parse::<WindowEnd>().is_err());
+    }
+
+    #[test]
+    fn region_mode_refuses_networks_its_codes_cannot_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = SynthOptions::new(dir.path().join("big"));
+        o.region = true;
+        o.sites = 600;
+        o.persons = 10;
+        let err = generate(&o, |_| {}).unwrap_err().to_string();
+        assert!(err.contains("at most 99 county hospitals"), "{err}");
+        assert!(!o.out.exists(), "nothing was written");
     }
 }

@@ -21,19 +21,42 @@ use crate::schema::{
 };
 use crate::vocab::{self, Cond, Drug, Meas, Proc};
 
-/// First day of the simulated window (2019-01-01).
-pub(crate) const WINDOW_START: i32 = days_from_civil(2019, 1, 1);
-/// Last day of the simulated window (2024-12-31).
-pub(crate) const WINDOW_END: i32 = days_from_civil(2024, 12, 31);
 /// Row ids are `person_id * ID_STRIDE + n`, `n` counting the person's rows
 /// across every table and site, so ids are unique across the network.
 pub(crate) const ID_STRIDE: i64 = 1_000_000;
-/// Oldest birth year the model produces (ages up to 100 at the window's end).
-pub(crate) const MIN_BIRTH_YEAR: i64 = 1924;
-/// Latest birth year.
-pub(crate) const MAX_BIRTH_YEAR: i64 = 2024;
 /// Upper limit of any charge (the node.toml bound).
 pub(crate) const MAX_CHARGE: f64 = 100_000.0;
+/// Oldest age the model produces at the window's end, in years.
+pub(crate) const MAX_AGE: i64 = 100;
+
+/// What the model simulates besides the network: the window, whether the
+/// region-mode additions are on, and where each site's rows go.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// First day of the window (day number).
+    pub(crate) start: i32,
+    /// Last day of the window.
+    pub(crate) end: i32,
+    /// Region mode: in-hospital deaths, downward referrals, readmissions,
+    /// drug costs, registered hypertension and diabetes follow-up, hip
+    /// surgery. Off, the model draws exactly what it always did.
+    pub(crate) region: bool,
+    /// The output (node directory) each site's rows go to, by site index.
+    pub(crate) dest: Vec<usize>,
+}
+
+impl Settings {
+    /// One output per site, no region additions, the window `start..=end`.
+    #[cfg(test)]
+    pub(crate) fn per_site(net: &Network, start: i32, end: i32) -> Self {
+        Self {
+            start,
+            end,
+            region: false,
+            dest: (0..net.len()).collect(),
+        }
+    }
+}
 
 /// Where rows go: one sink per site, filled in person order.
 pub(crate) trait Sink {
@@ -95,6 +118,20 @@ fn logistic(x: f64) -> f64 {
 fn round_to(x: f64, decimals: i32) -> f64 {
     let f = 10f64.powi(decimals);
     (x * f).round() / f
+}
+
+/// Region mode: drug prices relative to the base prices, by tier, chosen so
+/// that drugs are about a quarter of charges at the tertiary hospital (its
+/// pricier formulary against far larger fees for beds and procedures), a
+/// third at county hospitals and nearly half at township centres and
+/// village clinics, which live on drugs.
+fn drug_markup(tier: Tier) -> f64 {
+    match tier {
+        Tier::Tertiary => 13.5,
+        Tier::County => 6.8,
+        Tier::Township => 4.7,
+        Tier::Village => 2.55,
+    }
 }
 
 /// Respiratory season: 1.8 in mid-January, 0.2 in mid-July.
@@ -181,6 +218,12 @@ enum Trigger {
     /// Pneumonia after a respiratory infection; the index of the visit that
     /// referred it (if it was seen).
     Pneumonia(Option<usize>),
+    /// Region mode: the follow-up at the local clinic after a downward
+    /// referral from the hospital stay ending with this visit.
+    StepDown(usize),
+    /// Region mode: readmission to the hospital of the stay ending with this
+    /// visit.
+    Readmit(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +238,9 @@ struct VisitRec {
     admitted_from: Option<i64>,
     discharged_to: Option<i64>,
     charge: f64,
+    /// The part of `charge` that is drugs (region mode's
+    /// `paid_ingredient_cost`).
+    drug_cost: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -230,6 +276,12 @@ struct ProcRec {
 /// One resident, simulated; reused across residents to keep allocations down.
 pub(crate) struct Life<'a> {
     net: &'a Network,
+    settings: &'a Settings,
+    /// `settings.region`.
+    region: bool,
+    /// `settings.start` and `settings.end`.
+    window_start: i32,
+    window_end: i32,
     seed: u64,
     rng: ChaCha8Rng,
     pid: i64,
@@ -258,9 +310,13 @@ pub(crate) struct Life<'a> {
 }
 
 impl<'a> Life<'a> {
-    pub(crate) fn new(net: &'a Network, seed: u64) -> Self {
+    pub(crate) fn new(net: &'a Network, seed: u64, settings: &'a Settings) -> Self {
         Self {
             net,
+            settings,
+            region: settings.region,
+            window_start: settings.start,
+            window_end: settings.end,
             seed,
             rng: ChaCha8Rng::seed_from_u64(0),
             pid: 0,
@@ -339,7 +395,7 @@ impl<'a> Life<'a> {
     }
 
     fn schedule(&mut self, day: i32, trigger: Trigger) {
-        if day <= WINDOW_END {
+        if day <= self.window_end {
             self.queued += 1;
             self.queue.push(Reverse((day, self.queued, trigger)));
         }
@@ -388,7 +444,7 @@ impl<'a> Life<'a> {
         }
         let band = f64::from(pick(rng, &weights));
         let age_days = (band * 5.0 + rng.random::<f64>() * 5.0) * 365.25;
-        self.birth = WINDOW_END - age_days as i32;
+        self.birth = self.window_end - age_days as i32;
         self.bp_offset = normal(rng, 0.0, 9.0);
         self.a1c = normal(rng, 7.5, 1.1).clamp(5.8, 13.0);
         self.adult_weight = if self.male {
@@ -403,7 +459,7 @@ impl<'a> Life<'a> {
     /// Chronic conditions: prevalence rising with age at the window's end,
     /// with onset spread over adult life (some during the window).
     fn draw_chronic(&mut self) {
-        let age = self.age_at(WINDOW_END);
+        let age = self.age_at(self.window_end);
         let male = self.male;
         let mut list: Vec<(Chronic, f64, f64)> = Vec::new();
         // (kind, probability, earliest onset age)
@@ -593,7 +649,7 @@ impl<'a> Life<'a> {
     fn simulate(&mut self) {
         self.draw_resident();
         self.draw_chronic();
-        let first_day = self.birth.max(WINDOW_START);
+        let first_day = self.birth.max(self.window_start);
         let background_death = self.draw_background_death(first_day);
 
         // Known chronic disease: follow-up from the window's start; disease
@@ -605,13 +661,13 @@ impl<'a> Life<'a> {
                 continue;
             }
             match c.diagnosed {
-                Some(d) if d < WINDOW_START => any_known = true,
+                Some(d) if d < self.window_start => any_known = true,
                 Some(d) => self.schedule(d, Trigger::Diagnose(i)),
                 None => {}
             }
         }
         if any_known {
-            self.start_followups(WINDOW_START);
+            self.start_followups(self.window_start);
         }
         self.schedule_minor(first_day);
         self.schedule_severe(first_day);
@@ -635,6 +691,8 @@ impl<'a> Life<'a> {
                 Trigger::Minor => self.minor(day),
                 Trigger::Severe(kind) => self.severe(day, kind),
                 Trigger::Pneumonia(referrer) => self.pneumonia(day, referrer),
+                Trigger::StepDown(from) => self.step_down(day, from),
+                Trigger::Readmit(from) => self.readmit(day, from),
             }
         }
 
@@ -652,7 +710,7 @@ impl<'a> Life<'a> {
     /// Deaths outside hospital: Gompertz mortality by age.
     fn draw_background_death(&mut self, first_day: i32) -> Option<i32> {
         let mut day = first_day;
-        while day <= WINDOW_END {
+        while day <= self.window_end {
             let age = self.age_at(day);
             let hazard = 0.0004 * (0.085 * (age - 30.0)).exp();
             if chance(&mut self.rng, 1.0 - (-hazard / 12.0).exp()) {
@@ -696,7 +754,17 @@ impl<'a> Life<'a> {
             .iter()
             .filter(|c| c.kind.followed_up() && c.diagnosed.is_some_and(|d| d <= day))
             .count() as f64;
-        (self.adherence * (2.5 + 1.5 * (n - 1.0).max(0.0))).min(12.0)
+        let rate = (self.adherence * (2.5 + 1.5 * (n - 1.0).max(0.0))).min(12.0);
+        if self.region
+            && (self.treated(Chronic::Hypertension, day) || self.treated(Chronic::Diabetes, day))
+        {
+            // Registered hypertension and diabetes: the basic public health
+            // service books four follow-ups a year, monthly for the most
+            // adherent fifth.
+            let floor = if self.adherence > 1.15 { 12.0 } else { 4.0 };
+            return rate.max(floor);
+        }
+        rate
     }
 
     fn start_followups(&mut self, from: i32) {
@@ -705,7 +773,7 @@ impl<'a> Life<'a> {
         }
         self.followups_running = true;
         // The first visit falls anywhere in the first interval.
-        let rate = self.followup_rate(from.max(WINDOW_START)).max(0.5);
+        let rate = self.followup_rate(from.max(self.window_start)).max(0.5);
         let gap = (self.rng.random::<f64>() * 365.25 / rate).ceil() as i32;
         self.schedule(from + gap.max(1), Trigger::FollowUp);
     }
@@ -721,7 +789,7 @@ impl<'a> Life<'a> {
         let mut day = first_day;
         loop {
             day += gap_days(&mut self.rng, BOUND);
-            if day > WINDOW_END {
+            if day > self.window_end {
                 break;
             }
             let age = self.age_at(day);
@@ -743,11 +811,11 @@ impl<'a> Life<'a> {
 
     /// Severe events: yearly hazards by age and comorbidity.
     fn schedule_severe(&mut self, first_day: i32) {
-        let (first_year, _, _) = civil_from_days(WINDOW_START);
-        let (last_year, _, _) = civil_from_days(WINDOW_END);
+        let (first_year, _, _) = civil_from_days(self.window_start);
+        let (last_year, _, _) = civil_from_days(self.window_end);
         for year in first_year..=last_year {
             let y0 = days_from_civil(year, 1, 1).max(first_day);
-            let y1 = days_from_civil(year, 12, 31);
+            let y1 = days_from_civil(year, 12, 31).min(self.window_end);
             if y0 > y1 {
                 continue;
             }
@@ -905,6 +973,21 @@ impl<'a> Life<'a> {
             self.rng.random_range(0..profile.providers)
         };
         let id = self.next_id();
+        // Region mode: a visit referred up from a primary-care site (village
+        // clinic, township centre) is admitted from the office.
+        let admitted_from = match preceding {
+            Some(p)
+                if self.region
+                    && matches!(
+                        net.tier(self.visits[p].site),
+                        Tier::Village | Tier::Township
+                    )
+                    && net.tier(site) < net.tier(self.visits[p].site) =>
+            {
+                Some(vocab::POS_OFFICE)
+            }
+            _ => admitted_from,
+        };
         let preceding = preceding.map(|i| self.visits[i].id);
         if !self.sites_seen.contains(&site) {
             self.sites_seen.push(site);
@@ -920,6 +1003,7 @@ impl<'a> Life<'a> {
             admitted_from,
             discharged_to,
             charge: 0.0,
+            drug_cost: 0.0,
         });
         self.visits.len() - 1
     }
@@ -991,7 +1075,12 @@ impl<'a> Life<'a> {
         let age = self.age_at(day);
         let mean = if hypertensive {
             let treated = self.treated(Chronic::Hypertension, day);
-            if treated { 142.0 } else { 156.0 }
+            match (treated, self.region) {
+                // Region mode: about 60% of treated patients' readings under 140.
+                (true, true) => 136.0,
+                (true, false) => 142.0,
+                (false, _) => 156.0,
+            }
         } else {
             112.0 + 0.45 * (age - 30.0).max(0.0)
         } + self.bp_offset
@@ -1106,8 +1195,17 @@ impl<'a> Life<'a> {
             }
         }
         let htn = active.contains(&Chronic::Hypertension);
+        // Region mode: the follow-up form of registered patients at primary
+        // care always records blood pressure (hypertension) and fasting
+        // glucose (diabetes).
+        let registered = self.region && matches!(tier, Tier::Village | Tier::Township);
         let record_bp = self.net.profiles[site].bp_recording;
-        if chance(&mut self.rng, if htn { record_bp } else { record_bp * 0.5 }) {
+        let p_bp = match (htn, registered) {
+            (true, true) => 1.0,
+            (true, false) => record_bp,
+            (false, _) => record_bp * 0.5,
+        };
+        if chance(&mut self.rng, p_bp) {
             self.blood_pressure(v, htn, 0.0);
         }
         if chance(
@@ -1118,8 +1216,13 @@ impl<'a> Life<'a> {
             self.measure(v, vocab::BODY_WEIGHT, w);
         }
         if active.contains(&Chronic::Diabetes) {
-            if chance(&mut self.rng, 0.7) {
-                let g = normal(&mut self.rng, 60.0 + 13.0 * self.a1c, 25.0);
+            if chance(&mut self.rng, if registered { 1.0 } else { 0.7 }) {
+                let g = if self.region {
+                    // Fasting: about 60% under 126 mg/dL (7.0 mmol/L).
+                    normal(&mut self.rng, 118.0 + 20.0 * (self.a1c - 7.5), 20.0)
+                } else {
+                    normal(&mut self.rng, 60.0 + 13.0 * self.a1c, 25.0)
+                };
                 self.measure(v, vocab::GLUCOSE, g);
             }
             if self.has_lab(v) && (diagnosis.is_some() || chance(&mut self.rng, 0.35)) {
@@ -1312,6 +1415,10 @@ impl<'a> Life<'a> {
                 self.procedure(v, vocab::IV_INJECTION);
                 let days = self.rng.random_range(1..4);
                 self.prescribe(v, vocab::SALINE, days);
+                // Region mode: often with an antibiotic in the bag.
+                if self.region && chance(&mut self.rng, 0.35) {
+                    self.prescribe(v, vocab::CEFTRIAXONE, days);
+                }
             }
             if chance(&mut self.rng, 0.5) {
                 self.prescribe(v, vocab::ACETAMINOPHEN, 3);
@@ -1436,33 +1543,37 @@ impl<'a> Life<'a> {
             transfer: if severe { 0.2 } else { 0.03 },
             cfr,
         };
-        let last = self.admission(stay, |life, v, first| {
-            if first {
-                life.procedure(v, vocab::CHEST_XRAY);
-                life.temperature(v, true);
-                let wbc = normal(&mut life.rng, 13.0, 4.0);
-                life.measure(v, vocab::LEUKOCYTES, wbc);
-            }
-            if sepsis {
-                life.condition(v, vocab::SEPSIS, None);
-            }
-            let stay_days = life.stay_days(v);
-            let drug = if chance(&mut life.rng, 0.7) {
-                vocab::CEFTRIAXONE
-            } else {
-                vocab::AZITHROMYCIN
-            };
-            life.prescribe(v, drug, stay_days);
-            life.prescribe(v, vocab::SALINE, (stay_days / 2).max(1));
-            life.procedure(v, vocab::IV_INJECTION);
-            if age >= 65.0 && chance(&mut life.rng, 0.5) {
-                life.procedure(v, vocab::OXYGEN_MASK);
-            }
-            if sepsis && life.tier(v) == Tier::Tertiary && chance(&mut life.rng, 0.3) {
-                life.procedure(v, vocab::INTUBATION);
-            }
+        self.admission(stay, |life, v, first| {
+            life.pneumonia_care(v, first, age, sepsis)
         });
-        let _ = last;
+    }
+
+    /// Care for each inpatient visit of a pneumonia stay.
+    fn pneumonia_care(&mut self, v: usize, first: bool, age: f64, sepsis: bool) {
+        if first {
+            self.procedure(v, vocab::CHEST_XRAY);
+            self.temperature(v, true);
+            let wbc = normal(&mut self.rng, 13.0, 4.0);
+            self.measure(v, vocab::LEUKOCYTES, wbc);
+        }
+        if sepsis {
+            self.condition(v, vocab::SEPSIS, None);
+        }
+        let stay_days = self.stay_days(v);
+        let drug = if chance(&mut self.rng, 0.7) {
+            vocab::CEFTRIAXONE
+        } else {
+            vocab::AZITHROMYCIN
+        };
+        self.prescribe(v, drug, stay_days);
+        self.prescribe(v, vocab::SALINE, (stay_days / 2).max(1));
+        self.procedure(v, vocab::IV_INJECTION);
+        if age >= 65.0 && chance(&mut self.rng, 0.5) {
+            self.procedure(v, vocab::OXYGEN_MASK);
+        }
+        if sepsis && self.tier(v) == Tier::Tertiary && chance(&mut self.rng, 0.3) {
+            self.procedure(v, vocab::INTUBATION);
+        }
     }
 
     fn stay_days(&self, v: usize) -> i64 {
@@ -1563,11 +1674,123 @@ impl<'a> Life<'a> {
         }
         self.busy_until = self.busy_until.max(self.visits[last].end);
         if chance(&mut self.rng, cfr) {
-            self.visits[last].discharged_to = None;
+            self.visits[last].discharged_to = self.region.then_some(vocab::PATIENT_DIED);
             let r = &self.visits[last];
             self.death = Some((day_of(r.end), r.site, principal));
+        } else if self.region {
+            self.after_discharge(last, principal);
         }
         last
+    }
+
+    /// Region mode: what may follow a discharge home. Chronic patients of the
+    /// hospitals are often referred down to their local clinic (discharged to
+    /// the office, seen there within two weeks); heart failure, COPD and
+    /// pneumonia are sometimes readmitted within 30 days.
+    fn after_discharge(&mut self, last: usize, principal: Cond) {
+        let site = self.visits[last].site;
+        let hospital = matches!(self.net.tier(site), Tier::County | Tier::Tertiary);
+        let local = self.home.township.is_some() || self.home.village.is_some();
+        let discharged = day_of(self.visits[last].end);
+        let chronic = [
+            vocab::STROKE,
+            vocab::HEART_FAILURE,
+            vocab::HIP_FRACTURE,
+            vocab::COPD,
+            vocab::MYOCARDIAL_INFARCTION,
+        ]
+        .contains(&principal);
+        if hospital && chronic && local && chance(&mut self.rng, 0.45) {
+            self.visits[last].discharged_to = Some(vocab::POS_OFFICE);
+            let day = discharged + self.rng.random_range(2..=13);
+            self.schedule(day, Trigger::StepDown(last));
+        }
+        let readmit = match principal {
+            vocab::HEART_FAILURE => 0.2,
+            vocab::COPD => 0.15,
+            vocab::PNEUMONIA => 0.1,
+            _ => 0.0,
+        };
+        if readmit > 0.0 && chance(&mut self.rng, readmit) {
+            let day = discharged + self.rng.random_range(3..=29);
+            self.schedule(day, Trigger::Readmit(last));
+        }
+    }
+
+    /// The principal diagnosis of a visit (its first condition).
+    fn principal_of(&self, visit: usize) -> Option<Cond> {
+        self.conds.iter().find(|c| c.visit == visit).map(|c| c.cond)
+    }
+
+    /// Region mode: the visit at the local clinic after a downward referral
+    /// (admitted from the inpatient hospital, following the discharge): the
+    /// discharge diagnosis, blood pressure, the chronic regimen.
+    fn step_down(&mut self, day: i32, from: usize) {
+        let site = match (self.home.village, self.home.township) {
+            (Some(v), Some(t)) => {
+                if chance(&mut self.rng, 0.4) {
+                    v
+                } else {
+                    t
+                }
+            }
+            (Some(v), None) => v,
+            (None, Some(t)) => t,
+            (None, None) => return,
+        };
+        let start = self.daytime(day).max(self.visits[from].end + HOUR_US);
+        let end = start + self.rng.random_range(15..40) * MINUTE_US;
+        let v = self.open_visit(
+            site,
+            vocab::OUTPATIENT_VISIT,
+            start,
+            end,
+            Some(from),
+            Some(vocab::POS_INPATIENT_HOSPITAL),
+            None,
+        );
+        if let Some(cond) = self.principal_of(from) {
+            self.condition(v, cond, None);
+        }
+        let htn = self.has(Chronic::Hypertension, day);
+        self.blood_pressure(v, htn, 0.0);
+        let supply = self.net.profiles[site].chronic_supply;
+        self.continue_regimen(v, day, supply);
+        self.finish_visit(v);
+        self.busy_until = self.busy_until.max(self.visits[v].end);
+    }
+
+    /// Region mode: readmission to the hospital of an earlier stay, with the
+    /// same principal diagnosis.
+    fn readmit(&mut self, day: i32, from: usize) {
+        let Some(principal) = self.principal_of(from) else {
+            return;
+        };
+        let age = self.age_at(day);
+        let older = if age >= 80.0 { 1.5 } else { 1.0 };
+        let stay = Stay {
+            site: self.visits[from].site,
+            day,
+            referrer: None,
+            via_er: chance(&mut self.rng, 0.6),
+            los: self.rng.random_range(4..10),
+            principal,
+            transfer: 0.05,
+            cfr: 0.04 * older,
+        };
+        if principal == vocab::PNEUMONIA {
+            let sepsis = age >= 65.0 && chance(&mut self.rng, 0.06);
+            self.admission(stay, |life, v, first| {
+                life.pneumonia_care(v, first, age, sepsis)
+            });
+        } else {
+            let kind = if principal == vocab::HEART_FAILURE {
+                Severe::HeartFailureExacerbation
+            } else {
+                Severe::CopdExacerbation
+            };
+            self.admission(stay, |life, v, first| life.acute_care(kind, v, first));
+        }
     }
 
     /// What every admission records: diagnoses, vital signs, basic labs and
@@ -1840,6 +2063,16 @@ impl<'a> Life<'a> {
                 if chance(&mut self.rng, 0.3) {
                     self.prescribe(v, vocab::MORPHINE, 2);
                 }
+                // Region mode: surgery at the hospital that keeps the patient.
+                let transferred =
+                    self.visits[v].discharged_to == Some(vocab::POS_INPATIENT_HOSPITAL);
+                if self.region
+                    && !transferred
+                    && matches!(tier, Tier::County | Tier::Tertiary)
+                    && chance(&mut self.rng, 0.65)
+                {
+                    self.procedure(v, vocab::HIP_REPLACEMENT);
+                }
             }
             Severe::Appendicitis | Severe::ForearmFracture => {
                 self.temperature(v, true);
@@ -1894,9 +2127,20 @@ impl<'a> Life<'a> {
         };
         let price = profile.price;
         let mut charge = base * price * normal(&mut self.rng, 0.0, 0.3).exp();
+        // Region mode: drugs at the tier's markup times the site's habit
+        // (exactly 1 otherwise, so the default charges are unchanged).
+        let markup = if self.region {
+            drug_markup(net.tier(site)) * profile.drug_habit
+        } else {
+            1.0
+        };
+        let mut drugs = 0.0;
         for d in self.drugs.iter().rev().take_while(|d| d.visit >= v) {
             if d.visit == v {
-                charge += d.drug.unit_price * (d.days as f64 * d.drug.per_day).ceil() * price;
+                let cost =
+                    d.drug.unit_price * (d.days as f64 * d.drug.per_day).ceil() * price * markup;
+                charge += cost;
+                drugs += cost;
             }
         }
         for p in self.procs.iter().rev().take_while(|p| p.visit >= v) {
@@ -1904,7 +2148,9 @@ impl<'a> Life<'a> {
                 charge += p.proc_.price * price;
             }
         }
-        self.visits[v].charge = round_to(charge.clamp(0.5, MAX_CHARGE), 2);
+        let charge = round_to(charge.clamp(0.5, MAX_CHARGE), 2);
+        self.visits[v].charge = charge;
+        self.visits[v].drug_cost = round_to(drugs, 2).min(charge);
     }
 
     // ---- rows ------------------------------------------------------------------
@@ -1932,9 +2178,23 @@ impl<'a> Life<'a> {
         };
         let mut sites = std::mem::take(&mut self.sites_seen);
         sites.sort_unstable();
-        for &site in &sites {
+        let settings = self.settings;
+        let dest = &settings.dest;
+        // One person row and one observation period per output: a site, or in
+        // region mode a node holding several sites' records.
+        let mut outputs: Vec<usize> = sites.iter().map(|&s| dest[s]).collect();
+        outputs.sort_unstable();
+        outputs.dedup();
+        for &out in &outputs {
+            // The first site of this output the resident used, in network
+            // order: the township centre before its villages.
+            let site = sites
+                .iter()
+                .copied()
+                .find(|&s| dest[s] == out)
+                .unwrap_or(sites[0]);
             sink.person(
-                site,
+                out,
                 Person {
                     person_id: self.pid,
                     gender_concept_id: gender,
@@ -1953,18 +2213,18 @@ impl<'a> Life<'a> {
                 },
             );
             let (mut first, mut last) = (i32::MAX, i32::MIN);
-            for r in self.visits.iter().filter(|r| r.site == site) {
+            for r in self.visits.iter().filter(|r| dest[r.site] == out) {
                 first = first.min(day_of(r.start));
                 last = last.max(day_of(r.end));
             }
             if let Some((d, s, _)) = self.death
-                && s == site
+                && dest[s] == out
             {
                 last = last.max(d);
             }
             let id = self.next_id();
             sink.observation_period(
-                site,
+                out,
                 ObservationPeriod {
                     observation_period_id: id,
                     person_id: self.pid,
@@ -1984,7 +2244,7 @@ impl<'a> Life<'a> {
                 _ => "outpatient",
             };
             sink.visit(
-                r.site,
+                dest[r.site],
                 VisitOccurrence {
                     visit_occurrence_id: r.id,
                     person_id: self.pid,
@@ -2011,7 +2271,7 @@ impl<'a> Life<'a> {
             let (site, visit_id, start, provider) = (r.site, r.id, r.start, r.provider);
             let id = self.next_id();
             sink.condition(
-                site,
+                dest[site],
                 ConditionOccurrence {
                     condition_occurrence_id: id,
                     person_id: self.pid,
@@ -2036,7 +2296,7 @@ impl<'a> Life<'a> {
             let start_day = day_of(d.start);
             let end_day = start_day + d.days as i32 - 1;
             sink.drug(
-                site,
+                dest[site],
                 DrugExposure {
                     drug_exposure_id: id,
                     person_id: self.pid,
@@ -2064,7 +2324,7 @@ impl<'a> Life<'a> {
             let (site, visit_id, provider) = (r.site, r.id, r.provider);
             let id = self.next_id();
             sink.procedure(
-                site,
+                dest[site],
                 ProcedureOccurrence {
                     procedure_occurrence_id: id,
                     person_id: self.pid,
@@ -2088,7 +2348,7 @@ impl<'a> Life<'a> {
             let id = self.next_id();
             let has_range = m.meas.range.1 > m.meas.range.0;
             sink.measurement(
-                site,
+                dest[site],
                 Measurement {
                     measurement_id: id,
                     person_id: self.pid,
@@ -2110,9 +2370,9 @@ impl<'a> Life<'a> {
             rows += 1;
         }
         for v in 0..self.visits.len() {
-            let (site, visit_id, charge, concept) = {
+            let (site, visit_id, charge, concept, drug_cost) = {
                 let r = &self.visits[v];
-                (r.site, r.id, r.charge, r.concept)
+                (r.site, r.id, r.charge, r.concept, r.drug_cost)
             };
             let net = self.net;
             let profile = &net.profiles[site];
@@ -2127,7 +2387,7 @@ impl<'a> Life<'a> {
             let patient = round_to(charge - payer, 2);
             let id = self.next_id();
             sink.cost(
-                site,
+                dest[site],
                 Cost {
                     cost_id: id,
                     cost_event_id: visit_id,
@@ -2138,6 +2398,7 @@ impl<'a> Life<'a> {
                     total_paid: Some(round_to(payer + patient, 2)),
                     paid_by_payer: Some(payer),
                     paid_by_patient: Some(patient),
+                    paid_ingredient_cost: self.region.then_some(drug_cost),
                     person_id: Some(self.pid),
                     ..Default::default()
                 },
@@ -2146,7 +2407,7 @@ impl<'a> Life<'a> {
         }
         if let Some((day, site, cause)) = self.death {
             sink.death(
-                site,
+                dest[site],
                 Death {
                     person_id: self.pid,
                     death_date: day,
@@ -2213,14 +2474,23 @@ mod tests {
         }
     }
 
+    fn settings(net: &Network) -> Settings {
+        Settings::per_site(
+            net,
+            days_from_civil(2019, 1, 1),
+            days_from_civil(2024, 12, 31),
+        )
+    }
+
     #[test]
     fn a_residents_rows_do_not_depend_on_who_came_before() {
         let net = Network::new(6, 3);
-        let mut reused = Life::new(&net, 3);
+        let settings = settings(&net);
+        let mut reused = Life::new(&net, 3, &settings);
         let mut nonempty = 0;
         for pid in 1..200 {
             let mut fresh = Collect::default();
-            let n = Life::new(&net, 3).run(pid, &mut fresh);
+            let n = Life::new(&net, 3, &settings).run(pid, &mut fresh);
             let mut again = Collect::default();
             assert_eq!(reused.run(pid, &mut again), n);
             assert_eq!(fresh.0, again.0, "resident {pid}");
@@ -2229,16 +2499,55 @@ mod tests {
         }
         assert!(nonempty > 150, "{nonempty} of 199 residents used care");
         let mut other_seed = Collect::default();
-        Life::new(&net, 4).run(5, &mut other_seed);
+        Life::new(&net, 4, &settings).run(5, &mut other_seed);
         let mut this_seed = Collect::default();
-        Life::new(&net, 3).run(5, &mut this_seed);
+        Life::new(&net, 3, &settings).run(5, &mut this_seed);
         assert_ne!(other_seed.0, this_seed.0);
+    }
+
+    #[test]
+    fn region_mode_sends_village_rows_to_the_township_node() {
+        let net = Network::new(12, 5);
+        let layout = crate::region::Layout::region(&net);
+        let settings = Settings {
+            region: true,
+            dest: layout.node_of.clone(),
+            ..settings(&net)
+        };
+        let mut life = Life::new(&net, 5, &settings);
+        let mut died_in_hospital = 0;
+        for pid in 1..1500 {
+            let mut rows = Collect::default();
+            life.run(pid, &mut rows);
+            assert!(life.next_row < ID_STRIDE / 10, "resident {pid}");
+            // One person row per node, and rows only in nodes that exist.
+            let persons: Vec<&str> = rows
+                .0
+                .iter()
+                .filter(|r| r.contains(" Person {"))
+                .map(|r| r.split(' ').next().unwrap_or(""))
+                .collect();
+            let mut unique = persons.clone();
+            unique.dedup();
+            assert_eq!(persons, unique, "resident {pid}");
+            for r in &rows.0 {
+                let node: usize = r.split(' ').next().unwrap().parse().unwrap();
+                assert!(node < layout.nodes.len());
+            }
+            died_in_hospital += life
+                .visits
+                .iter()
+                .filter(|v| v.discharged_to == Some(vocab::PATIENT_DIED))
+                .count();
+        }
+        assert!(died_in_hospital > 0);
     }
 
     #[test]
     fn ids_stay_within_the_residents_block() {
         let net = Network::new(5, 1);
-        let mut life = Life::new(&net, 1);
+        let settings = settings(&net);
+        let mut life = Life::new(&net, 1, &settings);
         for pid in 1..300 {
             life.run(pid, &mut Collect::default());
             assert!(

@@ -168,6 +168,9 @@ pub(crate) struct Profile {
     pub(crate) providers: i64,
     /// Whether respiratory infections are coded unspecifically (acute URI).
     pub(crate) coarse_coding: f64,
+    /// Multiplier on drug prices in region mode (how much the site earns on
+    /// drugs); drawn last, so the other habits do not depend on it.
+    pub(crate) drug_habit: f64,
 }
 
 /// The network with everything the generator needs per site.
@@ -220,6 +223,7 @@ impl Network {
                     Tier::County => rng.random_range(0.1..0.3),
                     Tier::Tertiary => rng.random_range(0.0..0.15),
                 },
+                drug_habit: rng.random_range(0.8..1.25),
             });
         }
         let of = |tier: Tier| -> Vec<usize> {
@@ -262,6 +266,20 @@ impl Network {
     /// The tier of site `i`.
     pub(crate) fn tier(&self, i: usize) -> Tier {
         self.sites[i].tier
+    }
+
+    /// The township site a village site belongs to (none for other tiers, or
+    /// when the network has no township).
+    pub(crate) fn township_of(&self, i: usize) -> Option<usize> {
+        let pos = self.villages.iter().position(|&x| x == i)?;
+        self.township_of_village(pos)
+    }
+
+    /// The county site a township site belongs to (none for other tiers, or
+    /// when the network has no county).
+    pub(crate) fn county_of(&self, i: usize) -> Option<usize> {
+        let pos = self.townships.iter().position(|&x| x == i)?;
+        self.county_of_township(pos)
     }
 
     /// The township a village belongs to, and the county a township belongs to.
@@ -374,16 +392,8 @@ impl Network {
         let county = match site.tier {
             Tier::Tertiary => None,
             Tier::County => Some(i),
-            Tier::Township => {
-                let pos = self.townships.iter().position(|&x| x == i)?;
-                self.county_of_township(pos)
-            }
-            Tier::Village => {
-                let pos = self.villages.iter().position(|&x| x == i)?;
-                let t = self.township_of_village(pos)?;
-                let t_pos = self.townships.iter().position(|&x| x == t)?;
-                self.county_of_township(t_pos)
-            }
+            Tier::Township => self.county_of(i),
+            Tier::Village => self.county_of(self.township_of(i)?),
         }?;
         Some(self.sites[county].name.clone())
     }

@@ -11,8 +11,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::dates::parse_date;
-use crate::model::{MAX_BIRTH_YEAR, MAX_CHARGE, MIN_BIRTH_YEAR};
+use crate::model::MAX_CHARGE;
 use crate::network::{CITY_LOCATION_ID, Network, Tier, mix};
+use crate::region::{NodeDef, Tree};
 use crate::schema::{
     CareSite, CareSiteBuf, Concept, ConceptAncestor, ConceptAncestorBuf, ConceptBuf, Location,
     LocationBuf, Provider, ProviderBuf, Text,
@@ -28,10 +29,16 @@ use crate::{Format, SiteSummary};
 pub const PLACEHOLDER_COORDINATOR_KEY: &str =
     "c3265eaebc30ff2a54fe44a7b11ae19ef1d05bc012cf9acf03a9615e7222d361";
 
+/// The concepts a run writes: region mode adds its own after the rest.
+fn concepts(region: bool) -> impl Iterator<Item = &'static vocab::ConceptDef> {
+    let extra: &'static [vocab::ConceptDef] = if region { vocab::REGION_CONCEPTS } else { &[] };
+    vocab::CONCEPTS.iter().chain(extra)
+}
+
 /// The vocabulary subset: every concept the generator uses.
-pub(crate) fn concept_batch() -> Result<RecordBatch, ArrowError> {
-    let mut b = ConceptBuf::with_capacity(vocab::CONCEPTS.len());
-    for c in vocab::CONCEPTS {
+pub(crate) fn concept_batch(region: bool) -> Result<RecordBatch, ArrowError> {
+    let mut b = ConceptBuf::with_capacity(vocab::CONCEPTS.len() + vocab::REGION_CONCEPTS.len());
+    for c in concepts(region) {
         b.push(Concept {
             concept_id: c.id,
             concept_name: Text::Borrowed(c.name),
@@ -48,8 +55,9 @@ pub(crate) fn concept_batch() -> Result<RecordBatch, ArrowError> {
     b.finish()
 }
 
-/// Level-0 self links for every standard concept, then the hierarchy.
-pub(crate) fn concept_ancestor_batch() -> Result<RecordBatch, ArrowError> {
+/// Level-0 self links for every standard concept, then the hierarchy; region
+/// mode's self links come last.
+pub(crate) fn concept_ancestor_batch(region: bool) -> Result<RecordBatch, ArrowError> {
     let mut b = ConceptAncestorBuf::with_capacity(vocab::CONCEPTS.len() + vocab::ANCESTRY.len());
     for c in vocab::CONCEPTS.iter().filter(|c| c.standard) {
         b.push(ConceptAncestor {
@@ -67,25 +75,38 @@ pub(crate) fn concept_ancestor_batch() -> Result<RecordBatch, ArrowError> {
             max_levels_of_separation: hi,
         });
     }
+    if region {
+        for c in vocab::REGION_CONCEPTS.iter().filter(|c| c.standard) {
+            b.push(ConceptAncestor {
+                ancestor_concept_id: c.id,
+                descendant_concept_id: c.id,
+                min_levels_of_separation: 0,
+                max_levels_of_separation: 0,
+            });
+        }
+    }
     b.finish()
 }
 
-/// The site's own care site.
-pub(crate) fn care_site_batch(net: &Network, site: usize) -> Result<RecordBatch, ArrowError> {
-    let s = &net.sites[site];
-    let k = s.name.rsplit('-').next().unwrap_or("1");
-    let mut b = CareSiteBuf::with_capacity(1);
-    b.push(CareSite {
-        care_site_id: s.care_site_id,
-        care_site_name: Some(Text::Owned(format!(
-            "{} {k}",
-            capitalise(s.tier.description())
-        ))),
-        place_of_service_concept_id: Some(net.place_of_service(site)),
-        location_id: Some(s.care_site_id),
-        care_site_source_value: Some(Text::Owned(s.name.clone())),
-        place_of_service_source_value: Some(Text::Borrowed(s.tier.as_str())),
-    });
+/// The care sites of a node: its own, or in region mode also those of the
+/// village clinics whose records it holds.
+pub(crate) fn care_site_batch(net: &Network, sites: &[usize]) -> Result<RecordBatch, ArrowError> {
+    let mut b = CareSiteBuf::with_capacity(sites.len());
+    for &site in sites {
+        let s = &net.sites[site];
+        let k = s.name.rsplit('-').next().unwrap_or("1");
+        b.push(CareSite {
+            care_site_id: s.care_site_id,
+            care_site_name: Some(Text::Owned(format!(
+                "{} {k}",
+                capitalise(s.tier.description())
+            ))),
+            place_of_service_concept_id: Some(net.place_of_service(site)),
+            location_id: Some(s.care_site_id),
+            care_site_source_value: Some(Text::Owned(s.name.clone())),
+            place_of_service_source_value: Some(Text::Borrowed(s.tier.as_str())),
+        });
+    }
     b.finish()
 }
 
@@ -97,12 +118,22 @@ fn capitalise(s: &str) -> String {
     }
 }
 
-/// The site's doctors.
+/// The doctors of a node's sites.
 pub(crate) fn provider_batch(
     net: &Network,
-    site: usize,
+    sites: &[usize],
     seed: u64,
 ) -> Result<RecordBatch, ArrowError> {
+    let n: i64 = sites.iter().map(|&i| net.profiles[i].providers).sum();
+    let mut b = ProviderBuf::with_capacity(n as usize);
+    for &site in sites {
+        push_providers(&mut b, net, site, seed);
+    }
+    b.finish()
+}
+
+/// Site `site`'s doctors, each from the site's own stream.
+fn push_providers(b: &mut ProviderBuf, net: &Network, site: usize, seed: u64) {
     let s = &net.sites[site];
     let n = net.profiles[site].providers;
     let mut rng = ChaCha8Rng::seed_from_u64(mix(seed ^ 0xD0C7, site as u64));
@@ -140,7 +171,6 @@ pub(crate) fn provider_batch(
             "orthopedics",
         ],
     };
-    let mut b = ProviderBuf::with_capacity(n as usize);
     for k in 0..n {
         let male = rng.random_bool(0.55);
         b.push(Provider {
@@ -156,7 +186,6 @@ pub(crate) fn provider_batch(
             ..Default::default()
         });
     }
-    b.finish()
 }
 
 /// Every location of the region (homes are at these places), so that
@@ -214,28 +243,53 @@ fn list(ids: impl IntoIterator<Item = i64>) -> String {
     format!("[{}]", items.join(", "))
 }
 
-/// `node.toml` for site `site`: paths relative to the file, person-level
+/// What every `node.toml` of a run shares.
+pub(crate) struct NodeTomlOptions<'a> {
+    pub(crate) format: Format,
+    pub(crate) seed: u64,
+    pub(crate) persons: u64,
+    pub(crate) coordinator_key: Option<&'a str>,
+    /// Bounds and domain of `year_of_birth`.
+    pub(crate) birth_years: (i64, i64),
+    /// Region mode: the organisation tree, for `[supervision]`.
+    pub(crate) tree: Option<&'a Tree>,
+}
+
+/// `node.toml` for node `node`: paths relative to the file, person-level
 /// tables keyed by `person_id`, public domains for group keys, bounds for
-/// numeric columns.
-pub(crate) fn node_toml(
-    net: &Network,
-    site: usize,
-    format: Format,
-    seed: u64,
-    persons: u64,
-    coordinator_key: Option<&str>,
-) -> String {
-    let s = &net.sites[site];
+/// numeric columns; in region mode also the region's care sites as a
+/// domain, unique visit ids, drug costs' bounds and `[supervision]`.
+pub(crate) fn node_toml(net: &Network, node: &NodeDef, o: &NodeTomlOptions<'_>) -> String {
+    let NodeTomlOptions {
+        format,
+        seed,
+        persons,
+        coordinator_key,
+        birth_years: (min_birth_year, max_birth_year),
+        tree,
+    } = *o;
+    let region = tree.is_some();
+    let s = &net.sites[node.head];
     let ext = format.extension();
     let mut t = String::new();
+    let held: Vec<&str> = node.sites[1..]
+        .iter()
+        .map(|&i| net.sites[i].name.as_str())
+        .collect();
+    let mut what = format!("{} ({})", s.name, s.tier.description());
+    if !held.is_empty() {
+        let _ = write!(
+            what,
+            " and the\n# village clinics whose records it holds ({})",
+            held.join(", ")
+        );
+    }
     let _ = writeln!(
         t,
-        "# Synthetic OMOP CDM 5.4 data for {} ({}), written by confer-synth\n\
+        "# Synthetic OMOP CDM 5.4 data for {what}, written by confer-synth\n\
          # (seed {seed}, {persons} regional residents). No real person is in it.\n\
          # Start a node on it with: confer node --config <this file> --insecure-loopback\n\
-         # Relative paths are resolved against this file's directory.\n",
-        s.name,
-        s.tier.description()
+         # Relative paths are resolved against this file's directory.\n"
     );
     let _ = writeln!(
         t,
@@ -258,14 +312,41 @@ pub(crate) fn node_toml(
     let conditions = list(vocab::CONDITIONS.iter().map(|c| c.id));
     let drugs = list(vocab::DRUGS.iter().map(|d| d.id));
     let measurements = list(vocab::MEASUREMENTS.iter().map(|m| m.id));
-    let procedures = list(vocab::PROCEDURES.iter().map(|p| p.id));
+    let region_procedures: &[vocab::Proc] = if region {
+        vocab::REGION_PROCEDURES
+    } else {
+        &[]
+    };
+    let procedures = list(
+        vocab::PROCEDURES
+            .iter()
+            .chain(region_procedures)
+            .map(|p| p.id),
+    );
     let units = list(vocab::UNITS.iter().copied());
-    let places = list([
-        vocab::POS_HOME,
-        vocab::POS_INPATIENT_HOSPITAL,
-        vocab::POS_OUTPATIENT_HOSPITAL,
-        vocab::POS_EMERGENCY_ROOM,
-    ]);
+    // Region mode: referrals up from primary care arrive from the office;
+    // stays end in death or a referral down to it.
+    let region_places: &[i64] = if region { &[vocab::POS_OFFICE] } else { &[] };
+    let places = list(
+        [
+            vocab::POS_HOME,
+            vocab::POS_INPATIENT_HOSPITAL,
+            vocab::POS_OUTPATIENT_HOSPITAL,
+            vocab::POS_EMERGENCY_ROOM,
+        ]
+        .into_iter()
+        .chain(region_places.iter().copied()),
+    );
+    let region_discharges: &[i64] = if region {
+        &[vocab::POS_OFFICE, vocab::PATIENT_DIED]
+    } else {
+        &[]
+    };
+    let discharges = list(
+        [vocab::POS_HOME, vocab::POS_INPATIENT_HOSPITAL]
+            .into_iter()
+            .chain(region_discharges.iter().copied()),
+    );
     let ehr = list([vocab::EHR]);
     let max = MAX_CHARGE;
     let table = |t: &mut String, name: &str, person: bool, columns: &[(&str, String)]| {
@@ -292,7 +373,7 @@ pub(crate) fn node_toml(
                 (
                     "year_of_birth",
                     format!(
-                        "bounds = [{MIN_BIRTH_YEAR}, {MAX_BIRTH_YEAR}], domain = {{ from = {MIN_BIRTH_YEAR}, to = {MAX_BIRTH_YEAR} }}"
+                        "bounds = [{min_birth_year}, {max_birth_year}], domain = {{ from = {min_birth_year}, to = {max_birth_year} }}"
                     ),
                 ),
                 (
@@ -306,22 +387,31 @@ pub(crate) fn node_toml(
                 ("ethnicity_concept_id", dom(&list([vocab::NOT_HISPANIC]))),
             ],
             PersonTable::ObservationPeriod => vec![("period_type_concept_id", dom(&ehr))],
-            PersonTable::VisitOccurrence => vec![
-                (
-                    "visit_concept_id",
-                    dom(&list([
-                        vocab::INPATIENT_VISIT,
-                        vocab::OUTPATIENT_VISIT,
-                        vocab::EMERGENCY_VISIT,
-                    ])),
-                ),
-                ("visit_type_concept_id", dom(&ehr)),
-                ("admitted_from_concept_id", dom(&places)),
-                (
-                    "discharged_to_concept_id",
-                    dom(&list([vocab::POS_HOME, vocab::POS_INPATIENT_HOSPITAL])),
-                ),
-            ],
+            PersonTable::VisitOccurrence => {
+                let mut columns = vec![
+                    (
+                        "visit_concept_id",
+                        dom(&list([
+                            vocab::INPATIENT_VISIT,
+                            vocab::OUTPATIENT_VISIT,
+                            vocab::EMERGENCY_VISIT,
+                        ])),
+                    ),
+                    ("visit_type_concept_id", dom(&ehr)),
+                    ("admitted_from_concept_id", dom(&places)),
+                    ("discharged_to_concept_id", dom(&discharges)),
+                ];
+                if region {
+                    // Every institution of the region, so that statistics
+                    // group by institution across nodes.
+                    columns.insert(0, ("visit_occurrence_id", "unique = true".into()));
+                    columns.push((
+                        "care_site_id",
+                        format!("domain = {{ from = 1, to = {} }}", net.len()),
+                    ));
+                }
+                columns
+            }
             PersonTable::ConditionOccurrence => vec![
                 ("condition_concept_id", dom(&conditions)),
                 ("condition_type_concept_id", dom(&ehr)),
@@ -360,13 +450,34 @@ pub(crate) fn node_toml(
                 ("total_paid", format!("bounds = [0, {max}]")),
                 ("paid_by_payer", format!("bounds = [0, {max}]")),
                 ("paid_by_patient", format!("bounds = [0, {max}]")),
-            ],
+            ]
+            .into_iter()
+            .chain(region.then(|| ("paid_ingredient_cost", format!("bounds = [0, {max}]"))))
+            .collect(),
         };
         table(&mut t, name, true, &columns);
     }
     let _ = writeln!(t, "\n# Public tables: no privacy unit, never need DP.");
     for name in crate::write::PUBLIC_TABLES {
         table(&mut t, name, false, &[]);
+    }
+    if let Some(tree) = tree {
+        let units: Vec<String> = node
+            .sites
+            .iter()
+            .map(|&i| {
+                format!(
+                    "\"{}\" = [{}]",
+                    tree.units[i].code, net.sites[i].care_site_id
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            t,
+            "\n# The org units of the region's tree (region.toml) whose records this node holds, each with its OMOP care_site_ids.\n\
+             [supervision]\nunits = {{ {} }}",
+            units.join(", ")
+        );
     }
     t
 }
@@ -381,7 +492,15 @@ pub(crate) struct Manifest<'a> {
     pub(crate) residents: u64,
     pub(crate) format: &'static str,
     pub(crate) window: Window,
-    pub(crate) sites: &'a [SiteSummary],
+    /// Region mode: the organisation tree's file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) region: Option<&'static str>,
+    /// One per site (the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) sites: Option<&'a [SiteSummary]>,
+    /// Region mode: one per node, with the institutions it holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) nodes: Option<&'a [SiteSummary]>,
     pub(crate) rows_total: u64,
 }
 

@@ -1738,6 +1738,38 @@ pub(crate) const CONCEPTS: &[ConceptDef] = &[
     ),
 ];
 
+/// Concepts only region mode writes (`SynthOptions::region`), appended to
+/// [`CONCEPTS`] in its `concept` tables, so that the default output keeps
+/// its vocabulary.
+pub(crate) const REGION_CONCEPTS: &[ConceptDef] = &[
+    // `discharged_to_concept_id` of a stay that ended in death, as OMOP ETLs
+    // (MIMIC-IV's among them) write it; the SNOMED code is from memory.
+    c(
+        4216643,
+        "Patient died",
+        "Observation",
+        "SNOMED",
+        "Clinical Finding",
+        true,
+        "397709008",
+        "1970-01-01",
+        "2099-12-31",
+        Source::Unverified,
+    ),
+    c(
+        4203771,
+        "Total replacement of hip",
+        "Procedure",
+        "SNOMED",
+        "Procedure",
+        true,
+        "52734007",
+        "2002-01-31",
+        "2099-12-31",
+        Source::Synthea,
+    ),
+];
+
 /// `concept_ancestor` rows other than the level-0 self links (which every
 /// standard concept gets): `(ancestor, descendant, min_levels, max_levels)`.
 /// All but the last four are copied from GiBleed's `CONCEPT_ANCESTOR.csv`.
@@ -1826,6 +1858,12 @@ pub(crate) fn concept(id: i64) -> Option<&'static ConceptDef> {
     CONCEPTS.iter().find(|c| c.id == id)
 }
 
+/// The concept row for `id` in region mode's vocabulary.
+#[cfg(test)]
+pub(crate) fn region_concept(id: i64) -> Option<&'static ConceptDef> {
+    concept(id).or_else(|| REGION_CONCEPTS.iter().find(|c| c.id == id))
+}
+
 // ---- person -------------------------------------------------------------
 
 pub(crate) const MALE: i64 = 8507;
@@ -1847,6 +1885,9 @@ pub(crate) const POS_EMERGENCY_ROOM: i64 = 8870;
 pub(crate) const POS_HOME: i64 = 8536;
 pub(crate) const POS_OFFICE: i64 = 8940;
 pub(crate) const USD: i64 = 44818668;
+/// "Patient died": `discharged_to_concept_id` of a stay that ended in death
+/// (region mode only; see [`REGION_CONCEPTS`]).
+pub(crate) const PATIENT_DIED: i64 = 4216643;
 
 // ---- conditions (with ICD-10 source codes as a Chinese EHR records them) -
 
@@ -2356,6 +2397,8 @@ pub(crate) const IV_INJECTION: Proc = p(4181778, "intravenous infusion", 2.0);
 pub(crate) const ECHOCARDIOGRAPHY: Proc = p(4230911, "echocardiography", 35.0);
 pub(crate) const HEMODIALYSIS: Proc = p(4120120, "hemodialysis", 60.0);
 pub(crate) const INTUBATION: Proc = p(4202832, "intubation", 40.0);
+/// Hip replacement for a hip fracture (region mode only).
+pub(crate) const HIP_REPLACEMENT: Proc = p(4203771, "hip replacement", 2800.0);
 
 /// Every procedure the generator records.
 pub(crate) const PROCEDURES: &[Proc] = &[
@@ -2377,6 +2420,9 @@ pub(crate) const PROCEDURES: &[Proc] = &[
     HEMODIALYSIS,
     INTUBATION,
 ];
+
+/// Procedures only region mode performs.
+pub(crate) const REGION_PROCEDURES: &[Proc] = &[HIP_REPLACEMENT];
 
 #[cfg(test)]
 mod tests {
@@ -2449,5 +2495,26 @@ mod tests {
             );
         }
         assert_eq!(concept(192671).map(|c| c.source), Some(Source::GiBleed));
+    }
+
+    #[test]
+    fn region_concepts_are_new_and_known() {
+        for c in REGION_CONCEPTS {
+            assert!(concept(c.id).is_none(), "{} is already in CONCEPTS", c.id);
+            assert!(c.standard);
+        }
+        for id in REGION_PROCEDURES
+            .iter()
+            .map(|p| p.id)
+            .chain([PATIENT_DIED, POS_OFFICE])
+        {
+            assert!(region_concept(id).is_some(), "concept {id} has no row");
+        }
+        let unverified: Vec<i64> = REGION_CONCEPTS
+            .iter()
+            .filter(|c| c.source == Source::Unverified)
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(unverified, [PATIENT_DIED]);
     }
 }

@@ -13,3 +13,6 @@ mod determinism;
 mod output_dir;
 // node.toml parses and the node's own loader accepts the tables (Parquet and CSV).
 mod node_config;
+// Region mode: the tree, nodes holding villages, supervision indicators; the
+// window's end; the default output pinned.
+mod region;
