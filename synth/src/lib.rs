@@ -650,8 +650,7 @@ pub fn generate(
             end: output::iso_date(end),
         },
         region: options.region.then_some(REGION_FILE),
-        sites: (!options.region).then_some(&sites[..]),
-        nodes: options.region.then_some(&sites[..]),
+        sites: &sites,
         rows_total,
     };
     let path = options.out.join("manifest.json");

@@ -495,12 +495,9 @@ pub(crate) struct Manifest<'a> {
     /// Region mode: the organisation tree's file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) region: Option<&'static str>,
-    /// One per site (the default).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) sites: Option<&'a [SiteSummary]>,
-    /// Region mode: one per node, with the institutions it holds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) nodes: Option<&'a [SiteSummary]>,
+    /// One per output directory: per site, or in region mode per node (with
+    /// the institutions it holds).
+    pub(crate) sites: &'a [SiteSummary],
     pub(crate) rows_total: u64,
 }
 
