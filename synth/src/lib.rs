@@ -2,8 +2,11 @@
 //! so that confer runs end to end without a single real record.
 //!
 //! [`generate`] simulates a region of `persons` residents over six years
-//! (2019-01-01 to 2024-12-31) and writes one OMOP directory per institution,
-//! each with a `node.toml` a confer node can serve as it is:
+//! (2019-01-01 to 2024-12-31, or the six years ending with
+//! [`SynthOptions::window_end`]) and writes one OMOP directory per
+//! institution, each with a `node.toml` a confer node can serve as it is
+//! (or, in [region mode](#region-mode), one per node of a regional health
+//! network):
 //!
 //! ```
 //! use confer_synth::{Format, SynthOptions, generate};
@@ -26,6 +29,7 @@
 //! ```text
 //! out/
 //! ├── manifest.json            sites (name, tier, persons, rows per table), seed, window
+//! ├── region.toml              region mode only: the organisation tree
 //! ├── tertiary-1/              one directory per site, named <tier>-<k>
 //! │   ├── node.toml            [node] + [tables.*]: privacy unit, domains, bounds
 //! │   ├── person.parquet       person-level tables (privacy_unit = "person_id"):
@@ -63,7 +67,8 @@
 //!
 //! Memory is bounded by the chunk size, the channel depth and one open row
 //! group per file, whatever `persons` is; the output is identical for the same
-//! options whatever the number of threads.
+//! options whatever the number of threads. Rows go to the site's directory,
+//! or in region mode to its node's.
 //!
 //! # The model
 //!
@@ -140,6 +145,70 @@
 //! procedures; the insurer pays a share by tier and visit type (inpatient
 //! most), the patient the rest.
 //!
+//! # Region mode
+//!
+//! [`SynthOptions::region`] (`confer synth --region`) lays the same network
+//! out as a municipal health commission supervises it. Without it nothing
+//! below happens and the output is byte for byte what it always was (a test
+//! pins it).
+//!
+//! **Nodes.** A village clinic's records are held by its township health
+//! centre's node: no directory for villages; their rows go to the township's
+//! files with their own `care_site_id`. `person` and `observation_period`
+//! hold one row per resident per node (a resident seen at the township and
+//! one of its villages is there once; `person.care_site_id` is the first of
+//! the node's institutions they used). The township's `care_site` and
+//! `provider` list the centre and its villages. A village with no township
+//! would stay its own node; hospitals and townships are nodes as before.
+//!
+//! **`region.toml`** in the output directory: levels city, county, township,
+//! village; group sets `tier` (tertiary, county, township, village) and
+//! `ownership` (public, private: about 30% of village clinics, drawn from the
+//! seed); one `[[unit]]` per institution with Chinese-style codes (city
+//! `3701` for the tertiary hospital, counties `3701CC`, townships
+//! `3701CCTTT`, villages `3701CCTTTVVV`, nested as the network nests them),
+//! Chinese and English names, `parent` and `groups`. Two-digit county codes
+//! cap region mode at 99 county hospitals (497 sites).
+//!
+//! **`node.toml`** gains `[supervision] units = { "<code>" = [care_site_id],
+//! ... }` for the institutions the node holds; `visit_occurrence_id = {
+//! unique = true }` and `care_site_id = { domain = { from = 1, to = N } }`
+//! (every institution of the region); the extra places of service in the
+//! `admitted_from`/`discharged_to` domains; hip replacement in the procedure
+//! domain; `cost.paid_ingredient_cost` bounds [0, 100,000]. `manifest.json`
+//! names `region.toml` and lists under `sites` the nodes, each with its
+//! `institutions` (name, tier, `care_site_id`, unit code).
+//!
+//! **Model additions**, so that the supervision indicators have plausible
+//! values:
+//!
+//! * drug cost: drugs are priced at the tier's markup times a per-site habit,
+//!   and `cost.paid_ingredient_cost` is the visit's drug cost: about 25% of
+//!   charges at the tertiary hospital, 35% at county hospitals, 47% at
+//!   township centres and village clinics;
+//! * in-hospital deaths: a stay that ends in death is discharged to
+//!   4216643 "Patient died" (not NULL);
+//! * downward referrals: 45% of discharges home from county and tertiary
+//!   hospitals after stroke, MI, heart failure, COPD or hip fracture of
+//!   residents with a township or village clinic are discharged to 8940
+//!   (office), then seen there 2 to 13 days later (`admitted_from` 8717,
+//!   `preceding_visit_occurrence_id` the discharge); upward referrals from a
+//!   village clinic or township centre to a higher tier arrive from 8940;
+//! * 30-day readmissions: 20% of heart failure, 15% of COPD and 10% of
+//!   pneumonia discharges are readmitted to the same hospital 3 to 29 days
+//!   later (about 11% of all discharges end up readmitted within 30 days);
+//! * registered hypertension and diabetes: at least four follow-ups a year
+//!   (monthly for the most adherent fifth); at township centres and village
+//!   clinics every such follow-up records blood pressure (hypertension) and
+//!   fasting glucose (diabetes, mg/dL); about 60% of readings are controlled
+//!   (SBP under 140, glucose under 126 mg/dL = 7.0 mmol/L);
+//! * hip fractures kept at a county or the tertiary hospital get a hip
+//!   replacement (65%); the rural drip often carries ceftriaxone (35%).
+//!
+//! Every event row (condition, drug, procedure, measurement) carries its
+//! `visit_occurrence_id`, and `cost.cost_event_id` is the visit, in either
+//! mode.
+//!
 //! # Concept ids
 //!
 //! Every id written is in each site's `concept` table, with the row as found
@@ -162,6 +231,11 @@
 //!   by both datasets' `PERSON`, but without a concept row), currency
 //!   44818668 US dollar, and 316866 hypertensive disorder. A yuan concept
 //!   could not be checked at all, so charges are in dollars.
+//! * Region mode only (the default `concept` tables lack them): 4203771
+//!   total replacement of hip (Synthea27Nj), and, **unverified**, 4216643
+//!   patient died (the id OMOP ETLs such as MIMIC-IV's write as
+//!   `discharged_to_concept_id`; domain Observation, SNOMED code 397709008
+//!   from memory).
 //!
 //! `concept_ancestor` holds a level-0 self link for every standard concept,
 //! the 70 links among these concepts that GiBleed's `CONCEPT_ANCESTOR.csv`
