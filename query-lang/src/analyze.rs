@@ -626,7 +626,7 @@ pub fn amplification(plan: &LogicalPlan, catalog: &Catalog) -> Option<String> {
             LogicalPlan::Join(join) => join_amplifies(join, catalog),
             _ => None,
         }
-        .or_else(|| expressions_amplify(node));
+        .or_else(|| expressions_amplify(node, catalog));
         match found {
             Some(why) => {
                 reason = Some(why);
@@ -639,7 +639,7 @@ pub fn amplification(plan: &LogicalPlan, catalog: &Catalog) -> Option<String> {
 }
 
 /// Expressions of a plan node that can multiply one person's work.
-fn expressions_amplify(node: &LogicalPlan) -> Option<String> {
+fn expressions_amplify(node: &LogicalPlan, catalog: &Catalog) -> Option<String> {
     let mut reason = None;
     let _ = node.apply_expressions(|e| {
         let _ = e.apply(|x| {
@@ -661,9 +661,9 @@ fn expressions_amplify(node: &LogicalPlan) -> Option<String> {
                             .into(),
                     )
                 }
-                Expr::ScalarSubquery(q) => subquery_amplifies(q),
-                Expr::Exists(q) => subquery_amplifies(&q.subquery),
-                Expr::InSubquery(q) => subquery_amplifies(&q.subquery),
+                Expr::ScalarSubquery(q) => subquery_amplifies(q, catalog),
+                Expr::Exists(q) => subquery_amplifies(&q.subquery, catalog),
+                Expr::InSubquery(q) => subquery_amplifies(&q.subquery, catalog),
                 _ => None,
             };
             match why {
@@ -684,9 +684,21 @@ fn expressions_amplify(node: &LogicalPlan) -> Option<String> {
 }
 
 /// A subquery that is correlated (evaluated against other rows for each
-/// row), or that joins (its work could run only when rows reach it).
-fn subquery_amplifies(q: &datafusion::logical_expr::Subquery) -> Option<String> {
-    if !q.outer_ref_columns.is_empty() {
+/// row) other than on keys, or that joins (its work could run only when
+/// rows reach it).
+///
+/// A correlated subquery keeps the work proportional when the engine turns
+/// it into a hash semi join: every condition that reads the outer row is an
+/// equality between an outer column and an inner one (the join's keys), or
+/// one such equality is on an inner column that holds each value once
+/// (declared `unique`, or a public column the node measured), so that each
+/// outer row meets at most one inner row, against which the other
+/// conditions are evaluated once.
+fn subquery_amplifies(
+    q: &datafusion::logical_expr::Subquery,
+    catalog: &Catalog,
+) -> Option<String> {
+    if !q.outer_ref_columns.is_empty() && !keyed_correlation(&q.subquery, catalog) {
         return Some(
             "a correlated subquery (evaluated against other rows for every row); write it as an IN \
              subquery on a key"
@@ -702,6 +714,76 @@ fn subquery_amplifies(q: &datafusion::logical_expr::Subquery) -> Option<String> 
         Ok(TreeNodeRecursion::Continue)
     });
     joins.then(|| "a subquery that joins tables".to_string())
+}
+
+/// Whether every condition of a correlated subquery that reads the outer
+/// row is a key equality (see [`subquery_amplifies`]). Outer references
+/// anywhere but in the top-level conjuncts of a filter directly over a
+/// table read (through projections and aliases) are not keys.
+fn keyed_correlation(sub: &LogicalPlan, catalog: &Catalog) -> bool {
+    let outer = |e: &Expr| {
+        let mut found = false;
+        let _ = e.apply(|x| {
+            if matches!(x, Expr::OuterReferenceColumn(..)) {
+                found = true;
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+        found
+    };
+    let is_outer = |e: &Expr| match e {
+        Expr::OuterReferenceColumn(..) => true,
+        Expr::Cast(c) => matches!(c.expr.as_ref(), Expr::OuterReferenceColumn(..)),
+        _ => false,
+    };
+    let mut ok = true;
+    let mut keys = 0usize;
+    let mut unique_key = false;
+    let mut others = 0usize;
+    let _ = sub.apply(|p| {
+        match p {
+            LogicalPlan::Filter(f) => {
+                for c in datafusion::logical_expr::utils::split_conjunction(&f.predicate) {
+                    if !outer(c) {
+                        continue;
+                    }
+                    let pair = match c {
+                        Expr::BinaryExpr(b) if b.op == datafusion::logical_expr::Operator::Eq => {
+                            if is_outer(&b.left) && !outer(&b.right) {
+                                Some(b.right.as_ref())
+                            } else if is_outer(&b.right) && !outer(&b.left) {
+                                Some(b.left.as_ref())
+                            } else {
+                                None
+                            }
+                        }
+                        _ => None,
+                    };
+                    match pair {
+                        Some(inner) => {
+                            keys += 1;
+                            if let Ok(prov) = provenance(&f.input, catalog)
+                                && unit_index(inner, &f.input)
+                                    .is_some_and(|i| prov.unique_fields.contains(&i))
+                            {
+                                unique_key = true;
+                            }
+                        }
+                        None => others += 1,
+                    }
+                }
+            }
+            other => {
+                if other.expressions().iter().any(outer) {
+                    ok = false;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    ok && keys > 0 && (others == 0 || unique_key)
 }
 
 /// Whether a public relation does more than read one table (a join, an

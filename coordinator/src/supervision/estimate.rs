@@ -132,17 +132,14 @@ pub fn consistent(region: &Region, own: &[Option<Own>], grain: f64) -> Consisten
 /// (weighted least squares with weights `w`, then largest remainders),
 /// summing exactly to `total`.
 pub fn split(total: i64, r: &[f64], w: &[f64]) -> Vec<i64> {
-    let target = total as f64;
+    // Parts without noise keep their value; the noisy ones absorb the rest.
+    let mut x: Vec<f64> = (0..r.len())
+        .map(|i| if w[i] > 0.0 { 0.0 } else { r[i].max(0.0) })
+        .collect();
     let noisy: Vec<usize> = (0..r.len()).filter(|&i| w[i] > 0.0).collect();
-    let mut x = vec![0.0; r.len()];
-    if noisy.is_empty() {
-        // Nothing noisy to adjust: the parts are exact (zeros, normally);
-        // put any remainder on the first part.
-        let mut out = vec![0i64; r.len()];
-        if let Some(first) = out.first_mut() {
-            *first = total;
-        }
-        return out;
+    let target = total as f64 - x.iter().sum::<f64>();
+    if noisy.is_empty() || target <= 0.0 {
+        return round_to_total(&x, total);
     }
     let g = |lambda: f64| -> f64 {
         noisy.iter().map(|&i| (r[i] + lambda * w[i]).max(0.0)).sum::<f64>()
@@ -364,6 +361,10 @@ parent = "x"
         assert!(parts[0] > parts[1], "the noisier part gives more: {parts:?}");
         assert_eq!(split(0, &[-4.0, 2.0], &[1.0, 1.0]), vec![0, 0]);
         assert_eq!(split(5, &[0.0, 5.0], &[0.0, 1.0]), vec![0, 5]);
+        // Without noise (an epsilon so large its variance is 0) the parts
+        // are kept as they are.
+        assert_eq!(split(10, &[3.0, 7.0], &[0.0, 0.0]), vec![3, 7]);
+        assert_eq!(split(10, &[3.0, 6.6], &[0.0, 1.0]), vec![3, 7]);
     }
 
     #[test]

@@ -235,13 +235,13 @@ impl Measure {
             .and_then(|b| DISAGGREGATIONS.iter().find(|(n, _)| n == b))
             .map(|(_, col)| *col);
         if let Some(col) = by {
-            let _ = write!(sql, ", __person.{col} AS {col}");
+            let _ = write!(sql, ", person_sex.{col} AS {col}");
         }
         let _ = write!(sql, ", {} AS value\nFROM {}", a.aggregate, a.from);
         if by.is_some() {
             let _ = write!(
                 sql,
-                " JOIN person __person ON __person.person_id = {}",
+                " JOIN person person_sex ON person_sex.person_id = {}",
                 a.person_column
             );
         }
@@ -261,7 +261,7 @@ impl Measure {
         }
         let _ = write!(sql, "\nGROUP BY {}", a.unit_column);
         if let Some(col) = by {
-            let _ = write!(sql, ", __person.{col}");
+            let _ = write!(sql, ", person_sex.{col}");
         }
         sql
     }
