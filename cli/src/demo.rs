@@ -494,6 +494,14 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         };
     }
+    if outcome.is_ok() && !args.no_supervision {
+        let step = QUERIES.len() + if args.no_training { 1 } else { 2 };
+        let commission_dir = work_dir.join("commission");
+        outcome = tokio::select! {
+            r = crate::commission::supervision_demo(&program, &commission_dir, log_level, step) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        };
+    }
     if outcome.is_ok() && args.serve {
         println!(
             "The federation keeps running. Coordinator: {url} (plaintext, loopback)\n\

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod children;
 pub mod client;
+pub mod commission;
 pub mod demo;
 pub mod gibleed;
 pub mod governance;
@@ -176,6 +177,9 @@ pub struct DemoArgs {
     /// Skip the federated training step (four UCI heart-disease nodes).
     #[arg(long)]
     pub no_training: bool,
+    /// Skip the supervision statistics step (a synthetic region's nodes).
+    #[arg(long)]
+    pub no_supervision: bool,
 }
 
 /// Stack of each runtime thread (see [`main`]).

@@ -98,13 +98,7 @@ pub async fn supervision(args: SupervisionArgs) -> anyhow::Result<()> {
         SupervisionAction::Indicators { write: None } => indicators(&mut client).await,
         SupervisionAction::Indicators { write: Some(_) } => Ok(()),
         SupervisionAction::Run { period, depth, lang } => {
-            let body = serde_json::to_vec(&serde_json::json!({ "period": period }))?;
-            let report = client
-                .action(confer_protocol::coordinator::actions::SUPERVISION_RUN, body)
-                .await?;
-            print_run(&report);
-            let table = Report::fetch(&mut client, &period).await?;
-            print!("{}", table.text(depth, lang));
+            print!("{}", run_and_report(&mut client, &period, depth, lang).await?);
             Ok(())
         }
         SupervisionAction::Report {
@@ -205,12 +199,36 @@ async fn indicators(client: &mut Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_run(r: &serde_json::Value) {
+/// Releases `period` and returns what to print: the run's summary and,
+/// unless `depth` is 0, the report down to that level.
+pub async fn run_and_report(
+    client: &mut Client,
+    period: &str,
+    depth: usize,
+    lang: Lang,
+) -> anyhow::Result<String> {
+    let body = serde_json::to_vec(&serde_json::json!({ "period": period }))?;
+    let report = client
+        .action(confer_protocol::coordinator::actions::SUPERVISION_RUN, body)
+        .await?;
+    let mut out = run_summary(&report);
+    if depth > 0 {
+        let table = Report::fetch(client, period).await?;
+        out.push('\n');
+        out.push_str(&table.text(depth, lang));
+    }
+    Ok(out)
+}
+
+fn run_summary(r: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let period = r["period"].as_str().unwrap_or("");
     if r["stored"].as_bool() == Some(true) {
-        println!("{period}: already released; the stored release is shown (nothing asked, nothing spent)");
+        let _ = writeln!(out, "{period}: already released; the stored release is shown (nothing asked, nothing spent)");
     } else {
-        println!(
+        let _ = writeln!(
+            out,
             "{period}: {} DP queries at each node (epsilon {:.4}, delta {} each): the period spends rho {:.5} at each node; {} values ({} insufficient data); {:.1} s",
             r["measures"],
             r["epsilon_per_measure"].as_f64().unwrap_or(0.0),
@@ -223,13 +241,15 @@ fn print_run(r: &serde_json::Value) {
     }
     for n in r["nodes"].as_array().into_iter().flatten() {
         if n["complete"].as_bool() != Some(true) {
-            println!(
+            let _ = writeln!(
+                out,
                 "  node {} missing ({}): its units are flagged incomplete; run the period again to ask it again",
                 n["node"].as_str().unwrap_or(""),
                 n["missing"].as_str().unwrap_or("")
             );
         }
     }
+    out
 }
 
 /// One indicator value in a report.
