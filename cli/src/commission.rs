@@ -81,13 +81,15 @@ pub async fn start_region(
 }
 
 /// The demo step: start the region, release last month, print the report
-/// (city and counties), show that a re-run spends nothing, stop.
+/// (city and counties), show that a re-run spends nothing; then stop, or
+/// with `keep` return the running region (for `confer demo --serve`).
 pub async fn supervision_demo(
     program: &Path,
     work: &Path,
     log_level: &str,
     step: usize,
-) -> anyhow::Result<()> {
+    keep: bool,
+) -> anyhow::Result<Option<Federation>> {
     println!(
         "── {step}. Supervision statistics for the health commission: a synthetic region (confer synth --region:\n\
          12 institutions, 150,000 residents, up to last month), whose village clinics' records are held by their\n\
@@ -126,7 +128,10 @@ pub async fn supervision_demo(
         anyhow::Ok(())
     }
     .await;
+    if keep && outcome.is_ok() {
+        return Ok(Some(federation));
+    }
     let stopped = federation.stop().await;
     outcome?;
-    stopped
+    stopped.map(|()| None)
 }

@@ -494,11 +494,14 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         };
     }
+    let mut region: Option<Federation> = None;
     if outcome.is_ok() && !args.no_supervision {
         let step = QUERIES.len() + if args.no_training { 1 } else { 2 };
         let commission_dir = work_dir.join("commission");
         outcome = tokio::select! {
-            r = crate::commission::supervision_demo(&program, &commission_dir, log_level, step) => r,
+            r = crate::commission::supervision_demo(&program, &commission_dir, log_level, step, args.serve) => {
+                r.map(|f| region = f)
+            }
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         };
     }
@@ -512,7 +515,16 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
              or from Python (ADBC Flight SQL):\n  adbc_driver_flightsql.dbapi.connect(\"grpc://{addr}\", \
              db_kwargs={{\"username\": \"researcher\", \"password\": \"$CONFER_TOKEN\"}})\n\
              Admin token (user `admin`): {admin}\n\
+             {commission}\
              Configs, split data and ledgers: {work}\nPress Ctrl-C to stop.",
+            commission = region.as_ref().map_or(String::new(), |r| format!(
+                "Commission coordinator (the synthetic region's supervision statistics): {}\n\
+                 Commission token (user `admin`): {}\n\
+                 Try: confer supervision report --period <last month> --coordinator {} --token <it>\n",
+                r.url(),
+                r.tokens.get("admin").cloned().unwrap_or_default(),
+                r.url()
+            )),
             url = federation.url(),
             addr = federation.coordinator.addr,
             work = federation.work_dir.display(),
@@ -522,8 +534,13 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
         println!("\nstopping...");
     }
     let stopped = federation.stop().await;
+    let region_stopped = match region {
+        Some(r) => r.stop().await,
+        None => Ok(()),
+    };
     outcome?;
     stopped?;
+    region_stopped?;
     println!("federation stopped cleanly.");
     Ok(())
 }

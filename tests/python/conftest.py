@@ -44,6 +44,10 @@ def federation(tmp_path_factory):
             info["token"] = m.group(1)
         if m := re.search(r"Admin token \(user `admin`\): (\S+)", line):
             info["admin_token"] = m.group(1)
+        if m := re.search(r"Commission coordinator \(.*\): http://([0-9.]+:[0-9]+)", line):
+            info["commission_addr"] = m.group(1)
+        if m := re.search(r"Commission token \(user `admin`\): (\S+)", line):
+            info["commission_token"] = m.group(1)
         if "Press Ctrl-C to stop." in line:
             break
     if proc.poll() is not None or {"addr", "token", "admin_token"} - info.keys():

@@ -141,3 +141,39 @@ def test_pyarrow_flight_custom_actions_and_roles(federation):
     admin, admin_options = _flight(federation, federation["admin_token"])
     users = list(admin.do_action(flight.Action("confer.user.list", b""), admin_options))
     assert b"researcher" in users[0].body.to_pybytes()
+
+
+def test_adbc_reads_the_released_supervision_statistics(federation):
+    """The demo's commission coordinator released last month over its
+    synthetic region; any Flight SQL client reads the values with plain SQL,
+    no DP clause and no study."""
+    assert "commission_addr" in federation, "confer demo --serve printed no commission coordinator"
+    with flightsql.connect(
+        f"grpc://{federation['commission_addr']}",
+        db_kwargs={"username": "admin", "password": federation["commission_token"]},
+    ) as conn:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT v.period, v.unit, u.level, v.indicator, v.value, v.ci_low, v.ci_high, v.flags "
+                "FROM supervision.values v JOIN supervision.org_units u ON v.unit = u.code "
+                "WHERE v.category = '' ORDER BY u.path, v.indicator"
+            )
+            values = cur.fetch_arrow_table()
+            cur.execute("SELECT * FROM supervision.periods")
+            periods = cur.fetch_arrow_table()
+            cur.execute("SELECT id, name_zh FROM supervision.indicators")
+            indicators = cur.fetch_arrow_table()
+    assert periods.num_rows == 1 and periods.column("complete").to_pylist() == [True]
+    assert len(set(values.column("period").to_pylist())) == 1
+    assert {"city", "county", "township", "village"} <= set(values.column("level").to_pylist())
+    assert "药占比" in indicators.column("name_zh").to_pylist()
+    frame = pl.from_arrow(values)
+    # Insufficient data carries no value; every value has its interval.
+    insufficient = frame.filter(pl.col("flags").str.contains("insufficient"))
+    assert insufficient["value"].null_count() == insufficient.height
+    shown = frame.filter(pl.col("value").is_not_null() & pl.col("ci_low").is_not_null())
+    assert shown.height > 0
+    assert (shown["ci_low"] <= shown["value"]).all() and (shown["value"] <= shown["ci_high"]).all()
+    # Completeness is exact and full: every node reported.
+    completeness = frame.filter(pl.col("indicator") == "reporting_completeness")["value"].to_list()
+    assert completeness and all(v == 100.0 for v in completeness)
