@@ -6,17 +6,16 @@
 //! values are plain Flight SQL tables; bad input is refused before anything
 //! is spent.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::Path;
 use std::process::Command;
 
-use arrow::array::{Array, Float64Array, Int64Array, StringArray};
+use arrow::array::{Array, Float64Array, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use confer_cli::demo::{FederationOptions, start_coordinator, start_nodes_from};
-use confer_coordinator::supervision::indicators::{Catalogue, Kind, STANDARD};
+use confer_coordinator::supervision::indicators::{Catalogue, STANDARD};
 use confer_coordinator::supervision::period::Period;
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
 use crate::fixture::{STUDIES, USERS};
 
@@ -73,55 +72,6 @@ fn unbounded_catalogue() -> String {
     text
 }
 
-/// The plain SQL of an aggregate: the same rows, no DP, no bounds.
-fn plain_sql(a: &confer_coordinator::supervision::indicators::Aggregate, period: &Period) -> String {
-    let aggregate = match a.aggregate.split_once(", contribution_bounds_per_group") {
-        Some((head, _)) => format!("{head})"),
-        None => a.aggregate.clone(),
-    };
-    let concepts = a.concepts.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
-    let mut sql = format!(
-        "SELECT CAST({} AS BIGINT) AS care_site_id, CAST({aggregate} AS DOUBLE) AS value FROM {} WHERE {d} >= DATE '{}' AND {d} < DATE '{}'",
-        a.unit_column,
-        a.from,
-        period.start(),
-        period.end(),
-        d = a.date
-    );
-    if let Some(c) = &a.condition {
-        let c = c
-            .replace("{concepts}", &concepts)
-            .replace("{start}", &period.start().to_string())
-            .replace("{end}", &period.end().to_string());
-        sql.push_str(&format!(" AND ({c})"));
-    }
-    sql.push_str(&format!(" GROUP BY {}", a.unit_column));
-    sql
-}
-
-async fn site_context(dir: &Path) -> SessionContext {
-    let ctx = SessionContext::new();
-    for table in [
-        "person",
-        "visit_occurrence",
-        "condition_occurrence",
-        "drug_exposure",
-        "procedure_occurrence",
-        "measurement",
-        "cost",
-        "concept",
-    ] {
-        ctx.register_parquet(
-            table,
-            dir.join(format!("{table}.parquet")).to_str().expect("utf8"),
-            ParquetReadOptions::default(),
-        )
-        .await
-        .expect("register");
-    }
-    ctx
-}
-
 fn column_f64(b: &arrow::array::RecordBatch, name: &str) -> Vec<Option<f64>> {
     let c = cast(b.column_by_name(name).expect(name), &DataType::Float64).expect("f64");
     let a = c.as_any().downcast_ref::<Float64Array>().expect("f64");
@@ -161,23 +111,13 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
         serde_json::from_str(&std::fs::read_to_string(net.join("manifest.json")).expect("manifest"))
             .expect("json");
     let mut configs = Vec::new();
-    // Which node holds which unit's care sites, from the nodes' own configs.
-    let mut unit_of_site: HashMap<i64, String> = HashMap::new();
-    let mut node_dirs: Vec<PathBuf> = Vec::new();
     for site in manifest["sites"].as_array().expect("sites") {
         let name = site["name"].as_str().expect("name").to_string();
         let config = net.join(&name).join("node.toml");
         let mut text = std::fs::read_to_string(&config).expect("node.toml");
-        let parsed: toml::Value = toml::from_str(&text).expect("toml");
-        for (code, sites) in parsed["supervision"]["units"].as_table().expect("units") {
-            for s in sites.as_array().expect("ids") {
-                unit_of_site.insert(s.as_integer().expect("id"), code.clone());
-            }
-        }
         text.push_str(POLICY);
         std::fs::write(&config, text).expect("write node.toml");
         configs.push((name.clone(), config));
-        node_dirs.push(net.join(&name));
     }
     assert!(configs.len() >= 5, "at least 5 nodes: {}", configs.len());
     let catalogue_file = work.join("indicators.toml");
@@ -278,56 +218,13 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
         .collect();
     assert!(levels.len() >= 3, "at least 3 levels: {levels:?}");
 
-    // The exact values: every aggregate per care site, over each node's files.
+    // The exact values: every aggregate per care site, over each node's
+    // files, without DP or bounds, summed up the tree.
     let catalogue = Catalogue::parse(&unbounded_catalogue()).expect("catalogue");
     let period = Period::parse(PERIOD).expect("period");
-    let mut contexts = Vec::new();
-    for d in &node_dirs {
-        contexts.push(site_context(d).await);
-    }
-    let tiers = unit_tiers(&net);
-    let mut exact: HashMap<String, HashMap<String, f64>> = HashMap::new();
-    for ind in catalogue.indicators.iter().filter(|i| matches!(i.kind, Kind::Count | Kind::Proportion | Kind::Ratio)) {
-        for (part, agg) in [("numerator", &ind.numerator), ("denominator", &ind.denominator)] {
-            let Some(a) = agg else { continue };
-            let sql = plain_sql(a, &period);
-            let mut own: HashMap<String, f64> = HashMap::new();
-            for ctx in &contexts {
-                let batches = ctx
-                    .sql(&sql)
-                    .await
-                    .unwrap_or_else(|e| panic!("{}: {sql}: {e}", ind.id))
-                    .collect()
-                    .await
-                    .expect("collect");
-                for b in &batches {
-                    let site = cast(b.column(0), &DataType::Int64).expect("i64");
-                    let site = site.as_any().downcast_ref::<Int64Array>().expect("i64");
-                    let value = column_f64(b, "value");
-                    for i in 0..b.num_rows() {
-                        let Some(unit) = unit_of_site.get(&site.value(i)) else { continue };
-                        // Group filters (the standard catalogue filters on tier).
-                        let keep = a.units.iter().all(|(set, options)| {
-                            set == "tier" && tiers.get(unit).is_some_and(|t| options.contains(t))
-                        });
-                        if keep {
-                            *own.entry(unit.clone()).or_default() += value[i].unwrap_or(0.0);
-                        }
-                    }
-                }
-            }
-            // Subtree totals.
-            let mut total: HashMap<String, f64> = HashMap::new();
-            for (unit, v) in &own {
-                let mut at = Some(unit.clone());
-                while let Some(u) = at {
-                    *total.entry(u.clone()).or_default() += v;
-                    at = parent.get(&u).cloned().flatten();
-                }
-            }
-            exact.insert(format!("{}/{part}", ind.id), total);
-        }
-    }
+    let exact = confer_cli::commission::exact(&net, &catalogue, &period)
+        .await
+        .expect("exact values");
     let mut compared = 0;
     for b in &values.batches {
         let (unit, ind, cat, flags) = (column_str(b, "unit"), column_str(b, "indicator"), column_str(b, "category"), column_str(b, "flags"));
@@ -337,8 +234,14 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
             if !cat[i].is_empty() {
                 continue;
             }
-            let Some(n_exact) = exact.get(&format!("{}/numerator", ind[i])) else { continue };
-            let n_exact = n_exact.get(&unit[i]).copied().unwrap_or(0.0);
+            let def = catalogue.indicators.iter().find(|x| x.id == ind[i]).expect("indicator");
+            if def.numerator.is_none() {
+                continue;
+            }
+            let total = |part: &'static str| {
+                exact.totals.get(&(ind[i].clone(), part, unit[i].clone())).copied().unwrap_or(0.0)
+            };
+            let n_exact = total("numerator");
             let n = num[i].expect("numerator");
             assert!(
                 (n - n_exact).abs() <= 0.1 + 1e-6 * n_exact.abs(),
@@ -346,20 +249,20 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
                 ind[i],
                 unit[i]
             );
-            if let Some(d_exact) = exact.get(&format!("{}/denominator", ind[i])) {
-                let d_exact = d_exact.get(&unit[i]).copied().unwrap_or(0.0);
+            if def.denominator.is_some() {
+                let d_exact = total("denominator");
                 let d = den[i].expect("denominator");
                 assert!((d - d_exact).abs() <= 0.1 + 1e-6 * d_exact.abs(), "{} at {}: denominator {d}, exact {d_exact}", ind[i], unit[i]);
-                let def = catalogue.indicators.iter().find(|x| x.id == ind[i]).expect("indicator");
-                match value[i] {
-                    Some(v) => {
-                        let want = def.factor * n_exact / d_exact;
-                        assert!((v - want).abs() <= 1e-4 * want.abs().max(1.0), "{} at {}: {v}, exact {want}", ind[i], unit[i]);
-                    }
-                    None => assert!(d_exact == 0.0, "{} at {}: insufficient with denominator {d_exact}", ind[i], unit[i]),
-                }
-            } else {
-                assert_eq!(value[i], Some(n_exact.round()), "{} at {}", ind[i], unit[i]);
+            }
+            match (value[i], exact.value(def, &unit[i])) {
+                (Some(v), Some(want)) => assert!(
+                    (v - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{} at {}: {v}, exact {want}",
+                    ind[i],
+                    unit[i]
+                ),
+                (None, None) => {}
+                (got, want) => panic!("{} at {}: released {got:?}, exact {want:?}", ind[i], unit[i]),
             }
             compared += 1;
         }
@@ -390,21 +293,4 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
     assert!(csv.starts_with("indicator,name,unit"), "{csv}");
     assert!(csv.contains("drug_share_of_cost"), "{csv}");
     federation.stop().await.expect("clean stop");
-}
-
-/// Each unit's tier, from region.toml.
-fn unit_tiers(net: &Path) -> BTreeMap<String, String> {
-    let text = std::fs::read_to_string(net.join("region.toml")).expect("region");
-    let v: toml::Value = toml::from_str(&text).expect("toml");
-    v["unit"]
-        .as_array()
-        .expect("units")
-        .iter()
-        .map(|u| {
-            (
-                u["code"].as_str().expect("code").to_string(),
-                u["groups"]["tier"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect()
 }

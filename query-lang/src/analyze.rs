@@ -641,6 +641,12 @@ pub fn amplification(plan: &LogicalPlan, catalog: &Catalog) -> Option<String> {
 /// Expressions of a plan node that can multiply one person's work.
 fn expressions_amplify(node: &LogicalPlan, catalog: &Catalog) -> Option<String> {
     let mut reason = None;
+    // The rows a subquery of this node is evaluated against.
+    let outer = node.inputs().first().map(|input| {
+        let prov = provenance(input, catalog).ok();
+        (*input, prov)
+    });
+    let outer = outer.as_ref().map(|(p, prov)| (*p, prov.as_ref()));
     let _ = node.apply_expressions(|e| {
         let _ = e.apply(|x| {
             let why = match x {
@@ -661,9 +667,9 @@ fn expressions_amplify(node: &LogicalPlan, catalog: &Catalog) -> Option<String> 
                             .into(),
                     )
                 }
-                Expr::ScalarSubquery(q) => subquery_amplifies(q, catalog),
-                Expr::Exists(q) => subquery_amplifies(&q.subquery, catalog),
-                Expr::InSubquery(q) => subquery_amplifies(&q.subquery, catalog),
+                Expr::ScalarSubquery(q) => subquery_amplifies(q, catalog, outer),
+                Expr::Exists(q) => subquery_amplifies(&q.subquery, catalog, outer),
+                Expr::InSubquery(q) => subquery_amplifies(&q.subquery, catalog, outer),
                 _ => None,
             };
             match why {
@@ -684,21 +690,35 @@ fn expressions_amplify(node: &LogicalPlan, catalog: &Catalog) -> Option<String> 
 }
 
 /// A subquery that is correlated (evaluated against other rows for each
-/// row) other than on keys, or that joins (its work could run only when
-/// rows reach it).
+/// row) other than on keys, that joins (its work could run only when rows
+/// reach it), or that reads public relations that aggregate or join.
 ///
 /// A correlated subquery keeps the work proportional when the engine turns
-/// it into a hash semi join: every condition that reads the outer row is an
-/// equality between an outer column and an inner one (the join's keys), or
-/// one such equality is on an inner column that holds each value once
-/// (declared `unique`, or a public column the node measured), so that each
-/// outer row meets at most one inner row, against which the other
-/// conditions are evaluated once.
+/// it into a hash join whose pairs of equal keys are at most the rows on
+/// one side (DataFusion lists every such pair, even for semi joins):
+///
+/// * every condition that reads the outer row is an equality between an
+///   outer column and an inner column (the join's keys), and the subquery
+///   is DISTINCT (the compiler makes IN subqueries so), so each outer row
+///   meets each distinct key once; or
+/// * one such equality is on a column that holds each value once, inner
+///   or outer (declared `unique`, or a public column the node measured):
+///   each row of the other side meets at most one row, against which the
+///   other conditions are evaluated once.
 fn subquery_amplifies(
     q: &datafusion::logical_expr::Subquery,
     catalog: &Catalog,
+    outer: Option<(&LogicalPlan, Option<&Provenance>)>,
 ) -> Option<String> {
-    if !q.outer_ref_columns.is_empty() && !keyed_correlation(&q.subquery, catalog) {
+    let (_, private) = tables_read(&q.subquery, catalog);
+    if !private && costly_public(strip_distinct(&q.subquery)) {
+        return Some(
+            "a subquery over public relations that join or aggregate: its work runs only when \
+             person-level rows reach it"
+                .into(),
+        );
+    }
+    if !q.outer_ref_columns.is_empty() && !keyed_correlation(&q.subquery, catalog, outer) {
         return Some(
             "a correlated subquery (evaluated against other rows for every row); write it as an IN \
              subquery on a key"
@@ -716,11 +736,33 @@ fn subquery_amplifies(
     joins.then(|| "a subquery that joins tables".to_string())
 }
 
-/// Whether every condition of a correlated subquery that reads the outer
-/// row is a key equality (see [`subquery_amplifies`]). Outer references
-/// anywhere but in the top-level conjuncts of a filter directly over a
-/// table read (through projections and aliases) are not keys.
-fn keyed_correlation(sub: &LogicalPlan, catalog: &Catalog) -> bool {
+/// The plan under a top-level DISTINCT (and the projections and aliases
+/// above it), or the plan itself.
+fn strip_distinct(plan: &LogicalPlan) -> &LogicalPlan {
+    match plan {
+        LogicalPlan::Distinct(Distinct::All(input)) => input,
+        LogicalPlan::Projection(p) => match strip_distinct(&p.input) {
+            inner if std::ptr::eq(inner, p.input.as_ref()) => plan,
+            inner => inner,
+        },
+        LogicalPlan::SubqueryAlias(a) => match strip_distinct(&a.input) {
+            inner if std::ptr::eq(inner, a.input.as_ref()) => plan,
+            inner => inner,
+        },
+        _ => plan,
+    }
+}
+
+/// Whether a correlated subquery's conditions on the outer row make a
+/// hash join that stays proportional (see [`subquery_amplifies`]). Outer
+/// references anywhere but in the top-level conjuncts of a filter are not
+/// keys; a key equates an outer column with an inner column (not an
+/// expression or a constant).
+fn keyed_correlation(
+    sub: &LogicalPlan,
+    catalog: &Catalog,
+    outer_rows: Option<(&LogicalPlan, Option<&Provenance>)>,
+) -> bool {
     let outer = |e: &Expr| {
         let mut found = false;
         let _ = e.apply(|x| {
@@ -732,11 +774,21 @@ fn keyed_correlation(sub: &LogicalPlan, catalog: &Catalog) -> bool {
         });
         found
     };
-    let is_outer = |e: &Expr| match e {
-        Expr::OuterReferenceColumn(..) => true,
-        Expr::Cast(c) => matches!(c.expr.as_ref(), Expr::OuterReferenceColumn(..)),
-        _ => false,
+    let outer_column = |e: &Expr| match e {
+        Expr::OuterReferenceColumn(_, c) => Some(c.clone()),
+        _ => None,
     };
+    // Whether an outer column holds each value once in the outer rows.
+    let outer_unique = |c: &datafusion::common::Column| {
+        outer_rows.is_some_and(|(plan, prov)| {
+            prov.is_some_and(|prov| {
+                plan.schema()
+                    .index_of_column(c)
+                    .is_ok_and(|i| prov.unique_fields.contains(&i))
+            })
+        })
+    };
+    let distinct = !std::ptr::eq(strip_distinct(sub), sub);
     let mut ok = true;
     let mut keys = 0usize;
     let mut unique_key = false;
@@ -750,27 +802,28 @@ fn keyed_correlation(sub: &LogicalPlan, catalog: &Catalog) -> bool {
                     }
                     let pair = match c {
                         Expr::BinaryExpr(b) if b.op == datafusion::logical_expr::Operator::Eq => {
-                            if is_outer(&b.left) && !outer(&b.right) {
-                                Some(b.right.as_ref())
-                            } else if is_outer(&b.right) && !outer(&b.left) {
-                                Some(b.left.as_ref())
-                            } else {
-                                None
+                            match (outer_column(&b.left), outer_column(&b.right)) {
+                                (Some(o), None) if !outer(&b.right) => Some((o, b.right.as_ref())),
+                                (None, Some(o)) if !outer(&b.left) => Some((o, b.left.as_ref())),
+                                _ => None,
                             }
                         }
                         _ => None,
                     };
-                    match pair {
-                        Some(inner) => {
+                    // The inner side must be a column of the rows filtered.
+                    let inner_index = pair
+                        .as_ref()
+                        .and_then(|(_, inner)| unit_index(inner, &f.input));
+                    match (pair, inner_index) {
+                        (Some((o, _)), Some(i)) => {
                             keys += 1;
-                            if let Ok(prov) = provenance(&f.input, catalog)
-                                && unit_index(inner, &f.input)
-                                    .is_some_and(|i| prov.unique_fields.contains(&i))
-                            {
+                            let inner_unique = provenance(&f.input, catalog)
+                                .is_ok_and(|prov| prov.unique_fields.contains(&i));
+                            if inner_unique || outer_unique(&o) {
                                 unique_key = true;
                             }
                         }
-                        None => others += 1,
+                        _ => others += 1,
                     }
                 }
             }
@@ -783,7 +836,7 @@ fn keyed_correlation(sub: &LogicalPlan, catalog: &Catalog) -> bool {
         }
         Ok(TreeNodeRecursion::Continue)
     });
-    ok && keys > 0 && (others == 0 || unique_key)
+    ok && keys > 0 && (unique_key || (distinct && others == 0))
 }
 
 /// Whether a public relation does more than read one table (a join, an

@@ -379,3 +379,92 @@ async fn correlated_subqueries_not_keyed_on_a_unique_column_are_marked() {
     ])
     .await;
 }
+
+// ---- shapes an adversarial review found unmarked (fixed since) ----------
+
+/// A "key" whose inner side reads no inner column gives the engine nothing
+/// to hash: a nested loop of each outer row with the whole inner table.
+#[tokio::test]
+async fn correlation_on_a_constant_is_not_a_key() {
+    check(&[
+        (
+            "FROM condition_occurrence c WHERE EXISTS (SELECT 1 FROM concept k \
+             WHERE c.condition_concept_id = 4711)",
+            true,
+        ),
+        (
+            "FROM condition_occurrence c WHERE NOT EXISTS (SELECT 1 FROM concept k \
+             WHERE c.condition_concept_id = 4711)",
+            true,
+        ),
+        (
+            "FROM condition_occurrence c WHERE c.provider_id = 1 OR EXISTS (SELECT 1 FROM concept k \
+             WHERE c.condition_concept_id = 4711)",
+            true,
+        ),
+    ])
+    .await;
+}
+
+/// Equality keys on an inner column that is not unique fan out: the hash
+/// join lists every pair of rows with equal keys, even for semi joins.
+#[tokio::test]
+async fn keys_on_a_column_that_is_not_unique_fan_out() {
+    check(&[
+        (
+            "FROM condition_occurrence c WHERE EXISTS (SELECT 1 FROM concept_ancestor a \
+             WHERE a.ancestor_concept_id = c.condition_concept_id)",
+            true,
+        ),
+        (
+            "FROM condition_occurrence c WHERE EXISTS (SELECT 1 FROM concept k \
+             WHERE k.concept_id * 0 = c.provider_id)",
+            true,
+        ),
+    ])
+    .await;
+}
+
+/// A keyed subquery over a public relation that aggregates: whether the
+/// aggregate runs depends on whether a person's row reaches it.
+#[tokio::test]
+async fn keyed_subqueries_over_a_costly_public_relation_are_marked() {
+    check(&[
+        (
+            "FROM condition_occurrence c WHERE EXISTS (SELECT 1 FROM (SELECT ancestor_concept_id \
+             FROM concept_ancestor GROUP BY ancestor_concept_id) a WHERE a.ancestor_concept_id = c.provider_id)",
+            true,
+        ),
+        (
+            "FROM condition_occurrence c WHERE c.provider_id < (SELECT COUNT(*) FROM concept_ancestor a \
+             WHERE a.ancestor_concept_id = c.provider_id)",
+            true,
+        ),
+        (
+            "FROM condition_occurrence c WHERE c.provider_id IN (SELECT ancestor_concept_id \
+             FROM concept_ancestor GROUP BY ancestor_concept_id)",
+            true,
+        ),
+    ])
+    .await;
+}
+
+/// IN subqueries are made DISTINCT by the compiler, so that one person's
+/// rows on both sides of the hash join it becomes do not multiply (the
+/// join lists every pair of equal keys); the local query shows it.
+#[tokio::test]
+async fn in_subqueries_are_made_distinct() {
+    let catalog = catalog();
+    for from in [
+        "FROM condition_occurrence c WHERE c.person_id IN (SELECT person_id FROM visit_occurrence)",
+        "FROM condition_occurrence c WHERE c.condition_concept_id IN (SELECT concept_id FROM concept WHERE concept_id > 3)",
+    ] {
+        let sql = format!("{DP} COUNT(*) AS n {from}");
+        let Ok(Statement::Query(q)) = parse(&sql) else {
+            panic!("{sql}")
+        };
+        let plan = compile(&q, &catalog, None).await.expect(&sql);
+        assert!(plan.local_sql.contains("SELECT DISTINCT"), "{from}: {}", plan.local_sql);
+        assert!(plan.amplification.is_none(), "{from}: {:?}", plan.amplification);
+    }
+}

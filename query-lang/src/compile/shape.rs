@@ -283,7 +283,10 @@ impl VisitorMut for TotalExpressions {
 
 /// Makes an IN subquery return no NULL: `AND value IS NOT NULL` in its
 /// WHERE (or HAVING when it groups), or, for other shapes, a wrapper
-/// `SELECT v FROM (subquery) AS t(v) WHERE v IS NOT NULL`.
+/// `SELECT v FROM (subquery) AS t(v) WHERE v IS NOT NULL`; and makes it
+/// DISTINCT, so that the hash join it becomes matches each row at most
+/// once per key (DataFusion lists every pair of equal keys, even for semi
+/// joins: without it one person's rows on both sides multiply).
 pub(super) fn guard_nulls(query: &mut Query) -> std::result::Result<(), String> {
     let simple = query.with.is_none()
         && query.order_by.is_none()
@@ -311,11 +314,14 @@ pub(super) fn guard_nulls(query: &mut Query) -> std::result::Result<(), String> 
                 Some(w) => parse_sql_expr(&format!("({w}) AND ({guard})"))?,
                 None => guard,
             });
+            if select.distinct.is_none() {
+                select.distinct = Some(datafusion::sql::sqlparser::ast::Distinct::Distinct);
+            }
             return Ok(());
         }
     }
     let sql = format!(
-        "SELECT __confer_in_value FROM ({query}) AS __confer_in (__confer_in_value) \
+        "SELECT DISTINCT __confer_in_value FROM ({query}) AS __confer_in (__confer_in_value) \
          WHERE __confer_in_value IS NOT NULL"
     );
     let wrapped = Parser::new(&GenericDialect {})
