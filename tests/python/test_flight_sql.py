@@ -166,7 +166,7 @@ def test_adbc_reads_the_released_supervision_statistics(federation):
     assert periods.num_rows == 1 and periods.column("complete").to_pylist() == [True]
     assert len(set(values.column("period").to_pylist())) == 1
     assert {"city", "county", "township", "village"} <= set(values.column("level").to_pylist())
-    assert "药占比" in indicators.column("name_zh").to_pylist()
+    assert "门诊药占比" in indicators.column("name_zh").to_pylist()
     frame = pl.from_arrow(values)
     # Insufficient data carries no value; every value has its interval.
     insufficient = frame.filter(pl.col("flags").str.contains("insufficient"))
