@@ -60,8 +60,15 @@ fn unbounded_catalogue() -> String {
         } else if line.starts_with("aggregate = \"SUM(") {
             // No stay lasts 400 days; no person is charged 200,000 at one
             // site in a month.
-            let head = line.split(", contribution_bounds_per_group").next().expect("sum");
-            let hi = if head.contains("visit_end_date") { 400 } else { 200_000 };
+            let head = line
+                .split(", contribution_bounds_per_group")
+                .next()
+                .expect("sum");
+            let hi = if head.contains("visit_end_date") {
+                400
+            } else {
+                200_000
+            };
             format!("{head}, contribution_bounds_per_group => (0, {hi}))\"")
         } else {
             line.to_string()
@@ -75,7 +82,9 @@ fn unbounded_catalogue() -> String {
 fn column_f64(b: &arrow::array::RecordBatch, name: &str) -> Vec<Option<f64>> {
     let c = cast(b.column_by_name(name).expect(name), &DataType::Float64).expect("f64");
     let a = c.as_any().downcast_ref::<Float64Array>().expect("f64");
-    (0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i))).collect()
+    (0..a.len())
+        .map(|i| (!a.is_null(i)).then(|| a.value(i)))
+        .collect()
 }
 
 fn column_str(b: &arrow::array::RecordBatch, name: &str) -> Vec<String> {
@@ -107,9 +116,10 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
         "--quiet",
     ]);
     assert!(ok, "{out}\n{err}");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(net.join("manifest.json")).expect("manifest"))
-            .expect("json");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(net.join("manifest.json")).expect("manifest"),
+    )
+    .expect("json");
     let mut configs = Vec::new();
     for site in manifest["sites"].as_array().expect("sites") {
         let name = site["name"].as_str().expect("name").to_string();
@@ -123,8 +133,14 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
     let catalogue_file = work.join("indicators.toml");
     std::fs::write(&catalogue_file, unbounded_catalogue()).expect("catalogue");
     let program = Path::new(env!("CARGO_BIN_EXE_confer"));
-    let nodes = start_nodes_from(program, configs, "warn").await.expect("nodes start");
-    let urls: Vec<String> = nodes.nodes.iter().map(|n| format!("http://{}", n.addr)).collect();
+    let nodes = start_nodes_from(program, configs, "warn")
+        .await
+        .expect("nodes start");
+    let urls: Vec<String> = nodes
+        .nodes
+        .iter()
+        .map(|n| format!("http://{}", n.addr))
+        .collect();
     let options = FederationOptions {
         sites: urls.len(),
         coordinator_port: 0,
@@ -147,20 +163,69 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
     let tester = federation.tokens["tester"].clone();
 
     // Bad input first: nothing is spent.
-    let (ok, _, err) = confer(&["supervision", "run", "--period", "2999-01", "--coordinator", &url, "--token", &admin]);
+    let (ok, _, err) = confer(&[
+        "supervision",
+        "run",
+        "--period",
+        "2999-01",
+        "--coordinator",
+        &url,
+        "--token",
+        &admin,
+    ]);
     assert!(!ok && err.contains("has not ended"), "{err}");
-    let (ok, _, err) = confer(&["supervision", "run", "--period", "2024-13", "--coordinator", &url, "--token", &admin]);
+    let (ok, _, err) = confer(&[
+        "supervision",
+        "run",
+        "--period",
+        "2024-13",
+        "--coordinator",
+        &url,
+        "--token",
+        &admin,
+    ]);
     assert!(!ok && err.contains("write a month as 2026-10"), "{err}");
-    let (ok, _, err) = confer(&["supervision", "run", "--period", PERIOD, "--coordinator", &url, "--token", &tester]);
-    assert!(!ok && err.contains("release supervision statistics"), "a researcher may not: {err}");
+    let (ok, _, err) = confer(&[
+        "supervision",
+        "run",
+        "--period",
+        PERIOD,
+        "--coordinator",
+        &url,
+        "--token",
+        &tester,
+    ]);
+    assert!(
+        !ok && err.contains("release supervision statistics"),
+        "a researcher may not: {err}"
+    );
 
-    let (ok, listing, err) = confer(&["supervision", "indicators", "--coordinator", &url, "--token", &tester]);
+    let (ok, listing, err) = confer(&[
+        "supervision",
+        "indicators",
+        "--coordinator",
+        &url,
+        "--token",
+        &tester,
+    ]);
     assert!(ok, "{err}");
-    assert!(listing.contains("药占比") && listing.contains("red line 30"), "{listing}");
+    assert!(
+        listing.contains("药占比") && listing.contains("red line 30"),
+        "{listing}"
+    );
 
     // The release.
     let (ok, report, err) = confer(&[
-        "supervision", "run", "--period", PERIOD, "--depth", "3", "--coordinator", &url, "--token", &admin,
+        "supervision",
+        "run",
+        "--period",
+        PERIOD,
+        "--depth",
+        "3",
+        "--coordinator",
+        &url,
+        "--token",
+        &admin,
     ]);
     assert!(ok, "{report}\n{err}");
     assert!(report.contains("DP queries at each node"), "{report}");
@@ -168,7 +233,11 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
 
     let mut client = federation.client("tester").await.expect("connect");
     let spent = |batches: &[arrow::array::RecordBatch]| -> Vec<f64> {
-        batches.iter().flat_map(|b| column_f64(b, "spent_rho")).flatten().collect()
+        batches
+            .iter()
+            .flat_map(|b| column_f64(b, "spent_rho"))
+            .flatten()
+            .collect()
     };
     let budget = client
         .run("SHOW PRIVACY BUDGET FOR STUDY supervision", None)
@@ -181,7 +250,10 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
         .await
         .expect("budget");
     let before = spent(&before.batches);
-    assert!(before.iter().any(|s| *s > 0.0), "the release spent: {before:?}");
+    assert!(
+        before.iter().any(|s| *s > 0.0),
+        "the release spent: {before:?}"
+    );
 
     // Values through Flight SQL, as any client reads them.
     let values = client
@@ -200,8 +272,8 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
         let code = column_str(b, "code");
         let p = cast(b.column_by_name("parent").expect("parent"), &DataType::Utf8).expect("utf8");
         let p = p.as_any().downcast_ref::<StringArray>().expect("str");
-        for i in 0..b.num_rows() {
-            parent.insert(code[i].clone(), (!p.is_null(i)).then(|| p.value(i).to_string()));
+        for (i, code) in code.into_iter().enumerate() {
+            parent.insert(code, (!p.is_null(i)).then(|| p.value(i).to_string()));
         }
     }
     let levels: std::collections::BTreeSet<usize> = parent
@@ -227,19 +299,42 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
         .expect("exact values");
     let mut compared = 0;
     for b in &values.batches {
-        let (unit, ind, cat, flags) = (column_str(b, "unit"), column_str(b, "indicator"), column_str(b, "category"), column_str(b, "flags"));
-        let (value, num, den) = (column_f64(b, "value"), column_f64(b, "numerator"), column_f64(b, "denominator"));
+        let (unit, ind, cat, flags) = (
+            column_str(b, "unit"),
+            column_str(b, "indicator"),
+            column_str(b, "category"),
+            column_str(b, "flags"),
+        );
+        let (value, num, den) = (
+            column_f64(b, "value"),
+            column_f64(b, "numerator"),
+            column_f64(b, "denominator"),
+        );
         for i in 0..b.num_rows() {
-            assert!(!flags[i].contains("incomplete"), "{} {}: {}", ind[i], unit[i], flags[i]);
+            assert!(
+                !flags[i].contains("incomplete"),
+                "{} {}: {}",
+                ind[i],
+                unit[i],
+                flags[i]
+            );
             if !cat[i].is_empty() {
                 continue;
             }
-            let def = catalogue.indicators.iter().find(|x| x.id == ind[i]).expect("indicator");
+            let def = catalogue
+                .indicators
+                .iter()
+                .find(|x| x.id == ind[i])
+                .expect("indicator");
             if def.numerator.is_none() {
                 continue;
             }
             let total = |part: &'static str| {
-                exact.totals.get(&(ind[i].clone(), part, unit[i].clone())).copied().unwrap_or(0.0)
+                exact
+                    .totals
+                    .get(&(ind[i].clone(), part, unit[i].clone()))
+                    .copied()
+                    .unwrap_or(0.0)
             };
             let n_exact = total("numerator");
             let n = num[i].expect("numerator");
@@ -252,7 +347,12 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
             if def.denominator.is_some() {
                 let d_exact = total("denominator");
                 let d = den[i].expect("denominator");
-                assert!((d - d_exact).abs() <= 0.1 + 1e-6 * d_exact.abs(), "{} at {}: denominator {d}, exact {d_exact}", ind[i], unit[i]);
+                assert!(
+                    (d - d_exact).abs() <= 0.1 + 1e-6 * d_exact.abs(),
+                    "{} at {}: denominator {d}, exact {d_exact}",
+                    ind[i],
+                    unit[i]
+                );
             }
             match (value[i], exact.value(def, &unit[i])) {
                 (Some(v), Some(want)) => assert!(
@@ -262,7 +362,10 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
                     unit[i]
                 ),
                 (None, None) => {}
-                (got, want) => panic!("{} at {}: released {got:?}, exact {want:?}", ind[i], unit[i]),
+                (got, want) => panic!(
+                    "{} at {}: released {got:?}, exact {want:?}",
+                    ind[i], unit[i]
+                ),
             }
             compared += 1;
         }
@@ -270,7 +373,16 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
     assert!(compared > 100, "compared {compared} values");
 
     // A re-run returns the stored release and charges nothing.
-    let (ok, again, err) = confer(&["supervision", "run", "--period", PERIOD, "--coordinator", &url, "--token", &admin]);
+    let (ok, again, err) = confer(&[
+        "supervision",
+        "run",
+        "--period",
+        PERIOD,
+        "--coordinator",
+        &url,
+        "--token",
+        &admin,
+    ]);
     assert!(ok, "{err}");
     assert!(again.contains("already released"), "{again}");
     let after = admin_client
@@ -283,8 +395,16 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
     for ext in ["csv", "parquet", "xlsx"] {
         let path = work.join(format!("report.{ext}"));
         let (ok, out, err) = confer(&[
-            "supervision", "report", "--period", PERIOD, "--out", path.to_str().expect("utf8"),
-            "--coordinator", &url, "--token", &tester,
+            "supervision",
+            "report",
+            "--period",
+            PERIOD,
+            "--out",
+            path.to_str().expect("utf8"),
+            "--coordinator",
+            &url,
+            "--token",
+            &tester,
         ]);
         assert!(ok, "{out}{err}");
         assert!(std::fs::metadata(&path).expect("written").len() > 100);

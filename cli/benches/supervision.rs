@@ -50,7 +50,9 @@ fn strings(b: &arrow::array::RecordBatch, name: &str) -> Vec<String> {
 fn floats(b: &arrow::array::RecordBatch, name: &str) -> Vec<Option<f64>> {
     let c = cast(b.column_by_name(name).expect(name), &DataType::Float64).expect("f64");
     let a = c.as_any().downcast_ref::<Float64Array>().expect("f64");
-    (0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i))).collect()
+    (0..a.len())
+        .map(|i| (!a.is_null(i)).then(|| a.value(i)))
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -62,11 +64,17 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let persons: u64 = arg("--persons").and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let persons: u64 = arg("--persons")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let sites: usize = arg("--sites").and_then(|v| v.parse().ok()).unwrap_or(12);
-    let epsilon: f64 = arg("--epsilon-per-year").and_then(|v| v.parse().ok()).unwrap_or(12.0);
+    let epsilon: f64 = arg("--epsilon-per-year")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12.0);
     let temp = tempfile::tempdir()?;
-    let work: PathBuf = arg("--data").map(PathBuf::from).unwrap_or_else(|| temp.path().to_path_buf());
+    let work: PathBuf = arg("--data")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| temp.path().to_path_buf());
     // Served afresh: no ledger or coordinator state from an earlier run.
     let _ = std::fs::remove_dir_all(work.join("state"));
     if let Ok(entries) = std::fs::read_dir(work.join("region")) {
@@ -75,7 +83,9 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let program = Path::new(env!("CARGO_BIN_EXE_confer"));
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let started = Instant::now();
         let (federation, period) = confer_cli::commission::start_region_with(

@@ -87,7 +87,10 @@ pub async fn start_region_with(
         if !text.contains("[policy]") {
             text.push_str(&REGION_POLICY.replace(
                 "budget = { epsilon = 12.0, delta = 1e-6 }",
-                &format!("budget = {{ epsilon = {:?}, delta = 1e-6 }}", epsilon_per_year.max(12.0)),
+                &format!(
+                    "budget = {{ epsilon = {:?}, delta = 1e-6 }}",
+                    epsilon_per_year.max(12.0)
+                ),
             ));
             std::fs::write(&config, text)?;
         }
@@ -189,7 +192,11 @@ pub struct Exact {
 impl Exact {
     /// The exact value of an indicator at a unit, as the release computes
     /// it (factor × N, or factor × N / D; none when D is 0).
-    pub fn value(&self, ind: &confer_coordinator::supervision::indicators::Indicator, unit: &str) -> Option<f64> {
+    pub fn value(
+        &self,
+        ind: &confer_coordinator::supervision::indicators::Indicator,
+        unit: &str,
+    ) -> Option<f64> {
         use confer_coordinator::supervision::indicators::Kind;
         let get = |part: &'static str| {
             self.totals
@@ -253,7 +260,8 @@ pub async fn exact(
 ) -> anyhow::Result<Exact> {
     use arrow::array::{Array, Float64Array, Int64Array};
     use std::collections::HashMap;
-    let region = confer_coordinator::supervision::region::Region::load(&region_dir.join("region.toml"))?;
+    let region =
+        confer_coordinator::supervision::region::Region::load(&region_dir.join("region.toml"))?;
     let mut parent = HashMap::new();
     let mut level = HashMap::new();
     let mut tier = HashMap::new();
@@ -301,7 +309,10 @@ pub async fn exact(
     }
     let mut totals = HashMap::new();
     for ind in &catalogue.indicators {
-        for (part, agg) in [("numerator", &ind.numerator), ("denominator", &ind.denominator)] {
+        for (part, agg) in [
+            ("numerator", &ind.numerator),
+            ("denominator", &ind.denominator),
+        ] {
             let Some(a) = agg else { continue };
             let sql = plain_sql(a, period);
             let mut own: HashMap<String, f64> = HashMap::new();
@@ -322,7 +333,9 @@ pub async fn exact(
                         if site.is_null(i) {
                             continue;
                         }
-                        let Some(unit) = unit_of.get(&site.value(i)) else { continue };
+                        let Some(unit) = unit_of.get(&site.value(i)) else {
+                            continue;
+                        };
                         let keep = a.units.iter().all(|(set, options)| {
                             tier.get(unit)
                                 .and_then(|g| g.get(set))
@@ -343,5 +356,9 @@ pub async fn exact(
             }
         }
     }
-    Ok(Exact { totals, parent, level })
+    Ok(Exact {
+        totals,
+        parent,
+        level,
+    })
 }

@@ -97,8 +97,15 @@ pub async fn supervision(args: SupervisionArgs) -> anyhow::Result<()> {
     match args.action {
         SupervisionAction::Indicators { write: None } => indicators(&mut client).await,
         SupervisionAction::Indicators { write: Some(_) } => Ok(()),
-        SupervisionAction::Run { period, depth, lang } => {
-            print!("{}", run_and_report(&mut client, &period, depth, lang).await?);
+        SupervisionAction::Run {
+            period,
+            depth,
+            lang,
+        } => {
+            print!(
+                "{}",
+                run_and_report(&mut client, &period, depth, lang).await?
+            );
             Ok(())
         }
         SupervisionAction::Report {
@@ -125,7 +132,10 @@ pub async fn supervision(args: SupervisionArgs) -> anyhow::Result<()> {
 
 async fn indicators(client: &mut Client) -> anyhow::Result<()> {
     let o = client
-        .action(confer_protocol::coordinator::actions::SUPERVISION_INDICATORS, Vec::new())
+        .action(
+            confer_protocol::coordinator::actions::SUPERVISION_INDICATORS,
+            Vec::new(),
+        )
         .await?;
     let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
     println!(
@@ -225,7 +235,10 @@ fn run_summary(r: &serde_json::Value) -> String {
     let mut out = String::new();
     let period = r["period"].as_str().unwrap_or("");
     if r["stored"].as_bool() == Some(true) {
-        let _ = writeln!(out, "{period}: already released; the stored release is shown (nothing asked, nothing spent)");
+        let _ = writeln!(
+            out,
+            "{period}: already released; the stored release is shown (nothing asked, nothing spent)"
+        );
     } else {
         let _ = writeln!(
             out,
@@ -281,7 +294,9 @@ fn strings(b: &RecordBatch, name: &str) -> anyhow::Result<Vec<Option<String>>> {
         .as_any()
         .downcast_ref::<StringArray>()
         .ok_or_else(|| anyhow!("column {name}"))?;
-    Ok((0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i).to_string())).collect())
+    Ok((0..a.len())
+        .map(|i| (!a.is_null(i)).then(|| a.value(i).to_string()))
+        .collect())
 }
 
 fn floats(b: &RecordBatch, name: &str) -> anyhow::Result<Vec<Option<f64>>> {
@@ -293,7 +308,9 @@ fn floats(b: &RecordBatch, name: &str) -> anyhow::Result<Vec<Option<f64>>> {
         .as_any()
         .downcast_ref::<Float64Array>()
         .ok_or_else(|| anyhow!("column {name}"))?;
-    Ok((0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i))).collect())
+    Ok((0..a.len())
+        .map(|i| (!a.is_null(i)).then(|| a.value(i)))
+        .collect())
 }
 
 impl Report {
@@ -303,7 +320,10 @@ impl Report {
             bail!("period {period:?}: write 2026-10, 2026-Q3 or 2026");
         }
         let inds = client
-            .run("SELECT id, name_en, name_zh, unit, red_line FROM supervision.indicators", None)
+            .run(
+                "SELECT id, name_en, name_zh, unit, red_line FROM supervision.indicators",
+                None,
+            )
             .await?;
         let units = client
             .run(
@@ -327,7 +347,12 @@ impl Report {
             long: values.batches.clone(),
         };
         for b in &inds.batches {
-            let (id, en, zh, unit) = (strings(b, "id")?, strings(b, "name_en")?, strings(b, "name_zh")?, strings(b, "unit")?);
+            let (id, en, zh, unit) = (
+                strings(b, "id")?,
+                strings(b, "name_en")?,
+                strings(b, "name_zh")?,
+                strings(b, "unit")?,
+            );
             let red = floats(b, "red_line")?;
             for i in 0..b.num_rows() {
                 report.indicators.push((
@@ -340,7 +365,12 @@ impl Report {
             }
         }
         for b in &units.batches {
-            let (code, en, zh, level) = (strings(b, "code")?, strings(b, "name_en")?, strings(b, "name_zh")?, strings(b, "level")?);
+            let (code, en, zh, level) = (
+                strings(b, "code")?,
+                strings(b, "name_en")?,
+                strings(b, "name_zh")?,
+                strings(b, "level")?,
+            );
             let depth = floats(b, "depth")?;
             for i in 0..b.num_rows() {
                 report.units.push((
@@ -354,15 +384,27 @@ impl Report {
         }
         let mut rows = 0;
         for b in &values.batches {
-            let (unit, ind, cat, flags) = (strings(b, "unit")?, strings(b, "indicator")?, strings(b, "category")?, strings(b, "flags")?);
-            let (value, lo, hi) = (floats(b, "value")?, floats(b, "ci_low")?, floats(b, "ci_high")?);
+            let (unit, ind, cat, flags) = (
+                strings(b, "unit")?,
+                strings(b, "indicator")?,
+                strings(b, "category")?,
+                strings(b, "flags")?,
+            );
+            let (value, lo, hi) = (
+                floats(b, "value")?,
+                floats(b, "ci_low")?,
+                floats(b, "ci_high")?,
+            );
             for i in 0..b.num_rows() {
                 rows += 1;
                 if cat[i].as_deref().is_some_and(|c| !c.is_empty()) {
                     continue;
                 }
                 report.cells.insert(
-                    (ind[i].clone().unwrap_or_default(), unit[i].clone().unwrap_or_default()),
+                    (
+                        ind[i].clone().unwrap_or_default(),
+                        unit[i].clone().unwrap_or_default(),
+                    ),
                     Cell {
                         value: value[i],
                         ci: lo[i].zip(hi[i]),
@@ -392,7 +434,11 @@ impl Report {
             Some(c) => match c.value {
                 None => "insufficient".into(),
                 Some(v) => {
-                    let mut s = if v.abs() >= 100.0 { format!("{v:.0}") } else { format!("{v:.1}") };
+                    let mut s = if v.abs() >= 100.0 {
+                        format!("{v:.0}")
+                    } else {
+                        format!("{v:.1}")
+                    };
                     if c.flags.contains("red line") {
                         s.push('!');
                     }
@@ -412,14 +458,31 @@ impl Report {
     fn text(&self, depth: usize, lang: Lang) -> String {
         let cols = self.columns(depth);
         let mut header = vec![format!("{} ({})", "indicator", self.period)];
-        header.extend(cols.iter().map(|u| Self::name(lang, &u.1, &u.2).to_string()));
+        header.extend(
+            cols.iter()
+                .map(|u| Self::name(lang, &u.1, &u.2).to_string()),
+        );
         let mut rows = vec![header];
         for (id, en, zh, unit, _) in &self.indicators {
-            let mut row = vec![format!("{}{}", Self::name(lang, en, zh), if unit.is_empty() { String::new() } else { format!(" ({unit})") })];
-            if cols.iter().all(|u| !self.cells.contains_key(&(id.clone(), u.0.clone()))) {
+            let mut row = vec![format!(
+                "{}{}",
+                Self::name(lang, en, zh),
+                if unit.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({unit})")
+                }
+            )];
+            if cols
+                .iter()
+                .all(|u| !self.cells.contains_key(&(id.clone(), u.0.clone())))
+            {
                 continue;
             }
-            row.extend(cols.iter().map(|u| Self::cell_text(self.cells.get(&(id.clone(), u.0.clone())))));
+            row.extend(
+                cols.iter()
+                    .map(|u| Self::cell_text(self.cells.get(&(id.clone(), u.0.clone())))),
+            );
             rows.push(row);
         }
         let widths: Vec<usize> = (0..rows[0].len())
@@ -432,7 +495,11 @@ impl Report {
                 .enumerate()
                 .map(|(c, v)| {
                     let pad = widths[c] - v.chars().count();
-                    if c == 0 { format!("{v}{}", " ".repeat(pad)) } else { format!("{}{v}", " ".repeat(pad)) }
+                    if c == 0 {
+                        format!("{v}{}", " ".repeat(pad))
+                    } else {
+                        format!("{}{v}", " ".repeat(pad))
+                    }
                 })
                 .collect();
             out.push_str(line.join("  ").trim_end());
@@ -456,25 +523,46 @@ impl Report {
             "csv" => self.write_csv(path, depth, lang),
             "parquet" => self.write_parquet(path),
             "xlsx" => self.write_xlsx(path, lang),
-            other => bail!("--out {}: the extension .{other} is not one of .csv, .parquet, .xlsx", path.display()),
+            other => bail!(
+                "--out {}: the extension .{other} is not one of .csv, .parquet, .xlsx",
+                path.display()
+            ),
         }
     }
 
     fn write_csv(&self, path: &Path, depth: usize, lang: Lang) -> anyhow::Result<()> {
-        let mut w = csv::Writer::from_path(path).with_context(|| format!("cannot write {}", path.display()))?;
+        let mut w = csv::Writer::from_path(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         let cols = self.columns(depth);
         let mut header = vec!["indicator".to_string(), "name".into(), "unit".into()];
-        header.extend(cols.iter().map(|u| format!("{} {}", u.0, Self::name(lang, &u.1, &u.2))));
+        header.extend(
+            cols.iter()
+                .map(|u| format!("{} {}", u.0, Self::name(lang, &u.1, &u.2))),
+        );
         w.write_record(&header)?;
         for (id, en, zh, unit, _) in &self.indicators {
-            let mut row = vec![id.clone(), Self::name(lang, en, zh).to_string(), unit.clone()];
-            row.extend(cols.iter().map(|u| match self.cells.get(&(id.clone(), u.0.clone())) {
-                None => String::new(),
-                Some(c) => match c.value {
-                    None => "insufficient data".into(),
-                    Some(v) => format!("{v}{}", if c.flags.contains("red line") { " (red line)" } else { "" }),
-                },
-            }));
+            let mut row = vec![
+                id.clone(),
+                Self::name(lang, en, zh).to_string(),
+                unit.clone(),
+            ];
+            row.extend(
+                cols.iter()
+                    .map(|u| match self.cells.get(&(id.clone(), u.0.clone())) {
+                        None => String::new(),
+                        Some(c) => match c.value {
+                            None => "insufficient data".into(),
+                            Some(v) => format!(
+                                "{v}{}",
+                                if c.flags.contains("red line") {
+                                    " (red line)"
+                                } else {
+                                    ""
+                                }
+                            ),
+                        },
+                    }),
+            );
             w.write_record(&row)?;
         }
         w.flush()?;
@@ -487,7 +575,8 @@ impl Report {
             .first()
             .map(|b| b.schema())
             .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
-        let file = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, None)?;
         for b in &self.long {
             writer.write(b)?;
@@ -500,13 +589,18 @@ impl Report {
         use rust_xlsxwriter::{Color, Format, Workbook};
         let mut book = Workbook::new();
         let bold = Format::new().set_bold();
-        let breach = Format::new().set_background_color(Color::RGB(0xF8CBAD)).set_num_format("0.0");
+        let breach = Format::new()
+            .set_background_color(Color::RGB(0xF8CBAD))
+            .set_num_format("0.0");
         let plain = Format::new().set_num_format("0.0");
         let grey = Format::new().set_italic().set_font_color(Color::Gray);
         let sheet = book.add_worksheet();
         sheet.set_name("Report")?;
         let title = match lang {
-            Lang::En => format!("Supervision indicators, {} (red: beyond the red line)", self.period),
+            Lang::En => format!(
+                "Supervision indicators, {} (red: beyond the red line)",
+                self.period
+            ),
             Lang::Zh => format!("监管指标 {}（红色：超出红线）", self.period),
         };
         sheet.write_string_with_format(0, 0, &title, &bold)?;
@@ -515,7 +609,12 @@ impl Report {
         sheet.write_string_with_format(1, 2, "red line", &bold)?;
         for (k, u) in self.units.iter().enumerate() {
             let col = 3 + k as u16;
-            sheet.write_string_with_format(1, col, format!("{} {}", u.0, Self::name(lang, &u.1, &u.2)), &bold)?;
+            sheet.write_string_with_format(
+                1,
+                col,
+                format!("{} {}", u.0, Self::name(lang, &u.1, &u.2)),
+                &bold,
+            )?;
         }
         for (r, (id, en, zh, unit, red)) in self.indicators.iter().enumerate() {
             let row = 2 + r as u32;
@@ -532,7 +631,11 @@ impl Report {
                         sheet.write_string_with_format(row, col, "insufficient data", &grey)?;
                     }
                     Some(c @ Cell { value: Some(v), .. }) => {
-                        let f = if c.flags.contains("red line") { &breach } else { &plain };
+                        let f = if c.flags.contains("red line") {
+                            &breach
+                        } else {
+                            &plain
+                        };
                         sheet.write_number_with_format(row, col, *v, f)?;
                     }
                 }
@@ -542,7 +645,10 @@ impl Report {
         sheet.set_column_width(0, 40)?;
         let long = book.add_worksheet();
         long.set_name("Values")?;
-        for (c, h) in ["indicator", "unit", "value", "ci_low", "ci_high", "flags"].iter().enumerate() {
+        for (c, h) in ["indicator", "unit", "value", "ci_low", "ci_high", "flags"]
+            .iter()
+            .enumerate()
+        {
             long.write_string_with_format(0, c as u16, *h, &bold)?;
         }
         for (r, ((ind, unit), cell)) in self.cells.iter().enumerate() {
@@ -558,7 +664,8 @@ impl Report {
             }
             long.write_string(row, 5, &cell.flags)?;
         }
-        book.save(path).with_context(|| format!("cannot write {}", path.display()))?;
+        book.save(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(())
     }
 }

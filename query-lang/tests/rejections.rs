@@ -117,7 +117,11 @@ async fn joins_on_a_declared_unique_column_are_not_marked() {
     info.tables.push(TableInfo {
         name: "cost".into(),
         privacy_unit: Some("person_id".into()),
-        columns: vec![col("cost_event_id", int), col("person_id", int), col("visit_detail_id", int)],
+        columns: vec![
+            col("cost_event_id", int),
+            col("person_id", int),
+            col("visit_detail_id", int),
+        ],
         one_row_per_unit: false,
     });
     let catalog = Catalog::for_node(&info);
@@ -135,7 +139,10 @@ async fn joins_on_a_declared_unique_column_are_not_marked() {
             "FROM cost c JOIN visit_occurrence v ON c.person_id = v.person_id AND c.visit_detail_id = v.care_site_id",
             true,
         ),
-        ("FROM cost c JOIN visit_occurrence v ON c.person_id = v.person_id", true),
+        (
+            "FROM cost c JOIN visit_occurrence v ON c.person_id = v.person_id",
+            true,
+        ),
         // Two copies of the non-unique side.
         (
             "FROM cost c JOIN cost d ON c.person_id = d.person_id AND c.cost_event_id = d.cost_event_id",
@@ -148,7 +155,12 @@ async fn joins_on_a_declared_unique_column_are_not_marked() {
             panic!("{sql}")
         };
         let plan = compile(&q, &catalog, None).await.expect(&sql);
-        assert_eq!(plan.amplification.is_some(), marked, "{from}: {:?}", plan.amplification);
+        assert_eq!(
+            plan.amplification.is_some(),
+            marked,
+            "{from}: {:?}",
+            plan.amplification
+        );
     }
 }
 

@@ -464,7 +464,15 @@ async fn in_subqueries_are_made_distinct() {
             panic!("{sql}")
         };
         let plan = compile(&q, &catalog, None).await.expect(&sql);
-        assert!(plan.local_sql.contains("SELECT DISTINCT"), "{from}: {}", plan.local_sql);
-        assert!(plan.amplification.is_none(), "{from}: {:?}", plan.amplification);
+        assert!(
+            plan.local_sql.contains("SELECT DISTINCT"),
+            "{from}: {}",
+            plan.local_sql
+        );
+        assert!(
+            plan.amplification.is_none(),
+            "{from}: {:?}",
+            plan.amplification
+        );
     }
 }

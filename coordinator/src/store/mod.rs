@@ -251,7 +251,13 @@ pub trait Store: Send + Sync {
     fn jobs(&self) -> Result<Vec<JobRecord>>;
     /// Stores one node's release of one supervision measure for a period
     /// (JSON), as soon as it arrives: a later run does not ask again.
-    fn save_supervision_partial(&self, period: &str, measure: &str, node: &str, body: &str) -> Result<()>;
+    fn save_supervision_partial(
+        &self,
+        period: &str,
+        measure: &str,
+        node: &str,
+        body: &str,
+    ) -> Result<()>;
     /// A period's stored node releases: (measure, node, body).
     fn supervision_partials(&self, period: &str) -> Result<Vec<(String, String, String)>>;
     /// Stores (replaces) a period's release (JSON).

@@ -512,7 +512,13 @@ impl Store for SqliteStore {
         self.json_rows("SELECT body FROM train_jobs ORDER BY created_ms, id")
     }
 
-    fn save_supervision_partial(&self, period: &str, measure: &str, node: &str, body: &str) -> Result<()> {
+    fn save_supervision_partial(
+        &self,
+        period: &str,
+        measure: &str,
+        node: &str,
+        body: &str,
+    ) -> Result<()> {
         let conn = self.conn()?;
         conn.execute(
             "INSERT INTO supervision_partials (period, measure, node, at_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)

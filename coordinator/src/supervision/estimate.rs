@@ -83,7 +83,10 @@ impl Consistent {
 /// noise).
 pub fn consistent(region: &Region, own: &[Option<Own>], grain: f64) -> Consistent {
     let n = region.units.len();
-    let own_raw: Vec<f64> = own.iter().map(|o| o.map_or(0.0, |o| o.value / grain)).collect();
+    let own_raw: Vec<f64> = own
+        .iter()
+        .map(|o| o.map_or(0.0, |o| o.value / grain))
+        .collect();
     let own_var: Vec<f64> = own
         .iter()
         .map(|o| o.map_or(0.0, |o| o.variance / (grain * grain)))
@@ -142,7 +145,10 @@ pub fn split(total: i64, r: &[f64], w: &[f64]) -> Vec<i64> {
         return round_to_total(&x, total);
     }
     let g = |lambda: f64| -> f64 {
-        noisy.iter().map(|&i| (r[i] + lambda * w[i]).max(0.0)).sum::<f64>()
+        noisy
+            .iter()
+            .map(|&i| (r[i] + lambda * w[i]).max(0.0))
+            .sum::<f64>()
     };
     let mut lo = noisy
         .iter()
@@ -188,7 +194,9 @@ fn round_to_total(x: &[f64], total: i64) -> Vec<i64> {
     order.sort_by(|&a, &b| {
         let fa = scaled[a] - scaled[a].floor();
         let fb = scaled[b] - scaled[b].floor();
-        fb.partial_cmp(&fa).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+        fb.partial_cmp(&fa)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
     });
     let mut k = 0;
     while left > 0 && !order.is_empty() {
@@ -214,15 +222,27 @@ pub struct Estimate {
 pub fn count(n: f64, var: f64, factor: f64, z: f64, max_half_width: Option<f64>) -> Estimate {
     let value = factor * n;
     if var <= 0.0 {
-        return Estimate { value: Some(value), ci: None, insufficient: false };
+        return Estimate {
+            value: Some(value),
+            ci: None,
+            insufficient: false,
+        };
     }
     let half = factor * z * var.sqrt();
     let limit = max_half_width.unwrap_or(0.5 * value.abs());
     let ci = ((value - half).max(0.0), value + half);
     if half > limit {
-        return Estimate { value: None, ci: Some(ci), insufficient: true };
+        return Estimate {
+            value: None,
+            ci: Some(ci),
+            insufficient: true,
+        };
     }
-    Estimate { value: Some(value), ci: Some(ci), insufficient: false }
+    Estimate {
+        value: Some(value),
+        ci: Some(ci),
+        insufficient: false,
+    }
 }
 
 /// A ratio `factor × n / d` by the delta method; `proportion` keeps it
@@ -239,7 +259,11 @@ pub fn ratio(
     max_half_width: Option<f64>,
 ) -> Estimate {
     if d <= 0.0 || d - z * var_d.sqrt() <= 0.0 {
-        return Estimate { value: None, ci: None, insufficient: true };
+        return Estimate {
+            value: None,
+            ci: None,
+            insufficient: true,
+        };
     }
     let mut value = factor * n / d;
     let se = factor * (var_n / (d * d) + n * n * var_d / (d * d * d * d)).sqrt();
@@ -257,9 +281,17 @@ pub fn ratio(
         0.5 * value.abs()
     });
     if half > limit {
-        return Estimate { value: None, ci: Some(ci), insufficient: true };
+        return Estimate {
+            value: None,
+            ci: Some(ci),
+            insufficient: true,
+        };
     }
-    Estimate { value: Some(value), ci: Some(ci), insufficient: false }
+    Estimate {
+        value: Some(value),
+        ci: Some(ci),
+        insufficient: false,
+    }
 }
 
 #[cfg(test)]
@@ -311,7 +343,10 @@ parent = "x"
 "#;
 
     fn own(v: f64, var: f64) -> Option<Own> {
-        Some(Own { value: v, variance: var })
+        Some(Own {
+            value: v,
+            variance: var,
+        })
     }
 
     #[test]
@@ -325,9 +360,9 @@ parent = "x"
         releases[at("x2")] = own(12.6, 4.0);
         releases[at("y")] = own(40.1, 4.0);
         let c = consistent(&region, &releases, 1.0);
-        for i in 0..5 {
+        for (i, code) in order.iter().enumerate() {
             let kids: i64 = region.children(i).iter().map(|&k| c.total[k]).sum();
-            assert_eq!(c.total[i], c.own[i] + kids, "unit {}", order[i]);
+            assert_eq!(c.total[i], c.own[i] + kids, "unit {code}");
             assert!(c.total[i] >= 0 && c.own[i] >= 0);
         }
         // Raw root 149.9 → 150.
@@ -351,14 +386,19 @@ parent = "x"
         let mut sums = vec![None; 5];
         sums[at("x1")] = own(10.255, 1e-9);
         let c = consistent(&region, &sums, 0.01);
-        assert!((c.value(at("x1")) - 10.26).abs() < 1e-9 || (c.value(at("x1")) - 10.25).abs() < 1e-9);
+        assert!(
+            (c.value(at("x1")) - 10.26).abs() < 1e-9 || (c.value(at("x1")) - 10.25).abs() < 1e-9
+        );
     }
 
     #[test]
     fn splits_are_exact_and_weighted() {
         let parts = split(10, &[8.0, 8.0], &[1.0, 3.0]);
         assert_eq!(parts.iter().sum::<i64>(), 10);
-        assert!(parts[0] > parts[1], "the noisier part gives more: {parts:?}");
+        assert!(
+            parts[0] > parts[1],
+            "the noisier part gives more: {parts:?}"
+        );
         assert_eq!(split(0, &[-4.0, 2.0], &[1.0, 1.0]), vec![0, 0]);
         assert_eq!(split(5, &[0.0, 5.0], &[0.0, 1.0]), vec![0, 5]);
         // Without noise (an epsilon so large its variance is 0) the parts
@@ -374,7 +414,11 @@ parent = "x"
         let (lo, hi) = e.ci.expect("ci");
         assert!(lo < 30.0 && hi > 30.0);
         assert!(ratio(3.0, 4.0, 5.0, 4.0, 100.0, true, 1.96, None).insufficient);
-        assert!(ratio(3.0, 4.0, -1.0, 4.0, 100.0, true, 1.96, None).value.is_none());
+        assert!(
+            ratio(3.0, 4.0, -1.0, 4.0, 100.0, true, 1.96, None)
+                .value
+                .is_none()
+        );
         assert!(count(4.0, 9.0, 1.0, 1.96, None).insufficient);
         assert!(!count(400.0, 9.0, 1.0, 1.96, None).insufficient);
     }

@@ -282,7 +282,9 @@ impl Catalogue {
             ))
         })?;
         Self::parse(&text).map_err(|e| match e {
-            CoordinatorError::Config(m) => CoordinatorError::Config(format!("{}: {m}", path.display())),
+            CoordinatorError::Config(m) => {
+                CoordinatorError::Config(format!("{}: {m}", path.display()))
+            }
             other => other,
         })
     }
@@ -294,7 +296,8 @@ impl Catalogue {
             toml::from_str(text).map_err(|e| CoordinatorError::Config(e.to_string()))?;
         let mut ids = BTreeSet::new();
         for i in &file.indicators {
-            let bad = |what: String| CoordinatorError::Config(format!("indicator {}: {what}", i.id));
+            let bad =
+                |what: String| CoordinatorError::Config(format!("indicator {}: {what}", i.id));
             if i.id.is_empty() || !i.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(bad("the id uses letters, digits and '_'".into()));
             }
@@ -302,7 +305,10 @@ impl Catalogue {
                 return Err(bad("the id is used twice".into()));
             }
             if !(i.factor.is_finite() && i.factor > 0.0) {
-                return Err(bad(format!("factor = {}: give a positive number", i.factor)));
+                return Err(bad(format!(
+                    "factor = {}: give a positive number",
+                    i.factor
+                )));
             }
             let reporting = matches!(i.kind, Kind::Completeness | Kind::Timeliness);
             match (i.kind, &i.numerator, &i.denominator) {
@@ -312,7 +318,9 @@ impl Catalogue {
                 }
                 (Kind::Proportion | Kind::Ratio, Some(_), Some(_)) => {}
                 (Kind::Proportion | Kind::Ratio, _, _) => {
-                    return Err(bad("a proportion or ratio needs a numerator and a denominator".into()));
+                    return Err(bad(
+                        "a proportion or ratio needs a numerator and a denominator".into(),
+                    ));
                 }
                 (_, None, None) => {}
                 (_, _, _) => {
@@ -323,30 +331,55 @@ impl Catalogue {
                 }
             }
             if reporting && !i.disaggregations.is_empty() {
-                return Err(bad("completeness and timeliness have no disaggregations".into()));
+                return Err(bad(
+                    "completeness and timeliness have no disaggregations".into()
+                ));
             }
             for d in &i.disaggregations {
                 if !DISAGGREGATIONS.iter().any(|(n, _)| n == d) {
                     return Err(bad(format!(
                         "disaggregation {d:?} is not known: use {}",
-                        DISAGGREGATIONS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                        DISAGGREGATIONS
+                            .iter()
+                            .map(|(n, _)| *n)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )));
                 }
             }
             for (part, agg) in [("numerator", &i.numerator), ("denominator", &i.denominator)] {
                 let Some(a) = agg else { continue };
-                if a.from.trim().is_empty() || a.aggregate.trim().is_empty() || a.date.trim().is_empty() {
-                    return Err(bad(format!("{part}: from, date and aggregate are required")));
+                if a.from.trim().is_empty()
+                    || a.aggregate.trim().is_empty()
+                    || a.date.trim().is_empty()
+                {
+                    return Err(bad(format!(
+                        "{part}: from, date and aggregate are required"
+                    )));
                 }
                 if a.max_rows == 0 || a.max_units == 0 {
-                    return Err(bad(format!("{part}: max_rows and max_units are at least 1")));
+                    return Err(bad(format!(
+                        "{part}: max_rows and max_units are at least 1"
+                    )));
                 }
-                if a.condition.as_deref().is_some_and(|c| c.contains("{concepts}")) && a.concepts.is_empty() {
-                    return Err(bad(format!("{part}: the condition uses {{concepts}} but concepts = [] is empty")));
+                if a.condition
+                    .as_deref()
+                    .is_some_and(|c| c.contains("{concepts}"))
+                    && a.concepts.is_empty()
+                {
+                    return Err(bad(format!(
+                        "{part}: the condition uses {{concepts}} but concepts = [] is empty"
+                    )));
                 }
-                for text in [&a.from, &a.aggregate, &a.date, &a.unit_column, &a.person_column]
-                    .into_iter()
-                    .chain(a.condition.as_ref())
+                for text in [
+                    &a.from,
+                    &a.aggregate,
+                    &a.date,
+                    &a.unit_column,
+                    &a.person_column,
+                ]
+                .into_iter()
+                .chain(a.condition.as_ref())
                 {
                     if text.contains(';') || text.contains("--") || text.contains("/*") {
                         return Err(bad(format!(
@@ -357,7 +390,9 @@ impl Catalogue {
             }
         }
         if file.indicators.is_empty() {
-            return Err(CoordinatorError::Config("the catalogue has no [[indicator]]".into()));
+            return Err(CoordinatorError::Config(
+                "the catalogue has no [[indicator]]".into(),
+            ));
         }
         Ok(Self {
             indicators: file.indicators,
@@ -378,7 +413,9 @@ impl Catalogue {
             for a in [&i.numerator, &i.denominator].into_iter().flatten() {
                 let mut agg = a.clone();
                 agg.units.clear();
-                for by in std::iter::once(None).chain(i.disaggregations.iter().map(|d| Some(d.clone()))) {
+                for by in
+                    std::iter::once(None).chain(i.disaggregations.iter().map(|d| Some(d.clone())))
+                {
                     out.insert(Measure {
                         aggregate: agg.clone(),
                         by,
@@ -416,7 +453,10 @@ mod tests {
                     * (i.numerator.is_some() as usize + i.denominator.is_some() as usize)
             })
             .sum();
-        assert!(monthly.len() < numerators_and_denominators, "shared measures are run once");
+        assert!(
+            monthly.len() < numerators_and_denominators,
+            "shared measures are run once"
+        );
         let keys: BTreeSet<String> = monthly.iter().map(Measure::key).collect();
         assert_eq!(keys.len(), monthly.len());
     }
@@ -427,7 +467,10 @@ mod tests {
         let m = c.measures(PeriodType::Month);
         let p = Period::parse("2024-10").expect("period");
         let sql = m[0].sql(&p, 0.5, 1e-6, 0.95);
-        assert!(sql.contains(">= DATE '2024-10-01'") && sql.contains("< DATE '2024-11-01'"), "{sql}");
+        assert!(
+            sql.contains(">= DATE '2024-10-01'") && sql.contains("< DATE '2024-11-01'"),
+            "{sql}"
+        );
         assert!(sql.contains("GROUP BY"), "{sql}");
         assert!(confer_query::parse(&sql).is_ok(), "{sql}");
     }
@@ -437,7 +480,16 @@ mod tests {
         let text = STANDARD.replacen("kind = \"count\"", "kind = \"proportion\"", 1);
         let e = Catalogue::parse(&text).expect_err("refused").to_string();
         assert!(e.contains("indicator outpatient_emergency_visits:"), "{e}");
-        let text = STANDARD.replacen("disaggregations = [\"sex\"]", "disaggregations = [\"height\"]", 1);
-        assert!(Catalogue::parse(&text).unwrap_err().to_string().contains("height"));
+        let text = STANDARD.replacen(
+            "disaggregations = [\"sex\"]",
+            "disaggregations = [\"height\"]",
+            1,
+        );
+        assert!(
+            Catalogue::parse(&text)
+                .unwrap_err()
+                .to_string()
+                .contains("height")
+        );
     }
 }

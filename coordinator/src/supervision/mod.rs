@@ -138,13 +138,21 @@ impl SupervisionConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(CoordinatorError::Config(format!("supervision.{m}")));
         if !(self.epsilon_per_year.is_finite() && self.epsilon_per_year > 0.0) {
-            return bad(format!("epsilon_per_year = {}: give a positive number", self.epsilon_per_year));
+            return bad(format!(
+                "epsilon_per_year = {}: give a positive number",
+                self.epsilon_per_year
+            ));
         }
         if !(self.delta > 0.0 && self.delta < 1.0) {
-            return bad(format!("delta = {}: give a number between 0 and 1 (e.g. 1e-6)", self.delta));
+            return bad(format!(
+                "delta = {}: give a number between 0 and 1 (e.g. 1e-6)",
+                self.delta
+            ));
         }
         let s = self.shares;
-        if [s.month, s.quarter, s.year].iter().any(|v| !(v.is_finite() && *v >= 0.0))
+        if [s.month, s.quarter, s.year]
+            .iter()
+            .any(|v| !(v.is_finite() && *v >= 0.0))
             || s.month + s.quarter + s.year > 1.0 + 1e-9
         {
             return bad(format!(
@@ -156,7 +164,10 @@ impl SupervisionConfig {
             return bad(format!("confidence = {}: between 0 and 1", self.confidence));
         }
         if self.run_day > 28 {
-            return bad(format!("run_day = {}: a day from 1 to 28 (0: on demand only)", self.run_day));
+            return bad(format!(
+                "run_day = {}: a day from 1 to 28 (0: on demand only)",
+                self.run_day
+            ));
         }
         if self.retry_minutes == 0 {
             return bad("retry_minutes must be at least 1".into());
@@ -224,7 +235,10 @@ impl Supervision {
                             i.id
                         ))
                     })?;
-                    if let Some(o) = options.iter().find(|o| !g.options.iter().any(|x| &x.id == *o)) {
+                    if let Some(o) = options
+                        .iter()
+                        .find(|o| !g.options.iter().any(|x| &x.id == *o))
+                    {
                         return Err(CoordinatorError::Config(format!(
                             "indicator {}: {o:?} is not an option of group set {set}",
                             i.id
@@ -247,7 +261,7 @@ impl Supervision {
     pub fn due(today: chrono::NaiveDate) -> Vec<Period> {
         let month = Period::month_before(today);
         let mut out = vec![month];
-        if month.index % 3 == 0 {
+        if month.index.is_multiple_of(3) {
             out.push(Period {
                 kind: PeriodType::Quarter,
                 year: month.year,
@@ -286,7 +300,9 @@ pub fn spawn_schedule(state: Arc<CoordinatorState>) -> Option<tokio::task::JoinH
                             missing = r.nodes.iter().filter(|n| !n.complete).count(),
                             "scheduled supervision release"
                         ),
-                        Err(e) => warn!(period = %period, "scheduled supervision release failed: {}", e.message),
+                        Err(e) => {
+                            warn!(period = %period, "scheduled supervision release failed: {}", e.message)
+                        }
                     }
                 }
             }
@@ -317,7 +333,9 @@ pub async fn run_action(
 ) -> std::result::Result<run::RunReport, confer_protocol::ProtocolError> {
     let sup = state.supervision.clone().ok_or_else(not_configured)?;
     let req: RunRequest = serde_json::from_slice(body).map_err(|e| {
-        confer_protocol::ProtocolError::invalid(format!("expected {{\"period\": \"2026-10\"}}: {e}"))
+        confer_protocol::ProtocolError::invalid(format!(
+            "expected {{\"period\": \"2026-10\"}}: {e}"
+        ))
     })?;
     let period = Period::parse(&req.period).map_err(confer_protocol::ProtocolError::invalid)?;
     sup.run(state, period, &user.name).await

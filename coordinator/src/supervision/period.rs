@@ -54,7 +54,9 @@ impl Period {
     pub fn parse(text: &str) -> Result<Self, String> {
         let t = text.trim();
         let err = || {
-            format!("period {text:?}: write a month as 2026-10, a quarter as 2026-Q3, or a year as 2026")
+            format!(
+                "period {text:?}: write a month as 2026-10, a quarter as 2026-Q3, or a year as 2026"
+            )
         };
         let year = |y: &str| -> Result<i32, String> {
             let y: i32 = y.parse().map_err(|_| err())?;
@@ -70,18 +72,30 @@ impl Period {
                 if !(1..=4).contains(&q) {
                     return Err(err());
                 }
-                return Ok(Period { kind: PeriodType::Quarter, year, index: q });
+                return Ok(Period {
+                    kind: PeriodType::Quarter,
+                    year,
+                    index: q,
+                });
             }
             let m: u32 = rest.parse().map_err(|_| err())?;
             if !(1..=12).contains(&m) || rest.len() != 2 {
                 return Err(err());
             }
-            return Ok(Period { kind: PeriodType::Month, year, index: m });
+            return Ok(Period {
+                kind: PeriodType::Month,
+                year,
+                index: m,
+            });
         }
         if t.len() != 4 {
             return Err(err());
         }
-        Ok(Period { kind: PeriodType::Year, year: year(t)?, index: 1 })
+        Ok(Period {
+            kind: PeriodType::Year,
+            year: year(t)?,
+            index: 1,
+        })
     }
 
     /// The month before the one holding `day`.
@@ -91,7 +105,11 @@ impl Period {
         } else {
             (day.year(), day.month() - 1)
         };
-        Period { kind: PeriodType::Month, year, index: month }
+        Period {
+            kind: PeriodType::Month,
+            year,
+            index: month,
+        }
     }
 
     /// First day.
@@ -143,7 +161,10 @@ mod tests {
         assert_eq!(m.start().to_string(), "2026-10-01");
         assert_eq!(m.end().to_string(), "2026-11-01");
         let q = Period::parse("2026-Q4").expect("quarter");
-        assert_eq!((q.start().to_string(), q.end().to_string()), ("2026-10-01".into(), "2027-01-01".into()));
+        assert_eq!(
+            (q.start().to_string(), q.end().to_string()),
+            ("2026-10-01".into(), "2027-01-01".into())
+        );
         let y = Period::parse("2025").expect("year");
         assert_eq!(y.end().to_string(), "2026-01-01");
         for bad in ["2026-13", "2026-Q5", "26-10", "2026-1", "october", ""] {

@@ -126,8 +126,12 @@ fn bad(what: impl Into<String>) -> CoordinatorError {
 impl Region {
     /// Reads and checks a region file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| bad(format!("supervision.region: cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            bad(format!(
+                "supervision.region: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
         Self::parse(&text).map_err(|e| match e {
             CoordinatorError::Config(m) => bad(format!("{}: {m}", path.display())),
             other => other,
@@ -142,7 +146,9 @@ impl Region {
 
     fn new(levels: Vec<Level>, group_sets: Vec<GroupSet>, units: Vec<OrgUnit>) -> Result<Self> {
         if levels.is_empty() {
-            return Err(bad("no [[level]]: list the levels top to bottom (city, county, ...)"));
+            return Err(bad(
+                "no [[level]]: list the levels top to bottom (city, county, ...)",
+            ));
         }
         let mut level_of = HashMap::new();
         for (i, l) in levels.iter().enumerate() {
@@ -158,7 +164,10 @@ impl Region {
         let mut index = HashMap::new();
         for (i, u) in units.iter().enumerate() {
             if u.code.trim().is_empty() || u.code.trim() != u.code {
-                return Err(bad(format!("unit {i}: code {:?} is empty or has spaces", u.code)));
+                return Err(bad(format!(
+                    "unit {i}: code {:?} is empty or has spaces",
+                    u.code
+                )));
             }
             if index.insert(u.code.clone(), i).is_some() {
                 return Err(bad(format!("unit {} is listed twice", u.code)));
@@ -171,14 +180,21 @@ impl Region {
                     "unit {}: level {:?} is not one of the [[level]] ids ({})",
                     u.code,
                     u.level,
-                    levels.iter().map(|l| l.id.as_str()).collect::<Vec<_>>().join(", ")
+                    levels
+                        .iter()
+                        .map(|l| l.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             })?;
             match &u.parent {
                 None => roots.push(u.code.clone()),
                 Some(p) => {
                     let parent = index.get(p).map(|&i| &units[i]).ok_or_else(|| {
-                        bad(format!("unit {}: parent {p:?} is not a unit of the region", u.code))
+                        bad(format!(
+                            "unit {}: parent {p:?} is not a unit of the region",
+                            u.code
+                        ))
                     })?;
                     let parent_level = level_of[&parent.level];
                     if level != parent_level + 1 {
@@ -192,7 +208,10 @@ impl Region {
             }
             for (set, option) in &u.groups {
                 let g = group_sets.iter().find(|g| &g.id == set).ok_or_else(|| {
-                    bad(format!("unit {}: group set {set:?} is not declared in [[group_set]]", u.code))
+                    bad(format!(
+                        "unit {}: group set {set:?} is not declared in [[group_set]]",
+                        u.code
+                    ))
                 })?;
                 if !g.options.iter().any(|o| &o.id == option) {
                     return Err(bad(format!(
@@ -214,7 +233,10 @@ impl Region {
             }
         };
         if level_of[&units[index[&root]].level] != 0 {
-            return Err(bad(format!("the root unit {root} must be at the top level {}", levels[0].id)));
+            return Err(bad(format!(
+                "the root unit {root} must be at the top level {}",
+                levels[0].id
+            )));
         }
         // Parents before children; a cycle leaves units unreached.
         let mut kids: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -232,11 +254,16 @@ impl Region {
             }
         }
         if order.len() != units.len() {
-            return Err(bad("some units are not under the root (their parents form a cycle)"));
+            return Err(bad(
+                "some units are not under the root (their parents form a cycle)",
+            ));
         }
         let units: Vec<OrgUnit> = order.iter().map(|&i| units[i].clone()).collect();
-        let index: HashMap<String, usize> =
-            units.iter().enumerate().map(|(i, u)| (u.code.clone(), i)).collect();
+        let index: HashMap<String, usize> = units
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.code.clone(), i))
+            .collect();
         let mut children = vec![Vec::new(); units.len()];
         let mut depth = vec![0; units.len()];
         for (i, u) in units.iter().enumerate() {
@@ -394,11 +421,23 @@ parent = "root"
     #[test]
     fn bad_trees_name_the_unit() {
         let cases = [
-            (TREE.replace("parent = \"root\"\ngroups", "parent = \"nowhere\"\ngroups"), "parent \"nowhere\""),
-            (TREE.replace("tier = \"county\"", "tier = \"village\""), "not an option"),
-            (TREE.replace("code = \"c1\"", "code = \"c2\""), "listed twice"),
             (
-                TREE.replace("name_en = \"County 1\"\nlevel = \"county\"", "name_en = \"County 1\"\nlevel = \"city\""),
+                TREE.replace("parent = \"root\"\ngroups", "parent = \"nowhere\"\ngroups"),
+                "parent \"nowhere\"",
+            ),
+            (
+                TREE.replace("tier = \"county\"", "tier = \"village\""),
+                "not an option",
+            ),
+            (
+                TREE.replace("code = \"c1\"", "code = \"c2\""),
+                "listed twice",
+            ),
+            (
+                TREE.replace(
+                    "name_en = \"County 1\"\nlevel = \"county\"",
+                    "name_en = \"County 1\"\nlevel = \"city\"",
+                ),
                 "one level",
             ),
         ];
@@ -412,15 +451,30 @@ parent = "root"
     fn holdings_are_checked() {
         let r = Region::parse(TREE).expect("tree");
         let mut h = Holdings::default();
-        h.nodes.insert("a".into(), BTreeMap::from([("c1".to_string(), vec![1])]));
-        h.nodes.insert("b".into(), BTreeMap::from([("c2".to_string(), vec![2])]));
+        h.nodes
+            .insert("a".into(), BTreeMap::from([("c1".to_string(), vec![1])]));
+        h.nodes
+            .insert("b".into(), BTreeMap::from([("c2".to_string(), vec![2])]));
         h.check(&r).expect("fine");
         assert_eq!(h.holder("c2"), Some("b"));
-        h.nodes.insert("c".into(), BTreeMap::from([("c9".to_string(), vec![3])]));
-        assert!(h.check(&r).unwrap_err().to_string().contains("not in the region's tree"));
-        h.nodes.insert("c".into(), BTreeMap::from([("c1".to_string(), vec![3])]));
-        assert!(h.check(&r).unwrap_err().to_string().contains("declared by both"));
-        h.nodes.insert("c".into(), BTreeMap::from([("root".to_string(), vec![2])]));
+        h.nodes
+            .insert("c".into(), BTreeMap::from([("c9".to_string(), vec![3])]));
+        assert!(
+            h.check(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("not in the region's tree")
+        );
+        h.nodes
+            .insert("c".into(), BTreeMap::from([("c1".to_string(), vec![3])]));
+        assert!(
+            h.check(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("declared by both")
+        );
+        h.nodes
+            .insert("c".into(), BTreeMap::from([("root".to_string(), vec![2])]));
         assert!(h.check(&r).unwrap_err().to_string().contains("overlap"));
     }
 }

@@ -152,7 +152,10 @@ impl Supervision {
         let holdings = self.holdings(state).await?;
         let measures = self.catalogue.measures(period.kind);
         if measures.is_empty() {
-            return Err(invalid(format!("no indicator is released for {} periods", period.kind.as_str())));
+            return Err(invalid(format!(
+                "no indicator is released for {} periods",
+                period.kind.as_str()
+            )));
         }
         let (epsilon, rho) = self.epsilon_per_measure(period.kind, measures.len())?;
         let study = self.ensure_study(state)?;
@@ -184,17 +187,41 @@ impl Supervision {
             .collect();
         let to_ask: Vec<NodeHandle> = holders
             .iter()
-            .filter(|n| plans.iter().any(|(m, _, _)| !have.contains(&(m.key(), n.name.clone()))))
+            .filter(|n| {
+                plans
+                    .iter()
+                    .any(|(m, _, _)| !have.contains(&(m.key(), n.name.clone())))
+            })
             .cloned()
             .collect();
         let mut why_missing: HashMap<String, String> = holdings.unreachable.clone();
         if !to_ask.is_empty() {
-            self.ask(state, &study, &key, &plans, &to_ask, &have, run_number, &mut why_missing)
-                .await?;
+            self.ask(
+                state,
+                &study,
+                &key,
+                &plans,
+                &to_ask,
+                &have,
+                run_number,
+                &mut why_missing,
+            )
+            .await?;
         }
-        let release = self
-            .assemble(state, period, &holdings, &plans, run_number, by, stored.as_ref(), &why_missing, epsilon, rho)?;
-        let body = serde_json::to_string(&release).map_err(|e| ProtocolError::internal(e.to_string()))?;
+        let release = self.assemble(
+            state,
+            period,
+            &holdings,
+            &plans,
+            run_number,
+            by,
+            stored.as_ref(),
+            &why_missing,
+            epsilon,
+            rho,
+        )?;
+        let body =
+            serde_json::to_string(&release).map_err(|e| ProtocolError::internal(e.to_string()))?;
         state
             .store
             .save_supervision_release(&key, &body)
@@ -225,10 +252,18 @@ impl Supervision {
     /// The org units each node declares, checked against the tree (a node
     /// that does not answer is recorded, and its units are missing).
     pub async fn holdings(&self, state: &CoordinatorState) -> Result<Holdings, ProtocolError> {
-        let timeout = state.config.node_timeout().min(std::time::Duration::from_secs(15));
+        let timeout = state
+            .config
+            .node_timeout()
+            .min(std::time::Duration::from_secs(15));
         let gathered = fanout::gather(state.nodes(), "the supervision units", |n| async move {
-            n.action_json::<SupervisionUnits>(actions::SUPERVISION_UNITS, Vec::new(), "supervision units", timeout)
-                .await
+            n.action_json::<SupervisionUnits>(
+                actions::SUPERVISION_UNITS,
+                Vec::new(),
+                "supervision units",
+                timeout,
+            )
+            .await
         })
         .await;
         let mut holdings = Holdings::default();
@@ -238,7 +273,11 @@ impl Supervision {
             }
         }
         // A node that does not answer now keeps the units it declared last.
-        let last = self.last_holdings.lock().map_err(|_| ProtocolError::internal("lock poisoned"))?.clone();
+        let last = self
+            .last_holdings
+            .lock()
+            .map_err(|_| ProtocolError::internal("lock poisoned"))?
+            .clone();
         for (name, e) in gathered.missing.iter().zip(&gathered.failures) {
             if let Some(units) = last.nodes.get(name) {
                 holdings.nodes.insert(name.clone(), units.clone());
@@ -248,7 +287,10 @@ impl Supervision {
         holdings
             .check(&self.region)
             .map_err(|e| invalid(e.to_string()))?;
-        *self.last_holdings.lock().map_err(|_| ProtocolError::internal("lock poisoned"))? = holdings.clone();
+        *self
+            .last_holdings
+            .lock()
+            .map_err(|_| ProtocolError::internal("lock poisoned"))? = holdings.clone();
         Ok(holdings)
     }
 
@@ -260,8 +302,9 @@ impl Supervision {
         measures: usize,
     ) -> Result<(f64, f64), ProtocolError> {
         let c = &self.config;
-        let rho_year = confer_privacy::accounting::rho_for_epsilon_delta(c.epsilon_per_year, c.delta)
-            .map_err(|e| invalid(format!("supervision.epsilon_per_year: {e}")))?;
+        let rho_year =
+            confer_privacy::accounting::rho_for_epsilon_delta(c.epsilon_per_year, c.delta)
+                .map_err(|e| invalid(format!("supervision.epsilon_per_year: {e}")))?;
         let share = c.shares.of(kind);
         let rho_period = rho_year * share / kind.per_year() as f64;
         let rho = rho_period / measures as f64;
@@ -292,7 +335,10 @@ impl Supervision {
             created_ms: now_ms(),
             created_by: "confer supervision".into(),
         };
-        state.store.create_study(&study).map_err(ProtocolError::from)?;
+        state
+            .store
+            .create_study(&study)
+            .map_err(ProtocolError::from)?;
         Ok(study)
     }
 
@@ -327,9 +373,10 @@ impl Supervision {
             .indicators
             .iter()
             .filter(|i| {
-                [&i.numerator, &i.denominator].into_iter().flatten().any(|a| {
-                    measure_of(a, None).aggregate == m.aggregate
-                })
+                [&i.numerator, &i.denominator]
+                    .into_iter()
+                    .flatten()
+                    .any(|a| measure_of(a, None).aggregate == m.aggregate)
             })
             .map(|i| i.id.clone())
             .collect()
@@ -337,7 +384,11 @@ impl Supervision {
 
     /// Every concept an indicator lists is in some node's `concept` table
     /// (a public table: asked without DP, nothing spent).
-    async fn check_concepts(&self, state: &CoordinatorState, study: &Study) -> Result<(), ProtocolError> {
+    async fn check_concepts(
+        &self,
+        state: &CoordinatorState,
+        study: &Study,
+    ) -> Result<(), ProtocolError> {
         let wanted: BTreeSet<i64> = self
             .catalogue
             .indicators
@@ -354,8 +405,14 @@ impl Supervision {
             warn!("no node publishes a concept table: the indicators' concepts are not checked");
             return Ok(());
         }
-        let list = wanted.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
-        let sql = format!("SELECT DISTINCT CAST(concept_id AS BIGINT) AS concept_id FROM concept WHERE concept_id IN ({list})");
+        let list = wanted
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT DISTINCT CAST(concept_id AS BIGINT) AS concept_id FROM concept WHERE concept_id IN ({list})"
+        );
         let mut task = Task::query(&study.name, &self.config.user, &sql, state.task_ttl())
             .for_nodes(state.node_names());
         task.kind = TaskKind::PublicQuery(QueryTask { sql: sql.clone() });
@@ -373,12 +430,7 @@ impl Supervision {
         }
         let mut found = BTreeSet::new();
         for (_, part) in &gathered.ok {
-            if let Some(a) = part
-                .batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-            {
+            if let Some(a) = part.batch.column(0).as_any().downcast_ref::<Int64Array>() {
                 found.extend(a.iter().flatten());
             }
         }
@@ -444,7 +496,12 @@ impl Supervision {
                 .collect();
             let checks = futures::future::join_all(asked.iter().map(|n| {
                 let one = std::slice::from_ref(n);
-                async move { (n.name.clone(), state.precheck(one, envelope, 1, policy).await) }
+                async move {
+                    (
+                        n.name.clone(),
+                        state.precheck(one, envelope, 1, policy).await,
+                    )
+                }
             }))
             .await;
             for (name, outcome) in checks {
@@ -485,7 +542,10 @@ impl Supervision {
                 confer_query::combine::check(plan, &p).map_err(|e| {
                     ProtocolError::new(
                         ErrorKind::Internal,
-                        format!("node {} sent a release that does not fit the query, set aside: {e}", n.name),
+                        format!(
+                            "node {} sent a release that does not fit the query, set aside: {e}",
+                            n.name
+                        ),
                     )
                 })?;
                 Ok(p)
@@ -493,7 +553,8 @@ impl Supervision {
             .await;
             for (name, part) in gathered.ok {
                 let release = decode(plan, &part, *task_id, run)?;
-                let body = serde_json::to_string(&release).map_err(|e| ProtocolError::internal(e.to_string()))?;
+                let body = serde_json::to_string(&release)
+                    .map_err(|e| ProtocolError::internal(e.to_string()))?;
                 state
                     .store
                     .save_supervision_partial(period, &m.key(), &name, &body)
@@ -528,8 +589,9 @@ impl Supervision {
             .map_err(ProtocolError::from)?;
         let mut by_measure: HashMap<(String, String), NodeRelease> = HashMap::new();
         for (measure, node, body) in partials {
-            let r: NodeRelease = serde_json::from_str(&body)
-                .map_err(|e| ProtocolError::internal(format!("stored node release unreadable: {e}")))?;
+            let r: NodeRelease = serde_json::from_str(&body).map_err(|e| {
+                ProtocolError::internal(format!("stored node release unreadable: {e}"))
+            })?;
             by_measure.insert((measure, node), r);
         }
         // How each node fared.
@@ -542,7 +604,8 @@ impl Supervision {
                 .map(|(m, _, _)| by_measure.get(&(m.key(), node.clone())).map(|r| r.run))
                 .collect();
             let complete = runs.iter().all(Option::is_some);
-            let completed_in_run = complete.then(|| runs.iter().flatten().copied().max().unwrap_or(1));
+            let completed_in_run =
+                complete.then(|| runs.iter().flatten().copied().max().unwrap_or(1));
             if complete {
                 complete_nodes.insert(node.clone());
                 if completed_in_run == Some(1) {
@@ -580,7 +643,11 @@ impl Supervision {
         let mut consistent: HashMap<(String, Option<i64>), estimate::Consistent> = HashMap::new();
         let mut incomplete_unit = vec![false; n];
         for (m, _, plan) in plans {
-            let grain = if plan.aggregates.iter().all(|a| a.kind.is_count()) { 1.0 } else { 0.01 };
+            let grain = if plan.aggregates.iter().all(|a| a.kind.is_count()) {
+                1.0
+            } else {
+                0.01
+            };
             let mut own: HashMap<Option<i64>, Vec<Option<Own>>> = HashMap::new();
             let categories = category_domain(m.by.as_deref());
             for c in &categories {
@@ -594,10 +661,15 @@ impl Supervision {
                     let Some(&u) = unit_of.get(&(node.clone(), *site)) else {
                         continue;
                     };
-                    let Some(slot) = own.get_mut(cat) else { continue };
+                    let Some(slot) = own.get_mut(cat) else {
+                        continue;
+                    };
                     match value {
                         Some(v) => {
-                            let o = slot[u].get_or_insert(Own { value: 0.0, variance: 0.0 });
+                            let o = slot[u].get_or_insert(Own {
+                                value: 0.0,
+                                variance: 0.0,
+                            });
                             o.value += v;
                             o.variance += var;
                         }
@@ -606,7 +678,10 @@ impl Supervision {
                 }
             }
             for (cat, releases) in own {
-                consistent.insert((m.key(), cat), estimate::consistent(region, &releases, grain));
+                consistent.insert(
+                    (m.key(), cat),
+                    estimate::consistent(region, &releases, grain),
+                );
             }
         }
         // A unit whose node did not release everything is incomplete, and
@@ -629,18 +704,36 @@ impl Supervision {
         let mut values = Vec::new();
         for ind in self.catalogue.for_period(period.kind) {
             let categories: Vec<Option<i64>> = std::iter::once(None)
-                .chain(ind.disaggregations.iter().flat_map(|d| category_domain(Some(d))))
+                .chain(
+                    ind.disaggregations
+                        .iter()
+                        .flat_map(|d| category_domain(Some(d))),
+                )
                 .collect();
             for cat in categories {
-                let by = ind.disaggregations.first().filter(|_| cat.is_some()).cloned();
-                for u in 0..n {
-                    let e = self.estimate_at(ind, u, cat, by.as_deref(), &consistent, holdings, &complete_nodes, &timely_nodes, z);
+                let by = ind
+                    .disaggregations
+                    .first()
+                    .filter(|_| cat.is_some())
+                    .cloned();
+                for (u, &incomplete) in incomplete_unit.iter().enumerate() {
+                    let e = self.estimate_at(
+                        ind,
+                        u,
+                        cat,
+                        by.as_deref(),
+                        &consistent,
+                        holdings,
+                        &complete_nodes,
+                        &timely_nodes,
+                        z,
+                    );
                     let Some((e, num, den)) = e else { continue };
                     let mut flags = Vec::new();
                     if e.insufficient {
                         flags.push("insufficient data".to_string());
                     }
-                    if incomplete_unit[u] && !matches!(ind.kind, Kind::Completeness | Kind::Timeliness) {
+                    if incomplete && !matches!(ind.kind, Kind::Completeness | Kind::Timeliness) {
                         flags.push("incomplete".to_string());
                     }
                     let breach = match (e.value, ind.red_line, ind.better) {
@@ -681,7 +774,10 @@ impl Supervision {
             delta: self.config.delta,
             rho_per_node: rho,
             confidence: self.config.confidence,
-            measures: plans.iter().map(|(m, sql, _)| (m.key(), sql.clone())).collect(),
+            measures: plans
+                .iter()
+                .map(|(m, sql, _)| (m.key(), sql.clone()))
+                .collect(),
             nodes,
             values,
         })
@@ -710,14 +806,21 @@ impl Supervision {
             }
             let keep = |i: usize| {
                 a.units.iter().all(|(set, options)| {
-                    region.units[i].groups.get(set).is_some_and(|o| options.contains(o))
+                    region.units[i]
+                        .groups
+                        .get(set)
+                        .is_some_and(|o| options.contains(o))
                 })
             };
             Some(c.filtered(region, u, &keep))
         };
         match ind.kind {
             Kind::Completeness | Kind::Timeliness => {
-                let set = if ind.kind == Kind::Completeness { complete } else { timely };
+                let set = if ind.kind == Kind::Completeness {
+                    complete
+                } else {
+                    timely
+                };
                 let mut institutions = 0usize;
                 let mut reported = 0usize;
                 let mut stack = vec![u];
@@ -735,14 +838,22 @@ impl Supervision {
                 }
                 let value = ind.factor * reported as f64 / institutions as f64;
                 Some((
-                    estimate::Estimate { value: Some(value), ci: None, insufficient: false },
+                    estimate::Estimate {
+                        value: Some(value),
+                        ci: None,
+                        insufficient: false,
+                    },
                     Some(reported as f64),
                     Some(institutions as f64),
                 ))
             }
             Kind::Count => {
                 let (n, var) = part(ind.numerator.as_ref()?)?;
-                Some((estimate::count(n, var, ind.factor, z, ind.max_half_width), Some(n), None))
+                Some((
+                    estimate::count(n, var, ind.factor, z, ind.max_half_width),
+                    Some(n),
+                    None,
+                ))
             }
             Kind::Proportion | Kind::Ratio => {
                 let (n, var_n) = part(ind.numerator.as_ref()?)?;
@@ -788,13 +899,20 @@ fn decode(
         .column_by_name("care_site_id")
         .and_then(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).ok())
         .ok_or_else(|| bad("no care_site_id column"))?;
-    let site = site.as_any().downcast_ref::<Int64Array>().ok_or_else(|| bad("care_site_id"))?;
+    let site = site
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .ok_or_else(|| bad("care_site_id"))?;
     let category = batch
         .column_by_name("gender_concept_id")
         .and_then(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).ok());
-    let category = category.as_ref().and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned());
+    let category = category
+        .as_ref()
+        .and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned());
     let schema = batch.schema();
-    let field = schema.field_with_name("value").map_err(|_| bad("no value column"))?;
+    let field = schema
+        .field_with_name("value")
+        .map_err(|_| bad("no value column"))?;
     let sd: f64 = field
         .metadata()
         .get(confer_protocol::metadata::NOISE_STDDEV)
@@ -804,13 +922,18 @@ fn decode(
         .column_by_name("value")
         .and_then(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Float64).ok())
         .ok_or_else(|| bad("value"))?;
-    let value = value.as_any().downcast_ref::<Float64Array>().ok_or_else(|| bad("value"))?;
+    let value = value
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .ok_or_else(|| bad("value"))?;
     let mut values = Vec::with_capacity(batch.num_rows());
     for r in 0..batch.num_rows() {
         if site.is_null(r) {
             continue;
         }
-        let cat = category.as_ref().and_then(|c| (!c.is_null(r)).then(|| c.value(r)));
+        let cat = category
+            .as_ref()
+            .and_then(|c| (!c.is_null(r)).then(|| c.value(r)));
         let v = (!value.is_null(r)).then(|| value.value(r));
         values.push((site.value(r), cat, v, sd * sd));
     }
@@ -828,7 +951,11 @@ fn report(r: &PeriodRelease, stored: bool, asked: Vec<String>, started: Instant)
         delta: r.delta,
         rho_per_node: r.rho_per_node,
         values: r.values.len(),
-        insufficient: r.values.iter().filter(|v| v.flags.contains("insufficient")).count(),
+        insufficient: r
+            .values
+            .iter()
+            .filter(|v| v.flags.contains("insufficient"))
+            .count(),
         millis: started.elapsed().as_millis() as u64,
     }
 }

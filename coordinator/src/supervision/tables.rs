@@ -65,15 +65,23 @@ impl Supervision {
             text(r.units.iter().map(|u| u.name_en.clone())),
             text(r.units.iter().map(|u| u.level.clone())),
             Arc::new(Int64Array::from(
-                (0..r.units.len()).map(|i| r.depth(i) as i64).collect::<Vec<_>>(),
+                (0..r.units.len())
+                    .map(|i| r.depth(i) as i64)
+                    .collect::<Vec<_>>(),
             )),
             opt_text(r.units.iter().map(|u| u.parent.clone())),
             text((0..r.units.len()).map(|i| r.path(i))),
-            opt_text(r.units.iter().map(|u| holdings.holder(&u.code).map(str::to_string))),
+            opt_text(
+                r.units
+                    .iter()
+                    .map(|u| holdings.holder(&u.code).map(str::to_string)),
+            ),
         ];
         for g in &r.group_sets {
             fields.push(Field::new(g.id.as_str(), DataType::Utf8, true));
-            columns.push(opt_text(r.units.iter().map(|u| u.groups.get(&g.id).cloned())));
+            columns.push(opt_text(
+                r.units.iter().map(|u| u.groups.get(&g.id).cloned()),
+            ));
         }
         batch(fields, columns)
     }
@@ -130,7 +138,10 @@ impl Supervision {
                 text(inds.iter().map(|i| i.disaggregations.join(","))),
                 floats(inds.iter().map(|i| i.red_line)),
                 floats(inds.iter().map(|i| i.target)),
-                text(inds.iter().map(|i| format!("{:?}", i.better).to_lowercase())),
+                text(
+                    inds.iter()
+                        .map(|i| format!("{:?}", i.better).to_lowercase()),
+                ),
                 text(inds.iter().map(|i| i.description.clone())),
                 opt_text(inds.iter().map(|i| describe(&i.numerator))),
                 opt_text(inds.iter().map(|i| describe(&i.denominator))),
@@ -194,12 +205,23 @@ fn periods_table(releases: &[PeriodRelease]) -> Result<RecordBatch, ProtocolErro
         ],
         vec![
             text(releases.iter().map(|r| r.period.clone())),
-            Arc::new(BooleanArray::from(releases.iter().map(|r| r.complete()).collect::<Vec<_>>())),
-            Arc::new(Int64Array::from(releases.iter().map(|r| r.runs as i64).collect::<Vec<_>>())),
-            Arc::new(Int64Array::from(releases.iter().map(|r| r.first_run_ms).collect::<Vec<_>>())),
-            Arc::new(Int64Array::from(releases.iter().map(|r| r.last_run_ms).collect::<Vec<_>>())),
+            Arc::new(BooleanArray::from(
+                releases.iter().map(|r| r.complete()).collect::<Vec<_>>(),
+            )),
             Arc::new(Int64Array::from(
-                releases.iter().map(|r| r.measures.len() as i64).collect::<Vec<_>>(),
+                releases.iter().map(|r| r.runs as i64).collect::<Vec<_>>(),
+            )),
+            Arc::new(Int64Array::from(
+                releases.iter().map(|r| r.first_run_ms).collect::<Vec<_>>(),
+            )),
+            Arc::new(Int64Array::from(
+                releases.iter().map(|r| r.last_run_ms).collect::<Vec<_>>(),
+            )),
+            Arc::new(Int64Array::from(
+                releases
+                    .iter()
+                    .map(|r| r.measures.len() as i64)
+                    .collect::<Vec<_>>(),
             )),
             floats(releases.iter().map(|r| Some(r.epsilon_per_measure))),
             floats(releases.iter().map(|r| Some(r.delta))),
@@ -218,10 +240,7 @@ fn periods_table(releases: &[PeriodRelease]) -> Result<RecordBatch, ProtocolErro
 }
 
 /// Answers plain SQL over the supervision tables (read-only).
-pub async fn query(
-    state: &CoordinatorState,
-    sql: &str,
-) -> Result<RecordBatch, ProtocolError> {
+pub async fn query(state: &CoordinatorState, sql: &str) -> Result<RecordBatch, ProtocolError> {
     let sup = state.supervision.as_ref().ok_or_else(|| {
         ProtocolError::new(
             confer_protocol::ErrorKind::NotFound,
@@ -246,8 +265,12 @@ pub async fn query(
         ("periods", periods_table(&releases)?),
     ] {
         let table = MemTable::try_new(b.schema(), vec![vec![b]]).map_err(internal)?;
-        datafusion::catalog::SchemaProvider::register_table(schema.as_ref(), name.to_string(), Arc::new(table))
-            .map_err(internal)?;
+        datafusion::catalog::SchemaProvider::register_table(
+            schema.as_ref(),
+            name.to_string(),
+            Arc::new(table),
+        )
+        .map_err(internal)?;
     }
     ctx.catalog("datafusion")
         .ok_or_else(|| ProtocolError::internal("no default catalog"))?
@@ -263,5 +286,6 @@ pub async fn query(
         .map_err(|e| ProtocolError::invalid(format!("{e} (the supervision tables: supervision.values, supervision.org_units, supervision.indicators, supervision.periods)")))?;
     let out_schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let batches = df.collect().await.map_err(internal)?;
-    arrow::compute::concat_batches(&out_schema, &batches).map_err(|e| ProtocolError::internal(e.to_string()))
+    arrow::compute::concat_batches(&out_schema, &batches)
+        .map_err(|e| ProtocolError::internal(e.to_string()))
 }

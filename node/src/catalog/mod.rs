@@ -471,7 +471,11 @@ pub async fn check_supervision(
             .await?;
         let mut ids = std::collections::BTreeSet::new();
         for b in &batches {
-            if let Some(a) = b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>() {
+            if let Some(a) = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+            {
                 ids.extend(a.iter().flatten());
             }
         }
