@@ -130,6 +130,7 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
         configs.push((name.clone(), config));
     }
     assert!(configs.len() >= 5, "at least 5 nodes: {}", configs.len());
+    let node_configs = configs.clone();
     let catalogue_file = work.join("indicators.toml");
     std::fs::write(&catalogue_file, unbounded_catalogue()).expect("catalogue");
     let program = Path::new(env!("CARGO_BIN_EXE_confer"));
@@ -412,5 +413,138 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
     let csv = std::fs::read_to_string(work.join("report.csv")).expect("csv");
     assert!(csv.starts_with("indicator,name,unit"), "{csv}");
     assert!(csv.contains("drug_share_of_cost"), "{csv}");
+
+    // A node whose budget cannot pay a period refuses it at the check: it
+    // spends nothing, the period is released without it (flagged
+    // incomplete, completeness below 100), and a later run asks only it.
+    let spent_by_node = |batches: &[arrow::array::RecordBatch]| -> HashMap<String, f64> {
+        let mut out = HashMap::new();
+        for b in batches {
+            for (n, s) in column_str(b, "node")
+                .into_iter()
+                .zip(column_f64(b, "spent_rho"))
+            {
+                // Nodes only, not the network's worst-case row.
+                if !n.starts_with("network") {
+                    out.insert(n, s.unwrap_or(0.0));
+                }
+            }
+        }
+        out
+    };
+    let (poor, poor_config) = node_configs[1].clone();
+    let rich = std::fs::read_to_string(&poor_config).expect("node.toml");
+    let supervision_budget = "[policy.studies.supervision]\nbudget = { rho = 1e20, delta = 0.5 }";
+    assert!(rich.contains(supervision_budget));
+    std::fs::write(
+        &poor_config,
+        rich.replace(
+            supervision_budget,
+            "[policy.studies.supervision]\nbudget = { rho = 1e-3, delta = 0.5 }",
+        ),
+    )
+    .expect("poorer policy");
+    let before = spent_by_node(
+        &admin_client
+            .run("SHOW PRIVACY BUDGET FOR STUDY supervision", None)
+            .await
+            .expect("budget")
+            .batches,
+    );
+    let second = "2024-04";
+    let run = |token: &str| {
+        confer(&[
+            "supervision",
+            "run",
+            "--period",
+            second,
+            "--coordinator",
+            &url,
+            "--token",
+            token,
+        ])
+    };
+    let (ok, first_run, err) = run(&admin);
+    assert!(ok, "{first_run}{err}");
+    assert!(
+        first_run.contains(&format!("node {poor} missing")),
+        "{first_run}"
+    );
+    let after = spent_by_node(
+        &admin_client
+            .run("SHOW PRIVACY BUDGET FOR STUDY supervision", None)
+            .await
+            .expect("budget")
+            .batches,
+    );
+    assert_eq!(
+        after[&poor], before[&poor],
+        "the refusing node spent nothing"
+    );
+    assert!(
+        after
+            .iter()
+            .filter(|(n, _)| **n != poor)
+            .all(|(n, s)| *s > before[n])
+    );
+    let partial = root_values(&mut client, second).await;
+    assert!(partial["reporting_completeness"].0.expect("completeness") < 100.0);
+    assert!(
+        partial["outpatient_emergency_visits"]
+            .1
+            .contains("incomplete")
+    );
+    // The steward restores the budget; the next run asks the missing node only.
+    std::fs::write(&poor_config, &rich).expect("restore policy");
+    let (ok, retry, err) = run(&admin);
+    assert!(ok, "{retry}{err}");
+    assert!(
+        !retry.contains("missing") && !retry.contains("already released"),
+        "{retry}"
+    );
+    let last = spent_by_node(
+        &admin_client
+            .run("SHOW PRIVACY BUDGET FOR STUDY supervision", None)
+            .await
+            .expect("budget")
+            .batches,
+    );
+    assert!(last[&poor] > after[&poor], "the missing node released now");
+    for (n, s) in &last {
+        if *n != poor {
+            assert_eq!(*s, after[n], "node {n} was not asked again");
+        }
+    }
+    let complete = root_values(&mut client, second).await;
+    assert_eq!(complete["reporting_completeness"].0, Some(100.0));
+    assert!(
+        complete["reporting_timeliness"].0.expect("timeliness") < 100.0,
+        "one node came late"
+    );
+    assert!(
+        !complete["outpatient_emergency_visits"]
+            .1
+            .contains("incomplete")
+    );
     federation.stop().await.expect("clean stop");
+}
+
+/// The root unit's values of `period`: indicator → (value, flags).
+async fn root_values(
+    client: &mut confer_cli::client::Client,
+    period: &str,
+) -> HashMap<String, (Option<f64>, String)> {
+    let sql = format!(
+        "SELECT v.indicator, v.value, v.flags FROM supervision.values v JOIN supervision.org_units u \
+         ON v.unit = u.code WHERE v.period = '{period}' AND u.parent IS NULL AND v.category = ''"
+    );
+    let answer = client.run(&sql, None).await.expect("values");
+    let mut out = HashMap::new();
+    for b in &answer.batches {
+        let (ind, flags) = (column_str(b, "indicator"), column_str(b, "flags"));
+        for (i, v) in column_f64(b, "value").into_iter().enumerate() {
+            out.insert(ind[i].clone(), (v, flags[i].clone()));
+        }
+    }
+    out
 }

@@ -168,6 +168,7 @@ pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<Ru
     let health_every = std::time::Duration::from_secs(config.coordinator.health_interval_secs);
     let state = Arc::new(CoordinatorState::new(config, store, nodes)?);
     train::resume_all(&state);
+    supervision::check_at_start(state.clone());
     let schedule = supervision::spawn_schedule(state.clone());
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         CoordinatorError::Network(format!("cannot listen on {addr} (coordinator.listen): {e}"))

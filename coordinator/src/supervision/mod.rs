@@ -279,6 +279,29 @@ impl Supervision {
     }
 }
 
+/// Checks, once the coordinator is up, that the units the nodes declare
+/// fit the tree and do not overlap, and logs an error naming the node and
+/// the unit otherwise (every run checks again, and refuses before any node
+/// spends).
+pub fn check_at_start(state: Arc<CoordinatorState>) {
+    let Some(sup) = state.supervision.clone() else {
+        return;
+    };
+    tokio::spawn(async move {
+        match sup.holdings(&state).await {
+            Ok(h) if h.unreachable.is_empty() => info!(
+                nodes = h.nodes.len(),
+                "supervision: every node's org units fit the region's tree"
+            ),
+            Ok(h) => warn!(
+                "supervision: nodes not reachable at start, their org units are checked when they answer: {}",
+                h.unreachable.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            Err(e) => tracing::error!("supervision: {}", e.message),
+        }
+    });
+}
+
 /// Runs the schedule: from `run_day` of each month, the periods due are
 /// released, and retried every `retry_minutes` while nodes are missing
 /// (until the month ends).
@@ -410,4 +433,36 @@ pub fn overview(
         delta: sup.config.delta,
         study: sup.config.study.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schedule_releases_the_periods_that_just_ended() {
+        let day = |y, m, d| chrono::NaiveDate::from_ymd_opt(y, m, d).expect("date");
+        let names = |d| {
+            Supervision::due(d)
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(day(2026, 11, 5)), ["2026-10"]);
+        assert_eq!(names(day(2026, 10, 5)), ["2026-09", "2026-Q3"]);
+        assert_eq!(names(day(2027, 1, 5)), ["2026-12", "2026-Q4", "2026"]);
+    }
+
+    #[test]
+    fn the_yearly_budget_is_split_over_the_periods() {
+        let bad = |text: &str| {
+            let mut c: SupervisionConfig =
+                toml::from_str(&format!("region = \"r.toml\"\n{text}")).expect("config");
+            c.resolve(std::path::Path::new("/"));
+            c.validate().expect_err("refused").to_string()
+        };
+        assert!(bad("shares = { month = 0.8, quarter = 0.2, year = 0.2 }").contains("at most 1"));
+        assert!(bad("epsilon_per_year = -1").contains("positive"));
+        assert!(bad("run_day = 31").contains("1 to 28"));
+    }
 }
