@@ -225,12 +225,6 @@ pub fn plain_sql(
         Some((head, _)) => format!("{head})"),
         None => a.aggregate.clone(),
     };
-    let concepts = a
-        .concepts
-        .iter()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
     let mut sql = format!(
         "SELECT CAST({} AS BIGINT) AS care_site_id, CAST({aggregate} AS DOUBLE) AS value FROM {} \
          WHERE {d} >= DATE '{}' AND {d} < DATE '{}'",
@@ -240,11 +234,7 @@ pub fn plain_sql(
         period.end(),
         d = a.date
     );
-    if let Some(c) = &a.condition {
-        let c = c
-            .replace("{concepts}", &concepts)
-            .replace("{start}", &period.start().to_string())
-            .replace("{end}", &period.end().to_string());
+    if let Some(c) = a.condition_for(period) {
         sql.push_str(&format!(" AND ({c})"));
     }
     sql.push_str(&format!(" GROUP BY {}", a.unit_column));

@@ -491,17 +491,7 @@ impl CoordinatorState {
                     }
                 } else {
                     let mut gathered = fanout::gather(&ready, "the answer", |n| async move {
-                        let p = n.run_with_retries(envelope, policy).await?;
-                        confer_query::combine::check(plan, &p).map_err(|e| {
-                            ProtocolError::new(
-                                ErrorKind::Internal,
-                                format!(
-                                    "node {} sent a release that does not fit the query, set aside: {e}",
-                                    n.name
-                                ),
-                            )
-                        })?;
-                        Ok(p)
+                        run_checked(&n, envelope, policy, plan).await
                     })
                     .await;
                     // Those left out at the check count as missing too.
@@ -577,6 +567,27 @@ impl CoordinatorState {
             }
         }
     }
+}
+
+/// Runs a query task at `n` (with retries) and checks that its release
+/// fits `plan`; one that does not is that node's failure.
+pub(crate) async fn run_checked(
+    n: &NodeHandle,
+    envelope: &Envelope,
+    policy: fanout::RetryPolicy,
+    plan: &FederatedPlan,
+) -> Result<confer_query::combine::SitePartial, ProtocolError> {
+    let p = n.run_with_retries(envelope, policy).await?;
+    confer_query::combine::check(plan, &p).map_err(|e| {
+        ProtocolError::new(
+            ErrorKind::Internal,
+            format!(
+                "node {} sent a release that does not fit the query, set aside: {e}",
+                n.name
+            ),
+        )
+    })?;
+    Ok(p)
 }
 
 /// Asks `nodes` to give back the budget they hold for the task in `body`

@@ -89,6 +89,24 @@ pub struct Aggregate {
     pub units: BTreeMap<String, Vec<String>>,
 }
 
+impl Aggregate {
+    /// The condition for `period`: `{concepts}`, `{start}` and `{end}`
+    /// filled in.
+    pub fn condition_for(&self, period: &Period) -> Option<String> {
+        let concepts = self
+            .concepts
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.condition.as_ref().map(|c| {
+            c.replace("{concepts}", &concepts)
+                .replace("{start}", &period.start().to_string())
+                .replace("{end}", &period.end().to_string())
+        })
+    }
+}
+
 fn default_unit_column() -> String {
     "care_site_id".into()
 }
@@ -217,12 +235,6 @@ impl Measure {
     /// be missing (the run records who answered).
     pub fn sql(&self, period: &Period, epsilon: f64, delta: f64, confidence: f64) -> String {
         let a = &self.aggregate;
-        let concepts = a
-            .concepts
-            .iter()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
         let mut sql = format!(
             "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = {epsilon:e}, delta = {delta:e}, \
              max_groups_contributed = {}, max_rows_contributed = {}, nonnegative = 'false', \
@@ -252,11 +264,7 @@ impl Measure {
             period.end(),
             d = a.date
         );
-        if let Some(c) = &a.condition {
-            let c = c
-                .replace("{concepts}", &concepts)
-                .replace("{start}", &period.start().to_string())
-                .replace("{end}", &period.end().to_string());
+        if let Some(c) = a.condition_for(period) {
             let _ = write!(sql, " AND ({c})");
         }
         let _ = write!(sql, "\nGROUP BY {}", a.unit_column);

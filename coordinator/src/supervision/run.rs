@@ -9,7 +9,7 @@ use std::time::Instant;
 use arrow::array::{Array, Float64Array, Int64Array};
 use confer_protocol::supervision::SupervisionUnits;
 use confer_protocol::task::{QueryTask, Task, TaskKind};
-use confer_protocol::{ErrorKind, ProtocolError, actions};
+use confer_protocol::{ProtocolError, actions};
 use confer_query::Statement;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -538,17 +538,7 @@ impl Supervision {
             let bound = state.bound_to(envelope, &ready)?;
             let bound = &bound;
             let gathered = fanout::gather(&ready, "the measure", |n| async move {
-                let p = n.run_with_retries(bound, policy).await?;
-                confer_query::combine::check(plan, &p).map_err(|e| {
-                    ProtocolError::new(
-                        ErrorKind::Internal,
-                        format!(
-                            "node {} sent a release that does not fit the query, set aside: {e}",
-                            n.name
-                        ),
-                    )
-                })?;
-                Ok(p)
+                crate::query::run_checked(&n, bound, policy, plan).await
             })
             .await;
             for (name, part) in gathered.ok {
@@ -694,6 +684,29 @@ impl Supervision {
                     }
                 }
             }
+        }
+        // A node that did not answer and whose units are not known (it has
+        // not answered since the coordinator started) may hold any unit:
+        // every value is incomplete, and the period is not complete.
+        let unknown: Vec<&String> = holdings
+            .unreachable
+            .keys()
+            .filter(|n| !holdings.nodes.contains_key(*n))
+            .collect();
+        if !unknown.is_empty() {
+            incomplete_unit.iter_mut().for_each(|u| *u = true);
+        }
+        for node in unknown {
+            nodes.push(NodeOutcome {
+                node: node.clone(),
+                units: Vec::new(),
+                complete: false,
+                completed_in_run: None,
+                missing: Some(format!(
+                    "did not answer, and its org units are not known yet: {}",
+                    holdings.unreachable[node]
+                )),
+            });
         }
         for i in (0..n).rev() {
             if region.children(i).iter().any(|&c| incomplete_unit[c]) {
