@@ -162,53 +162,26 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
     let url = federation.url();
     let admin = federation.tokens["admin"].clone();
     let tester = federation.tokens["tester"].clone();
+    // `confer supervision <args> --coordinator <url> --token <token>`.
+    let supervision = |args: &[&str], token: &str| {
+        let mut all = vec!["supervision"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--coordinator", &url, "--token", token]);
+        confer(&all)
+    };
 
     // Bad input first: nothing is spent.
-    let (ok, _, err) = confer(&[
-        "supervision",
-        "run",
-        "--period",
-        "2999-01",
-        "--coordinator",
-        &url,
-        "--token",
-        &admin,
-    ]);
+    let (ok, _, err) = supervision(&["run", "--period", "2999-01"], &admin);
     assert!(!ok && err.contains("has not ended"), "{err}");
-    let (ok, _, err) = confer(&[
-        "supervision",
-        "run",
-        "--period",
-        "2024-13",
-        "--coordinator",
-        &url,
-        "--token",
-        &admin,
-    ]);
+    let (ok, _, err) = supervision(&["run", "--period", "2024-13"], &admin);
     assert!(!ok && err.contains("write a month as 2026-10"), "{err}");
-    let (ok, _, err) = confer(&[
-        "supervision",
-        "run",
-        "--period",
-        PERIOD,
-        "--coordinator",
-        &url,
-        "--token",
-        &tester,
-    ]);
+    let (ok, _, err) = supervision(&["run", "--period", PERIOD], &tester);
     assert!(
         !ok && err.contains("release supervision statistics"),
         "a researcher may not: {err}"
     );
 
-    let (ok, listing, err) = confer(&[
-        "supervision",
-        "indicators",
-        "--coordinator",
-        &url,
-        "--token",
-        &tester,
-    ]);
+    let (ok, listing, err) = supervision(&["indicators"], &tester);
     assert!(ok, "{err}");
     assert!(
         listing.contains("药占比") && listing.contains("red line 30"),
@@ -216,18 +189,7 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
     );
 
     // The release.
-    let (ok, report, err) = confer(&[
-        "supervision",
-        "run",
-        "--period",
-        PERIOD,
-        "--depth",
-        "3",
-        "--coordinator",
-        &url,
-        "--token",
-        &admin,
-    ]);
+    let (ok, report, err) = supervision(&["run", "--period", PERIOD, "--depth", "3"], &admin);
     assert!(ok, "{report}\n{err}");
     assert!(report.contains("DP queries at each node"), "{report}");
     assert!(!report.contains("missing"), "{report}");
@@ -374,16 +336,7 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
     assert!(compared > 100, "compared {compared} values");
 
     // A re-run returns the stored release and charges nothing.
-    let (ok, again, err) = confer(&[
-        "supervision",
-        "run",
-        "--period",
-        PERIOD,
-        "--coordinator",
-        &url,
-        "--token",
-        &admin,
-    ]);
+    let (ok, again, err) = supervision(&["run", "--period", PERIOD], &admin);
     assert!(ok, "{err}");
     assert!(again.contains("already released"), "{again}");
     let after = admin_client
@@ -395,18 +348,16 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
     // Exports.
     for ext in ["csv", "parquet", "xlsx"] {
         let path = work.join(format!("report.{ext}"));
-        let (ok, out, err) = confer(&[
-            "supervision",
-            "report",
-            "--period",
-            PERIOD,
-            "--out",
-            path.to_str().expect("utf8"),
-            "--coordinator",
-            &url,
-            "--token",
+        let (ok, out, err) = supervision(
+            &[
+                "report",
+                "--period",
+                PERIOD,
+                "--out",
+                path.to_str().expect("utf8"),
+            ],
             &tester,
-        ]);
+        );
         assert!(ok, "{out}{err}");
         assert!(std::fs::metadata(&path).expect("written").len() > 100);
     }
@@ -452,18 +403,7 @@ async fn supervision_statistics_equal_the_exact_definitions_at_every_level() {
             .batches,
     );
     let second = "2024-04";
-    let run = |token: &str| {
-        confer(&[
-            "supervision",
-            "run",
-            "--period",
-            second,
-            "--coordinator",
-            &url,
-            "--token",
-            token,
-        ])
-    };
+    let run = |token: &str| supervision(&["run", "--period", second], token);
     let (ok, first_run, err) = run(&admin);
     assert!(ok, "{first_run}{err}");
     assert!(

@@ -763,17 +763,7 @@ fn keyed_correlation(
     catalog: &Catalog,
     outer_rows: Option<(&LogicalPlan, Option<&Provenance>)>,
 ) -> bool {
-    let outer = |e: &Expr| {
-        let mut found = false;
-        let _ = e.apply(|x| {
-            if matches!(x, Expr::OuterReferenceColumn(..)) {
-                found = true;
-                return Ok(TreeNodeRecursion::Stop);
-            }
-            Ok(TreeNodeRecursion::Continue)
-        });
-        found
-    };
+    let outer = |e: &Expr| e.contains_outer();
     let outer_column = |e: &Expr| match e {
         Expr::OuterReferenceColumn(_, c) => Some(c.clone()),
         _ => None,
@@ -882,29 +872,12 @@ fn join_amplifies(
             let unique_of = |e: &Expr, plan: &LogicalPlan, p: &Provenance| {
                 unit_index(e, plan).is_some_and(|i| p.unique_fields.contains(&i))
             };
-            let reads = |e: &Expr, plan: &LogicalPlan| {
-                let refs = e.column_refs();
-                !refs.is_empty()
-                    && refs
-                        .iter()
-                        .all(|c| plan.schema().index_of_column(c).is_ok())
-            };
-            let keyed_pair = |a: &Expr, b: &Expr| {
-                (unique_of(a, &join.left, &left) && reads(b, &join.right))
-                    || (unique_of(b, &join.left, &left) && reads(a, &join.right))
-                    || (unique_of(a, &join.right, &right) && reads(b, &join.left))
-                    || (unique_of(b, &join.right, &right) && reads(a, &join.left))
-            };
-            let keyed = join.on.iter().any(|(l, r)| keyed_pair(l, r))
-                || join.filter.as_ref().is_some_and(|f| {
-                    datafusion::logical_expr::utils::split_conjunction(f)
-                        .into_iter()
-                        .any(|c| {
-                            matches!(c, Expr::BinaryExpr(b)
-                                if b.op == datafusion::logical_expr::Operator::Eq
-                                    && keyed_pair(&b.left, &b.right))
-                        })
-                });
+            let keyed = some_equality(join, |a, b| {
+                (unique_of(a, &join.left, &left) && reads_only(b, &join.right))
+                    || (unique_of(b, &join.left, &left) && reads_only(a, &join.right))
+                    || (unique_of(a, &join.right, &right) && reads_only(b, &join.left))
+                    || (unique_of(b, &join.right, &right) && reads_only(a, &join.left))
+            });
             if semi || keyed || left.one_row_per_unit || right.one_row_per_unit {
                 None
             } else {
@@ -934,49 +907,16 @@ fn join_amplifies(
             };
             // The other side of the equality reads the person-level side
             // only (not `k.concept_id = k.concept_id`).
-            let private_side = |e: &Expr| {
-                let refs = e.column_refs();
-                !refs.is_empty()
-                    && refs
-                        .iter()
-                        .all(|c| private_plan.schema().index_of_column(c).is_ok())
-            };
-            let keyed_pair = |a: &Expr, b: &Expr| {
-                (unique(a) && private_side(b)) || (unique(b) && private_side(a))
-            };
-            // Equalities of the join: its keys, and (before DataFusion's
-            // optimizer extracts them) the top-level equalities of its filter.
-            let keyed = join.on.iter().any(|(l, r)| keyed_pair(l, r))
-                || join.filter.as_ref().is_some_and(|f| {
-                    datafusion::logical_expr::utils::split_conjunction(f)
-                        .into_iter()
-                        .any(|c| {
-                            matches!(c, Expr::BinaryExpr(b)
-                                if b.op == datafusion::logical_expr::Operator::Eq
-                                    && keyed_pair(&b.left, &b.right))
-                        })
-                });
+            let keyed = some_equality(join, |a, b| {
+                (unique(a) && reads_only(b, private_plan))
+                    || (unique(b) && reads_only(a, private_plan))
+            });
             // A semi join on an equality between the two sides is a hash
             // join: each row is kept or not, whatever the other side holds.
-            let equi = |a: &Expr, b: &Expr| {
-                let reads = |e: &Expr, plan: &LogicalPlan| {
-                    let refs = e.column_refs();
-                    !refs.is_empty()
-                        && refs
-                            .iter()
-                            .all(|c| plan.schema().index_of_column(c).is_ok())
-                };
-                (reads(a, public_plan) && reads(b, private_plan))
-                    || (reads(b, public_plan) && reads(a, private_plan))
-            };
             let hashed = !join.on.is_empty()
-                || join.filter.as_ref().is_some_and(|f| {
-                    datafusion::logical_expr::utils::split_conjunction(f)
-                        .into_iter()
-                        .any(|c| {
-                            matches!(c, Expr::BinaryExpr(b)
-                                if b.op == datafusion::logical_expr::Operator::Eq && equi(&b.left, &b.right))
-                        })
+                || some_equality(join, |a, b| {
+                    (reads_only(a, public_plan) && reads_only(b, private_plan))
+                        || (reads_only(b, public_plan) && reads_only(a, private_plan))
                 });
             if keyed || (semi && hashed) {
                 None
@@ -989,6 +929,33 @@ fn join_amplifies(
             }
         }
     }
+}
+
+/// Whether `e` reads columns, and only columns of `plan`'s rows.
+fn reads_only(e: &Expr, plan: &LogicalPlan) -> bool {
+    let refs = e.column_refs();
+    !refs.is_empty()
+        && refs
+            .iter()
+            .all(|c| plan.schema().index_of_column(c).is_ok())
+}
+
+/// Whether some equality of a join satisfies `pair`: its keys, and (before
+/// DataFusion's optimizer extracts them) the top-level equalities of its
+/// filter.
+fn some_equality(
+    join: &datafusion::logical_expr::logical_plan::Join,
+    pair: impl Fn(&Expr, &Expr) -> bool,
+) -> bool {
+    join.on.iter().any(|(l, r)| pair(l, r))
+        || join.filter.as_ref().is_some_and(|f| {
+            datafusion::logical_expr::utils::split_conjunction(f)
+                .into_iter()
+                .any(|c| {
+                    matches!(c, Expr::BinaryExpr(b)
+                        if b.op == datafusion::logical_expr::Operator::Eq && pair(&b.left, &b.right))
+                })
+        })
 }
 
 /// Whether a join filter equates a left unit column with a right one.

@@ -230,18 +230,18 @@ pub fn count(n: f64, var: f64, factor: f64, z: f64, max_half_width: Option<f64>)
     }
     let half = factor * z * var.sqrt();
     let limit = max_half_width.unwrap_or(0.5 * value.abs());
-    let ci = ((value - half).max(0.0), value + half);
-    if half > limit {
-        return Estimate {
-            value: None,
+    Estimate::judged(value, ((value - half).max(0.0), value + half), half > limit)
+}
+
+impl Estimate {
+    /// A value with its interval, or, when the interval is too wide,
+    /// only the interval and the "insufficient data" mark.
+    fn judged(value: f64, ci: (f64, f64), too_wide: bool) -> Self {
+        Estimate {
+            value: (!too_wide).then_some(value),
             ci: Some(ci),
-            insufficient: true,
-        };
-    }
-    Estimate {
-        value: Some(value),
-        ci: Some(ci),
-        insufficient: false,
+            insufficient: too_wide,
+        }
     }
 }
 
@@ -280,18 +280,7 @@ pub fn ratio(
     } else {
         0.5 * value.abs()
     });
-    if half > limit {
-        return Estimate {
-            value: None,
-            ci: Some(ci),
-            insufficient: true,
-        };
-    }
-    Estimate {
-        value: Some(value),
-        ci: Some(ci),
-        insufficient: false,
-    }
+    Estimate::judged(value, ci, half > limit)
 }
 
 #[cfg(test)]

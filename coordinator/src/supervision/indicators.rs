@@ -190,8 +190,28 @@ struct CatalogueFile {
     indicators: Vec<Indicator>,
 }
 
-/// Disaggregations this version knows: name → (person column, domain).
-pub const DISAGGREGATIONS: &[(&str, &str)] = &[("sex", "gender_concept_id")];
+/// A disaggregation: a column of `person` with a public domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Disaggregation {
+    /// Its name in the catalogue.
+    pub name: &'static str,
+    /// The `person` column.
+    pub column: &'static str,
+    /// The column's values, each a category.
+    pub categories: &'static [i64],
+}
+
+/// Disaggregations this version knows.
+pub const DISAGGREGATIONS: &[Disaggregation] = &[Disaggregation {
+    name: "sex",
+    column: "gender_concept_id",
+    categories: &[8507, 8532],
+}];
+
+/// The disaggregation called `name`.
+pub fn disaggregation(name: &str) -> Option<&'static Disaggregation> {
+    DISAGGREGATIONS.iter().find(|d| d.name == name)
+}
 
 /// A checked catalogue.
 #[derive(Debug, Clone)]
@@ -243,9 +263,9 @@ impl Measure {
         );
         let by = self
             .by
-            .as_ref()
-            .and_then(|b| DISAGGREGATIONS.iter().find(|(n, _)| n == b))
-            .map(|(_, col)| *col);
+            .as_deref()
+            .and_then(disaggregation)
+            .map(|d| d.column);
         if let Some(col) = by {
             let _ = write!(sql, ", person_sex.{col} AS {col}");
         }
@@ -344,12 +364,12 @@ impl Catalogue {
                 ));
             }
             for d in &i.disaggregations {
-                if !DISAGGREGATIONS.iter().any(|(n, _)| n == d) {
+                if disaggregation(d).is_none() {
                     return Err(bad(format!(
                         "disaggregation {d:?} is not known: use {}",
                         DISAGGREGATIONS
                             .iter()
-                            .map(|(n, _)| *n)
+                            .map(|d| d.name)
                             .collect::<Vec<_>>()
                             .join(", ")
                     )));

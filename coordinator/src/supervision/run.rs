@@ -542,7 +542,7 @@ impl Supervision {
             })
             .await;
             for (name, part) in gathered.ok {
-                let release = decode(plan, &part, *task_id, run)?;
+                let release = decode(plan, m, &part, *task_id, run)?;
                 let body = serde_json::to_string(&release)
                     .map_err(|e| ProtocolError::internal(e.to_string()))?;
                 state
@@ -890,10 +890,9 @@ impl Supervision {
 /// The categories of a measure: none for a total, else the values of the
 /// disaggregation's domain.
 fn category_domain(by: Option<&str>) -> Vec<Option<i64>> {
-    match by {
+    match by.and_then(super::indicators::disaggregation) {
         None => vec![None],
-        Some("sex") => vec![Some(8507), Some(8532)],
-        Some(_) => vec![None],
+        Some(d) => d.categories.iter().map(|c| Some(*c)).collect(),
     }
 }
 
@@ -901,6 +900,7 @@ fn category_domain(by: Option<&str>) -> Vec<Option<i64>> {
 /// variances (combining it alone, raw: `nonnegative = 'false'`).
 fn decode(
     plan: &confer_query::FederatedPlan,
+    measure: &Measure,
     part: &confer_query::combine::SitePartial,
     task_id: uuid::Uuid,
     run: u32,
@@ -916,8 +916,11 @@ fn decode(
         .as_any()
         .downcast_ref::<Int64Array>()
         .ok_or_else(|| bad("care_site_id"))?;
-    let category = batch
-        .column_by_name("gender_concept_id")
+    let category = measure
+        .by
+        .as_deref()
+        .and_then(super::indicators::disaggregation)
+        .and_then(|d| batch.column_by_name(d.column))
         .and_then(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).ok());
     let category = category
         .as_ref()
