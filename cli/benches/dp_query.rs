@@ -1,24 +1,33 @@
-//! A DP query end to end against the same aggregate in plain DataFusion.
+//! DP queries end to end against the same aggregates in plain DataFusion.
 //!
-//! Writes `--persons` synthetic persons (default 10,000,000) as one Parquet
-//! file per site (`--sites`, default 4; person p lives at site p mod sites),
-//! starts one node per site and a coordinator in this process on loopback,
-//! and times, `--repeats` times each (default 5, median reported):
+//! Writes `--persons` synthetic persons (default 1,000,000) as Parquet files
+//! per site (`--sites`, default 4; person p lives at site p mod sites):
+//! `person`, `condition_occurrence` (about 5 rows per person) and
+//! `measurement` (about 10 rows per person). Starts one node per site and
+//! a coordinator in this process on loopback and times, `--repeats` times
+//! each (default 5, median reported after one warm-up), four shapes:
 //!
-//! * DP: `SELECT WITH DIFFERENTIAL_PRIVACY ... gender_concept_id, COUNT(*),
-//!   AVG(year_of_birth) FROM person GROUP BY gender_concept_id` through the
-//!   coordinator's Flight SQL endpoint (plan, signed tasks, node-side
-//!   bounding, noise, durable debits, combine);
-//! * plain: the same GROUP BY in one DataFusion session over the same four
-//!   files.
+//! * `count`: COUNT(*) and AVG per public key, one row per person;
+//! * `distinct`: COUNT(DISTINCT person_id) per private key, at most 5
+//!   groups per person (partition selection);
+//! * `sum`: SUM and AVG per public key, at most 10 rows per person and
+//!   group and 3 groups per person;
+//! * `join`: measurement JOIN person on the unit, at most 10 rows per
+//!   person;
 //!
-//! Peak memory (VmHWM) is measured per phase, resetting it in between
+//! each through the coordinator's Flight SQL endpoint (plan, signed tasks,
+//! node-side bounding, noise, durable debits, combine) and as the same
+//! aggregate in one plain DataFusion session over the same files (values
+//! clamped, public keys filtered; no per-person bounding).
+//!
+//! Peak memory (VmHWM) is measured per shape, resetting it in between
 //! (`/proc/self/clear_refs`). Prints a markdown table.
 //!
 //! ```text
-//! cargo bench -p confer-cli --bench dp_query [-- --persons N --sites S --repeats R --data DIR]
+//! cargo bench -p confer-cli --bench dp_query [-- --persons N --sites S --repeats R --data DIR --shapes count,distinct --show]
 //! ```
-//! `--data DIR` keeps the generated files there and reuses them next time.
+//! `--data DIR` keeps the generated files there and reuses them next time;
+//! `--show` prints both answers of every shape.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +35,7 @@ use std::time::Instant;
 
 mod common;
 
-use arrow::array::{Int64Array, RecordBatch};
+use arrow::array::{Date32Array, Float64Array, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
 
 use confer_cli::client::Client;
@@ -34,12 +43,57 @@ use confer_protocol::signing::Identity;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
-const DP_SQL: &str = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1.0, delta = 1e-6) \
-                      gender_concept_id, COUNT(*) AS persons, AVG(year_of_birth) AS mean_yob \
-                      FROM person GROUP BY gender_concept_id";
-const PLAIN_SQL: &str = "SELECT gender_concept_id, COUNT(*) AS persons, \
-                         AVG(LEAST(GREATEST(year_of_birth, 1900), 2030)) AS mean_yob \
-                         FROM person WHERE gender_concept_id IN (8507, 8532) GROUP BY gender_concept_id";
+/// One query shape: the DP query and the same bounded aggregate in plain
+/// DataFusion (clamped values, public keys filtered to their domain; no
+/// per-person bounding, which plain SQL has no way to say).
+struct Query {
+    name: &'static str,
+    dp: &'static str,
+    plain: &'static str,
+}
+
+const QUERIES: &[Query] = &[
+    Query {
+        name: "count",
+        dp: "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1.0, delta = 1e-6) \
+             gender_concept_id, COUNT(*) AS persons, AVG(year_of_birth) AS mean_yob \
+             FROM person GROUP BY gender_concept_id",
+        plain: "SELECT gender_concept_id, COUNT(*) AS persons, \
+                AVG(LEAST(GREATEST(year_of_birth, 1900), 2030)) AS mean_yob \
+                FROM person WHERE gender_concept_id IN (8507, 8532) GROUP BY gender_concept_id",
+    },
+    Query {
+        name: "distinct",
+        dp: "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1.0, delta = 1e-6, max_groups_contributed = 5) \
+             condition_concept_id, COUNT(DISTINCT person_id) AS persons \
+             FROM condition_occurrence GROUP BY condition_concept_id",
+        plain: "SELECT condition_concept_id, COUNT(DISTINCT person_id) AS persons \
+                FROM condition_occurrence GROUP BY condition_concept_id",
+    },
+    Query {
+        name: "sum",
+        dp: "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1.0, delta = 1e-6, max_groups_contributed = 3, \
+             max_rows_contributed = 10) measurement_concept_id, SUM(value_as_number) AS total, \
+             AVG(value_as_number) AS mean FROM measurement GROUP BY measurement_concept_id",
+        plain: "SELECT measurement_concept_id, SUM(LEAST(GREATEST(value_as_number, 0.0), 200.0)) AS total, \
+                AVG(LEAST(GREATEST(value_as_number, 0.0), 200.0)) AS mean FROM measurement \
+                WHERE measurement_concept_id BETWEEN 3000000 AND 3000019 GROUP BY measurement_concept_id",
+    },
+    Query {
+        name: "join",
+        dp: "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1.0, delta = 1e-6, max_rows_contributed = 10) \
+             p.gender_concept_id, COUNT(*) AS n, AVG(m.value_as_number) AS mean \
+             FROM measurement m JOIN person p ON m.person_id = p.person_id GROUP BY p.gender_concept_id",
+        plain: "SELECT p.gender_concept_id, COUNT(*) AS n, AVG(LEAST(GREATEST(m.value_as_number, 0.0), 200.0)) AS mean \
+                FROM measurement m JOIN person p ON m.person_id = p.person_id \
+                WHERE p.gender_concept_id IN (8507, 8532) GROUP BY p.gender_concept_id",
+    },
+];
+
+const SHAPE_NAMES: &str = "count: COUNT(*) and AVG per public key (one row per person); \
+    distinct: COUNT(DISTINCT person_id) per private key, at most 5 groups per person; \
+    sum: SUM and AVG per public key, at most 10 rows per person and group, 3 groups; \
+    join: COUNT(*) and AVG over measurement JOIN person on the unit, at most 10 rows per person";
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -85,57 +139,176 @@ impl Mix {
     }
 }
 
-/// Writes `site`'s persons to `dir/person.parquet` (skipped if present).
+/// Writes `site`'s tables to `dir` (each skipped if present): `person`
+/// (one row per person), `condition_occurrence` (0 to 10 rows per person
+/// over 2,000 condition concepts, skewed towards the common ones) and
+/// `measurement` (0 to 20 rows per person over 20 measurement concepts,
+/// values around 80).
 fn write_site(dir: &Path, site: u64, sites: u64, persons: u64) -> anyhow::Result<()> {
-    let file = dir.join("person.parquet");
-    if file.exists() {
-        return Ok(());
-    }
     std::fs::create_dir_all(dir)?;
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("person_id", DataType::Int64, false),
-        Field::new("gender_concept_id", DataType::Int64, false),
-        Field::new("year_of_birth", DataType::Int64, false),
-        Field::new("race_concept_id", DataType::Int64, false),
-        Field::new("ethnicity_concept_id", DataType::Int64, false),
-        Field::new("location_id", DataType::Int64, false),
-    ]));
-    let tmp = dir.join("person.parquet.partial");
-    let mut writer = ArrowWriter::try_new(std::fs::File::create(&tmp)?, schema.clone(), None)?;
-    let mut rng = Mix(site);
     let ids: Vec<i64> = (site..persons)
         .step_by(sites as usize)
         .map(|p| p as i64)
         .collect();
-    for chunk in ids.chunks(1 << 20) {
-        let n = chunk.len();
-        let mut gender = Vec::with_capacity(n);
-        let mut yob = Vec::with_capacity(n);
-        let mut race = Vec::with_capacity(n);
-        let mut ethnicity = Vec::with_capacity(n);
-        let mut location = Vec::with_capacity(n);
-        for _ in 0..n {
+    let int = |name: &str| Field::new(name, DataType::Int64, false);
+    write_table(
+        dir,
+        "person",
+        vec![
+            int("person_id"),
+            int("gender_concept_id"),
+            int("year_of_birth"),
+            int("race_concept_id"),
+            int("ethnicity_concept_id"),
+            int("location_id"),
+        ],
+        &ids,
+        Mix(site),
+        |rng, p, cols| {
             let r = rng.next();
-            gender.push(if r & 1 == 0 { 8507 } else { 8532 });
+            cols.int(0, p);
+            cols.int(1, if r & 1 == 0 { 8507 } else { 8532 });
             // Ages skewed by site: a triangular spread over 1930..2020.
             let a = ((r >> 8) % 46) as i64 + ((r >> 24) % 46) as i64;
-            yob.push(1930 + a - site as i64);
-            race.push([8527, 8516, 8515, 0][((r >> 40) % 4) as usize]);
-            ethnicity.push([38003563, 38003564][((r >> 44) % 2) as usize]);
-            location.push(((r >> 48) % 500) as i64 + 1000 * site as i64);
+            cols.int(2, 1930 + a - site as i64);
+            cols.int(3, [8527, 8516, 8515, 0][((r >> 40) % 4) as usize]);
+            cols.int(4, [38003563, 38003564][((r >> 44) % 2) as usize]);
+            cols.int(5, ((r >> 48) % 500) as i64 + 1000 * site as i64);
+        },
+    )?;
+    write_table(
+        dir,
+        "condition_occurrence",
+        vec![
+            int("condition_occurrence_id"),
+            int("person_id"),
+            int("condition_concept_id"),
+            Field::new("condition_start_date", DataType::Date32, false),
+            int("condition_type_concept_id"),
+        ],
+        &ids,
+        Mix(site + 1_000),
+        |rng, p, cols| {
+            for i in 0..rng.next() % 11 {
+                // Skewed: u² over 2,000 concepts.
+                let r = rng.next();
+                let u = (r >> 11) as f64 / (1u64 << 53) as f64;
+                cols.int(0, p * 16 + i as i64);
+                cols.int(1, p);
+                cols.int(2, 100_000 + (u * u * 2000.0) as i64);
+                cols.date(3, 18_000 + (r % 3000) as i32);
+                cols.int(4, 32020);
+            }
+        },
+    )?;
+    write_table(
+        dir,
+        "measurement",
+        vec![
+            int("measurement_id"),
+            int("person_id"),
+            int("measurement_concept_id"),
+            Field::new("measurement_date", DataType::Date32, false),
+            int("measurement_type_concept_id"),
+            Field::new("value_as_number", DataType::Float64, true),
+        ],
+        &ids,
+        Mix(site + 2_000),
+        |rng, p, cols| {
+            for i in 0..rng.next() % 21 {
+                let r = rng.next();
+                let u = (r >> 11) as f64 / (1u64 << 53) as f64;
+                cols.int(0, p * 32 + i as i64);
+                cols.int(1, p);
+                cols.int(2, MEASUREMENT_BASE + (u * u * 20.0) as i64);
+                cols.date(3, 18_000 + (r % 3000) as i32);
+                cols.int(4, 32856);
+                let spread = ((r & 0xff) + ((r >> 8) & 0xff) + ((r >> 16) & 0xff)) as f64 / 765.0;
+                cols.float(5, 20.0 + 120.0 * spread);
+            }
+        },
+    )?;
+    Ok(())
+}
+
+const MEASUREMENT_BASE: i64 = 3_000_000;
+
+/// Columns being filled, one vector per field.
+struct Cols {
+    ints: Vec<Vec<i64>>,
+    floats: Vec<Vec<f64>>,
+    dates: Vec<Vec<i32>>,
+    /// Rows so far (the first column's length).
+    rows: usize,
+}
+
+impl Cols {
+    fn int(&mut self, i: usize, v: i64) {
+        if i == 0 {
+            self.rows += 1;
         }
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(Int64Array::from(chunk.to_vec())),
-                Arc::new(Int64Array::from(gender)),
-                Arc::new(Int64Array::from(yob)),
-                Arc::new(Int64Array::from(race)),
-                Arc::new(Int64Array::from(ethnicity)),
-                Arc::new(Int64Array::from(location)),
-            ],
-        )?;
-        writer.write(&batch)?;
+        self.ints[i].push(v);
+    }
+    fn date(&mut self, i: usize, v: i32) {
+        self.dates[i].push(v);
+    }
+    fn float(&mut self, i: usize, v: f64) {
+        self.floats[i].push(v);
+    }
+    fn len(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Writes `dir/{name}.parquet` from `fill`, called once per person, in
+/// batches of about a million rows (skipped if the file is there).
+fn write_table(
+    dir: &Path,
+    name: &str,
+    fields: Vec<Field>,
+    ids: &[i64],
+    mut rng: Mix,
+    mut fill: impl FnMut(&mut Mix, i64, &mut Cols),
+) -> anyhow::Result<()> {
+    let file = dir.join(format!("{name}.parquet"));
+    if file.exists() {
+        return Ok(());
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let tmp = dir.join(format!("{name}.parquet.partial"));
+    let mut writer = ArrowWriter::try_new(std::fs::File::create(&tmp)?, schema.clone(), None)?;
+    let n = schema.fields().len();
+    let fresh = || Cols {
+        ints: vec![Vec::new(); n],
+        floats: vec![Vec::new(); n],
+        dates: vec![Vec::new(); n],
+        rows: 0,
+    };
+    let mut cols = fresh();
+    let flush = |cols: Cols, writer: &mut ArrowWriter<std::fs::File>| -> anyhow::Result<()> {
+        let arrays: Vec<arrow::array::ArrayRef> = schema
+            .fields()
+            .iter()
+            .zip(cols.ints.into_iter().zip(cols.floats).zip(cols.dates))
+            .map(|(f, ((i, x), d))| -> arrow::array::ArrayRef {
+                match f.data_type() {
+                    DataType::Float64 => Arc::new(Float64Array::from(x)),
+                    DataType::Date32 => Arc::new(Date32Array::from(d)),
+                    _ => Arc::new(Int64Array::from(i)),
+                }
+            })
+            .collect();
+        writer.write(&RecordBatch::try_new(schema.clone(), arrays)?)?;
+        Ok(())
+    };
+    for &p in ids {
+        fill(&mut rng, p, &mut cols);
+        if cols.len() >= 1 << 20 {
+            flush(std::mem::replace(&mut cols, fresh()), &mut writer)?;
+        }
+    }
+    if cols.len() > 0 {
+        flush(cols, &mut writer)?;
     }
     writer.close()?;
     std::fs::rename(tmp, file)?;
@@ -149,9 +322,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
-    let persons = num("--persons", 10_000_000);
+    let persons = num("--persons", 1_000_000);
     let sites = num("--sites", 4).max(1);
     let repeats = num("--repeats", 5).max(1) as usize;
+    let only: Option<Vec<String>> =
+        arg("--shapes").map(|s| s.split(',').map(str::to_string).collect());
+    let queries: Vec<&Query> = QUERIES
+        .iter()
+        .filter(|q| only.as_ref().is_none_or(|o| o.iter().any(|n| n == q.name)))
+        .collect();
+    anyhow::ensure!(!queries.is_empty(), "--shapes names none of count, distinct, sum, join");
     let scratch = tempfile::tempdir()?;
     let data: PathBuf = arg("--data")
         .map(PathBuf::from)
@@ -166,36 +346,41 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         data.display()
     );
+    const TABLES: [&str; 3] = ["person", "condition_occurrence", "measurement"];
 
     // Plain DataFusion over the same files.
-    reset_peak();
-    let base = peak_mib();
     let ctx = SessionContext::new();
-    let files: Vec<String> = (0..sites)
-        .map(|s| {
-            data.join(format!("site{s}/person.parquet"))
-                .display()
-                .to_string()
-        })
-        .collect();
-    let df = ctx
-        .read_parquet(files, ParquetReadOptions::default())
-        .await?;
-    ctx.register_table("person", df.into_view())?;
-    let mut plain_ms = Vec::new();
-    let mut plain_rows = Vec::new();
-    for _ in 0..repeats + 1 {
-        let t = Instant::now();
-        plain_rows = ctx.sql(PLAIN_SQL).await?.collect().await?;
-        plain_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    for table in TABLES {
+        let files: Vec<String> = (0..sites)
+            .map(|s| {
+                data.join(format!("site{s}/{table}.parquet"))
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        let df = ctx
+            .read_parquet(files, ParquetReadOptions::default())
+            .await?;
+        ctx.register_table(table, df.into_view())?;
     }
-    plain_ms.remove(0);
-    let plain_peak = peak_mib() - base;
+    let mut plain = Vec::new();
+    for q in &queries {
+        eprintln!("plain {}", q.name);
+        reset_peak();
+        let base = peak_mib();
+        let mut ms = Vec::new();
+        let mut rows = Vec::new();
+        for _ in 0..repeats + 1 {
+            let t = Instant::now();
+            rows = ctx.sql(q.plain).await?.collect().await?;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.remove(0);
+        plain.push((median(ms), peak_mib() - base, rows));
+    }
     drop(ctx);
 
     // The federation, in process.
-    reset_peak();
-    let base = peak_mib();
     let identity = Identity::generate()?;
     let public = identity.save(&scratch.path().join("coordinator.key"))?;
     let mut nodes = Vec::new();
@@ -204,6 +389,12 @@ async fn main() -> anyhow::Result<()> {
         let dir = scratch.path().join(&name);
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("node.toml");
+        let file = |table: &str| {
+            data.join(&name)
+                .join(format!("{table}.parquet"))
+                .display()
+                .to_string()
+        };
         std::fs::write(
             &config,
             format!(
@@ -211,55 +402,74 @@ async fn main() -> anyhow::Result<()> {
                  [policy]\napproval = \"auto\"\ndefault_study_budget = {{ rho = 1e12, delta = 0.5 }}\nnode_budget = {{ rho = 1e15 }}\n\
                  [tables.person]\npath = {:?}\nformat = \"parquet\"\nprivacy_unit = \"person_id\"\n\
                  [tables.person.columns]\ngender_concept_id = {{ type = \"int64\", domain = [8507, 8532] }}\n\
-                 year_of_birth = {{ type = \"int64\", bounds = [1900, 2030] }}\n",
-                data.join(&name)
-                    .join("person.parquet")
-                    .display()
-                    .to_string()
+                 year_of_birth = {{ type = \"int64\", bounds = [1900, 2030] }}\n\
+                 [tables.condition_occurrence]\npath = {:?}\nformat = \"parquet\"\nprivacy_unit = \"person_id\"\n\
+                 [tables.condition_occurrence.columns]\ncondition_concept_id = {{ type = \"int64\" }}\n\
+                 [tables.measurement]\npath = {:?}\nformat = \"parquet\"\nprivacy_unit = \"person_id\"\n\
+                 [tables.measurement.columns]\nmeasurement_concept_id = {{ type = \"int64\", domain = {{ from = {MEASUREMENT_BASE}, to = {} }} }}\n\
+                 value_as_number = {{ type = \"float64\", bounds = [0.0, 200.0] }}\n",
+                file("person"),
+                file("condition_occurrence"),
+                file("measurement"),
+                MEASUREMENT_BASE + 19,
             ),
         )?;
         let config = confer_node::NodeConfig::load(&config)?;
         nodes.push(confer_node::start(config, confer_node::Transport::InsecureLoopback).await?);
     }
     let (coordinator, token) =
-        common::coordinator(scratch.path(), &nodes, "node_timeout_secs = 600\n").await?;
+        common::coordinator(scratch.path(), &nodes, "node_timeout_secs = 3600\n").await?;
     let mut client = Client::connect(&format!("http://{}", coordinator.addr), Some(&token)).await?;
-    let mut dp_ms = Vec::new();
-    let mut dp_rows = Vec::new();
-    for _ in 0..repeats + 1 {
-        let t = Instant::now();
-        dp_rows = client.run(DP_SQL, Some("bench")).await?.batches;
-        dp_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    let mut dp = Vec::new();
+    for q in &queries {
+        eprintln!("DP {}", q.name);
+        reset_peak();
+        let base = peak_mib();
+        let mut ms = Vec::new();
+        let mut rows = Vec::new();
+        for _ in 0..repeats + 1 {
+            let t = Instant::now();
+            rows = client.run(q.dp, Some("bench")).await?.batches;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.remove(0);
+        dp.push((median(ms), peak_mib() - base, rows));
     }
-    dp_ms.remove(0);
-    let dp_peak = peak_mib() - base;
 
-    let (p, d) = (median(plain_ms), median(dp_ms));
     println!(
         "{persons} persons over {sites} sites (Parquet), median of {repeats} runs after one warm-up, {} cores",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    println!();
-    println!("| path | median ms | peak memory above start (MiB) | ratio to plain |");
-    println!("|---|---|---|---|");
-    println!(
-        "| plain DataFusion, one session over the 4 files | {p:.1} | {plain_peak:.0} | 1.00 |"
-    );
-    println!(
-        "| DP through the coordinator ({sites} in-process nodes, Flight, noise, durable debits) | {d:.1} | {dp_peak:.0} | {:.2} |",
-        d / p
-    );
+    println!("shapes: {SHAPE_NAMES}");
     println!();
     println!(
-        "plain:\n{}",
-        arrow::util::pretty::pretty_format_batches(&plain_rows)?
+        "| shape | DP through the coordinator (ms) | plain DataFusion (ms) | ratio | DP peak memory above start (MiB) | plain peak (MiB) |"
     );
-    println!(
-        "DP:\n{}",
-        arrow::util::pretty::pretty_format_batches(&dp_rows)?
-    );
+    println!("|---|---|---|---|---|---|");
+    for ((q, p), d) in queries.iter().zip(&plain).zip(&dp) {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} |",
+            q.name,
+            d.0,
+            p.0,
+            d.0 / p.0,
+            d.1,
+            p.1
+        );
+    }
+    if std::env::args().any(|a| a == "--show") {
+        for ((q, p), d) in queries.iter().zip(&plain).zip(&dp) {
+            println!(
+                "\n{} plain:\n{}\n{} DP:\n{}",
+                q.name,
+                arrow::util::pretty::pretty_format_batches(&p.2)?,
+                q.name,
+                arrow::util::pretty::pretty_format_batches(&d.2)?
+            );
+        }
+    }
 
     coordinator.shutdown().await?;
     for n in nodes {

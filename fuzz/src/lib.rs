@@ -362,7 +362,7 @@ async fn build_releases() -> Vec<Released> {
         ],
     )
     .expect("batch");
-    let ctx = SessionContext::new();
+    let ctx = confer_query::bounding::context();
     ctx.register_table(
         "t",
         Arc::new(MemTable::try_new(schema, vec![vec![batch]]).expect("table")),

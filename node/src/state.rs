@@ -62,7 +62,7 @@ pub struct NodeState {
 impl NodeState {
     /// Loads the config's tables (validating them) and opens its ledger.
     pub async fn open(config: &NodeConfig) -> Result<Self> {
-        let ctx = SessionContext::new();
+        let ctx = confer_query::bounding::context();
         let catalog = crate::catalog::load(config, &ctx).await?;
         let unique = crate::catalog::unique_public_columns(&ctx, &catalog).await?;
         if let Some(section) = &config.supervision {

@@ -16,7 +16,7 @@ use crate::plan::{Derived, FederatedPlan, FinalColumn};
 
 /// A session whose tables have the catalog's schemas and no rows.
 pub fn empty_context(catalog: &Catalog) -> Result<SessionContext> {
-    let ctx = SessionContext::new();
+    let ctx = crate::bounding::context();
     for table in catalog.tables() {
         let schema = Catalog::arrow_schema(table);
         let mem = MemTable::try_new(schema, vec![vec![]])?;

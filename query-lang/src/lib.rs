@@ -43,6 +43,7 @@
 //! ```
 
 pub mod analyze;
+pub mod bounding;
 pub mod catalog;
 pub mod combine;
 pub mod compile;

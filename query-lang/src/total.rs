@@ -137,6 +137,8 @@ pub const FUNCTIONS: &[(&str, Rule)] = &[
     ("initcap", Rule::Total),
     ("ascii", Rule::Total),
     ("md5", Rule::Total),
+    // The local bounded query's keyed hash (see `crate::bounding::hash`).
+    (crate::bounding::hash::NAME, Rule::Total),
     ("sha224", Rule::Total),
     ("sha256", Rule::Total),
     ("sha384", Rule::Total),
@@ -870,7 +872,7 @@ mod tests {
             columns.into_iter().map(|(_, a)| a).collect(),
         )
         .expect("probe batch");
-        let ctx = SessionContext::new();
+        let ctx = crate::bounding::context();
         ctx.register_table(
             "probe",
             Arc::new(MemTable::try_new(schema, vec![vec![batch]]).expect("table")),

@@ -271,7 +271,7 @@ impl Data {
     fn context(&self) -> SessionContext {
         // One partition: the tables are tiny, and repartitioning them costs
         // more than the queries.
-        let ctx = SessionContext::new_with_config(
+        let ctx = confer_query::bounding::context_with_config(
             datafusion::prelude::SessionConfig::new().with_target_partitions(1),
         );
         let register = |name: &str, columns: Vec<(&str, ArrayRef)>| {

@@ -66,7 +66,7 @@ async fn session_rows(rows: &[(i64, i64)]) -> SessionContext {
         ],
     )
     .expect("batch");
-    let ctx = SessionContext::new();
+    let ctx = confer_query::bounding::context();
     ctx.register_table(
         "t",
         Arc::new(MemTable::try_new(schema, vec![vec![batch]]).expect("table")),
@@ -482,7 +482,7 @@ async fn moment_intervals_cover_the_truth_at_the_stated_rate() {
         ],
     )
     .expect("batch");
-    let ctx = SessionContext::new();
+    let ctx = confer_query::bounding::context();
     ctx.register_table(
         "m",
         Arc::new(MemTable::try_new(schema, vec![vec![batch]]).expect("table")),

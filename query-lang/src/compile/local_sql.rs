@@ -136,17 +136,10 @@ pub(super) fn row_order(l: &LocalSql<'_>) -> String {
     if !l.deterministic {
         return "random()".into();
     }
-    let mut parts = vec![
-        format!("'{}'", l.salt),
-        "CAST(__unit AS VARCHAR)".to_string(),
-    ];
-    for i in 0..l.groups.len() {
-        parts.push(format!("coalesce(CAST(__g{i} AS VARCHAR), '\u{1}')"));
-    }
-    for j in 0..l.values.len() {
-        parts.push(format!("coalesce(CAST(__v{j} AS VARCHAR), '\u{1}')"));
-    }
-    format!("md5(concat({}))", parts.join(", '\u{2}', "))
+    let mut parts = vec![format!("{}", l.salt as i64), "__unit".to_string()];
+    parts.extend((0..l.groups.len()).map(|i| format!("__g{i}")));
+    parts.extend((0..l.values.len()).map(|j| format!("__v{j}")));
+    format!("{}({})", crate::bounding::hash::NAME, parts.join(", "))
 }
 
 /// The local bounded query as its `WITH` part (ending with `__confer_pg`,
@@ -232,40 +225,15 @@ pub(super) fn local_sql(l: &LocalSql<'_>) -> (String, String) {
             select.join(", ")
         );
         rows_table = "__confer_one";
-    } else if l.max_rows.is_some() || l.max_groups.is_some() {
-        let _ = write!(sql, ",\n__confer_ranked AS (SELECT *");
-        if l.max_groups.is_some() {
-            let keys: Vec<String> = gcols
-                .iter()
-                .map(|g| format!("coalesce(CAST({g} AS VARCHAR), '\u{1}')"))
-                .collect();
-            let _ = write!(
-                sql,
-                ", dense_rank() OVER (PARTITION BY __unit ORDER BY md5(concat('{}', CAST(__unit AS VARCHAR), '\u{2}', {})), {}) AS __group_rank",
-                l.salt,
-                keys.join(", '\u{2}', "),
-                gcols.join(", ")
-            );
-        }
-        if l.max_rows.is_some() {
-            let _ = write!(
-                sql,
-                ", row_number() OVER (PARTITION BY {person_group} ORDER BY {}) AS __row_rank",
-                row_order(l)
-            );
-        }
-        let _ = write!(sql, " FROM __confer_src)");
-        let mut keep = Vec::new();
-        if let Some(k) = l.max_groups {
-            keep.push(format!("__group_rank <= {k}"));
-        }
-        if let Some(r) = l.max_rows {
-            keep.push(format!("__row_rank <= {r}"));
-        }
+    } else if let Some(r) = l.max_rows {
+        // Each person's rows in a group, at most `r` of them. The ranking
+        // runs per person and group without a global sort (see
+        // `crate::bounding::rank`).
         let _ = write!(
             sql,
-            ",\n__confer_rows AS (SELECT * FROM __confer_ranked WHERE {})",
-            keep.join(" AND ")
+            ",\n__confer_ranked AS (SELECT *, row_number() OVER (PARTITION BY {person_group} ORDER BY {}) AS __row_rank FROM __confer_src),\n\
+             __confer_rows AS (SELECT * FROM __confer_ranked WHERE __row_rank <= {r})",
+            row_order(l)
         );
         rows_table = "__confer_rows";
     }
@@ -273,7 +241,24 @@ pub(super) fn local_sql(l: &LocalSql<'_>) -> (String, String) {
     // Per person and group: each person's contribution (their row itself
     // when each person has at most one row: no per-person aggregation).
     let one = l.one_row_per_unit;
-    let _ = write!(sql, ",\n__confer_pg AS (SELECT {person_group}");
+    // With a choice of groups to make, each person's groups are first
+    // aggregated (`__confer_pgall`), each with a salted hash of the person
+    // and the group, and the `max_groups` with the smallest hashes kept.
+    let choose_groups = l.max_groups.filter(|_| !one);
+    let pg_name = if choose_groups.is_some() {
+        "__confer_pgall"
+    } else {
+        "__confer_pg"
+    };
+    let _ = write!(sql, ",\n{pg_name} AS (SELECT {person_group}");
+    if choose_groups.is_some() {
+        let _ = write!(
+            sql,
+            ", {}({}, {person_group}) AS __group_hash",
+            crate::bounding::hash::NAME,
+            l.salt as i64
+        );
+    }
     let mut finals: Vec<String> = gcols.clone();
     for a in l.aggregates {
         let j = value_index(a);
@@ -389,6 +374,14 @@ pub(super) fn local_sql(l: &LocalSql<'_>) -> (String, String) {
         let _ = write!(sql, " FROM {rows_table})");
     } else {
         let _ = write!(sql, " FROM {rows_table} GROUP BY {person_group})");
+    }
+    if let Some(k) = choose_groups {
+        let _ = write!(
+            sql,
+            ",\n__confer_grouped AS (SELECT *, row_number() OVER (PARTITION BY __unit ORDER BY __group_hash, {}) AS __group_rank FROM __confer_pgall),\n\
+             __confer_pg AS (SELECT * FROM __confer_grouped WHERE __group_rank <= {k})",
+            gcols.join(", ")
+        );
     }
     finals.push("CAST(count(*) AS BIGINT) AS __persons".into());
     let mut last = format!("SELECT {} FROM __confer_pg", finals.join(", "));

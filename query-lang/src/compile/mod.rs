@@ -8,9 +8,11 @@
 //! <the query's own CTEs>,
 //! __confer_src   one row per input row: the person, the group keys, the aggregate arguments
 //!                (WHERE applied; keys outside public domains dropped)
-//! __confer_rows  at most max_groups_contributed groups per person and max_rows_contributed
-//!                rows per person per group, chosen at random
-//! __confer_pg    one row per person per group: that person's contribution to each aggregate
+//! __confer_rows  at most max_rows_contributed rows per person per group, chosen at random
+//!                (row_number() over each person's rows in a group)
+//! __confer_pg    one row per person per group: that person's contribution to each aggregate;
+//!                at most max_groups_contributed groups per person, those whose keyed hash
+//!                confer_hash(salt, person, group) is smallest (the salt drawn per task)
 //! final SELECT   per group: the exact partials, and the number of persons
 //! ```
 //!
@@ -19,7 +21,8 @@
 //! group sampling when a person cannot reach more groups than allowed, no
 //! row sampling when every aggregate counts persons. The FROM clause, with
 //! its joins, CTEs and subqueries, is planned by DataFusion and checked by
-//! [`crate::analyze`] to keep every row attributable to one person.
+//! [`crate::analyze`] to keep every row attributable to one person. The
+//! rankings run without a global sort ([`crate::bounding`]).
 //!
 //! The compiler runs in phases, one module each, with a typed value
 //! between them:
