@@ -112,6 +112,10 @@ const QUERIES: &[&str] = &[
      dense_rank() OVER (PARTITION BY p, q ORDER BY x) AS b FROM r",
     "SELECT id, a FROM (SELECT id, row_number() OVER (PARTITION BY p, t ORDER BY id DESC) AS a FROM r) WHERE a <= 2",
     "SELECT id, row_number() OVER (PARTITION BY p + q ORDER BY o * 2, id) AS r FROM r WHERE o IS NOT NULL",
+    // One or two integer keys, one float or integer order without NULLs:
+    // the operator's fast paths.
+    "SELECT id, row_number() OVER (PARTITION BY p, q ORDER BY id * 1.5 DESC) AS r FROM r",
+    "SELECT id, row_number() OVER (PARTITION BY q ORDER BY id) AS r FROM r",
 ];
 
 #[tokio::test]

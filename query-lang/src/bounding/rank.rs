@@ -21,7 +21,7 @@ use std::cmp::Ordering;
 use std::fmt;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, UInt64Array};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt64Array};
 use arrow::compute::concat;
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, Rows, SortField};
@@ -449,33 +449,109 @@ async fn rank_all(
     Ok(out)
 }
 
-/// Evaluates `exprs` over every batch and converts them to comparable
-/// rows, one per input row, in input order.
-fn rows_of(
-    batches: &[RecordBatch],
-    exprs: &[(Arc<dyn PhysicalExpr>, arrow::compute::SortOptions)],
-    reservation: &mut MemoryReservation,
-) -> Result<Rows> {
+/// Evaluates `exprs` over every batch, one array per expression holding
+/// every row in input order.
+fn evaluate(batches: &[RecordBatch], exprs: &[Arc<dyn PhysicalExpr>]) -> Result<Vec<ArrayRef>> {
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(exprs.len());
-    for (e, _) in exprs {
+    for e in exprs {
         let parts = batches
             .iter()
             .map(|b| e.evaluate(b)?.into_array(b.num_rows()))
             .collect::<Result<Vec<_>>>()?;
-        let refs: Vec<&dyn arrow::array::Array> = parts.iter().map(|a| a.as_ref()).collect();
+        let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
         // Never empty: the caller has rows.
         columns.push(concat(&refs)?);
     }
+    Ok(columns)
+}
+
+/// Comparable rows of `columns`, one per input row.
+fn rows_of(
+    columns: &[ArrayRef],
+    options: &[arrow::compute::SortOptions],
+    reservation: &mut MemoryReservation,
+) -> Result<Rows> {
     let converter = RowConverter::new(
-        exprs
+        columns
             .iter()
-            .zip(&columns)
-            .map(|((_, options), c)| SortField::new_with_options(c.data_type().clone(), *options))
+            .zip(options)
+            .map(|(c, o)| SortField::new_with_options(c.data_type().clone(), *o))
             .collect(),
     )?;
-    let rows = converter.convert_columns(&columns)?;
+    let rows = converter.convert_columns(columns)?;
     reservation.try_grow(rows.size())?;
     Ok(rows)
+}
+
+/// Each row's partition, numbered in order of first appearance, and the
+/// number of partitions. One or two 64-bit integer keys (a person, or a
+/// person and a group) are hashed as integers; other keys as rows.
+fn partition_ids(
+    columns: &[ArrayRef],
+    total: usize,
+    reservation: &mut MemoryReservation,
+) -> Result<(Vec<u32>, usize)> {
+    let mut group = Vec::with_capacity(total);
+    let ints: Vec<&arrow::array::Int64Array> = columns
+        .iter()
+        .filter_map(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>())
+        .collect();
+    if ints.len() == columns.len() && ints.len() <= 2 {
+        let mut ids: datafusion::common::HashMap<(i64, i64, u8), u32> =
+            datafusion::common::HashMap::with_capacity(total / 4 + 1);
+        for i in 0..total {
+            let mut key = (0i64, 0i64, 0u8);
+            for (j, c) in ints.iter().enumerate() {
+                let v = if c.is_null(i) {
+                    key.2 |= 1 << j;
+                    0
+                } else {
+                    c.value(i)
+                };
+                if j == 0 {
+                    key.0 = v;
+                } else {
+                    key.1 = v;
+                }
+            }
+            let next = ids.len() as u32;
+            group.push(*ids.entry(key).or_insert(next));
+        }
+        return Ok((group, ids.len()));
+    }
+    let options = vec![arrow::compute::SortOptions::default(); columns.len()];
+    let keys = rows_of(columns, &options, reservation)?;
+    let mut ids: datafusion::common::HashMap<&[u8], u32> =
+        datafusion::common::HashMap::with_capacity(total / 4 + 1);
+    for i in 0..total {
+        let next = ids.len() as u32;
+        group.push(*ids.entry(keys.row(i).data()).or_insert(next));
+    }
+    Ok((group, ids.len()))
+}
+
+/// How the rows of a partition are ordered.
+enum OrderKeys {
+    /// No ORDER BY: every row is a peer of every other.
+    None,
+    /// One float or integer key without NULLs, for `row_number` (which
+    /// has no peers to find): compared as numbers.
+    Floats(Vec<f64>, bool),
+    Ints(Vec<i64>, bool),
+    /// Anything else, as comparable rows.
+    Rows(Rows),
+}
+
+impl OrderKeys {
+    fn cmp(&self, a: usize, b: usize) -> Ordering {
+        let directed = |o: Ordering, descending: bool| if descending { o.reverse() } else { o };
+        match self {
+            OrderKeys::None => Ordering::Equal,
+            OrderKeys::Floats(v, d) => directed(v[a].total_cmp(&v[b]), *d),
+            OrderKeys::Ints(v, d) => directed(v[a].cmp(&v[b]), *d),
+            OrderKeys::Rows(r) => r.row(a).cmp(&r.row(b)),
+        }
+    }
 }
 
 /// One ranking column over all rows, in input order.
@@ -485,23 +561,10 @@ fn rank_column(
     total: usize,
     reservation: &mut MemoryReservation,
 ) -> Result<Vec<u64>> {
-    let ascending = arrow::compute::SortOptions::default();
-    let partition: Vec<_> = spec
-        .partition_by
-        .iter()
-        .map(|e| (Arc::clone(e), ascending))
-        .collect();
-    let keys = rows_of(batches, &partition, reservation)?;
-    // Each row's partition, numbered in order of first appearance.
-    let mut ids: datafusion::common::HashMap<&[u8], u32> =
-        datafusion::common::HashMap::with_capacity(total / 4 + 1);
-    let mut group = Vec::with_capacity(total);
-    for i in 0..total {
-        let next = ids.len() as u32;
-        group.push(*ids.entry(keys.row(i).data()).or_insert(next));
-    }
-    let partitions = ids.len();
-    drop(ids);
+    let columns = evaluate(batches, &spec.partition_by)?;
+    reservation.try_grow(columns.iter().map(|c| c.get_array_memory_size()).sum())?;
+    let (group, partitions) = partition_ids(&columns, total, reservation)?;
+    drop(columns);
     // Rows grouped by partition (a counting sort: no comparison of keys).
     let mut start = vec![0u32; partitions + 1];
     for &g in &group {
@@ -520,36 +583,43 @@ fn rank_column(
     drop(group);
     reservation.try_grow(total * 16)?;
 
-    let sort: Vec<_> = spec
-        .order_by
-        .iter()
-        .map(|s| (Arc::clone(&s.expr), s.options))
-        .collect();
-    let values = if sort.is_empty() {
-        None
+    let sort_exprs: Vec<_> = spec.order_by.iter().map(|s| Arc::clone(&s.expr)).collect();
+    let keys = if sort_exprs.is_empty() {
+        OrderKeys::None
     } else {
-        Some(rows_of(batches, &sort, reservation)?)
+        let columns = evaluate(batches, &sort_exprs)?;
+        let options: Vec<_> = spec.order_by.iter().map(|s| s.options).collect();
+        let single = (columns.len() == 1 && columns[0].null_count() == 0 && spec.kind == Kind::RowNumber)
+            .then(|| &columns[0]);
+        match single {
+            Some(c) if c.data_type() == &arrow::datatypes::DataType::Float64 => OrderKeys::Floats(
+                c.as_primitive::<arrow::datatypes::Float64Type>().values().to_vec(),
+                options[0].descending,
+            ),
+            Some(c) if c.data_type() == &arrow::datatypes::DataType::Int64 => OrderKeys::Ints(
+                c.as_primitive::<arrow::datatypes::Int64Type>().values().to_vec(),
+                options[0].descending,
+            ),
+            _ => OrderKeys::Rows(rows_of(&columns, &options, reservation)?),
+        }
     };
     let mut rank = vec![0u64; total];
     for p in 0..partitions {
         let rows = &mut order[start[p] as usize..start[p + 1] as usize];
-        if let Some(v) = &values
-            && rows.len() > 1
-        {
-            rows.sort_unstable_by(|a, b| v.row(*a as usize).cmp(&v.row(*b as usize)));
+        if rows.len() > 1 && !matches!(keys, OrderKeys::None) {
+            rows.sort_unstable_by(|a, b| keys.cmp(*a as usize, *b as usize));
         }
         let (mut current_rank, mut dense) = (0u64, 0u64);
-        for (k, &r) in rows.iter().enumerate() {
-            let peer = k > 0
-                && match &values {
-                    None => true,
-                    Some(v) => v.row(r as usize) == v.row(rows[k - 1] as usize),
-                };
+        for k in 0..rows.len() {
+            let r = rows[k] as usize;
+            let peer = spec.kind != Kind::RowNumber
+                && k > 0
+                && keys.cmp(r, rows[k - 1] as usize) == Ordering::Equal;
             if !peer {
                 current_rank = k as u64 + 1;
                 dense += 1;
             }
-            rank[r as usize] = match spec.kind {
+            rank[r] = match spec.kind {
                 Kind::RowNumber => k as u64 + 1,
                 Kind::Rank => current_rank,
                 Kind::DenseRank => dense,
