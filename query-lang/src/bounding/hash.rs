@@ -78,7 +78,10 @@ impl ScalarUDFImpl for ConferHash {
                     // A constant (the salt): absorbed once, then applied
                     // to every row.
                     let mut one = [SEED];
-                    absorb_array(&s.to_array_of_size(1)?, &mut one)?;
+                    match s.to_array_of_size(1) {
+                        Ok(a) => absorb_array(&a, &mut one)?,
+                        Err(_) => one[0] = absorb(one[0], NULL_WORD),
+                    }
                     for h in state.iter_mut() {
                         *h = absorb(*h, one[0]);
                     }
@@ -139,8 +142,20 @@ fn absorb_bytes(mut h: u64, bytes: &[u8]) -> u64 {
     absorb(h, bytes.len() as u64)
 }
 
-/// Absorbs one column into each row's state.
+/// Absorbs one column into each row's state. Never fails: a column the
+/// hash cannot read by value (no type reaching the local query today)
+/// contributes whether each row is NULL.
 fn absorb_array(array: &ArrayRef, state: &mut [u64]) -> Result<()> {
+    if try_absorb(array, state).is_err() {
+        for (i, h) in state.iter_mut().enumerate() {
+            *h = absorb(*h, if array.is_null(i) { NULL_WORD } else { !NULL_WORD });
+        }
+    }
+    Ok(())
+}
+
+/// [`absorb_array`]; on error `state` is untouched (each cast comes first).
+fn try_absorb(array: &ArrayRef, state: &mut [u64]) -> Result<()> {
     let kind = |t: &DataType| match t {
         DataType::Boolean
         | DataType::Int8
@@ -244,6 +259,18 @@ mod tests {
         let salt: ArrayRef = Arc::new(Int64Array::from(vec![7; 4]));
         let salted = hash(&[salt, a, s]);
         assert!(salted.iter().zip(&h).all(|(x, y)| x != y));
+    }
+
+    #[test]
+    fn every_column_hashes_without_error() {
+        let list: ArrayRef = Arc::new(
+            arrow::array::ListArray::from_iter_primitive::<Int64Type, _, _>(vec![
+                Some(vec![Some(1)]),
+                None,
+            ]),
+        );
+        let h = hash(&[list]);
+        assert_ne!(h[0], h[1]);
     }
 
     #[test]
