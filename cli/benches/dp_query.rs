@@ -331,7 +331,10 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .filter(|q| only.as_ref().is_none_or(|o| o.iter().any(|n| n == q.name)))
         .collect();
-    anyhow::ensure!(!queries.is_empty(), "--shapes names none of count, distinct, sum, join");
+    anyhow::ensure!(
+        !queries.is_empty(),
+        "--shapes names none of count, distinct, sum, join"
+    );
     let scratch = tempfile::tempdir()?;
     let data: PathBuf = arg("--data")
         .map(PathBuf::from)

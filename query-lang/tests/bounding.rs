@@ -23,6 +23,16 @@ impl Rng {
     }
 }
 
+/// The test table's columns, filled row by row.
+type Columns = (
+    Vec<i64>,
+    Vec<Option<i64>>,
+    Vec<Option<i64>>,
+    Vec<Option<String>>,
+    Vec<Option<i64>>,
+    Vec<Option<f64>>,
+);
+
 /// Rows `(id, p, q, t, o, x)`: `id` unique, `p` and `q` small partition
 /// keys (NULL sometimes), `t` text, `o` an order key with many ties and
 /// NULLs, `x` a float with ties.
@@ -41,16 +51,20 @@ fn table(rows: usize, seed: u64, batches: usize) -> (Arc<Schema>, Vec<RecordBatc
     let mut id = 0i64;
     while (id as usize) < rows {
         let n = per.min(rows - id as usize);
-        let mut cols: (Vec<i64>, Vec<Option<i64>>, Vec<Option<i64>>, Vec<Option<String>>, Vec<Option<i64>>, Vec<Option<f64>>) =
-            Default::default();
+        let mut cols: Columns = Default::default();
         for _ in 0..n {
             let r = rng.next();
             cols.0.push(id);
-            cols.1.push((r % 50 != 0).then_some((r >> 8) as i64 % 97));
-            cols.2.push((r % 23 != 0).then_some((r >> 16) as i64 % 3));
-            cols.3.push((r % 31 != 0).then(|| format!("k{}", (r >> 24) % 5)));
-            cols.4.push((r % 7 != 0).then_some((r >> 32) as i64 % 6));
-            cols.5.push((r % 11 != 0).then_some(((r >> 40) % 4) as f64 / 2.0));
+            cols.1
+                .push((!r.is_multiple_of(50)).then_some((r >> 8) as i64 % 97));
+            cols.2
+                .push((!r.is_multiple_of(23)).then_some((r >> 16) as i64 % 3));
+            cols.3
+                .push((!r.is_multiple_of(31)).then(|| format!("k{}", (r >> 24) % 5)));
+            cols.4
+                .push((!r.is_multiple_of(7)).then_some((r >> 32) as i64 % 6));
+            cols.5
+                .push((!r.is_multiple_of(11)).then_some(((r >> 40) % 4) as f64 / 2.0));
             id += 1;
         }
         out.push(
@@ -72,19 +86,20 @@ fn table(rows: usize, seed: u64, batches: usize) -> (Arc<Schema>, Vec<RecordBatc
 }
 
 async fn rows_of(ctx: &SessionContext, sql: &str) -> Vec<String> {
-    let batches = ctx.sql(sql).await.expect("plan").collect().await.expect("run");
+    let batches = ctx
+        .sql(sql)
+        .await
+        .expect("plan")
+        .collect()
+        .await
+        .expect("run");
     let text = arrow::util::pretty::pretty_format_batches(&batches)
         .expect("format")
         .to_string();
     let mut lines: Vec<String> = text
         .lines()
         .filter(|l| l.starts_with("| ") && !l.contains(" id "))
-        .map(|l| {
-            l.split('|')
-                .map(str::trim)
-                .collect::<Vec<_>>()
-                .join("|")
-        })
+        .map(|l| l.split('|').map(str::trim).collect::<Vec<_>>().join("|"))
         .collect();
     lines.sort();
     lines
@@ -120,9 +135,19 @@ const QUERIES: &[&str] = &[
 
 #[tokio::test]
 async fn ranks_equal_the_window_functions() {
-    for (rows, batches, partitions) in [(0, 1, 1), (1, 1, 1), (700, 1, 1), (5000, 7, 4), (20_000, 3, 2)] {
+    for (rows, batches, partitions) in [
+        (0, 1, 1),
+        (1, 1, 1),
+        (700, 1, 1),
+        (5000, 7, 4),
+        (20_000, 3, 2),
+    ] {
         let (schema, data) = table(rows, rows as u64 + 1, batches);
-        let config = || SessionConfig::new().with_target_partitions(partitions).with_batch_size(512);
+        let config = || {
+            SessionConfig::new()
+                .with_target_partitions(partitions)
+                .with_batch_size(512)
+        };
         let ours = confer_query::bounding::context_with_config(config());
         let theirs = SessionContext::new_with_config(config());
         register(&ours, schema.clone(), data.clone());
@@ -215,6 +240,10 @@ async fn the_keyed_hash_depends_on_the_salt_and_the_values_only() {
     register(&ctx2, schema, vec![fewer]);
     let d = rows_of(&ctx2, "SELECT id, confer_hash(42, p, t, x) FROM r").await;
     assert!(d.iter().all(|row| a.contains(row)));
-    let nulls = rows_of(&ctx, "SELECT count(*) AS id FROM r WHERE confer_hash(p, t, x) IS NULL").await;
+    let nulls = rows_of(
+        &ctx,
+        "SELECT count(*) AS id FROM r WHERE confer_hash(p, t, x) IS NULL",
+    )
+    .await;
     assert_eq!(nulls, vec!["|0|".to_string()]);
 }

@@ -148,7 +148,14 @@ fn absorb_bytes(mut h: u64, bytes: &[u8]) -> u64 {
 fn absorb_array(array: &ArrayRef, state: &mut [u64]) -> Result<()> {
     if try_absorb(array, state).is_err() {
         for (i, h) in state.iter_mut().enumerate() {
-            *h = absorb(*h, if array.is_null(i) { NULL_WORD } else { !NULL_WORD });
+            *h = absorb(
+                *h,
+                if array.is_null(i) {
+                    NULL_WORD
+                } else {
+                    !NULL_WORD
+                },
+            );
         }
     }
     Ok(())
@@ -251,7 +258,12 @@ mod tests {
     #[test]
     fn equal_rows_hash_equal_and_the_salt_changes_everything() {
         let a: ArrayRef = Arc::new(Int64Array::from(vec![Some(1), Some(1), None, Some(2)]));
-        let s: ArrayRef = Arc::new(StringArray::from(vec![Some("x"), Some("x"), None, Some("x")]));
+        let s: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("x"),
+            Some("x"),
+            None,
+            Some("x"),
+        ]));
         let h = hash(&[a.clone(), s.clone()]);
         assert_eq!(h[0], h[1]);
         assert_ne!(h[0], h[2]);
@@ -263,12 +275,11 @@ mod tests {
 
     #[test]
     fn every_column_hashes_without_error() {
-        let list: ArrayRef = Arc::new(
-            arrow::array::ListArray::from_iter_primitive::<Int64Type, _, _>(vec![
-                Some(vec![Some(1)]),
-                None,
-            ]),
-        );
+        let list: ArrayRef = Arc::new(arrow::array::ListArray::from_iter_primitive::<
+            Int64Type,
+            _,
+            _,
+        >(vec![Some(vec![Some(1)]), None]));
         let h = hash(&[list]);
         assert_ne!(h[0], h[1]);
     }

@@ -26,10 +26,10 @@ use arrow::compute::concat;
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, Rows, SortField};
 use async_trait::async_trait;
+use datafusion::catalog::Session;
 use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
 use datafusion::common::{DFSchemaRef, Result, internal_err};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
-use datafusion::catalog::Session;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::expr::WindowFunction;
 use datafusion::logical_expr::{
@@ -123,7 +123,11 @@ impl UserDefinedLogicalNodeCore for RankNode {
         write!(f, "HashRank: {}", exprs.join(", "))
     }
 
-    fn with_exprs_and_inputs(&self, exprs: Vec<Expr>, mut inputs: Vec<LogicalPlan>) -> Result<Self> {
+    fn with_exprs_and_inputs(
+        &self,
+        exprs: Vec<Expr>,
+        mut inputs: Vec<LogicalPlan>,
+    ) -> Result<Self> {
         if inputs.len() != 1 {
             return internal_err!("HashRank takes one input");
         }
@@ -140,8 +144,7 @@ impl UserDefinedLogicalNodeCore for RankNode {
 fn rewrite(plan: LogicalPlan) -> Result<LogicalPlan> {
     plan.transform_up_with_subqueries(|p| match p {
         LogicalPlan::Window(w)
-            if !w.window_expr.is_empty()
-                && w.window_expr.iter().all(|e| rankable(e).is_some()) =>
+            if !w.window_expr.is_empty() && w.window_expr.iter().all(|e| rankable(e).is_some()) =>
         {
             Ok(Transformed::yes(LogicalPlan::Extension(Extension {
                 node: Arc::new(RankNode {
@@ -425,9 +428,7 @@ async fn rank_all(
     }
     let timer = metrics.elapsed_compute().timer();
     if u32::try_from(total).is_err() {
-        return datafusion::common::exec_err!(
-            "HashRankExec: more than 2^32 rows in one partition"
-        );
+        return datafusion::common::exec_err!("HashRankExec: more than 2^32 rows in one partition");
     }
     let mut columns: Vec<Vec<u64>> = Vec::with_capacity(ranks.len());
     for spec in ranks {
@@ -589,15 +590,20 @@ fn rank_column(
     } else {
         let columns = evaluate(batches, &sort_exprs)?;
         let options: Vec<_> = spec.order_by.iter().map(|s| s.options).collect();
-        let single = (columns.len() == 1 && columns[0].null_count() == 0 && spec.kind == Kind::RowNumber)
-            .then(|| &columns[0]);
+        let single =
+            (columns.len() == 1 && columns[0].null_count() == 0 && spec.kind == Kind::RowNumber)
+                .then(|| &columns[0]);
         match single {
             Some(c) if c.data_type() == &arrow::datatypes::DataType::Float64 => OrderKeys::Floats(
-                c.as_primitive::<arrow::datatypes::Float64Type>().values().to_vec(),
+                c.as_primitive::<arrow::datatypes::Float64Type>()
+                    .values()
+                    .to_vec(),
                 options[0].descending,
             ),
             Some(c) if c.data_type() == &arrow::datatypes::DataType::Int64 => OrderKeys::Ints(
-                c.as_primitive::<arrow::datatypes::Int64Type>().values().to_vec(),
+                c.as_primitive::<arrow::datatypes::Int64Type>()
+                    .values()
+                    .to_vec(),
                 options[0].descending,
             ),
             _ => OrderKeys::Rows(rows_of(&columns, &options, reservation)?),
