@@ -24,10 +24,11 @@
 //! (`/proc/self/clear_refs`). Prints a markdown table.
 //!
 //! ```text
-//! cargo bench -p confer-cli --bench dp_query [-- --persons N --sites S --repeats R --data DIR --shapes count,distinct --show]
+//! cargo bench -p confer-cli --bench dp_query [-- --persons N --sites S --repeats R --data DIR --shapes count,distinct --show --profile]
 //! ```
 //! `--data DIR` keeps the generated files there and reuses them next time;
-//! `--show` prints both answers of every shape.
+//! `--show` prints both answers of every shape; `--profile` prints
+//! `EXPLAIN ANALYZE` of each shape's local bounded query over site 0.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use std::time::Instant;
 
 mod common;
 
-use arrow::array::{Date32Array, Float64Array, Int64Array, RecordBatch};
+use arrow::array::{AsArray, Date32Array, Float64Array, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
 
 use confer_cli::client::Client;
@@ -474,9 +475,61 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    if std::env::args().any(|a| a == "--profile") {
+        profile(&mut client, &queries, &data).await?;
+    }
+
     coordinator.shutdown().await?;
     for n in nodes {
         n.shutdown().await?;
+    }
+    Ok(())
+}
+
+/// Prints, for each shape, `EXPLAIN ANALYZE` of the local bounded query (as
+/// EXPLAIN PRIVACY shows it) over site 0's files, in a session such as a
+/// node's: where the time goes, operator by operator.
+async fn profile(client: &mut Client, queries: &[&Query], data: &Path) -> anyhow::Result<()> {
+    let ctx = confer_query::bounding::context();
+    for table in ["person", "condition_occurrence", "measurement"] {
+        let file = data.join(format!("site0/{table}.parquet"));
+        let df = ctx
+            .read_parquet(file.display().to_string(), ParquetReadOptions::default())
+            .await?;
+        ctx.register_table(table, df.into_view())?;
+    }
+    for q in queries {
+        let explained = client
+            .run(&format!("EXPLAIN PRIVACY {}", q.dp), Some("bench"))
+            .await?
+            .batches;
+        let mut local = Vec::new();
+        for b in &explained {
+            let (Some(k), Some(v)) = (
+                b.column(0).as_string_opt::<i32>(),
+                b.column(1).as_string_opt::<i32>(),
+            ) else {
+                continue;
+            };
+            for i in 0..b.num_rows() {
+                if k.value(i) == "local bounded query" {
+                    local.push(v.value(i).to_string());
+                }
+            }
+        }
+        let sql = local.join("\n");
+        let t = Instant::now();
+        let analyzed = ctx
+            .sql(&format!("EXPLAIN ANALYZE {sql}"))
+            .await?
+            .collect()
+            .await?;
+        println!(
+            "\n{} at site 0 ({:.1} ms with EXPLAIN ANALYZE):\n{sql}\n{}",
+            q.name,
+            t.elapsed().as_secs_f64() * 1000.0,
+            arrow::util::pretty::pretty_format_batches(&analyzed)?
+        );
     }
     Ok(())
 }

@@ -117,6 +117,16 @@ impl NodeService {
         sql: &str,
     ) -> Result<Arc<confer_query::plan::FederatedPlan>> {
         let plan = match self.state.plans.take(task.id, sql) {
+            // Compiled trusting one row per person in files that have
+            // changed since: compiled again, enforcing it.
+            Some(plan)
+                if plan.one_row_trusted && {
+                    let verified = self.state.verified_one_row();
+                    !plan.tables.iter().all(|t| verified.contains(t))
+                } =>
+            {
+                Arc::new(self.compiled_plan(task, sql).await?)
+            }
             Some(plan) => plan,
             None => Arc::new(self.compiled_plan(task, sql).await?),
         };
@@ -158,13 +168,21 @@ impl NodeService {
                 return Err(self.refuse(Some(task), ErrorKind::InvalidArgument, e.to_string()));
             }
         };
-        let plan =
-            match confer_query::compile(&parsed, &self.state.query_catalog, Some(&self.state.name))
-                .await
-            {
-                Ok(p) => p,
-                Err(e) => return Err(self.refuse_error(Some(task), e.into())),
-            };
+        let options = confer_query::CompileOptions {
+            verified_one_row: self.state.verified_one_row(),
+            ..Default::default()
+        };
+        let plan = match confer_query::compile_with(
+            &parsed,
+            &self.state.query_catalog,
+            Some(&self.state.name),
+            &options,
+        )
+        .await
+        {
+            Ok(p) => p,
+            Err(e) => return Err(self.refuse_error(Some(task), e.into())),
+        };
         // The same check once more, against this node's tables as they are
         // read (a Parquet column may be narrower than the catalog says).
         let here = async {

@@ -39,6 +39,9 @@ pub struct NodeState {
     pub supervision: confer_protocol::supervision::SupervisionUnits,
     /// Plans compiled at a query's check, kept for its run.
     pub plans: CheckedPlans,
+    /// The files of each table checked at start to hold one row per
+    /// person, as they were then (see [`NodeState::verified_one_row`]).
+    pub one_row_files: std::collections::BTreeMap<String, crate::catalog::FileStamps>,
     /// The privacy ledger and audit log.
     pub ledger: Arc<Ledger>,
     /// When the node started.
@@ -57,6 +60,8 @@ pub struct NodeState {
     coordinator: PublicKey,
     policy: RwLock<PolicyState>,
     config_path: Option<PathBuf>,
+    /// The tables as configured (for [`NodeState::verified_one_row`]).
+    config_tables: std::collections::BTreeMap<String, crate::config::TableConfig>,
 }
 
 impl NodeState {
@@ -81,11 +86,38 @@ impl NodeState {
                 check.records
             )));
         }
+        let one_row_files = crate::catalog::one_row_stamps(config, &catalog);
         let mut state = Self::new(config, ctx, catalog, ledger)?;
+        state.one_row_files = one_row_files;
         for (table, column) in unique {
             state.query_catalog.set_unique(&table, &column);
         }
         Ok(state)
+    }
+
+    /// The tables whose one row per person the node checked at start on
+    /// files that are still the same (sizes and modification times): a
+    /// query reading only these need not enforce it again. A table whose
+    /// files changed is left out (the query enforces it) until the node
+    /// restarts and checks them again.
+    pub fn verified_one_row(&self) -> std::collections::BTreeSet<String> {
+        let mut verified = std::collections::BTreeSet::new();
+        for (name, stamps) in &self.one_row_files {
+            let now = self
+                .config_tables
+                .get(name)
+                .and_then(|t| crate::catalog::FileStamps::of(name, t));
+            if now.as_ref() == Some(stamps) {
+                verified.insert(name.clone());
+            } else {
+                tracing::warn!(
+                    table = %name,
+                    "the table's files changed since the node started: each query enforces one row per \
+                     person again (restart the node to check the new files)"
+                );
+            }
+        }
+        verified
     }
 
     /// State for a loaded config.
@@ -120,12 +152,14 @@ impl NodeState {
             secure: crate::secure::SecureSessions::open(&config.node.state_dir)?,
             train: crate::train::TrainJobs::default(),
             plans: CheckedPlans::default(),
+            one_row_files: Default::default(),
             running: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             unverified: crate::gate::Unverified::default(),
             tls: config.tls.clone(),
             coordinator,
             policy: RwLock::new(PolicyState { policy, modified }),
             config_path: config.source.clone(),
+            config_tables: config.tables.clone(),
         })
     }
 

@@ -57,6 +57,11 @@ pub struct FederatedPlan {
     pub max_rows: usize,
     /// The tables the query reads.
     pub tables: Vec<String>,
+    /// Whether the local bounded query relies on the node's own check
+    /// that each person has one row in these tables (files unchanged since
+    /// it was made: see [`crate::CompileOptions::verified_one_row`]) instead
+    /// of enforcing it. A node compiles afresh if they changed meanwhile.
+    pub one_row_trusted: bool,
     /// Why one person's rows could multiply the query's work (and so its
     /// run time), if they can: a node then answers only at a fixed time
     /// after it started (see [`crate::analyze::amplification`]).

@@ -247,3 +247,60 @@ async fn the_keyed_hash_depends_on_the_salt_and_the_values_only() {
     .await;
     assert_eq!(nulls, vec!["|0|".to_string()]);
 }
+
+#[tokio::test]
+async fn one_row_per_person_is_enforced_unless_the_node_checked_these_files() {
+    use confer_protocol::catalog::{CatalogInfo, ColumnInfo, ColumnType, TableInfo};
+    let column = |name: &str| ColumnInfo {
+        name: name.into(),
+        column_type: ColumnType::Int64,
+        bounds: None,
+        domain: None,
+        unique: false,
+    };
+    let catalog = confer_query::Catalog::for_node(&CatalogInfo {
+        node: "n".into(),
+        tables: vec![
+            TableInfo {
+                name: "person".into(),
+                privacy_unit: Some("person_id".into()),
+                columns: vec![column("person_id"), column("year_of_birth")],
+                one_row_per_unit: true,
+            },
+            TableInfo {
+                name: "obs".into(),
+                privacy_unit: Some("person_id".into()),
+                columns: vec![column("person_id"), column("code")],
+                one_row_per_unit: false,
+            },
+        ],
+    });
+    let local = |sql: &'static str, verified: &'static [&'static str]| {
+        let catalog = &catalog;
+        async move {
+            let confer_query::Statement::Query(q) = confer_query::parse(sql).expect("parse") else {
+                panic!("a query")
+            };
+            let options = confer_query::CompileOptions {
+                verified_one_row: verified.iter().map(|t| t.to_string()).collect(),
+                ..Default::default()
+            };
+            let plan = confer_query::compile_with(&q, catalog, Some("n"), &options)
+                .await
+                .expect("compiles");
+            (
+                plan.local_sql.contains("__confer_one"),
+                plan.one_row_trusted,
+            )
+        }
+    };
+    let count = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) COUNT(*) AS n FROM person";
+    assert_eq!(local(count, &[]).await, (true, false));
+    assert_eq!(local(count, &["person"]).await, (false, true));
+    // Filtered by another table's persons: obs is not checked, so the
+    // query enforces one row per person.
+    let semi = "SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS (epsilon = 1, delta = 1e-6) COUNT(*) AS n FROM person \
+                WHERE person_id IN (SELECT person_id FROM obs WHERE code = 5)";
+    assert_eq!(local(semi, &["person"]).await, (true, false));
+    assert_eq!(local(semi, &["person", "obs"]).await, (false, true));
+}

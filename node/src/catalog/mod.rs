@@ -527,3 +527,41 @@ mod tests {
         assert_eq!(without_values(apostrophe, &schema), "cannot parse '…'");
     }
 }
+
+/// The files of a table as they are now: each file's path, size and
+/// modification time. The checks the node makes at start (one row per
+/// person) hold for as long as these are unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamps(Vec<(PathBuf, u64, Option<std::time::SystemTime>)>);
+
+impl FileStamps {
+    /// Reads the stamps of `table`'s files; `None` when they cannot be
+    /// read (then nothing is trusted).
+    pub fn of(name: &str, table: &TableConfig) -> Option<Self> {
+        let format = table.format(name).ok()?;
+        let files = source_files(&table.path, format).ok()?;
+        let mut stamps = Vec::with_capacity(files.len());
+        for f in files {
+            let meta = std::fs::metadata(&f).ok()?;
+            stamps.push((f, meta.len(), meta.modified().ok()));
+        }
+        Some(Self(stamps))
+    }
+}
+
+/// The stamps of every table declared (and checked at start) to hold one
+/// row per person.
+pub fn one_row_stamps(
+    config: &NodeConfig,
+    catalog: &CatalogInfo,
+) -> std::collections::BTreeMap<String, FileStamps> {
+    catalog
+        .tables
+        .iter()
+        .filter(|t| t.one_row_per_unit && t.privacy_unit.is_some())
+        .filter_map(|t| {
+            let table = config.tables.get(&t.name)?;
+            Some((t.name.clone(), FileStamps::of(&t.name, table)?))
+        })
+        .collect()
+}

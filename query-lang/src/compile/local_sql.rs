@@ -24,6 +24,8 @@ pub(super) struct Local {
     /// Under secure aggregation with a private key: each person's distinct
     /// keys, for secure partition selection.
     pub(super) key_sql: Option<String>,
+    /// Whether one row per person was trusted rather than enforced.
+    pub(super) one_row_trusted: bool,
 }
 
 /// Phase 5: writes the local bounded query and checks that it is total.
@@ -41,6 +43,13 @@ pub(super) async fn write(
         (None, Some(_)) => fresh_salt(),
         (None, None) => 0,
     };
+    let prov = &shape.source_prov;
+    let one_row_trusted = prov.one_row_per_unit
+        && !prov.tables.is_empty()
+        && prov
+            .tables
+            .iter()
+            .all(|t| options.verified_one_row.contains(t));
     let (person_groups, partials_select) = local_sql(&LocalSql {
         with: shape.query.with.as_ref().map(|w| {
             w.cte_tables
@@ -59,6 +68,7 @@ pub(super) async fn write(
             .collect::<Vec<_>>(),
         specs: &keys.groups,
         one_row_per_unit: shape.source_prov.one_row_per_unit,
+        one_row_trusted,
         values: &selected.values,
         aggregates: &bounded.aggregates,
         partials: &bounded.partials,
@@ -84,7 +94,11 @@ pub(super) async fn write(
     } else {
         None
     };
-    Ok(Local { sql, key_sql })
+    Ok(Local {
+        sql,
+        key_sql,
+        one_row_trusted,
+    })
 }
 
 pub(super) struct LocalSql<'a> {
@@ -97,6 +111,9 @@ pub(super) struct LocalSql<'a> {
     /// Each person has at most one row: a person's contribution is their
     /// row, with no per-person aggregation.
     one_row_per_unit: bool,
+    /// The node has checked one row per person on these very files: the
+    /// query need not enforce it.
+    one_row_trusted: bool,
     values: &'a [String],
     aggregates: &'a [AggregateSpec],
     partials: &'a [PartialSpec],
@@ -203,7 +220,10 @@ pub(super) fn local_sql(l: &LocalSql<'_>) -> (String, String) {
         .collect();
     let person_group = person_group.join(", ");
     let mut rows_table = "__confer_src";
-    if l.one_row_per_unit {
+    if l.one_row_per_unit && l.one_row_trusted {
+        // Checked by the node on these files (see
+        // `CompileOptions::verified_one_row`): each source row is a person.
+    } else if l.one_row_per_unit {
         // The catalog (or a per-person summary) says one row per person;
         // the plan enforces it rather than trusting files that are read
         // again for every query: one row per person, each column taken

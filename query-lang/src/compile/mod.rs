@@ -77,6 +77,13 @@ pub struct CompileOptions {
     /// same rows. For the sensitivity auditor and tests; nodes sample at
     /// random.
     pub sampling_salt: Option<u64>,
+    /// Tables in which the node has checked, on the files as they are now,
+    /// that each person has at most one row (`one_row_per_unit`, checked
+    /// at start; the files' sizes and modification times unchanged since).
+    /// A query reading only such tables, with one row per person, skips
+    /// the per-query enforcement (a GROUP BY over every person). Empty at
+    /// the coordinator and in the auditor: the query then enforces it.
+    pub verified_one_row: std::collections::BTreeSet<String>,
 }
 
 /// The largest magnitude of a contribution bound: beyond it, sums over
@@ -123,6 +130,7 @@ pub async fn compile_with(
         max_groups: bounded.max_groups,
         max_rows: bounded.max_rows,
         tables: shape.source_prov.tables.iter().cloned().collect(),
+        one_row_trusted: local.one_row_trusted,
         amplification: crate::analyze::amplification(&keys.src_plan, catalog),
     };
     if let Some(columns) = released.derived {

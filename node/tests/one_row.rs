@@ -1,0 +1,46 @@
+//! One row per person, checked when the node starts, is trusted by queries
+//! only while the table's files are the ones checked: a file rewritten
+//! since makes every query enforce it again.
+
+use confer_node::NodeConfig;
+use confer_node::service::NodeState;
+use confer_protocol::signing::Identity;
+
+#[tokio::test]
+async fn queries_trust_the_start_check_only_while_the_files_are_unchanged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let person = dir.path().join("person.csv");
+    let header = "person_id,gender_concept_id,year_of_birth,race_concept_id,ethnicity_concept_id\n";
+    std::fs::write(
+        &person,
+        format!("{header}1,8507,1970,0,0\n2,8532,1980,0,0\n"),
+    )
+    .expect("csv");
+    std::fs::write(dir.path().join("obs.csv"), "person_id,code\n1,5\n1,6\n").expect("csv");
+    let path = dir.path().join("node.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[node]\nname = \"n\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\ncoordinator_key = \"{}\"\n\
+             [policy]\napproval = \"auto\"\n\
+             [tables.person]\npath = \"person.csv\"\nprivacy_unit = \"person_id\"\n\
+             [tables.obs]\npath = \"obs.csv\"\nprivacy_unit = \"person_id\"\n",
+            Identity::generate().expect("key").public_hex()
+        ),
+    )
+    .expect("node.toml");
+    let config = NodeConfig::load(&path).expect("config");
+    let state = NodeState::open(&config).await.expect("state");
+    // Checked at start: person (one row per person by default), not obs.
+    assert_eq!(
+        state.verified_one_row().into_iter().collect::<Vec<_>>(),
+        vec!["person".to_string()]
+    );
+    // The file rewritten with a person twice: no longer trusted.
+    std::fs::write(
+        &person,
+        format!("{header}1,8507,1970,0,0\n2,8532,1980,0,0\n2,8532,1980,0,0\n"),
+    )
+    .expect("csv");
+    assert!(state.verified_one_row().is_empty());
+}
