@@ -17,6 +17,10 @@ async fn queries_trust_the_start_check_only_while_the_files_are_unchanged() {
     )
     .expect("csv");
     std::fs::write(dir.path().join("obs.csv"), "person_id,code\n1,5\n1,6\n").expect("csv");
+    // A table in a directory of files, one row per person.
+    let extract = dir.path().join("extract");
+    std::fs::create_dir_all(&extract).expect("dir");
+    std::fs::write(extract.join("a.csv"), "pid,x\n1,5\n2,6\n").expect("csv");
     let path = dir.path().join("node.toml");
     std::fs::write(
         &path,
@@ -24,14 +28,24 @@ async fn queries_trust_the_start_check_only_while_the_files_are_unchanged() {
             "[node]\nname = \"n\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\ncoordinator_key = \"{}\"\n\
              [policy]\napproval = \"auto\"\n\
              [tables.person]\npath = \"person.csv\"\nprivacy_unit = \"person_id\"\n\
-             [tables.obs]\npath = \"obs.csv\"\nprivacy_unit = \"person_id\"\n",
+             [tables.obs]\npath = \"obs.csv\"\nprivacy_unit = \"person_id\"\n\
+             [tables.extract]\npath = \"extract\"\nprivacy_unit = \"pid\"\none_row_per_unit = true\n",
             Identity::generate().expect("key").public_hex()
         ),
     )
     .expect("node.toml");
     let config = NodeConfig::load(&path).expect("config");
     let state = NodeState::open(&config).await.expect("state");
-    // Checked at start: person (one row per person by default), not obs.
+    // Checked at start: person (one row per person by default) and
+    // extract (declared), not obs.
+    assert_eq!(
+        state.verified_one_row().into_iter().collect::<Vec<_>>(),
+        vec!["extract".to_string(), "person".to_string()]
+    );
+    // A file added anywhere under the directory (DataFusion lists it
+    // recursively) is a change.
+    std::fs::create_dir_all(extract.join("more")).expect("dir");
+    std::fs::write(extract.join("more/b.csv"), "pid,x\n1,7\n").expect("csv");
     assert_eq!(
         state.verified_one_row().into_iter().collect::<Vec<_>>(),
         vec!["person".to_string()]

@@ -537,14 +537,23 @@ pub struct FileStamps(Vec<(PathBuf, u64, Option<std::time::SystemTime>)>);
 impl FileStamps {
     /// Reads the stamps of `table`'s files; `None` when they cannot be
     /// read (then nothing is trusted).
-    pub fn of(name: &str, table: &TableConfig) -> Option<Self> {
-        let format = table.format(name).ok()?;
-        let files = source_files(&table.path, format).ok()?;
-        let mut stamps = Vec::with_capacity(files.len());
-        for f in files {
-            let meta = std::fs::metadata(&f).ok()?;
-            stamps.push((f, meta.len(), meta.modified().ok()));
+    /// Every file under a directory counts, in subdirectories too and of
+    /// any extension (DataFusion lists a directory recursively): a file
+    /// added anywhere there is a change.
+    pub fn of(_name: &str, table: &TableConfig) -> Option<Self> {
+        let mut stamps = Vec::new();
+        let mut pending = vec![table.path.clone()];
+        while let Some(path) = pending.pop() {
+            let meta = std::fs::metadata(&path).ok()?;
+            if meta.is_dir() {
+                for entry in std::fs::read_dir(&path).ok()? {
+                    pending.push(entry.ok()?.path());
+                }
+            } else {
+                stamps.push((path, meta.len(), meta.modified().ok()));
+            }
         }
+        stamps.sort();
         Some(Self(stamps))
     }
 }
