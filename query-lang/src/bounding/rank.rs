@@ -535,12 +535,40 @@ fn partition_ids(
 enum OrderKeys {
     /// No ORDER BY: every row is a peer of every other.
     None,
-    /// One float or integer key without NULLs, for `row_number` (which
-    /// has no peers to find): compared as numbers.
+    /// One float key without NULLs, for `row_number` (which has no peers
+    /// to find): compared as numbers.
     Floats(Vec<f64>, bool),
-    Ints(Vec<i64>, bool),
+    /// 64-bit integer keys (a keyed hash, then a group key), NULLs
+    /// allowed: compared as numbers, exactly, so peers are found too.
+    Ints(Vec<IntKey>),
     /// Anything else, as comparable rows.
     Rows(Rows),
+}
+
+/// One integer ORDER BY key.
+struct IntKey {
+    values: arrow::array::Int64Array,
+    options: arrow::compute::SortOptions,
+}
+
+impl IntKey {
+    fn cmp(&self, a: usize, b: usize) -> Ordering {
+        match (self.values.is_null(a), self.values.is_null(b)) {
+            (true, true) => Ordering::Equal,
+            (true, false) if self.options.nulls_first => Ordering::Less,
+            (true, false) => Ordering::Greater,
+            (false, true) if self.options.nulls_first => Ordering::Greater,
+            (false, true) => Ordering::Less,
+            (false, false) => {
+                let o = self.values.value(a).cmp(&self.values.value(b));
+                if self.options.descending {
+                    o.reverse()
+                } else {
+                    o
+                }
+            }
+        }
+    }
 }
 
 impl OrderKeys {
@@ -549,7 +577,15 @@ impl OrderKeys {
         match self {
             OrderKeys::None => Ordering::Equal,
             OrderKeys::Floats(v, d) => directed(v[a].total_cmp(&v[b]), *d),
-            OrderKeys::Ints(v, d) => directed(v[a].cmp(&v[b]), *d),
+            OrderKeys::Ints(keys) => {
+                for k in keys {
+                    let o = k.cmp(a, b);
+                    if o != Ordering::Equal {
+                        return o;
+                    }
+                }
+                Ordering::Equal
+            }
             OrderKeys::Rows(r) => r.row(a).cmp(&r.row(b)),
         }
     }
@@ -590,23 +626,34 @@ fn rank_column(
     } else {
         let columns = evaluate(batches, &sort_exprs)?;
         let options: Vec<_> = spec.order_by.iter().map(|s| s.options).collect();
-        let single =
-            (columns.len() == 1 && columns[0].null_count() == 0 && spec.kind == Kind::RowNumber)
-                .then(|| &columns[0]);
-        match single {
-            Some(c) if c.data_type() == &arrow::datatypes::DataType::Float64 => OrderKeys::Floats(
-                c.as_primitive::<arrow::datatypes::Float64Type>()
+        let single_float = columns.len() == 1
+            && columns[0].null_count() == 0
+            && spec.kind == Kind::RowNumber
+            && columns[0].data_type() == &arrow::datatypes::DataType::Float64;
+        let all_ints = columns
+            .iter()
+            .all(|c| c.data_type() == &arrow::datatypes::DataType::Int64);
+        if single_float {
+            OrderKeys::Floats(
+                columns[0]
+                    .as_primitive::<arrow::datatypes::Float64Type>()
                     .values()
                     .to_vec(),
                 options[0].descending,
-            ),
-            Some(c) if c.data_type() == &arrow::datatypes::DataType::Int64 => OrderKeys::Ints(
-                c.as_primitive::<arrow::datatypes::Int64Type>()
-                    .values()
-                    .to_vec(),
-                options[0].descending,
-            ),
-            _ => OrderKeys::Rows(rows_of(&columns, &options, reservation)?),
+            )
+        } else if all_ints {
+            OrderKeys::Ints(
+                columns
+                    .iter()
+                    .zip(&options)
+                    .map(|(c, o)| IntKey {
+                        values: c.as_primitive::<arrow::datatypes::Int64Type>().clone(),
+                        options: *o,
+                    })
+                    .collect(),
+            )
+        } else {
+            OrderKeys::Rows(rows_of(&columns, &options, reservation)?)
         }
     };
     let mut rank = vec![0u64; total];
