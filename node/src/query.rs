@@ -119,12 +119,7 @@ impl NodeService {
         let plan = match self.state.plans.take(task.id, sql) {
             // Compiled trusting one row per person in files that have
             // changed since: compiled again, enforcing it.
-            Some(plan)
-                if plan.one_row_trusted && {
-                    let verified = self.state.verified_one_row();
-                    !plan.tables.iter().all(|t| verified.contains(t))
-                } =>
-            {
+            Some(plan) if !self.state.one_row_still_verified(&plan) => {
                 Arc::new(self.compiled_plan(task, sql).await?)
             }
             Some(plan) => plan,
@@ -260,6 +255,11 @@ impl NodeService {
         min_group_size: u64,
     ) -> Result<RecordBatch> {
         let batches = match self.run_limited(&plan.local_sql, limits).await {
+            // Files trusted to hold one row per person changed while the
+            // query read them: what it read was not checked.
+            Ok(_) if !self.state.one_row_still_verified(&plan) => {
+                return Err(self.charge_failure(task, charge, Failure::Io));
+            }
             Ok(b) => b,
             Err(f) => return Err(self.charge_failure(task, charge, f)),
         };

@@ -124,6 +124,11 @@ impl NodeService {
                 tokio::time::sleep_until(started + limits.padded).await;
             }
             let batches = match batches {
+                // Files trusted to hold one row per person changed while
+                // the query read them (see execute_query).
+                Ok(_) if !this.state.one_row_still_verified(work.plan()) => {
+                    return Err(this.charge_failure(&task, &charge, Failure::Io));
+                }
                 Ok(b) => b,
                 Err(f) => return Err(this.charge_failure(&task, &charge, f)),
             };

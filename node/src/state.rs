@@ -68,6 +68,10 @@ impl NodeState {
     /// Loads the config's tables (validating them) and opens its ledger.
     pub async fn open(config: &NodeConfig) -> Result<Self> {
         let ctx = confer_query::bounding::context();
+        // The files as they are before the start-up checks read them: a
+        // table is trusted to hold one row per person only if its files
+        // are the same after the checks (not rewritten while they ran).
+        let before = crate::catalog::config_stamps(config);
         let catalog = crate::catalog::load(config, &ctx).await?;
         let unique = crate::catalog::unique_public_columns(&ctx, &catalog).await?;
         if let Some(section) = &config.supervision {
@@ -86,7 +90,10 @@ impl NodeState {
                 check.records
             )));
         }
-        let one_row_files = crate::catalog::one_row_stamps(config, &catalog);
+        let one_row_files = crate::catalog::one_row_stamps(config, &catalog)
+            .into_iter()
+            .filter(|(name, stamps)| before.get(name) == Some(stamps))
+            .collect();
         let mut state = Self::new(config, ctx, catalog, ledger)?;
         state.one_row_files = one_row_files;
         for (table, column) in unique {
@@ -101,8 +108,29 @@ impl NodeState {
     /// files changed is left out (the query enforces it) until the node
     /// restarts and checks them again.
     pub fn verified_one_row(&self) -> std::collections::BTreeSet<String> {
+        self.verified_among(self.one_row_files.keys())
+    }
+
+    /// Whether a plan that trusted one row per person may still do so:
+    /// every table it reads has its files as checked at start. Asked
+    /// before a plan runs and again after (the files could change while
+    /// it read them).
+    pub fn one_row_still_verified(&self, plan: &FederatedPlan) -> bool {
+        !plan.one_row_trusted || {
+            let verified = self.verified_among(plan.tables.iter());
+            plan.tables.iter().all(|t| verified.contains(t))
+        }
+    }
+
+    fn verified_among<'a>(
+        &self,
+        tables: impl Iterator<Item = &'a String>,
+    ) -> std::collections::BTreeSet<String> {
         let mut verified = std::collections::BTreeSet::new();
-        for (name, stamps) in &self.one_row_files {
+        for name in tables {
+            let Some(stamps) = self.one_row_files.get(name) else {
+                continue;
+            };
             let now = self
                 .config_tables
                 .get(name)

@@ -29,7 +29,7 @@ async fn queries_trust_the_start_check_only_while_the_files_are_unchanged() {
              [policy]\napproval = \"auto\"\n\
              [tables.person]\npath = \"person.csv\"\nprivacy_unit = \"person_id\"\n\
              [tables.obs]\npath = \"obs.csv\"\nprivacy_unit = \"person_id\"\n\
-             [tables.extract]\npath = \"extract\"\nprivacy_unit = \"pid\"\none_row_per_unit = true\n",
+             [tables.extract]\npath = \"extract\"\nformat = \"csv\"\nprivacy_unit = \"pid\"\none_row_per_unit = true\n",
             Identity::generate().expect("key").public_hex()
         ),
     )
@@ -50,6 +50,31 @@ async fn queries_trust_the_start_check_only_while_the_files_are_unchanged() {
         state.verified_one_row().into_iter().collect::<Vec<_>>(),
         vec!["person".to_string()]
     );
+    // Rewritten in place with the same size and its modification time
+    // set back (as `cp -p` or `rsync -a` do): the change time still shows.
+    let stamp = std::fs::metadata(&person)
+        .expect("meta")
+        .modified()
+        .expect("mtime");
+    std::fs::write(
+        &person,
+        format!("{header}1,8507,1970,0,0\n1,8532,1980,0,0\n"),
+    )
+    .expect("csv");
+    std::fs::File::options()
+        .write(true)
+        .open(&person)
+        .expect("open")
+        .set_modified(stamp)
+        .expect("set mtime");
+    assert_eq!(
+        std::fs::metadata(&person)
+            .expect("meta")
+            .modified()
+            .expect("mtime"),
+        stamp
+    );
+    assert!(state.verified_one_row().is_empty());
     // The file rewritten with a person twice: no longer trusted.
     std::fs::write(
         &person,

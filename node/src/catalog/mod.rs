@@ -528,11 +528,37 @@ mod tests {
     }
 }
 
-/// The files of a table as they are now: each file's path, size and
-/// modification time. The checks the node makes at start (one row per
+/// The files of a table as they are now: each file's path, device and
+/// inode, size, modification time and change time (the change time, with
+/// nanoseconds, is set by the kernel on every write or replacement and no
+/// tool can set it back, unlike the modification time that `cp -p` or
+/// `rsync -a` keep). The checks the node makes at start (one row per
 /// person) hold for as long as these are unchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileStamps(Vec<(PathBuf, u64, Option<std::time::SystemTime>)>);
+pub struct FileStamps(Vec<(PathBuf, FileStamp)>);
+
+/// One file's identity and times.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
 
 impl FileStamps {
     /// Reads the stamps of `table`'s files; `None` when they cannot be
@@ -550,12 +576,22 @@ impl FileStamps {
                     pending.push(entry.ok()?.path());
                 }
             } else {
-                stamps.push((path, meta.len(), meta.modified().ok()));
+                let stamp = FileStamp::of(&meta);
+                stamps.push((path, stamp));
             }
         }
         stamps.sort();
         Some(Self(stamps))
     }
+}
+
+/// The stamps of every configured table that can be read.
+pub fn config_stamps(config: &NodeConfig) -> std::collections::BTreeMap<String, FileStamps> {
+    config
+        .tables
+        .iter()
+        .filter_map(|(name, table)| Some((name.clone(), FileStamps::of(name, table)?)))
+        .collect()
 }
 
 /// The stamps of every table declared (and checked at start) to hold one

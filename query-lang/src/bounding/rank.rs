@@ -388,9 +388,15 @@ impl ExecutionPlan for RankExec {
         let schema = Arc::clone(&self.schema);
         let metrics = BaselineMetrics::new(&self.metrics, partition);
         let out = futures::stream::once(async move {
-            let batches = rank_all(input, &ranks, &schema, reservation, &metrics).await?;
+            let mut reservation = reservation;
+            let batches = rank_all(input, &ranks, &schema, &mut reservation, &metrics).await?;
+            // The memory stays counted until each batch has gone on.
             Ok::<_, datafusion::error::DataFusionError>(futures::stream::iter(
-                batches.into_iter().map(Ok),
+                batches.into_iter().map(move |b| {
+                    let size = b.get_array_memory_size().min(reservation.size());
+                    reservation.shrink(size);
+                    Ok(b)
+                }),
             ))
         })
         .try_flatten();
@@ -411,7 +417,7 @@ async fn rank_all(
     mut input: SendableRecordBatchStream,
     ranks: &[RankSpec],
     schema: &SchemaRef,
-    mut reservation: MemoryReservation,
+    reservation: &mut MemoryReservation,
     metrics: &BaselineMetrics,
 ) -> Result<Vec<RecordBatch>> {
     let mut batches = Vec::new();
@@ -432,7 +438,7 @@ async fn rank_all(
     }
     let mut columns: Vec<Vec<u64>> = Vec::with_capacity(ranks.len());
     for spec in ranks {
-        columns.push(rank_column(&batches, spec, total, &mut reservation)?);
+        columns.push(rank_column(&batches, spec, total, reservation)?);
     }
     let mut out = Vec::with_capacity(batches.len());
     let mut start = 0;
