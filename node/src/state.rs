@@ -103,12 +103,16 @@ impl NodeState {
     }
 
     /// The tables whose one row per person the node checked at start on
-    /// files that are still the same (sizes and modification times): a
-    /// query reading only these need not enforce it again. A table whose
+    /// files that are still the same (see [`crate::catalog::FileStamps`]):
+    /// a query reading only these need not enforce it again. A table whose
     /// files changed is left out (the query enforces it) until the node
     /// restarts and checks them again.
     pub fn verified_one_row(&self) -> std::collections::BTreeSet<String> {
-        self.verified_among(self.one_row_files.keys())
+        self.one_row_files
+            .keys()
+            .filter(|t| self.files_unchanged(t))
+            .cloned()
+            .collect()
     }
 
     /// Whether a plan that trusted one row per person may still do so:
@@ -116,36 +120,28 @@ impl NodeState {
     /// before a plan runs and again after (the files could change while
     /// it read them).
     pub fn one_row_still_verified(&self, plan: &FederatedPlan) -> bool {
-        !plan.one_row_trusted || {
-            let verified = self.verified_among(plan.tables.iter());
-            plan.tables.iter().all(|t| verified.contains(t))
-        }
+        !plan.one_row_trusted || plan.tables.iter().all(|t| self.files_unchanged(t))
     }
 
-    fn verified_among<'a>(
-        &self,
-        tables: impl Iterator<Item = &'a String>,
-    ) -> std::collections::BTreeSet<String> {
-        let mut verified = std::collections::BTreeSet::new();
-        for name in tables {
-            let Some(stamps) = self.one_row_files.get(name) else {
-                continue;
-            };
-            let now = self
-                .config_tables
-                .get(name)
-                .and_then(|t| crate::catalog::FileStamps::of(name, t));
-            if now.as_ref() == Some(stamps) {
-                verified.insert(name.clone());
-            } else {
-                tracing::warn!(
-                    table = %name,
-                    "the table's files changed since the node started: each query enforces one row per \
-                     person again (restart the node to check the new files)"
-                );
-            }
+    /// Whether `table` was checked at start to hold one row per person and
+    /// its files are unchanged since.
+    fn files_unchanged(&self, table: &str) -> bool {
+        let Some(stamps) = self.one_row_files.get(table) else {
+            return false;
+        };
+        let now = self
+            .config_tables
+            .get(table)
+            .and_then(crate::catalog::FileStamps::of);
+        if now.as_ref() == Some(stamps) {
+            return true;
         }
-        verified
+        tracing::warn!(
+            table = %table,
+            "the table's files changed since the node started: each query enforces one row per \
+             person again (restart the node to check the new files)"
+        );
+        false
     }
 
     /// State for a loaded config.

@@ -562,11 +562,11 @@ impl FileStamp {
 
 impl FileStamps {
     /// Reads the stamps of `table`'s files; `None` when they cannot be
-    /// read (then nothing is trusted).
-    /// Every file under a directory counts, in subdirectories too and of
-    /// any extension (DataFusion lists a directory recursively): a file
-    /// added anywhere there is a change.
-    pub fn of(_name: &str, table: &TableConfig) -> Option<Self> {
+    /// read (then nothing is trusted). Every file under a directory
+    /// counts, in subdirectories too and of any extension (DataFusion
+    /// lists a directory recursively): a file added anywhere there is a
+    /// change.
+    pub fn of(table: &TableConfig) -> Option<Self> {
         let mut stamps = Vec::new();
         let mut pending = vec![table.path.clone()];
         while let Some(path) = pending.pop() {
@@ -590,7 +590,7 @@ pub fn config_stamps(config: &NodeConfig) -> std::collections::BTreeMap<String, 
     config
         .tables
         .iter()
-        .filter_map(|(name, table)| Some((name.clone(), FileStamps::of(name, table)?)))
+        .filter_map(|(name, table)| Some((name.clone(), FileStamps::of(table)?)))
         .collect()
 }
 
@@ -606,7 +606,7 @@ pub fn one_row_stamps(
         .filter(|t| t.one_row_per_unit && t.privacy_unit.is_some())
         .filter_map(|t| {
             let table = config.tables.get(&t.name)?;
-            Some((t.name.clone(), FileStamps::of(&t.name, table)?))
+            Some((t.name.clone(), FileStamps::of(table)?))
         })
         .collect()
 }

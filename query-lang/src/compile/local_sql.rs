@@ -111,8 +111,8 @@ pub(super) struct LocalSql<'a> {
     /// Each person has at most one row: a person's contribution is their
     /// row, with no per-person aggregation.
     one_row_per_unit: bool,
-    /// The node has checked one row per person on these very files: the
-    /// query need not enforce it.
+    /// One row per person, and the node has checked it on these very
+    /// files: the query need not enforce it.
     one_row_trusted: bool,
     values: &'a [String],
     aggregates: &'a [AggregateSpec],
@@ -153,10 +153,19 @@ pub(super) fn row_order(l: &LocalSql<'_>) -> String {
     if !l.deterministic {
         return "random()".into();
     }
-    let mut parts = vec![format!("{}", l.salt as i64), "__unit".to_string()];
+    let mut parts = vec!["__unit".to_string()];
     parts.extend((0..l.groups.len()).map(|i| format!("__g{i}")));
     parts.extend((0..l.values.len()).map(|j| format!("__v{j}")));
-    format!("{}({})", crate::bounding::hash::NAME, parts.join(", "))
+    keyed_hash(l.salt, &parts.join(", "))
+}
+
+/// `confer_hash` of `columns` keyed with `salt` (see `crate::bounding::hash`).
+fn keyed_hash(salt: u64, columns: &str) -> String {
+    format!(
+        "{}({}, {columns})",
+        crate::bounding::hash::NAME,
+        salt as i64
+    )
 }
 
 /// The local bounded query as its `WITH` part (ending with `__confer_pg`,
@@ -220,7 +229,7 @@ pub(super) fn local_sql(l: &LocalSql<'_>) -> (String, String) {
         .collect();
     let person_group = person_group.join(", ");
     let mut rows_table = "__confer_src";
-    if l.one_row_per_unit && l.one_row_trusted {
+    if l.one_row_trusted {
         // Checked by the node on these files (see
         // `CompileOptions::verified_one_row`): each source row is a person.
     } else if l.one_row_per_unit {
@@ -274,9 +283,8 @@ pub(super) fn local_sql(l: &LocalSql<'_>) -> (String, String) {
     if choose_groups.is_some() {
         let _ = write!(
             sql,
-            ", {}({}, {person_group}) AS __group_hash",
-            crate::bounding::hash::NAME,
-            l.salt as i64
+            ", {} AS __group_hash",
+            keyed_hash(l.salt, &person_group)
         );
     }
     let mut finals: Vec<String> = gcols.clone();
