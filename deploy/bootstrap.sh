@@ -72,6 +72,36 @@ if ! { [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$w
     say "Python environment ready"
 fi
 
+# The web console's chart library (ECharts), from console/package-lock.json
+# with `npm ci`: the console crate embeds it at build time, so nothing is
+# fetched when a console is served. Again only when the lock file changed.
+console_dir="$root/console"
+console_stamp="$console_dir/node_modules/.confer-lock.sha256"
+if [ -f "$console_dir/package-lock.json" ]; then
+    want_lock="$(sha256sum "$console_dir/package-lock.json" | cut -d' ' -f1)"
+    if ! { [ -f "$console_stamp" ] && [ "$(cat "$console_stamp")" = "$want_lock" ]; }; then
+        command -v npm >/dev/null 2>&1 \
+            || die "npm not found: the web console embeds ECharts from console/package-lock.json; install Node.js and npm (Debian: apt-get install nodejs npm)"
+        say "installing the console's npm packages (console/package-lock.json)"
+        (cd "$console_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) \
+            || die "npm ci in $console_dir failed"
+        echo "$want_lock" > "$console_stamp"
+    fi
+fi
+
+# Browser tests (tests/python/test_console.py) drive Debian's Chromium
+# through Playwright; Playwright's own browser download is never used.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing Debian's chromium for the browser tests"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
+            || { apt-get update >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; } \
+            || die "cannot install chromium with apt-get (the browser tests need /usr/bin/chromium)"
+    else
+        say "warning: chromium is not installed and cannot be installed here (not root, or no apt-get): the browser tests will fail; install Debian's chromium"
+    fi
+fi
+
 # The Python client, editable: python/src is imported in place, so edits
 # need no reinstall. Its dependencies are among the requirements above.
 # Nothing to do (and no network needed) when .venv imports it from here.

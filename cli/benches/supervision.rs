@@ -95,6 +95,7 @@ fn main() -> anyhow::Result<()> {
             persons,
             "warn",
             epsilon,
+            0,
         )
         .await?;
         let setup = started.elapsed().as_secs_f64();

@@ -20,6 +20,8 @@ pub struct ServerChild {
     pub label: String,
     /// The address it announced.
     pub addr: SocketAddr,
+    /// Its web console's URL, if it announced one.
+    pub console: Option<String>,
     child: Child,
     stdin: Option<ChildStdin>,
 }
@@ -109,8 +111,12 @@ impl ServerChild {
             .take()
             .ok_or_else(|| anyhow!("{label}: no stdout pipe"))?;
         let mut lines = BufReader::new(stdout).lines();
+        let mut console = None;
         let wait_ready = async {
             while let Some(line) = lines.next_line().await? {
+                if let Some((_, url)) = line.rsplit_once(" console at ") {
+                    console = Some(url.trim().to_string());
+                }
                 if let Some((_, addr)) = line.rsplit_once(" listening on ") {
                     let addr: SocketAddr = addr
                         .trim()
@@ -139,6 +145,7 @@ impl ServerChild {
         Ok(Self {
             label: label.to_string(),
             addr,
+            console,
             child,
             stdin,
         })

@@ -34,12 +34,14 @@ pub async fn start_region(
     persons: u64,
     log_level: &str,
 ) -> anyhow::Result<(Federation, String)> {
-    start_region_with(program, work, sites, persons, log_level, 12.0).await
+    start_region_with(program, work, sites, persons, log_level, 12.0, 0).await
 }
 
 /// [`start_region`] with the coordinator's yearly supervision budget
-/// (`epsilon_per_year`; the nodes' study budget is at least that). A
-/// region already in `work` is served again as it is.
+/// (`epsilon_per_year`; the nodes' study budget is at least that) and its
+/// web console's port on loopback (0: any free port). A region already in
+/// `work` is served again as it is. Besides `admin`, the coordinator has
+/// the commission's analyst `commission`.
 pub async fn start_region_with(
     program: &Path,
     work: &Path,
@@ -47,6 +49,7 @@ pub async fn start_region_with(
     persons: u64,
     log_level: &str,
     epsilon_per_year: f64,
+    console_port: u16,
 ) -> anyhow::Result<(Federation, String)> {
     std::fs::create_dir_all(work)?;
     let today = chrono::Local::now().date_naive();
@@ -112,12 +115,27 @@ pub async fn start_region_with(
         extra_tables: &[],
     };
     let extra = format!(
-        "node_timeout_secs = 600\n\n[supervision]\nregion = {:?}\nepsilon_per_year = {epsilon_per_year:?}\ndelta = 1e-6\n",
+        "node_timeout_secs = 600\n\n[supervision]\nregion = {:?}\nepsilon_per_year = {epsilon_per_year:?}\ndelta = 1e-6\n\n\
+         [console]\nlisten = \"127.0.0.1:{console_port}\"\n",
         out.join("region.toml").display().to_string()
     );
-    let federation = start_coordinator(program, work, nodes, &urls, &extra, &options).await?;
+    // The commission's analyst, who reads the dashboard.
+    let state = work.join("state").join("coordinator.sqlite");
+    if let Some(dir) = state.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let analyst = {
+        use confer_coordinator::store::{Role, SqliteStore, Store};
+        SqliteStore::open(&state)?.add_user("commission", Role::Analyst)?
+    };
+    let mut federation = start_coordinator(program, work, nodes, &urls, &extra, &options).await?;
+    federation.tokens.insert("commission".into(), analyst);
     Ok((federation, period.to_string()))
 }
+
+/// Where `confer demo --serve` serves the commission's console (the
+/// README's link), when that port is free.
+pub const DEMO_CONSOLE_PORT: u16 = 8470;
 
 /// The demo step: start the region, release last month, print the report
 /// (city and counties), show that a re-run spends nothing; then stop, or
@@ -135,7 +153,14 @@ pub async fn supervision_demo(
          township's node; the monthly release of every indicator for every org unit, under a yearly budget of\n\
          epsilon 12 per node; starting its nodes...\n"
     );
-    let (federation, period) = start_region(program, work, 12, 150_000, log_level).await?;
+    // Served on, the dashboard is at the README's address when it is free.
+    let console_port = if keep && std::net::TcpListener::bind(("127.0.0.1", DEMO_CONSOLE_PORT)).is_ok() {
+        DEMO_CONSOLE_PORT
+    } else {
+        0
+    };
+    let (federation, period) =
+        start_region_with(program, work, 12, 150_000, log_level, 12.0, console_port).await?;
     let outcome = async {
         let url = federation.url();
         let admin = federation

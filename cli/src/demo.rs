@@ -328,6 +328,9 @@ pub async fn start_coordinator(
     if !extra.contains("node_timeout_secs") {
         text.push_str("node_timeout_secs = 60\n");
     }
+    if !extra.contains("[console]") {
+        text.push_str("\n[console]\nlisten = \"127.0.0.1:0\"\n");
+    }
     for (name, url) in nodes.names.iter().zip(urls) {
         text.push_str(&format!(
             "\n[[nodes]]\nname = \"{name}\"\nurl = \"{url}\"\n"
@@ -515,20 +518,29 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
              or from Python (ADBC Flight SQL):\n  adbc_driver_flightsql.dbapi.connect(\"grpc://{addr}\", \
              db_kwargs={{\"username\": \"researcher\", \"password\": \"$CONFER_TOKEN\"}})\n\
              Admin token (user `admin`): {admin}\n\
+             Web console (studies, queries, training; operations for admin): {console}\n\
              {commission}\
              Configs, split data and ledgers: {work}\nPress Ctrl-C to stop.",
             commission = region.as_ref().map_or(String::new(), |r| format!(
                 "Commission coordinator (the synthetic region's supervision statistics): {}\n\
                  Commission token (user `admin`): {}\n\
-                 Try: confer supervision report --period <last month> --coordinator {} --token <it>\n",
+                 Try: confer supervision report --period <last month> --coordinator {} --token <it>\n\
+                 Commission dashboard (web console): {}commission\n\
+                 Analyst token (user `commission`): {}\n\
+                 Signed in at once: {}login#token={}\n",
                 r.url(),
                 r.tokens.get("admin").cloned().unwrap_or_default(),
-                r.url()
+                r.url(),
+                r.coordinator.console.clone().unwrap_or_default(),
+                r.tokens.get("commission").cloned().unwrap_or_default(),
+                r.coordinator.console.clone().unwrap_or_default(),
+                r.tokens.get("commission").cloned().unwrap_or_default(),
             )),
             url = federation.url(),
             addr = federation.coordinator.addr,
             work = federation.work_dir.display(),
             admin = federation.tokens.get("admin").cloned().unwrap_or_default(),
+            console = federation.coordinator.console.clone().unwrap_or_default(),
         );
         let _ = tokio::signal::ctrl_c().await;
         println!("\nstopping...");

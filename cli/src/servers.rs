@@ -37,6 +37,14 @@ pub(crate) async fn coordinator(config_path: PathBuf, serve: ServeOptions) -> an
     let coordinator = confer_coordinator::start(config, transport)
         .await
         .with_context(|| format!("coordinator from {} did not start", config_path.display()))?;
+    if let Some(console) = coordinator.console_addr {
+        // Before the `listening on` line, which tells a parent the
+        // coordinator is ready.
+        announce(&format!(
+            "confer coordinator console at {}://{console}/",
+            if coordinator.console_tls { "https" } else { "http" }
+        ))?;
+    }
     announce(&format!(
         "confer coordinator listening on {}",
         coordinator.addr

@@ -41,6 +41,9 @@ pub struct CoordinatorConfig {
     /// `[supervision]`: the health commission's supervision statistics.
     #[serde(default)]
     pub supervision: Option<crate::supervision::SupervisionConfig>,
+    /// `[console]`: the web console (docs/console.md).
+    #[serde(default)]
+    pub console: Option<confer_console::ConsoleConfig>,
 }
 
 /// `[coordinator]`.

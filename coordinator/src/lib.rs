@@ -25,6 +25,7 @@ pub mod auth;
 pub mod budget;
 pub mod catalog_view;
 pub mod config;
+mod console;
 pub mod error;
 mod explain;
 pub mod fanout;
@@ -77,7 +78,12 @@ pub enum Transport {
 pub struct RunningCoordinator {
     /// The address clients connect to.
     pub addr: SocketAddr,
+    /// The web console's address, when `[console]` is configured.
+    pub console_addr: Option<SocketAddr>,
+    /// Whether the console speaks HTTPS.
+    pub console_tls: bool,
     shutdown: Option<oneshot::Sender<()>>,
+    console_stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
 }
 
@@ -85,6 +91,9 @@ impl RunningCoordinator {
     /// Stops accepting requests and finishes those in flight.
     pub async fn shutdown(mut self) -> Result<()> {
         if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(tx) = self.console_stop.take() {
             let _ = tx.send(());
         }
         self.wait().await
@@ -109,6 +118,10 @@ fn is_loopback_url(url: &str) -> bool {
 /// Starts serving.
 pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<RunningCoordinator> {
     let addr = config.listen_addr()?;
+    let console_tls = match transport {
+        Transport::Tls => config.tls.clone(),
+        Transport::InsecureLoopback => None,
+    };
     let (server_tls, client_tls) = match transport {
         Transport::InsecureLoopback => {
             if !confer_transport::plaintext_allowed(&addr) {
@@ -197,9 +210,39 @@ pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<Ru
         let _ = stop_tx.send(());
     });
     let router = tonic::transport::Server::builder().add_service(service);
+    let console = match state.config.console.clone() {
+        Some(cfg) => {
+            let (listener, tls) = cfg
+                .bind(console_tls.as_ref(), "coordinator console")
+                .await
+                .map_err(CoordinatorError::Config)?;
+            let console_addr = listener
+                .local_addr()
+                .map_err(|e| CoordinatorError::Network(e.to_string()))?;
+            let secure = tls.is_some();
+            let app = console::router(Arc::new(console::Console::new(
+                state.clone(),
+                cfg.session_ttl(),
+                secure,
+            )));
+            let (tx, rx) = oneshot::channel::<()>();
+            confer_console::spawn(app, listener, tls, rx)
+                .map_err(|e| CoordinatorError::Network(e.to_string()))?;
+            info!(addr = %console_addr, "coordinator serving its web console");
+            Some((console_addr, secure, tx))
+        }
+        None => None,
+    };
     let handle = confer_transport::spawn(router, listener, server_tls, stop_rx);
     info!(%addr, "coordinator serving Flight SQL");
+    let (console_addr, console_tls, console_stop) = match console {
+        Some((a, s, tx)) => (Some(a), s, Some(tx)),
+        None => (None, false, None),
+    };
     Ok(RunningCoordinator {
+        console_addr,
+        console_tls,
+        console_stop,
         addr,
         shutdown: Some(tx),
         handle,

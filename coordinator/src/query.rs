@@ -136,6 +136,7 @@ impl CoordinatorState {
                         user: user.name.clone(),
                         min_sites,
                         statement_hash: sha256_hex(sql.as_bytes()),
+                        statement: sql.to_string(),
                         bound: std::sync::OnceLock::new(),
                     },
                     user,
@@ -415,6 +416,7 @@ impl CoordinatorState {
                 user: asked_by,
                 min_sites,
                 statement_hash,
+                statement,
                 bound,
             } => {
                 let started = Instant::now();
@@ -538,6 +540,9 @@ impl CoordinatorState {
                     statement_hash: statement_hash.clone(),
                     sites: sites.clone(),
                     result: ipc,
+                    statement: Some(statement.clone()),
+                    cost: Some((plan.cost.epsilon, plan.cost.delta, plan.cost.rho)),
+                    created_ms: crate::store::now_ms(),
                 }) {
                     warn!("cannot store the result: {e}");
                 }

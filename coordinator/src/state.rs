@@ -42,6 +42,9 @@ pub(crate) enum Prepared {
         user: String,
         min_sites: usize,
         statement_hash: String,
+        /// The statement itself, kept with the result for its author's
+        /// query history.
+        statement: String,
         /// The task as bound to the nodes that passed the pre-check at the
         /// first DoGet (see `bound_to`).
         bound: std::sync::OnceLock<Envelope>,

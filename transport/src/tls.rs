@@ -133,12 +133,35 @@ impl ServerTls {
     /// certificates, and (if `peer_kind` is set) accepts only client
     /// certificates of that kind. `role` names the server in log lines.
     pub fn new(files: &TlsFiles, peer_kind: Option<CertKind>, role: &'static str) -> Result<Self> {
+        Self::build(files, files.client_certs, peer_kind, role, &[b"h2"])
+    }
+
+    /// A server for browsers (the web consoles): the same certificate,
+    /// speaking HTTP/2 or HTTP/1.1. A client certificate from the CA is
+    /// checked if the browser presents one but is not required (unless
+    /// `files` turns them off): a console signs users in with their
+    /// tokens, and a browser rarely holds a node's certificate.
+    pub fn for_web(files: &TlsFiles, role: &'static str) -> Result<Self> {
+        let certs = match files.client_certs {
+            ClientCerts::Off => ClientCerts::Off,
+            _ => ClientCerts::Optional,
+        };
+        Self::build(files, certs, None, role, &[b"h2", b"http/1.1"])
+    }
+
+    fn build(
+        files: &TlsFiles,
+        client_certs: ClientCerts,
+        peer_kind: Option<CertKind>,
+        role: &'static str,
+        alpn: &[&[u8]],
+    ) -> Result<Self> {
         let chain = certs(&files.cert, "cert")?;
         let key = key(&files.key)?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TransportError::Tls(e.to_string()))?;
-        let builder = match files.client_certs {
+        let builder = match client_certs {
             ClientCerts::Off => builder.with_no_client_auth(),
             mode => {
                 let verifier =
@@ -156,7 +179,7 @@ impl ServerTls {
         let mut config = builder
             .with_single_cert(chain, key)
             .map_err(|e| TransportError::Files(format!("tls.cert / tls.key do not match: {e}")))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             peer_kind,

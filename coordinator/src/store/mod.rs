@@ -125,6 +125,13 @@ pub struct ResultRecord {
     pub sites: Vec<String>,
     /// Arrow IPC bytes of the answer.
     pub result: Vec<u8>,
+    /// The statement, shown in its author's query history (absent in
+    /// records written before it was kept).
+    pub statement: Option<String>,
+    /// What it cost at each node: (epsilon, delta, zCDP rho).
+    pub cost: Option<(f64, f64, f64)>,
+    /// When it was answered, ms since the epoch.
+    pub created_ms: i64,
 }
 
 /// Last known state of a node.
@@ -191,6 +198,26 @@ pub struct JobRecord {
     pub checkpoint: Option<String>,
 }
 
+/// Adds the columns a table gained since a store was written (older
+/// rows read them as NULL).
+fn add_missing_columns(conn: &Connection, table: &str, columns: &[(&str, &str)]) -> Result<()> {
+    let mut stmt = conn
+        .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
+        .map_err(db)?;
+    let have: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(db)?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(db)?;
+    for (name, kind) in columns {
+        if !have.iter().any(|h| h == name) {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {kind}"))
+                .map_err(db)?;
+        }
+    }
+    Ok(())
+}
+
 /// The coordinator's state store.
 pub trait Store: Send + Sync {
     /// Creates a user and returns its bearer token (shown only now).
@@ -220,6 +247,8 @@ pub trait Store: Send + Sync {
     fn studies(&self) -> Result<Vec<Study>>;
     /// Keeps a finished query's answer.
     fn record_result(&self, result: &ResultRecord) -> Result<()>;
+    /// The newest `limit` results, of `user` only if given, newest first.
+    fn results(&self, user: Option<&str>, limit: usize) -> Result<Vec<ResultRecord>>;
     /// Updates the node registry.
     fn set_node_status(&self, status: &NodeStatus) -> Result<()>;
     /// The node registry.
@@ -330,6 +359,11 @@ impl SqliteStore {
                  action TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL);",
         )
         .map_err(db)?;
+        add_missing_columns(
+            &conn,
+            "results",
+            &[("statement", "TEXT"), ("epsilon", "REAL"), ("delta", "REAL"), ("rho", "REAL")],
+        )?;
         chain_legacy_audit(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),

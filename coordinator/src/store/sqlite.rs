@@ -306,12 +306,66 @@ impl Store for SqliteStore {
     fn record_result(&self, r: &ResultRecord) -> Result<()> {
         let conn = self.conn()?;
         conn.execute(
-            "INSERT OR REPLACE INTO results (query_id, study, user, statement_hash, sites, created_ms, result)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![r.query_id, r.study, r.user, r.statement_hash, r.sites.join(","), now_ms(), r.result],
+            "INSERT OR REPLACE INTO results (query_id, study, user, statement_hash, sites, created_ms, result,
+                                             statement, epsilon, delta, rho)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                r.query_id,
+                r.study,
+                r.user,
+                r.statement_hash,
+                r.sites.join(","),
+                r.created_ms,
+                r.result,
+                r.statement,
+                r.cost.map(|c| c.0),
+                r.cost.map(|c| c.1),
+                r.cost.map(|c| c.2)
+            ],
         )
         .map_err(db)?;
         Ok(())
+    }
+
+    fn results(&self, user: Option<&str>, limit: usize) -> Result<Vec<ResultRecord>> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT query_id, study, user, statement_hash, sites, created_ms, result,
+                        statement, epsilon, delta, rho
+                 FROM results WHERE ?1 IS NULL OR user = ?1
+                 ORDER BY created_ms DESC, query_id LIMIT ?2",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![user, limit as i64], |r| {
+                let sites: String = r.get(4)?;
+                let cost = match (
+                    r.get::<_, Option<f64>>(8)?,
+                    r.get::<_, Option<f64>>(9)?,
+                    r.get::<_, Option<f64>>(10)?,
+                ) {
+                    (Some(e), Some(d), Some(rho)) => Some((e, d, rho)),
+                    _ => None,
+                };
+                Ok(ResultRecord {
+                    query_id: r.get(0)?,
+                    study: r.get(1)?,
+                    user: r.get(2)?,
+                    statement_hash: r.get(3)?,
+                    sites: sites
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                    created_ms: r.get(5)?,
+                    result: r.get(6)?,
+                    statement: r.get(7)?,
+                    cost,
+                })
+            })
+            .map_err(db)?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(db)
     }
 
     fn set_node_status(&self, status: &NodeStatus) -> Result<()> {

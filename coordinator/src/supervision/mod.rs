@@ -13,6 +13,7 @@
 pub mod estimate;
 pub mod indicators;
 pub mod period;
+pub mod pivot;
 pub mod region;
 pub mod run;
 pub mod tables;
