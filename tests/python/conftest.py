@@ -48,6 +48,12 @@ def federation(tmp_path_factory):
             info["commission_addr"] = m.group(1)
         if m := re.search(r"Commission token \(user `admin`\): (\S+)", line):
             info["commission_token"] = m.group(1)
+        if m := re.search(r"Web console \(.*\): (http://\S+/)", line):
+            info["console"] = m.group(1)
+        if m := re.search(r"Commission dashboard \(web console\): (http://\S+/)commission", line):
+            info["commission_console"] = m.group(1)
+        if m := re.search(r"Analyst token \(user `commission`\): (\S+)", line):
+            info["analyst_token"] = m.group(1)
         if "Press Ctrl-C to stop." in line:
             break
     if proc.poll() is not None or {"addr", "token", "admin_token"} - info.keys():
