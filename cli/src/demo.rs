@@ -95,6 +95,8 @@ pub struct Federation {
     pub work_dir: PathBuf,
     /// Bearer tokens by user name (`admin` and the options' users).
     pub tokens: BTreeMap<String, String>,
+    /// Steward tokens of the nodes that serve a steward page, by site.
+    pub steward_tokens: BTreeMap<String, String>,
 }
 
 impl Federation {
@@ -201,6 +203,8 @@ pub struct NodeSet {
     pub nodes: Vec<ServerChild>,
     /// Site names, in order.
     pub names: Vec<String>,
+    /// Steward tokens of the nodes that serve a steward page, by site.
+    pub steward_tokens: BTreeMap<String, String>,
 }
 
 /// Splits the data, makes the coordinator's signing key, writes node
@@ -217,6 +221,7 @@ pub async fn start_nodes(
     let identity = confer_protocol::signing::Identity::generate()?;
     let public = identity.save(&key_path)?;
     let mut configs = Vec::new();
+    let mut steward_tokens = BTreeMap::new();
     for (i, dir) in dirs.iter().enumerate() {
         let name = format!("site-{}", gibleed::site_letter(i));
         let config = work_dir.join(format!("{name}.toml"));
@@ -228,12 +233,19 @@ pub async fn start_nodes(
             policy: options.policy,
         };
         gibleed::write_node_config(&config, &setup, dir, data)?;
+        let mut text = std::fs::read_to_string(&config)?;
         for extra in options.extra_tables {
             let file = format!("{}.csv", extra.name);
-            let mut text = std::fs::read_to_string(&config)?;
             text.push_str(&extra.config(&dir.join(&file)));
-            std::fs::write(&config, text)?;
         }
+        // Each node serves its steward's page on loopback.
+        text.push_str("\n[console]\nlisten = \"127.0.0.1:0\"\n");
+        std::fs::write(&config, text)?;
+        steward_tokens.insert(
+            name.clone(),
+            confer_node::console::new_steward_token(&state_dir)
+                .with_context(|| format!("cannot write {name}'s steward token"))?,
+        );
         configs.push((name, config));
     }
     for extra in options.extra_tables {
@@ -244,7 +256,9 @@ pub async fn start_nodes(
             extra.unit,
         )?;
     }
-    start_nodes_from(program, configs, options.log_level).await
+    let mut nodes = start_nodes_from(program, configs, options.log_level).await?;
+    nodes.steward_tokens = steward_tokens;
+    Ok(nodes)
 }
 
 /// Pins every node's secure-aggregation identity key in every other node's
@@ -305,6 +319,7 @@ pub async fn start_nodes_from(
     Ok(NodeSet {
         nodes,
         names: configs.into_iter().map(|(name, _)| name).collect(),
+        steward_tokens: BTreeMap::new(),
     })
 }
 
@@ -349,6 +364,7 @@ pub async fn start_coordinator(
     )
     .await?;
     Ok(Federation {
+        steward_tokens: nodes.steward_tokens,
         nodes: nodes.nodes,
         coordinator,
         work_dir: work_dir.to_path_buf(),
@@ -519,6 +535,7 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
              db_kwargs={{\"username\": \"researcher\", \"password\": \"$CONFER_TOKEN\"}})\n\
              Admin token (user `admin`): {admin}\n\
              Web console (studies, queries, training; operations for admin): {console}\n\
+             {stewards}\
              {commission}\
              Configs, split data and ledgers: {work}\nPress Ctrl-C to stop.",
             commission = region.as_ref().map_or(String::new(), |r| format!(
@@ -541,6 +558,18 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
             work = federation.work_dir.display(),
             admin = federation.tokens.get("admin").cloned().unwrap_or_default(),
             console = federation.coordinator.console.clone().unwrap_or_default(),
+            stewards = federation
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    let site = n.label.strip_prefix("node ")?;
+                    Some(format!(
+                        "Steward page of {site}: {}steward (steward token: {})\n",
+                        n.console.as_deref()?,
+                        federation.steward_tokens.get(site)?
+                    ))
+                })
+                .collect::<String>(),
         );
         let _ = tokio::signal::ctrl_c().await;
         println!("\nstopping...");

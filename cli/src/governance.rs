@@ -66,6 +66,9 @@ pub enum NodeAction {
     /// Print this node's secure-aggregation identity key (created on first
     /// use), for peers that pin it in policy.secure.peers.
     Identity,
+    /// Create a new token for the steward's web page (`[console]`),
+    /// printed once; the previous token and its sessions stop working.
+    StewardToken,
 }
 
 /// `confer audit ...`.
@@ -172,6 +175,18 @@ pub fn node_action(config: Option<&Path>, action: NodeAction) -> anyhow::Result<
             let n = ledger.lift(&researcher, &by, &reason)?;
             println!(
                 "researcher {researcher} may use node {} again ({n} charged failure(s) reviewed)",
+                node.node.name
+            );
+        }
+        NodeAction::StewardToken => {
+            let token = confer_node::console::new_steward_token(&node.node.state_dir)
+                .with_context(|| format!("cannot write a steward token under {}", node.node.state_dir.display()))?;
+            let page = match &node.console {
+                Some(c) => format!("the steward page at {} (console.listen)", c.listen),
+                None => "the steward page (add [console] listen = \"127.0.0.1:8480\" to node.toml)".to_string(),
+            };
+            println!(
+                "steward token for node {} (shown once; the previous one no longer signs in):\n{token}\nSign in with it at {page}.",
                 node.node.name
             );
         }

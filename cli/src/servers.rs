@@ -19,6 +19,13 @@ pub(crate) async fn node(config_path: PathBuf, serve: ServeOptions) -> anyhow::R
     let node = confer_node::start(config, transport)
         .await
         .with_context(|| format!("node from {} did not start", config_path.display()))?;
+    if let Some(console) = node.console_addr {
+        announce(&format!(
+            "confer node {} steward page console at {}://{console}/",
+            node.name,
+            if node.console_tls { "https" } else { "http" }
+        ))?;
+    }
     announce(&format!(
         "confer node {} listening on {}",
         node.name, node.addr

@@ -20,6 +20,9 @@ const STRINGS = {
     last_contact: "last contact", refresh: "Check now", cost: "cost", sites: "sites",
     when: "when", statement: "statement", result: "result", study: "study", state: "state",
     none: "none", loading: "loading…", indicators: "Indicators",
+    steward: "Steward", pending: "Studies", approve: "Approve", deny: "Deny", reason: "reason",
+    spend: "Spending over time (rho)", by_researcher: "Spent per researcher (rho)", node_budget: "node budget",
+    tasks: "Recent tasks", failures: "Charged failures", lift: "Lift", blocked: "blocked", audit_chain: "Audit chain",
   },
   zh: {
     sign_in_title: "登录 confer", sign_in: "登录", sign_out: "退出",
@@ -38,6 +41,9 @@ const STRINGS = {
     last_contact: "最后联系", refresh: "立即检查", cost: "成本", sites: "站点",
     when: "时间", statement: "语句", result: "结果", study: "研究", state: "状态",
     none: "无", loading: "加载中…", indicators: "指标",
+    steward: "数据管理员", pending: "研究", approve: "批准", deny: "拒绝", reason: "理由",
+    spend: "预算消耗（rho）", by_researcher: "各研究者消耗（rho）", node_budget: "节点预算",
+    tasks: "最近任务", failures: "计费失败", lift: "解除", blocked: "已阻止", audit_chain: "审计链",
   },
 };
 
@@ -129,7 +135,7 @@ function showError(target, err) {
 // The top bar: the areas the user's role opens, language, sign out.
 async function topBar(active) {
   const me = await api("/api/v1/whoami");
-  const links = { commission: "/commission", researcher: "/researcher", ops: "/ops" };
+  const links = { commission: "/commission", researcher: "/researcher", ops: "/ops", steward: "/steward" };
   const nav = el("nav", {}, me.areas.map((a) =>
     el("a", { href: links[a], class: a === active ? "active" : null, "data-t": a }, t(a))));
   const bar = el("header", { class: "top" },

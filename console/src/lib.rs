@@ -69,6 +69,8 @@ embedded! {
     "researcher.js" => JS,
     "ops.html" => HTML,
     "ops.js" => JS,
+    "steward.html" => HTML,
+    "steward.js" => JS,
 }
 
 #[cfg(test)]
@@ -82,6 +84,7 @@ mod tests {
             "commission.html",
             "researcher.html",
             "ops.html",
+            "steward.html",
         ] {
             let text = std::str::from_utf8(asset(page).expect(page).body).expect("utf-8");
             for part in text.split("src=\"").skip(1).chain(text.split("href=\"").skip(1)) {

@@ -51,6 +51,9 @@ pub struct NodeConfig {
     /// (supervision statistics for the health commission).
     #[serde(default)]
     pub supervision: Option<SupervisionSection>,
+    /// `[console]`: the data steward's page (docs/console.md).
+    #[serde(default)]
+    pub console: Option<confer_console::ConsoleConfig>,
     /// The file this was read from, if any (for policy reloads).
     #[serde(skip)]
     pub source: Option<PathBuf>,

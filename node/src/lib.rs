@@ -19,6 +19,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod gate;
 mod handler;
@@ -64,6 +65,11 @@ pub struct RunningNode {
     pub addr: SocketAddr,
     /// The site name.
     pub name: String,
+    /// The steward page's address, when `[console]` is configured.
+    pub console_addr: Option<SocketAddr>,
+    /// Whether the steward page speaks HTTPS.
+    pub console_tls: bool,
+    console_stop: Option<oneshot::Sender<()>>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
 }
@@ -72,6 +78,9 @@ impl RunningNode {
     /// Stops accepting requests, finishes the ones in flight, and returns.
     pub async fn shutdown(mut self) -> Result<()> {
         if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(tx) = self.console_stop.take() {
             let _ = tx.send(());
         }
         self.wait().await
@@ -138,6 +147,36 @@ pub async fn start(config: NodeConfig, transport: Transport) -> Result<RunningNo
     let addr = listener
         .local_addr()
         .map_err(|e| NodeError::Network(e.to_string()))?;
+    let mut console = None;
+    if let Some(cfg) = &config.console {
+        let files = match transport {
+            Transport::Tls => config.tls.as_ref(),
+            Transport::InsecureLoopback => None,
+        };
+        let (listener, tls) = cfg
+            .bind(files, "steward page")
+            .await
+            .map_err(NodeError::Config)?;
+        let console_addr = listener
+            .local_addr()
+            .map_err(|e| NodeError::Network(e.to_string()))?;
+        let secure = tls.is_some();
+        let app = console::router(Arc::new(console::StewardConsole::new(
+            state.clone(),
+            &config.node.state_dir,
+            cfg.session_ttl(),
+            secure,
+        )));
+        let (tx, rx) = oneshot::channel::<()>();
+        confer_console::spawn(app, listener, tls, rx)
+            .map_err(|e| NodeError::Network(e.to_string()))?;
+        info!(addr = %console_addr, "node serving the steward page");
+        console = Some((console_addr, secure, tx));
+    }
+    let (console_addr, console_tls, console_stop) = match console {
+        Some((a, s, tx)) => (Some(a), s, Some(tx)),
+        None => (None, false, None),
+    };
     let service = FlightServiceServer::new(NodeService::new(state))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -147,6 +186,9 @@ pub async fn start(config: NodeConfig, transport: Transport) -> Result<RunningNo
     info!(node = %config.node.name, %addr, tables = config.tables.len(), "node serving");
     Ok(RunningNode {
         addr,
+        console_addr,
+        console_tls,
+        console_stop,
         name: config.node.name,
         shutdown: Some(tx),
         handle,

@@ -54,6 +54,8 @@ def federation(tmp_path_factory):
             info["commission_console"] = m.group(1)
         if m := re.search(r"Analyst token \(user `commission`\): (\S+)", line):
             info["analyst_token"] = m.group(1)
+        if m := re.search(r"Steward page of (\S+): (http://\S+/)steward \(steward token: (\S+)\)", line):
+            info.setdefault("stewards", {})[m.group(1)] = (m.group(2), m.group(3))
         if "Press Ctrl-C to stop." in line:
             break
     if proc.poll() is not None or {"addr", "token", "admin_token"} - info.keys():

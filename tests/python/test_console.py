@@ -295,3 +295,61 @@ def test_without_the_role_or_a_session_nothing_is_shown(federation, browser):
     # Pages are only served by their routes, after authentication.
     assert api(commission, "assets/commission.html")[0] == 404
     assert api(commission, "assets/echarts.min.js")[0] == 200
+
+
+def test_steward_page_at_a_node(federation, browser):
+    base, token = federation["stewards"]["site-c"]
+    # Without the steward token: nothing.
+    assert api(base, "api/v1/studies")[0] == 401
+    assert api(base, "api/v1/studies", federation["token"])[0] == 401  # a researcher's token
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    page.goto(base + "steward")
+    assert page.url.startswith(base + "login")
+    ctx.close()
+
+    ctx, page, errors = sign_in(browser, base, token, "/steward")
+    status, tasks, _ = api(base, "api/v1/tasks", token)
+    assert status == 200 and tasks["charges"]
+    # Spending: the total line ends at the sum of every charge; each
+    # researcher's bar is what they were charged.
+    total = series(page, "spend-chart", "total")
+    assert close(total[-1][1], sum(c["rho"] for c in tasks["charges"]))
+    status, node, _ = api(base, "api/v1/node", token)
+    assert close(total[-1][1], node["spent_rho"])
+    names = page.evaluate("() => window.confer.charts['researcher-chart'].getOption().xAxis[0].data")
+    bars = series(page, "researcher-chart", "spent")
+    for n, bar in zip(names, bars):
+        assert close(bar, sum(c["rho"] for c in tasks["charges"] if (c["researcher"] or "-") == n))
+    # Recent tasks name who, what, cost and outcome.
+    header = page.inner_text("#tasks-table thead")
+    for column in ["researcher", "decision", "ρ"]:
+        assert column in header
+
+    # Deny the demo study here, with a reason, then approve it again.
+    page.fill(".deny-reason[data-study='demo']", "ethics renewal pending")
+    page.click("button.deny[data-study='demo']")
+    page.wait_for_function("() => document.querySelector('#studies-table').innerText.includes('denied')")
+    status, studies, _ = api(base, "api/v1/studies", token)
+    demo = next(s for s in studies["studies"] if s["study"] == "demo")
+    assert demo["status"] == "denied" and demo["reason"] == "ethics renewal pending"
+    page.click("button.approve[data-study='demo']")
+    page.wait_for_function("() => !document.querySelector('#studies-table').innerText.includes('denied')")
+    status, studies, _ = api(base, "api/v1/studies", token)
+    assert next(s for s in studies["studies"] if s["study"] == "demo")["status"] == "approved"
+    # Both decisions are in the audit chain, which still verifies.
+    status, node, _ = api(base, "api/v1/node", token)
+    assert node["audit"]["intact"]
+    page.reload()
+    page.wait_for_selector("body[data-ready]")
+    assert page.inner_text("#audit-status") == f"✓ {node['audit']['records']}"
+    status, tasks, _ = api(base, "api/v1/tasks?limit=2", token)
+    assert [t["decision"] for t in tasks["recent"]] == ["approved", "denied"]
+    assert all(t["researcher"] == "steward (console)" for t in tasks["recent"])
+    # A deny without a reason is refused, saying why.
+    status, body, _ = api(base, "api/v1/studies/demo/deny", token, body={"reason": " "})
+    assert status == 400 and "reason" in body["error"]
+    assert api(base, "api/v1/studies/nope/approve", token, body={})[0] == 404
+    page.screenshot(path=str(ARTIFACTS / "steward.png"), full_page=True)
+    assert not errors, errors
+    ctx.close()

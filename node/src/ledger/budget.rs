@@ -10,6 +10,19 @@ impl Ledger {
         spent_total_in(&conn, None)
     }
 
+    /// Every debit, oldest first: (ms since the epoch, study, researcher,
+    /// kind, rho, state). Their sum is [`Ledger::spent_total`].
+    pub fn debits(&self) -> Result<Vec<(i64, String, String, String, f64, String)>> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT created_ms, study, researcher, kind, rho, state FROM releases ORDER BY created_ms, task_id",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// Spent by one researcher over all studies, in rho.
     pub fn spent_by_researcher(&self, researcher: &str) -> Result<f64> {
         let conn = self.conn()?;
