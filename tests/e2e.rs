@@ -1,6 +1,8 @@
 //! End-to-end tests: real `confer` coordinator and node processes on
 //! loopback ports, over the OHDSI GiBleed data split into sites by person.
 
+/// The web console over HTTPS: certificates, tokens, roles, cookies.
+mod console;
 /// SIGKILL at random moments never loses a debit or charges twice.
 mod crash;
 /// At epsilon = 1e9, DP answers equal the bounded query in plain DataFusion.

@@ -154,11 +154,12 @@ pub async fn supervision_demo(
          epsilon 12 per node; starting its nodes...\n"
     );
     // Served on, the dashboard is at the README's address when it is free.
-    let console_port = if keep && std::net::TcpListener::bind(("127.0.0.1", DEMO_CONSOLE_PORT)).is_ok() {
-        DEMO_CONSOLE_PORT
-    } else {
-        0
-    };
+    let console_port =
+        if keep && std::net::TcpListener::bind(("127.0.0.1", DEMO_CONSOLE_PORT)).is_ok() {
+            DEMO_CONSOLE_PORT
+        } else {
+            0
+        };
     let (federation, period) =
         start_region_with(program, work, 12, 150_000, log_level, 12.0, console_port).await?;
     let outcome = async {

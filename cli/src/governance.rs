@@ -180,10 +180,16 @@ pub fn node_action(config: Option<&Path>, action: NodeAction) -> anyhow::Result<
         }
         NodeAction::StewardToken => {
             let token = confer_node::console::new_steward_token(&node.node.state_dir)
-                .with_context(|| format!("cannot write a steward token under {}", node.node.state_dir.display()))?;
+                .with_context(|| {
+                    format!(
+                        "cannot write a steward token under {}",
+                        node.node.state_dir.display()
+                    )
+                })?;
             let page = match &node.console {
                 Some(c) => format!("the steward page at {} (console.listen)", c.listen),
-                None => "the steward page (add [console] listen = \"127.0.0.1:8480\" to node.toml)".to_string(),
+                None => "the steward page (add [console] listen = \"127.0.0.1:8480\" to node.toml)"
+                    .to_string(),
             };
             println!(
                 "steward token for node {} (shown once; the previous one no longer signs in):\n{token}\nSign in with it at {page}.",

@@ -49,7 +49,11 @@ pub(crate) async fn coordinator(config_path: PathBuf, serve: ServeOptions) -> an
         // coordinator is ready.
         announce(&format!(
             "confer coordinator console at {}://{console}/",
-            if coordinator.console_tls { "https" } else { "http" }
+            if coordinator.console_tls {
+                "https"
+            } else {
+                "http"
+            }
         ))?;
     }
     announce(&format!(

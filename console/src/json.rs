@@ -15,7 +15,13 @@ fn column(array: &dyn Array) -> Result<Vec<Value>, String> {
         let a = cast(array, &DataType::Int64).map_err(|e| e.to_string())?;
         let a = a.as_primitive::<Int64Type>();
         (0..n)
-            .map(|i| if a.is_null(i) { Value::Null } else { json!(a.value(i)) })
+            .map(|i| {
+                if a.is_null(i) {
+                    Value::Null
+                } else {
+                    json!(a.value(i))
+                }
+            })
             .collect()
     } else if dt.is_numeric() {
         let a = cast(array, &DataType::Float64).map_err(|e| e.to_string())?;
@@ -32,11 +38,17 @@ fn column(array: &dyn Array) -> Result<Vec<Value>, String> {
     } else if *dt == DataType::Boolean {
         let a = array.as_boolean();
         (0..n)
-            .map(|i| if a.is_null(i) { Value::Null } else { Value::Bool(a.value(i)) })
+            .map(|i| {
+                if a.is_null(i) {
+                    Value::Null
+                } else {
+                    Value::Bool(a.value(i))
+                }
+            })
             .collect()
     } else {
-        let f = ArrayFormatter::try_new(array, &FormatOptions::default())
-            .map_err(|e| e.to_string())?;
+        let f =
+            ArrayFormatter::try_new(array, &FormatOptions::default()).map_err(|e| e.to_string())?;
         (0..n)
             .map(|i| {
                 if array.is_null(i) {
@@ -77,7 +89,10 @@ pub fn table(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Value, Strin
 }
 
 /// The rows of `batches` as objects keyed by column name.
-pub fn records(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<Map<String, Value>>, String> {
+pub fn records(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<Vec<Map<String, Value>>, String> {
     let t = table(schema, batches)?;
     let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
     Ok(t["rows"]
@@ -124,7 +139,10 @@ mod tests {
         )
         .expect("batch");
         let t = table(&schema, &[batch.clone()]).expect("json");
-        assert_eq!(t["rows"], json!([[1, 0.5, "a", true], [null, null, null, null]]));
+        assert_eq!(
+            t["rows"],
+            json!([[1, 0.5, "a", true], [null, null, null, null]])
+        );
         assert_eq!(t["columns"][0], json!({"name": "n", "type": "Int32"}));
         let r = records(&schema, &[batch]).expect("records");
         assert_eq!(r[0]["s"], json!("a"));

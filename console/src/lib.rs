@@ -87,10 +87,17 @@ mod tests {
             "steward.html",
         ] {
             let text = std::str::from_utf8(asset(page).expect(page).body).expect("utf-8");
-            for part in text.split("src=\"").skip(1).chain(text.split("href=\"").skip(1)) {
+            for part in text
+                .split("src=\"")
+                .skip(1)
+                .chain(text.split("href=\"").skip(1))
+            {
                 let target = part.split('"').next().unwrap_or_default();
                 if let Some(name) = target.strip_prefix("/assets/") {
-                    assert!(asset(name).is_some(), "{page} refers to a missing asset {name}");
+                    assert!(
+                        asset(name).is_some(),
+                        "{page} refers to a missing asset {name}"
+                    );
                 } else {
                     assert!(
                         target.starts_with('/') || target.starts_with('#'),

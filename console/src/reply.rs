@@ -110,7 +110,11 @@ pub fn json<T: Serialize>(value: &T) -> Response {
 }
 
 /// A file with its media type, not cached (pages) or revalidated (assets).
-pub fn file(body: impl Into<axum::body::Body>, content_type: &str, cache: &'static str) -> Response {
+pub fn file(
+    body: impl Into<axum::body::Body>,
+    content_type: &str,
+    cache: &'static str,
+) -> Response {
     let mut r = Response::new(body.into());
     if let Ok(v) = HeaderValue::from_str(content_type) {
         r.headers_mut().insert(header::CONTENT_TYPE, v);
@@ -187,10 +191,19 @@ mod tests {
 
     #[test]
     fn statuses_and_escaping() {
-        assert_eq!(status_of(ErrorKind::Unauthenticated), StatusCode::UNAUTHORIZED);
-        assert_eq!(status_of(ErrorKind::PermissionDenied), StatusCode::FORBIDDEN);
+        assert_eq!(
+            status_of(ErrorKind::Unauthenticated),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            status_of(ErrorKind::PermissionDenied),
+            StatusCode::FORBIDDEN
+        );
         assert_eq!(status_of(ErrorKind::NotFound), StatusCode::NOT_FOUND);
-        assert_eq!(escape("<a href='x'>&</a>"), "&lt;a href=&#39;x&#39;&gt;&amp;&lt;/a&gt;");
+        assert_eq!(
+            escape("<a href='x'>&</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&lt;/a&gt;"
+        );
         let r = error_page(StatusCode::FORBIDDEN, "No", "<script>");
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert!(r.headers().contains_key(header::CONTENT_SECURITY_POLICY));

@@ -43,7 +43,10 @@ impl Sessions {
         getrandom::fill(&mut id).map_err(|e| format!("no randomness from the OS: {e}"))?;
         let id = hex::encode(id);
         let now = Instant::now();
-        let mut map = self.map.lock().map_err(|_| "session lock poisoned".to_string())?;
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| "session lock poisoned".to_string())?;
         map.retain(|_, s| s.expires > now);
         if map.len() >= MAX_SESSIONS
             && let Some(oldest) = map

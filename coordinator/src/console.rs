@@ -352,7 +352,8 @@ async fn sign_in(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
     let outcome = (|| -> Result<Response, ApiError> {
         let SignIn { token } = parse_json(&headers, &body)?;
         let user = c.user_of(token.trim()).map_err(|e| {
-            c.state.audit("", None, "console.sign_in", "refused", e.message.clone());
+            c.state
+                .audit("", None, "console.sign_in", "refused", e.message.clone());
             ApiError::from(e)
         })?;
         let id = c
@@ -420,8 +421,9 @@ async fn whoami(State(c): State<Shared>, headers: HeaderMap) -> ApiResult {
 
 /// Rows of a supervision table.
 async fn supervision_rows(c: &Console, table: &str) -> Result<Vec<Map<String, Value>>, ApiError> {
-    let batch = crate::supervision::tables::query(&c.state, &format!("SELECT * FROM supervision.{table}"))
-        .await?;
+    let batch =
+        crate::supervision::tables::query(&c.state, &format!("SELECT * FROM supervision.{table}"))
+            .await?;
     rows_of(&batch)
 }
 
@@ -581,10 +583,7 @@ async fn statement(
     sql: &str,
 ) -> Result<Value, ApiError> {
     let (_, handle) = c.state.plan(sql, user, study).await?;
-    let (schema, batches) = c
-        .state
-        .execute(handle.to_string().as_bytes(), user)
-        .await?;
+    let (schema, batches) = c.state.execute(handle.to_string().as_bytes(), user).await?;
     json::table(&schema, &batches).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))
 }
 
@@ -615,11 +614,7 @@ fn quote_ident(name: &str) -> Result<&str, ApiError> {
     }
 }
 
-async fn study(
-    State(c): State<Shared>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> ApiResult {
+async fn study(State(c): State<Shared>, headers: HeaderMap, Path(name): Path<String>) -> ApiResult {
     let user = c.member(&headers, Area::Research)?;
     let study = member_study(&c, &user, &name)?;
     let name = quote_ident(&study.name)?;
@@ -719,7 +714,9 @@ async fn explain(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Ap
     } else {
         format!("EXPLAIN PRIVACY {sql}")
     };
-    Ok(reply::json(&statement(&c, &user, Some(&study), &sql).await?))
+    Ok(reply::json(
+        &statement(&c, &user, Some(&study), &sql).await?,
+    ))
 }
 
 async fn run_query(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
@@ -733,7 +730,7 @@ async fn run_query(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> 
 
 async fn train_jobs(State(c): State<Shared>, headers: HeaderMap) -> ApiResult {
     let user = c.member(&headers, Area::Research)?;
-    let jobs = crate::train::list(&c.state, &user)?;
+    let jobs = crate::train::visible_jobs(&c.state, &user, true)?;
     Ok(reply::json(&json!({"jobs": jobs})))
 }
 
@@ -769,7 +766,9 @@ async fn nodes(
             if let Value::Object(m) = &mut v {
                 m.insert(
                     "held".into(),
-                    held.get(&n.name).cloned().map_or(Value::Null, Value::String),
+                    held.get(&n.name)
+                        .cloned()
+                        .map_or(Value::Null, Value::String),
                 );
             }
             v
@@ -781,16 +780,9 @@ async fn nodes(
 async fn status(State(c): State<Shared>, headers: HeaderMap) -> ApiResult {
     c.member(&headers, Area::Operations)?;
     let statuses = c.state.node_statuses();
-    let (records, problem) = c
-        .state
-        .store
-        .verify_audit()
-        .map_err(ProtocolError::from)?;
+    let (records, problem) = c.state.store.verify_audit().map_err(ProtocolError::from)?;
     let jobs = c.state.store.jobs().map_err(ProtocolError::from)?;
-    let running = jobs
-        .iter()
-        .filter(|j| !j.status.state.is_final())
-        .count();
+    let running = jobs.iter().filter(|j| !j.status.state.is_final()).count();
     Ok(reply::json(&json!({
         "version": env!("CARGO_PKG_VERSION"),
         "started_ms": c.started_ms,

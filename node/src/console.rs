@@ -157,7 +157,10 @@ async fn not_found(uri: Uri) -> Response {
     if uri.path().starts_with("/api/") {
         ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("no API call {}: docs/console.md lists the steward's calls", uri.path()),
+            format!(
+                "no API call {}: docs/console.md lists the steward's calls",
+                uri.path()
+            ),
         )
         .into_response()
     } else {
@@ -190,7 +193,10 @@ async fn page(State(c): State<Shared>, headers: HeaderMap) -> Response {
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, ApiError> {
+fn parse_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, ApiError> {
     let json_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -300,8 +306,14 @@ async fn studies(State(c): State<Shared>, headers: HeaderMap) -> ApiResult {
             let budget = r.budget_rho.or(rules.as_ref().map(|s| s.budget_rho));
             let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
             if let Value::Object(m) = &mut v {
-                m.insert("policy_budget_rho".into(), rules.map_or(Value::Null, |s| json!(s.budget_rho)));
-                m.insert("effective_budget_rho".into(), budget.map_or(Value::Null, |b| json!(b)));
+                m.insert(
+                    "policy_budget_rho".into(),
+                    rules.map_or(Value::Null, |s| json!(s.budget_rho)),
+                );
+                m.insert(
+                    "effective_budget_rho".into(),
+                    budget.map_or(Value::Null, |b| json!(b)),
+                );
             }
             v
         })
@@ -322,7 +334,9 @@ fn known_study(c: &StewardConsole, name: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("no study named {name:?} has reached this node: a study appears here with its first task"),
+            format!(
+                "no study named {name:?} has reached this node: a study appears here with its first task"
+            ),
         ))
     }
 }
@@ -350,7 +364,9 @@ async fn approve(
     };
     let budget = match (a.epsilon, a.delta, a.rho) {
         (None, None, None) => None,
-        (Some(epsilon), Some(delta), None) => Some(crate::policy::BudgetConfig::EpsilonDelta { epsilon, delta }),
+        (Some(epsilon), Some(delta), None) => {
+            Some(crate::policy::BudgetConfig::EpsilonDelta { epsilon, delta })
+        }
         (None, None, Some(rho)) => Some(crate::policy::BudgetConfig::Rho { rho, delta: None }),
         _ => {
             return Err(ApiError::bad_request(
@@ -359,10 +375,15 @@ async fn approve(
         }
     };
     let rho = budget
-        .map(|b| b.rho().map_err(|e| ApiError::bad_request(format!("budget: {e}"))))
+        .map(|b| {
+            b.rho()
+                .map_err(|e| ApiError::bad_request(format!("budget: {e}")))
+        })
         .transpose()?;
     c.state.ledger.approve(&name, rho, BY).map_err(internal)?;
-    Ok(reply::json(&json!({"study": name, "status": "approved", "budget_rho": rho})))
+    Ok(reply::json(
+        &json!({"study": name, "status": "approved", "budget_rho": rho}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -381,10 +402,17 @@ async fn deny(
     known_study(&c, &name)?;
     let Reason { reason } = parse_json(&headers, &body)?;
     if reason.trim().is_empty() {
-        return Err(ApiError::bad_request("give a reason: the researcher sees it"));
+        return Err(ApiError::bad_request(
+            "give a reason: the researcher sees it",
+        ));
     }
-    c.state.ledger.deny(&name, reason.trim(), BY).map_err(internal)?;
-    Ok(reply::json(&json!({"study": name, "status": "denied", "reason": reason.trim()})))
+    c.state
+        .ledger
+        .deny(&name, reason.trim(), BY)
+        .map_err(internal)?;
+    Ok(reply::json(
+        &json!({"study": name, "status": "denied", "reason": reason.trim()}),
+    ))
 }
 
 #[derive(Deserialize, Default)]
@@ -394,11 +422,7 @@ struct Listing {
     study: Option<String>,
 }
 
-async fn tasks(
-    State(c): State<Shared>,
-    headers: HeaderMap,
-    Query(q): Query<Listing>,
-) -> ApiResult {
+async fn tasks(State(c): State<Shared>, headers: HeaderMap, Query(q): Query<Listing>) -> ApiResult {
     c.steward(&headers)?;
     let mut records = c
         .state
@@ -452,7 +476,11 @@ async fn failures(State(c): State<Shared>, headers: HeaderMap) -> ApiResult {
     names.dedup();
     let mut researchers = Vec::new();
     for name in names {
-        let counted = c.state.ledger.failures_since_lift(&name).map_err(internal)?;
+        let counted = c
+            .state
+            .ledger
+            .failures_since_lift(&name)
+            .map_err(internal)?;
         researchers.push(json!({
             "researcher": name,
             "failures": failed.iter().filter(|r| r.actor.as_deref() == Some(name.as_str())).count(),
@@ -467,7 +495,9 @@ async fn failures(State(c): State<Shared>, headers: HeaderMap) -> ApiResult {
         .take(MAX_RECORDS)
         .map(|r| json!({"at_ms": r.at_ms, "researcher": r.actor, "study": r.study, "task_id": r.task_id, "rho": r.rho, "reason": r.reason}))
         .collect();
-    Ok(reply::json(&json!({"researchers": researchers, "failures": records})))
+    Ok(reply::json(
+        &json!({"researchers": researchers, "failures": records}),
+    ))
 }
 
 async fn lift(
@@ -479,10 +509,18 @@ async fn lift(
     c.steward(&headers)?;
     let Reason { reason } = parse_json(&headers, &body)?;
     if reason.trim().is_empty() {
-        return Err(ApiError::bad_request("give a reason: it is recorded in the audit log"));
+        return Err(ApiError::bad_request(
+            "give a reason: it is recorded in the audit log",
+        ));
     }
-    let reviewed = c.state.ledger.lift(&name, BY, reason.trim()).map_err(internal)?;
-    Ok(reply::json(&json!({"researcher": name, "reviewed": reviewed})))
+    let reviewed = c
+        .state
+        .ledger
+        .lift(&name, BY, reason.trim())
+        .map_err(internal)?;
+    Ok(reply::json(
+        &json!({"researcher": name, "reviewed": reviewed}),
+    ))
 }
 
 #[cfg(test)]
@@ -504,7 +542,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(TOKEN_FILE)).expect("meta").permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(TOKEN_FILE))
+                .expect("meta")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

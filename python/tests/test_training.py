@@ -106,6 +106,33 @@ def test_the_job_is_listed_and_can_be_attached(heart: confer.LocalNetwork, finis
     assert again.metrics().height == job.metrics().height
 
 
+def test_the_web_console_draws_the_rounds(heart: confer.LocalNetwork, finished: dict[str, Any]) -> None:
+    """The researcher's page in the coordinator's web console draws the
+    job's rounds: its curves hold the round metrics the API reports
+    (Debian's chromium through Playwright, as tests/python/test_console.py)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    assert heart.console_url, heart.output()
+    job: confer.Job = finished["job"]
+    status = job.status()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        page = browser.new_page()
+        page.goto(heart.console_url + "login#token=" + heart.token)
+        page.wait_for_url(heart.console_url + "researcher")
+        page.wait_for_selector("body[data-ready='true']")
+        norms = page.evaluate(
+            "() => window.confer.charts['train-chart'].getOption().series.find((s) => s.id === 'update_norm').data"
+        )
+        assert norms == pytest.approx([r["update_norm"] for r in status.history], rel=1e-12)
+        rounds = page.evaluate("() => window.confer.charts['train-chart'].getOption().xAxis[0].data")
+        assert rounds == list(range(1, status.rounds + 1))
+        assert job.id[:8] in page.inner_text("#jobs") or status.name in page.inner_text("#jobs")
+        browser.close()
+
+
 def heart_rows(model: Any) -> tuple[Any, list[float]]:
     """Every usable row of the four centres, computed as the job's feature
     query does (FLamby's preprocessing), and the labels."""

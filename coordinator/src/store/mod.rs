@@ -362,7 +362,12 @@ impl SqliteStore {
         add_missing_columns(
             &conn,
             "results",
-            &[("statement", "TEXT"), ("epsilon", "REAL"), ("delta", "REAL"), ("rho", "REAL")],
+            &[
+                ("statement", "TEXT"),
+                ("epsilon", "REAL"),
+                ("delta", "REAL"),
+                ("rho", "REAL"),
+            ],
         )?;
         chain_legacy_audit(&conn)?;
         Ok(Self {

@@ -144,3 +144,54 @@ fn studies_round_trip_and_admit_members() {
     assert!(study.admits(&user("root", Role::Admin)));
     assert!(!study.admits(&user("mallory", Role::Researcher)));
 }
+
+#[test]
+fn results_written_before_statements_were_kept_still_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("old.sqlite");
+    {
+        // The results table as the previous release wrote it.
+        let raw = Connection::open(&path).expect("open");
+        raw.execute_batch(
+            "CREATE TABLE results (
+                 query_id TEXT PRIMARY KEY, study TEXT NOT NULL, user TEXT NOT NULL,
+                 statement_hash TEXT NOT NULL, sites TEXT NOT NULL, created_ms INTEGER NOT NULL,
+                 result BLOB NOT NULL);
+             INSERT INTO results VALUES ('q-old', 'gi', 'alice', 'h', 'site-a,site-b', 5, x'00');",
+        )
+        .expect("old table");
+    }
+    let s = SqliteStore::open(&path).expect("open");
+    s.record_result(&ResultRecord {
+        query_id: "q-new".into(),
+        study: "gi".into(),
+        user: "bob".into(),
+        statement_hash: "h2".into(),
+        sites: vec!["site-a".into()],
+        result: vec![1, 2],
+        statement: Some("SELECT WITH DIFFERENTIAL_PRIVACY ...".into()),
+        cost: Some((1.0, 1e-6, 0.02)),
+        created_ms: 9,
+    })
+    .expect("record");
+    let all = s.results(None, 10).expect("results");
+    assert_eq!(
+        all.iter().map(|r| r.query_id.as_str()).collect::<Vec<_>>(),
+        ["q-new", "q-old"],
+        "newest first"
+    );
+    assert_eq!(all[1].statement, None);
+    assert_eq!(all[1].cost, None);
+    assert_eq!(all[1].sites, ["site-a", "site-b"]);
+    assert_eq!(all[0].cost, Some((1.0, 1e-6, 0.02)));
+    let bobs = s.results(Some("bob"), 10).expect("results");
+    assert_eq!(bobs.len(), 1);
+    assert_eq!(
+        bobs[0].statement.as_deref(),
+        Some("SELECT WITH DIFFERENTIAL_PRIVACY ...")
+    );
+    // Opening again adds nothing twice.
+    drop(s);
+    let again = SqliteStore::open(&path).expect("reopen");
+    assert_eq!(again.results(None, 1).expect("results").len(), 1);
+}

@@ -47,7 +47,10 @@ impl Pivot {
             && !region.levels.iter().any(|x| x.id == l)
         {
             let known: Vec<&str> = region.levels.iter().map(|x| x.id.as_str()).collect();
-            return Err(format!("level {l:?} is not in the region's tree (levels: {})", known.join(", ")));
+            return Err(format!(
+                "level {l:?} is not in the region's tree (levels: {})",
+                known.join(", ")
+            ));
         }
         let root = match under {
             Some(code) => Some(
@@ -57,7 +60,9 @@ impl Pivot {
             ),
             None => None,
         };
-        let text = |r: &Map<String, Value>, k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let text = |r: &Map<String, Value>, k: &str| {
+            r.get(k).and_then(Value::as_str).unwrap_or("").to_string()
+        };
         let num = |r: &Map<String, Value>, k: &str| r.get(k).and_then(Value::as_f64);
         let mut cells = HashMap::new();
         for r in values {
@@ -97,7 +102,14 @@ impl Pivot {
             .indicators
             .iter()
             .filter(|i| cells.keys().any(|(ind, _)| ind == &i.id))
-            .map(|i| (i.id.clone(), name(&i.name_en, &i.name_zh), i.unit.clone(), i.red_line))
+            .map(|i| {
+                (
+                    i.id.clone(),
+                    name(&i.name_en, &i.name_zh),
+                    i.unit.clone(),
+                    i.red_line,
+                )
+            })
             .collect();
         Ok(Self {
             period: period.to_string(),
@@ -110,16 +122,34 @@ impl Pivot {
 
     fn header(&self) -> Vec<String> {
         let mut h: Vec<String> = if self.zh {
-            vec!["指标编码".into(), "指标".into(), "单位".into(), "红线".into()]
+            vec![
+                "指标编码".into(),
+                "指标".into(),
+                "单位".into(),
+                "红线".into(),
+            ]
         } else {
-            vec!["indicator_id".into(), "indicator".into(), "unit".into(), "red_line".into()]
+            vec![
+                "indicator_id".into(),
+                "indicator".into(),
+                "unit".into(),
+                "red_line".into(),
+            ]
         };
-        h.extend(self.units.iter().map(|(code, name)| format!("{code} {name}")));
+        h.extend(
+            self.units
+                .iter()
+                .map(|(code, name)| format!("{code} {name}")),
+        );
         h
     }
 
     fn insufficient(&self) -> &'static str {
-        if self.zh { "数据不足" } else { "insufficient data" }
+        if self.zh {
+            "数据不足"
+        } else {
+            "insufficient data"
+        }
     }
 
     /// CSV: one row per indicator; a cell holds the value, "insufficient
@@ -168,11 +198,18 @@ impl Pivot {
         let title = if self.zh {
             format!("监管指标 {}（红色：超出红线）", self.period)
         } else {
-            format!("Supervision indicators, {} (red: beyond the red line)", self.period)
+            format!(
+                "Supervision indicators, {} (red: beyond the red line)",
+                self.period
+            )
         };
-        sheet.write_string_with_format(0, 0, &title, &bold).map_err(err)?;
+        sheet
+            .write_string_with_format(0, 0, &title, &bold)
+            .map_err(err)?;
         for (c, h) in self.header().iter().enumerate() {
-            sheet.write_string_with_format(1, c as u16, h, &bold).map_err(err)?;
+            sheet
+                .write_string_with_format(1, c as u16, h, &bold)
+                .map_err(err)?;
         }
         for (r, (id, name, unit, red)) in self.indicators.iter().enumerate() {
             let row = 2 + r as u32;
@@ -192,8 +229,14 @@ impl Pivot {
                             .map_err(err)?;
                     }
                     Some(c @ Cell { value: Some(v), .. }) => {
-                        let f = if c.flags.contains("red line") { &breach } else { &plain };
-                        sheet.write_number_with_format(row, col, *v, f).map_err(err)?;
+                        let f = if c.flags.contains("red line") {
+                            &breach
+                        } else {
+                            &plain
+                        };
+                        sheet
+                            .write_number_with_format(row, col, *v, f)
+                            .map_err(err)?;
                     }
                 }
             }
@@ -202,8 +245,12 @@ impl Pivot {
         sheet.set_column_width(1, 36).map_err(err)?;
         let long = book.add_worksheet();
         long.set_name("Values").map_err(err)?;
-        for (c, h) in ["indicator", "unit", "value", "ci_low", "ci_high", "flags"].iter().enumerate() {
-            long.write_string_with_format(0, c as u16, *h, &bold).map_err(err)?;
+        for (c, h) in ["indicator", "unit", "value", "ci_low", "ci_high", "flags"]
+            .iter()
+            .enumerate()
+        {
+            long.write_string_with_format(0, c as u16, *h, &bold)
+                .map_err(err)?;
         }
         let mut keys: Vec<&(String, String)> = self.cells.keys().collect();
         keys.sort();
@@ -222,5 +269,166 @@ impl Pivot {
             long.write_string(row, 5, &cell.flags).map_err(err)?;
         }
         book.save_to_buffer().map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const TREE: &str = r#"
+[[level]]
+id = "city"
+name_zh = "市"
+name_en = "City"
+[[level]]
+id = "county"
+name_zh = "县"
+name_en = "County"
+
+[[group_set]]
+id = "tier"
+name_zh = "机构类别"
+name_en = "Tier"
+[[group_set.option]]
+id = "county"
+name_zh = "县医院"
+name_en = "County hospital"
+[[group_set.option]]
+id = "township"
+name_zh = "乡镇卫生院"
+name_en = "Township health centre"
+[[group_set.option]]
+id = "village"
+name_zh = "村卫生室"
+name_en = "Village clinic"
+
+[[unit]]
+code = "root"
+name_zh = "市"
+name_en = "City"
+level = "city"
+
+[[unit]]
+code = "c1"
+name_zh = "一县"
+name_en = "County 1"
+level = "county"
+parent = "root"
+
+[[unit]]
+code = "c2"
+name_zh = "二县"
+name_en = "County 2"
+level = "county"
+parent = "root"
+"#;
+
+    fn supervision() -> (tempfile::TempDir, Supervision) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("region.toml"), TREE).expect("write");
+        let mut config: crate::supervision::SupervisionConfig =
+            toml::from_str("region = \"region.toml\"").expect("config");
+        config.resolve(dir.path());
+        (dir, Supervision::load(config).expect("load"))
+    }
+
+    fn row(unit: &str, indicator: &str, value: Option<f64>, flags: &str) -> Map<String, Value> {
+        let v = json!({
+            "period": "2026-10", "unit": unit, "indicator": indicator, "category": "",
+            "value": value, "ci_low": value.map(|v| v - 1.0), "ci_high": value.map(|v| v + 1.0), "flags": flags,
+        });
+        v.as_object().cloned().expect("object")
+    }
+
+    #[test]
+    fn indicators_by_unit_as_csv_and_excel() {
+        let (_dir, sup) = supervision();
+        let values = vec![
+            row("root", "outpatient_emergency_visits", Some(120.0), ""),
+            row("c1", "outpatient_emergency_visits", Some(70.0), ""),
+            row(
+                "c2",
+                "outpatient_emergency_visits",
+                None,
+                "insufficient data",
+            ),
+            row("c1", "drug_share_of_cost", Some(41.5), "red line"),
+            // Another period and a disaggregation are not in the table.
+            {
+                let mut r = row("c2", "drug_share_of_cost", Some(1.0), "");
+                r.insert("period".into(), json!("2026-09"));
+                r
+            },
+            {
+                let mut r = row("c2", "drug_share_of_cost", Some(2.0), "");
+                r.insert("category".into(), json!("sex=8532"));
+                r
+            },
+        ];
+        let p = Pivot::new(
+            &sup,
+            &values,
+            "2026-10",
+            Some("county"),
+            Some("root"),
+            false,
+        )
+        .expect("pivot");
+        let csv = p.csv();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "indicator_id,indicator,unit,red_line,c1 County 1,c2 County 2"
+        );
+        assert!(
+            lines[1].starts_with("outpatient_emergency_visits,")
+                && lines[1].ends_with(",70,insufficient data"),
+            "{csv}"
+        );
+        assert!(
+            lines[2].starts_with("drug_share_of_cost,") && lines[2].ends_with(",30,41.5,"),
+            "{csv}"
+        );
+        assert_eq!(lines.len(), 3);
+        let zh = Pivot::new(&sup, &values, "2026-10", None, None, true).expect("pivot");
+        assert!(
+            zh.csv()
+                .starts_with("指标编码,指标,单位,红线,root 市,c1 一县,c2 二县"),
+            "{}",
+            zh.csv()
+        );
+        assert!(zh.csv().contains("数据不足"));
+        let book = p.xlsx().expect("xlsx");
+        assert_eq!(&book[..2], b"PK");
+
+        let err = |r: Result<Pivot, String>| r.err().expect("refused");
+        assert!(
+            err(Pivot::new(&sup, &values, "2026-11", None, None, false))
+                .contains("no released values")
+        );
+        assert!(
+            err(Pivot::new(
+                &sup,
+                &values,
+                "2026-10",
+                Some("township"),
+                None,
+                false
+            ))
+            .contains("levels: city, county")
+        );
+        assert!(
+            err(Pivot::new(
+                &sup,
+                &values,
+                "2026-10",
+                None,
+                Some("x9"),
+                false
+            ))
+            .contains("not in the region")
+        );
     }
 }

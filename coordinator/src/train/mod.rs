@@ -299,6 +299,15 @@ pub fn status(
 
 /// `confer.train.list`: the jobs the user may see, oldest first, without history.
 pub fn list(state: &CoordinatorState, user: &User) -> Result<Vec<JobStatus>, ProtocolError> {
+    visible_jobs(state, user, false)
+}
+
+/// The jobs the user may see, oldest first, with their rounds if `history`.
+pub fn visible_jobs(
+    state: &CoordinatorState,
+    user: &User,
+    history: bool,
+) -> Result<Vec<JobStatus>, ProtocolError> {
     Ok(state
         .store()
         .jobs()
@@ -310,7 +319,9 @@ pub fn list(state: &CoordinatorState, user: &User) -> Result<Vec<JobStatus>, Pro
                 || state.auth().study(user, &j.status.study).is_ok()
         })
         .map(|mut j| {
-            j.status.history.clear();
+            if !history {
+                j.status.history.clear();
+            }
             j.status
         })
         .collect())

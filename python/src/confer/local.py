@@ -214,6 +214,8 @@ class LocalNetwork:
         study: The study the researcher may use (``"demo"``).
         sites: The nodes' site names.
         work_dir: Configs, split data, ledgers and logs.
+        console_url: The coordinator's web console (``docs/console.md``),
+            where the researcher and admin sign in with their tokens.
     """
 
     dataset: str
@@ -223,6 +225,7 @@ class LocalNetwork:
     study: str
     sites: list[str]
     work_dir: Path
+    console_url: str | None = None
     _children: list[_Child] = field(default_factory=list, repr=False)
     _clients: list[Client] = field(default_factory=list, repr=False)
     _client: Client | None = field(default=None, repr=False)
@@ -420,9 +423,11 @@ def _start_gibleed(
         match = _SITES.search(line)
         if match:
             names = [part.split(" (")[0].strip() for part in match.group(1).split(", ")]
+    console = _WEB_CONSOLE.search(text)
     return LocalNetwork(
         dataset="gibleed",
         url=found["url"],
+        console_url=console.group(1) if console else None,
         token=found["token"],
         admin_token=found["admin"],
         study="demo",
@@ -456,6 +461,8 @@ def _heart_examples() -> Path:
 
 
 _LISTENING = re.compile(r" listening on (\S+)\s*$")
+_CONSOLE = re.compile(r" console at (\S+)\s*$", re.M)
+_WEB_CONSOLE = re.compile(r"^Web console \(.*\): (\S+)\s*$", re.M)
 
 
 def _toml_string(text: str) -> str:
@@ -527,6 +534,7 @@ def _start_heart(
         "# Written by confer.local_network(dataset='heart').\n[coordinator]\n"
         'listen = "127.0.0.1:0"\nsigning_key = "coordinator.key"\n'
         'state = "state/coordinator.sqlite"\nmax_sites_per_person = 1\nnode_timeout_secs = 60\n'
+        '\n[console]\nlisten = "127.0.0.1:0"\n'
     )
     for centre, url in urls.items():
         text += f"\n[[nodes]]\nname = {_toml_string(centre)}\nurl = {_toml_string(url)}\n"
@@ -558,9 +566,11 @@ def _start_heart(
     # Stopped first: children stop in list order.
     children.insert(0, child)
     url = "http://" + child.wait_for(_LISTENING, deadline).group(1)
+    console = _CONSOLE.search(child.output())
     net = LocalNetwork(
         dataset="heart",
         url=url,
+        console_url=console.group(1) if console else None,
         token=tokens["researcher"],
         admin_token=tokens["admin"],
         study="demo",
