@@ -138,7 +138,7 @@ mod tests {
             ],
         )
         .expect("batch");
-        let t = table(&schema, &[batch.clone()]).expect("json");
+        let t = table(&schema, std::slice::from_ref(&batch)).expect("json");
         assert_eq!(
             t["rows"],
             json!([[1, 0.5, "a", true], [null, null, null, null]])

@@ -241,16 +241,16 @@ async fn root(State(c): State<Shared>, headers: HeaderMap) -> Response {
 
 /// A page of `area`: to the sign-in page without a session, a clear page
 /// with 403 for a role without the area.
-fn page(c: &Console, headers: &HeaderMap, area: Area, path: &str) -> Result<User, Response> {
+fn page(c: &Console, headers: &HeaderMap, area: Area, path: &str) -> Result<User, Box<Response>> {
     let user = c.user(headers).map_err(|_| {
         let next: String = path
             .chars()
             .filter(|ch| ch.is_ascii_alphanumeric() || "/_-.".contains(*ch))
             .collect();
-        reply::redirect(&format!("/login?next={next}"))
+        Box::new(reply::redirect(&format!("/login?next={next}")))
     })?;
     if !area.allowed(user.role) {
-        return Err(reply::error_page(
+        return Err(Box::new(reply::error_page(
             StatusCode::FORBIDDEN,
             "Not for your role",
             &format!(
@@ -260,7 +260,7 @@ fn page(c: &Console, headers: &HeaderMap, area: Area, path: &str) -> Result<User
                 capitalise(area.title()),
                 area.needs()
             ),
-        ));
+        )));
     }
     Ok(user)
 }
@@ -275,14 +275,14 @@ fn capitalise(s: &str) -> String {
 async fn commission_page(State(c): State<Shared>, headers: HeaderMap) -> Response {
     match page(&c, &headers, Area::Commission, "/commission") {
         Ok(_) => reply::asset(Area::Commission.page()),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
 async fn researcher_page(State(c): State<Shared>, headers: HeaderMap) -> Response {
     match page(&c, &headers, Area::Research, "/researcher") {
         Ok(_) => reply::asset(Area::Research.page()),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -294,7 +294,7 @@ async fn study_page(
     let path = format!("/researcher/studies/{name}");
     let user = match page(&c, &headers, Area::Research, &path) {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match member_study(&c, &user, &name) {
         Ok(_) => reply::asset(Area::Research.page()),
@@ -305,7 +305,7 @@ async fn study_page(
 async fn ops_page(State(c): State<Shared>, headers: HeaderMap) -> Response {
     match page(&c, &headers, Area::Operations, "/ops") {
         Ok(_) => reply::asset(Area::Operations.page()),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 

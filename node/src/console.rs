@@ -440,10 +440,8 @@ async fn tasks(State(c): State<Shared>, headers: HeaderMap, Query(q): Query<List
         .debits()
         .map_err(internal)?
         .into_iter()
-        .filter(|d| q.study.as_ref().is_none_or(|s| s == &d.1))
-        .map(|(at_ms, study, researcher, kind, rho, state)| {
-            json!({"at_ms": at_ms, "study": study, "researcher": researcher, "kind": kind, "rho": rho, "state": state})
-        })
+        .filter(|d| q.study.as_ref().is_none_or(|s| s == &d.study))
+        .map(|d| serde_json::to_value(d).unwrap_or(Value::Null))
         .collect();
     records.reverse();
     records.truncate(q.limit.unwrap_or(100).clamp(1, MAX_RECORDS));

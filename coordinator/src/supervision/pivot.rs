@@ -403,7 +403,7 @@ parent = "root"
         let book = p.xlsx().expect("xlsx");
         assert_eq!(&book[..2], b"PK");
 
-        let err = |r: Result<Pivot, String>| r.err().expect("refused");
+        let err = |r: Result<Pivot, String>| r.expect_err("refused");
         assert!(
             err(Pivot::new(&sup, &values, "2026-11", None, None, false))
                 .contains("no released values")

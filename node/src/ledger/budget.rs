@@ -3,6 +3,23 @@
 
 use super::*;
 
+/// One debit of the ledger (a task's charge).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Debit {
+    /// When it was charged, ms since the epoch.
+    pub at_ms: i64,
+    /// The study that paid.
+    pub study: String,
+    /// The researcher who asked.
+    pub researcher: String,
+    /// The task's kind (query, train, ...).
+    pub kind: String,
+    /// zCDP rho charged.
+    pub rho: f64,
+    /// charged, released or failed.
+    pub state: String,
+}
+
 impl Ledger {
     /// Spent at this node over all studies, in rho.
     pub fn spent_total(&self) -> Result<f64> {
@@ -10,23 +27,22 @@ impl Ledger {
         spent_total_in(&conn, None)
     }
 
-    /// Every debit, oldest first: (ms since the epoch, study, researcher,
-    /// kind, rho, state). Their sum is [`Ledger::spent_total`].
-    pub fn debits(&self) -> Result<Vec<(i64, String, String, String, f64, String)>> {
+    /// Every debit, oldest first. Their sum is [`Ledger::spent_total`].
+    pub fn debits(&self) -> Result<Vec<Debit>> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT created_ms, study, researcher, kind, rho, state FROM releases ORDER BY created_ms, task_id",
         )?;
         let rows = stmt
             .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
+                Ok(Debit {
+                    at_ms: r.get(0)?,
+                    study: r.get(1)?,
+                    researcher: r.get(2)?,
+                    kind: r.get(3)?,
+                    rho: r.get(4)?,
+                    state: r.get(5)?,
+                })
             })?
             .collect::<std::result::Result<Vec<_>, _>>()?;
         Ok(rows)

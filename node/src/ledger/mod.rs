@@ -41,6 +41,7 @@ use audit::append;
 use budget::{budget_refusal, refusal_entry, spent_in};
 
 pub use audit::{AuditEntry, AuditFilter, AuditRecord, Verification};
+pub use budget::Debit;
 pub use studies::{StudyRow, StudyStatus};
 
 /// Relative tolerance when comparing spending with a budget, so that
