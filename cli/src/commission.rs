@@ -139,14 +139,16 @@ pub const DEMO_CONSOLE_PORT: u16 = 8470;
 
 /// The demo step: start the region, release last month, print the report
 /// (city and counties), show that a re-run spends nothing; then stop, or
-/// with `keep` return the running region (for `confer demo --serve`).
+/// with `keep` (for `confer demo --serve`) release that many months before
+/// it too (the web console's trend lines) and return the running region.
 pub async fn supervision_demo(
     program: &Path,
     work: &Path,
     log_level: &str,
     step: usize,
-    keep: bool,
+    keep: Option<u32>,
 ) -> anyhow::Result<Option<Federation>> {
+    let (keep, trend_months) = (keep.is_some(), keep.unwrap_or(0));
     println!(
         "── {step}. Supervision statistics for the health commission: a synthetic region (confer synth --region:\n\
          12 institutions, 150,000 residents, up to last month), whose village clinics' records are held by their\n\
@@ -190,6 +192,26 @@ pub async fn supervision_demo(
              SELECT level, COUNT(*), ... FROM supervision.values WHERE period = '{period}' GROUP BY level\n{}",
             crate::client::render(&values, crate::client::OutputFormat::Table)?
         );
+        if trend_months > 0 {
+            // The dashboard's trend lines: months before as well.
+            use confer_coordinator::supervision::period::Period;
+            let mut p = Period::parse(&period).map_err(|e| anyhow::anyhow!(e))?;
+            let mut earlier = Vec::new();
+            for _ in 0..trend_months {
+                p = Period::month_before(p.start());
+                earlier.push(p.to_string());
+            }
+            earlier.reverse();
+            println!(
+                "For the web console's trend lines, releasing {} as well.",
+                earlier.join(" and ")
+            );
+            for e in &earlier {
+                let summary =
+                    crate::supervision::run_and_report(&mut client, e, 0, crate::supervision::Lang::En).await?;
+                print!("{summary}");
+            }
+        }
         anyhow::Ok(())
     }
     .await;

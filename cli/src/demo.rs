@@ -518,7 +518,7 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
         let step = QUERIES.len() + if args.no_training { 1 } else { 2 };
         let commission_dir = work_dir.join("commission");
         outcome = tokio::select! {
-            r = crate::commission::supervision_demo(&program, &commission_dir, log_level, step, args.serve) => {
+            r = crate::commission::supervision_demo(&program, &commission_dir, log_level, step, args.serve.then_some(args.trend_months)) => {
                 r.map(|f| region = f)
             }
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),

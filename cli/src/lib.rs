@@ -180,6 +180,10 @@ pub struct DemoArgs {
     /// Skip the supervision statistics step (a synthetic region's nodes).
     #[arg(long)]
     pub no_supervision: bool,
+    /// With --serve: months before last month to release as well, so the
+    /// web console's trend lines have points (each takes a run).
+    #[arg(long, default_value_t = 2)]
+    pub trend_months: u32,
 }
 
 /// Stack of each runtime thread (see [`main`]).

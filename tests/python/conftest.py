@@ -25,7 +25,8 @@ def _confer_bin():
 def federation(tmp_path_factory):
     work = tmp_path_factory.mktemp("federation")
     proc = subprocess.Popen(
-        [_confer_bin(), "demo", "--serve", "--work-dir", str(work / "demo")],
+        # One month before last month too: the console's trend lines.
+        [_confer_bin(), "demo", "--serve", "--trend-months", "1", "--work-dir", str(work / "demo")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

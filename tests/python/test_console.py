@@ -114,10 +114,20 @@ def test_commission_dashboard_shows_what_the_api_returns(federation, browser):
     root = next(u for u in meta["org_units"] if not u["parent"])
     indicator = page.input_value("#indicator")
 
-    # The trend: the value series holds the API's value for each period.
+    # The trend: the value series holds the API's value for each month
+    # released (the fixture releases two), the band its interval.
+    months = sorted(p["period"] for p in meta["periods"] if len(p["period"]) == len(period))
+    assert len(months) >= 2
     trend = series(page, "trend-chart", "value")
-    assert len(trend) == len([p for p in meta["periods"] if len(p["period"]) == len(period)])
-    assert close(trend[-1], totals[(indicator, root["code"])]["value"])
+    low = series(page, "trend-chart", "ci_low")
+    band = series(page, "trend-chart", "ci_band")
+    assert len(trend) == len(months)
+    for i, month in enumerate(months):
+        status, body, _ = api(base, f"api/v1/supervision/values?period={month}&indicator={indicator}&unit={root['code']}&category=", token)
+        (released,) = body["values"]
+        assert close(trend[i], released["value"]), month
+        if released["value"] is not None:
+            assert close(low[i], released["ci_low"]) and close(low[i] + band[i], released["ci_high"])
 
     # Drill down city → county → township → village, checking the bars
     # (children compared) and the pivot cells against the API at each step.

@@ -402,7 +402,7 @@ def _start_gibleed(
     training_demo: bool,
     children: list[_Child],
 ) -> LocalNetwork:
-    argv = [str(program), "demo", "--serve", "--work-dir", str(root / "demo"), "--sites", str(sites)]
+    argv = [str(program), "demo", "--serve", "--trend-months", "0", "--work-dir", str(root / "demo"), "--sites", str(sites)]
     data = _find_data(data_dir, "eunomia_gibleed/csv", "PERSON.csv")
     if data is not None:
         argv += ["--data", str(data)]
