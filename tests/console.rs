@@ -181,9 +181,64 @@ async fn the_console_speaks_https_with_the_networks_certificate() {
         .lines()
         .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
         .expect("a cookie");
-    for part in ["HttpOnly", "SameSite=Strict", "Secure"] {
+    for part in [
+        "__Host-confer_session_",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Secure",
+    ] {
         assert!(cookie.contains(part), "{cookie}");
     }
+    // A browser's request from another site or another port is refused,
+    // whatever it carries.
+    for header in [
+        ("Origin", "https://evil.example"),
+        ("Origin", &format!("https://127.0.0.1:{}", 1)),
+        ("Sec-Fetch-Site", "cross-site"),
+        ("Sec-Fetch-Site", "same-site"),
+    ] {
+        let (status, body) = https(
+            &addr,
+            &ca,
+            "POST",
+            "/api/v1/session",
+            &[("Content-Type", "application/json"), header],
+            &format!("{{\"token\": \"{researcher}\"}}"),
+        )
+        .await
+        .expect("https");
+        assert_eq!(status, 403, "{header:?}: {body}");
+        assert!(body.contains("another site or port"), "{body}");
+    }
+    let origin = format!("https://{addr}");
+    let (status, _) = https(
+        &addr,
+        &ca,
+        "POST",
+        "/api/v1/session",
+        &[
+            ("Content-Type", "application/json"),
+            ("Origin", &origin),
+            ("Sec-Fetch-Site", "same-origin"),
+        ],
+        &format!("{{\"token\": \"{researcher}\"}}"),
+    )
+    .await
+    .expect("https");
+    assert_eq!(status, 200, "the console's own page signs in");
+    // A wrong method or query string answers in JSON too.
+    let (status, body) = https(
+        &addr,
+        &ca,
+        "DELETE",
+        "/api/v1/whoami",
+        &[("Authorization", &bearer)],
+        "",
+    )
+    .await
+    .expect("https");
+    assert_eq!(status, 405);
+    assert!(body.contains("\"status\":405"), "{body}");
     // A form post (no JSON) cannot sign in: no cross-site login forms.
     let (status, _) = https(
         &addr,

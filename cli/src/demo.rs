@@ -544,7 +544,7 @@ pub async fn run(args: DemoArgs, verbose: u8) -> anyhow::Result<()> {
                  Try: confer supervision report --period <last month> --coordinator {} --token <it>\n\
                  Commission dashboard (web console): {}commission\n\
                  Analyst token (user `commission`): {}\n\
-                 Signed in at once: {}login#token={}\n",
+                 Sign-in link (the token filled in): {}login#token={}\n",
                 r.url(),
                 r.tokens.get("admin").cloned().unwrap_or_default(),
                 r.url(),

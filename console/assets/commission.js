@@ -10,6 +10,8 @@
   const expanded = new Set();
 
   const name = (o) => (o ? (C.lang === "zh" ? o.name_zh : o.name_en) : "");
+  // Tooltips are HTML: text from the region and the catalogue is escaped.
+  const html = (text) => echarts.format.encodeHTML(String(text ?? ""));
   const unitByCode = () => Object.fromEntries(meta.org_units.map((u) => [u.code, u]));
   const indicatorById = () => Object.fromEntries(meta.indicators.map((i) => [i.id, i]));
   const children = (code) => meta.org_units.filter((u) => u.parent === code);
@@ -106,7 +108,7 @@
       tooltip: { trigger: "axis", formatter: (ps) => {
         const i = ps[0].dataIndex;
         const r = rows[i];
-        return `${periods[i]}<br>${cellText(r, ind) || "—"}` + (r && r.value !== null ? `<br>[${C.fmt(r.ci_low)}, ${C.fmt(r.ci_high)}]` : "");
+        return `${html(periods[i])}<br>${html(cellText(r, ind) || "—")}` + (r && r.value !== null ? `<br>[${html(C.fmt(r.ci_low))}, ${html(C.fmt(r.ci_high))}]` : "");
       } },
       legend: { data: [C.t("value"), C.t("interval")] },
       xAxis: { type: "category", data: periods },
@@ -141,7 +143,7 @@
       tooltip: { trigger: "axis", formatter: (ps) => {
         const i = ps[0].dataIndex;
         const r = rows[i];
-        return `${name(units[i])}<br>${cellText(r, ind) || "—"}` + (r && r.value !== null ? `<br>[${C.fmt(r.ci_low)}, ${C.fmt(r.ci_high)}]` : "");
+        return `${html(name(units[i]))}<br>${html(cellText(r, ind) || "—")}` + (r && r.value !== null ? `<br>[${html(C.fmt(r.ci_low))}, ${html(C.fmt(r.ci_high))}]` : "");
       } },
       grid: { bottom: 80 },
       xAxis: { type: "category", data: units.map(name), axisLabel: { rotate: units.length > 6 ? 30 : 0 } },

@@ -168,13 +168,15 @@ async function loginPage() {
   const toggle = document.getElementById("lang-toggle");
   toggle.textContent = lang === "zh" ? "English" : "中文";
   toggle.addEventListener("click", () => { setLang(lang === "zh" ? "en" : "zh"); toggle.textContent = lang === "zh" ? "English" : "中文"; });
-  // A link `/login#token=...` (printed by `confer demo --serve`) signs in
-  // at once; the fragment never reaches the server and is dropped here.
+  // A link `/login#token=...` (printed by `confer demo --serve`) fills the
+  // token in; the fragment never reaches the server and is dropped here.
+  // Signing in stays a click, so a link from elsewhere cannot sign a
+  // browser in as someone else unnoticed.
   const fragment = new URLSearchParams(location.hash.slice(1));
   if (fragment.get("token")) {
     document.getElementById("token").value = fragment.get("token");
     history.replaceState(null, "", location.pathname + location.search);
-    setTimeout(() => form.requestSubmit(), 0);
+    document.getElementById("login-button").focus();
   }
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -182,8 +184,9 @@ async function loginPage() {
     error.hidden = true;
     try {
       const me = await api("/api/v1/session", { body: { token: document.getElementById("token").value } });
+      // Only a path of this console (no scheme, host, backslash or escape).
       const next = new URLSearchParams(location.search).get("next");
-      location.href = next && next.startsWith("/") && !next.startsWith("//") ? next : me.home;
+      location.href = next && /^\/[A-Za-z0-9_.\/-]*$/.test(next) && !next.startsWith("//") ? next : me.home;
     } catch (e) {
       error.textContent = e.message;
       error.hidden = false;

@@ -74,6 +74,29 @@ impl From<ProtocolError> for ApiError {
     }
 }
 
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(e: axum::extract::rejection::QueryRejection) -> Self {
+        Self::bad_request(format!(
+            "the query string is not what this call takes: {}",
+            e.body_text()
+        ))
+    }
+}
+
+/// A method a route does not serve: the JSON error for the API, a page
+/// otherwise.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let message = format!(
+        "{} does not take {method} (docs/console.md lists the calls)",
+        uri.path()
+    );
+    if uri.path().starts_with("/api/") {
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, message).into_response()
+    } else {
+        error_page(StatusCode::METHOD_NOT_ALLOWED, "Not allowed", &message)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         #[derive(Serialize)]
@@ -171,6 +194,39 @@ pub fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
     let mut r = file(body, "text/html; charset=utf-8", "no-store");
     *r.status_mut() = status;
     r
+}
+
+/// Refuses a request that changes something (any method but GET and
+/// HEAD) when the browser says it comes from another origin
+/// (`Sec-Fetch-Site`, else `Origin` against `Host`): another site, or
+/// another port of the same host, cannot make a signed-in browser act.
+/// Scripts send neither header and authenticate with a bearer token.
+pub async fn same_origin(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::Method;
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let cross = match text("sec-fetch-site") {
+        Some(site) => site != "same-origin" && site != "none",
+        None => match (text("origin"), text("host")) {
+            (Some(origin), Some(host)) => origin.split_once("://").map(|(_, h)| h) != Some(host),
+            (Some(_), None) => true,
+            _ => false,
+        },
+    };
+    if cross {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this request comes from another site or port: the console accepts changes only              from its own pages (or from scripts with a bearer token)",
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// 303 to `location`.

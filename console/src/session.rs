@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The session cookie's name.
+/// The stem of the session cookie's name.
 pub const COOKIE: &str = "confer_session";
 
 /// Most sessions kept at once; signing in beyond it ends the oldest.
@@ -19,16 +19,33 @@ struct Session {
 /// stays here, in memory only, and is checked again on every request.
 pub struct Sessions {
     ttl: Duration,
+    secure: bool,
+    /// The cookie's name: one per console (browsers share cookies across
+    /// the ports of a host), `__Host-` over HTTPS so no other host of the
+    /// domain can plant one.
+    name: String,
     map: Mutex<HashMap<String, Session>>,
 }
 
 impl Sessions {
-    /// Sessions that last `ttl` from sign-in.
-    pub fn new(ttl: Duration) -> Self {
+    /// Sessions that last `ttl` from sign-in, for the console on `port`
+    /// (`secure`: served over HTTPS).
+    pub fn new(ttl: Duration, port: u16, secure: bool) -> Self {
         Self {
             ttl,
+            secure,
+            name: if secure {
+                format!("__Host-{COOKIE}_{port}")
+            } else {
+                format!("{COOKIE}_{port}")
+            },
             map: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The cookie's name.
+    pub fn cookie_name(&self) -> &str {
+        &self.name
     }
 
     /// How long a session lasts.
@@ -81,29 +98,36 @@ impl Sessions {
         }
     }
 
-    /// The session id in a `Cookie` header, if any.
-    pub fn id_in(cookie_header: &str) -> Option<&str> {
+    /// This console's session id in a `Cookie` header, if any.
+    pub fn id_in<'a>(&self, cookie_header: &'a str) -> Option<&'a str> {
         cookie_header
             .split(';')
             .filter_map(|c| c.trim().split_once('='))
-            .find(|(k, _)| *k == COOKIE)
+            .find(|(k, _)| *k == self.name)
             .map(|(_, v)| v.trim())
     }
 
-    /// The `Set-Cookie` value that starts session `id` (`secure` over TLS).
-    pub fn cookie(&self, id: &str, secure: bool) -> String {
+    /// The secret of the live session a request's cookies name.
+    pub fn secret_in(&self, cookie_header: &str) -> Option<String> {
+        self.secret(self.id_in(cookie_header)?)
+    }
+
+    /// The `Set-Cookie` value that starts session `id`.
+    pub fn cookie(&self, id: &str) -> String {
         format!(
-            "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+            "{}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+            self.name,
             self.ttl.as_secs(),
-            if secure { "; Secure" } else { "" }
+            if self.secure { "; Secure" } else { "" }
         )
     }
 
     /// The `Set-Cookie` value that ends a session.
-    pub fn clear_cookie(secure: bool) -> String {
+    pub fn clear_cookie(&self) -> String {
         format!(
-            "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
-            if secure { "; Secure" } else { "" }
+            "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
+            self.name,
+            if self.secure { "; Secure" } else { "" }
         )
     }
 }
@@ -114,7 +138,7 @@ mod tests {
 
     #[test]
     fn sessions_expire_and_end() {
-        let s = Sessions::new(Duration::from_millis(50));
+        let s = Sessions::new(Duration::from_millis(50), 8443, true);
         let a = s.create("tok-a").expect("create");
         let b = s.create("tok-b").expect("create");
         assert_ne!(a, b);
@@ -126,12 +150,19 @@ mod tests {
         assert_eq!(s.secret(&b), None, "expired");
         assert_eq!(s.secret("not-a-session"), None);
         assert_eq!(
-            Sessions::id_in("x=1; confer_session=abc ; y=2"),
+            s.id_in("x=1; __Host-confer_session_8443=abc ; y=2"),
             Some("abc")
         );
-        assert_eq!(Sessions::id_in("x=1"), None);
-        assert!(s.cookie("abc", true).contains("HttpOnly; SameSite=Strict"));
-        assert!(s.cookie("abc", true).ends_with("; Secure"));
-        assert!(!s.cookie("abc", false).contains("Secure"));
+        // Another console's cookie on the same host is not this one's.
+        assert_eq!(s.id_in("x=1; confer_session_8480=abc"), None);
+        assert!(
+            s.cookie("abc")
+                .starts_with("__Host-confer_session_8443=abc; Path=/; HttpOnly; SameSite=Strict")
+        );
+        assert!(s.cookie("abc").ends_with("; Secure"));
+        let plain = Sessions::new(Duration::from_secs(1), 8080, false);
+        assert!(plain.cookie("abc").starts_with("confer_session_8080=abc"));
+        assert!(!plain.cookie("abc").contains("Secure"));
+        assert!(plain.clear_cookie().contains("Max-Age=0"));
     }
 }

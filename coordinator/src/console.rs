@@ -18,6 +18,7 @@ use std::time::Instant;
 use arrow::array::RecordBatch;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -35,8 +36,6 @@ use crate::store::{Role, User};
 pub(crate) struct Console {
     state: Arc<CoordinatorState>,
     sessions: Sessions,
-    /// Over TLS: cookies are `Secure`.
-    secure: bool,
     started: Instant,
     started_ms: i64,
 }
@@ -113,12 +112,12 @@ impl Console {
     pub(crate) fn new(
         state: Arc<CoordinatorState>,
         ttl: std::time::Duration,
+        port: u16,
         secure: bool,
     ) -> Self {
         Self {
             state,
-            sessions: Sessions::new(ttl),
-            secure,
+            sessions: Sessions::new(ttl, port, secure),
             started: Instant::now(),
             started_ms: crate::store::now_ms(),
         }
@@ -134,7 +133,7 @@ impl Console {
                 .map(|t| t.trim().to_string());
         }
         let cookies = headers.get(header::COOKIE)?.to_str().ok()?;
-        self.sessions.secret(Sessions::id_in(cookies)?)
+        self.sessions.secret_in(cookies)
     }
 
     /// The user a request is from, checked against the store now (a
@@ -202,6 +201,8 @@ pub(crate) fn router(console: Shared) -> Router {
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/status", get(status))
         .fallback(not_found)
+        .method_not_allowed_fallback(reply::method_not_allowed)
+        .layer(axum::middleware::from_fn(reply::same_origin))
         .with_state(console)
 }
 
@@ -351,9 +352,10 @@ struct SignIn {
 async fn sign_in(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let outcome = (|| -> Result<Response, ApiError> {
         let SignIn { token } = parse_json(&headers, &body)?;
+        // A refused sign-in is not audited: anyone can send one, and the
+        // audit log must not grow at a stranger's will.
         let user = c.user_of(token.trim()).map_err(|e| {
-            c.state
-                .audit("", None, "console.sign_in", "refused", e.message.clone());
+            tracing::info!("console sign-in refused: {}", e.message);
             ApiError::from(e)
         })?;
         let id = c
@@ -367,7 +369,7 @@ async fn sign_in(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
             "role": user.role.name(),
             "home": home(user.role),
         }));
-        if let Ok(v) = HeaderValue::from_str(&c.sessions.cookie(&id, c.secure)) {
+        if let Ok(v) = HeaderValue::from_str(&c.sessions.cookie(&id)) {
             r.headers_mut().insert(header::SET_COOKIE, v);
         }
         Ok(r)
@@ -379,12 +381,12 @@ async fn sign_out(State(c): State<Shared>, headers: HeaderMap) -> Response {
     if let Some(id) = headers
         .get(header::COOKIE)
         .and_then(|v| v.to_str().ok())
-        .and_then(Sessions::id_in)
+        .and_then(|v| c.sessions.id_in(v))
     {
         c.sessions.end(id);
     }
     let mut r = reply::json(&json!({"signed_out": true}));
-    if let Ok(v) = HeaderValue::from_str(&Sessions::clear_cookie(c.secure)) {
+    if let Ok(v) = HeaderValue::from_str(&c.sessions.clear_cookie()) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
@@ -500,9 +502,10 @@ impl ValuesFilter {
 async fn supervision_values(
     State(c): State<Shared>,
     headers: HeaderMap,
-    Query(filter): Query<ValuesFilter>,
+    query: Result<Query<ValuesFilter>, QueryRejection>,
 ) -> ApiResult {
     c.member(&headers, Area::Commission)?;
+    let Query(filter) = query?;
     supervision_of(&c)?;
     let rows: Vec<Map<String, Value>> = supervision_rows(&c, "values")
         .await?
@@ -528,9 +531,10 @@ struct ExportQuery {
 async fn supervision_export(
     State(c): State<Shared>,
     headers: HeaderMap,
-    Query(q): Query<ExportQuery>,
+    query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> ApiResult {
     c.member(&headers, Area::Commission)?;
+    let Query(q) = query?;
     let sup = supervision_of(&c)?;
     let zh = match q.lang.as_deref() {
         None | Some("en") => false,
@@ -600,6 +604,8 @@ async fn studies(State(c): State<Shared>, headers: HeaderMap) -> ApiResult {
     Ok(reply::json(&json!({"studies": studies})))
 }
 
+/// A study name as it may stand in a statement (letters, digits, `_`
+/// and `-`, as `confer study create` allows).
 fn quote_ident(name: &str) -> Result<&str, ApiError> {
     if !name.is_empty()
         && name
@@ -623,7 +629,7 @@ async fn study(State(c): State<Shared>, headers: HeaderMap, Path(name): Path<Str
         &c,
         &user,
         Some(name),
-        &format!("SHOW PRIVACY BUDGET FOR STUDY {name}"),
+        &format!("SHOW PRIVACY BUDGET FOR STUDY '{name}'"),
     )
     .await;
     let (budget, budget_error) = match budget {
@@ -647,9 +653,10 @@ struct HistoryQuery {
 async fn queries(
     State(c): State<Shared>,
     headers: HeaderMap,
-    Query(q): Query<HistoryQuery>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> ApiResult {
     let user = c.member(&headers, Area::Research)?;
+    let Query(q) = query?;
     if let Some(s) = &q.study {
         member_study(&c, &user, s)?;
     }
@@ -660,12 +667,9 @@ async fn queries(
     for r in c
         .state
         .store
-        .results(who, MAX_HISTORY * 4)
+        .results(who, q.study.as_deref(), limit)
         .map_err(ProtocolError::from)?
     {
-        if q.study.as_ref().is_some_and(|s| s != &r.study) {
-            continue;
-        }
         let result = decode_ipc(&r.result).unwrap_or_else(|e| json!({"error": e}));
         out.push(json!({
             "query_id": r.query_id,
@@ -679,9 +683,6 @@ async fn queries(
             "rho": r.cost.map(|c| c.2),
             "result": result,
         }));
-        if out.len() >= limit {
-            break;
-        }
     }
     Ok(reply::json(&json!({"queries": out})))
 }
@@ -707,7 +708,7 @@ async fn explain(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Ap
     let user = c.member(&headers, Area::Research)?;
     let Statement { study, sql } = parse_json(&headers, &body)?;
     member_study(&c, &user, &study)?;
-    let sql = sql.trim();
+    let sql = query_box(&sql)?;
     let upper = sql.to_ascii_uppercase();
     let sql = if upper.starts_with("EXPLAIN") {
         sql.to_string()
@@ -719,13 +720,28 @@ async fn explain(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Ap
     ))
 }
 
+/// The statements the query box runs: DP queries (and EXPLAIN PRIVACY).
+/// Budgets are read on the study's page, for the studies one is in.
+fn query_box(sql: &str) -> Result<&str, ApiError> {
+    let sql = sql.trim();
+    if sql
+        .split_whitespace()
+        .next()
+        .is_some_and(|w| w.eq_ignore_ascii_case("SHOW"))
+    {
+        return Err(ApiError::bad_request(
+            "the console runs queries here; a study's budget is on its page (GET /api/v1/studies/<name>)",
+        ));
+    }
+    Ok(sql)
+}
+
 async fn run_query(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let user = c.member(&headers, Area::Research)?;
     let Statement { study, sql } = parse_json(&headers, &body)?;
     member_study(&c, &user, &study)?;
-    Ok(reply::json(
-        &statement(&c, &user, Some(&study), sql.trim()).await?,
-    ))
+    let sql = query_box(&sql)?;
+    Ok(reply::json(&statement(&c, &user, Some(&study), sql).await?))
 }
 
 async fn train_jobs(State(c): State<Shared>, headers: HeaderMap) -> ApiResult {
@@ -744,9 +760,10 @@ struct NodesQuery {
 async fn nodes(
     State(c): State<Shared>,
     headers: HeaderMap,
-    Query(q): Query<NodesQuery>,
+    query: Result<Query<NodesQuery>, QueryRejection>,
 ) -> ApiResult {
     c.member(&headers, Area::Operations)?;
+    let Query(q) = query?;
     if q.refresh.unwrap_or(false) {
         c.state.check_health().await;
     }

@@ -223,6 +223,7 @@ pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<Ru
             let app = console::router(Arc::new(console::Console::new(
                 state.clone(),
                 cfg.session_ttl(),
+                console_addr.port(),
                 secure,
             )));
             let (tx, rx) = oneshot::channel::<()>();

@@ -527,10 +527,13 @@ impl CoordinatorState {
                 let plan = selected.as_ref().unwrap_or(plan);
                 let combined = combine(plan, &partials, *task_id).map_err(ProtocolError::from)?;
                 let combined = with_missing_sites(combined, &missing)?;
-                let ipc = encode_ipc(&combined)?;
                 let (schema, batches) = confer_query::engine::post_process(plan, combined)
                     .await
                     .map_err(ProtocolError::from)?;
+                // Kept as the caller received it (after HAVING, ORDER BY, LIMIT).
+                let answer = arrow::compute::concat_batches(&schema, &batches)
+                    .map_err(|e| ProtocolError::internal(e.to_string()))?;
+                let ipc = encode_ipc(&answer)?;
                 let mut sites: Vec<String> = partials.iter().map(|p| p.site.clone()).collect();
                 sites.sort();
                 if let Err(e) = self.store.record_result(&ResultRecord {

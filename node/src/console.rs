@@ -67,7 +67,6 @@ pub(crate) struct StewardConsole {
     state: Arc<NodeState>,
     token_file: PathBuf,
     sessions: Sessions,
-    secure: bool,
     version: &'static str,
 }
 
@@ -78,13 +77,13 @@ impl StewardConsole {
         state: Arc<NodeState>,
         state_dir: &Path,
         ttl: std::time::Duration,
+        port: u16,
         secure: bool,
     ) -> Self {
         Self {
             state,
             token_file: state_dir.join(TOKEN_FILE),
-            sessions: Sessions::new(ttl),
-            secure,
+            sessions: Sessions::new(ttl, port, secure),
             version: env!("CARGO_PKG_VERSION"),
         }
     }
@@ -118,8 +117,7 @@ impl StewardConsole {
             headers
                 .get(header::COOKIE)
                 .and_then(|v| v.to_str().ok())
-                .and_then(Sessions::id_in)
-                .and_then(|id| self.sessions.secret(id))
+                .and_then(|v| self.sessions.secret_in(v))
         };
         let token = token.ok_or_else(|| {
             ApiError::new(
@@ -148,6 +146,8 @@ pub(crate) fn router(console: Shared) -> Router {
         .route("/api/v1/failures", get(failures))
         .route("/api/v1/researchers/{name}/lift", post(lift))
         .fallback(not_found)
+        .method_not_allowed_fallback(reply::method_not_allowed)
+        .layer(axum::middleware::from_fn(reply::same_origin))
         .with_state(console)
 }
 
@@ -226,7 +226,7 @@ async fn sign_in(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
             .create(token.trim())
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
         let mut r = reply::json(&json!({"name": "steward", "role": "steward", "home": "/steward"}));
-        if let Ok(v) = HeaderValue::from_str(&c.sessions.cookie(&id, c.secure)) {
+        if let Ok(v) = HeaderValue::from_str(&c.sessions.cookie(&id)) {
             r.headers_mut().insert(header::SET_COOKIE, v);
         }
         Ok(r)
@@ -238,12 +238,12 @@ async fn sign_out(State(c): State<Shared>, headers: HeaderMap) -> Response {
     if let Some(id) = headers
         .get(header::COOKIE)
         .and_then(|v| v.to_str().ok())
-        .and_then(Sessions::id_in)
+        .and_then(|v| c.sessions.id_in(v))
     {
         c.sessions.end(id);
     }
     let mut r = reply::json(&json!({"signed_out": true}));
-    if let Ok(v) = HeaderValue::from_str(&Sessions::clear_cookie(c.secure)) {
+    if let Ok(v) = HeaderValue::from_str(&c.sessions.clear_cookie()) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
@@ -341,7 +341,7 @@ fn known_study(c: &StewardConsole, name: &str) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Approval {
     epsilon: Option<f64>,
@@ -357,11 +357,8 @@ async fn approve(
 ) -> ApiResult {
     c.steward(&headers)?;
     known_study(&c, &name)?;
-    let a: Approval = if body.is_empty() {
-        Approval::default()
-    } else {
-        parse_json(&headers, &body)?
-    };
+    // JSON always (`{}` keeps the policy's budget): a form cannot send it.
+    let a: Approval = parse_json(&headers, &body)?;
     let budget = match (a.epsilon, a.delta, a.rho) {
         (None, None, None) => None,
         (Some(epsilon), Some(delta), None) => {
@@ -422,8 +419,13 @@ struct Listing {
     study: Option<String>,
 }
 
-async fn tasks(State(c): State<Shared>, headers: HeaderMap, Query(q): Query<Listing>) -> ApiResult {
+async fn tasks(
+    State(c): State<Shared>,
+    headers: HeaderMap,
+    query: Result<Query<Listing>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
     c.steward(&headers)?;
+    let Query(q) = query?;
     let mut records = c
         .state
         .ledger

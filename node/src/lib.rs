@@ -165,6 +165,7 @@ pub async fn start(config: NodeConfig, transport: Transport) -> Result<RunningNo
             state.clone(),
             &config.node.state_dir,
             cfg.session_ttl(),
+            console_addr.port(),
             secure,
         )));
         let (tx, rx) = oneshot::channel::<()>();

@@ -121,6 +121,8 @@ def test_the_web_console_draws_the_rounds(heart: confer.LocalNetwork, finished: 
         )
         page = browser.new_page()
         page.goto(heart.console_url + "login#token=" + heart.token)
+        assert page.input_value("#token") == heart.token and "#" not in page.url
+        page.click("#login-button")
         page.wait_for_url(heart.console_url + "researcher")
         page.wait_for_selector("body[data-ready='true']")
         norms = page.evaluate(

@@ -247,8 +247,14 @@ pub trait Store: Send + Sync {
     fn studies(&self) -> Result<Vec<Study>>;
     /// Keeps a finished query's answer.
     fn record_result(&self, result: &ResultRecord) -> Result<()>;
-    /// The newest `limit` results, of `user` only if given, newest first.
-    fn results(&self, user: Option<&str>, limit: usize) -> Result<Vec<ResultRecord>>;
+    /// The newest `limit` results, of `user` and of `study` only if
+    /// given, newest first.
+    fn results(
+        &self,
+        user: Option<&str>,
+        study: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ResultRecord>>;
     /// Updates the node registry.
     fn set_node_status(&self, status: &NodeStatus) -> Result<()>;
     /// The node registry.
@@ -369,6 +375,10 @@ impl SqliteStore {
                 ("rho", "REAL"),
             ],
         )?;
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS results_by_user ON results(user, created_ms);",
+        )
+        .map_err(db)?;
         chain_legacy_audit(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),

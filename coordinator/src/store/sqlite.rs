@@ -327,18 +327,23 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn results(&self, user: Option<&str>, limit: usize) -> Result<Vec<ResultRecord>> {
+    fn results(
+        &self,
+        user: Option<&str>,
+        study: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ResultRecord>> {
         let conn = self.conn()?;
         let mut stmt = conn
             .prepare(
                 "SELECT query_id, study, user, statement_hash, sites, created_ms, result,
                         statement, epsilon, delta, rho
-                 FROM results WHERE ?1 IS NULL OR user = ?1
-                 ORDER BY created_ms DESC, query_id LIMIT ?2",
+                 FROM results WHERE (?1 IS NULL OR user = ?1) AND (?2 IS NULL OR study = ?2)
+                 ORDER BY created_ms DESC, query_id LIMIT ?3",
             )
             .map_err(db)?;
         let rows = stmt
-            .query_map(params![user, limit as i64], |r| {
+            .query_map(params![user, study, limit as i64], |r| {
                 let sites: String = r.get(4)?;
                 let cost = match (
                     r.get::<_, Option<f64>>(8)?,

@@ -174,7 +174,7 @@ fn results_written_before_statements_were_kept_still_read() {
         created_ms: 9,
     })
     .expect("record");
-    let all = s.results(None, 10).expect("results");
+    let all = s.results(None, None, 10).expect("results");
     assert_eq!(
         all.iter().map(|r| r.query_id.as_str()).collect::<Vec<_>>(),
         ["q-new", "q-old"],
@@ -184,7 +184,12 @@ fn results_written_before_statements_were_kept_still_read() {
     assert_eq!(all[1].cost, None);
     assert_eq!(all[1].sites, ["site-a", "site-b"]);
     assert_eq!(all[0].cost, Some((1.0, 1e-6, 0.02)));
-    let bobs = s.results(Some("bob"), 10).expect("results");
+    let bobs = s.results(Some("bob"), None, 10).expect("results");
+    assert!(
+        s.results(None, Some("other"), 10)
+            .expect("results")
+            .is_empty()
+    );
     assert_eq!(bobs.len(), 1);
     assert_eq!(
         bobs[0].statement.as_deref(),
@@ -193,5 +198,8 @@ fn results_written_before_statements_were_kept_still_read() {
     // Opening again adds nothing twice.
     drop(s);
     let again = SqliteStore::open(&path).expect("reopen");
-    assert_eq!(again.results(None, 1).expect("results").len(), 1);
+    assert_eq!(
+        again.results(None, Some("gi"), 1).expect("results").len(),
+        1
+    );
 }
