@@ -507,7 +507,8 @@ async fn concurrent_queries_never_overspend_nor_pay_for_refused_ones() {
 async fn restart_node(work: &Path, site: &str, addr: std::net::SocketAddr) -> ServerChild {
     let config = work.join(format!("{site}.toml"));
     let text = std::fs::read_to_string(&config).expect("node config");
-    let text = text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    // The node's own address ([node] comes first; the steward page keeps its own).
+    let text = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""), 1);
     std::fs::write(&config, text).expect("node config");
     ServerChild::start(
         Path::new(CONFER),
