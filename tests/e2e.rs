@@ -17,6 +17,8 @@ mod fixture;
 mod governance;
 /// Issue 13's attack shapes, one regression test each: refused, bounded or charged.
 mod guarantee;
+/// `confer node check` and `confer coordinator check`: exit codes, messages.
+mod preflight;
 /// A slow link and a rogue node, for the fault tests.
 mod proxy;
 /// Intervals that cover at small scales; empty and multi-batch releases.

@@ -507,8 +507,20 @@ async fn concurrent_queries_never_overspend_nor_pay_for_refused_ones() {
 async fn restart_node(work: &Path, site: &str, addr: std::net::SocketAddr) -> ServerChild {
     let config = work.join(format!("{site}.toml"));
     let text = std::fs::read_to_string(&config).expect("node config");
-    // The node's own address ([node] comes first; the steward page keeps its own).
-    let text = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""), 1);
+    // The node's own address: the first `listen` line, in [node] (the
+    // steward page's [console] keeps its own).
+    let mut done = false;
+    let text: String = text
+        .lines()
+        .map(|line| {
+            if !done && line.starts_with("listen = ") {
+                done = true;
+                format!("listen = \"{addr}\"\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
     std::fs::write(&config, text).expect("node config");
     ServerChild::start(
         Path::new(CONFER),

@@ -203,6 +203,7 @@ impl FlightService for RogueNode {
                 version: "rogue".into(),
                 uptime_secs: 0,
                 tables: self.catalog.tables.len(),
+                time_ms: None,
             }),
             // It agrees to every query, then answers with garbage.
             actions::QUERY_CHECK => serde_json::to_vec(&confer_protocol::task::QueryCheck {

@@ -30,6 +30,14 @@ pub enum CoordinatorAction {
     /// The coordinator's own audit log (run on the coordinator's machine).
     #[command(subcommand)]
     Audit(CoordinatorAuditAction),
+    /// Preflight: check the config, signing key, state, certificates, ports
+    /// and every node (reachable, the right name, its clock), without
+    /// starting. Exit code 0 all passed, 2 warnings only, 1 a failure.
+    Check {
+        /// Check for a start with --insecure-loopback (plaintext on loopback).
+        #[arg(long)]
+        insecure_loopback: bool,
+    },
 }
 
 /// The coordinator's audit log.
@@ -128,6 +136,9 @@ pub fn coordinator_action(config: &Path, action: CoordinatorAction) -> anyhow::R
     let action = match action {
         CoordinatorAction::User(action) => action,
         CoordinatorAction::Node(action) => return node_action(&config, &store, action),
+        CoordinatorAction::Check { .. } => {
+            bail!("`confer coordinator check` runs on its own (crate::check)")
+        }
         CoordinatorAction::Audit(CoordinatorAuditAction::Verify) => {
             let (records, problem) = store.verify_audit()?;
             return match problem {

@@ -69,6 +69,14 @@ pub enum NodeAction {
     /// Create a new token for the steward's web page (`[console]`),
     /// printed once; the previous token and its sessions stop working.
     StewardToken,
+    /// Preflight: check the config, tables, state directory, ledger,
+    /// certificates and ports as the node's start would, without starting.
+    /// Exit code 0 all passed, 2 warnings only, 1 a failure.
+    Check {
+        /// Check for a start with --insecure-loopback (plaintext on loopback).
+        #[arg(long)]
+        insecure_loopback: bool,
+    },
 }
 
 /// `confer audit ...`.
@@ -177,6 +185,9 @@ pub fn node_action(config: Option<&Path>, action: NodeAction) -> anyhow::Result<
                 "researcher {researcher} may use node {} again ({n} charged failure(s) reviewed)",
                 node.node.name
             );
+        }
+        NodeAction::Check { .. } => {
+            bail!("`confer node check` runs on its own (crate::check), without the ledger open")
         }
         NodeAction::StewardToken => {
             let token = confer_node::console::new_steward_token(&node.node.state_dir)

@@ -8,6 +8,7 @@
 //! end-to-end tests wait for; logs go to standard error.
 
 pub mod admin;
+pub mod check;
 pub mod children;
 pub mod client;
 pub mod commission;
@@ -216,10 +217,17 @@ pub fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<check::Outcome>() {
+            // A preflight check's summary, with its own exit code.
+            Some(outcome) => {
+                eprintln!("{outcome}");
+                ExitCode::from(outcome.code)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -230,6 +238,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Node(NodeArgs {
+            action: Some(governance::NodeAction::Check { insecure_loopback }),
+            config,
+            ..
+        }) => check::node(&required(config, "node.toml")?, insecure_loopback).await,
+        Command::Node(NodeArgs {
             action: Some(action),
             config,
             ..
@@ -239,6 +252,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             serve,
         }) => servers::node(required(config, "node.toml")?, serve).await,
+        Command::Coordinator(CoordinatorArgs {
+            action: Some(admin::CoordinatorAction::Check { insecure_loopback }),
+            config,
+            ..
+        }) => check::coordinator(&required(config, "coordinator.toml")?, insecure_loopback).await,
         Command::Coordinator(CoordinatorArgs {
             action: Some(action),
             config,

@@ -219,6 +219,10 @@ impl FlightService for NodeService {
                     uptime_secs: self.state.started.elapsed().as_secs(),
                     tables: self.state.catalog.tables.len(),
                     audit: Some(self.state.ledger.head(request.anchor_seq)?),
+                    time_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_millis() as i64),
                 })?
             }
             other => {

@@ -217,6 +217,11 @@ pub struct Health {
     /// coordinator anchored (see [`HealthRequest`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditHead>,
+    /// The node's clock when it answered, ms since the epoch (absent from
+    /// older nodes): `confer coordinator check` compares it with its own,
+    /// since tasks expire by the coordinator's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_ms: Option<i64>,
 }
 
 /// The body of a health check (JSON; an empty body asks for no anchor).

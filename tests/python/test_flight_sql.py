@@ -145,8 +145,9 @@ def test_pyarrow_flight_custom_actions_and_roles(federation):
 
 def test_adbc_reads_the_released_supervision_statistics(federation):
     """The demo's commission coordinator released last month over its
-    synthetic region; any Flight SQL client reads the values with plain SQL,
-    no DP clause and no study."""
+    synthetic region (and the month before, `--trend-months 1`, for the web
+    console's trend lines); any Flight SQL client reads the values with
+    plain SQL, no DP clause and no study."""
     assert "commission_addr" in federation, "confer demo --serve printed no commission coordinator"
     with flightsql.connect(
         f"grpc://{federation['commission_addr']}",
@@ -163,8 +164,8 @@ def test_adbc_reads_the_released_supervision_statistics(federation):
             periods = cur.fetch_arrow_table()
             cur.execute("SELECT id, name_zh FROM supervision.indicators")
             indicators = cur.fetch_arrow_table()
-    assert periods.num_rows == 1 and periods.column("complete").to_pylist() == [True]
-    assert len(set(values.column("period").to_pylist())) == 1
+    assert periods.num_rows == 2 and periods.column("complete").to_pylist() == [True, True]
+    assert len(set(values.column("period").to_pylist())) == 2
     assert {"city", "county", "township", "village"} <= set(values.column("level").to_pylist())
     assert "门诊药占比" in indicators.column("name_zh").to_pylist()
     frame = pl.from_arrow(values)

@@ -311,3 +311,67 @@ impl ClientTls {
         self.config.clone().domain_name(host)
     }
 }
+
+/// What a server's certificate files hold, for a preflight check (`confer
+/// node check`, `confer coordinator check`): read, matched and checked
+/// against the CA without serving.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertReport {
+    /// The kind the certificate was issued for.
+    pub kind: Option<CertKind>,
+    /// Its common name (a site, `coordinator`, a user).
+    pub name: String,
+    /// Valid from, seconds since the epoch.
+    pub not_before: i64,
+    /// Valid until, seconds since the epoch.
+    pub not_after: i64,
+    /// The names and addresses it is valid for.
+    pub hosts: Vec<String>,
+    /// Whether `files.ca` signed it.
+    pub issued_by_ca: bool,
+}
+
+/// Reads `files`: the certificate and key must match (as a server would
+/// load them), the certificate must parse, and is checked against the CA.
+pub fn inspect(files: &TlsFiles) -> Result<CertReport> {
+    // Loads them as a server does: a key that does not match fails here.
+    ServerTls::new(files, None, "check")?;
+    let leaf = certs(&files.cert, "cert")?.remove(0);
+    let ca = certs(&files.ca, "ca")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| TransportError::Files(format!("tls.cert = {}: {e}", files.cert.display())))?;
+    let issued_by_ca = ca.iter().any(|c| {
+        x509_parser::parse_x509_certificate(c.as_ref()).is_ok_and(|(_, ca)| {
+            cert.issuer() == ca.subject() && cert.verify_signature(Some(ca.public_key())).is_ok()
+        })
+    });
+    let mut hosts = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => hosts.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => {
+                        hosts.push(std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).to_string())
+                    }
+                    16 => {
+                        let mut b = [0u8; 16];
+                        b.copy_from_slice(ip);
+                        hosts.push(std::net::Ipv6Addr::from(b).to_string());
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    let (kind, name) = pki::describe(leaf.as_ref()).unwrap_or((None, String::new()));
+    Ok(CertReport {
+        kind,
+        name,
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+        hosts,
+        issued_by_ca,
+    })
+}
