@@ -21,7 +21,7 @@ const STRINGS = {
     when: "when", statement: "statement", result: "result", study: "study", state: "state",
     none: "none", loading: "loading…", indicators: "Indicators",
     steward: "Steward", pending: "Studies", approve: "Approve", deny: "Deny", reason: "reason",
-    spend: "Spending over time (rho)", by_researcher: "Spent per researcher (rho)", node_budget: "node budget",
+    spend: "Spending over time (rho)", by_researcher: "Spent per researcher over time (rho)", node_budget: "node budget",
     tasks: "Recent tasks", failures: "Charged failures", lift: "Lift", blocked: "blocked", audit_chain: "Audit chain",
   },
   zh: {
@@ -42,7 +42,7 @@ const STRINGS = {
     when: "时间", statement: "语句", result: "结果", study: "研究", state: "状态",
     none: "无", loading: "加载中…", indicators: "指标",
     steward: "数据管理员", pending: "研究", approve: "批准", deny: "拒绝", reason: "理由",
-    spend: "预算消耗（rho）", by_researcher: "各研究者消耗（rho）", node_budget: "节点预算",
+    spend: "预算消耗（rho）", by_researcher: "各研究者累计消耗（rho）", node_budget: "节点预算",
     tasks: "最近任务", failures: "计费失败", lift: "解除", blocked: "已阻止", audit_chain: "审计链",
   },
 };

@@ -61,17 +61,27 @@
       yAxis: { type: "value", name: "ρ", max: (v) => Number((Math.max(v.max, node.node_budget_rho || 0) * 1.1).toPrecision(2)) },
       series: [...series, total],
     }, true);
-    const byResearcher = {};
-    for (const c of charges) byResearcher[c.researcher || "-"] = (byResearcher[c.researcher || "-"] || 0) + c.rho;
-    const names = Object.keys(byResearcher).sort();
-    const bars = C.chart("researcher-chart");
-    bars.setOption({
+    // Cumulative spending per researcher over time, against what one
+    // researcher may spend here over all studies.
+    const names = [...new Set(charges.map((c) => c.researcher || "-"))].sort();
+    const mine = {};
+    const lines = names.map((n) => ({ id: "researcher:" + n, name: n, type: "line", step: "end", showSymbol: false, data: [] }));
+    for (const c of charges) {
+      const n = c.researcher || "-";
+      mine[n] = (mine[n] || 0) + c.rho;
+      lines[names.indexOf(n)].data.push([c.at_ms, mine[n]]);
+    }
+    if (lines.length && node.researcher_total_budget_rho !== null) {
+      lines[0].markLine = { symbol: "none", silent: true, data: [{ yAxis: node.researcher_total_budget_rho, lineStyle: { color: "#c0392b", type: "dashed" } }] };
+    }
+    const byResearcher = C.chart("researcher-chart");
+    byResearcher.setOption({
       animation: false,
       tooltip: { trigger: "axis" },
-      xAxis: { type: "category", data: names },
-      yAxis: { type: "value", name: "ρ" },
-      series: [{ id: "spent", name: C.t("spent"), type: "bar", data: names.map((n) => byResearcher[n]),
-        markLine: node.researcher_total_budget_rho === null ? undefined : { symbol: "none", silent: true, data: [{ yAxis: node.researcher_total_budget_rho }] } }],
+      legend: { data: names },
+      xAxis: { type: "time" },
+      yAxis: { type: "value", name: "ρ", max: (v) => Number((Math.max(v.max, node.researcher_total_budget_rho || 0) * 1.1).toPrecision(2)) },
+      series: lines,
     }, true);
   }
 
