@@ -24,6 +24,16 @@ pub use config::ConsoleConfig;
 pub use serve::spawn;
 pub use session::{COOKIE, Sessions};
 
+/// What every console's router ends with: JSON 404 and 405 for the API
+/// (pages elsewhere), and the same-origin check on every change
+/// ([`reply::same_origin`]).
+pub fn guarded<S: Clone + Send + Sync + 'static>(router: axum::Router<S>) -> axum::Router<S> {
+    router
+        .fallback(reply::not_found)
+        .method_not_allowed_fallback(reply::method_not_allowed)
+        .layer(axum::middleware::from_fn(reply::same_origin))
+}
+
 /// One embedded file.
 #[derive(Debug, Clone, Copy)]
 pub struct Asset {

@@ -229,6 +229,56 @@ pub async fn same_origin(
     next.run(request).await
 }
 
+/// The JSON body of a request: `Content-Type: application/json` (which a
+/// form cannot send) and the shape `T` expects.
+pub fn parse_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json_type {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the body as JSON with `Content-Type: application/json`",
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not the JSON expected: {e}")))
+}
+
+/// No such page or call: a JSON error under `/api/`, a page elsewhere.
+pub async fn not_found(uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with("/api/") {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no API call {}: docs/console.md lists the calls",
+                uri.path()
+            ),
+        )
+        .into_response()
+    } else {
+        error_page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            &format!("There is no page {} here.", uri.path()),
+        )
+    }
+}
+
+/// `/assets/{name}`: scripts, styles and the chart library, served to
+/// anyone (the sign-in page needs them); pages only through their routes,
+/// after authentication.
+pub async fn public_asset(axum::extract::Path(name): axum::extract::Path<String>) -> Response {
+    if name.ends_with(".html") {
+        return not_found(format!("/assets/{name}").parse().unwrap_or_default()).await;
+    }
+    asset(&name)
+}
+
 /// 303 to `location`.
 pub fn redirect(location: &str) -> Response {
     let mut r = Response::new(axum::body::Body::empty());

@@ -112,6 +112,54 @@ impl Sessions {
         self.secret(self.id_in(cookie_header)?)
     }
 
+    /// Starts a session for `secret` and sets its cookie on `reply`.
+    pub fn start(
+        &self,
+        secret: &str,
+        mut reply: axum::response::Response,
+    ) -> Result<axum::response::Response, crate::reply::ApiError> {
+        let id = self.create(secret).map_err(|e| {
+            crate::reply::ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e)
+        })?;
+        if let Ok(v) = axum::http::HeaderValue::from_str(&self.cookie(&id)) {
+            reply
+                .headers_mut()
+                .insert(axum::http::header::SET_COOKIE, v);
+        }
+        Ok(reply)
+    }
+
+    /// `DELETE /api/v1/session`: ends the request's session and clears its
+    /// cookie.
+    pub fn sign_out(&self, headers: &axum::http::HeaderMap) -> axum::response::Response {
+        if let Some(id) = headers
+            .get(axum::http::header::COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| self.id_in(v))
+        {
+            self.end(id);
+        }
+        let mut r = crate::reply::json(&serde_json::json!({"signed_out": true}));
+        if let Ok(v) = axum::http::HeaderValue::from_str(&self.clear_cookie()) {
+            r.headers_mut().insert(axum::http::header::SET_COOKIE, v);
+        }
+        r
+    }
+
+    /// The token of a sign-in request (`{"token": "..."}`).
+    pub fn token_in(
+        headers: &axum::http::HeaderMap,
+        body: &[u8],
+    ) -> Result<String, crate::reply::ApiError> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct SignIn {
+            token: String,
+        }
+        let SignIn { token } = crate::reply::parse_json(headers, body)?;
+        Ok(token.trim().to_string())
+    }
+
     /// The `Set-Cookie` value that starts session `id`.
     pub fn cookie(&self, id: &str) -> String {
         format!(

@@ -20,7 +20,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use confer_console::reply::{self, ApiError};
@@ -179,58 +179,30 @@ impl Console {
 
 /// The console's routes.
 pub(crate) fn router(console: Shared) -> Router {
-    Router::new()
-        .route("/", get(root))
-        .route("/login", get(|| async { reply::asset("login.html") }))
-        .route("/assets/{name}", get(asset))
-        .route("/commission", get(commission_page))
-        .route("/researcher", get(researcher_page))
-        .route("/researcher/studies/{name}", get(study_page))
-        .route("/ops", get(ops_page))
-        .route("/api/v1/session", post(sign_in).delete(sign_out))
-        .route("/api/v1/whoami", get(whoami))
-        .route("/api/v1/supervision", get(supervision))
-        .route("/api/v1/supervision/values", get(supervision_values))
-        .route("/api/v1/supervision/export", get(supervision_export))
-        .route("/api/v1/studies", get(studies))
-        .route("/api/v1/studies/{name}", get(study))
-        .route("/api/v1/queries", get(queries))
-        .route("/api/v1/explain", post(explain))
-        .route("/api/v1/query", post(run_query))
-        .route("/api/v1/train/jobs", get(train_jobs))
-        .route("/api/v1/nodes", get(nodes))
-        .route("/api/v1/status", get(status))
-        .fallback(not_found)
-        .method_not_allowed_fallback(reply::method_not_allowed)
-        .layer(axum::middleware::from_fn(reply::same_origin))
-        .with_state(console)
-}
-
-async fn not_found(uri: Uri) -> Response {
-    if uri.path().starts_with("/api/") {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no API call {}: docs/console.md lists the calls of /api/v1",
-                uri.path()
-            ),
-        )
-        .into_response()
-    } else {
-        reply::error_page(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            &format!("There is no page {} in the console.", uri.path()),
-        )
-    }
-}
-
-async fn asset(Path(name): Path<String>) -> Response {
-    // Pages are served by their routes, after authentication.
-    if name.ends_with(".html") {
-        return not_found(format!("/assets/{name}").parse().unwrap_or_default()).await;
-    }
-    reply::asset(&name)
+    confer_console::guarded(
+        Router::new()
+            .route("/", get(root))
+            .route("/login", get(|| async { reply::asset("login.html") }))
+            .route("/assets/{name}", get(reply::public_asset))
+            .route("/commission", get(commission_page))
+            .route("/researcher", get(researcher_page))
+            .route("/researcher/studies/{name}", get(study_page))
+            .route("/ops", get(ops_page))
+            .route("/api/v1/session", post(sign_in).delete(sign_out))
+            .route("/api/v1/whoami", get(whoami))
+            .route("/api/v1/supervision", get(supervision))
+            .route("/api/v1/supervision/values", get(supervision_values))
+            .route("/api/v1/supervision/export", get(supervision_export))
+            .route("/api/v1/studies", get(studies))
+            .route("/api/v1/studies/{name}", get(study))
+            .route("/api/v1/queries", get(queries))
+            .route("/api/v1/explain", post(explain))
+            .route("/api/v1/query", post(run_query))
+            .route("/api/v1/train/jobs", get(train_jobs))
+            .route("/api/v1/nodes", get(nodes))
+            .route("/api/v1/status", get(status)),
+    )
+    .with_state(console)
 }
 
 async fn root(State(c): State<Shared>, headers: HeaderMap) -> Response {
@@ -325,71 +297,30 @@ fn member_study(c: &Console, user: &User, name: &str) -> Result<crate::store::St
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<T, ApiError> {
-    let json_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !json_type {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the body as JSON with `Content-Type: application/json`",
-        ));
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not the JSON expected: {e}")))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SignIn {
-    token: String,
-}
-
 async fn sign_in(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let outcome = (|| -> Result<Response, ApiError> {
-        let SignIn { token } = parse_json(&headers, &body)?;
+        let token = Sessions::token_in(&headers, &body)?;
         // A refused sign-in is not audited: anyone can send one, and the
         // audit log must not grow at a stranger's will.
-        let user = c.user_of(token.trim()).map_err(|e| {
+        let user = c.user_of(&token).map_err(|e| {
             tracing::info!("console sign-in refused: {}", e.message);
             ApiError::from(e)
         })?;
-        let id = c
-            .sessions
-            .create(token.trim())
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-        c.state
-            .audit(&user.name, None, "console.sign_in", "ok", String::new());
-        let mut r = reply::json(&json!({
+        let answer = reply::json(&json!({
             "name": user.name,
             "role": user.role.name(),
             "home": home(user.role),
         }));
-        if let Ok(v) = HeaderValue::from_str(&c.sessions.cookie(&id)) {
-            r.headers_mut().insert(header::SET_COOKIE, v);
-        }
-        Ok(r)
+        let answer = c.sessions.start(&token, answer)?;
+        c.state
+            .audit(&user.name, None, "console.sign_in", "ok", String::new());
+        Ok(answer)
     })();
     outcome.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn sign_out(State(c): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(id) = headers
-        .get(header::COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| c.sessions.id_in(v))
-    {
-        c.sessions.end(id);
-    }
-    let mut r = reply::json(&json!({"signed_out": true}));
-    if let Ok(v) = HeaderValue::from_str(&c.sessions.clear_cookie()) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    r
+    c.sessions.sign_out(&headers)
 }
 
 type ApiResult = Result<Response, ApiError>;
@@ -706,7 +637,7 @@ struct Statement {
 
 async fn explain(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let user = c.member(&headers, Area::Research)?;
-    let Statement { study, sql } = parse_json(&headers, &body)?;
+    let Statement { study, sql } = reply::parse_json(&headers, &body)?;
     member_study(&c, &user, &study)?;
     let sql = query_box(&sql)?;
     let upper = sql.to_ascii_uppercase();
@@ -738,7 +669,7 @@ fn query_box(sql: &str) -> Result<&str, ApiError> {
 
 async fn run_query(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let user = c.member(&headers, Area::Research)?;
-    let Statement { study, sql } = parse_json(&headers, &body)?;
+    let Statement { study, sql } = reply::parse_json(&headers, &body)?;
     member_study(&c, &user, &study)?;
     let sql = query_box(&sql)?;
     Ok(reply::json(&statement(&c, &user, Some(&study), sql).await?))

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use confer_console::Sessions;
@@ -131,53 +131,26 @@ impl StewardConsole {
 
 /// The steward page's routes.
 pub(crate) fn router(console: Shared) -> Router {
-    Router::new()
-        .route("/", get(root))
-        .route("/login", get(|| async { reply::asset("login.html") }))
-        .route("/assets/{name}", get(asset))
-        .route("/steward", get(page))
-        .route("/api/v1/session", post(sign_in).delete(sign_out))
-        .route("/api/v1/whoami", get(whoami))
-        .route("/api/v1/node", get(node))
-        .route("/api/v1/studies", get(studies))
-        .route("/api/v1/studies/{name}/approve", post(approve))
-        .route("/api/v1/studies/{name}/deny", post(deny))
-        .route("/api/v1/tasks", get(tasks))
-        .route("/api/v1/failures", get(failures))
-        .route("/api/v1/researchers/{name}/lift", post(lift))
-        .fallback(not_found)
-        .method_not_allowed_fallback(reply::method_not_allowed)
-        .layer(axum::middleware::from_fn(reply::same_origin))
-        .with_state(console)
+    confer_console::guarded(
+        Router::new()
+            .route("/", get(root))
+            .route("/login", get(|| async { reply::asset("login.html") }))
+            .route("/assets/{name}", get(reply::public_asset))
+            .route("/steward", get(page))
+            .route("/api/v1/session", post(sign_in).delete(sign_out))
+            .route("/api/v1/whoami", get(whoami))
+            .route("/api/v1/node", get(node))
+            .route("/api/v1/studies", get(studies))
+            .route("/api/v1/studies/{name}/approve", post(approve))
+            .route("/api/v1/studies/{name}/deny", post(deny))
+            .route("/api/v1/tasks", get(tasks))
+            .route("/api/v1/failures", get(failures))
+            .route("/api/v1/researchers/{name}/lift", post(lift)),
+    )
+    .with_state(console)
 }
 
 type ApiResult = Result<Response, ApiError>;
-
-async fn not_found(uri: Uri) -> Response {
-    if uri.path().starts_with("/api/") {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no API call {}: docs/console.md lists the steward's calls",
-                uri.path()
-            ),
-        )
-        .into_response()
-    } else {
-        reply::error_page(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            &format!("There is no page {} here.", uri.path()),
-        )
-    }
-}
-
-async fn asset(UrlPath(name): UrlPath<String>) -> Response {
-    if name.ends_with(".html") {
-        return not_found(format!("/assets/{name}").parse().unwrap_or_default()).await;
-    }
-    reply::asset(&name)
-}
 
 async fn root(State(c): State<Shared>, headers: HeaderMap) -> Response {
     match c.steward(&headers) {
@@ -193,60 +166,19 @@ async fn page(State(c): State<Shared>, headers: HeaderMap) -> Response {
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<T, ApiError> {
-    let json_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !json_type {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the body as JSON with `Content-Type: application/json`",
-        ));
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not the JSON expected: {e}")))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SignIn {
-    token: String,
-}
-
 async fn sign_in(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let outcome = (|| -> ApiResult {
-        let SignIn { token } = parse_json(&headers, &body)?;
+        let token = Sessions::token_in(&headers, &body)?;
         c.check_token(&token)?;
-        let id = c
-            .sessions
-            .create(token.trim())
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-        let mut r = reply::json(&json!({"name": "steward", "role": "steward", "home": "/steward"}));
-        if let Ok(v) = HeaderValue::from_str(&c.sessions.cookie(&id)) {
-            r.headers_mut().insert(header::SET_COOKIE, v);
-        }
-        Ok(r)
+        let answer =
+            reply::json(&json!({"name": "steward", "role": "steward", "home": "/steward"}));
+        c.sessions.start(&token, answer)
     })();
     outcome.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn sign_out(State(c): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(id) = headers
-        .get(header::COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| c.sessions.id_in(v))
-    {
-        c.sessions.end(id);
-    }
-    let mut r = reply::json(&json!({"signed_out": true}));
-    if let Ok(v) = HeaderValue::from_str(&c.sessions.clear_cookie()) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    r
+    c.sessions.sign_out(&headers)
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -358,7 +290,7 @@ async fn approve(
     c.steward(&headers)?;
     known_study(&c, &name)?;
     // JSON always (`{}` keeps the policy's budget): a form cannot send it.
-    let a: Approval = parse_json(&headers, &body)?;
+    let a: Approval = reply::parse_json(&headers, &body)?;
     let budget = match (a.epsilon, a.delta, a.rho) {
         (None, None, None) => None,
         (Some(epsilon), Some(delta), None) => {
@@ -397,7 +329,7 @@ async fn deny(
 ) -> ApiResult {
     c.steward(&headers)?;
     known_study(&c, &name)?;
-    let Reason { reason } = parse_json(&headers, &body)?;
+    let Reason { reason } = reply::parse_json(&headers, &body)?;
     if reason.trim().is_empty() {
         return Err(ApiError::bad_request(
             "give a reason: the researcher sees it",
@@ -507,7 +439,7 @@ async fn lift(
     body: Bytes,
 ) -> ApiResult {
     c.steward(&headers)?;
-    let Reason { reason } = parse_json(&headers, &body)?;
+    let Reason { reason } = reply::parse_json(&headers, &body)?;
     if reason.trim().is_empty() {
         return Err(ApiError::bad_request(
             "give a reason: it is recorded in the audit log",
