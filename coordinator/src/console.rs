@@ -329,11 +329,8 @@ async fn whoami(State(c): State<Shared>, headers: HeaderMap) -> ApiResult {
     let user = c.user(&headers)?;
     let studies: Vec<String> = c
         .state
-        .store
-        .studies()
-        .map_err(ProtocolError::from)?
+        .studies_of(&user)?
         .into_iter()
-        .filter(|s| s.admits(&user))
         .map(|s| s.name)
         .collect();
     let areas: Vec<&str> = Area::ALL
@@ -524,15 +521,7 @@ async fn statement(
 
 async fn studies(State(c): State<Shared>, headers: HeaderMap) -> ApiResult {
     let user = c.member(&headers, Area::Research)?;
-    let studies: Vec<crate::store::Study> = c
-        .state
-        .store
-        .studies()
-        .map_err(ProtocolError::from)?
-        .into_iter()
-        .filter(|s| s.admits(&user))
-        .collect();
-    Ok(reply::json(&json!({"studies": studies})))
+    Ok(reply::json(&json!({"studies": c.state.studies_of(&user)?})))
 }
 
 /// A study name as it may stand in a statement (letters, digits, `_`

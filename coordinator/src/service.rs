@@ -40,7 +40,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Action as Perm;
 pub use crate::state::{CoordinatorState, MAX_STATEMENTS_PER_USER};
-use crate::store::Study;
 pub use confer_protocol::coordinator::{NewStudy, STUDY_HEADER, StudyEdit};
 
 /// The catalog and schema names clients browse.
@@ -372,17 +371,7 @@ impl FlightSqlService for CoordinatorService {
                     .audit(&user.name, Some(&study.name), &kind, "ok", changes);
                 json_result(&study)?
             }
-            custom::STUDY_LIST => {
-                let studies: Vec<Study> = self
-                    .state
-                    .store
-                    .studies()
-                    .map_err(ProtocolError::from)?
-                    .into_iter()
-                    .filter(|s| s.admits(&user))
-                    .collect();
-                json_result(&studies)?
-            }
+            custom::STUDY_LIST => json_result(&self.state.studies_of(&user)?)?,
             custom::STUDY_SHOW => {
                 let name = String::from_utf8_lossy(&body).trim().to_string();
                 json_result(&self.state.auth.study(&user, &name)?)?

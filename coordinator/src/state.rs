@@ -151,6 +151,17 @@ impl CoordinatorState {
         })
     }
 
+    /// The studies `user` may work under (an admin: all), by name.
+    pub(crate) fn studies_of(&self, user: &User) -> Result<Vec<Study>, ProtocolError> {
+        Ok(self
+            .store
+            .studies()
+            .map_err(ProtocolError::from)?
+            .into_iter()
+            .filter(|s| s.admits(user))
+            .collect())
+    }
+
     /// The state store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
