@@ -173,6 +173,83 @@ async fn preflight_checks_say_what_to_change_with_exit_codes() {
         .await
         .expect("stops");
 
+    // A ledger of the previous release's format (no schema version): the
+    // check tries the upgrade on a copy and leaves the file as it is.
+    let ledger = d.join("site-a").join("state").join("ledger.sqlite");
+    let raw = |sql: &str| -> i64 {
+        let conn = rusqlite::Connection::open(&ledger).expect("raw ledger");
+        conn.execute_batch(sql).expect("sql");
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version")
+    };
+    assert_eq!(
+        raw("DROP TABLE meta; PRAGMA application_id = 0; PRAGMA user_version = 0;"),
+        0
+    );
+    let (code, out) = check("node", &config);
+    assert_eq!(code, 2, "warnings only:\n{out}");
+    assert!(
+        out.contains("WARN  ledger version") && out.contains("at schema version 0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok    ledger "),
+        "the upgraded copy verifies:\n{out}"
+    );
+    assert_eq!(raw(""), 0, "check wrote nothing to the ledger");
+    // One written by a newer confer: refused, untouched.
+    assert_eq!(
+        raw(&format!(
+            "PRAGMA application_id = {}; PRAGMA user_version = 99;",
+            confer_store::NODE_LEDGER_ID
+        )),
+        99
+    );
+    let (code, out) = check("node", &config);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("written by a newer confer"), "{out}");
+    assert_eq!(
+        raw("PRAGMA application_id = 0; PRAGMA user_version = 0;"),
+        0
+    );
+
+    // A state directory of another node: site-c pointed at site-a's.
+    let site_c = issue(&pki_dir, CertKind::Node, "site-c2", 365);
+    let borrowed = node_config(&d.join("site-c2"), "site-c2", &site_c, &ca, &public);
+    let text = std::fs::read_to_string(&borrowed).expect("read");
+    std::fs::write(
+        &borrowed,
+        text.replacen(
+            "state_dir = \"state\"",
+            &format!(
+                "state_dir = {:?}",
+                d.join("site-a").join("state").display().to_string()
+            ),
+            1,
+        ),
+    )
+    .expect("write");
+    // Site-a's next start upgrades its ledger and binds it to site-a (the
+    // node's name was dropped with the format above).
+    {
+        let l = confer_node::ledger::Ledger::open(&d.join("site-a").join("state")).expect("open");
+        l.bind_node("site-a").expect("bind");
+    }
+    let (code, out) = check("node", &borrowed);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("is the ledger of node \"site-a\", but this node is \"site-c2\""),
+        "{out}"
+    );
+    let start = Command::new(CONFER)
+        .args(["node", "--config"])
+        .arg(&borrowed)
+        .output()
+        .expect("run confer");
+    assert!(!start.status.success());
+    let err = String::from_utf8_lossy(&start.stderr);
+    assert!(err.contains("is the ledger of node \"site-a\""), "{err}");
+
     // A certificate for another site; one about to expire; a config edited
     // into nonsense.
     let other = issue(&pki_dir, CertKind::Node, "site-b", 365);

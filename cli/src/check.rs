@@ -303,6 +303,131 @@ fn transport(
     }
 }
 
+/// What `check` says of a store's schema version. `Some(copy)`: the store
+/// is older, and `copy` is a snapshot of it in a temporary directory that
+/// the caller opens (upgrading the copy, never the store) to prove the
+/// upgrade works; `None` with nothing failed: open the store itself.
+fn store_version(
+    c: &mut Checks,
+    what: &str,
+    path: &Path,
+    schema: &confer_store::Schema,
+) -> Result<Option<tempfile::TempDir>, ()> {
+    match confer_store::inspect(path, schema) {
+        Ok(confer_store::Found::Missing) => Ok(None),
+        Ok(confer_store::Found::Current(_)) => Ok(None),
+        Ok(confer_store::Found::Older { from, to }) => {
+            let copy = tempfile::tempdir().map_err(|e| {
+                c.fail(what, format!("cannot make a temporary directory: {e}"));
+            })?;
+            let name = path.file_name().unwrap_or_default();
+            if let Err(e) = confer_store::snapshot(path, &copy.path().join(name)) {
+                c.fail(what, e.to_string());
+                return Err(());
+            }
+            c.warn(
+                &format!("{what} version"),
+                format!(
+                    "{} is at schema version {from}, written by an earlier confer: the first start upgrades it to version {to}, copying it to {}.schema-v{from}.bak first. The upgrade was tried on a copy:",
+                    path.display(),
+                    path.display()
+                ),
+            );
+            Ok(Some(copy))
+        }
+        Err(e) => {
+            c.fail(what, e.to_string());
+            Err(())
+        }
+    }
+}
+
+/// The node's ledger: its version (an older one upgraded on a copy), its
+/// audit chain, and the node it belongs to. Writes nothing.
+fn ledger(c: &mut Checks, state: &Path, name: &str) {
+    let path = state.join("ledger.sqlite");
+    if !path.is_file() {
+        c.ok(
+            "ledger",
+            "none yet: the node creates it when it first starts",
+        );
+        return;
+    }
+    let Ok(copy) = store_version(c, "ledger", &path, &confer_node::ledger::SCHEMA) else {
+        return;
+    };
+    let dir = match &copy {
+        Some(copy) => {
+            // The chain's head file travels with the copy.
+            let head = state.join("audit.head");
+            if head.is_file()
+                && let Err(e) = std::fs::copy(&head, copy.path().join("audit.head"))
+            {
+                c.fail("ledger", format!("cannot copy {}: {e}", head.display()));
+                return;
+            }
+            copy.path()
+        }
+        None => state,
+    };
+    let opened =
+        confer_node::ledger::Ledger::open(dir).and_then(|l| Ok((l.belongs_to(name)?, l.verify()?)));
+    match opened {
+        Ok((_, v)) if v.problem.is_none() => c.ok(
+            "ledger",
+            format!("{} audit record(s); the chain verifies", v.records),
+        ),
+        Ok((_, v)) => c.fail(
+            "ledger",
+            format!(
+                "fails its check after {} record(s): {}; the node will not start on it: restore node.state_dir from a backup",
+                v.records,
+                v.problem.unwrap_or_default()
+            ),
+        ),
+        Err(e) => c.fail(
+            "ledger",
+            e.to_string()
+                .replace(&dir.join("ledger.sqlite").display().to_string(), &path.display().to_string()),
+        ),
+    }
+}
+
+/// The coordinator's state database: its version (an older one upgraded
+/// on a copy) and its audit chain. Writes nothing to it.
+fn coordinator_store(c: &mut Checks, state: &Path) {
+    use confer_coordinator::store::Store as _;
+    let schema = &confer_coordinator::store::SCHEMA;
+    let Ok(copy) = store_version(c, "state", state, schema) else {
+        return;
+    };
+    let target = match &copy {
+        Some(copy) => copy.path().join(state.file_name().unwrap_or_default()),
+        None => state.to_path_buf(),
+    };
+    match confer_coordinator::store::SqliteStore::open(&target).and_then(|s| s.verify_audit()) {
+        Ok((records, None)) => c.ok(
+            "state",
+            format!(
+                "{}: opens; {records} audit record(s), the chain verifies",
+                state.display()
+            ),
+        ),
+        Ok((records, Some(problem))) => c.fail(
+            "state",
+            format!(
+                "{}: the audit log fails its check after {records} record(s): {problem}",
+                state.display()
+            ),
+        ),
+        Err(e) => c.fail(
+            "state",
+            e.to_string()
+                .replace(&target.display().to_string(), &state.display().to_string()),
+        ),
+    }
+}
+
 /// `confer node check`.
 pub async fn node(path: &Path, insecure_loopback: bool) -> anyhow::Result<()> {
     let mut c = Checks::new(format!("confer node check --config {}", path.display()));
@@ -363,28 +488,7 @@ pub async fn node(path: &Path, insecure_loopback: bool) -> anyhow::Result<()> {
     }
     let state = &config.node.state_dir;
     writable(&mut c, "state directory", "node.state_dir", state);
-    if state.join("ledger.sqlite").is_file() {
-        match confer_node::ledger::Ledger::open(state).and_then(|l| l.verify()) {
-            Ok(v) if v.problem.is_none() => c.ok(
-                "ledger",
-                format!("{} audit record(s); the chain verifies", v.records),
-            ),
-            Ok(v) => c.fail(
-                "ledger",
-                format!(
-                    "fails its check after {} record(s): {}; the node will not start on it: restore node.state_dir from a backup",
-                    v.records,
-                    v.problem.unwrap_or_default()
-                ),
-            ),
-            Err(e) => c.fail("ledger", e.to_string()),
-        }
-    } else {
-        c.ok(
-            "ledger",
-            "none yet: the node creates it when it first starts",
-        );
-    }
+    ledger(&mut c, state, &config.node.name);
     let addr = match config.listen_addr() {
         Ok(a) => a,
         Err(e) => {
@@ -485,26 +589,7 @@ pub async fn coordinator(path: &Path, insecure_loopback: bool) -> anyhow::Result
     if let Some(dir) = state.parent() {
         writable(&mut c, "state directory", "coordinator.state", dir);
     }
-    {
-        use confer_coordinator::store::Store as _;
-        match confer_coordinator::store::SqliteStore::open(state).and_then(|s| s.verify_audit()) {
-            Ok((records, None)) => c.ok(
-                "state",
-                format!(
-                    "{}: opens; {records} audit record(s), the chain verifies",
-                    state.display()
-                ),
-            ),
-            Ok((records, Some(problem))) => c.fail(
-                "state",
-                format!(
-                    "{}: the audit log fails its check after {records} record(s): {problem}",
-                    state.display()
-                ),
-            ),
-            Err(e) => c.fail("state", e.to_string()),
-        }
-    }
+    coordinator_store(&mut c, state);
     let addr = match config.listen_addr() {
         Ok(a) => a,
         Err(e) => {

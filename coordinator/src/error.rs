@@ -34,6 +34,12 @@ pub enum CoordinatorError {
 /// Convenience alias.
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
 
+impl From<confer_store::StoreError> for CoordinatorError {
+    fn from(err: confer_store::StoreError) -> Self {
+        CoordinatorError::State(err.to_string())
+    }
+}
+
 impl From<CoordinatorError> for ProtocolError {
     fn from(err: CoordinatorError) -> Self {
         match err {

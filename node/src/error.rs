@@ -52,6 +52,12 @@ impl From<rusqlite::Error> for NodeError {
     }
 }
 
+impl From<confer_store::StoreError> for NodeError {
+    fn from(err: confer_store::StoreError) -> Self {
+        NodeError::Ledger(err.to_string())
+    }
+}
+
 impl From<NodeError> for ProtocolError {
     fn from(err: NodeError) -> Self {
         match err {

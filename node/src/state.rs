@@ -78,6 +78,7 @@ impl NodeState {
             crate::catalog::check_supervision(&ctx, &catalog, section).await?;
         }
         let ledger = Arc::new(Ledger::open(&config.node.state_dir)?);
+        ledger.bind_node(&config.node.name)?;
         // A node never serves on a ledger that fails its own check: an
         // edited, truncated or replaced ledger could refund budget.
         let check = ledger.verify()?;

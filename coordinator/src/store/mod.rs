@@ -200,22 +200,91 @@ pub struct JobRecord {
 
 /// Adds the columns a table gained since a store was written (older
 /// rows read them as NULL).
-fn add_missing_columns(conn: &Connection, table: &str, columns: &[(&str, &str)]) -> Result<()> {
-    let mut stmt = conn
-        .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
-        .map_err(db)?;
+fn add_missing_columns(
+    conn: &Connection,
+    table: &str,
+    columns: &[(&str, &str)],
+) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
     let have: Vec<String> = stmt
-        .query_map([], |r| r.get(0))
-        .map_err(db)?
-        .collect::<std::result::Result<_, _>>()
-        .map_err(db)?;
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
     for (name, kind) in columns {
         if !have.iter().any(|h| h == name) {
-            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {kind}"))
-                .map_err(db)?;
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {kind}"))?;
         }
     }
     Ok(())
+}
+
+/// The coordinator store's schema: migration *n* takes a store from
+/// version *n - 1* to *n* (`confer_store`). Never edit a released step;
+/// add one.
+pub const SCHEMA: confer_store::Schema = confer_store::Schema {
+    kind: "coordinator store",
+    application_id: confer_store::COORDINATOR_STORE_ID,
+    legacy_tables: &[
+        "users",
+        "certificates",
+        "studies",
+        "results",
+        "nodes",
+        "anchors",
+        "train_jobs",
+        "supervision_partials",
+        "supervision_releases",
+        "audit",
+    ],
+    migrations: &[confer_store::Migration {
+        what: "users, studies, results, nodes, anchors, training jobs, supervision and the audit chain",
+        apply: baseline,
+    }],
+};
+
+/// Version 1: the tables as they were when versions began to be kept, and
+/// what stores written before then may lack (result columns, the audit
+/// chain).
+fn baseline(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS users (
+             name TEXT PRIMARY KEY, role TEXT NOT NULL, token_hash TEXT NOT NULL UNIQUE,
+             created_ms INTEGER NOT NULL, revoked_ms INTEGER);
+         CREATE TABLE IF NOT EXISTS certificates (
+             fingerprint TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name));
+         CREATE TABLE IF NOT EXISTS studies (
+             name TEXT PRIMARY KEY, body TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS results (
+             query_id TEXT PRIMARY KEY, study TEXT NOT NULL, user TEXT NOT NULL,
+             statement_hash TEXT NOT NULL, sites TEXT NOT NULL, created_ms INTEGER NOT NULL,
+             result BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS anchors (
+             node TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL, at_ms INTEGER NOT NULL,
+             held TEXT);
+         CREATE TABLE IF NOT EXISTS train_jobs (
+             id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, body TEXT NOT NULL,
+             checkpoint TEXT);
+         CREATE TABLE IF NOT EXISTS supervision_partials (
+             period TEXT NOT NULL, measure TEXT NOT NULL, node TEXT NOT NULL,
+             at_ms INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (period, measure, node));
+         CREATE TABLE IF NOT EXISTS supervision_releases (
+             period TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, body TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS audit (
+             seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, user TEXT NOT NULL, study TEXT,
+             action TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL);",
+    )?;
+    add_missing_columns(
+        conn,
+        "results",
+        &[
+            ("statement", "TEXT"),
+            ("epsilon", "REAL"),
+            ("delta", "REAL"),
+            ("rho", "REAL"),
+        ],
+    )?;
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS results_by_user ON results(user, created_ms);")?;
+    chain_legacy_audit(conn)
 }
 
 /// The coordinator's state store.
@@ -323,63 +392,17 @@ fn db(e: rusqlite::Error) -> CoordinatorError {
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                CoordinatorError::Config(format!("cannot create {}: {e}", dir.display()))
-            })?;
+        let opened = confer_store::open(path, &SCHEMA)?;
+        if let Some(backup) = &opened.backup {
+            tracing::info!(
+                "upgraded the coordinator store {} from schema version {} to {}; the previous file is kept at {}",
+                path.display(),
+                opened.from,
+                opened.version,
+                backup.display()
+            );
         }
-        let conn = Connection::open(path)
-            .map_err(|e| CoordinatorError::State(format!("cannot open {}: {e}", path.display())))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(db)?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))
-            .map_err(db)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS users (
-                 name TEXT PRIMARY KEY, role TEXT NOT NULL, token_hash TEXT NOT NULL UNIQUE,
-                 created_ms INTEGER NOT NULL, revoked_ms INTEGER);
-             CREATE TABLE IF NOT EXISTS certificates (
-                 fingerprint TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name));
-             CREATE TABLE IF NOT EXISTS studies (
-                 name TEXT PRIMARY KEY, body TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS results (
-                 query_id TEXT PRIMARY KEY, study TEXT NOT NULL, user TEXT NOT NULL,
-                 statement_hash TEXT NOT NULL, sites TEXT NOT NULL, created_ms INTEGER NOT NULL,
-                 result BLOB NOT NULL);
-             CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, body TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS anchors (
-                 node TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL, at_ms INTEGER NOT NULL,
-                 held TEXT);
-             CREATE TABLE IF NOT EXISTS train_jobs (
-                 id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, body TEXT NOT NULL,
-                 checkpoint TEXT);
-             CREATE TABLE IF NOT EXISTS supervision_partials (
-                 period TEXT NOT NULL, measure TEXT NOT NULL, node TEXT NOT NULL,
-                 at_ms INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (period, measure, node));
-             CREATE TABLE IF NOT EXISTS supervision_releases (
-                 period TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, body TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS audit (
-                 seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, user TEXT NOT NULL, study TEXT,
-                 action TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL);",
-        )
-        .map_err(db)?;
-        add_missing_columns(
-            &conn,
-            "results",
-            &[
-                ("statement", "TEXT"),
-                ("epsilon", "REAL"),
-                ("delta", "REAL"),
-                ("rho", "REAL"),
-            ],
-        )?;
-        conn.execute_batch(
-            "CREATE INDEX IF NOT EXISTS results_by_user ON results(user, created_ms);",
-        )
-        .map_err(db)?;
-        chain_legacy_audit(&conn)?;
+        let conn = opened.conn;
         Ok(Self {
             conn: Mutex::new(conn),
         })

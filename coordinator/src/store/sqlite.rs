@@ -56,29 +56,22 @@ pub(super) fn last_link(conn: &Connection) -> Result<(i64, String)> {
 
 /// Adds the chain columns to a log written before the coordinator chained
 /// it, and chains the records it holds (renumbered 1, 2, ... in order).
-pub(super) fn chain_legacy_audit(conn: &Connection) -> Result<()> {
+/// Runs inside the upgrade's transaction (`confer_store`).
+pub(super) fn chain_legacy_audit(conn: &Connection) -> rusqlite::Result<()> {
     let has_hash = conn.prepare("SELECT hash FROM audit LIMIT 0").is_ok();
     if has_hash {
         return Ok(());
     }
-    // One transaction: a crash half way leaves the log as it was.
-    let tx = conn.unchecked_transaction().map_err(db)?;
-    let conn = &*tx;
     conn.execute_batch(
         "ALTER TABLE audit ADD COLUMN prev_hash TEXT;
          ALTER TABLE audit ADD COLUMN hash TEXT;",
-    )
-    .map_err(db)?;
+    )?;
     let rows: Vec<(i64, CoordinatorAudit)> = {
-        let mut stmt = conn
-            .prepare(
-                "SELECT seq, at_ms, user, study, action, outcome, detail FROM audit ORDER BY seq",
-            )
-            .map_err(db)?;
-        stmt.query_map([], |r| Ok((r.get(0)?, audit_from_row(r, 1)?)))
-            .map_err(db)?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(db)?
+        let mut stmt = conn.prepare(
+            "SELECT seq, at_ms, user, study, action, outcome, detail FROM audit ORDER BY seq",
+        )?;
+        stmt.query_map([], |r| Ok((r.get(0)?, audit_from_row(r, 1)?)))?
+            .collect::<rusqlite::Result<_>>()?
     };
     let mut prev = AUDIT_GENESIS.to_string();
     for (i, (old_seq, entry)) in rows.iter().enumerate() {
@@ -88,11 +81,9 @@ pub(super) fn chain_legacy_audit(conn: &Connection) -> Result<()> {
         conn.execute(
             "UPDATE audit SET seq = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
             params![seq, prev, hash, old_seq],
-        )
-        .map_err(db)?;
+        )?;
         prev = hash;
     }
-    tx.commit().map_err(db)?;
     Ok(())
 }
 

@@ -203,3 +203,52 @@ fn results_written_before_statements_were_kept_still_read() {
         1
     );
 }
+
+#[test]
+fn a_store_of_the_previous_release_is_upgraded_and_a_newer_one_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.sqlite");
+    let token = {
+        let s = SqliteStore::open(&path).expect("open");
+        s.add_user("alice", Role::Researcher).expect("user")
+    };
+    // The previous release wrote the same tables without a version.
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch("PRAGMA application_id = 0; PRAGMA user_version = 0;")
+        .expect("downgrade");
+    let s = SqliteStore::open(&path).expect("upgrade");
+    assert_eq!(
+        s.user_by_token(&token).expect("lookup").map(|u| u.name),
+        Some("alice".to_string())
+    );
+    assert!(dir.path().join("state.sqlite.schema-v0.bak").exists());
+    drop(s);
+    assert_eq!(
+        confer_store::inspect(&path, &SCHEMA).expect("inspect"),
+        confer_store::Found::Current(SCHEMA.version())
+    );
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch("PRAGMA user_version = 42")
+        .expect("bump");
+    let err = SqliteStore::open(&path).err().expect("refused").to_string();
+    assert!(err.contains("written by a newer confer"), "{err}");
+    // A node's ledger is not a coordinator store.
+    let ledger = dir.path().join("ledger.sqlite");
+    Connection::open(&ledger)
+        .expect("raw")
+        .execute_batch(&format!(
+            "PRAGMA application_id = {}; CREATE TABLE releases (task_id TEXT);",
+            confer_store::NODE_LEDGER_ID
+        ))
+        .expect("ledger");
+    let err = SqliteStore::open(&ledger)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("holds a confer node ledger, not a confer coordinator store"),
+        "{err}"
+    );
+}

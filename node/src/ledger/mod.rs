@@ -223,6 +223,114 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The ledger's schema: migration *n* takes a ledger from version *n - 1*
+/// to *n* (`confer_store`). Never edit a released step; add one.
+pub const SCHEMA: confer_store::Schema = confer_store::Schema {
+    kind: "node ledger",
+    application_id: confer_store::NODE_LEDGER_ID,
+    legacy_tables: &["releases", "studies", "lifts", "audit"],
+    migrations: &[
+        confer_store::Migration {
+            what: "releases, studies, lifts and the audit chain",
+            apply: baseline,
+        },
+        confer_store::Migration {
+            what: "the node's name (a state directory belongs to one node)",
+            apply: |conn| {
+                conn.execute_batch("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            },
+        },
+    ],
+};
+
+/// Version 1: the tables as they were when versions began to be kept, and
+/// the columns ledgers written before then may lack.
+fn baseline(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS releases (
+             task_id      TEXT PRIMARY KEY,
+             payload_hash TEXT NOT NULL,
+             study        TEXT NOT NULL,
+             researcher   TEXT NOT NULL,
+             kind         TEXT NOT NULL,
+             rho          REAL NOT NULL,
+             epsilon      REAL NOT NULL,
+             delta        REAL NOT NULL,
+             selection_delta REAL NOT NULL DEFAULT 0,
+             state        TEXT NOT NULL DEFAULT 'released',
+             failure_rho  REAL NOT NULL DEFAULT 0,
+             created_ms   INTEGER NOT NULL,
+             result_hash  TEXT NOT NULL,
+             result       BLOB NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS releases_study ON releases(study, researcher);
+         CREATE TABLE IF NOT EXISTS studies (
+             study       TEXT PRIMARY KEY,
+             status      TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'denied')),
+             reason      TEXT,
+             budget_rho  REAL,
+             first_seen_ms INTEGER NOT NULL,
+             decided_ms  INTEGER,
+             decided_by  TEXT,
+             description TEXT
+         );
+         CREATE TABLE IF NOT EXISTS lifts (
+             researcher  TEXT NOT NULL,
+             at_ms       INTEGER NOT NULL,
+             by          TEXT NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS audit (
+             seq         INTEGER PRIMARY KEY,
+             at_ms       INTEGER NOT NULL,
+             task_id     TEXT,
+             study       TEXT,
+             actor       TEXT,
+             kind        TEXT NOT NULL,
+             decision    TEXT NOT NULL,
+             reason      TEXT,
+             rho         REAL NOT NULL,
+             epsilon     REAL NOT NULL,
+             delta       REAL NOT NULL,
+             result_hash TEXT,
+             prev_hash   TEXT NOT NULL,
+             hash        TEXT NOT NULL
+         );",
+    )?;
+    // Ledgers written before selection_delta was recorded.
+    let has_selection_delta: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('releases') WHERE name = 'selection_delta'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_selection_delta {
+        conn.execute_batch(
+            "ALTER TABLE releases ADD COLUMN selection_delta REAL NOT NULL DEFAULT 0",
+        )?;
+    }
+    // Ledgers written before study descriptions were kept.
+    let has_description: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('studies') WHERE name = 'description'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_description {
+        conn.execute_batch("ALTER TABLE studies ADD COLUMN description TEXT")?;
+    }
+    // Ledgers written before tasks were charged before they ran.
+    let has_state: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('releases') WHERE name = 'state'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_state {
+        conn.execute_batch(
+            "ALTER TABLE releases ADD COLUMN state TEXT NOT NULL DEFAULT 'released';
+             ALTER TABLE releases ADD COLUMN failure_rho REAL NOT NULL DEFAULT 0;",
+        )?;
+    }
+    Ok(())
+}
+
 impl Ledger {
     /// Opens (creating if needed) the ledger in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Self> {
@@ -233,93 +341,17 @@ impl Ledger {
             ))
         })?;
         let path = state_dir.join("ledger.sqlite");
-        let conn = Connection::open(&path)
-            .map_err(|e| NodeError::Ledger(format!("cannot open {}: {e}", path.display())))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS releases (
-                 task_id      TEXT PRIMARY KEY,
-                 payload_hash TEXT NOT NULL,
-                 study        TEXT NOT NULL,
-                 researcher   TEXT NOT NULL,
-                 kind         TEXT NOT NULL,
-                 rho          REAL NOT NULL,
-                 epsilon      REAL NOT NULL,
-                 delta        REAL NOT NULL,
-                 selection_delta REAL NOT NULL DEFAULT 0,
-                 state        TEXT NOT NULL DEFAULT 'released',
-                 failure_rho  REAL NOT NULL DEFAULT 0,
-                 created_ms   INTEGER NOT NULL,
-                 result_hash  TEXT NOT NULL,
-                 result       BLOB NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS releases_study ON releases(study, researcher);
-             CREATE TABLE IF NOT EXISTS studies (
-                 study       TEXT PRIMARY KEY,
-                 status      TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'denied')),
-                 reason      TEXT,
-                 budget_rho  REAL,
-                 first_seen_ms INTEGER NOT NULL,
-                 decided_ms  INTEGER,
-                 decided_by  TEXT,
-                 description TEXT
-             );
-             CREATE TABLE IF NOT EXISTS lifts (
-                 researcher  TEXT NOT NULL,
-                 at_ms       INTEGER NOT NULL,
-                 by          TEXT NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS audit (
-                 seq         INTEGER PRIMARY KEY,
-                 at_ms       INTEGER NOT NULL,
-                 task_id     TEXT,
-                 study       TEXT,
-                 actor       TEXT,
-                 kind        TEXT NOT NULL,
-                 decision    TEXT NOT NULL,
-                 reason      TEXT,
-                 rho         REAL NOT NULL,
-                 epsilon     REAL NOT NULL,
-                 delta       REAL NOT NULL,
-                 result_hash TEXT,
-                 prev_hash   TEXT NOT NULL,
-                 hash        TEXT NOT NULL
-             );",
-        )?;
-        // Ledgers written before selection_delta was recorded.
-        let has_selection_delta: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('releases') WHERE name = 'selection_delta'",
-            [],
-            |row| row.get(0),
-        )?;
-        if !has_selection_delta {
-            conn.execute_batch(
-                "ALTER TABLE releases ADD COLUMN selection_delta REAL NOT NULL DEFAULT 0",
-            )?;
+        let opened = confer_store::open(&path, &SCHEMA)?;
+        if let Some(backup) = &opened.backup {
+            tracing::info!(
+                "upgraded the ledger {} from schema version {} to {}; the previous file is kept at {}",
+                path.display(),
+                opened.from,
+                opened.version,
+                backup.display()
+            );
         }
-        // Ledgers written before study descriptions were kept.
-        let has_description: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('studies') WHERE name = 'description'",
-            [],
-            |row| row.get(0),
-        )?;
-        if !has_description {
-            conn.execute_batch("ALTER TABLE studies ADD COLUMN description TEXT")?;
-        }
-        // Ledgers written before tasks were charged before they ran.
-        let has_state: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('releases') WHERE name = 'state'",
-            [],
-            |row| row.get(0),
-        )?;
-        if !has_state {
-            conn.execute_batch(
-                "ALTER TABLE releases ADD COLUMN state TEXT NOT NULL DEFAULT 'released';
-                 ALTER TABLE releases ADD COLUMN failure_rho REAL NOT NULL DEFAULT 0;",
-            )?;
-        }
+        let conn = opened.conn;
         let ledger = Self {
             conn: Mutex::new(conn),
             head_path: state_dir.join("audit.head"),
@@ -395,6 +427,47 @@ impl Ledger {
             self.write_head(h);
         }
         Ok(())
+    }
+
+    /// Binds this ledger to the node named `name` the first time, and
+    /// refuses it afterwards under any other name: a state directory (its
+    /// budget, approvals and audit chain) belongs to one node and is never
+    /// shared, copied to or swapped with another.
+    pub fn bind_node(&self, name: &str) -> Result<()> {
+        if self.belongs_to(name)? {
+            return Ok(());
+        }
+        self.conn()?.execute(
+            "INSERT INTO meta (key, value) VALUES ('node', ?1)",
+            params![name],
+        )?;
+        Ok(())
+    }
+
+    /// Whether this ledger is bound to `name` (false: to no node yet); an
+    /// error naming both if it belongs to another node. Writes nothing.
+    pub fn belongs_to(&self, name: &str) -> Result<bool> {
+        match self.node_name()? {
+            None => Ok(false),
+            Some(bound) if bound == name => Ok(true),
+            Some(bound) => Err(NodeError::Config(format!(
+                "{} is the ledger of node \"{bound}\", but this node is \"{name}\": point \
+                 node.state_dir at this node's own state directory (a ledger holds one node's \
+                 budget and audit chain and is never shared or moved between nodes); nothing \
+                 was changed",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// The node this ledger belongs to, once it has started under a name.
+    pub fn node_name(&self) -> Result<Option<String>> {
+        let conn = self.conn()?;
+        Ok(conn
+            .query_row("SELECT value FROM meta WHERE key = 'node'", [], |r| {
+                r.get(0)
+            })
+            .optional()?)
     }
 
     /// Where the database lives.

@@ -469,3 +469,84 @@ fn studies_move_through_approval() {
     );
     assert_eq!(ledger.verify().expect("verify").problem, None);
 }
+
+/// Turns a ledger back into the previous release's format: the same tables
+/// without a schema version, an application id or the node's name.
+fn as_previous_release(dir: &Path) {
+    let raw = Connection::open(dir.join("ledger.sqlite")).expect("raw");
+    raw.execute_batch("DROP TABLE meta; PRAGMA application_id = 0; PRAGMA user_version = 0;")
+        .expect("downgrade");
+}
+
+#[test]
+fn a_ledger_of_the_previous_release_is_upgraded_keeping_debits_and_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = Uuid::new_v4();
+    {
+        let ledger = Ledger::open(dir.path()).expect("open");
+        assert_eq!(
+            ledger
+                .release(&charge(id, 0.5, 1.0), b"answer".to_vec())
+                .expect("db"),
+            Ok(b"answer".to_vec())
+        );
+    }
+    as_previous_release(dir.path());
+    assert_eq!(
+        confer_store::inspect(&dir.path().join("ledger.sqlite"), &SCHEMA).expect("inspect"),
+        confer_store::Found::Older { from: 0, to: 2 }
+    );
+    let ledger = Ledger::open(dir.path()).expect("upgrade");
+    // The debit, the stored answer and the audit chain survive.
+    assert_eq!(ledger.spent("s", None).expect("spent"), 0.5);
+    assert_eq!(
+        ledger
+            .release(&charge(id, 0.5, 1.0), b"again".to_vec())
+            .expect("db"),
+        Ok(b"answer".to_vec())
+    );
+    let check = ledger.verify().expect("verify");
+    assert!(check.problem.is_none(), "{:?}", check.problem);
+    assert!(check.records >= 1);
+    // The old file is kept beside it.
+    assert!(dir.path().join("ledger.sqlite.schema-v0.bak").exists());
+    assert_eq!(
+        confer_store::inspect(&dir.path().join("ledger.sqlite"), &SCHEMA).expect("inspect"),
+        confer_store::Found::Current(2)
+    );
+}
+
+#[test]
+fn a_ledger_of_a_newer_release_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(Ledger::open(dir.path()).expect("open"));
+    Connection::open(dir.path().join("ledger.sqlite"))
+        .expect("raw")
+        .execute_batch("PRAGMA user_version = 7")
+        .expect("bump");
+    let err = Ledger::open(dir.path()).err().expect("refused").to_string();
+    assert!(
+        err.contains("schema version 7, written by a newer confer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_state_directory_belongs_to_one_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(dir.path()).expect("open");
+    assert_eq!(ledger.node_name().expect("name"), None);
+    ledger.bind_node("site-a").expect("bind");
+    ledger.bind_node("site-a").expect("same node again");
+    drop(ledger);
+    let ledger = Ledger::open(dir.path()).expect("reopen");
+    assert_eq!(ledger.node_name().expect("name").as_deref(), Some("site-a"));
+    let err = ledger
+        .bind_node("site-b")
+        .expect_err("another node")
+        .to_string();
+    assert!(
+        err.contains("is the ledger of node \"site-a\", but this node is \"site-b\""),
+        "{err}"
+    );
+}
