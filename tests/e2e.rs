@@ -17,6 +17,8 @@ mod fixture;
 mod governance;
 /// Issue 13's attack shapes, one regression test each: refused, bounded or charged.
 mod guarantee;
+/// `confer node init`, `pki enrol`, `node enrol`: onboarding and bad bundles.
+mod onboard;
 /// `confer node check` and `confer coordinator check`: exit codes, messages.
 mod preflight;
 /// A slow link and a rogue node, for the fault tests.

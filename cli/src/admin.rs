@@ -731,6 +731,32 @@ pub enum PkiAction {
         #[arg(long)]
         replace: bool,
     },
+    /// Sign a node's certificate request (from `confer node init`) into an
+    /// enrolment bundle: the node's certificate, the CA certificate, the
+    /// coordinator's public key and a README for the site's operator.
+    Enrol {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node's request (<site>.csr).
+        #[arg(long)]
+        request: PathBuf,
+        /// The coordinator's public signing key (coordinator.key.pub).
+        #[arg(long)]
+        coordinator_key: PathBuf,
+        /// Refuse unless the request is for this site.
+        #[arg(long)]
+        site: Option<String>,
+        /// Host names / addresses the certificate serves (repeat); default those the request lists.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        /// Where to write the bundle (default <dir>/bundles/<site>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn parse_kind(s: &str) -> Result<CertKind, String> {
@@ -775,6 +801,23 @@ pub fn pki(args: PkiArgs) -> anyhow::Result<()> {
                 issued.key.display()
             );
         }
+        PkiAction::Enrol {
+            dir,
+            request,
+            coordinator_key,
+            site,
+            hosts,
+            days,
+            out,
+        } => crate::onboard::pki_enrol(
+            &dir,
+            &request,
+            &coordinator_key,
+            site.as_deref(),
+            &hosts,
+            days,
+            out.as_deref(),
+        )?,
     }
     Ok(())
 }

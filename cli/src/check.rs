@@ -107,11 +107,7 @@ fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
-fn date(secs: i64) -> String {
-    chrono::DateTime::from_timestamp(secs, 0)
-        .map(|d| d.format("%Y-%m-%d %H:%M UTC").to_string())
-        .unwrap_or_else(|| secs.to_string())
-}
+use confer_transport::tls::utc_date as date;
 
 /// The directory holds durable state: it can be created, written, synced
 /// to disk (file and directory) and renamed in, as the ledger needs.
@@ -180,65 +176,18 @@ fn certificate(c: &mut Checks, files: &TlsFiles, kind: CertKind, name: Option<&s
             return;
         }
     };
-    let mut fine = true;
-    if report.kind != Some(kind) {
-        fine = false;
-        c.fail(
-            "certificate",
-            format!(
-                "tls.cert = {} is {} certificate; this server needs a {kind} certificate (`confer pki issue --kind {kind} ...`)",
-                files.cert.display(),
-                report
-                    .kind
-                    .map(|k| format!("a {k}"))
-                    .unwrap_or_else(|| "not a confer".into())
-            ),
-        );
-    }
-    if let Some(name) = name
-        && report.name != name
-    {
-        fine = false;
-        c.fail(
-            "certificate",
-            format!(
-                "tls.cert was issued to {:?}, but this node is {name:?}: a certificate for another site (issue one for {name})",
-                report.name
-            ),
-        );
-    }
-    if !report.issued_by_ca {
-        fine = false;
-        c.fail(
-            "certificate",
-            format!(
-                "tls.cert = {} is not signed by tls.ca = {}: a certificate of another network, or the wrong CA file",
-                files.cert.display(),
-                files.ca.display()
-            ),
-        );
-    }
     let now = now_secs();
-    if now < report.not_before {
-        fine = false;
-        c.fail(
-            "clock",
-            format!(
-                "the certificate is valid only from {}, later than this machine's clock ({}): set the clock (NTP) or issue it again",
-                date(report.not_before),
-                date(now)
-            ),
-        );
-    } else if now > report.not_after {
-        fine = false;
-        c.fail(
-            "certificate",
-            format!(
-                "expired on {}: issue a new one with `confer pki issue --replace ...`",
-                date(report.not_after)
-            ),
-        );
-    } else if report.not_after - now < EXPIRY_WARNING_DAYS * 86_400 {
+    let problems = report.problems(files, kind, name, now);
+    let mut fine = problems.is_empty();
+    for problem in problems {
+        let what = if problem.contains("later than this machine's clock") {
+            "clock"
+        } else {
+            "certificate"
+        };
+        c.fail(what, problem);
+    }
+    if fine && report.not_after - now < EXPIRY_WARNING_DAYS * 86_400 {
         fine = false;
         c.warn(
             "certificate",

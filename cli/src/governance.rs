@@ -69,6 +69,46 @@ pub enum NodeAction {
     /// Create a new token for the steward's web page (`[console]`),
     /// printed once; the previous token and its sessions stop working.
     StewardToken,
+    /// Onboarding: survey a data directory and write a commented node.toml
+    /// (OMOP CDM tables recognised and checked; other files held with
+    /// inferred types for the steward to confirm), the node's key and a
+    /// certificate request for the network's operator (`confer pki enrol`).
+    Init {
+        /// The directory of the node's tables (CSV / Parquet files, or
+        /// directories of them).
+        #[arg(long)]
+        data: PathBuf,
+        /// The site's name (as the network will know it).
+        #[arg(long)]
+        site: String,
+        /// Where to write node.toml and pki/ (the key and request).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// The address the node serves on.
+        #[arg(long, default_value = "0.0.0.0:50051")]
+        listen: String,
+        /// This server's name or address as the coordinator reaches it
+        /// (repeatable); default: the --listen address.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// The node's state directory (the systemd unit allows this one).
+        #[arg(long, default_value = "/var/lib/confer/node")]
+        state_dir: PathBuf,
+        /// Replace an existing node.toml (kept as node.toml.old) and key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Install an enrolment bundle from the network's operator: checks that
+    /// it is for this site and this node's key, then puts the certificate,
+    /// CA and coordinator key where node.toml names them.
+    Enrol {
+        /// The bundle directory `confer pki enrol` wrote.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Accept a CA or coordinator key different from the installed ones.
+        #[arg(long)]
+        replace_trust: bool,
+    },
     /// Preflight: check the config, tables, state directory, ledger,
     /// certificates and ports as the node's start would, without starting.
     /// Exit code 0 all passed, 2 warnings only, 1 a failure.
@@ -186,8 +226,10 @@ pub fn node_action(config: Option<&Path>, action: NodeAction) -> anyhow::Result<
                 node.node.name
             );
         }
-        NodeAction::Check { .. } => {
-            bail!("`confer node check` runs on its own (crate::check), without the ledger open")
+        NodeAction::Check { .. } | NodeAction::Init { .. } | NodeAction::Enrol { .. } => {
+            bail!(
+                "`confer node check`, `init` and `enrol` run on their own, without the ledger open"
+            )
         }
         NodeAction::StewardToken => {
             let token = confer_node::console::new_steward_token(&node.node.state_dir)
@@ -474,6 +516,9 @@ pub fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
             "{} exists: pass --force to replace it (nodes trusting the old key will refuse new tasks)",
             out.display()
         );
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let identity = confer_protocol::signing::Identity::generate()?;
     let public = identity.save(out)?;

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod gibleed;
 pub mod governance;
 pub mod heart;
+pub mod onboard;
 mod servers;
 pub mod supervision;
 pub mod synth;
@@ -242,6 +243,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             ..
         }) => check::node(&required(config, "node.toml")?, insecure_loopback).await,
+        Command::Node(NodeArgs {
+            action:
+                Some(governance::NodeAction::Init {
+                    data,
+                    site,
+                    out,
+                    listen,
+                    hosts,
+                    state_dir,
+                    force,
+                }),
+            ..
+        }) => {
+            onboard::init(onboard::InitArgs {
+                data,
+                site,
+                out,
+                listen,
+                hosts,
+                state_dir,
+                force,
+            })
+            .await
+        }
+        Command::Node(NodeArgs {
+            action:
+                Some(governance::NodeAction::Enrol {
+                    bundle,
+                    replace_trust,
+                }),
+            config,
+            ..
+        }) => onboard::node_enrol(&required(config, "node.toml")?, &bundle, replace_trust),
         Command::Node(NodeArgs {
             action: Some(action),
             config,

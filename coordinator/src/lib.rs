@@ -156,6 +156,12 @@ pub async fn start(config: CoordinatorConfig, transport: Transport) -> Result<Ru
                     )));
                 }
             }
+            confer_transport::tls::check_own(
+                files,
+                confer_transport::pki::CertKind::Coordinator,
+                None,
+            )
+            .map_err(|e| CoordinatorError::Config(e.to_string()))?;
             let server = confer_transport::ServerTls::new(files, None, "coordinator")
                 .map_err(|e| CoordinatorError::Config(e.to_string()))?;
             let client = confer_transport::ClientTls::from_files(files)

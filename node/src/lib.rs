@@ -25,6 +25,7 @@ pub mod gate;
 mod handler;
 pub mod ledger;
 pub mod omop;
+pub mod onboard;
 pub mod policy;
 mod query;
 pub mod secure;
@@ -115,6 +116,14 @@ pub async fn start(config: NodeConfig, transport: Transport) -> Result<RunningNo
                         .into(),
                 )
             })?;
+            // A bundle for another site, an expired or foreign certificate:
+            // refused before anything is opened or written.
+            confer_transport::tls::check_own(
+                files,
+                confer_transport::pki::CertKind::Node,
+                Some(&config.node.name),
+            )
+            .map_err(|e| NodeError::Config(e.to_string()))?;
             Some(
                 confer_transport::ServerTls::new(
                     files,

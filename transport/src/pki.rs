@@ -160,36 +160,10 @@ pub struct IssueRequest<'a> {
 
 /// Issues a certificate from the CA in `dir`, written as `<name>.pem` / `<name>.key`.
 pub fn issue(dir: &Path, request: &IssueRequest<'_>) -> Result<Issued> {
-    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).map_err(|e| {
-        TransportError::Files(format!(
-            "cannot read {}: {e} (create the CA with `confer pki init --dir {}`)",
-            dir.join("ca.pem").display(),
-            dir.display()
-        ))
-    })?;
-    let ca_key_pem = std::fs::read_to_string(dir.join("ca.key")).map_err(|e| {
-        TransportError::Files(format!("cannot read {}: {e}", dir.join("ca.key").display()))
-    })?;
+    let (ca_pem, ca_key_pem) = read_ca(dir)?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(cert_err)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(cert_err)?;
-
-    if request.name.is_empty()
-        || !request
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
-    {
-        return Err(TransportError::Certificate(format!(
-            "name {:?}: use letters, digits, '-', '_', '.' or '@'",
-            request.name
-        )));
-    }
-    if request.name == "ca" {
-        return Err(TransportError::Certificate(
-            "the name ca is the network CA's own files (ca.pem / ca.key): choose another name"
-                .into(),
-        ));
-    }
+    check_name(request.name)?;
     let issued = Issued {
         cert: dir.join(format!("{}.pem", request.name)),
         key: dir.join(format!("{}.key", request.name)),
@@ -209,16 +183,30 @@ pub fn issue(dir: &Path, request: &IssueRequest<'_>) -> Result<Issued> {
         hosts = vec!["localhost".into(), "127.0.0.1".into()];
     }
     let key = KeyPair::generate().map_err(cert_err)?;
+    let params = leaf_params(request.kind, request.name, hosts, request.days)?;
+    let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
+    write_file(&issued.key, &key.serialize_pem(), true)?;
+    write_file(&issued.cert, &cert.pem(), false)?;
+    Ok(issued)
+}
+
+/// What the CA writes into a certificate of `kind` for `name`: the name,
+/// the kind as organizational unit, the usages of the kind, the hosts and
+/// the validity. Nothing a requester asks for beyond its key and hosts.
+fn leaf_params(
+    kind: CertKind,
+    name: &str,
+    hosts: Vec<String>,
+    days: i64,
+) -> Result<CertificateParams> {
     let mut params = CertificateParams::new(hosts).map_err(cert_err)?;
+    params.distinguished_name.push(DnType::CommonName, name);
     params
         .distinguished_name
-        .push(DnType::CommonName, request.name);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, request.kind.unit());
+        .push(DnType::OrganizationalUnitName, kind.unit());
     params.use_authority_key_identifier_extension = true;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = match request.kind {
+    params.extended_key_usages = match kind {
         CertKind::Node => vec![ExtendedKeyUsagePurpose::ServerAuth],
         CertKind::Coordinator => vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -227,18 +215,170 @@ pub fn issue(dir: &Path, request: &IssueRequest<'_>) -> Result<Issued> {
         CertKind::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     let now = OffsetDateTime::now_utc();
-    if request.days >= 0 {
+    if days >= 0 {
         params.not_before = now - Duration::hours(1);
-        params.not_after = now + Duration::days(request.days.max(1));
+        params.not_after = now + Duration::days(days.max(1));
     } else {
         // Already expired: for testing that expiry is refused.
-        params.not_before = now + Duration::days(request.days * 2);
-        params.not_after = now + Duration::days(request.days);
+        params.not_before = now + Duration::days(days * 2);
+        params.not_after = now + Duration::days(days);
     }
-    let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
-    write_file(&issued.key, &key.serialize_pem(), true)?;
-    write_file(&issued.cert, &cert.pem(), false)?;
-    Ok(issued)
+    Ok(params)
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+    {
+        return Err(TransportError::Certificate(format!(
+            "name {name:?}: use letters, digits, '-', '_', '.' or '@'"
+        )));
+    }
+    if name == "ca" {
+        return Err(TransportError::Certificate(
+            "the name ca is the network CA's own files (ca.pem / ca.key): choose another name"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Paths of a key and the certificate request made with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requested {
+    /// The private key (PEM, owner-only); it never leaves the server.
+    pub key: PathBuf,
+    /// The certificate signing request (PEM) for the network's operator.
+    pub csr: PathBuf,
+}
+
+/// Makes a server's key and a certificate signing request for `name` and
+/// `hosts` in `dir` (`<name>.key`, `<name>.csr`): the key stays here, the
+/// request goes to the network's operator (`confer pki enrol`). Refuses to
+/// replace an existing key unless `replace`.
+pub fn request(dir: &Path, name: &str, hosts: &[String], replace: bool) -> Result<Requested> {
+    check_name(name)?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| TransportError::Files(format!("cannot create {}: {e}", dir.display())))?;
+    let requested = Requested {
+        key: dir.join(format!("{name}.key")),
+        csr: dir.join(format!("{name}.csr")),
+    };
+    if !replace && requested.key.exists() {
+        return Err(TransportError::Files(format!(
+            "{} already exists: this server has a key (keep it, and send {} again), or pass --force to make a new one (its certificate must then be issued again)",
+            requested.key.display(),
+            requested.csr.display()
+        )));
+    }
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let mut params = CertificateParams::new(hosts.to_vec()).map_err(cert_err)?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    let csr = params.serialize_request(&key).map_err(cert_err)?;
+    write_file(&requested.key, &key.serialize_pem(), true)?;
+    write_file(&requested.csr, &csr.pem().map_err(cert_err)?, false)?;
+    Ok(requested)
+}
+
+/// What a certificate request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// The common name (the site).
+    pub name: String,
+    /// The host names and addresses it lists.
+    pub hosts: Vec<String>,
+}
+
+fn san_text(san: &rcgen::SanType) -> Option<String> {
+    match san {
+        rcgen::SanType::DnsName(d) => Some(d.to_string()),
+        rcgen::SanType::IpAddress(ip) => Some(ip.to_string()),
+        _ => None,
+    }
+}
+
+/// Parses a certificate signing request (PEM) and checks its signature
+/// (the requester holds the key).
+pub fn read_request(
+    csr_pem: &str,
+) -> Result<(rcgen::CertificateSigningRequestParams, RequestInfo)> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+        TransportError::Certificate(format!(
+            "not a valid certificate signing request ({e}): send the .csr file `confer node init` wrote"
+        ))
+    })?;
+    let name = match csr.params.distinguished_name.get(&DnType::CommonName) {
+        Some(rcgen::DnValue::Utf8String(s)) => s.clone(),
+        Some(rcgen::DnValue::PrintableString(s)) => s.as_str().to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    };
+    let hosts = csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(san_text)
+        .collect();
+    Ok((csr, RequestInfo { name, hosts }))
+}
+
+/// Signs a node's certificate request with the CA in `dir`: the
+/// certificate names the request's site (which must be `expect_name` when
+/// given), is a *node* certificate, and serves `hosts` (default: the hosts
+/// the request lists). Returns the certificate (PEM) and what was signed.
+pub fn sign_request(
+    dir: &Path,
+    csr_pem: &str,
+    expect_name: Option<&str>,
+    hosts: &[String],
+    days: i64,
+) -> Result<(String, RequestInfo)> {
+    let (csr, mut info) = read_request(csr_pem)?;
+    check_name(&info.name)?;
+    if let Some(expected) = expect_name
+        && expected != info.name
+    {
+        return Err(TransportError::Certificate(format!(
+            "the request is for site {:?}, not {expected:?}: ask {expected} for its own request (nothing was signed)",
+            info.name
+        )));
+    }
+    if !hosts.is_empty() {
+        info.hosts = hosts.to_vec();
+    }
+    if info.hosts.is_empty() {
+        return Err(TransportError::Certificate(format!(
+            "the request for {} names no host or address: pass --host with the address the coordinator connects to",
+            info.name
+        )));
+    }
+    let (ca_pem, ca_key_pem) = read_ca(dir)?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(cert_err)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(cert_err)?;
+    let signed = rcgen::CertificateSigningRequestParams {
+        params: leaf_params(CertKind::Node, &info.name, info.hosts.clone(), days)?,
+        public_key: csr.public_key,
+    }
+    .signed_by(&issuer)
+    .map_err(cert_err)?;
+    Ok((signed.pem(), info))
+}
+
+/// The CA's certificate and key (PEM) in `dir`.
+fn read_ca(dir: &Path) -> Result<(String, String)> {
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).map_err(|e| {
+        TransportError::Files(format!(
+            "cannot read {}: {e} (create the CA with `confer pki init --dir {}`)",
+            dir.join("ca.pem").display(),
+            dir.display()
+        ))
+    })?;
+    let ca_key_pem = std::fs::read_to_string(dir.join("ca.key")).map_err(|e| {
+        TransportError::Files(format!("cannot read {}: {e}", dir.join("ca.key").display()))
+    })?;
+    Ok((ca_pem, ca_key_pem))
 }
 
 /// The kind and common name of a DER certificate, if it carries them.
@@ -344,5 +484,47 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         }
+    }
+
+    /// A node makes its key and request; the CA signs a node certificate
+    /// for the site the request names, with the request's key, and refuses
+    /// a request for another site or a tampered one.
+    #[test]
+    fn a_request_is_signed_into_a_node_certificate_for_its_own_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_dir = dir.path().join("ca");
+        init(&ca_dir, "test network", 30).expect("ca");
+        let node = dir.path().join("node");
+        let req = request(&node, "site-a", &["10.0.0.5".into()], false).expect("request");
+        assert!(
+            request(&node, "site-a", &[], false).is_err(),
+            "an existing key is kept"
+        );
+        let csr = std::fs::read_to_string(&req.csr).expect("csr");
+        let err = sign_request(&ca_dir, &csr, Some("site-b"), &[], 30).expect_err("another site");
+        assert!(err.to_string().contains("not \"site-b\""), "{err}");
+        let (pem, info) = sign_request(&ca_dir, &csr, Some("site-a"), &[], 30).expect("sign");
+        assert_eq!(info.name, "site-a");
+        assert_eq!(info.hosts, ["10.0.0.5"]);
+        let cert = node.join("site-a.pem");
+        std::fs::write(&cert, &pem).expect("write");
+        let files = crate::TlsFiles {
+            cert,
+            key: req.key.clone(),
+            ca: ca_dir.join("ca.pem"),
+            client_certs: crate::tls::ClientCerts::Required,
+        };
+        // The certificate and the node's key match, and the CA signed it.
+        let report = crate::tls::inspect(&files).expect("inspect");
+        assert_eq!(report.kind, Some(CertKind::Node));
+        assert_eq!(report.name, "site-a");
+        assert!(report.issued_by_ca);
+        assert_eq!(report.hosts, ["10.0.0.5"]);
+        // A request edited after signing fails its signature.
+        let mut bytes = csr.into_bytes();
+        let mid = bytes.len() / 2;
+        bytes[mid] = if bytes[mid] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(bytes).expect("utf8");
+        assert!(sign_request(&ca_dir, &tampered, None, &[], 30).is_err());
     }
 }

@@ -375,3 +375,90 @@ pub fn inspect(files: &TlsFiles) -> Result<CertReport> {
         issued_by_ca,
     })
 }
+
+/// A date as `YYYY-MM-DD HH:MM UTC`.
+pub fn utc_date(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute()
+            )
+        })
+        .unwrap_or_else(|_| secs.to_string())
+}
+
+impl CertReport {
+    /// Why a server of `kind` named `name` (when given) must not serve with
+    /// this certificate at `now` (seconds since the epoch): another kind,
+    /// another site's name, another network's CA, not valid yet (a clock
+    /// behind), expired. Empty when it may. Each says what to change.
+    pub fn problems(
+        &self,
+        files: &TlsFiles,
+        kind: CertKind,
+        name: Option<&str>,
+        now: i64,
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.kind != Some(kind) {
+            problems.push(format!(
+                "tls.cert = {} is {} certificate; this server needs a {kind} certificate (`confer pki issue --kind {kind} ...`, or `confer pki enrol` for a node)",
+                files.cert.display(),
+                self.kind
+                    .map(|k| format!("a {k}"))
+                    .unwrap_or_else(|| "not a confer".into())
+            ));
+        }
+        if let Some(name) = name
+            && self.name != name
+        {
+            problems.push(format!(
+                "tls.cert = {} was issued to {:?}, but this {kind} is {name:?}: a certificate for another site (have one issued for {name}, or correct the name in the config)",
+                files.cert.display(),
+                self.name
+            ));
+        }
+        if !self.issued_by_ca {
+            problems.push(format!(
+                "tls.cert = {} is not signed by tls.ca = {}: a certificate of another network, or the wrong CA file",
+                files.cert.display(),
+                files.ca.display()
+            ));
+        }
+        if now < self.not_before {
+            problems.push(format!(
+                "tls.cert is valid only from {}, later than this machine's clock ({}): set the clock (NTP) or have it issued again",
+                utc_date(self.not_before),
+                utc_date(now)
+            ));
+        } else if now > self.not_after {
+            problems.push(format!(
+                "tls.cert = {} expired on {}: have a new one issued (`confer pki issue --replace ...` or `confer pki enrol`)",
+                files.cert.display(),
+                utc_date(self.not_after)
+            ));
+        }
+        problems
+    }
+}
+
+/// Refuses to serve with a certificate that [`CertReport::problems`]
+/// finds fault with, before any port is opened.
+pub fn check_own(files: &TlsFiles, kind: CertKind, name: Option<&str>) -> Result<CertReport> {
+    let report = inspect(files)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let problems = report.problems(files, kind, name, now);
+    if problems.is_empty() {
+        Ok(report)
+    } else {
+        Err(TransportError::Certificate(problems.join("; ")))
+    }
+}

@@ -88,7 +88,11 @@ pub async fn unique_public_columns(
     Ok(unique)
 }
 
-async fn load_table(ctx: &SessionContext, name: &str, table: &TableConfig) -> Result<TableInfo> {
+pub(crate) async fn load_table(
+    ctx: &SessionContext,
+    name: &str,
+    table: &TableConfig,
+) -> Result<TableInfo> {
     let source_err = |path: &Path, message: String| NodeError::Source {
         table: name.to_string(),
         path: path.display().to_string(),
@@ -357,7 +361,7 @@ async fn distinct_counts(
     Ok((value(0), value(1)))
 }
 
-fn column_type_of(ty: &DataType) -> Option<ColumnType> {
+pub(crate) fn column_type_of(ty: &DataType) -> Option<ColumnType> {
     Some(match ty {
         DataType::Int8
         | DataType::Int16

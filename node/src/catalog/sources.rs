@@ -165,7 +165,7 @@ pub(super) fn csv_width(path: &Path, delimiter: char) -> std::result::Result<usi
     }
 }
 
-pub(super) fn read_csv_header(
+pub(crate) fn read_csv_header(
     path: &Path,
     delimiter: char,
 ) -> std::result::Result<Vec<String>, String> {
