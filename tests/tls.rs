@@ -192,12 +192,15 @@ async fn mutual_tls_tokens_certificates_and_roles() {
         &public,
     )
     .await;
-    // A node whose certificate comes from another CA (it trusts ours for clients).
+    // A node of another network, listed by mistake (or an impostor): its
+    // certificate comes from another CA. (An honest node refuses to start
+    // with a certificate its own tls.ca did not sign, so this one names
+    // the other network's CA.)
     let (rogue_cert, rogue_key) = issue(&other_dir, CertKind::Node, "site-b", 30);
     let site_b = node(
         d,
         "site-b",
-        &tls_section(&rogue_cert, &rogue_key, &ca, "required"),
+        &tls_section(&rogue_cert, &rogue_key, &other_dir.join("ca.pem"), "required"),
         &public,
     )
     .await;
