@@ -200,7 +200,12 @@ async fn mutual_tls_tokens_certificates_and_roles() {
     let site_b = node(
         d,
         "site-b",
-        &tls_section(&rogue_cert, &rogue_key, &other_dir.join("ca.pem"), "required"),
+        &tls_section(
+            &rogue_cert,
+            &rogue_key,
+            &other_dir.join("ca.pem"),
+            "required",
+        ),
         &public,
     )
     .await;
